@@ -1,0 +1,45 @@
+"""consumer_sdk: read market-data ticks from Redis Streams.
+
+Light on purpose: it depends on redis and orjson only, never on the ingestor.
+"""
+
+from consumer_sdk.errors import ConfigError, InvalidTick, MarketError, TransientError, TrimmedError
+from consumer_sdk.keys import DEFAULT_PREFIX, Pattern, StreamName, entry_id, parse_entry_id, parse_key, stream_key
+from consumer_sdk.sequencing import SeqTracker, Verdict
+from consumer_sdk.tick import (
+    SCHEMA_VERSION,
+    AggTradeTick,
+    BookTickerTick,
+    KlineTick,
+    Tick,
+    TradeTick,
+    decode_tick,
+    encode_tick,
+    is_valid_channel,
+)
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "SCHEMA_VERSION",
+    "AggTradeTick",
+    "BookTickerTick",
+    "ConfigError",
+    "InvalidTick",
+    "KlineTick",
+    "MarketError",
+    "Pattern",
+    "SeqTracker",
+    "StreamName",
+    "Tick",
+    "TradeTick",
+    "TransientError",
+    "TrimmedError",
+    "Verdict",
+    "decode_tick",
+    "encode_tick",
+    "entry_id",
+    "is_valid_channel",
+    "parse_entry_id",
+    "parse_key",
+    "stream_key",
+]

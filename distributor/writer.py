@@ -1,0 +1,252 @@
+"""The Redis Streams writer: batched, idempotent, capped appends.
+
+One task owns the writer.  Ticks are handed over with :meth:`StreamWriter.submit`
+(synchronous, no await); the task flushes whatever is buffered as soon as the
+previous flush returned, so batches grow with load and a lone tick is not held
+back.  A flush groups the batch by stream and runs one server-side script call
+per stream (``append.lua``), all pipelined in one round trip: each call touches
+one key, so it runs unchanged on Redis Cluster.
+
+The script skips any tick whose ``seq`` the stream already holds, so a retried
+batch, a replay or a second ingestor never stores a tick twice.  When Redis is
+unreachable or refuses writes (``OOM``, ``READONLY``, ``LOADING``) the batch is kept
+and retried with capped jittered backoff; ``NOSCRIPT`` reloads the script.  The
+buffer is bounded: when it is full :meth:`submit` refuses and the caller waits on
+:meth:`wait_room` (the ingress queue's policy then applies upstream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any, Final
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from consumer_sdk._log import Throttle, get_logger, log_event
+from consumer_sdk.keys import DEFAULT_PREFIX
+from consumer_sdk.latency import LatencyHistogram
+from consumer_sdk.tick import Tick
+
+__all__ = ["APPEND_SCRIPT", "Retention", "StreamWriter", "WriterStats"]
+
+APPEND_SCRIPT: Final = files("distributor").joinpath("append.lua").read_text()
+_RETRYABLE_REPLIES: Final = ("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+log = get_logger("writer")
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much each stream keeps: ``MAXLEN ~`` entries and/or ``MINID`` age (0 disables either)."""
+
+    maxlen: int = 100_000
+    max_age_ms: int = 0
+    per_channel: tuple[tuple[str, int, int], ...] = ()
+
+    def for_channel(self, channel: str) -> tuple[int, int]:
+        for prefix, maxlen, age in self.per_channel:
+            if channel == prefix or (prefix.endswith("*") and channel.startswith(prefix[:-1])):
+                return maxlen, age
+        return self.maxlen, self.max_age_ms
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStats:
+    buffered: int
+    capacity: int
+    appended: int
+    duplicates: int
+    rejected: int
+    batches: int
+    errors: int
+    retries: int
+    last_flush_us: int
+    connected: bool
+
+
+def _backoff(attempt: int, base: float = 0.05, cap: float = 2.0) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    return random.uniform(0, min(cap, base * (2 ** min(attempt, 16))))
+
+
+class StreamWriter:
+    """Owns a bounded buffer of ticks and the task that appends them to Redis."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        retention: Retention | None = None,
+        max_batch: int = 5000,
+        capacity: int = 200_000,
+        ack_latency: LatencyHistogram | None = None,
+    ) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._retention = retention or Retention()
+        self._max_batch = max_batch
+        self.capacity = capacity
+        self._buf: deque[Tick] = deque()
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._sha: str | None = None
+        self._caps: dict[str, tuple[int, int]] = {}
+        self._throttle = Throttle(log)
+        self.ack_latency = ack_latency or LatencyHistogram()
+        self.appended_by_channel: dict[str, int] = {}
+        self.appended = 0
+        self.duplicates = 0
+        self.rejected = 0
+        self.batches = 0
+        self.errors = 0
+        self.retries = 0
+        self.last_flush_us = 0
+        self.connected = True
+
+    # -- producer side (the distributor task) ---------------------------------------------
+    def submit(self, ticks: Iterable[Tick]) -> bool:
+        """Buffer ticks for the next flush; False (nothing taken) when the buffer is full."""
+        if len(self._buf) >= self.capacity:
+            self._room.clear()
+            return False
+        self._buf.extend(ticks)
+        self._idle.clear()
+        self._ready.set()
+        return True
+
+    async def wait_room(self) -> None:
+        await self._room.wait()
+
+    async def drain(self) -> None:
+        """Wait until everything submitted so far is stored."""
+        await self._idle.wait()
+
+    # -- the writer task -----------------------------------------------------------------------
+    async def run(self) -> None:
+        """Flush forever; never exits on a Redis error (cancel it to stop)."""
+        while True:
+            if not self._buf:
+                self._idle.set()
+                self._ready.clear()
+                await self._ready.wait()
+            batch = self._take()
+            attempt = 0
+            while True:
+                try:
+                    await self.append(batch)
+                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    self._fail("redis_unreachable", exc, attempt)
+                except ResponseError as exc:
+                    if not str(exc).startswith(_RETRYABLE_REPLIES):
+                        raise
+                    self._fail("redis_refused_write", exc, attempt)
+                else:
+                    if not self.connected:
+                        self.connected = True
+                        log_event(log, logging.INFO, "redis_write_recovered", retries=attempt)
+                    break
+                attempt += 1
+                self.retries += 1
+                await asyncio.sleep(_backoff(attempt))
+            if len(self._buf) < self.capacity:
+                self._room.set()
+
+    def _fail(self, event: str, exc: BaseException, attempt: int) -> None:
+        self.errors += 1
+        self.connected = False
+        self._throttle.log(logging.WARNING, event, error=str(exc), attempt=attempt, buffered=len(self._buf))
+
+    def _take(self) -> list[Tick]:
+        buf = self._buf
+        n = min(len(buf), self._max_batch)
+        pop = buf.popleft
+        return [pop() for _ in range(n)]
+
+    def _caps_for(self, channel: str) -> tuple[int, int]:
+        caps = self._caps.get(channel)
+        if caps is None:
+            caps = self._caps[channel] = self._retention.for_channel(channel)
+        return caps
+
+    async def append(self, ticks: list[Tick]) -> tuple[int, int]:
+        """Append ticks now (one pipelined round trip); return ``(added, duplicates)``.
+
+        Safe to call again with the same ticks: what is stored already is skipped.
+        """
+        groups: dict[str, list[Any]] = {}
+        prefix = self._prefix
+        dumps = orjson.dumps
+        for t in ticks:
+            key = f"{prefix}:{t['venue']}:{t['symbol']}:{t['channel']}"
+            args = groups.get(key)
+            if args is None:
+                args = groups[key] = list(self._caps_for(t["channel"]))
+            args += (t["ts_event"] // 1000, t["seq"], dumps(t))
+        if not groups:
+            return 0, 0
+        if self._sha is None:
+            self._sha = str(await self._redis.script_load(APPEND_SCRIPT))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        results = await self._run_scripts(groups)
+        self.last_flush_us = int((loop.time() - started) * 1e6)
+        self.batches += 1
+        added = dups = 0
+        by_channel = self.appended_by_channel
+        for key, res in zip(groups, results, strict=True):
+            if isinstance(res, Exception):
+                # Not retryable for this key (e.g. WRONGTYPE): report loudly, keep the rest flowing.
+                self.rejected += (len(groups[key]) - 2) // 3
+                self._throttle.log(logging.ERROR, "stream_write_rejected", stream=key, error=str(res))
+                continue
+            n = int(res[0])
+            added += n
+            channel = key.rpartition(":")[2]
+            by_channel[channel] = by_channel.get(channel, 0) + n
+            dups += int(res[1])
+            self.rejected += int(res[2])
+        self.appended += added
+        self.duplicates += dups
+        now_us = time.time_ns() // 1000
+        observe = self.ack_latency.observe
+        for t in ticks:
+            observe(now_us - t["ts_recv"])
+        return added, dups
+
+    async def _run_scripts(self, groups: dict[str, list[Any]]) -> list[Any]:
+        for _ in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            for key, args in groups.items():
+                pipe.execute_command("EVALSHA", self._sha, 1, key, *args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, NoScriptError) for r in results):
+                for r in results:
+                    if isinstance(r, ResponseError) and str(r).startswith(_RETRYABLE_REPLIES):
+                        raise r
+                    if isinstance(r, (RedisConnectionError, RedisTimeoutError)):
+                        raise r
+                return results
+            log_event(log, logging.INFO, "script_reloaded")
+            self._sha = str(await self._redis.script_load(APPEND_SCRIPT))
+        raise ResponseError("NOSCRIPT persisted after reloading the append script")
+
+    def stats(self) -> WriterStats:
+        return WriterStats(
+            buffered=len(self._buf), capacity=self.capacity, appended=self.appended,
+            duplicates=self.duplicates, rejected=self.rejected, batches=self.batches, errors=self.errors,
+            retries=self.retries, last_flush_us=self.last_flush_us, connected=self.connected,
+        )

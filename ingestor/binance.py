@@ -1,0 +1,162 @@
+"""Binance frames to ticks: pure functions, no I/O.
+
+:func:`parse_frame` takes one WebSocket text frame (raw payload or combined-stream
+wrapped ``{"stream": ..., "data": ...}``) and the receive time, and returns
+
+- a tick (``dict``, see :mod:`consumer_sdk.tick`) for ``trade``, ``aggTrade``,
+  ``bookTicker`` and ``kline`` events;
+- a :class:`Reply` for answers to our requests (``{"result": ..., "id": ...}``
+  or ``{"error": ..., "id": ...}``);
+- a :class:`ServerShutdown` when the venue announces a planned close;
+- ``None`` for events this project does not carry (``depthUpdate`` ...).
+
+A frame that is not valid JSON or lacks a field its event type requires raises
+:class:`MalformedFrame`; the caller counts and skips it.  Prices and quantities
+are copied as the venue's strings; times become microseconds.
+
+``seq`` is the venue's own monotonic id: trade id, aggregate id, book update id.
+Klines carry none; they leave ``seq`` at 0 for the sequencer to assign.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from consumer_sdk.tick import SCHEMA_VERSION, Tick
+
+__all__ = [
+    "BINANCE_CHANNELS",
+    "MalformedFrame",
+    "Reply",
+    "ServerShutdown",
+    "channel_to_stream",
+    "parse_frame",
+    "stream_to_channel",
+]
+
+VENUE: Final = "binance"
+_V: Final = SCHEMA_VERSION
+
+#: our channel name -> Binance stream suffix (klines: ``kline_<i>`` -> ``kline_<i>``)
+BINANCE_CHANNELS: Final = {"trade": "trade", "agg_trade": "aggTrade", "book_ticker": "bookTicker"}
+_SUFFIX_TO_CHANNEL: Final = {v: k for k, v in BINANCE_CHANNELS.items()}
+
+
+class MalformedFrame(ValueError):
+    """A frame that is not JSON, or lacks a field its event type requires."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The venue's answer to a request we sent: ``result`` on success, ``error`` otherwise."""
+
+    id: Any
+    result: Any = None
+    error: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerShutdown:
+    """The venue will close this connection soon (planned maintenance or rotation)."""
+
+    event_time_us: int
+
+
+def channel_to_stream(symbol: str, channel: str) -> str:
+    """``("BTCUSDT", "agg_trade")`` -> ``"btcusdt@aggTrade"``."""
+    suffix = BINANCE_CHANNELS.get(channel, channel)
+    return f"{symbol.lower()}@{suffix}"
+
+
+def stream_to_channel(stream: str) -> tuple[str, str]:
+    """``"btcusdt@kline_1m"`` -> ``("BTCUSDT", "kline_1m")``; raise ValueError for other streams."""
+    symbol, _, suffix = stream.partition("@")
+    if suffix.startswith("kline_"):
+        return symbol.upper(), suffix
+    try:
+        return symbol.upper(), _SUFFIX_TO_CHANNEL[suffix]
+    except KeyError:
+        raise ValueError(f"not a stream this project carries: {stream!r}") from None
+
+
+def _int(value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise MalformedFrame(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _str(value: Any) -> str:
+    if type(value) is not str:
+        raise MalformedFrame(f"expected a decimal string, got {value!r}")
+    return value
+
+
+def parse_frame(raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerShutdown | None:
+    """One frame -> a tick, a reply, a shutdown notice, or ``None`` (an event we do not carry)."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedFrame(f"not JSON: {exc}") from None
+    if type(obj) is not dict:
+        raise MalformedFrame("not a JSON object")
+    data = obj.get("data")
+    if type(data) is not dict:
+        data = obj
+    try:
+        return _parse_event(data, ts_recv)
+    except (KeyError, TypeError) as exc:
+        raise MalformedFrame(f"missing or bad field {exc}") from None
+
+
+def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdown | None:
+    e = d.get("e")
+    if e == "trade":
+        t = _int(d["t"])
+        trade: dict[str, Any] = {
+            "v": _V, "venue": VENUE, "symbol": _str(d["s"]), "channel": "trade", "seq": t,
+            "ts_event": _int(d["T"]) * 1000, "ts_recv": ts_recv,
+            "trade_id": t, "price": _str(d["p"]), "qty": _str(d["q"]),
+            "side": "sell" if d["m"] else "buy",
+        }
+        return trade  # type: ignore[return-value]
+    if e == "aggTrade":
+        a = _int(d["a"])
+        agg: dict[str, Any] = {
+            "v": _V, "venue": VENUE, "symbol": _str(d["s"]), "channel": "agg_trade", "seq": a,
+            "ts_event": _int(d["T"]) * 1000, "ts_recv": ts_recv,
+            "trade_id": a, "price": _str(d["p"]), "qty": _str(d["q"]),
+            "side": "sell" if d["m"] else "buy",
+            "first_trade_id": _int(d["f"]), "last_trade_id": _int(d["l"]),
+        }
+        return agg  # type: ignore[return-value]
+    if (e is None and "u" in d and "b" in d) or e == "bookTicker":
+        u = _int(d["u"])
+        # Spot bookTicker carries no time; futures carry E (event) and T (transaction).
+        ev = d.get("E")
+        book: dict[str, Any] = {
+            "v": _V, "venue": VENUE, "symbol": _str(d["s"]), "channel": "book_ticker", "seq": u,
+            "ts_event": ts_recv if ev is None else _int(ev) * 1000, "ts_recv": ts_recv,
+            "bid_px": _str(d["b"]), "bid_qty": _str(d["B"]),
+            "ask_px": _str(d["a"]), "ask_qty": _str(d["A"]), "update_id": u,
+        }
+        return book  # type: ignore[return-value]
+    if e == "kline":
+        k = d["k"]
+        interval = _str(k["i"])
+        kline: dict[str, Any] = {
+            "v": _V, "venue": VENUE, "symbol": _str(d["s"]), "channel": "kline_" + interval, "seq": 0,
+            "ts_event": _int(d["E"]) * 1000, "ts_recv": ts_recv,
+            "open_time": _int(k["t"]) * 1000, "close_time": _int(k["T"]) * 1000,
+            "open": _str(k["o"]), "high": _str(k["h"]), "low": _str(k["l"]), "close": _str(k["c"]),
+            "volume": _str(k["v"]), "quote_volume": _str(k["q"]), "trades": _int(k["n"]),
+            "closed": k["x"] is True,
+        }
+        return kline  # type: ignore[return-value]
+    if "id" in d and ("result" in d or "error" in d):
+        return Reply(id=d["id"], result=d.get("result"), error=d.get("error"))
+    if e == "serverShutdown":
+        return ServerShutdown(_int(d.get("E", 0)) * 1000)
+    return None

@@ -1,0 +1,263 @@
+"""Ingestor settings: flags, then ``MARKET_*`` environment variables, then a TOML file, then defaults.
+
+:func:`load_settings` is pure apart from reading the TOML file; every problem is a
+:class:`~consumer_sdk.errors.ConfigError` with one line naming it.  Secrets in
+URLs never appear in messages: :func:`redact_url` masks them.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+from consumer_sdk.errors import ConfigError
+from consumer_sdk.keys import DEFAULT_PREFIX, Pattern
+from consumer_sdk.tick import is_valid_channel
+from distributor.ingress import Policy
+from distributor.writer import Retention
+
+__all__ = [
+    "DEFAULT_REDIS_URL",
+    "IngestSettings",
+    "SubscriberSpec",
+    "default_rest_url",
+    "load_settings",
+    "redact_url",
+    "validate_redis_url",
+]
+
+DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
+DEFAULT_WS_URL: Final = "wss://stream.binance.com:9443"
+BINANCE_REST: Final = "https://api.binance.com"
+_SYMBOL = re.compile(r"^[A-Z0-9_]{1,40}$")
+_PREFIX = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberSpec:
+    """A co-located subscriber to attach at start: ``package.module:handler``, its patterns and policy."""
+
+    target: str
+    patterns: tuple[str, ...] = ("*:*:*",)
+    policy: str = "drop_oldest"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class IngestSettings:
+    url: str = DEFAULT_WS_URL
+    rest_url: str = ""
+    symbols: tuple[str, ...] = ("BTCUSDT", "ETHUSDT")
+    channels: tuple[str, ...] = ("trade",)
+    redis_url: str = DEFAULT_REDIS_URL
+    prefix: str = DEFAULT_PREFIX
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+    queue_capacity: int = 100_000
+    queue_policy: Policy = Policy.BLOCK
+    writer_capacity: int = 200_000
+    retention: Retention = field(default_factory=Retention)
+    subscribers: tuple[SubscriberSpec, ...] = ()
+    max_streams_per_connection: int = 1024
+
+    @property
+    def venue(self) -> str:
+        return "binance"
+
+
+def redact_url(url: str) -> str:
+    """``redis://user:secret@host:6379/0`` -> ``redis://user:***@host:6379/0``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def validate_redis_url(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: {exc}") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: scheme must be redis://, rediss:// or unix://")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: no host")
+    return url
+
+
+def _validate_ws_url(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"invalid venue URL {url!r}: {exc}") from None
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ConfigError(f"invalid venue URL {url!r}: expected ws://host:port or wss://host:port")
+    return url.rstrip("/")
+
+
+def default_rest_url(ws_url: str) -> str:
+    """Binance's own REST host for Binance; otherwise the same host and port over http(s)."""
+    parts = urlsplit(ws_url)
+    host = parts.hostname or ""
+    if host.endswith("binance.com"):
+        return BINANCE_REST
+    scheme = "https" if parts.scheme == "wss" else "http"
+    return urlunsplit((scheme, parts.netloc, "", "", ""))
+
+
+def _csv(value: Any, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        items = [str(v).strip() for v in value]
+    else:
+        raise ConfigError(f"{what}: expected a comma-separated string or a list, got {value!r}")
+    items = [i for i in items if i]
+    if not items:
+        raise ConfigError(f"{what}: empty")
+    return tuple(dict.fromkeys(items))
+
+
+def _int(value: Any, what: str, lo: int, hi: int) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: expected an integer, got {value!r}") from None
+    if not lo <= n <= hi:
+        raise ConfigError(f"{what}: {n} is out of range {lo}..{hi}")
+    return n
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path!r}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+
+
+_ENV: Final = {
+    "url": "MARKET_URL",
+    "rest_url": "MARKET_REST_URL",
+    "symbols": "MARKET_SYMBOLS",
+    "channels": "MARKET_CHANNELS",
+    "redis_url": "MARKET_REDIS_URL",
+    "prefix": "MARKET_PREFIX",
+    "metrics_host": "MARKET_METRICS_HOST",
+    "metrics_port": "MARKET_METRICS_PORT",
+    "queue_capacity": "MARKET_QUEUE_CAPACITY",
+    "queue_policy": "MARKET_QUEUE_POLICY",
+}
+
+
+def _retention(table: Any) -> Retention:
+    if table is None:
+        return Retention()
+    if not isinstance(table, dict):
+        raise ConfigError("[retention] must be a table")
+    maxlen = _int(table.get("maxlen", 100_000), "retention.maxlen", 0, 10**10)
+    age = _int(table.get("max_age_ms", 0), "retention.max_age_ms", 0, 10**13)
+    per: list[tuple[str, int, int]] = []
+    channels = table.get("channels", {})
+    if not isinstance(channels, dict):
+        raise ConfigError("[retention.channels] must be a table")
+    for name, spec in channels.items():
+        if isinstance(spec, int):
+            per.append((name, _int(spec, f"retention.channels.{name}", 0, 10**10), age))
+        elif isinstance(spec, dict):
+            per.append((
+                name,
+                _int(spec.get("maxlen", maxlen), f"retention.channels.{name}.maxlen", 0, 10**10),
+                _int(spec.get("max_age_ms", age), f"retention.channels.{name}.max_age_ms", 0, 10**13),
+            ))
+        else:
+            raise ConfigError(f"retention.channels.{name}: expected an integer or a table")
+    return Retention(maxlen=maxlen, max_age_ms=age, per_channel=tuple(per))
+
+
+def _subscribers(flag_targets: tuple[str, ...], table: Any) -> tuple[SubscriberSpec, ...]:
+    specs = [SubscriberSpec(target=t) for t in flag_targets]
+    if table is not None:
+        if not isinstance(table, list):
+            raise ConfigError("[[subscribers]] must be an array of tables")
+        for i, entry in enumerate(table):
+            if not isinstance(entry, dict) or "target" not in entry:
+                raise ConfigError(f"subscribers[{i}]: needs a 'target' = 'package.module:handler'")
+            specs.append(SubscriberSpec(
+                target=str(entry["target"]),
+                patterns=_csv(entry.get("patterns", ["*:*:*"]), f"subscribers[{i}].patterns"),
+                policy=str(entry.get("policy", "drop_oldest")),
+            ))
+    for spec in specs:
+        module, _, attr = spec.target.partition(":")
+        if not module or not attr:
+            raise ConfigError(f"subscriber target {spec.target!r}: expected package.module:handler")
+        for p in spec.patterns:
+            Pattern(p)
+    return tuple(specs)
+
+
+def load_settings(
+    flags: Mapping[str, Any], env: Mapping[str, str], config_path: str | None = None
+) -> IngestSettings:
+    """Merge flags (``None`` = not given), environment and the TOML file; validate everything."""
+    path = config_path or env.get("MARKET_CONFIG")
+    toml = read_toml(path) if path else {}
+    merged: dict[str, Any] = {}
+    for name, env_name in _ENV.items():
+        if flags.get(name) is not None:
+            merged[name] = flags[name]
+        elif env.get(env_name):
+            merged[name] = env[env_name]
+        elif name in toml:
+            merged[name] = toml[name]
+    queue = toml.get("queue", {})
+    if isinstance(queue, dict):
+        merged.setdefault("queue_capacity", queue.get("capacity", 100_000))
+        merged.setdefault("queue_policy", queue.get("policy", "block"))
+
+    url = _validate_ws_url(str(merged.get("url", DEFAULT_WS_URL)))
+    rest_url = str(merged.get("rest_url") or default_rest_url(url)).rstrip("/")
+    if urlsplit(rest_url).scheme not in ("http", "https"):
+        raise ConfigError(f"invalid REST URL {rest_url!r}: expected http(s)://host[:port]")
+    symbols = tuple(s.upper() for s in _csv(merged.get("symbols", "BTCUSDT,ETHUSDT"), "symbols"))
+    for s in symbols:
+        if not _SYMBOL.match(s):
+            raise ConfigError(f"invalid symbol {s!r}: expected letters, digits and _ only")
+    channels = _csv(merged.get("channels", "trade"), "channels")
+    for c in channels:
+        if not is_valid_channel(c):
+            raise ConfigError(
+                f"unknown channel {c!r}: expected trade, agg_trade, book_ticker or kline_<interval> (e.g. kline_1m)"
+            )
+    prefix = str(merged.get("prefix", DEFAULT_PREFIX))
+    if not _PREFIX.match(prefix):
+        raise ConfigError(f"invalid stream prefix {prefix!r}")
+    subscriber_flags = tuple(flags.get("subscribers") or ())
+    return IngestSettings(
+        url=url,
+        rest_url=rest_url,
+        symbols=symbols,
+        channels=channels,
+        redis_url=validate_redis_url(str(merged.get("redis_url", DEFAULT_REDIS_URL))),
+        prefix=prefix,
+        metrics_host=str(merged.get("metrics_host", "127.0.0.1")),
+        metrics_port=_int(merged.get("metrics_port", 9464), "metrics port", 0, 65535),
+        queue_capacity=_int(merged.get("queue_capacity", 100_000), "queue capacity", 1, 10**8),
+        queue_policy=Policy.parse(str(merged.get("queue_policy", "block"))),
+        retention=_retention(toml.get("retention")),
+        subscribers=_subscribers(subscriber_flags, toml.get("subscribers")),
+    )

@@ -1,0 +1,142 @@
+"""Prometheus exposition for an ingestor process.
+
+Nothing on the hot path touches prometheus-client: the owner tasks keep plain
+integer counters and :class:`~consumer_sdk.latency.LatencyHistogram` buckets, and
+this collector reads them when Prometheus scrapes (from the exporter's thread;
+reads need no lock).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from consumer_sdk.errors import ConfigError
+from consumer_sdk.latency import LatencyHistogram
+
+if TYPE_CHECKING:
+    from ingestor.service import Ingestor
+
+__all__ = ["IngestorCollector", "histogram_family", "serve_metrics"]
+
+
+def histogram_family(
+    name: str, doc: str, labels: dict[str, str], hist: LatencyHistogram
+) -> HistogramMetricFamily:
+    fam = HistogramMetricFamily(name, doc, labels=list(labels))
+    bounds = hist.upper_bounds()
+    cumulative = hist.cumulative()
+    buckets = [("+Inf" if b == float("inf") else repr(b), c) for b, c in zip(bounds, cumulative, strict=True)]
+    fam.add_metric(list(labels.values()), buckets, float(hist.sum_us))
+    return fam
+
+
+class IngestorCollector(Collector):
+    def __init__(self, ingestor: Ingestor) -> None:
+        self._ing = ingestor
+
+    def collect(self) -> Iterator[Metric]:
+        ing = self._ing
+        venue = ing.settings.venue
+        writer = ing.writer
+        q = ing.ingress.stats()
+
+        published = CounterMetricFamily(
+            "market_published", "Ticks stored in Redis streams", labels=["venue", "channel"]
+        )
+        for channel, n in (writer.appended_by_channel.items() if writer else ()):
+            published.add_metric([venue, channel], n)
+        yield published
+
+        dropped = CounterMetricFamily("market_dropped", "Ticks dropped", labels=["stage", "policy"])
+        dropped.add_metric(["ingress", q.policy.value], q.dropped)
+        yield dropped
+        yield GaugeMetricFamily("market_ingress_len", "Ticks waiting in the ingress queue", value=q.length)
+        yield GaugeMetricFamily(
+            "market_queue_fill_ratio", "Ingress queue length / capacity", value=q.fill_ratio
+        )
+        bp = CounterMetricFamily(
+            "market_backpressure_events", "Times the ingress queue became full", labels=["policy"]
+        )
+        bp.add_metric([q.policy.value], q.backpressure_events)
+        yield bp
+        yield GaugeMetricFamily(
+            "market_subscriber_count", "Co-located subscribers attached to the hot path",
+            value=len(ing._handlers),
+        )
+
+        st = ing.stats()
+        reconnects = CounterMetricFamily(
+            "broker_reconnect", "Venue WebSocket reconnects", labels=["venue"]
+        )
+        reconnects.add_metric([venue], st.reconnects)
+        yield reconnects
+        up = GaugeMetricFamily(
+            "market_connection_up", "Venue connections in the live state", labels=["venue"]
+        )
+        up.add_metric([venue], st.connections_live)
+        yield up
+        frames = CounterMetricFamily(
+            "market_frames_skipped", "Venue frames skipped", labels=["venue", "reason"]
+        )
+        frames.add_metric([venue, "malformed"], st.malformed)
+        frames.add_metric([venue, "unsupported"], st.unsupported)
+        yield frames
+
+        gaps = CounterMetricFamily("market_gap", "Gaps in venue sequence ids", labels=["venue", "channel"])
+        dups = CounterMetricFamily("market_duplicate", "Duplicate ticks rejected", labels=["venue", "channel"])
+        ooo = CounterMetricFamily(
+            "market_out_of_order", "Ticks that arrived after a newer one", labels=["venue", "channel"]
+        )
+        per: dict[str, list[int]] = {}
+        for (_, _, channel), tracker in list(ing.sequencer._trackers.items()):
+            acc = per.setdefault(channel, [0, 0, 0])
+            acc[0] += tracker.gaps
+            acc[1] += tracker.duplicates
+            acc[2] += tracker.late
+        for channel in ing.settings.channels:
+            g, d, o = per.get(channel, (0, 0, 0))
+            gaps.add_metric([venue, channel], g)
+            dups.add_metric([venue, channel], d)
+            ooo.add_metric([venue, channel], o)
+        yield gaps
+        yield dups
+        yield ooo
+
+        if writer is not None:
+            ws = writer.stats()
+            yield GaugeMetricFamily("market_writer_buffered", "Ticks waiting for Redis", value=ws.buffered)
+            yield CounterMetricFamily("market_redis_errors", "Failed Redis writes", value=ws.errors)
+            yield GaugeMetricFamily(
+                "market_redis_up", "1 when the last Redis write succeeded", value=1 if ws.connected else 0
+            )
+
+        yield histogram_family(
+            "market_ingest_latency_us", "Frame received to tick in ingress (µs)", {"venue": venue},
+            ing.ingest_latency,
+        )
+        yield histogram_family(
+            "market_fanout_latency_us", "Frame received to delivery (µs), by stage", {"stage": "redis"},
+            writer.ack_latency if writer else LatencyHistogram(),
+        )
+        yield histogram_family(
+            "market_e2e_latency_us", "Frame received to co-located subscriber callback (µs)",
+            {"path": "hotpath"}, LatencyHistogram(),
+        )
+        yield GaugeMetricFamily("market_threads", "Threads in this process", value=threading.active_count())
+
+
+def serve_metrics(ingestor: Ingestor, host: str, port: int) -> CollectorRegistry:
+    """Start the exporter thread; a port in use is a :class:`ConfigError`."""
+    registry = CollectorRegistry()
+    registry.register(IngestorCollector(ingestor))
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+    return registry

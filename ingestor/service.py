@@ -1,0 +1,147 @@
+"""The ingestor process: venue sessions -> sequencer -> ingress -> distributor -> Redis.
+
+Everything runs on one event loop in one thread, in one :class:`asyncio.TaskGroup`
+owned by :meth:`Ingestor.run`: a task per venue connection (reads the socket,
+parses, sequences, enqueues), one distributor task (drains the ingress in batches)
+and one writer task (appends to Redis).  Each piece of state has exactly one owner
+task, so nothing takes a lock.  The Prometheus exporter runs in its own thread and
+only reads counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from consumer_sdk._log import get_logger, log_event
+from consumer_sdk.errors import ConfigError, TransientError
+from consumer_sdk.keys import parse_entry_id, stream_key
+from consumer_sdk.latency import LatencyHistogram
+from consumer_sdk.tick import Tick
+from distributor.ingress import IngressQueue
+from distributor.service import BatchHandler, Distributor
+from distributor.writer import StreamWriter
+from ingestor.binance import channel_to_stream
+from ingestor.config import IngestSettings, redact_url
+from ingestor.sequencer import Sequencer
+from ingestor.session import VenueSession
+from ingestor.subscriptions import plan_connections
+
+__all__ = ["Ingestor", "IngestorStats", "connect_redis"]
+
+log = get_logger("ingestor")
+
+
+@dataclass(frozen=True, slots=True)
+class IngestorStats:
+    connections: int
+    connections_live: int
+    reconnects: int
+    frames: int
+    ticks: int
+    malformed: int
+    unsupported: int
+
+
+async def connect_redis(url: str, *, socket_timeout: float = 10.0) -> aioredis.Redis:
+    """A client for ``url`` that has answered PING; :class:`TransientError` naming the (redacted) URL if not."""
+    client = aioredis.Redis.from_url(
+        url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30
+    )
+    try:
+        await client.ping()
+    except (RedisError, OSError) as exc:
+        await client.aclose()
+        raise TransientError(f"Redis unreachable at {redact_url(url)}: {exc}") from None
+    return client
+
+
+class Ingestor:
+    """Build with settings, optionally add batch handlers, then ``await run()``."""
+
+    def __init__(self, settings: IngestSettings, *, redis: aioredis.Redis | None = None) -> None:
+        self.settings = settings
+        self._redis = redis
+        self.sequencer = Sequencer()
+        self.ingress: IngressQueue[Tick] = IngressQueue(settings.queue_capacity, settings.queue_policy)
+        self.ingest_latency = LatencyHistogram()
+        self.sessions: list[VenueSession] = []
+        self.writer: StreamWriter | None = None
+        self.distributor: Distributor | None = None
+        self._handlers: list[BatchHandler] = []
+        self.started = asyncio.Event()
+
+    def streams(self) -> list[tuple[str, str, str]]:
+        """(symbol, channel, venue stream name) for everything configured."""
+        return [
+            (symbol, channel, channel_to_stream(symbol, channel))
+            for symbol in self.settings.symbols
+            for channel in self.settings.channels
+        ]
+
+    def add_batch_handler(self, handler: BatchHandler) -> None:
+        """Called with every batch taken from the ingress, in the distributor task, before Redis."""
+        self._handlers.append(handler)
+
+    async def _seed(self, redis: aioredis.Redis) -> None:
+        """Continue every stream after the newest seq Redis holds (restart safety)."""
+        s = self.settings
+        names = [(symbol, channel) for symbol, channel, _ in self.streams()]
+        pipe = redis.pipeline(transaction=False)
+        for symbol, channel in names:
+            pipe.xrevrange(stream_key(s.venue, symbol, channel, s.prefix), "+", "-", count=1)
+        tops = await pipe.execute()
+        for (symbol, channel), top in zip(names, tops, strict=True):
+            if top:
+                _, seq = parse_entry_id(top[0][0])
+                self.sequencer.seed(s.venue, symbol, channel, seq)
+                log_event(log, logging.INFO, "stream_resumed", stream=f"{symbol}:{channel}", last_seq=seq)
+
+    async def run(self) -> None:
+        s = self.settings
+        redis = self._redis or await connect_redis(s.redis_url)
+        try:
+            await self._seed(redis)
+            self.writer = StreamWriter(
+                redis, prefix=s.prefix, retention=s.retention, capacity=s.writer_capacity
+            )
+            self.distributor = Distributor(self.ingress, self.writer, handlers=self._handlers)
+            plan = plan_connections([name for *_, name in self.streams()], s.max_streams_per_connection)
+            self.sessions = [
+                VenueSession(
+                    ws_base=s.url, streams=group, ingress=self.ingress, sequencer=self.sequencer,
+                    ingest_latency=self.ingest_latency,
+                )
+                for group in plan
+            ]
+            log_event(
+                log, logging.INFO, "ingestor_started", venue=s.venue, url=s.url, redis=redact_url(s.redis_url),
+                streams=sum(len(g) for g in plan), connections=len(plan), queue_policy=s.queue_policy.value,
+            )
+            self.started.set()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.writer.run(), name="writer")
+                tg.create_task(self.distributor.run(), name="distributor")
+                for session in self.sessions:
+                    tg.create_task(session.run(), name=f"session-{session.conn_id}")
+        except* ConfigError as group:
+            raise group.exceptions[0] from None
+        finally:
+            if self._redis is None:
+                await redis.aclose()
+
+    def stats(self) -> IngestorStats:
+        ss = self.sessions
+        return IngestorStats(
+            connections=len(ss),
+            connections_live=sum(1 for x in ss if x.state.value == "live"),
+            reconnects=sum(x.reconnects for x in ss),
+            frames=sum(x.frames for x in ss),
+            ticks=sum(x.ticks for x in ss),
+            malformed=sum(x.malformed for x in ss),
+            unsupported=sum(x.unsupported for x in ss),
+        )

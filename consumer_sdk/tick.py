@@ -21,13 +21,16 @@ __all__ = [
     "SCHEMA_VERSION",
     "AggTradeTick",
     "BookTickerTick",
+    "GapMarker",
     "KlineTick",
     "Tick",
     "TradeTick",
     "channel_fields",
     "decode_tick",
     "encode_tick",
+    "is_gap_marker",
     "is_valid_channel",
+    "make_gap_marker",
 ]
 
 SCHEMA_VERSION: Final = 1
@@ -95,6 +98,31 @@ class KlineTick(Tick):
     closed: bool
 
 
+class GapMarker(Tick):
+    """Stored in place of venue ids that could not be recovered: ``gap_first..gap_last`` are lost.
+
+    Its ``seq`` is ``gap_last``, so the stream's seq order holds and the next tick follows it.
+    Consumers see it as an explicit signal, never as a price.
+    """
+
+    gap_first: int
+    gap_last: int
+    reason: str
+
+
+def make_gap_marker(
+    venue: str, symbol: str, channel: str, first: int, last: int, ts_event: int, ts_recv: int, reason: str
+) -> GapMarker:
+    return {
+        "v": SCHEMA_VERSION, "venue": venue, "symbol": symbol, "channel": channel, "seq": last,
+        "ts_event": ts_event, "ts_recv": ts_recv, "gap_first": first, "gap_last": last, "reason": reason,
+    }
+
+
+def is_gap_marker(tick: Tick) -> bool:
+    return "gap_first" in tick
+
+
 def is_valid_channel(channel: str) -> bool:
     """``trade``, ``agg_trade``, ``book_ticker`` or ``kline_<interval>`` with a Binance interval."""
     if channel in FIXED_CHANNELS:
@@ -125,8 +153,9 @@ def decode_tick(raw: bytes | str) -> Tick:
         raise InvalidTick(f"not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise InvalidTick("not a JSON object")
-    if obj.get("v") != SCHEMA_VERSION:
-        raise InvalidTick(f"unsupported schema version {obj.get('v')!r}")
+    version = obj.get("v")
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise InvalidTick(f"unsupported schema version {version!r}")
     seq = obj.get("seq")
     if type(seq) is not int or seq < 0:
         raise InvalidTick(f"bad seq {seq!r}")

@@ -104,6 +104,7 @@ class StreamWriter:
         self._idle = asyncio.Event()
         self._idle.set()
         self._sha: str | None = None
+        self._inflight: list[Tick] = []
         self._caps: dict[str, tuple[int, int]] = {}
         self._throttle = Throttle(log)
         self.ack_latency = ack_latency or LatencyHistogram()
@@ -143,7 +144,7 @@ class StreamWriter:
                 self._idle.set()
                 self._ready.clear()
                 await self._ready.wait()
-            batch = self._take()
+            batch = self._inflight = self._take()
             attempt = 0
             while True:
                 try:
@@ -155,6 +156,7 @@ class StreamWriter:
                         raise
                     self._fail("redis_refused_write", exc, attempt)
                 else:
+                    self._inflight = []
                     if not self.connected:
                         self.connected = True
                         log_event(log, logging.INFO, "redis_write_recovered", retries=attempt)
@@ -169,6 +171,13 @@ class StreamWriter:
         self.errors += 1
         self.connected = False
         self._throttle.log(logging.WARNING, event, error=str(exc), attempt=attempt, buffered=len(self._buf))
+
+    def take_all(self) -> list[Tick]:
+        """Everything buffered and not yet flushed (for a final flush at shutdown)."""
+        batch = self._inflight + list(self._buf)
+        self._inflight = []
+        self._buf.clear()
+        return batch
 
     def _take(self) -> list[Tick]:
         buf = self._buf

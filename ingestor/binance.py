@@ -94,6 +94,12 @@ def _str(value: Any) -> str:
     return value
 
 
+def _bool(value: Any) -> bool:
+    if type(value) is not bool:
+        raise MalformedFrame(f"expected a boolean, got {value!r}")
+    return value
+
+
 def parse_frame(raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerShutdown | None:
     """One frame -> a tick, a reply, a shutdown notice, or ``None`` (an event we do not carry)."""
     try:
@@ -119,7 +125,7 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
             "v": _V, "venue": VENUE, "symbol": _str(d["s"]), "channel": "trade", "seq": t,
             "ts_event": _int(d["T"]) * 1000, "ts_recv": ts_recv,
             "trade_id": t, "price": _str(d["p"]), "qty": _str(d["q"]),
-            "side": "sell" if d["m"] else "buy",
+            "side": "sell" if _bool(d["m"]) else "buy",
         }
         return trade  # type: ignore[return-value]
     if e == "aggTrade":
@@ -128,7 +134,7 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
             "v": _V, "venue": VENUE, "symbol": _str(d["s"]), "channel": "agg_trade", "seq": a,
             "ts_event": _int(d["T"]) * 1000, "ts_recv": ts_recv,
             "trade_id": a, "price": _str(d["p"]), "qty": _str(d["q"]),
-            "side": "sell" if d["m"] else "buy",
+            "side": "sell" if _bool(d["m"]) else "buy",
             "first_trade_id": _int(d["f"]), "last_trade_id": _int(d["l"]),
         }
         return agg  # type: ignore[return-value]
@@ -152,7 +158,7 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
             "open_time": _int(k["t"]) * 1000, "close_time": _int(k["T"]) * 1000,
             "open": _str(k["o"]), "high": _str(k["h"]), "low": _str(k["l"]), "close": _str(k["c"]),
             "volume": _str(k["v"]), "quote_volume": _str(k["q"]), "trades": _int(k["n"]),
-            "closed": k["x"] is True,
+            "closed": _bool(k["x"]),
         }
         return kline  # type: ignore[return-value]
     if "id" in d and ("result" in d or "error" in d):

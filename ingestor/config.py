@@ -19,6 +19,7 @@ from consumer_sdk.keys import DEFAULT_PREFIX, Pattern
 from consumer_sdk.tick import is_valid_channel
 from distributor.ingress import Policy
 from distributor.writer import Retention
+from ingestor.repair import RepairSettings
 
 __all__ = [
     "DEFAULT_REDIS_URL",
@@ -62,6 +63,7 @@ class IngestSettings:
     retention: Retention = field(default_factory=Retention)
     subscribers: tuple[SubscriberSpec, ...] = ()
     max_streams_per_connection: int = 1024
+    repair: RepairSettings = field(default_factory=RepairSettings)
 
     @property
     def venue(self) -> str:

@@ -18,15 +18,17 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from consumer_sdk._log import get_logger, log_event
-from consumer_sdk.errors import ConfigError, TransientError
+from consumer_sdk.errors import ConfigError, InvalidTick, TransientError
 from consumer_sdk.keys import parse_entry_id, stream_key
 from consumer_sdk.latency import LatencyHistogram
-from consumer_sdk.tick import Tick
+from consumer_sdk.tick import Tick, decode_tick
 from distributor.ingress import IngressQueue
 from distributor.service import BatchHandler, Distributor
 from distributor.writer import StreamWriter
 from ingestor.binance import channel_to_stream
 from ingestor.config import IngestSettings, redact_url
+from ingestor.repair import GapRepairer
+from ingestor.rest import VenueRest
 from ingestor.sequencer import Sequencer
 from ingestor.session import VenueSession
 from ingestor.subscriptions import plan_connections
@@ -34,6 +36,7 @@ from ingestor.subscriptions import plan_connections
 __all__ = ["Ingestor", "IngestorStats", "connect_redis"]
 
 log = get_logger("ingestor")
+FLUSH_ON_EXIT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,7 @@ class Ingestor:
         self.ingest_latency = LatencyHistogram()
         self.sessions: list[VenueSession] = []
         self.writer: StreamWriter | None = None
+        self.repairer: GapRepairer | None = None
         self.distributor: Distributor | None = None
         self._handlers: list[BatchHandler] = []
         self.started = asyncio.Event()
@@ -98,7 +102,11 @@ class Ingestor:
         for (symbol, channel), top in zip(names, tops, strict=True):
             if top:
                 _, seq = parse_entry_id(top[0][0])
-                self.sequencer.seed(s.venue, symbol, channel, seq)
+                try:
+                    last_event = decode_tick(top[0][1][b"d"])["ts_event"]
+                except (InvalidTick, KeyError):
+                    last_event = 0
+                self.sequencer.seed(s.venue, symbol, channel, seq, last_event)
                 log_event(log, logging.INFO, "stream_resumed", stream=f"{symbol}:{channel}", last_seq=seq)
 
     async def run(self) -> None:
@@ -111,10 +119,11 @@ class Ingestor:
             )
             self.distributor = Distributor(self.ingress, self.writer, handlers=self._handlers)
             plan = plan_connections([name for *_, name in self.streams()], s.max_streams_per_connection)
+            self.repairer = GapRepairer(VenueRest(s.rest_url), self.ingress, self.sequencer, s.repair)
             self.sessions = [
                 VenueSession(
                     ws_base=s.url, streams=group, ingress=self.ingress, sequencer=self.sequencer,
-                    ingest_latency=self.ingest_latency,
+                    ingest_latency=self.ingest_latency, repairer=self.repairer,
                 )
                 for group in plan
             ]
@@ -126,13 +135,35 @@ class Ingestor:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.writer.run(), name="writer")
                 tg.create_task(self.distributor.run(), name="distributor")
+                tg.create_task(self.repairer.run(), name="repair")
                 for session in self.sessions:
-                    tg.create_task(session.run(), name=f"session-{session.conn_id}")
-        except* ConfigError as group:
-            raise group.exceptions[0] from None
+                    tg.create_task(session.run(), name=f"session-{session.session_id}")
+        except asyncio.CancelledError:
+            await self._flush_on_exit()
+            raise
+        except BaseExceptionGroup as group:
+            fatal = group.subgroup(ConfigError)
+            if fatal is not None:
+                raise fatal.exceptions[0] from None
+            raise
         finally:
             if self._redis is None:
                 await redis.aclose()
+
+    async def _flush_on_exit(self) -> None:
+        """On shutdown, store what was accepted but not yet written (bounded in time)."""
+        writer = self.writer
+        if writer is None:
+            return
+        pending = writer.take_all() + list(self.ingress.take(len(self.ingress)))
+        if not pending:
+            return
+        try:
+            async with asyncio.timeout(FLUSH_ON_EXIT_S):
+                await writer.append(pending)
+            log_event(log, logging.INFO, "flushed_on_exit", ticks=len(pending))
+        except (TimeoutError, RedisError, OSError) as exc:
+            log_event(log, logging.ERROR, "flush_on_exit_failed", ticks=len(pending), error=str(exc))
 
     def stats(self) -> IngestorStats:
         ss = self.sessions

@@ -1,25 +1,36 @@
-"""One WebSocket session to the venue: connect, subscribe, read, reconnect forever.
+"""One venue session: a WebSocket kept alive for as long as the ingestor runs.
 
 The adapter is thin: frames go through :func:`ingestor.binance.parse_frame` and the
-:class:`~ingestor.sequencer.Sequencer` (pure), then into the ingress queue.  It owns
-no task of its own: :meth:`VenueSession.run` is awaited inside the ingestor's task group.
+:class:`~ingestor.sequencer.Sequencer` (pure), then into the ingress queue.  Decisions live
+in pure modules: :mod:`ingestor.lifecycle` (states, error policy), :mod:`ingestor.backoff`
+(delays), :mod:`ingestor.subscriptions` (requests).
 
-Lifecycle: ``connecting -> subscribing -> live -> backing_off -> connecting ...``; every
-transition is logged with its reason.  Reconnects wait a capped, fully jittered delay
-(:class:`~ingestor.backoff.Backoff`) that resets only after a connection stayed live for
-``healthy_after`` seconds.  websockets answers the venue's pings at once with the same
-payload and sends its own pings; a peer that stops answering is dropped after
-``ping_timeout``.  Nothing the venue sends can raise out of the read loop: malformed
-frames and unknown events are counted and logged at most once a second with a sample.
+- **Reconnect**: every failure leads to a capped, fully jittered delay that resets only after
+  a connection stayed live for ``healthy_after`` seconds; the venue's ``Retry-After`` wins; a
+  refusal that retrying cannot fix (HTTP 400/401/403/404) stops with a clear message.
+- **Heartbeats**: websockets answers the venue's pings at once with the same payload and sends
+  our own every ``ping_interval``; no pong within ``ping_timeout`` drops the connection.  A
+  watchdog on the monotonic clock drops a connection that delivered nothing for ``stall_timeout``
+  and reports each stream whose seq has not moved for its channel's ``stale_after`` threshold.
+- **Subscribe**: requests paced under the venue's 5 messages a second; replies are checked,
+  and what failed is retried.
+- **Rotation** (make-before-break): before ``max_age`` or on a ``serverShutdown`` event a new
+  connection is opened and subscribed while the old one still delivers; the old one is closed
+  only once the new one is live.  The overlap is deduplicated by the sequencer.
+
+Nothing the venue sends can raise out of the read loop: malformed frames, unknown events
+and replies to requests we never sent are counted and logged at most once a second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
-from enum import StrEnum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -33,22 +44,59 @@ from consumer_sdk.sequencing import Verdict
 from consumer_sdk.tick import Tick
 from distributor.ingress import IngressQueue
 from ingestor.backoff import Backoff
-from ingestor.binance import MalformedFrame, Reply, ServerShutdown, parse_frame
+from ingestor.binance import MalformedFrame, Reply, ServerShutdown, parse_frame, stream_to_channel
+from ingestor.lifecycle import Failure, Lifecycle, SessionState, classify_failure
+from ingestor.repair import GapRepairer
 from ingestor.sequencer import Sequencer
 from ingestor.subscriptions import subscribe_requests
 
-__all__ = ["SessionState", "VenueSession"]
+__all__ = ["SessionSettings", "SessionState", "VenueSession"]
 
 log = get_logger("session")
 _ids = itertools.count(1)
 
+DEFAULT_STALE_AFTER: Mapping[str, float] = {"trade": 60.0, "agg_trade": 60.0, "book_ticker": 60.0, "kline": 10.0}
 
-class SessionState(StrEnum):
-    CONNECTING = "connecting"
-    SUBSCRIBING = "subscribing"
-    LIVE = "live"
-    BACKING_OFF = "backing_off"
-    CLOSED = "closed"
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SessionSettings:
+    healthy_after: float = 10.0
+    ping_interval: float = 10.0
+    ping_timeout: float = 10.0
+    open_timeout: float = 10.0
+    #: a connection that delivered no frame at all for this long is dropped
+    stall_timeout: float = 30.0
+    #: per channel ("kline" for every interval): a stream whose seq did not move for this long is stale
+    stale_after: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_STALE_AFTER))
+    #: open a replacement connection this long after connecting (Binance closes at 24 h)
+    max_age: float = 23.5 * 3600
+    #: how long a replacement may take to become live before the rotation is retried
+    rotation_timeout: float = 15.0
+    requests_per_s: float = 4.0
+    params_per_request: int = 200
+    backoff_base: float = 0.1
+    backoff_cap: float = 30.0
+
+
+class _Link:
+    """One WebSocket connection and what belongs to it."""
+
+    __slots__ = ("conn_id", "last_frame", "live", "opened", "pending", "retries", "shutdown", "ws")
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.conn_id = next(_ids)
+        self.ws = ws
+        self.opened = time.monotonic()
+        self.last_frame = self.opened
+        self.live = asyncio.Event()
+        self.shutdown = asyncio.Event()
+        self.pending: dict[int, list[str]] = {}
+        #: subscribe retries in flight; cancelled when the link closes
+        self.retries: set[asyncio.Task[None]] = set()
+
+
+class _Fatal(Exception):
+    pass
 
 
 class VenueSession:
@@ -62,29 +110,24 @@ class VenueSession:
         ingress: IngressQueue[Tick],
         sequencer: Sequencer,
         ingest_latency: LatencyHistogram,
+        repairer: GapRepairer | None = None,
+        settings: SessionSettings | None = None,
         backoff: Backoff | None = None,
-        healthy_after: float = 10.0,
-        ping_interval: float = 20.0,
-        ping_timeout: float = 20.0,
-        open_timeout: float = 10.0,
-        requests_per_s: float = 4.0,
+        venue: str = "binance",
     ) -> None:
-        self.conn_id = next(_ids)
+        self.session_id = next(_ids)
         self.url = ws_base.rstrip("/") + "/stream"
         self.streams = streams
+        self.venue = venue
         self._ingress = ingress
         self._sequencer = sequencer
         self._latency = ingest_latency
-        self._backoff = backoff or Backoff()
-        self._healthy_after = healthy_after
-        self._ping_interval = ping_interval
-        self._ping_timeout = ping_timeout
-        self._open_timeout = open_timeout
-        self._request_gap = 1.0 / requests_per_s
-        self._pending: dict[int, list[str]] = {}
-        self._next_request = 1
+        self._repairer = repairer
+        self.settings = s = settings or SessionSettings()
+        self._backoff = backoff or Backoff(base=s.backoff_base, cap=s.backoff_cap)
         self._throttle = Throttle(log)
-        self.state = SessionState.CONNECTING
+        self._next_request = 1
+        self.lifecycle = Lifecycle()
         self.frames = 0
         self.ticks = 0
         self.malformed = 0
@@ -92,117 +135,305 @@ class VenueSession:
         self.rejected = 0
         self.connects = 0
         self.reconnects = 0
+        self.rotations = 0
         self.subscribe_errors = 0
+        self.unexpected_replies = 0
+        self.stalls = 0
+        self.reconnect_reasons: dict[str, int] = {}
+        self.stale: set[str] = set()
         self.last_frame_us = 0
+        self._progress: dict[tuple[str, str, str], tuple[int | None, float]] = {}
+        self._link: _Link | None = None
+        self._links: set[_Link] = set()
 
-    def _transition(self, state: SessionState, reason: str, **fields: Any) -> None:
-        self.state = state
+    @property
+    def state(self) -> SessionState:
+        return self.lifecycle.state
+
+    def _to(self, state: SessionState, reason: str, **fields: Any) -> None:
+        previous = self.lifecycle.to(state, reason)
         log_event(
-            log, logging.INFO, "session_state", conn_id=self.conn_id, state=state.value, reason=reason, **fields
+            log, logging.INFO, "session_state", session=self.session_id, venue=self.venue, state=state.value,
+            previous=previous.value, reason=reason, **fields,
         )
 
+    # -- the session loop ---------------------------------------------------------------------
     async def run(self) -> None:
-        """Connect and read until cancelled; every failure leads to a backed-off reconnect."""
+        """Connect, read and rotate until cancelled; every failure leads to a backed-off reconnect."""
         try:
-            while True:
-                self._transition(SessionState.CONNECTING, "start" if not self.connects else "reconnect")
-                live_since: float | None = None
-                reason = "closed"
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._watchdog(), name=f"watchdog-{self.session_id}")
+                await self._loop(tg)
+        except* _Fatal as group:
+            raise ConfigError(str(group.exceptions[0])) from None
+        finally:
+            if self.lifecycle.state is not SessionState.CLOSED:
+                self.lifecycle.to(SessionState.CLOSED, "stopped")
+
+    async def _loop(self, tg: asyncio.TaskGroup) -> None:
+        try:
+            await self._run_links(tg)
+        finally:
+            # Cancelled (the ingestor stops): drop every connection now, without waiting on the venue.
+            for live in list(self._links):
+                live.ws.transport.abort()
+
+    async def _run_links(self, tg: asyncio.TaskGroup) -> None:
+        link: _Link | None = None
+        reader: asyncio.Task[str] | None = None
+        while True:
+            if link is None or reader is None:
                 try:
-                    async with connect(
-                        self.url,
-                        open_timeout=self._open_timeout,
-                        ping_interval=self._ping_interval,
-                        ping_timeout=self._ping_timeout,
-                        close_timeout=2,
-                        max_size=2**20,
-                        max_queue=64,
-                        compression=None,
-                    ) as ws:
-                        self.connects += 1
-                        self._transition(SessionState.SUBSCRIBING, "connected", streams=len(self.streams))
-                        live_since = time.monotonic()
-                        reason = await self._serve(ws)
-                except websockets.InvalidURI as exc:
-                    raise ConfigError(f"invalid venue URL {self.url!r}: {exc}") from None
-                except (OSError, TimeoutError, websockets.WebSocketException) as exc:
-                    reason = f"{type(exc).__name__}: {exc}"
-                if live_since is not None and time.monotonic() - live_since >= self._healthy_after:
-                    self._backoff.reset()
-                delay = 0.0 if reason == "server_shutdown" else self._backoff.next_delay()
-                self.reconnects += 1
-                self._transition(SessionState.BACKING_OFF, reason, delay_s=round(delay, 3))
-                await asyncio.sleep(delay)
-        finally:
-            self.state = SessionState.CLOSED
+                    link, reader = await self._open(tg, rotating=False)
+                except _Fatal:
+                    raise
+                except Exception as exc:  # any failure to connect is retried, after the backoff
+                    await self._back_off(classify_failure(_map_error(exc)), None)
+                    continue
+            reason, rotate = await self._until_done_or_rotation(link, reader)
+            if rotate:
+                try:
+                    new_link, new_reader = await self._open(tg, rotating=True)
+                except _Fatal:
+                    raise
+                except Exception as exc:
+                    # The old connection keeps delivering; try the rotation again after a delay.
+                    log_event(log, logging.WARNING, "rotation_failed", session=self.session_id, error=str(exc)[:200])
+                    self._to(SessionState.LIVE, "rotation failed, old connection kept")
+                    link.opened = time.monotonic() - self.settings.max_age + self.settings.rotation_timeout
+                    continue
+                await self._close(link, reader)
+                self.rotations += 1
+                link, reader = new_link, new_reader
+                self._to(SessionState.LIVE, f"rotated ({reason})", conn_id=link.conn_id)
+                continue
+            await self._close(link, reader)
+            healthy = time.monotonic() - link.opened >= self.settings.healthy_after and link.live.is_set()
+            if healthy:
+                self._backoff.reset()
+            link = reader = None
+            await self._back_off(Failure(reason), healthy)
 
-    async def _serve(self, ws: ClientConnection) -> str:
-        subscriber = asyncio.create_task(self._subscribe(ws), name=f"subscribe-{self.conn_id}")
+    async def _back_off(self, failure: Failure, healthy: bool | None) -> None:
+        if failure.fatal:
+            log_event(log, logging.ERROR, "session_fatal", session=self.session_id, error=failure.message)
+            raise _Fatal(f"{failure.message} ({self.url})")
+        delay = failure.retry_after if failure.retry_after is not None else self._backoff.next_delay()
+        self.reconnects += 1
+        key = failure.message.split(":", 1)[0][:40]
+        self.reconnect_reasons[key] = self.reconnect_reasons.get(key, 0) + 1
+        self._to(SessionState.BACKING_OFF, failure.message[:300], delay_s=round(delay, 3))
+        await asyncio.sleep(delay)
+        self._to(SessionState.CONNECTING, "reconnect")
+
+    async def _open(self, tg: asyncio.TaskGroup, *, rotating: bool) -> tuple[_Link, asyncio.Task[str]]:
+        """Connect and subscribe; return once every subscription is confirmed (the link is live)."""
+        s = self.settings
+        if rotating:
+            self._to(SessionState.ROTATING, "replacing the connection")
+        ws = await connect(
+            self.url, open_timeout=s.open_timeout, ping_interval=s.ping_interval, ping_timeout=s.ping_timeout,
+            close_timeout=2, max_size=2**20, max_queue=64, compression=None,
+        )
+        link = _Link(ws)
+        self._links.add(link)
+        self.connects += 1
+        if not rotating:
+            self._to(SessionState.SUBSCRIBING, "connected", conn_id=link.conn_id, streams=len(self.streams))
+        reader = tg.create_task(self._read(link), name=f"read-{link.conn_id}")
+        live = asyncio.ensure_future(link.live.wait())
         try:
-            return await self._read(ws)
+            await self._subscribe(link, self.streams)
+            async with asyncio.timeout(s.rotation_timeout if rotating else None):
+                done, _ = await asyncio.wait([reader, live], return_when=asyncio.FIRST_COMPLETED)
+            if reader in done:
+                raise ConnectionError(f"connection lost while subscribing: {reader.result()}")
+        except BaseException:
+            await self._close(link, reader)
+            raise
         finally:
-            subscriber.cancel()
-            # The subscribe task only sends requests; it holds no state to clean up.
-            await asyncio.gather(subscriber, return_exceptions=True)
+            live.cancel()
+        self._link = link
+        if not rotating:
+            self._to(SessionState.LIVE, "subscribed", conn_id=link.conn_id, streams=len(self.streams))
+        return link, reader
 
-    async def _subscribe(self, ws: ClientConnection) -> None:
-        requests = subscribe_requests(self.streams, self._next_request)
+    async def _until_done_or_rotation(self, link: _Link, reader: asyncio.Task[str]) -> tuple[str, bool]:
+        """Wait for the reader to end (a failure) or for a rotation to be due."""
+        age_left = self.settings.max_age - (time.monotonic() - link.opened)
+        shutdown = asyncio.ensure_future(link.shutdown.wait())
+        try:
+            done, _ = await asyncio.wait([reader, shutdown], timeout=max(0.0, age_left),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            shutdown.cancel()
+        if reader in done:
+            return reader.result(), False
+        if shutdown in done:
+            return "server_shutdown", True
+        return "max_age", True
+
+    async def _close(self, link: _Link, reader: asyncio.Task[str]) -> None:
+        self._links.discard(link)
+        if self._link is link:
+            self._link = None
+        for task in list(link.retries):
+            task.cancel()
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(3):
+                await link.ws.close()
+
+    async def _subscribe(self, link: _Link, streams: list[str]) -> None:
+        s = self.settings
+        requests = subscribe_requests(streams, self._next_request, per_request=s.params_per_request)
         self._next_request += len(requests)
         for i, req in enumerate(requests):
             if i:
-                await asyncio.sleep(self._request_gap)  # pacing under the venue's message rate limit
-            self._pending[req["id"]] = req["params"]
-            await ws.send(orjson.dumps(req).decode())
+                await asyncio.sleep(1.0 / s.requests_per_s)  # pacing under the venue's message rate limit
+            link.pending[req["id"]] = req["params"]
+            await link.ws.send(orjson.dumps(req).decode())
 
-    def _on_reply(self, reply: Reply) -> None:
-        streams = self._pending.pop(reply.id, None) if isinstance(reply.id, int) else None
+    async def _retry_subscribe(self, link: _Link, streams: list[str]) -> None:
+        await asyncio.sleep(1.0)  # the venue refused; ask again after a pause, within the rate limit
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await self._subscribe(link, streams)
+
+    def _on_reply(self, link: _Link, reply: Reply) -> None:
+        streams = link.pending.pop(reply.id, None) if type(reply.id) is int else None
         if streams is None:
-            self._throttle.log(logging.WARNING, "unexpected_reply", conn_id=self.conn_id, sample=str(reply)[:200])
+            self.unexpected_replies += 1
+            self._throttle.log(logging.WARNING, "unexpected_reply", session=self.session_id, sample=str(reply)[:200])
             return
         if reply.error is not None:
             self.subscribe_errors += 1
             log_event(
-                log, logging.ERROR, "subscribe_failed", conn_id=self.conn_id, error=str(reply.error)[:200],
-                streams=len(streams),
+                log, logging.ERROR, "subscribe_failed", session=self.session_id, conn_id=link.conn_id,
+                error=str(reply.error)[:200], streams=len(streams),
             )
+            # Owned by the link: _close cancels it with the connection.
+            task = asyncio.get_running_loop().create_task(self._retry_subscribe(link, streams))
+            link.retries.add(task)
+            task.add_done_callback(link.retries.discard)
             return
-        if not self._pending and self.state is SessionState.SUBSCRIBING:
-            self._transition(SessionState.LIVE, "subscribed", streams=len(self.streams))
+        if not link.pending:
+            link.live.set()
 
-    async def _read(self, ws: ClientConnection) -> str:
+    # -- the read loop: the hot part ----------------------------------------------------------
+    async def _read(self, link: _Link) -> str:
         ingress = self._ingress
-        accept = self._sequencer.accept
+        sequencer = self._sequencer
+        accept = sequencer.accept
         observe = self._latency.observe
         now_us = time.time_ns
+        monotonic = time.monotonic
         ok_max = Verdict.GAP
+        gap = Verdict.GAP
+        repairer = self._repairer
+        holds = repairer.holds if repairer is not None else {}
+        ws = link.ws
         try:
             async for raw in ws:
                 ts = now_us() // 1000
                 self.frames += 1
                 self.last_frame_us = ts
+                link.last_frame = monotonic()
                 try:
                     r = parse_frame(raw, ts)
                 except MalformedFrame as exc:
                     self.malformed += 1
                     self._throttle.log(
-                        logging.WARNING, "malformed_frame", conn_id=self.conn_id, error=str(exc)[:200],
+                        logging.WARNING, "malformed_frame", session=self.session_id, error=str(exc)[:200],
                         sample=str(raw)[:200],
                     )
                     continue
                 if type(r) is dict:
-                    if accept(r) <= ok_max:
-                        self.ticks += 1
-                        if not ingress.offer(r):
-                            await ingress.put(r)
-                        observe(now_us() // 1000 - ts)
-                    else:
+                    verdict = accept(r)
+                    if verdict > ok_max:
                         self.rejected += 1
+                        continue
+                    self.ticks += 1
+                    if holds and repairer is not None and repairer.hold((r["venue"], r["symbol"], r["channel"]), r):
+                        continue
+                    if verdict is gap and repairer is not None and sequencer.last_gap is not None:
+                        marker = repairer.start(r, sequencer.last_gap)
+                        if marker is None:
+                            continue
+                        if not ingress.offer(marker):
+                            await ingress.put(marker)
+                    if not ingress.offer(r):
+                        await ingress.put(r)
+                    observe(now_us() // 1000 - ts)
                 elif r is None:
                     self.unsupported += 1
                 elif isinstance(r, Reply):
-                    self._on_reply(r)
+                    self._on_reply(link, r)
                 elif isinstance(r, ServerShutdown):
-                    return "server_shutdown"
+                    log_event(log, logging.INFO, "server_shutdown_notice", session=self.session_id,
+                              conn_id=link.conn_id)
+                    link.shutdown.set()
         except websockets.ConnectionClosed as exc:
             return f"connection closed: {exc}"
+        except Exception as exc:  # nothing from the venue may kill the session
+            log.exception("read_loop_error")
+            return f"read loop error: {exc!r}"
         return "connection closed by venue"
+
+    # -- watchdog -----------------------------------------------------------------------------
+    async def _watchdog(self) -> None:
+        """Once a second: drop a connection that delivers nothing; report streams that went quiet."""
+        s = self.settings
+        idents = []
+        for name in self.streams:
+            symbol, channel = stream_to_channel(name)
+            idents.append((self.venue, symbol, channel))
+        while True:
+            await asyncio.sleep(1.0)  # the watchdog's period
+            now = time.monotonic()
+            link = self._link
+            if link is not None and now - link.last_frame >= s.stall_timeout:
+                self.stalls += 1
+                log_event(
+                    log, logging.WARNING, "connection_stalled", session=self.session_id, conn_id=link.conn_id,
+                    quiet_s=round(now - link.last_frame, 1),
+                )
+                link.last_frame = now
+                link.ws.transport.abort()  # the reader sees the connection closed and the loop reconnects
+            for ident in idents:
+                seq = self._sequencer.last_seq(*ident)
+                last, since = self._progress.get(ident, (None, now))
+                if seq != last:
+                    self._progress[ident] = (seq, now)
+                    if self._stream_name(ident) in self.stale:
+                        self.stale.discard(self._stream_name(ident))
+                        log_event(log, logging.INFO, "stream_fresh", stream=self._stream_name(ident))
+                    continue
+                channel = ident[2]
+                limit = s.stale_after.get("kline" if channel.startswith("kline_") else channel, 60.0)
+                name = self._stream_name(ident)
+                if now - since >= limit and name not in self.stale and self.state is SessionState.LIVE:
+                    self.stale.add(name)
+                    log_event(log, logging.WARNING, "stream_stale", stream=name, quiet_s=round(now - since, 1))
+
+    @staticmethod
+    def _stream_name(ident: tuple[str, str, str]) -> str:
+        return f"{ident[0]}:{ident[1]}:{ident[2]}"
+
+
+def _map_error(exc: BaseException) -> BaseException:
+    """Library errors -> something :func:`classify_failure` understands (status and Retry-After)."""
+    if isinstance(exc, websockets.InvalidURI):
+        return _StatusError(f"invalid venue URL: {exc}", 400, None)
+    if isinstance(exc, websockets.InvalidStatus):
+        response = exc.response
+        return _StatusError(str(exc), response.status_code, response.headers.get("Retry-After"))
+    return exc
+
+
+class _StatusError(Exception):
+    def __init__(self, message: str, status: int, retry_after: str | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after

@@ -38,13 +38,15 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a command's coroutine; SIGTERM and Ctrl-C cancel it and end the command cleanly."""
+def run_async(coro: Coroutine[Any, Any, T], *, graceful_term: bool = True) -> T:
+    """Run a command's coroutine; Ctrl-C (and SIGTERM when ``graceful_term``) cancel it and end the command
+    cleanly.  Read-only commands keep SIGTERM's default action: they hold nothing to flush, and a
+    write blocked on a full stdout pipe must not delay their end."""
 
     async def wrapper() -> T:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
-        if task is not None:
+        if task is not None and graceful_term:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signal.SIGTERM, task.cancel)
         return await coro
@@ -155,7 +157,7 @@ def tail(
 
     for k in keys:
         parse_key(k)
-    run_async(_tail(_redis_url(), keys, group, from_))
+    run_async(_tail(_redis_url(), keys, group, from_), graceful_term=group is not None)
 
 
 def _emit(key: str, entry_id: str, tick: Any) -> None:
@@ -208,7 +210,7 @@ def replay(
         fail(f"--format must be jsonl or csv, got {format_!r}")
     lo = parse_bound(start, end=False)
     hi = parse_bound(end, end=True)
-    run_async(_replay(_redis_url(), key, lo, hi, format_, progress or sys.stderr.isatty()))
+    run_async(_replay(_redis_url(), key, lo, hi, format_, progress or sys.stderr.isatty()), graceful_term=False)
 
 
 async def _replay(url: str, key: str, lo: Any, hi: Any, fmt: str, show_progress: bool) -> None:

@@ -74,6 +74,8 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
 
 
 def _spawn(binary: str, port: int, directory: str, appendonly: bool) -> subprocess.Popen[bytes]:

@@ -1,0 +1,92 @@
+"""The venue connection's lifecycle and error policy: pure, no I/O.
+
+States: ``connecting -> subscribing -> live -> (rotating ->) live | backing_off -> connecting``,
+``closed`` at the end.  :class:`Lifecycle` refuses a transition that the picture does not
+allow (a bug, not a venue fault) and keeps the reason of the last one.
+
+:func:`classify_failure` decides what an error means: retry after the backoff delay, retry
+after the venue's ``Retry-After``, or stop with a clear message because retrying cannot help.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+__all__ = ["Failure", "Lifecycle", "SessionState", "classify_failure", "classify_status"]
+
+
+class SessionState(StrEnum):
+    CONNECTING = "connecting"
+    SUBSCRIBING = "subscribing"
+    LIVE = "live"
+    ROTATING = "rotating"
+    BACKING_OFF = "backing_off"
+    CLOSED = "closed"
+
+
+_ALLOWED: Final[dict[SessionState, frozenset[SessionState]]] = {
+    SessionState.CONNECTING: frozenset({SessionState.SUBSCRIBING, SessionState.BACKING_OFF, SessionState.CLOSED}),
+    SessionState.SUBSCRIBING: frozenset({SessionState.LIVE, SessionState.BACKING_OFF, SessionState.CLOSED}),
+    SessionState.LIVE: frozenset({SessionState.ROTATING, SessionState.BACKING_OFF, SessionState.CLOSED}),
+    SessionState.ROTATING: frozenset({SessionState.LIVE, SessionState.BACKING_OFF, SessionState.CLOSED}),
+    SessionState.BACKING_OFF: frozenset({SessionState.CONNECTING, SessionState.CLOSED}),
+    SessionState.CLOSED: frozenset(),
+}
+
+#: numeric state for the ``market_connection_state`` gauge
+STATE_CODES: Final = {s: i for i, s in enumerate(SessionState)}
+
+
+class Lifecycle:
+    __slots__ = ("reason", "state", "transitions")
+
+    def __init__(self) -> None:
+        self.state = SessionState.CONNECTING
+        self.reason = "start"
+        self.transitions = 0
+
+    def to(self, state: SessionState, reason: str) -> SessionState:
+        if state not in _ALLOWED[self.state]:
+            raise RuntimeError(f"connection lifecycle: {self.state} -> {state} is not a valid transition ({reason})")
+        previous = self.state
+        self.state = state
+        self.reason = reason
+        self.transitions += 1
+        return previous
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """What to do about an error: ``fatal`` stops the session with ``message``; otherwise retry,
+    after ``retry_after`` seconds when the venue said so, else after the backoff delay."""
+
+    message: str
+    fatal: bool = False
+    retry_after: float | None = None
+
+
+def classify_status(status: int, retry_after: str | None) -> Failure:
+    """An HTTP status refusing the WebSocket handshake."""
+    wait: float | None = None
+    if retry_after:
+        try:
+            wait = max(0.0, float(retry_after))
+        except ValueError:
+            wait = None
+    if status in (418, 429):
+        return Failure(f"venue rate limit: HTTP {status}", retry_after=wait)
+    if status >= 500 or status == 408:
+        return Failure(f"venue unavailable: HTTP {status}", retry_after=wait)
+    if status in (400, 401, 403, 404, 405, 410, 414):
+        return Failure(f"venue refused the connection with HTTP {status}: check the URL and access", fatal=True)
+    return Failure(f"venue answered HTTP {status}", retry_after=wait)
+
+
+def classify_failure(exc: BaseException) -> Failure:
+    """Any exception out of connect/read (the websockets adapter maps library errors to these)."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):
+        return classify_status(status, getattr(exc, "retry_after", None))
+    return Failure(f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,56 @@
+"""Fixtures shared by the test suite.
+
+Integration tests use the real Redis at ``MARKET_REDIS_URL`` (default
+``redis://127.0.0.1:6379/0``; ``ops/dev.sh test`` starts one when none answers).
+Each test gets its own key prefix and deletes its keys afterwards; tests that stop
+or restart Redis start a private ``redis-server`` on a free port.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from ops.redis_server import RedisServer, redis_answers, start_redis
+
+REDIS_URL = os.environ.get("MARKET_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    if not redis_answers(REDIS_URL):
+        pytest.fail(f"no Redis answers at {REDIS_URL}: run the tests with ops/dev.sh test, which starts one")
+    return REDIS_URL
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A unique stream prefix; every key under it is deleted after the test."""
+    p = f"t{uuid.uuid4().hex[:10]}"
+    yield p
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(f"{p}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+async def aredis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, on a free port, which the test may stop and restart."""
+    with start_redis() as server:
+        yield server

@@ -20,6 +20,7 @@ from consumer_sdk.tick import is_valid_channel
 from distributor.ingress import Policy
 from distributor.writer import Retention
 from ingestor.repair import RepairSettings
+from ingestor.session import DEFAULT_STALE_AFTER, SessionSettings
 
 __all__ = [
     "DEFAULT_REDIS_URL",
@@ -64,6 +65,7 @@ class IngestSettings:
     subscribers: tuple[SubscriberSpec, ...] = ()
     max_streams_per_connection: int = 1024
     repair: RepairSettings = field(default_factory=RepairSettings)
+    session: SessionSettings = field(default_factory=SessionSettings)
 
     @property
     def venue(self) -> str:
@@ -190,6 +192,53 @@ def _retention(table: Any) -> Retention:
     return Retention(maxlen=maxlen, max_age_ms=age, per_channel=tuple(per))
 
 
+def _float(value: Any, what: str, lo: float, hi: float) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: expected a number, got {value!r}") from None
+    if not lo <= x <= hi:
+        raise ConfigError(f"{what}: {x} is out of range {lo}..{hi}")
+    return x
+
+
+def _session(table: Any) -> SessionSettings:
+    if table is None:
+        return SessionSettings()
+    if not isinstance(table, dict):
+        raise ConfigError("[session] must be a table")
+    known = {
+        "ping_interval", "ping_timeout", "open_timeout", "stall_timeout", "healthy_after", "max_age",
+        "rotation_timeout", "backoff_base", "backoff_cap", "stale_after",
+    }
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"[session]: unknown setting(s) {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {
+        k: _float(v, f"session.{k}", 0.001, 10 * 86400.0) for k, v in table.items() if k != "stale_after"
+    }
+    stale = dict(DEFAULT_STALE_AFTER)
+    extra = table.get("stale_after", {})
+    if not isinstance(extra, dict):
+        raise ConfigError("[session.stale_after] must be a table of channel = seconds")
+    for channel, secs in extra.items():
+        stale[channel] = _float(secs, f"session.stale_after.{channel}", 0.1, 86400.0)
+    return SessionSettings(stale_after=stale, **values)
+
+
+def _repair(table: Any) -> RepairSettings:
+    if table is None:
+        return RepairSettings()
+    if not isinstance(table, dict):
+        raise ConfigError("[repair] must be a table")
+    return RepairSettings(
+        enabled=bool(table.get("enabled", True)),
+        max_gap=_int(table.get("max_gap", 200_000), "repair.max_gap", 1, 10**9),
+        max_hold=_int(table.get("max_hold", 200_000), "repair.max_hold", 1, 10**9),
+        deadline_s=_float(table.get("deadline_s", 60.0), "repair.deadline_s", 0.1, 3600.0),
+    )
+
+
 def _subscribers(flag_targets: tuple[str, ...], table: Any) -> tuple[SubscriberSpec, ...]:
     specs = [SubscriberSpec(target=t) for t in flag_targets]
     if table is not None:
@@ -262,4 +311,6 @@ def load_settings(
         queue_policy=Policy.parse(str(merged.get("queue_policy", "block"))),
         retention=_retention(toml.get("retention")),
         subscribers=_subscribers(subscriber_flags, toml.get("subscribers")),
+        session=_session(toml.get("session")),
+        repair=_repair(toml.get("repair")),
     )

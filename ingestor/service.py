@@ -123,7 +123,7 @@ class Ingestor:
             self.sessions = [
                 VenueSession(
                     ws_base=s.url, streams=group, ingress=self.ingress, sequencer=self.sequencer,
-                    ingest_latency=self.ingest_latency, repairer=self.repairer,
+                    ingest_latency=self.ingest_latency, repairer=self.repairer, settings=s.session,
                 )
                 for group in plan
             ]

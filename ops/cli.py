@@ -116,9 +116,17 @@ def simulate(
     rate: Annotated[float, typer.Option(help="ticks per second in total")] = 1000.0,
     seed: Annotated[int, typer.Option(help="random seed (same seed, same market)")] = 1,
     replay: Annotated[Path | None, typer.Option(help="play a capture (fixtures' JSONL format)")] = None,
+    replay_speed: Annotated[float, typer.Option(help="replay speed factor")] = 1.0,
+    replay_loop: Annotated[bool, typer.Option(help="start the capture over at its end")] = False,
+    close_every: Annotated[float | None, typer.Option(help="fault: close every connection every S seconds")] = None,
+    stall_for: Annotated[float, typer.Option(help="fault: stall every connection for S seconds at start")] = 0.0,
+    refuse_for: Annotated[float, typer.Option(help="fault: refuse new connections for S seconds at start")] = 0.0,
+    malformed: Annotated[float, typer.Option(help="fault: fraction of frames sent malformed")] = 0.0,
+    duplicate: Annotated[float, typer.Option(help="fault: fraction of frames sent twice")] = 0.0,
+    out_of_order: Annotated[float, typer.Option(help="fault: fraction of frames swapped with the next")] = 0.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
-    """The Binance-compatible venue simulator (WebSocket + REST on one port)."""
+    """The Binance-compatible venue simulator (WebSocket + REST + /control on one port)."""
     from ops.logs import setup_logging
     from ops.simulator import SimulatorConfig, run_simulator
 
@@ -132,7 +140,11 @@ def simulate(
         fail(f"--port out of range: {port}")
     if replay is not None and not replay.is_file():
         fail(f"--replay: cannot read {str(replay)!r}")
-    cfg = SimulatorConfig(host=host, port=port, symbols=syms, rate=rate, seed=seed, replay=replay)
+    cfg = SimulatorConfig(
+        host=host, port=port, symbols=syms, rate=rate, seed=seed, replay=replay, replay_speed=replay_speed,
+        replay_loop=replay_loop, close_every=close_every, stall_for=stall_for, refuse_for=refuse_for,
+        fault_malformed=malformed, fault_duplicate=duplicate, fault_out_of_order=out_of_order,
+    )
 
     def ready(sim: Any) -> None:
         print(f"simulator listening on {sim.ws_url} (REST {sim.rest_url})", file=sys.stderr, flush=True)

@@ -1,0 +1,164 @@
+"""The simulator's settings: one frozen, keyword-only dataclass, validated on construction.
+
+Every Binance rule the simulator enforces has a setting here (ping interval, pong timeout, connection
+age, incoming message rate, streams per connection), and every fault can be switched on from the
+start (``fault_*``, ``refuse_for``, ``stall_for``, ``close_every``); the same faults can be switched
+at run time through :class:`ops.simulator.Simulator` or its HTTP control endpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SimulatorConfigError
+from .market import KLINE_INTERVAL_MS
+
+__all__ = ["SimulatorConfig"]
+
+_SYMBOL = re.compile(r"^[A-Z0-9]{2,32}$")
+
+
+def _positive(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise SimulatorConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+        raise SimulatorConfigError(f"{name} must be a number >= 0, got {value!r}")
+
+
+def _fraction(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
+        raise SimulatorConfigError(f"{name} must be a fraction between 0 and 1, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimulatorConfig:
+    """Settings of one simulator instance; see the module docstring of :mod:`ops.simulator`."""
+
+    # Where to listen; port 0 picks a free port (read it back from ``Simulator.port``).
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    # Synthetic market.
+    symbols: tuple[str, ...] = ("BTCUSDT", "ETHUSDT")
+    #: ticks a second in total, over all symbols and all event kinds (0: generate nothing)
+    rate: float = 1000.0
+    seed: int = 1
+    #: relative share of the rate per symbol, same length as ``symbols`` (None: equal shares)
+    weights: tuple[float, ...] | None = None
+    kline_intervals: tuple[str, ...] = ("1m",)
+    #: an open kline is pushed at most this often (Binance: 2000 ms), and once more when it closes
+    kline_update_ms: int = 1000
+    #: trades and aggregate trades kept per symbol for REST (and closed klines per interval)
+    history: int = 200_000
+    #: bursts: every ``burst_every`` seconds the rate is multiplied for the last ``burst_duration``
+    #: seconds of the period (``burst_every`` 0 or a multiplier of 1 switch bursts off)
+    burst_every: float = 0.0
+    burst_duration: float = 1.0
+    burst_multiplier: float = 1.0
+    #: how often the generator wakes to produce the ticks the rate implies since start
+    batch_interval: float = 0.005
+
+    # Replay instead of the synthetic market.
+    replay: str | Path | None = None
+    #: 2.0 plays twice as fast as recorded
+    replay_speed: float = 1.0
+    #: start over at the end of the capture instead of going quiet
+    replay_loop: bool = False
+
+    # Binance's connection rules.
+    ping_interval: float = 20.0
+    pong_timeout: float = 60.0
+    max_connection_age: float = 86400.0
+    #: the ``serverShutdown`` event goes out this long before a planned close
+    shutdown_notice: float = 5.0
+    max_incoming_per_s: int = 5
+    max_streams_per_connection: int = 1024
+    #: a connection whose unsent bytes exceed this is closed (1008, slow consumer)
+    max_send_buffer: int = 16 * 2**20
+    #: how long a closing handshake may take before the socket is dropped
+    close_timeout: float = 5.0
+
+    # Faults applied from the start.
+    fault_malformed: float = 0.0
+    fault_duplicate: float = 0.0
+    fault_out_of_order: float = 0.0
+    #: refuse new WebSocket connections (HTTP 503) for this many seconds after start
+    refuse_for: float = 0.0
+    #: stall every connection for this many seconds after start
+    stall_for: float = 0.0
+    #: close every connection every this many seconds (None: never)
+    close_every: float | None = None
+
+    def __post_init__(self) -> None:
+        symbols = self.symbols
+        if isinstance(symbols, str) or not isinstance(symbols, Sequence):
+            raise SimulatorConfigError(f"symbols must be a sequence of symbols, got {symbols!r}")
+        upper = tuple(str(s).strip().upper() for s in symbols)
+        if not upper:
+            raise SimulatorConfigError("symbols must name at least one symbol")
+        for s in upper:
+            if not _SYMBOL.match(s):
+                raise SimulatorConfigError(f"invalid symbol {s!r}: expected 2 to 32 letters or digits")
+        if len(set(upper)) != len(upper):
+            raise SimulatorConfigError(f"duplicate symbols in {upper!r}")
+        object.__setattr__(self, "symbols", upper)
+        object.__setattr__(self, "kline_intervals", tuple(self.kline_intervals))
+        if self.weights is not None:
+            weights = tuple(float(w) for w in self.weights)
+            if len(weights) != len(upper):
+                raise SimulatorConfigError(f"weights has {len(weights)} entries for {len(upper)} symbols")
+            for w in weights:
+                _positive("each weight", w)
+            object.__setattr__(self, "weights", weights)
+
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise SimulatorConfigError(f"port must be between 0 and 65535, got {self.port!r}")
+        _non_negative("rate", self.rate)
+        for interval in self.kline_intervals:
+            if interval not in KLINE_INTERVAL_MS:
+                raise SimulatorConfigError(
+                    f"unsupported kline interval {interval!r}; expected one of " + ", ".join(KLINE_INTERVAL_MS)
+                )
+        if len(set(self.kline_intervals)) != len(self.kline_intervals):
+            raise SimulatorConfigError(f"duplicate kline intervals in {self.kline_intervals!r}")
+        if not isinstance(self.kline_update_ms, int) or self.kline_update_ms < 1:
+            raise SimulatorConfigError(f"kline_update_ms must be an integer >= 1, got {self.kline_update_ms!r}")
+        if not isinstance(self.history, int) or self.history < 1:
+            raise SimulatorConfigError(f"history must be an integer >= 1, got {self.history!r}")
+        _non_negative("burst_every", self.burst_every)
+        _positive("burst_duration", self.burst_duration)
+        _positive("burst_multiplier", self.burst_multiplier)
+        if self.burst_every and self.burst_duration > self.burst_every:
+            raise SimulatorConfigError("burst_duration must not exceed burst_every")
+        _positive("batch_interval", self.batch_interval)
+        if self.batch_interval > 1.0:
+            raise SimulatorConfigError(f"batch_interval must be at most 1 s, got {self.batch_interval!r}")
+
+        _positive("replay_speed", self.replay_speed)
+        _positive("ping_interval", self.ping_interval)
+        _positive("pong_timeout", self.pong_timeout)
+        _positive("max_connection_age", self.max_connection_age)
+        _non_negative("shutdown_notice", self.shutdown_notice)
+        _positive("close_timeout", self.close_timeout)
+        for name, limit in (
+            ("max_incoming_per_s", self.max_incoming_per_s),
+            ("max_streams_per_connection", self.max_streams_per_connection),
+            ("max_send_buffer", self.max_send_buffer),
+        ):
+            if not isinstance(limit, int) or limit < 1:
+                raise SimulatorConfigError(f"{name} must be an integer >= 1, got {limit!r}")
+
+        _fraction("fault_malformed", self.fault_malformed)
+        _fraction("fault_duplicate", self.fault_duplicate)
+        _fraction("fault_out_of_order", self.fault_out_of_order)
+        _non_negative("refuse_for", self.refuse_for)
+        _non_negative("stall_for", self.stall_for)
+        if self.close_every is not None:
+            _positive("close_every", self.close_every)

@@ -1,0 +1,671 @@
+"""The simulator's server: WebSocket streams, REST and the control endpoint on one port.
+
+A thin adapter around the pure parts (:mod:`.market`, :mod:`.protocol`, :mod:`.rest`,
+:mod:`.control`, :mod:`.replay`). One websockets server answers plain HTTP GETs (REST and control)
+from its ``process_request`` hook and upgrades ``/ws...`` and ``/stream...`` to WebSocket.
+
+Data path: a generator task wakes every ``batch_interval`` on the loop's monotonic clock, asks the
+market for the number of ticks the rate implies since start (so the long-run rate is exact and
+never exceeded), serializes each event once with orjson (only if someone subscribes to its stream),
+and writes one buffer per connection per batch straight to the transport as ready-made WebSocket
+text frames: no ``await`` per frame. Compression is off, so a frame is a 2-10 byte header and the
+payload. A connection whose unsent bytes exceed ``max_send_buffer`` is closed (1008, slow consumer).
+
+Each connection is owned by its handler task, which runs a reader (requests, incoming rate limit),
+a keepalive (ping every ``ping_interval``, close 1011 without a pong within ``pong_timeout``) and an
+age limit (``serverShutdown`` event ``shutdown_notice`` seconds before closing at
+``max_connection_age``); whoever wants the connection closed asks its handler to do it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import http
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from operator import itemgetter
+from types import TracebackType
+from typing import Any, Final, Self
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+from .config import SimulatorConfig
+from .control import CONTROL_PREFIX, ControlCommand, parse_control
+from .errors import SimulatorConfigError
+from .market import MarketEvent, SyntheticMarket, scheduled_ticks
+from .protocol import (
+    FaultInjector,
+    FaultRates,
+    IncomingRateLimiter,
+    RequestOutcome,
+    StreamCatalog,
+    StreamSubscriptions,
+    WsTarget,
+    combined_prefix,
+    parse_ws_path,
+    server_shutdown_event,
+    text_frame,
+)
+from .replay import ReplayFrame, capture_symbols, frames_due, load_capture
+from .rest import RestApi
+
+__all__ = ["Simulator", "SimulatorStats", "run_simulator"]
+
+log = logging.getLogger("market.simulator")
+
+# (stream, raw payload, combined payload or None to build from the raw one)
+_Item = tuple[str, bytes, bytes | None]
+
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_POLICY: Final = 1008
+CLOSE_INTERNAL: Final = 1011
+_MAX_CATCH_UP: Final = 0.25  # seconds of ticks one batch may carry after the loop fell behind
+_stream_of: Final = itemgetter(0)
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _corrupt(item: _Item) -> _Item:
+    stream, raw, combined = item
+    return stream, raw[:-1], None if combined is None else combined[:-1]
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorStats:
+    """Counters since start."""
+
+    #: open WebSocket connections
+    connections: int
+    #: text frames written over all connections (stream frames, replies, serverShutdown)
+    frames_sent: int
+    bytes_sent: int
+    #: synthetic ticks generated per kind: trade, aggTrade, bookTicker, kline (sent or not)
+    ticks_generated: Mapping[str, int]
+    ticks_total: int
+    #: capture frames played (sent to whoever subscribed to their stream)
+    replayed_frames: int
+    pongs_received: int
+    slow_consumer_closes: int
+    rate_limit_closes: int
+
+
+class _Connection:
+    """One WebSocket connection: its subscriptions, pending output, and who asked to close it."""
+
+    __slots__ = ("abort", "close_code", "close_reason", "closing", "limiter", "out", "subs", "ws")
+
+    def __init__(self, ws: ServerConnection, subs: StreamSubscriptions, limiter: IncomingRateLimiter) -> None:
+        self.ws = ws
+        self.subs = subs
+        self.limiter = limiter
+        self.out: list[bytes] = []
+        self.closing = asyncio.Event()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.abort = False
+
+    def request_close(self, code: int, reason: str, *, abort: bool = False) -> None:
+        if self.close_code is None:
+            self.close_code, self.close_reason = code, reason
+        self.abort = self.abort or abort
+        self.closing.set()
+
+
+def _json_response(status: int, body: bytes) -> Response:
+    st = http.HTTPStatus(status)
+    headers = Headers(
+        [
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Connection", "close"),
+            ("Content-Length", str(len(body))),
+            ("Content-Type", "application/json;charset=UTF-8"),
+        ]
+    )
+    return Response(st.value, st.phrase, headers, body)
+
+
+class Simulator:
+    """A Binance-compatible venue on one port; use as ``async with Simulator(config) as sim:``.
+
+    ``clock_ms`` gives event and server times in epoch milliseconds (default: the wall clock);
+    pacing always uses the event loop's monotonic clock.
+    """
+
+    def __init__(self, config: SimulatorConfig | None = None, *, clock_ms: Callable[[], int] | None = None):
+        self.config = cfg = config if config is not None else SimulatorConfig()
+        self._clock_ms = clock_ms if clock_ms is not None else _wall_ms
+        self._frames: list[ReplayFrame] | None = None
+        symbols = cfg.symbols
+        if cfg.replay is not None:
+            self._frames = load_capture(cfg.replay)
+            symbols = capture_symbols(self._frames)
+        self.market = SyntheticMarket(
+            symbols,
+            seed=cfg.seed,
+            kline_intervals=cfg.kline_intervals,
+            history=cfg.history,
+            weights=cfg.weights if cfg.replay is None else None,
+            kline_update_ms=cfg.kline_update_ms,
+        )
+        self._catalog = StreamCatalog(symbols)
+        self._rest = RestApi(self.market, self._clock_ms)
+        self._faults = FaultInjector[_Item](
+            random.Random(f"faults:{cfg.seed}"),
+            stream_of=_stream_of,
+            corrupt=_corrupt,
+            rates=FaultRates(cfg.fault_malformed, cfg.fault_duplicate, cfg.fault_out_of_order),
+        )
+        self._conns: set[_Connection] = set()
+        self._subs: dict[str, set[_Connection]] = {}
+        self._prefixes: dict[str, bytes] = {}
+        self._subscribed = asyncio.Event()
+        self._unstalled = asyncio.Event()
+        self._unstalled.set()
+        self._stall_until = 0.0
+        self._stall_epoch = 0
+        self._stall_handle: asyncio.TimerHandle | None = None
+        self._refuse_until = 0.0
+        self._server: Server | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._state = "unopened"
+        self._port = 0
+        self._frames_sent = 0
+        self._bytes_sent = 0
+        self._replayed = 0
+        self._pongs = 0
+        self._slow_closes = 0
+        self._rate_closes = 0
+
+    # -- lifecycle --
+
+    async def __aenter__(self) -> Self:
+        if self._state != "unopened":
+            raise RuntimeError(f"a Simulator runs once; this one is {self._state}")
+        self._state = "opening"
+        cfg = self.config
+        await self._stack.__aenter__()
+        try:
+            self._server = await serve(
+                self._handle,
+                cfg.host,
+                cfg.port,
+                process_request=self._process_request,
+                compression=None,  # frames are written ready-made, uncompressed
+                ping_interval=None,  # keepalive is ours: it must pause during a stall
+                ping_timeout=None,
+                close_timeout=cfg.close_timeout,
+                write_limit=2 * cfg.max_send_buffer,  # never make ping() wait before the slow-consumer close
+                logger=logging.getLogger("market.simulator.ws"),
+            )
+            self._stack.push_async_callback(self._stop_server)
+            self._port = self._server.sockets[0].getsockname()[1]
+            group = await self._stack.enter_async_context(asyncio.TaskGroup())
+            if self._frames is not None:
+                self._tasks.append(group.create_task(self._replay(self._frames)))
+            elif cfg.rate > 0:
+                self._tasks.append(group.create_task(self._generate()))
+            if cfg.close_every is not None:
+                self._tasks.append(group.create_task(self._close_periodically(cfg.close_every)))
+            if cfg.refuse_for > 0:
+                self.refuse(cfg.refuse_for)
+            if cfg.stall_for > 0:
+                self.stall(cfg.stall_for)
+        except BaseException:
+            await self._stack.aclose()
+            self._state = "closed"
+            raise
+        self._state = "open"
+        log.info("simulator listening", extra={"fields": {"ws_url": self.ws_url}})
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        self._state = "closing"
+        for task in self._tasks:
+            task.cancel()
+        if self._stall_handle is not None:
+            self._stall_handle.cancel()
+        self._end_stall()  # a stalled connection could not complete its closing handshake
+        try:
+            return await self._stack.__aexit__(exc_type, exc, tb)
+        finally:
+            self._state = "closed"
+
+    async def _stop_server(self) -> None:
+        """Planned close: every connection gets ``serverShutdown``, then close 1001."""
+        assert self._server is not None
+        event = server_shutdown_event(self._clock_ms())
+        for conn in list(self._conns):
+            self._send_now(conn, event)
+            conn.request_close(CLOSE_GOING_AWAY, "server shutdown")
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def serve_forever(self) -> None:
+        """Serve until cancelled."""
+        if self._state != "open":
+            raise RuntimeError(f"the simulator is {self._state}; use it as an async context manager")
+        await asyncio.Event().wait()
+
+    @property
+    def state(self) -> str:
+        """``unopened``, ``opening``, ``open``, ``closing`` or ``closed``."""
+        return self._state
+
+    # -- addresses --
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def _host(self) -> str:
+        host = self.config.host
+        return f"[{host}]" if ":" in host else host
+
+    @property
+    def ws_url(self) -> str:
+        """The WebSocket base as Binance documents it; clients add ``/ws/...`` or ``/stream?...``."""
+        return f"ws://{self._host}:{self._port}"
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    # -- statistics and faults --
+
+    def stats(self) -> SimulatorStats:
+        return SimulatorStats(
+            connections=len(self._conns),
+            frames_sent=self._frames_sent,
+            bytes_sent=self._bytes_sent,
+            ticks_generated=self.market.counts(),
+            ticks_total=self.market.generated,
+            replayed_frames=self._replayed,
+            pongs_received=self._pongs,
+            slow_consumer_closes=self._slow_closes,
+            rate_limit_closes=self._rate_closes,
+        )
+
+    @property
+    def fault_rates(self) -> FaultRates:
+        return self._faults.rates
+
+    @property
+    def stalled(self) -> bool:
+        return not self._unstalled.is_set()
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def fault_state(self) -> dict[str, Any]:
+        """What the control endpoint reports: faults in force and statistics."""
+        now = self._now()
+        stats = asdict(self.stats())
+        return {
+            "stalled": self.stalled,
+            "stall_remaining": max(0.0, self._stall_until - now) if self.stalled else 0.0,
+            "refusing": now < self._refuse_until,
+            "refuse_remaining": max(0.0, self._refuse_until - now),
+            "rates": asdict(self._faults.rates),
+            "stats": stats,
+        }
+
+    def close_all(self, *, abort: bool = False) -> int:
+        """Close every connection (1001), or with ``abort`` drop them without a close frame.
+
+        Returns how many connections were asked to close.
+        """
+        conns = list(self._conns)
+        for conn in conns:
+            conn.request_close(CLOSE_GOING_AWAY, "closed by fault injection", abort=abort)
+        log.info("fault close_all", extra={"fields": {"connections": len(conns), "abort": abort}})
+        return len(conns)
+
+    def stall(self, seconds: float) -> None:
+        """For ``seconds``: send nothing on any connection and read nothing (so answer no ping).
+
+        Sockets stay open; connections made meanwhile are stalled too. Ticks are still generated
+        (and kept for REST) but not sent. A longer stall extends a current one.
+        """
+        if not seconds > 0:
+            return
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        if until <= self._stall_until and self.stalled:
+            return
+        self._stall_until = until
+        if not self.stalled:
+            self._stall_epoch += 1
+            self._unstalled.clear()
+            for conn in self._conns:
+                conn.ws.transport.pause_reading()
+        if self._stall_handle is not None:
+            self._stall_handle.cancel()
+        self._stall_handle = loop.call_at(until, self._end_stall)
+        log.info("fault stall", extra={"fields": {"seconds": seconds}})
+
+    def _end_stall(self) -> None:
+        self._stall_handle = None
+        self._stall_until = 0.0
+        if self.stalled:
+            self._unstalled.set()
+            for conn in self._conns:
+                if conn.ws.state is State.OPEN:
+                    conn.ws.transport.resume_reading()
+
+    def refuse(self, seconds: float) -> None:
+        """Answer new WebSocket handshakes with HTTP 503 for ``seconds`` (REST stays up)."""
+        self._refuse_until = max(self._refuse_until, self._now() + max(0.0, seconds))
+        log.info("fault refuse", extra={"fields": {"seconds": seconds}})
+
+    def set_fault_rates(
+        self,
+        *,
+        malformed: float | None = None,
+        duplicate: float | None = None,
+        out_of_order: float | None = None,
+    ) -> FaultRates:
+        """Set the fractions of stream frames made malformed, duplicated or swapped with the next
+        frame of their stream; None keeps a fraction as it is. Returns the rates now in force."""
+        current = self._faults.rates
+        try:
+            self._faults.rates = FaultRates(
+                current.malformed if malformed is None else malformed,
+                current.duplicate if duplicate is None else duplicate,
+                current.out_of_order if out_of_order is None else out_of_order,
+            )
+        except ValueError as exc:
+            raise SimulatorConfigError(str(exc)) from None
+        log.info("fault rates", extra={"fields": asdict(self._faults.rates)})
+        return self._faults.rates
+
+    def clear_faults(self) -> None:
+        """End a stall and a refusal, and set every fault fraction to 0."""
+        if self._stall_handle is not None:
+            self._stall_handle.cancel()
+        self._end_stall()
+        self._refuse_until = 0.0
+        self._faults.rates = FaultRates()
+
+    def _apply_control(self, command: ControlCommand) -> None:
+        if command.action == "close_all":
+            self.close_all(abort=command.abort)
+        elif command.action == "stall":
+            self.stall(command.seconds)
+        elif command.action == "refuse":
+            self.refuse(command.seconds)
+        elif command.action == "faults":
+            self.set_fault_rates(**command.rates)
+        elif command.action == "clear":
+            self.clear_faults()
+
+    # -- HTTP: REST, control, handshake checks --
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        parts = urlsplit(request.path)
+        if parts.path.startswith(CONTROL_PREFIX):
+            command = parse_control(parts.path, parse_qs(parts.query))
+            if isinstance(command, str):
+                return _json_response(400, orjson.dumps({"error": command}))
+            self._apply_control(command)
+            return _json_response(200, orjson.dumps(self.fault_state()))
+        target = parse_ws_path(request.path, self._catalog, max_streams=self.config.max_streams_per_connection)
+        if target is None:
+            answer = self._rest.handle(parts.path, parse_qs(parts.query, keep_blank_values=True))
+            return _json_response(answer.status, answer.body)
+        if isinstance(target, str):
+            return _json_response(400, orjson.dumps({"code": 2, "msg": f"Invalid request: {target}"}))
+        if self._now() < self._refuse_until:
+            return _json_response(503, orjson.dumps({"code": -1003, "msg": "Service unavailable."}))
+        return None
+
+    # -- connections --
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        target = parse_ws_path(ws.request.path, self._catalog, max_streams=self.config.max_streams_per_connection)
+        assert isinstance(target, WsTarget)  # checked in _process_request
+        subscriptions = StreamSubscriptions(self._catalog, target, max_streams=self.config.max_streams_per_connection)
+        conn = _Connection(ws, subscriptions, IncomingRateLimiter(self.config.max_incoming_per_s))
+        self._register(conn)
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self._read(conn)),
+                    group.create_task(self._keepalive(conn)),
+                    group.create_task(self._age_limit(conn)),
+                ]
+                await conn.closing.wait()
+                for task in tasks:
+                    task.cancel()
+            if conn.abort:
+                ws.transport.abort()
+            else:
+                await ws.close(conn.close_code or 1000, conn.close_reason)
+        finally:
+            self._unregister(conn)
+
+    def _register(self, conn: _Connection) -> None:
+        self._conns.add(conn)
+        self._subscribe(conn, tuple(conn.subs.streams))
+        if self.stalled:
+            conn.ws.transport.pause_reading()
+
+    def _unregister(self, conn: _Connection) -> None:
+        self._conns.discard(conn)
+        self._unsubscribe(conn, tuple(conn.subs.streams))
+        conn.out.clear()
+
+    def _subscribe(self, conn: _Connection, streams: tuple[str, ...]) -> None:
+        for stream in streams:
+            self._subs.setdefault(stream, set()).add(conn)
+        if streams:
+            self._subscribed.set()
+
+    def _unsubscribe(self, conn: _Connection, streams: tuple[str, ...]) -> None:
+        for stream in streams:
+            subscribers = self._subs.get(stream)
+            if subscribers is not None:
+                subscribers.discard(conn)
+                if not subscribers:
+                    del self._subs[stream]
+
+    async def _read(self, conn: _Connection) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async for message in conn.ws:
+                await self._unstalled.wait()
+                if not conn.limiter.allow(loop.time()):
+                    self._rate_closes += 1
+                    conn.request_close(CLOSE_POLICY, "Too many messages")
+                    return
+                outcome: RequestOutcome = conn.subs.handle(message)
+                self._subscribe(conn, outcome.added)
+                self._unsubscribe(conn, outcome.removed)
+                self._send_now(conn, outcome.reply)
+        except ConnectionClosed:
+            pass
+        conn.request_close(1000, "")
+
+    async def _keepalive(self, conn: _Connection) -> None:
+        cfg = self.config
+        while True:
+            await asyncio.sleep(cfg.ping_interval)
+            await self._unstalled.wait()
+            epoch = self._stall_epoch
+            try:
+                async with asyncio.timeout(cfg.pong_timeout):
+                    pong = await conn.ws.ping()
+                    await pong
+            except TimeoutError:
+                if self.stalled or epoch != self._stall_epoch:
+                    continue  # the stall held the pong back
+                conn.request_close(CLOSE_INTERNAL, "pong timeout")
+                return
+            except ConnectionClosed:
+                return
+            self._pongs += 1
+
+    async def _age_limit(self, conn: _Connection) -> None:
+        cfg = self.config
+        notice_at = max(0.0, cfg.max_connection_age - cfg.shutdown_notice)
+        await asyncio.sleep(notice_at)
+        await self._unstalled.wait()
+        self._send_now(conn, server_shutdown_event(self._clock_ms()))
+        await asyncio.sleep(cfg.max_connection_age - notice_at)
+        conn.request_close(1000, "connection age limit")
+
+    async def _close_periodically(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            self.close_all()
+
+    # -- output --
+
+    def _send_now(self, conn: _Connection, payload: bytes) -> None:
+        """One text frame to one connection, now (replies and connection events)."""
+        conn.out.append(text_frame(payload))
+        self._flush(conn)
+
+    def _flush(self, conn: _Connection) -> None:
+        out = conn.out
+        ws = conn.ws
+        if ws.state is not State.OPEN or conn.close_code is not None:
+            out.clear()
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        self._frames_sent += len(out)
+        self._bytes_sent += len(data)
+        out.clear()
+        transport = ws.transport
+        transport.write(data)
+        if transport.get_write_buffer_size() > self.config.max_send_buffer:
+            self._slow_closes += 1
+            self._unsubscribe(conn, tuple(conn.subs.streams))
+            conn.request_close(CLOSE_POLICY, "slow consumer")
+
+    def _deliver(self, items: list[_Item]) -> None:
+        """Write a batch of stream payloads to their subscribers, one buffer per connection."""
+        if self._faults.active:
+            items = self._faults.apply(items, self._now())
+        subs = self._subs
+        prefixes = self._prefixes
+        touched: list[_Connection] = []
+        for stream, raw, combined in items:
+            conns = subs.get(stream)
+            if not conns:
+                continue
+            raw_frame = combined_frame = None
+            for conn in conns:
+                out = conn.out
+                if not out:
+                    touched.append(conn)
+                if conn.subs.combined:
+                    if combined_frame is None:
+                        if combined is None:
+                            prefix = prefixes.get(stream)
+                            if prefix is None:
+                                prefix = prefixes[stream] = combined_prefix(stream)
+                            combined = prefix + raw + b"}"
+                        combined_frame = text_frame(combined)
+                    out.append(combined_frame)
+                else:
+                    if raw_frame is None:
+                        raw_frame = text_frame(raw)
+                    out.append(raw_frame)
+        for conn in touched:
+            self._flush(conn)
+
+    def _publish(self, events: list[MarketEvent]) -> None:
+        subs = self._subs
+        if not subs or self.stalled:
+            return
+        dumps = orjson.dumps
+        self._deliver([(stream, dumps(payload), None) for _, stream, payload in events if stream in subs])
+
+    # -- sources --
+
+    async def _generate(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        bursts = {
+            "burst_every": cfg.burst_every,
+            "burst_duration": cfg.burst_duration,
+            "burst_multiplier": cfg.burst_multiplier,
+        }
+        peak = cfg.rate * max(1.0, cfg.burst_multiplier if cfg.burst_every > 0 else 1.0)
+        max_batch = max(1, int(peak * _MAX_CATCH_UP))
+        start = loop.time()
+        next_wake = start
+        emitted = 0
+        while True:
+            next_wake += cfg.batch_interval
+            delay = next_wake - loop.time()
+            if delay < -4 * cfg.batch_interval:
+                next_wake = loop.time()  # fell behind: wake on the next period instead of spinning
+            await asyncio.sleep(max(0.0, delay))
+            due = scheduled_ticks(loop.time() - start, cfg.rate, **bursts)
+            n = due - emitted
+            if n <= 0:
+                continue
+            if n > max_batch:
+                # Overloaded: skip the backlog rather than bursting far above the rate.
+                emitted = due - max_batch
+                n = max_batch
+            events = self.market.step(n, self._clock_ms())
+            emitted += n
+            self._publish(events)
+
+    async def _replay(self, frames: list[ReplayFrame]) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        await self._subscribed.wait()
+        while True:
+            start = loop.time()
+            index = 0
+            while index < len(frames):
+                due = frames_due(frames, index, loop.time() - start, cfg.replay_speed)
+                if due == index:
+                    wait = start + frames[index].offset / cfg.replay_speed - loop.time()
+                    await asyncio.sleep(max(0.0, wait) + 0.0001)
+                    continue
+                if self._subs and not self.stalled:
+                    subs = self._subs
+                    self._deliver([(f.stream, f.raw, f.combined) for f in frames[index:due] if f.stream in subs])
+                self._replayed += due - index
+                index = due
+            if not cfg.replay_loop:
+                return
+            await asyncio.sleep(cfg.batch_interval)
+
+
+async def run_simulator(
+    config: SimulatorConfig | None = None,
+    *,
+    ready: Callable[[Simulator], None] | None = None,
+    clock_ms: Callable[[], int] | None = None,
+) -> None:
+    """Run a simulator until cancelled; ``ready`` is called once it listens."""
+    async with Simulator(config, clock_ms=clock_ms) as sim:
+        if ready is not None:
+            ready(sim)
+        await sim.serve_forever()

@@ -1,0 +1,352 @@
+"""The venue session heals: real faults (closed sockets, stalls, black-holed links, rotations) on the real Redis.
+
+Every check reads what reached Redis: the trade ids of each stream must be contiguous (nothing lost,
+nothing stored twice, in order), up to what the venue had made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from consumer_sdk.tick import is_gap_marker
+from distributor.ingress import Policy
+from ingestor.config import IngestSettings
+from ingestor.lifecycle import SessionState
+from ingestor.service import Ingestor
+from ingestor.session import SessionSettings
+from ops.faultproxy import FaultProxy
+from ops.simulator import Simulator, SimulatorConfig
+
+FAST = SessionSettings(
+    ping_interval=1.0, ping_timeout=1.0, open_timeout=2.0, stall_timeout=3.0, healthy_after=2.0,
+    backoff_base=0.05, backoff_cap=1.0,
+)
+
+
+async def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(0.05)
+
+
+def settings(url: str, rest: str, prefix: str, symbols: tuple[str, ...], channels: tuple[str, ...] = ("trade",),
+             session: SessionSettings = FAST, **kw: Any) -> IngestSettings:
+    return IngestSettings(
+        url=url, rest_url=rest, symbols=symbols, channels=channels, prefix=prefix, session=session,
+        queue_policy=Policy.BLOCK, **kw,
+    )
+
+
+async def stored_ids(redis: aioredis.Redis, key: str) -> list[int]:
+    ids = []
+    for _, fields in await redis.xrange(key):
+        tick = orjson.loads(fields[b"d"])
+        assert not is_gap_marker(tick), f"gap marker in {key}: {tick}"
+        ids.append(tick["seq"])
+    return ids
+
+
+async def venue_last_trade(sim: Simulator, symbol: str) -> int:
+    import json
+    import urllib.request
+
+    def get() -> Any:
+        with urllib.request.urlopen(f"{sim.rest_url}/api/v3/trades?symbol={symbol}&limit=1", timeout=5) as r:
+            return json.loads(r.read())
+
+    return int((await asyncio.to_thread(get))[-1]["id"])
+
+
+async def assert_complete(redis: aioredis.Redis, prefix: str, sim: Simulator, symbols: tuple[str, ...],
+                          timeout: float = 30.0) -> dict[str, int]:
+    """Each trade stream holds every id from its first up to what the venue had made when asked."""
+    counts = {}
+    for symbol in symbols:
+        key = f"{prefix}:binance:{symbol}:trade"
+        target = await venue_last_trade(sim, symbol)
+
+        async def caught_up(key: str = key, target: int = target) -> bool:
+            top = await redis.xrevrange(key, count=1)
+            return bool(top) and int(top[0][0].split(b"-")[1]) >= target
+
+        await wait_for(caught_up, timeout, f"{key} reaches venue id {target}")
+        ids = await stored_ids(redis, key)
+        assert ids == list(range(ids[0], ids[0] + len(ids))), f"{key}: ids not contiguous"
+        counts[symbol] = len(ids)
+    return counts
+
+
+class Running:
+    def __init__(self, ingestor: Ingestor, task: asyncio.Task[None]) -> None:
+        self.ingestor = ingestor
+        self.task = task
+
+
+@pytest.fixture
+async def run_ingestor(aredis: aioredis.Redis) -> AsyncIterator[Any]:
+    running: list[Running] = []
+
+    async def start(s: IngestSettings) -> Ingestor:
+        ing = Ingestor(s, redis=aredis)
+        running.append(Running(ing, asyncio.create_task(ing.run())))
+        await asyncio.wait_for(ing.started.wait(), 10)
+        return ing
+
+    yield start
+    for r in running:
+        r.task.cancel()
+        try:
+            await r.task
+        except asyncio.CancelledError:
+            pass
+        else:  # pragma: no cover - the ingestor never returns on its own
+            raise AssertionError("ingestor returned")
+
+
+async def until_live(ing: Ingestor, timeout: float = 15.0) -> None:
+    async def live() -> bool:
+        return bool(ing.sessions) and all(s.state is SessionState.LIVE for s in ing.sessions)
+
+    await wait_for(live, timeout, "every session live")
+
+
+class StateLog(logging.Handler):
+    """Collects the sessions' state transitions (the JSON log's fields) with a monotonic stamp."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[float, dict[str, Any]]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            self.records.append((time.monotonic(), {"event": record.getMessage(), **fields}))
+
+
+@pytest.fixture
+def state_log() -> Any:
+    handler = StateLog()
+    logger = logging.getLogger("market")
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(old)
+
+
+async def test_close_every_few_seconds_for_a_minute(run_ingestor: Any, aredis: aioredis.Redis, prefix: str,
+                                                    state_log: StateLog) -> None:
+    symbols = ("BTCUSDT", "ETHUSDT")
+    async with Simulator(SimulatorConfig(symbols=symbols, rate=600.0, close_every=4.0)) as sim:
+        ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols))
+        await until_live(ing)
+        await asyncio.sleep(60)  # the fault runs for a minute: the simulator closes every connection every 4 s
+        await until_live(ing)
+        counts = await assert_complete(aredis, prefix, sim, symbols)
+    delays = [f["delay_s"] for _, f in state_log.records if f.get("state") == "backing_off"]
+    assert len(delays) >= 12, delays
+    assert max(delays) <= FAST.backoff_cap
+    assert ing.stats().reconnects >= 12
+    assert all(n > 1000 for n in counts.values()), counts
+
+
+async def test_stall_is_detected_within_the_timeout(run_ingestor: Any, aredis: aioredis.Redis, prefix: str,
+                                                    state_log: StateLog) -> None:
+    symbols = ("BTCUSDT",)
+    async with Simulator(SimulatorConfig(symbols=symbols, rate=400.0)) as sim:
+        ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols))
+        await until_live(ing)
+        stalled_at = time.monotonic()
+        sim.stall(8.0)
+
+        async def detected() -> bool:
+            return any(t >= stalled_at and f.get("state") == "backing_off" for t, f in state_log.records)
+
+        await wait_for(detected, 10, "stall detected")
+        detection = min(t for t, f in state_log.records if t >= stalled_at and f.get("state") == "backing_off")
+        took = detection - stalled_at
+        # Our ping (every 1 s, 1 s to answer) or the no-frame watchdog (3 s) notices first.
+        assert took <= FAST.stall_timeout + 1.5, took
+        await until_live(ing, 20)
+        await assert_complete(aredis, prefix, sim, symbols)
+
+
+async def test_rotation_before_max_age_loses_and_duplicates_nothing(
+    run_ingestor: Any, aredis: aioredis.Redis, prefix: str, state_log: StateLog
+) -> None:
+    symbols = ("BTCUSDT", "ETHUSDT")
+    rotating = dataclasses.replace(FAST, max_age=2.0)
+    async with Simulator(SimulatorConfig(symbols=symbols, rate=800.0)) as sim:
+        ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols, session=rotating))
+        await until_live(ing)
+
+        async def rotated() -> bool:
+            return sum(s.rotations for s in ing.sessions) >= 4
+
+        await wait_for(rotated, 20, "four rotations")
+        await assert_complete(aredis, prefix, sim, symbols)
+        assert ing.sequencer.stats().gaps == 0
+        assert ing.stats().reconnects == 0
+        assert ing.repairer is not None and ing.repairer.gaps_unrepaired == 0
+        assert not [f for _, f in state_log.records if f["event"] == "rotation_failed"]
+
+
+async def test_server_shutdown_rotates_make_before_break(run_ingestor: Any, aredis: aioredis.Redis, prefix: str,
+                                                         state_log: StateLog) -> None:
+    symbols = ("BTCUSDT", "ETHUSDT")
+    cfg = SimulatorConfig(symbols=symbols, rate=800.0, max_connection_age=3.0, shutdown_notice=1.5)
+    async with Simulator(cfg) as sim:
+        ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols))
+        await until_live(ing)
+
+        async def rotated() -> bool:
+            return sum(s.rotations for s in ing.sessions) >= 3
+
+        await wait_for(rotated, 20, "three rotations on serverShutdown")
+        await assert_complete(aredis, prefix, sim, symbols)
+        assert ing.sequencer.stats().gaps == 0
+        assert ing.stats().reconnects == 0
+    assert any(f.get("event") == "server_shutdown_notice" for _, f in state_log.records)
+
+
+async def test_2000_streams_over_two_connections_within_rate_limit(
+    run_ingestor: Any, aredis: aioredis.Redis, prefix: str
+) -> None:
+    symbols = tuple(f"S{i:03d}USDT" for i in range(500))
+    channels = ("trade", "agg_trade", "book_ticker", "kline_1m")
+    async with Simulator(SimulatorConfig(symbols=symbols, rate=500.0)) as sim:
+        ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols, channels))
+        await until_live(ing, 30)
+        assert len(ing.sessions) >= 2
+        assert sum(len(s.streams) for s in ing.sessions) == 2000
+        assert all(len(s.streams) <= 1024 for s in ing.sessions)
+        assert sim.stats().rate_limit_closes == 0
+        assert all(s.subscribe_errors == 0 and s.reconnects == 0 for s in ing.sessions)
+
+
+def _rss_kib() -> int:
+    text = Path("/proc/self/status").read_text()
+    m = re.search(r"VmRSS:\s+(\d+)", text)
+    return int(m.group(1)) if m else 0
+
+
+async def test_threads_and_memory_flat_across_100_reconnects(
+    run_ingestor: Any, aredis: aioredis.Redis, prefix: str
+) -> None:
+    symbols = ("BTCUSDT",)
+    quick = SessionSettings(ping_interval=5.0, ping_timeout=5.0, backoff_base=0.01, backoff_cap=0.02)
+    async with Simulator(SimulatorConfig(symbols=symbols, rate=300.0)) as sim:
+        ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols, session=quick))
+        await until_live(ing)
+        session = ing.sessions[0]
+        samples: dict[int, tuple[int, int]] = {}
+        for i in range(1, 101):
+            before = session.connects
+            sim.close_all()
+
+            async def reconnected(before: int = before) -> bool:
+                return session.connects > before and session.state is SessionState.LIVE
+
+            await wait_for(reconnected, 10, f"reconnect {i}")
+            if i in (20, 100):
+                gc.collect()
+                samples[i] = (threading.active_count(), _rss_kib())
+        await assert_complete(aredis, prefix, sim, symbols)
+    assert session.reconnects >= 100
+    assert samples[100][0] == samples[20][0], samples
+    assert samples[100][1] - samples[20][1] < 8 * 1024, samples  # KiB: no growth per reconnect
+
+
+async def test_bad_frames_are_counted_and_the_stream_stays_whole(
+    run_ingestor: Any, aredis: aioredis.Redis, prefix: str
+) -> None:
+    symbols = ("BTCUSDT",)
+    async with Simulator(SimulatorConfig(symbols=symbols, rate=1000.0)) as sim:
+        ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols))
+        await until_live(ing)
+        sim.set_fault_rates(malformed=0.02, duplicate=0.05, out_of_order=0.05)
+
+        async def faults_seen() -> bool:
+            st = ing.stats()
+            return st.malformed >= 5 and ing.sequencer.stats().duplicates >= 5
+
+        await wait_for(faults_seen, 20, "malformed and duplicate frames seen")
+        sim.clear_faults()
+        await assert_complete(aredis, prefix, sim, symbols)
+        assert all(s.state is SessionState.LIVE for s in ing.sessions)
+        assert ing.stats().reconnects == 0
+
+
+@pytest.mark.slow
+async def test_black_holed_link_for_30s_heals_with_backfill(redis_url: str, aredis: aioredis.Redis, prefix: str,
+                                                            tmp_path: Path) -> None:
+    """`market ingest` through a proxy that silently drops the link for 30 s while the venue keeps trading."""
+    symbols = ("BTCUSDT", "ETHUSDT")
+    config = tmp_path / "ingest.toml"
+    config.write_text(
+        "[session]\nping_interval = 2.0\nping_timeout = 3.0\nstall_timeout = 6.0\nopen_timeout = 3.0\n"
+        "backoff_cap = 5.0\n"
+    )
+    log_path = tmp_path / "ingest.log"
+    async with Simulator(SimulatorConfig(symbols=symbols, rate=600.0)) as sim, FaultProxy(sim.port) as proxy:
+        env = {**os.environ, "MARKET_REDIS_URL": redis_url, "MARKET_PREFIX": prefix}
+        with open(log_path, "wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "ops.cli", "ingest", "--url", proxy.url, "--symbols", ",".join(symbols),
+                "--channels", "trade", "--metrics-port", "0", "--config", str(config),
+                env=env, stdout=asyncio.subprocess.DEVNULL, stderr=log_file,
+            )
+            try:
+                async def flowing() -> bool:
+                    return all([await aredis.xlen(f"{prefix}:binance:{s}:trade") > 50 for s in symbols])
+
+                await wait_for(flowing, 20, "ticks flowing")
+                started = time.monotonic()
+                wall_cut = time.time()
+                proxy.blackhole()
+                await asyncio.sleep(30)  # the link is black-holed for 30 s while the venue keeps trading
+                proxy.restore()
+                restored = time.monotonic()
+                counts = await assert_complete(aredis, prefix, sim, symbols, timeout=60)
+                healed = time.monotonic() - restored
+                await asyncio.sleep(60)  # then it keeps receiving for a minute
+                after = await assert_complete(aredis, prefix, sim, symbols, timeout=30)
+                assert all(after[s] > counts[s] for s in symbols)
+            finally:
+                proc.terminate()
+                await asyncio.wait_for(proc.wait(), 15)
+    assert proc.returncode == 0
+    lines = [orjson.loads(line) for line in log_path.read_bytes().splitlines() if line.startswith(b"{")]
+    assert not [x for x in lines if x["level"] in ("error", "critical") or "exception" in x], lines[-5:]
+
+    def ts(x: dict[str, Any]) -> float:
+        return time.mktime(time.strptime(x["ts"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone + float(x["ts"][19:-1])
+
+    down = [x for x in lines if x["event"] == "session_state" and x["state"] == "backing_off" and ts(x) >= wall_cut]
+    assert down, "the cut was never noticed"
+    detection = ts(down[0]) - wall_cut
+    assert detection <= 2.0 + 3.0 + 1.5, detection  # ping interval + ping timeout, one second of slack
+    repaired = [x for x in lines if x["event"] in ("gap_repaired", "gap_partly_repaired")]
+    assert repaired and all(x["event"] == "gap_repaired" for x in repaired), repaired
+    fetched = sum(x["fetched"] for x in repaired)
+    assert fetched > 0
+    print(
+        f"\nblack-hole 30 s: detected after {detection:.1f} s; complete {healed:.1f} s after the link returned; "
+        f"{fetched} trades backfilled over REST in {len(repaired)} repairs; {time.monotonic() - started:.0f} s run",
+    )

@@ -14,18 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from consumer_sdk.consumer import Consumer
-
 from consumer_sdk.latency import LatencyHistogram
 from consumer_sdk.tick import Tick
+from ingestor.config import redact_url
 from ops.redis_server import free_port, redis_answers, start_redis
 
 __all__ = ["run_demo"]
@@ -61,32 +59,42 @@ class View:
         self.e2e.observe(time.time_ns() // 1000 - t["ts_recv"])
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20.0) -> None:
+START_TIMEOUT_S = 20.0
+
+
+async def _wait_port(port: int, proc: asyncio.subprocess.Process, what: str) -> None:
+    """Until the child listens on ``port``; fail if it exits or does not listen in time."""
+    timeout = START_TIMEOUT_S
     deadline = time.monotonic() + timeout
     while True:
-        with socket.socket() as s:
-            s.settimeout(0.2)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited at start (status {proc.returncode})")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s")
-        time.sleep(0.05)  # polling a child process's port; there is nothing to wait on instead
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if proc.returncode is not None:
+                raise RuntimeError(f"{what} exited at start (status {proc.returncode})") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s") from None
+            await asyncio.sleep(0.05)  # polling a child's port: there is nothing to wait on instead
+        else:
+            writer.close()
+            await writer.wait_closed()
+            return
 
 
-def _market_cmd() -> list[str]:
-    return [sys.executable, "-m", "ops.cli"]
+async def _spawn(args: list[str], log_file: IO[bytes], env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ops.cli", *args, stdout=log_file, stderr=log_file, env=env
+    )
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
         proc.terminate()
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
             proc.kill()
-            proc.wait(5)
+            await proc.wait()
 
 
 def _render(view: View, lags: dict[str, int], elapsed: float, tty: bool) -> str:
@@ -110,54 +118,55 @@ async def run_demo(*, duration: float | None, rate: float, symbols: str) -> None
     url = os.environ.get("MARKET_REDIS_URL", "redis://127.0.0.1:6379/0")
     with contextlib.ExitStack() as stack:
         if redis_answers(url):
-            print(f"using Redis at {url}", file=sys.stderr)
+            print(f"using Redis at {redact_url(url)}", file=sys.stderr)
         else:
             server = stack.enter_context(start_redis())
             url = server.url
             print(f"no Redis answered; started redis-server at {url}", file=sys.stderr)
-        logdir = tempfile.mkdtemp(prefix="market-demo-")
-        log_path = os.path.join(logdir, "demo.log")
-        log_file = stack.enter_context(open(log_path, "ab"))  # noqa: ASYNC230
+        log_path = os.path.join(tempfile.mkdtemp(prefix="market-demo-"), "demo.log")
+        log_file = stack.enter_context(open(log_path, "ab"))  # noqa: ASYNC230 - opened once, before the run
         env = {**os.environ, "MARKET_REDIS_URL": url}
         sim_port, metrics_port = free_port(), free_port()
-        sim = subprocess.Popen(
-            [*_market_cmd(), "simulate", "--port", str(sim_port), "--symbols", symbols, "--rate", str(rate)],
-            stdout=log_file, stderr=log_file, env=env,
-        )
-        stack.callback(_stop, sim)
-        _wait_port(sim_port, sim, "the simulator")
-        ing = subprocess.Popen(
-            [*_market_cmd(), "ingest", "--url", f"ws://127.0.0.1:{sim_port}", "--symbols", symbols,
-             "--channels", CHANNELS, "--metrics-port", str(metrics_port)],
-            stdout=log_file, stderr=log_file, env=env,
-        )
-        stack.callback(_stop, ing)
+        children: list[asyncio.subprocess.Process] = []
         view = View()
-        consumer = Consumer(
-            redis_url=url, patterns=["binance:*:*"], group="demo", consumer=f"demo-{os.getpid()}",
-            start_id="$", rescan_s=1.0,
-        )
-        tty = sys.stdout.isatty()
         started = time.monotonic()
-        print(
-            f"simulator ws://127.0.0.1:{sim_port}  ingestor metrics http://127.0.0.1:{metrics_port}/metrics  "
-            f"logs {log_path}",
-            file=sys.stderr,
-        )
         try:
+            sim = await _spawn(
+                ["simulate", "--port", str(sim_port), "--symbols", symbols, "--rate", str(rate)], log_file, env
+            )
+            children.append(sim)
+            await _wait_port(sim_port, sim, "the simulator")
+            ing = await _spawn(
+                ["ingest", "--url", f"ws://127.0.0.1:{sim_port}", "--symbols", symbols, "--channels", CHANNELS,
+                 "--metrics-port", str(metrics_port)],
+                log_file, env,
+            )
+            children.append(ing)
+            print(
+                f"simulator ws://127.0.0.1:{sim_port}  ingestor metrics http://127.0.0.1:{metrics_port}/metrics  "
+                f"logs {log_path}",
+                file=sys.stderr,
+            )
+            consumer = Consumer(
+                redis_url=url, patterns=["binance:*:*"], group="demo", consumer=f"demo-{os.getpid()}",
+                start_id="$", rescan_s=1.0,
+            )
+            tty = sys.stdout.isatty()
             async with asyncio.TaskGroup() as tg:
                 reader = tg.create_task(consumer.run(view.handle))
                 while duration is None or time.monotonic() - started < duration:
                     await asyncio.sleep(1.0)  # the view's refresh period
-                    if ing.poll() is not None or sim.poll() is not None:
+                    if ing.returncode is not None or sim.returncode is not None:
                         raise RuntimeError(f"a demo process exited; see {log_path}")
                     lags = {k.split(":", 2)[2]: v for k, v in (await consumer.lag()).items()}
                     print(_render(view, lags, time.monotonic() - started, tty), flush=True)
                 consumer.stop()
                 reader.cancel()
         except asyncio.CancelledError:
-            pass
+            pass  # Ctrl-C or SIGTERM: end cleanly
         finally:
+            for proc in reversed(children):
+                await _stop(proc)
             elapsed = time.monotonic() - started
             print(
                 f"\nconsumed {view.total} ticks in {elapsed:.1f}s ({view.total / max(elapsed, 1e-9):.0f}/s) "

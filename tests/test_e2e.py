@@ -123,8 +123,8 @@ async def test_restart_continues_without_duplicates(simulator: Simulator, aredis
         task = asyncio.create_task(ingestor.run())
         target = 100 * (round_ + 1)
 
-        async def grown(target: int = target) -> bool:
-            return await aredis.xlen(trade_key) >= target and await aredis.xlen(kline_key) >= 2 * (round_ + 1)
+        async def grown(target: int = target, klines: int = 2 * (round_ + 1)) -> bool:
+            return await aredis.xlen(trade_key) >= target and await aredis.xlen(kline_key) >= klines
 
         try:
             await wait_for(grown, 20, "streams grew")

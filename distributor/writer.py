@@ -30,13 +30,14 @@ from typing import Any, Final
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumer_sdk._log import Throttle, get_logger, log_event
 from consumer_sdk.keys import DEFAULT_PREFIX
 from consumer_sdk.latency import LatencyHistogram
 from consumer_sdk.tick import Tick
+from distributor.spill import SpillLog
 
 __all__ = ["APPEND_SCRIPT", "Retention", "StreamWriter", "WriterStats"]
 
@@ -72,6 +73,9 @@ class WriterStats:
     retries: int
     last_flush_us: int
     connected: bool
+    spilled: int
+    spill_bytes: int
+    spill_drained: int
 
 
 def _backoff(attempt: int, base: float = 0.05, cap: float = 2.0) -> float:
@@ -91,6 +95,7 @@ class StreamWriter:
         max_batch: int = 5000,
         capacity: int = 200_000,
         ack_latency: LatencyHistogram | None = None,
+        spill: SpillLog | None = None,
     ) -> None:
         self._redis = redis
         self._prefix = prefix
@@ -117,14 +122,35 @@ class StreamWriter:
         self.retries = 0
         self.last_flush_us = 0
         self.connected = True
+        self.spill = spill
+        #: once a tick went to the spill log, every later one follows it there until the log is drained
+        self._spilling = spill is not None and len(spill) > 0
+        self.spill_errors = 0
 
     # -- producer side (the distributor task) ---------------------------------------------
     def submit(self, ticks: Iterable[Tick]) -> bool:
-        """Buffer ticks for the next flush; False (nothing taken) when the buffer is full."""
-        if len(self._buf) >= self.capacity:
-            self._room.clear()
-            return False
-        self._buf.extend(ticks)
+        """Take ticks for storing: into memory, or, once memory is full, into the spill log.
+
+        False (nothing taken) when memory is full and there is no spill log, or the log is full
+        or refuses writes: the caller then waits on :meth:`wait_room`.
+        """
+        if self._spilling or len(self._buf) >= self.capacity:
+            spill = self.spill
+            if spill is None or spill.full:
+                self._room.clear()
+                return False
+            try:
+                spill.append([orjson.dumps(t) for t in ticks])
+            except OSError as exc:
+                self.spill_errors += 1
+                self._throttle.log(logging.ERROR, "spill_write_failed", error=str(exc))
+                self._room.clear()
+                return False
+            if not self._spilling:
+                self._spilling = True
+                log_event(log, logging.WARNING, "spilling_to_disk", buffered=len(self._buf), directory=str(spill.dir))
+        else:
+            self._buf.extend(ticks)
         self._idle.clear()
         self._ready.set()
         return True
@@ -138,24 +164,39 @@ class StreamWriter:
 
     # -- the writer task -----------------------------------------------------------------------
     async def run(self) -> None:
-        """Flush forever; never exits on a Redis error (cancel it to stop)."""
+        """Flush forever, memory first, then the spill log, oldest first; never exits on a Redis error."""
+        spill = self.spill
         while True:
-            if not self._buf:
+            if spill is not None:
+                spill.maybe_sync()
+            if not self._buf and not (spill is not None and len(spill)):
+                if self._spilling:
+                    self._spilling = False
+                    log_event(log, logging.INFO, "spill_drained", drained=spill.drained if spill else 0)
                 self._idle.set()
                 self._ready.clear()
+                self._room.set()
                 await self._ready.wait()
-            batch = self._inflight = self._take()
+            from_spill = 0
+            if self._buf:
+                batch = self._inflight = self._take()
+            else:
+                assert spill is not None
+                payloads = spill.peek(self._max_batch)
+                from_spill = len(payloads)
+                batch = self._inflight = [orjson.loads(p) for p in payloads]
             attempt = 0
             while True:
                 try:
                     await self.append(batch)
                 except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                     self._fail("redis_unreachable", exc, attempt)
-                except ResponseError as exc:
-                    if not str(exc).startswith(_RETRYABLE_REPLIES):
-                        raise
+                except RedisError as exc:
+                    # OOM, READONLY, LOADING ... and anything unexpected: kept and retried, never fatal.
                     self._fail("redis_refused_write", exc, attempt)
                 else:
+                    if from_spill and spill is not None:
+                        spill.consume(from_spill)
                     self._inflight = []
                     if not self.connected:
                         self.connected = True
@@ -258,4 +299,6 @@ class StreamWriter:
             buffered=len(self._buf), capacity=self.capacity, appended=self.appended,
             duplicates=self.duplicates, rejected=self.rejected, batches=self.batches, errors=self.errors,
             retries=self.retries, last_flush_us=self.last_flush_us, connected=self.connected,
+            spilled=len(self.spill) if self.spill else 0, spill_bytes=self.spill.bytes if self.spill else 0,
+            spill_drained=self.spill.drained if self.spill else 0,
         )

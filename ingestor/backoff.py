@@ -26,11 +26,13 @@ class Backoff:
     attempt: int = 0
 
     def ceiling(self) -> float:
-        return min(self.cap, self.base * self.factor ** min(self.attempt, 64))
+        return min(self.cap, self.base * self.factor**self.attempt)
 
     def next_delay(self) -> float:
-        delay = self.rng.uniform(0.0, self.ceiling())
-        self.attempt += 1
+        ceiling = self.ceiling()
+        delay = self.rng.uniform(0.0, ceiling)
+        if ceiling < self.cap:  # stop counting once capped: the power never overflows
+            self.attempt += 1
         return delay
 
     def reset(self) -> None:

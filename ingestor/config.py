@@ -7,6 +7,7 @@ URLs never appear in messages: :func:`redact_url` masks them.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -66,6 +67,10 @@ class IngestSettings:
     max_streams_per_connection: int = 1024
     repair: RepairSettings = field(default_factory=RepairSettings)
     session: SessionSettings = field(default_factory=SessionSettings)
+    #: where the writer spills ticks Redis cannot take yet ("" disables spilling)
+    spill_dir: str = ""
+    spill_fsync: str = "interval"
+    spill_max_bytes: int = 8 << 30
 
     @property
     def venue(self) -> str:
@@ -108,6 +113,14 @@ def _validate_ws_url(url: str) -> str:
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise ConfigError(f"invalid venue URL {url!r}: expected ws://host:port or wss://host:port")
     return url.rstrip("/")
+
+
+def default_spill_dir(prefix: str) -> str:
+    """``$MARKET_STATE_DIR`` or ``$XDG_STATE_HOME/market`` or ``~/.local/state/market``, then ``spill/<prefix>``."""
+    base = os.environ.get("MARKET_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "market"
+    )
+    return os.path.join(base, "spill", prefix)
 
 
 def default_rest_url(ws_url: str) -> str:
@@ -164,6 +177,7 @@ _ENV: Final = {
     "metrics_port": "MARKET_METRICS_PORT",
     "queue_capacity": "MARKET_QUEUE_CAPACITY",
     "queue_policy": "MARKET_QUEUE_POLICY",
+    "spill_dir": "MARKET_SPILL_DIR",
 }
 
 
@@ -298,6 +312,13 @@ def load_settings(
     if not _PREFIX.match(prefix):
         raise ConfigError(f"invalid stream prefix {prefix!r}")
     subscriber_flags = tuple(flags.get("subscribers") or ())
+    spill = toml.get("spill", {})
+    if not isinstance(spill, dict):
+        raise ConfigError("[spill] must be a table")
+    spill_dir = str(merged.get("spill_dir", spill.get("dir", default_spill_dir(prefix))))
+    spill_fsync = str(spill.get("fsync", "interval"))
+    if spill_fsync not in ("always", "interval", "never"):
+        raise ConfigError(f"spill.fsync must be always, interval or never, got {spill_fsync!r}")
     return IngestSettings(
         url=url,
         rest_url=rest_url,
@@ -312,5 +333,8 @@ def load_settings(
         retention=_retention(toml.get("retention")),
         subscribers=_subscribers(subscriber_flags, toml.get("subscribers")),
         session=_session(toml.get("session")),
+        spill_dir=spill_dir,
+        spill_fsync=spill_fsync,
+        spill_max_bytes=_int(spill.get("max_mb", 8192), "spill.max_mb", 1, 10**7) << 20,
         repair=_repair(toml.get("repair")),
     )

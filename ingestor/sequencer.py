@@ -53,13 +53,19 @@ class Sequencer:
         self.last_gap: GapReport | None = None
 
     def seed(self, venue: str, symbol: str, channel: str, last_seq: int, last_event: int = 0) -> None:
-        """Continue after ``last_seq`` (and, for klines, the event time ``last_event``), the newest stored."""
+        """Continue after ``last_seq`` (and, for klines, the event time ``last_event``), the newest stored.
+
+        Seeding never moves a stream backwards: the newest of several sources (Redis, the spill log) wins.
+        """
         ident = (venue, symbol, channel)
         if channel.startswith("kline_"):
-            self._assigned[ident] = last_seq
-            self._kline_event[ident] = last_event
+            if last_seq >= self._assigned.get(ident, -1):
+                self._assigned[ident] = last_seq
+                self._kline_event[ident] = max(last_event, self._kline_event.get(ident, -1))
         else:
-            self._trackers[ident] = SeqTracker(last_seq, contiguous=is_contiguous_channel(channel))
+            tracker = self._trackers.get(ident)
+            if tracker is None or tracker.last is None or last_seq > tracker.last:
+                self._trackers[ident] = SeqTracker(last_seq, contiguous=is_contiguous_channel(channel))
 
     def accept(self, tick: Tick) -> Verdict:
         """Check (or assign) the tick's ``seq``; the tick goes on only when the verdict is accepted."""

@@ -11,7 +11,9 @@ only reads counters.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -24,6 +26,7 @@ from consumer_sdk.latency import LatencyHistogram
 from consumer_sdk.tick import Tick, decode_tick
 from distributor.ingress import IngressQueue
 from distributor.service import BatchHandler, Distributor
+from distributor.spill import SpillLog
 from distributor.writer import StreamWriter
 from ingestor.binance import channel_to_stream
 from ingestor.config import IngestSettings, redact_url
@@ -78,6 +81,7 @@ class Ingestor:
         self.distributor: Distributor | None = None
         self._handlers: list[BatchHandler] = []
         self.started = asyncio.Event()
+        self._lock_fd = -1
 
     def streams(self) -> list[tuple[str, str, str]]:
         """(symbol, channel, venue stream name) for everything configured."""
@@ -109,13 +113,48 @@ class Ingestor:
                 self.sequencer.seed(s.venue, symbol, channel, seq, last_event)
                 log_event(log, logging.INFO, "stream_resumed", stream=f"{symbol}:{channel}", last_seq=seq)
 
+    def _open_spill(self) -> SpillLog | None:
+        s = self.settings
+        if not s.spill_dir:
+            return None
+        spill = SpillLog(s.spill_dir, fsync=s.spill_fsync, max_bytes=s.spill_max_bytes)
+        lock_path = os.path.join(s.spill_dir, "lock")
+        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            spill.close()
+            raise ConfigError(
+                f"spill directory {s.spill_dir!r} is in use by another ingestor: give each its own (--spill-dir)"
+            ) from None
+        if len(spill):
+            log_event(log, logging.WARNING, "spill_found_at_start", records=len(spill), directory=s.spill_dir)
+            self._seed_from_spill(spill)
+        return spill
+
+    def _seed_from_spill(self, spill: SpillLog) -> None:
+        """Ticks spilled before a crash are newer than Redis: continue after them."""
+        last: dict[tuple[str, str, str], tuple[int, int]] = {}
+        for raw in spill.scan():
+            try:
+                t = decode_tick(raw)
+            except InvalidTick:
+                continue
+            last[(t["venue"], t["symbol"], t["channel"])] = (t["seq"], t["ts_event"])
+        for (venue, symbol, channel), (seq, ts_event) in last.items():
+            self.sequencer.seed(venue, symbol, channel, seq, ts_event)
+
     async def run(self) -> None:
         s = self.settings
         redis = self._redis or await connect_redis(s.redis_url)
+        spill: SpillLog | None = None
         try:
             await self._seed(redis)
+            spill = self._open_spill()
             self.writer = StreamWriter(
-                redis, prefix=s.prefix, retention=s.retention, capacity=s.writer_capacity
+                redis, prefix=s.prefix, retention=s.retention, capacity=s.writer_capacity, spill=spill
             )
             self.distributor = Distributor(self.ingress, self.writer, handlers=self._handlers)
             plan = plan_connections([name for *_, name in self.streams()], s.max_streams_per_connection)
@@ -147,6 +186,11 @@ class Ingestor:
                 raise fatal.exceptions[0] from None
             raise
         finally:
+            if spill is not None:
+                spill.close()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
             if self._redis is None:
                 await redis.aclose()
 

@@ -280,8 +280,11 @@ class VenueSession:
         for task in list(link.retries):
             task.cancel()
         reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await reader
+        # asyncio.wait, not `await reader`: a cancellation of *this* task must propagate, not be
+        # mistaken for the reader's own.
+        await asyncio.wait([reader])
+        if not reader.cancelled():
+            reader.exception()  # retrieved: the reader's end was already handled by its result
         with contextlib.suppress(Exception):
             async with asyncio.timeout(3):
                 await link.ws.close()

@@ -78,6 +78,9 @@ def ingest(
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (default 9464; 0 disables)")] = None,
     queue_policy: Annotated[str | None, typer.Option(help="drop_newest | drop_oldest | block")] = None,
     prefix: Annotated[str | None, typer.Option(help="stream key prefix (default md)")] = None,
+    spill_dir: Annotated[
+        str | None, typer.Option(help="spill log directory for ticks Redis cannot take yet (\"\" disables)")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Run an ingestor: venue WebSocket -> normalize -> sequence -> Redis Streams."""
@@ -87,7 +90,7 @@ def ingest(
     setup_logging(log_level)
     flags = {
         "url": url, "rest_url": rest_url, "symbols": symbols, "channels": channels,
-        "metrics_port": metrics_port, "queue_policy": queue_policy, "prefix": prefix,
+        "metrics_port": metrics_port, "queue_policy": queue_policy, "prefix": prefix, "spill_dir": spill_dir,
     }
     settings = load_settings(flags, os.environ, str(config) if config else None)
     run_async(_ingest(settings))
@@ -115,6 +118,9 @@ def simulate(
     symbols: Annotated[str, typer.Option(help="comma-separated symbols")] = "BTCUSDT,ETHUSDT",
     rate: Annotated[float, typer.Option(help="ticks per second in total")] = 1000.0,
     seed: Annotated[int, typer.Option(help="random seed (same seed, same market)")] = 1,
+    id_base: Annotated[
+        int | None, typer.Option(help="offset of every id series (default: from the clock, so ids grow across runs)")
+    ] = None,
     replay: Annotated[Path | None, typer.Option(help="play a capture (fixtures' JSONL format)")] = None,
     replay_speed: Annotated[float, typer.Option(help="replay speed factor")] = 1.0,
     replay_loop: Annotated[bool, typer.Option(help="start the capture over at its end")] = False,
@@ -141,7 +147,8 @@ def simulate(
     if replay is not None and not replay.is_file():
         fail(f"--replay: cannot read {str(replay)!r}")
     cfg = SimulatorConfig(
-        host=host, port=port, symbols=syms, rate=rate, seed=seed, replay=replay, replay_speed=replay_speed,
+        host=host, port=port, symbols=syms, rate=rate, seed=seed, id_base=id_base, replay=replay,
+        replay_speed=replay_speed,
         replay_loop=replay_loop, close_every=close_every, stall_for=stall_for, refuse_for=refuse_for,
         fault_malformed=malformed, fault_duplicate=duplicate, fault_out_of_order=out_of_order,
     )
@@ -182,7 +189,6 @@ def _emit(key: str, entry_id: str, tick: Any) -> None:
 async def _tail(url: str, keys: list[str], group: str | None, start: str) -> None:
     from consumer_sdk.consumer import Consumer
     from consumer_sdk.replay import follow
-
     from ingestor.service import connect_redis
 
     redis = await connect_redis(url)
@@ -213,9 +219,8 @@ def replay(
     progress: Annotated[bool, typer.Option(help="progress on stderr (default: when stderr is a terminal)")] = False,
 ) -> None:
     """History from a stream to stdout, in entry order (exactly what XRANGE returns)."""
-    from consumer_sdk.replay import parse_bound
-
     from consumer_sdk.keys import parse_key
+    from consumer_sdk.replay import parse_bound
 
     parse_key(key)
     if format_ not in ("jsonl", "csv"):
@@ -229,8 +234,8 @@ async def _replay(url: str, key: str, lo: Any, hi: Any, fmt: str, show_progress:
     import csv
 
     import orjson
-    from consumer_sdk.replay import read_range
 
+    from consumer_sdk.replay import read_range
     from consumer_sdk.tick import BASE_FIELDS, channel_fields
     from ingestor.service import connect_redis
 

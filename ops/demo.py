@@ -123,9 +123,10 @@ async def run_demo(*, duration: float | None, rate: float, symbols: str) -> None
             server = stack.enter_context(start_redis())
             url = server.url
             print(f"no Redis answered; started redis-server at {url}", file=sys.stderr)
-        log_path = os.path.join(tempfile.mkdtemp(prefix="market-demo-"), "demo.log")
+        workdir = tempfile.mkdtemp(prefix="market-demo-")
+        log_path = os.path.join(workdir, "demo.log")
         log_file = stack.enter_context(open(log_path, "ab"))  # noqa: ASYNC230 - opened once, before the run
-        env = {**os.environ, "MARKET_REDIS_URL": url}
+        env = {**os.environ, "MARKET_REDIS_URL": url, "MARKET_STATE_DIR": workdir}
         sim_port, metrics_port = free_port(), free_port()
         children: list[asyncio.subprocess.Process] = []
         view = View()

@@ -21,6 +21,19 @@ from ops.redis_server import RedisServer, redis_answers, start_redis
 REDIS_URL = os.environ.get("MARKET_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Ingestors started by the tests (and their child processes) keep their spill logs here."""
+    path = str(tmp_path_factory.mktemp("state"))
+    old = os.environ.get("MARKET_STATE_DIR")
+    os.environ["MARKET_STATE_DIR"] = path
+    yield path
+    if old is None:
+        os.environ.pop("MARKET_STATE_DIR", None)
+    else:
+        os.environ["MARKET_STATE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     if not redis_answers(REDIS_URL):

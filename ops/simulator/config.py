@@ -50,6 +50,9 @@ class SimulatorConfig:
     #: ticks a second in total, over all symbols and all event kinds (0: generate nothing)
     rate: float = 1000.0
     seed: int = 1
+    #: added to every id series; None takes the wall clock in ms x 1000, so a restarted simulator's ids
+    #: keep growing past what an earlier run stored, as a real venue's do (same seed, same market otherwise)
+    id_base: int | None = 0
     #: relative share of the rate per symbol, same length as ``symbols`` (None: equal shares)
     weights: tuple[float, ...] | None = None
     kline_intervals: tuple[str, ...] = ("1m",)

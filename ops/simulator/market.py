@@ -391,14 +391,20 @@ class _SymbolState:
     """One symbol's book, id counters, open klines and events not yet handed out."""
 
     def __init__(
-        self, symbol: str, seed: int, kline_intervals: Sequence[str], history: int, kline_update_ms: int
+        self,
+        symbol: str,
+        seed: int,
+        kline_intervals: Sequence[str],
+        history: int,
+        kline_update_ms: int,
+        id_base: int = 0,
     ) -> None:
         self.spec = spec = SymbolSpec.for_symbol(symbol)
         self.symbol = symbol
         self.rng = rng = random.Random(f"{seed}:{symbol}")
-        self.next_trade = 1_000_000 + rng.randrange(9_000_000)
-        self.next_agg = 500_000 + rng.randrange(4_500_000)
-        self.next_update = 400_000_000 + rng.randrange(100_000_000)
+        self.next_trade = id_base + 1_000_000 + rng.randrange(9_000_000)
+        self.next_agg = id_base + 500_000 + rng.randrange(4_500_000)
+        self.next_update = id_base + 400_000_000 + rng.randrange(100_000_000)
         self.bid = max(1, spec.start_price // spec.tick_size)
         self.min_bid = max(1, self.bid // 100)
         self.spread = 1
@@ -550,6 +556,7 @@ class SyntheticMarket:
         history: int = 200_000,
         weights: Sequence[float] | None = None,
         kline_update_ms: int = 1000,
+        id_base: int = 0,
     ) -> None:
         if not symbols:
             raise ValueError("a market needs at least one symbol")
@@ -562,7 +569,9 @@ class SyntheticMarket:
             raise ValueError("weights must be positive, one per symbol")
         self.symbols = tuple(symbols)
         self.kline_intervals = tuple(kline_intervals)
-        self._states = [_SymbolState(s, seed, kline_intervals, history, kline_update_ms) for s in symbols]
+        self._states = [
+            _SymbolState(s, seed, kline_intervals, history, kline_update_ms, id_base) for s in symbols
+        ]
         self._by_symbol = {st.symbol: st for st in self._states}
         self._weights = [max(1, round(w * 1_000_000)) for w in weights]
         self._weight_total = sum(self._weights)

@@ -159,6 +159,7 @@ class Simulator:
             history=cfg.history,
             weights=cfg.weights if cfg.replay is None else None,
             kline_update_ms=cfg.kline_update_ms,
+            id_base=cfg.id_base if cfg.id_base is not None else self._clock_ms() * 1000,
         )
         self._catalog = StreamCatalog(symbols)
         self._rest = RestApi(self.market, self._clock_ms)

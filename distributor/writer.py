@@ -55,10 +55,15 @@ class Retention:
     per_channel: tuple[tuple[str, int, int], ...] = ()
 
     def for_channel(self, channel: str) -> tuple[int, int]:
-        for prefix, maxlen, age in self.per_channel:
-            if channel == prefix or (prefix.endswith("*") and channel.startswith(prefix[:-1])):
+        """An exact channel entry wins over a ``prefix*`` glob; the longest glob wins among globs."""
+        best: tuple[int, int] | None = None
+        best_len = -1
+        for name, maxlen, age in self.per_channel:
+            if name == channel:
                 return maxlen, age
-        return self.maxlen, self.max_age_ms
+            if name.endswith("*") and channel.startswith(name[:-1]) and len(name) > best_len:
+                best, best_len = (maxlen, age), len(name)
+        return best if best is not None else (self.maxlen, self.max_age_ms)
 
 
 @dataclass(frozen=True, slots=True)

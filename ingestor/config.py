@@ -36,6 +36,7 @@ __all__ = [
 DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
 DEFAULT_WS_URL: Final = "wss://stream.binance.com:9443"
 BINANCE_REST: Final = "https://api.binance.com"
+SUBSCRIBER_POLICIES: Final = ("drop_oldest", "drop_newest", "block", "disconnect")
 _SYMBOL = re.compile(r"^[A-Z0-9_]{1,40}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
@@ -81,22 +82,23 @@ def redact_url(url: str) -> str:
     """``redis://user:secret@host:6379/0`` -> ``redis://user:***@host:6379/0``."""
     try:
         parts = urlsplit(url)
+        has_password = parts.password is not None
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None:
+    if not has_password:
         return url
     user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    # Keep the host part exactly as written (IPv6 brackets, a port even if invalid): only the secret goes.
+    hostport = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, f"{user}:***@{hostport}", parts.path, parts.query, parts.fragment))
 
 
 def validate_redis_url(url: str) -> str:
     try:
         parts = urlsplit(url)
         _ = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: {exc}") from None
+    except ValueError:
+        raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: bad host or port") from None
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: scheme must be redis://, rediss:// or unix://")
     if parts.scheme != "unix" and not parts.hostname:
@@ -245,8 +247,11 @@ def _repair(table: Any) -> RepairSettings:
         return RepairSettings()
     if not isinstance(table, dict):
         raise ConfigError("[repair] must be a table")
+    enabled = table.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"repair.enabled: expected true or false, got {enabled!r}")
     return RepairSettings(
-        enabled=bool(table.get("enabled", True)),
+        enabled=enabled,
         max_gap=_int(table.get("max_gap", 200_000), "repair.max_gap", 1, 10**9),
         max_hold=_int(table.get("max_hold", 200_000), "repair.max_hold", 1, 10**9),
         deadline_s=_float(table.get("deadline_s", 60.0), "repair.deadline_s", 0.1, 3600.0),
@@ -267,6 +272,11 @@ def _subscribers(flag_targets: tuple[str, ...], table: Any) -> tuple[SubscriberS
                 policy=str(entry.get("policy", "drop_oldest")),
             ))
     for spec in specs:
+        if spec.policy not in SUBSCRIBER_POLICIES:
+            raise ConfigError(
+                f"subscriber {spec.target!r}: unknown policy {spec.policy!r}; expected one of "
+                + ", ".join(SUBSCRIBER_POLICIES)
+            )
         module, _, attr = spec.target.partition(":")
         if not module or not attr:
             raise ConfigError(f"subscriber target {spec.target!r}: expected package.module:handler")
@@ -298,7 +308,7 @@ def load_settings(
     rest_url = str(merged.get("rest_url") or default_rest_url(url)).rstrip("/")
     if urlsplit(rest_url).scheme not in ("http", "https"):
         raise ConfigError(f"invalid REST URL {rest_url!r}: expected http(s)://host[:port]")
-    symbols = tuple(s.upper() for s in _csv(merged.get("symbols", "BTCUSDT,ETHUSDT"), "symbols"))
+    symbols = tuple(dict.fromkeys(s.upper() for s in _csv(merged.get("symbols", "BTCUSDT,ETHUSDT"), "symbols")))
     for s in symbols:
         if not _SYMBOL.match(s):
             raise ConfigError(f"invalid symbol {s!r}: expected letters, digits and _ only")

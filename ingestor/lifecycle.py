@@ -10,6 +10,8 @@ after the venue's ``Retry-After``, or stop with a clear message because retrying
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
@@ -72,9 +74,11 @@ def classify_status(status: int, retry_after: str | None) -> Failure:
     wait: float | None = None
     if retry_after:
         try:
-            wait = max(0.0, float(retry_after))
+            wait = float(retry_after)
         except ValueError:
             wait = None
+        if wait is not None:
+            wait = max(0.0, wait) if math.isfinite(wait) else None
     if status in (418, 429):
         return Failure(f"venue rate limit: HTTP {status}", retry_after=wait)
     if status >= 500 or status == 408:

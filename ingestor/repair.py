@@ -86,6 +86,7 @@ class GapRepairer:
         self._sequencer = sequencer
         self.settings = settings or RepairSettings()
         self.holds: dict[Ident, list[Tick]] = {}
+        self._abort: dict[Ident, asyncio.Event] = {}
         self._jobs: asyncio.Queue[GapReport] = asyncio.Queue()
         self.gaps_repaired = 0
         self.gaps_unrepaired = 0
@@ -120,9 +121,12 @@ class GapRepairer:
         held = self.holds.get(ident)
         if held is None:
             return False
-        if len(held) >= self.settings.max_hold:
-            self.held_overflow += 1  # the repair task sees the hold is full and finishes now
         held.append(tick)
+        if len(held) >= self.settings.max_hold:
+            self.held_overflow += 1
+            abort = self._abort.get(ident)
+            if abort is not None:
+                abort.set()  # the repair stops fetching and releases what it has now
         return True
 
     def _count_unrepaired(self, channel: str, n: int) -> None:
@@ -130,24 +134,41 @@ class GapRepairer:
         self.ticks_unrepaired[channel] = self.ticks_unrepaired.get(channel, 0) + n
 
     async def run(self) -> None:
-        """The repair task: one gap at a time, forever."""
+        """The repair task: one gap at a time, forever; a failing repair never stops it."""
         while True:
             gap = await self._jobs.get()
-            await self._repair(gap)
+            try:
+                await self._repair(gap)
+            except Exception:
+                log.exception("repair_failed")
+                await self._release(gap, [], f"repair failed: {gap}")
 
-    async def _fetch(self, gap: GapReport, held: list[Tick]) -> tuple[list[Tick], str]:
+    async def _fetch(self, gap: GapReport, held: list[Tick], abort: asyncio.Event) -> tuple[list[Tick], str]:
+        """Fetch ids from ``gap.first`` up to the newest held tick; stop early on a full hold or the deadline."""
         assert self._rest is not None
         s = self.settings
         convert = trades_to_ticks if gap.channel == "trade" else agg_trades_to_ticks
         fetched: list[Tick] = []
         next_id = gap.first
         backoff = Backoff(base=0.2, cap=5.0)
-        reason = ""
         try:
             async with asyncio.timeout(s.deadline_s):
-                while next_id < held[-1]["seq"] and len(held) < s.max_hold:
+                while next_id < held[-1]["seq"]:
+                    if abort.is_set():
+                        return fetched, "too many ticks held during the repair"
+                    request = asyncio.ensure_future(self._rest.fetch(gap.channel, gap.symbol, next_id, s.page))
+                    aborted = asyncio.ensure_future(abort.wait())
                     try:
-                        rows = await self._rest.fetch(gap.channel, gap.symbol, next_id, s.page)
+                        await asyncio.wait([request, aborted], return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        aborted.cancel()
+                        if not request.done():
+                            request.cancel()
+                    if not request.done() or request.cancelled():
+                        return fetched, "too many ticks held during the repair"
+                    try:
+                        rows = request.result()
+                        ticks = convert(rows, gap.venue, gap.symbol, time.time_ns() // 1000) if rows else []
                     except RestError as exc:
                         if not exc.retryable:
                             return fetched, f"REST refused: {exc}"
@@ -155,51 +176,31 @@ class GapRepairer:
                         log_event(log, logging.WARNING, "repair_retry", error=str(exc)[:200], delay_s=delay)
                         await asyncio.sleep(delay)
                         continue
-                    if not rows:
+                    except (KeyError, TypeError, ValueError) as exc:
+                        return fetched, f"malformed REST rows: {exc!r}"
+                    if not ticks:
                         return fetched, "venue returned no trades for the range"
-                    ticks = convert(rows, gap.venue, gap.symbol, time.time_ns() // 1000)
                     fetched.extend(ticks)
                     newest = ticks[-1]["seq"]
                     if newest < next_id:
                         return fetched, "venue returned older ids than asked"
                     next_id = newest + 1
-                if len(held) >= s.max_hold:
-                    reason = "too many ticks held during the repair"
         except TimeoutError:
-            reason = f"repair exceeded {s.deadline_s:.0f} s"
-        return fetched, reason or "venue no longer has these ids"
+            return fetched, f"repair exceeded {s.deadline_s:.0f} s"
+        return fetched, "venue no longer has these ids"
 
     async def _repair(self, gap: GapReport) -> None:
         ident = (gap.venue, gap.symbol, gap.channel)
         held = self.holds[ident]
+        abort = self._abort[ident] = asyncio.Event()
+        if len(held) >= self.settings.max_hold:
+            abort.set()
         started = time.monotonic()
-        fetched, reason = await self._fetch(gap, held)
-        # Release: everything fetched and held, in order; the hold stays until the list is drained,
-        # so ticks that arrive meanwhile queue behind it and nothing overtakes.
-        out = merge_repair(gap.first, fetched, held, reason)
-        held_count = len(held)
-        missing = 0
-        ingress = self._ingress
-        for t in out:
-            if "gap_first" in t:
-                missing += t["gap_last"] - t["gap_first"] + 1  # type: ignore[typeddict-item]
-            if not ingress.offer(t):
-                await ingress.put(t)
-        i = held_count
-        while i < len(held):
-            t = held[i]
-            i += 1
-            if not ingress.offer(t):
-                await ingress.put(t)
-        del self.holds[ident]
-        repaired = sum(1 for t in fetched if gap.first <= t["seq"] < held[0]["seq"])
-        self.ticks_repaired[gap.channel] = self.ticks_repaired.get(gap.channel, 0) + repaired
-        if missing:
-            self._count_unrepaired(gap.channel, missing)
-        else:
-            self.gaps_repaired += 1
-        tracker_last = held[-1]["seq"]
-        self._sequencer.forget_holes(ident, gap.first, tracker_last)
+        try:
+            fetched, reason = await self._fetch(gap, held, abort)
+        finally:
+            del self._abort[ident]
+        repaired, missing = await self._release(gap, fetched, reason)
         level, event = (logging.INFO, "gap_repaired") if not missing else (logging.WARNING, "gap_partly_repaired")
         log_event(
             log, level, event,
@@ -207,3 +208,50 @@ class GapRepairer:
             missing=missing, held=len(held), ms=int((time.monotonic() - started) * 1000),
             **({"reason": reason} if missing else {}),
         )
+
+    async def _release(self, gap: GapReport, fetched: list[Tick], reason: str) -> tuple[int, int]:
+        """Put fetched and held ticks into the ingress in seq order, markers where ids are missing.
+
+        The hold stays in place until its list is drained, so ticks arriving meanwhile queue behind it
+        and nothing overtakes; a hole among those late arrivals is marked too.
+        """
+        ident = (gap.venue, gap.symbol, gap.channel)
+        held = self.holds.get(ident)
+        if not held:
+            self.holds.pop(ident, None)
+            return 0, 0
+        out = merge_repair(gap.first, fetched, held, reason)
+        merged = len(held)  # held[:merged] are in `out`; later arrivals follow below
+        first_held = held[0]["seq"]
+        ingress = self._ingress
+        missing = 0
+        for t in out:
+            if "gap_first" in t:
+                missing += t["gap_last"] - t["gap_first"] + 1  # type: ignore[typeddict-item]
+            if not ingress.offer(t):
+                await ingress.put(t)
+        i = merged
+        expected = held[merged - 1]["seq"] + 1
+        while i < len(held):
+            t = held[i]
+            i += 1
+            if t["seq"] > expected:
+                marker: Any = make_gap_marker(
+                    t["venue"], t["symbol"], t["channel"], expected, t["seq"] - 1, t["ts_event"], t["ts_recv"],
+                    "ids missing among ticks held for a repair",
+                )
+                missing += t["seq"] - expected
+                if not ingress.offer(marker):
+                    await ingress.put(marker)
+            if not ingress.offer(t):
+                await ingress.put(t)
+            expected = t["seq"] + 1
+        del self.holds[ident]
+        repaired = sum(1 for t in fetched if gap.first <= t["seq"] < first_held)
+        self.ticks_repaired[gap.channel] = self.ticks_repaired.get(gap.channel, 0) + repaired
+        if missing:
+            self._count_unrepaired(gap.channel, missing)
+        else:
+            self.gaps_repaired += 1
+        self._sequencer.forget_holes(ident, gap.first, expected - 1)
+        return repaired, missing

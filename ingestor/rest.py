@@ -9,6 +9,8 @@ thread: repairs are rare, and this keeps TLS, proxies and redirects standard.
 
 from __future__ import annotations
 
+import math
+
 import asyncio
 import urllib.error
 import urllib.parse
@@ -36,10 +38,12 @@ def classify_status(status: int, retry_after: str | None) -> tuple[bool, float |
     wait: float | None = None
     if retry_after:
         try:
-            wait = max(0.0, float(retry_after))
+            wait = float(retry_after)
         except ValueError:
             wait = None
-    if status in (418, 429) or status >= 500:
+        if wait is not None:
+            wait = max(0.0, wait) if math.isfinite(wait) else None
+    if status in (408, 418, 429) or status >= 500:
         return True, wait
     return False, None
 

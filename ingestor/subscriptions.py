@@ -23,8 +23,13 @@ def plan_connections(streams: Sequence[str], max_per_connection: int = 1024) -> 
     if not unique:
         return []
     n = -(-len(unique) // max_per_connection)
-    size = -(-len(unique) // n)
-    return [unique[i : i + size] for i in range(0, len(unique), size)]
+    base, extra = divmod(len(unique), n)
+    out, start = [], 0
+    for i in range(n):
+        size = base + (1 if i < extra else 0)
+        out.append(unique[start : start + size])
+        start += size
+    return out
 
 
 def subscribe_requests(

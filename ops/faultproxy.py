@@ -27,6 +27,8 @@ class FaultProxy:
         self._server: asyncio.Server | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._accepted: set[asyncio.StreamWriter] = set()
+        self._closing = False
         self.port = 0
         self.connections = 0
 
@@ -38,13 +40,17 @@ class FaultProxy:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._flowing.set()
+        self._closing = True
         if self._server is not None:
             self._server.close()
         self.reset_all()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for w in list(self._accepted):
+            w.transport.abort()
+        self._flowing.set()  # connections held by a black-hole wake up, see _closing and end
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=5)
+            for t in pending:
+                t.cancel()
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -72,8 +78,12 @@ class FaultProxy:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._accepted.add(writer)
         try:
             await self._flowing.wait()  # a connection made during a black-hole hangs
+            if self._closing:
+                writer.transport.abort()
+                return
             try:
                 up_reader, up_writer = await asyncio.open_connection(*self._up)
             except OSError:
@@ -93,6 +103,7 @@ class FaultProxy:
                 for w in pair:
                     w.transport.abort()
         finally:
+            self._accepted.discard(writer)
             self._tasks.discard(task)
 
     async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:

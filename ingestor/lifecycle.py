@@ -11,7 +11,6 @@ after the venue's ``Retry-After``, or stop with a clear message because retrying
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final

@@ -9,9 +9,8 @@ thread: repairs are rare, and this keeps TLS, proxies and redirects standard.
 
 from __future__ import annotations
 
-import math
-
 import asyncio
+import math
 import urllib.error
 import urllib.parse
 import urllib.request

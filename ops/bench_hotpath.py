@@ -30,7 +30,6 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any, Final, cast
 
 from consumer_sdk.errors import ConfigError
@@ -178,8 +177,8 @@ async def _generate(
             while sent < due and offer(ticks[sent]):  # type: ignore[arg-type]
                 sent += 1
             stamp = stamp_clock()
-            for tick in islice(ticks, i, sent):
-                tick[STAMP] = stamp
+            for k in range(i, sent):
+                ticks[k][STAMP] = stamp
             if sent < due:
                 ticks[sent][STAMP] = stamp
                 await put(ticks[sent])  # type: ignore[arg-type]

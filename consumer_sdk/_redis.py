@@ -1,0 +1,284 @@
+"""Thin helpers around redis-py shared by the consumer and replay modules (internal).
+
+- :func:`iter_read_reply` flattens the four shapes redis-py returns for XREAD/XREADGROUP
+  (RESP2 or RESP3, legacy or unified responses) into ``(key, entries)`` pairs.
+- :func:`blocking_client` gives a client whose socket timeout outlasts a ``BLOCK``.
+- :func:`classify` and :func:`translate` map redis exceptions onto :mod:`consumer_sdk.errors`.
+- :func:`backoff_delays` is the capped, jittered reconnect schedule.
+- Entry IDs are compared as ``(ms, seq)`` tuples; :func:`id_before` and :func:`id_after`
+  give the neighbouring IDs for exclusive ranges.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+import redis.exceptions as rexc
+from redis.asyncio import ConnectionPool, Redis
+
+from consumer_sdk.errors import ConfigError, MarketError, TransientError
+
+__all__ = [
+    "MAX_SEQ",
+    "Entry",
+    "ErrorKind",
+    "Fields",
+    "IdT",
+    "StreamView",
+    "backoff_delays",
+    "blocking_client",
+    "classify",
+    "effective_socket_timeout",
+    "field_name",
+    "fmt_id",
+    "id_after",
+    "id_before",
+    "id_str",
+    "id_tuple",
+    "iter_read_reply",
+    "stream_view",
+    "translate",
+    "xinfo_stream",
+]
+
+MAX_SEQ: Final = 2**64 - 1
+DEFAULT_SOCKET_TIMEOUT: Final = 5.0
+# Extra seconds a blocking read's socket timeout allows beyond the BLOCK itself.
+BLOCK_MARGIN_S: Final = 10.0
+# Connection kwargs a pool adds for itself; a copied pool builds its own.
+_POOL_OWN_KWARGS: Final = frozenset(
+    {
+        "himport_registry",
+        "maint_notifications_pool_handler",
+        "orig_host_address",
+        "orig_socket_timeout",
+        "orig_socket_connect_timeout",
+    }
+)
+
+Fields: TypeAlias = Mapping[Any, Any]
+Entry: TypeAlias = tuple[Any, Fields]
+IdT: TypeAlias = tuple[int, int]
+
+
+# ---------------------------------------------------------------- entry IDs
+
+
+def id_str(entry: bytes | str) -> str:
+    return entry.decode() if isinstance(entry, bytes) else entry
+
+
+def id_tuple(entry: bytes | str) -> IdT:
+    """``"1700000000000-5"`` -> ``(1700000000000, 5)``; a bare ``"ms"`` is ``(ms, 0)``."""
+    text = id_str(entry)
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def id_before(entry: IdT) -> IdT:
+    """The greatest ID strictly below ``entry`` (``(0, 0)`` has none: returns itself)."""
+    ms, seq = entry
+    if seq > 0:
+        return ms, seq - 1
+    if ms > 0:
+        return ms - 1, MAX_SEQ
+    return 0, 0
+
+
+def id_after(entry: IdT) -> IdT:
+    """The least ID strictly above ``entry``."""
+    ms, seq = entry
+    if seq < MAX_SEQ:
+        return ms, seq + 1
+    return ms + 1, 0
+
+
+def fmt_id(entry: IdT) -> str:
+    return f"{entry[0]}-{entry[1]}"
+
+
+# ---------------------------------------------------------------- replies
+
+
+def iter_read_reply(reply: Any) -> Iterator[tuple[Any, Sequence[Entry]]]:
+    """``(key, [(entry_id, fields), ...])`` for every stream in an XREAD/XREADGROUP reply.
+
+    Keys and IDs stay as redis-py returned them (bytes unless ``decode_responses``).
+    """
+    if not reply:
+        return
+    pairs: Any = reply.items() if isinstance(reply, dict) else reply
+    for key, entries in pairs:
+        # RESP3 with legacy responses wraps each stream's entries in one more list.
+        if entries and isinstance(entries[0], list) and entries[0] and isinstance(entries[0][0], tuple):
+            entries = entries[0]
+        yield key, entries
+
+
+def field_name(client: Redis) -> bytes | str:
+    """The name of the tick field as this client returns it (``b"d"``, or ``"d"`` when decoding)."""
+    return "d" if client.connection_pool.connection_kwargs.get("decode_responses") else b"d"
+
+
+async def xinfo_stream(client: Redis, key: str) -> dict[str, Any] | None:
+    """``XINFO STREAM`` as a dict with str keys, or ``None`` when the key does not exist."""
+    try:
+        info: dict[str, Any] = await client.xinfo_stream(key)
+    except rexc.ResponseError as exc:
+        if "no such key" in str(exc).lower():
+            return None
+        raise
+    return info
+
+
+@dataclass(frozen=True, slots=True)
+class StreamView:
+    """What ``XINFO STREAM`` says about trimming, reduced to what the decisions need.
+
+    Redis 7.0 moves ``max-deleted-entry-id`` only on ``XDEL``; trimming (``XTRIM``, ``XADD MAXLEN``)
+    shows as the first entry moving on and ``entries-added`` exceeding ``length``.
+    """
+
+    first_held: IdT | None  # oldest entry still held; None when the stream is empty or gone
+    last_generated: IdT | None  # the last ID ever added; None when the stream is gone
+    length: int
+    max_deleted: IdT | None  # newest ID removed by XDEL (None: none, or Redis < 7)
+    entries_added: int | None  # entries ever added (None: Redis < 7)
+
+    @property
+    def deleted(self) -> bool | None:
+        """Whether any entry was ever removed (trimmed or deleted); ``None`` when Redis cannot tell (< 7)."""
+        if self.max_deleted is not None:
+            return True
+        if self.entries_added is None:
+            return None
+        return self.entries_added > self.length
+
+
+def stream_view(info: Mapping[str, Any] | None) -> StreamView:
+    if info is None:
+        return StreamView(None, None, 0, None, None)
+    first = info.get("first-entry")
+    first_held = id_tuple(first[0]) if first and first[0] is not None else None
+    last = info.get("last-generated-id")
+    deleted = info.get("max-deleted-entry-id")
+    max_deleted = id_tuple(deleted) if deleted is not None else None
+    added = info.get("entries-added")
+    return StreamView(
+        first_held=first_held,
+        last_generated=id_tuple(last) if last is not None else None,
+        length=int(info.get("length") or 0),
+        max_deleted=None if max_deleted == (0, 0) else max_deleted,
+        entries_added=None if added is None else int(added),
+    )
+
+
+# ---------------------------------------------------------------- clients
+
+
+def effective_socket_timeout(client: Redis) -> float | None:
+    """The read timeout of the client's connections (``None``: wait forever)."""
+    kwargs = client.connection_pool.connection_kwargs
+    if "socket_timeout" in kwargs:
+        value = kwargs["socket_timeout"]
+        return None if value is None else float(value)
+    return DEFAULT_SOCKET_TIMEOUT
+
+
+def blocking_timeout(block_ms: int) -> float:
+    """A socket timeout comfortably above a ``BLOCK block_ms``."""
+    return block_ms / 1000.0 + BLOCK_MARGIN_S
+
+
+def blocking_client(client: Redis | str, block_ms: int) -> tuple[Redis, bool]:
+    """A client on which ``BLOCK block_ms`` cannot hit the socket timeout, and whether the caller owns it.
+
+    A URL gets a new client with a fitting ``socket_timeout``, a health check and no
+    retries of its own (callers retry with backoff and count).  A given client is
+    returned as is when its timeout is long enough; otherwise a dedicated pool with
+    the same connection settings and a longer timeout is built (the caller closes it).
+    """
+    timeout = blocking_timeout(block_ms)
+    if isinstance(client, str):
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        owned = Redis.from_url(
+            client,
+            socket_timeout=timeout,
+            socket_connect_timeout=5.0,
+            health_check_interval=30,
+            retry=Retry(NoBackoff(), 0),
+        )
+        return owned, True
+    current = effective_socket_timeout(client)
+    if current is None or current >= block_ms / 1000.0 + 1.0:
+        return client, False
+    pool = client.connection_pool
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _POOL_OWN_KWARGS}
+    kwargs["socket_timeout"] = timeout
+    new_pool = ConnectionPool(connection_class=pool.connection_class, **kwargs)
+    dedicated = Redis(connection_pool=new_pool)
+    dedicated.auto_close_connection_pool = True
+    return dedicated, True
+
+
+# ---------------------------------------------------------------- errors
+
+
+class ErrorKind(enum.Enum):
+    """What a redis exception means for a long-running reader."""
+
+    TRANSIENT = "transient"  # connection lost, timeout, loading, read-only replica: back off and retry
+    NOGROUP = "nogroup"  # the group (or the stream) is gone: recreate the group
+    FATAL = "fatal"  # bad settings, wrong key type, auth: retrying will not help
+
+
+_TRANSIENT_CODES: Final = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY ")
+
+
+def classify(exc: BaseException) -> ErrorKind:
+    if isinstance(exc, rexc.AuthenticationError | rexc.AuthorizationError | rexc.NoPermissionError):
+        return ErrorKind.FATAL
+    if isinstance(exc, rexc.ConnectionError | rexc.TimeoutError | OSError | rexc.ReadOnlyError):
+        return ErrorKind.TRANSIENT
+    if isinstance(exc, rexc.ClusterDownError | rexc.TryAgainError):
+        return ErrorKind.TRANSIENT
+    if isinstance(exc, rexc.ResponseError):
+        text = str(exc)
+        # NOGROUP: no group; UNBLOCKED: the stream was deleted while we were blocked on it.
+        if text.startswith(("NOGROUP", "UNBLOCKED")):
+            return ErrorKind.NOGROUP
+        if text.startswith(_TRANSIENT_CODES):
+            return ErrorKind.TRANSIENT
+    return ErrorKind.FATAL
+
+
+def translate(exc: BaseException, what: str = "redis") -> MarketError:
+    """The :mod:`consumer_sdk.errors` exception for a redis exception (raise it ``from exc``)."""
+    kind = classify(exc)
+    if kind is ErrorKind.TRANSIENT:
+        return TransientError(f"{what}: {type(exc).__name__}: {exc}")
+    text = str(exc)
+    if text.startswith("WRONGTYPE"):
+        return ConfigError(f"{what}: key holds a value that is not a stream ({text})")
+    if isinstance(exc, rexc.AuthenticationError | rexc.AuthorizationError | rexc.NoPermissionError):
+        return ConfigError(f"{what}: not allowed: {text}")
+    return MarketError(f"{what}: {type(exc).__name__}: {text}")
+
+
+def backoff_delays(
+    initial: float = 0.05, factor: float = 1.8, cap: float = 2.0, rng: random.Random | None = None
+) -> Iterator[float]:
+    """Endless reconnect delays: growing by ``factor`` from ``initial`` up to ``cap``, each jittered
+    down by up to half (so many clients restarting at once spread out).  Start a new iterator after
+    a successful operation to reset it."""
+    draw = (rng or random).random
+    delay = initial
+    while True:
+        yield delay * (0.5 + 0.5 * draw())
+        delay = min(cap, delay * factor)

@@ -244,7 +244,7 @@ _TRANSIENT_CODES: Final = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLU
 def classify(exc: BaseException) -> ErrorKind:
     if isinstance(exc, rexc.AuthenticationError | rexc.AuthorizationError | rexc.NoPermissionError):
         return ErrorKind.FATAL
-    if isinstance(exc, rexc.ConnectionError | rexc.TimeoutError | OSError | rexc.ReadOnlyError):
+    if isinstance(exc, rexc.ConnectionError | rexc.TimeoutError | OSError | rexc.ReadOnlyError | TransientError):
         return ErrorKind.TRANSIENT
     if isinstance(exc, rexc.ClusterDownError | rexc.TryAgainError):
         return ErrorKind.TRANSIENT

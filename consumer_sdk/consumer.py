@@ -60,8 +60,8 @@ stream that appeared after the consumer started is new.  ``start_id`` applies to
 at the start.  Handlers are plain functions or coroutine functions, told apart once per ``run()``
 (a plain function returning an awaitable has it awaited).  Logs go through ``market.consumer``
 with events ``redis_retry``, ``group_recreated``, ``stream_gone``, ``streams_found``, ``trimmed``
-and ``invalid_tick`` (the noisy ones throttled).  In Redis Cluster, one ``XREADGROUP`` cannot span slots: use one ``Consumer`` per
-stream (or per hash tag).
+and ``invalid_tick`` (the noisy ones throttled).  In Redis Cluster, one ``XREADGROUP`` cannot span
+slots: use one ``Consumer`` per stream (or per hash tag).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ from consumer_sdk._redis import (
     stream_view,
     translate,
 )
-from consumer_sdk.errors import ConfigError, InvalidTick, TrimmedError
+from consumer_sdk.errors import ConfigError, InvalidTick, TransientError, TrimmedError
 from consumer_sdk.keys import DEFAULT_PREFIX, Pattern
 from consumer_sdk.replay import Bound, parse_bound, resolve_bound, start_trimmed
 from consumer_sdk.sequencing import SeqTracker, Verdict, is_contiguous_channel
@@ -244,7 +244,9 @@ def _classify(state: _KeyState, entries: Sequence[Entry], dfield: Any, claimed: 
     """Decode and sequence-check one stream's entries (pure; updates the stream's tracker)."""
     tracker = state.tracker
     observe = tracker.observe
+    decode = decode_tick
     contiguous = tracker.contiguous
+    ok, gap, late, dup, deliver = _OK, _GAP, _LATE, _DUP, _DELIVER
     last_id = pre_last_id = state.last_id
     items: list[_Item] = []
     append = items.append
@@ -259,23 +261,27 @@ def _classify(state: _KeyState, entries: Sequence[Entry], dfield: Any, claimed: 
         try:
             if raw is None:
                 raise InvalidTick("no field 'd'")
-            tick = decode_tick(raw)
+            tick = decode(raw)
         except InvalidTick as exc:
             append((_INVALID, eid, exc, None, None))
             continue
         prev = tracker.last
-        verdict = observe(tick["seq"])
-        if verdict is _LATE and not contiguous:
-            verdict = _DUP
-        if verdict is _DUP and not claimed:
+        seq = tick["seq"]
+        verdict = observe(seq)
+        if verdict is ok:  # the common case first
+            last_id = eid
+            append((deliver, eid, tick, verdict, prev))
+            continue
+        if verdict is late and not contiguous:
+            verdict = dup
+        if verdict is dup and not claimed:
             append((_DUPLICATE, eid, None, verdict, prev))
             continue
-        if verdict <= _GAP:
-            if verdict is _GAP:
-                assert prev is not None
-                gaps.append((len(items), last_id, eid, prev + 1, tick["seq"] - 1))
+        if verdict is gap:
+            assert prev is not None
+            gaps.append((len(items), last_id, eid, prev + 1, seq - 1))
             last_id = eid
-        append((_DELIVER, eid, tick, verdict, prev))
+        append((deliver, eid, tick, verdict, prev))
     state.last_id = last_id
     return _Batch(items, gaps, pre_last_id, deleted)
 
@@ -556,7 +562,7 @@ class Consumer:
                         deferred = acks
                     if failures:
                         delays, failures = backoff_delays(), 0
-                except (rexc.RedisError, OSError) as exc:
+                except (rexc.RedisError, OSError, TransientError) as exc:
                     kind = classify(exc)
                     if kind is ErrorKind.FATAL:
                         raise translate(exc, f"consumer {self.group}/{self.consumer}") from exc

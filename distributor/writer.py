@@ -97,7 +97,7 @@ class StreamWriter:
         *,
         prefix: str = DEFAULT_PREFIX,
         retention: Retention | None = None,
-        max_batch: int = 5000,
+        max_batch: int = 20000,
         capacity: int = 200_000,
         ack_latency: LatencyHistogram | None = None,
         spill: SpillLog | None = None,
@@ -242,22 +242,29 @@ class StreamWriter:
 
         Safe to call again with the same ticks: what is stored already is skipped.
         """
-        groups: dict[str, list[Any]] = {}
+        # Per stream, one bytes argument holding every record "<ms>-<seq> <payload>\n" (see append.lua).
+        groups: dict[str, list[bytes]] = {}
+        counts: dict[str, int] = {}
         prefix = self._prefix
         dumps = orjson.dumps
         for t in ticks:
             key = f"{prefix}:{t['venue']}:{t['symbol']}:{t['channel']}"
-            args = groups.get(key)
-            if args is None:
-                args = groups[key] = list(self._caps_for(t["channel"]))
-            args += (t["ts_event"] // 1000, t["seq"], dumps(t))
+            parts = groups.get(key)
+            if parts is None:
+                parts = groups[key] = []
+            parts.append(b"%d-%d %b\n" % (t["ts_event"] // 1000, t["seq"], dumps(t)))
         if not groups:
             return 0, 0
+        calls: dict[str, tuple[Any, ...]] = {}
+        for key, parts in groups.items():
+            counts[key] = len(parts)
+            maxlen, age = self._caps_for(key.rpartition(":")[2])
+            calls[key] = (maxlen, age, b"".join(parts))
         if self._sha is None:
             self._sha = str(await self._redis.script_load(APPEND_SCRIPT))
         loop = asyncio.get_running_loop()
         started = loop.time()
-        results = await self._run_scripts(groups)
+        results = await self._run_scripts(calls)
         self.last_flush_us = int((loop.time() - started) * 1e6)
         self.batches += 1
         added = dups = 0
@@ -265,7 +272,7 @@ class StreamWriter:
         for key, res in zip(groups, results, strict=True):
             if isinstance(res, Exception):
                 # Not retryable for this key (e.g. WRONGTYPE): report loudly, keep the rest flowing.
-                self.rejected += (len(groups[key]) - 2) // 3
+                self.rejected += counts[key]
                 self._throttle.log(logging.ERROR, "stream_write_rejected", stream=key, error=str(res))
                 continue
             n = int(res[0])
@@ -282,7 +289,7 @@ class StreamWriter:
             observe(now_us - t["ts_recv"])
         return added, dups
 
-    async def _run_scripts(self, groups: dict[str, list[Any]]) -> list[Any]:
+    async def _run_scripts(self, groups: dict[str, tuple[Any, ...]]) -> list[Any]:
         for _ in range(2):
             pipe = self._redis.pipeline(transaction=False)
             for key, args in groups.items():

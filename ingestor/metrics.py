@@ -55,7 +55,6 @@ class IngestorCollector(Collector):
 
         dropped = CounterMetricFamily("market_dropped", "Ticks dropped", labels=["stage", "policy"])
         dropped.add_metric(["ingress", q.policy.value], q.dropped)
-        yield dropped
         yield GaugeMetricFamily("market_ingress_len", "Ticks waiting in the ingress queue", value=q.length)
         yield GaugeMetricFamily(
             "market_queue_fill_ratio", "Ingress queue length / capacity", value=q.fill_ratio
@@ -65,10 +64,15 @@ class IngestorCollector(Collector):
         )
         bp.add_metric([q.policy.value], q.backpressure_events)
         yield bp
+        hot = ing.hotpath
         yield GaugeMetricFamily(
             "market_subscriber_count", "Co-located subscribers attached to the hot path",
-            value=len(ing._handlers),
+            value=hot.subscriber_count,
         )
+        hs = hot.stats()
+        for policy, n in sorted(hs.dropped_by_policy.items()):
+            dropped.add_metric(["hotpath", str(policy)], n)
+        yield dropped
 
         st = ing.stats()
         reconnects = CounterMetricFamily(
@@ -125,8 +129,8 @@ class IngestorCollector(Collector):
             writer.ack_latency if writer else LatencyHistogram(),
         )
         yield histogram_family(
-            "market_e2e_latency_us", "Frame received to co-located subscriber callback (µs)",
-            {"path": "hotpath"}, LatencyHistogram(),
+            "market_e2e_latency_us", "Ingress to co-located subscriber callback (µs)",
+            {"path": "hotpath"}, hot.latency,
         )
         yield GaugeMetricFamily("market_threads", "Threads in this process", value=threading.active_count())
 

@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import importlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from consumer_sdk._log import get_logger, log_event
+from consumer_sdk.consumer import Handler
 from consumer_sdk.errors import ConfigError, InvalidTick, TransientError
 from consumer_sdk.keys import parse_entry_id, stream_key
 from consumer_sdk.latency import LatencyHistogram
 from consumer_sdk.tick import Tick, decode_tick
+from distributor.hotpath import HotPath, Subscription
 from distributor.ingress import IngressQueue
 from distributor.service import BatchHandler, Distributor
 from distributor.spill import SpillLog
@@ -53,6 +58,24 @@ class IngestorStats:
     unsupported: int
 
 
+def load_handler(target: str) -> Handler:
+    """``package.module:handler`` -> the callable; :class:`ConfigError` naming what is wrong."""
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"subscriber {target!r}: cannot import {module_name!r}: {exc}") from None
+    obj = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"subscriber {target!r}: {module_name!r} has no {attr!r}") from None
+    if not callable(obj):
+        raise ConfigError(f"subscriber {target!r}: {attr!r} is not callable")
+    return cast(Handler, obj)
+
+
 async def connect_redis(url: str, *, socket_timeout: float = 10.0) -> aioredis.Redis:
     """A client for ``url`` that has answered PING; :class:`TransientError` naming the (redacted) URL if not."""
     client = aioredis.Redis.from_url(
@@ -80,6 +103,10 @@ class Ingestor:
         self.repairer: GapRepairer | None = None
         self.distributor: Distributor | None = None
         self._handlers: list[BatchHandler] = []
+        self.hotpath = HotPath()
+        self.hotpath.declare(f"{settings.venue}:{symbol}:{channel}" for symbol, channel, _ in self.streams())
+        for spec in settings.subscribers:
+            self.subscribe(load_handler(spec.target), spec.patterns, policy=spec.policy, name=spec.target)
         self.started = asyncio.Event()
         self._lock_fd = -1
 
@@ -90,6 +117,23 @@ class Ingestor:
             for symbol in self.settings.symbols
             for channel in self.settings.channels
         ]
+
+    def subscribe(
+        self,
+        handler: Handler,
+        patterns: str | Sequence[str],
+        *,
+        policy: str = "drop_oldest",
+        name: str | None = None,
+        max_lag: int | None = None,
+        max_consecutive_failures: int | None = None,
+    ) -> Subscription:
+        """Attach a co-located subscriber: ``handler(tick)`` (sync or async, the consumer SDK's signature)
+        for every tick matching ``patterns``, fed by the hot path in this process, never through Redis."""
+        return self.hotpath.subscribe(
+            handler, patterns, policy=policy, name=name, max_lag=max_lag,
+            max_consecutive_failures=max_consecutive_failures,
+        )
 
     def add_batch_handler(self, handler: BatchHandler) -> None:
         """Called with every batch taken from the ingress, in the distributor task, before Redis."""
@@ -156,7 +200,9 @@ class Ingestor:
             self.writer = StreamWriter(
                 redis, prefix=s.prefix, retention=s.retention, capacity=s.writer_capacity, spill=spill
             )
-            self.distributor = Distributor(self.ingress, self.writer, handlers=self._handlers)
+            self.distributor = Distributor(
+                self.ingress, self.writer, handlers=self._handlers, hotpath=self.hotpath
+            )
             plan = plan_connections([name for *_, name in self.streams()], s.max_streams_per_connection)
             self.repairer = GapRepairer(VenueRest(s.rest_url), self.ingress, self.sequencer, s.repair)
             self.sessions = [
@@ -175,6 +221,7 @@ class Ingestor:
                 tg.create_task(self.writer.run(), name="writer")
                 tg.create_task(self.distributor.run(), name="distributor")
                 tg.create_task(self.repairer.run(), name="repair")
+                self.hotpath.start(tg)
                 for session in self.sessions:
                     tg.create_task(session.run(), name=f"session-{session.session_id}")
         except asyncio.CancelledError:
@@ -186,6 +233,7 @@ class Ingestor:
                 raise fatal.exceptions[0] from None
             raise
         finally:
+            self.hotpath.close()
             if spill is not None:
                 spill.close()
             if self._lock_fd >= 0:

@@ -59,6 +59,18 @@ def run_async(coro: Coroutine[Any, Any, T], *, graceful_term: bool = True) -> T:
         raise SystemExit(0) from None
 
 
+def pin_cpus(spec: str) -> None:
+    """Pin this process (and every thread started after) to the CPUs listed, e.g. ``0`` or ``0,1``."""
+    try:
+        cpus = {int(c) for c in spec.split(",") if c.strip()}
+    except ValueError:
+        fail(f"--cpus: expected CPU numbers like 0 or 0,1, got {spec!r}")
+    try:
+        os.sched_setaffinity(0, cpus)
+    except (OSError, ValueError) as exc:
+        fail(f"--cpus {spec}: {exc}")
+
+
 def _redis_url() -> str:
     from ingestor.config import DEFAULT_REDIS_URL, validate_redis_url
 
@@ -78,6 +90,11 @@ def ingest(
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (default 9464; 0 disables)")] = None,
     queue_policy: Annotated[str | None, typer.Option(help="drop_newest | drop_oldest | block")] = None,
     prefix: Annotated[str | None, typer.Option(help="stream key prefix (default md)")] = None,
+    subscriber: Annotated[
+        list[str] | None,
+        typer.Option(help="co-located subscriber package.module:handler on every stream (repeatable)"),
+    ] = None,
+    cpus: Annotated[str | None, typer.Option(help="pin the process to these CPUs, e.g. 0 or 0,1")] = None,
     spill_dir: Annotated[
         str | None, typer.Option(help="spill log directory for ticks Redis cannot take yet (\"\" disables)")
     ] = None,
@@ -88,7 +105,10 @@ def ingest(
     from ops.logs import setup_logging
 
     setup_logging(log_level)
+    if cpus is not None:
+        pin_cpus(cpus)
     flags = {
+        "subscribers": tuple(subscriber or ()),
         "url": url, "rest_url": rest_url, "symbols": symbols, "channels": channels,
         "metrics_port": metrics_port, "queue_policy": queue_policy, "prefix": prefix, "spill_dir": spill_dir,
     }
@@ -278,6 +298,79 @@ def demo(
     if duration is not None and duration <= 0:
         fail(f"--duration must be positive, got {duration}")
     run_async(run_demo(duration=duration, rate=rate, symbols=symbols))
+
+
+# ----------------------------------------------------------------------------------------------
+bench_app = typer.Typer(help="Reproducible load tests.", no_args_is_help=False, invoke_without_command=True)
+app.add_typer(bench_app, name="bench")
+
+
+def _print_json(result: dict[str, Any], as_json: bool) -> None:
+    import orjson
+
+    if as_json:
+        print(orjson.dumps(result).decode())
+    else:
+        for k, v in result.items():
+            print(f"{k:>24}: {v}")
+
+
+@bench_app.command("hotpath")
+def bench_hotpath(
+    rate: Annotated[float, typer.Option(help="ticks per second offered to the ingress")] = 50_000,
+    subscribers: Annotated[int, typer.Option(help="co-located subscribers")] = 16,
+    slow_subscribers: Annotated[int, typer.Option(help="of which deliberately slow (drop_oldest)")] = 1,
+    duration: Annotated[float, typer.Option(help="seconds")] = 20.0,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON line")] = False,
+) -> None:
+    """The hot path alone: ingress -> fan-out -> subscriber callbacks; latency percentiles and accounting."""
+    from ops.bench_hotpath import run_hotpath_bench
+
+    if rate <= 0 or duration <= 0 or subscribers < 1 or not 0 <= slow_subscribers <= subscribers:
+        fail("--rate and --duration must be positive, 1 <= --subscribers, 0 <= --slow-subscribers <= --subscribers")
+    result = run_async(run_hotpath_bench(
+        rate=rate, subscribers=subscribers, slow_subscribers=slow_subscribers, duration=duration
+    ))
+    _print_json(result, as_json)
+
+
+@bench_app.command("writer")
+def bench_writer(
+    ticks: Annotated[int, typer.Option(help="ticks to write")] = 500_000,
+    streams: Annotated[int, typer.Option(help="streams they spread over")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON line")] = False,
+) -> None:
+    """Our Redis writer against the naive per-tick XADD pipeline, same ticks, same run."""
+    from ingestor.service import connect_redis
+    from ops.bench_writer import run_writer_bench
+
+    if ticks < streams or streams < 1:
+        fail("--ticks must be at least --streams, and --streams at least 1")
+    url = _redis_url()
+    run_async(_check_redis(url, connect_redis))
+    _print_json(run_async(run_writer_bench(url, ticks=ticks, streams=streams)), as_json)
+
+
+@bench_app.command("reader")
+def bench_reader(
+    ticks: Annotated[int, typer.Option(help="ticks to read")] = 500_000,
+    streams: Annotated[int, typer.Option(help="streams they spread over")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON line")] = False,
+) -> None:
+    """The consumer SDK: XREADGROUP + decode + dedupe + handler + XACK."""
+    from ingestor.service import connect_redis
+    from ops.bench_writer import run_reader_bench
+
+    if ticks < streams or streams < 1:
+        fail("--ticks must be at least --streams, and --streams at least 1")
+    url = _redis_url()
+    run_async(_check_redis(url, connect_redis))
+    _print_json(run_async(run_reader_bench(url, ticks=ticks, streams=streams)), as_json)
+
+
+async def _check_redis(url: str, connect: Any) -> None:
+    client = await connect(url)
+    await client.aclose()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -105,11 +105,11 @@ def _render(view: View, lags: dict[str, int], elapsed: float, tty: bool) -> str:
         f"market demo  {elapsed:6.1f}s  consumed {view.total} ticks  "
         f"e2e p50 {view.e2e.percentile(0.5):.0f}us p99 {view.e2e.percentile(0.99):.0f}us"
     )
-    lines.append(f"{'stream':<24}{'ticks/s':>9}{'total':>10}{'last price':>18}{'seq':>14}{'lag':>7}")
+    lines.append(f"{'stream':<24}{'ticks/s':>9}{'total':>10}{'last price':>18}{'seq':>20}{'lag':>7}")
     for key in sorted(view.streams):
         sv = view.streams[key]
         lag = lags.get(key, 0)
-        lines.append(f"{key:<24}{sv.window:>9}{sv.count:>10}{sv.last_price:>18}{sv.last_seq:>14}{lag:>7}")
+        lines.append(f"{key:<24}{sv.window:>9}{sv.count:>10}{sv.last_price:>18}{sv.last_seq:>20}{lag:>7}")
         sv.window = 0
     return "\n".join(lines)
 

@@ -947,3 +947,38 @@ async def test_start_id_may_be_a_time_or_a_seq(rc: aioredis.Redis, pfx: str) -> 
         await late.wait_for(3)
     assert late.seqs == [8, 9, 10]
     assert trims == [(btc, "seq:2", f"{BASE_MS + 8}-8")]
+
+
+async def test_two_members_of_a_group_share_a_stream_without_false_gaps(rc: aioredis.Redis, pfx: str) -> None:
+    key = f"{pfx}:binance:BTCUSDT:trade"
+    gaps: list[tuple[str, int, int]] = []
+    first, second = Collector(), Collector()
+    c1 = consumer_for(pfx, ["binance:BTCUSDT:trade"], consumer="c1", count=5, on_gap=lambda *g: gaps.append(g))
+    c2 = consumer_for(pfx, ["binance:BTCUSDT:trade"], consumer="c2", count=5, on_gap=lambda *g: gaps.append(g))
+    await rc.xgroup_create(key, "g", id="0", mkstream=True)
+    async with running(c1, first), running(c2, second):
+        await until(lambda: c1._read_task is not None and c2._read_task is not None)
+        for base in range(0, 200, 20):
+            await add(rc, key, range(base + 1, base + 21))
+            await until(lambda b=base: len(first.seqs) + len(second.seqs) == b + 20)  # type: ignore[misc]
+    assert sorted(first.seqs + second.seqs) == list(range(1, 201))
+    assert first.seqs and second.seqs  # both were given a share
+    assert gaps == [] and c1.stats().gaps == c2.stats().gaps == 0
+
+
+async def test_starting_while_redis_is_down_waits_for_it(private_server: PrivateRedis) -> None:
+    private_server.stop()
+    collector = Collector()
+    consumer = Consumer(
+        redis_url=private_server.url, patterns=["binance:BTCUSDT:trade"], group="g", consumer="c1",
+        block_ms=100, start_id="seq:1", claim_idle_ms=None,
+    )
+    async with running(consumer, collector):
+        await until(lambda: consumer.stats().reconnects >= 2)
+        private_server.start()
+        client = aioredis.Redis.from_url(private_server.url)
+        await until(lambda: consumer.stats().keys == 1)
+        await add(client, "md:binance:BTCUSDT:trade", range(1, 4))
+        await collector.wait_for(3)
+        await client.aclose()
+    assert collector.seqs == [1, 2, 3]

@@ -1,0 +1,139 @@
+"""Redis tier benchmarks: our writer against the naive baseline, and the SDK reader.
+
+``run_writer_bench``: a fixed set of normalized ticks (``ticks`` over ``streams`` streams,
+interleaved as a feed delivers them) appended by :class:`distributor.writer.StreamWriter`
+in batches, then, in the same run and on the same Redis, by the baseline feed handlers
+commonly use: a redis-py pipeline of one ``XADD`` per tick with the tick's fields as
+separate stream fields.  Both start from empty streams; the result is one flat dict.
+
+``run_reader_bench``: the same ticks read back through :class:`consumer_sdk.Consumer`
+(``XREADGROUP``, decode, dedupe by seq, handler call, ``XACK``) until every one arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from consumer_sdk.consumer import Consumer
+from consumer_sdk.tick import Tick
+from distributor.writer import Retention, StreamWriter
+
+__all__ = ["make_ticks", "run_reader_bench", "run_writer_bench"]
+
+T0_US = 1_764_000_000_000_000
+
+
+def make_ticks(n: int, streams: int) -> list[Tick]:
+    """``n`` trade ticks over ``streams`` symbols, round-robin, seq and time increasing per stream."""
+    out: list[Any] = []
+    for i in range(n):
+        s, k = i % streams, i // streams
+        out.append({
+            "v": 1, "venue": "binance", "symbol": f"SYM{s:04d}USDT", "channel": "trade", "seq": 1_000_000 + k,
+            "ts_event": T0_US + k * 1000, "ts_recv": T0_US + k * 1000 + 150, "trade_id": 1_000_000 + k,
+            "price": f"{27000 + (k % 100)}.{s:02d}000000", "qty": "0.01230000", "side": "buy" if k % 2 else "sell",
+        })
+    return out
+
+
+async def _clear(redis: aioredis.Redis, prefix: str) -> None:
+    keys = [k async for k in redis.scan_iter(f"{prefix}:*", count=1000)]
+    for i in range(0, len(keys), 500):
+        await redis.delete(*keys[i : i + 500])
+
+
+async def _ours(redis: aioredis.Redis, ticks: list[Tick], prefix: str, batch: int) -> float:
+    writer = StreamWriter(redis, prefix=prefix, retention=Retention(maxlen=0))
+    started = time.perf_counter()
+    for i in range(0, len(ticks), batch):
+        await writer.append(ticks[i : i + batch])
+    elapsed = time.perf_counter() - started
+    assert writer.appended == len(ticks), (writer.appended, len(ticks))
+    return elapsed
+
+
+async def _baseline(redis: aioredis.Redis, ticks: list[Tick], prefix: str, batch: int) -> float:
+    started = time.perf_counter()
+    for i in range(0, len(ticks), batch):
+        pipe = redis.pipeline(transaction=False)
+        for t in ticks[i : i + batch]:
+            fields: Any = {k: (str(v) if not isinstance(v, str) else v) for k, v in t.items()}
+            pipe.xadd(f"{prefix}:{t['venue']}:{t['symbol']}:{t['channel']}", fields)
+        await pipe.execute()
+    return time.perf_counter() - started
+
+
+async def run_writer_bench(
+    redis_url: str, *, ticks: int = 500_000, streams: int = 100, batch: int = 20_000, baseline_batch: int = 1000
+) -> dict[str, Any]:
+    data = make_ticks(ticks, streams)
+    redis = aioredis.Redis.from_url(redis_url, socket_timeout=60)
+    ours_prefix, base_prefix = f"bench-w-{uuid.uuid4().hex[:8]}", f"bench-b-{uuid.uuid4().hex[:8]}"
+    try:
+        info = await redis.info("server")
+        ours_s = await _ours(redis, data, ours_prefix, batch)
+        stored = sum([await redis.xlen(f"{ours_prefix}:binance:SYM{s:04d}USDT:trade") for s in range(streams)])
+        again = StreamWriter(redis, prefix=ours_prefix, retention=Retention(maxlen=0))
+        added, dups = await again.append(data[: min(batch, len(data))])
+        await _clear(redis, ours_prefix)
+        base_s = await _baseline(redis, data, base_prefix, baseline_batch)
+        await _clear(redis, base_prefix)
+    finally:
+        await _clear(redis, ours_prefix)
+        await _clear(redis, base_prefix)
+        await redis.aclose()
+    return {
+        "bench": "writer", "ticks": ticks, "streams": streams, "batch": batch,
+        "ticks_per_s": round(ticks / ours_s), "baseline_ticks_per_s": round(ticks / base_s),
+        "ratio": round(base_s / ours_s, 2), "stored": stored, "replayed_batch_added": added,
+        "replayed_batch_duplicates": dups, "redis_version": info.get("redis_version"),
+    }
+
+
+async def run_reader_bench(
+    redis_url: str, *, ticks: int = 500_000, streams: int = 100, count: int = 5000
+) -> dict[str, Any]:
+    data = make_ticks(ticks, streams)
+    redis = aioredis.Redis.from_url(redis_url, socket_timeout=60)
+    prefix = f"bench-r-{uuid.uuid4().hex[:8]}"
+    try:
+        await _ours(redis, data, prefix, 20_000)
+        received = 0
+        done = asyncio.Event()
+
+        def handler(tick: Tick) -> None:
+            nonlocal received
+            received += 1
+            if received >= ticks:
+                done.set()
+
+        consumer = Consumer(
+            redis_url=redis_url, patterns=[f"{prefix}:binance:*:trade"], prefix=prefix, group="bench",
+            consumer="bench-1", start_id="0", count=count, block_ms=100, rescan_s=60.0,
+        )
+        started = time.perf_counter()
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(consumer.run(handler))
+            async with asyncio.timeout(300):
+                await done.wait()
+                while consumer.stats().acked < ticks:  # noqa: ASYNC110 - the consumer exposes counters, no event
+                    await asyncio.sleep(0.001)
+            elapsed = time.perf_counter() - started
+            consumer.stop()
+            task.cancel()
+        stats = consumer.stats()
+        pending = sum([int((await redis.xpending(k, "bench"))["pending"]) for k in
+                       [f"{prefix}:binance:SYM{s:04d}USDT:trade" for s in range(streams)]])
+    finally:
+        await _clear(redis, prefix)
+        await redis.aclose()
+    return {
+        "bench": "reader", "ticks": ticks, "streams": streams, "count": count,
+        "ticks_per_s": round(ticks / elapsed), "received": received, "duplicates": stats.duplicates,
+        "gaps": stats.gaps, "pending_after": pending,
+    }

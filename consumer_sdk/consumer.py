@@ -79,6 +79,7 @@ from typing import Any, Final, TypeAlias
 import redis.exceptions as rexc
 from redis.asyncio import Redis
 
+from consumer_sdk._aio import reraise_if_cancelling
 from consumer_sdk._log import Throttle, get_logger, log_event
 from consumer_sdk._redis import (
     Entry,
@@ -563,6 +564,7 @@ class Consumer:
                     if failures:
                         delays, failures = backoff_delays(), 0
                 except (rexc.RedisError, OSError, TransientError) as exc:
+                    reraise_if_cancelling()
                     kind = classify(exc)
                     if kind is ErrorKind.FATAL:
                         raise translate(exc, f"consumer {self.group}/{self.consumer}") from exc

@@ -31,6 +31,7 @@ from typing import Any, Final, Literal
 import redis.exceptions as rexc
 from redis.asyncio import Redis
 
+from consumer_sdk._aio import reraise_if_cancelling
 from consumer_sdk._log import Throttle, get_logger
 from consumer_sdk._redis import (
     MAX_SEQ,
@@ -484,6 +485,7 @@ async def follow(
             try:
                 reply = await client.xread(cursors, count=count, block=block_ms)
             except rexc.RedisError as exc:
+                reraise_if_cancelling()
                 if classify(exc) is not ErrorKind.TRANSIENT:
                     raise translate(exc, "follow") from exc
                 delay = next(delays)

@@ -10,8 +10,9 @@ each ``seq`` against the last accepted one:
 
 Only ``OK`` and ``GAP`` are accepted (the stream keeps ``seq`` strictly increasing).
 
-Not every venue id is contiguous: a Binance ``bookTicker``'s ``u`` is the order book's update
-id, which also advances on changes below the top of the book, so it skips by design.  A tracker
+Not every ``seq`` is contiguous: a Binance ``bookTicker``'s ``u`` is the order book's update
+id, which also advances on changes below the top of the book, and a kline's ``seq`` is its
+event time in milliseconds; both skip by design.  A tracker
 built with ``contiguous=False`` accepts jumps silently and calls anything at or below the last
 ``DUPLICATE`` (equal) or ``LATE`` (older).  :func:`is_contiguous_channel` tells which is which.
 """
@@ -25,8 +26,11 @@ __all__ = ["SeqTracker", "Verdict", "is_contiguous_channel"]
 
 
 def is_contiguous_channel(channel: str) -> bool:
-    """Whether a hole in this channel's ``seq`` is a real loss (trades, aggregate trades, klines)."""
-    return channel != "book_ticker"
+    """Whether a hole in this channel's ``seq`` is a real loss: trades and aggregate trades.
+
+    A book ticker's ``seq`` is the book's update id, a kline's is its event time in ms: both skip by design.
+    """
+    return channel in ("trade", "agg_trade")
 
 
 class Verdict(IntEnum):

@@ -33,6 +33,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from consumer_sdk._aio import reraise_if_cancelling
 from consumer_sdk._log import Throttle, get_logger, log_event
 from consumer_sdk.keys import DEFAULT_PREFIX
 from consumer_sdk.latency import LatencyHistogram
@@ -172,6 +173,9 @@ class StreamWriter:
         """Flush forever, memory first, then the spill log, oldest first; never exits on a Redis error."""
         spill = self.spill
         while True:
+            # Each round checks whether this task is being stopped: a cancellation that reached the
+            # Redis client mid-reply can be absorbed there, and the loop must not outlive its owner.
+            reraise_if_cancelling()
             if spill is not None:
                 spill.maybe_sync()
             if not self._buf and not (spill is not None and len(spill)):
@@ -195,9 +199,11 @@ class StreamWriter:
                 try:
                     await self.append(batch)
                 except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    reraise_if_cancelling()
                     self._fail("redis_unreachable", exc, attempt)
                 except RedisError as exc:
                     # OOM, READONLY, LOADING ... and anything unexpected: kept and retried, never fatal.
+                    reraise_if_cancelling()
                     self._fail("redis_refused_write", exc, attempt)
                 else:
                     if from_spill and spill is not None:

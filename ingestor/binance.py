@@ -14,8 +14,10 @@ A frame that is not valid JSON or lacks a field its event type requires raises
 :class:`MalformedFrame`; the caller counts and skips it.  Prices and quantities
 are copied as the venue's strings; times become microseconds.
 
-``seq`` is the venue's own monotonic id: trade id, aggregate id, book update id.
-Klines carry none; they leave ``seq`` at 0 for the sequencer to assign.
+``seq`` is the venue's own monotonic id: trade id, aggregate id, book update id.  Klines carry
+no id; their ``seq`` is the event time in milliseconds (``E``), which strictly increases per
+kline stream, so every ingestor derives the same ``seq`` for the same update, and a restart
+needs no state to continue.
 """
 
 from __future__ import annotations
@@ -152,9 +154,10 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
     if e == "kline":
         k = d["k"]
         interval = _str(k["i"])
+        event_ms = _int(d["E"])
         kline: dict[str, Any] = {
-            "v": _V, "venue": VENUE, "symbol": _str(d["s"]), "channel": "kline_" + interval, "seq": 0,
-            "ts_event": _int(d["E"]) * 1000, "ts_recv": ts_recv,
+            "v": _V, "venue": VENUE, "symbol": _str(d["s"]), "channel": "kline_" + interval, "seq": event_ms,
+            "ts_event": event_ms * 1000, "ts_recv": ts_recv,
             "open_time": _int(k["t"]) * 1000, "close_time": _int(k["T"]) * 1000,
             "open": _str(k["o"]), "high": _str(k["h"]), "low": _str(k["l"]), "close": _str(k["c"]),
             "volume": _str(k["v"]), "quote_volume": _str(k["q"]), "trades": _int(k["n"]),

@@ -98,7 +98,7 @@ class IngestorCollector(Collector):
             "market_out_of_order", "Ticks that arrived after a newer one", labels=["venue", "channel"]
         )
         per: dict[str, list[int]] = {}
-        for (_, _, channel), tracker in list(ing.sequencer._trackers.items()):
+        for (_, _, channel), tracker in ing.sequencer.trackers():
             acc = per.setdefault(channel, [0, 0, 0])
             acc[0] += tracker.gaps
             acc[1] += tracker.duplicates

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from consumer_sdk._aio import reraise_if_cancelling
 from consumer_sdk._log import get_logger, log_event
 from consumer_sdk.tick import Tick, make_gap_marker
 from distributor.ingress import IngressQueue
@@ -140,6 +141,7 @@ class GapRepairer:
             try:
                 await self._repair(gap)
             except Exception:
+                reraise_if_cancelling()
                 log.exception("repair_failed")
                 await self._release(gap, [], f"repair failed: {gap}")
 

@@ -150,11 +150,7 @@ class Ingestor:
         for (symbol, channel), top in zip(names, tops, strict=True):
             if top:
                 _, seq = parse_entry_id(top[0][0])
-                try:
-                    last_event = decode_tick(top[0][1][b"d"])["ts_event"]
-                except (InvalidTick, KeyError):
-                    last_event = 0
-                self.sequencer.seed(s.venue, symbol, channel, seq, last_event)
+                self.sequencer.seed(s.venue, symbol, channel, seq)
                 log_event(log, logging.INFO, "stream_resumed", stream=f"{symbol}:{channel}", last_seq=seq)
 
     def _open_spill(self) -> SpillLog | None:
@@ -180,15 +176,15 @@ class Ingestor:
 
     def _seed_from_spill(self, spill: SpillLog) -> None:
         """Ticks spilled before a crash are newer than Redis: continue after them."""
-        last: dict[tuple[str, str, str], tuple[int, int]] = {}
+        last: dict[tuple[str, str, str], int] = {}
         for raw in spill.scan():
             try:
                 t = decode_tick(raw)
             except InvalidTick:
                 continue
-            last[(t["venue"], t["symbol"], t["channel"])] = (t["seq"], t["ts_event"])
-        for (venue, symbol, channel), (seq, ts_event) in last.items():
-            self.sequencer.seed(venue, symbol, channel, seq, ts_event)
+            last[(t["venue"], t["symbol"], t["channel"])] = t["seq"]
+        for (venue, symbol, channel), seq in last.items():
+            self.sequencer.seed(venue, symbol, channel, seq)
 
     async def run(self) -> None:
         s = self.settings

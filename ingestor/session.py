@@ -37,6 +37,7 @@ import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
+from consumer_sdk._aio import reraise_if_cancelling
 from consumer_sdk._log import Throttle, get_logger, log_event
 from consumer_sdk.errors import ConfigError
 from consumer_sdk.latency import LatencyHistogram
@@ -188,6 +189,7 @@ class VenueSession:
                 except _Fatal:
                     raise
                 except Exception as exc:  # any failure to connect is retried, after the backoff
+                    reraise_if_cancelling()
                     await self._back_off(classify_failure(_map_error(exc)), None)
                     continue
             reason, rotate = await self._until_done_or_rotation(link, reader)
@@ -198,6 +200,7 @@ class VenueSession:
                     raise
                 except Exception as exc:
                     # The old connection keeps delivering; try the rotation again after a delay.
+                    reraise_if_cancelling()
                     log_event(log, logging.WARNING, "rotation_failed", session=self.session_id, error=str(exc)[:200])
                     self._to(SessionState.LIVE, "rotation failed, old connection kept")
                     link.opened = time.monotonic() - self.settings.max_age + self.settings.rotation_timeout

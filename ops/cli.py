@@ -46,9 +46,16 @@ def run_async(coro: Coroutine[Any, Any, T], *, graceful_term: bool = True) -> T:
     async def wrapper() -> T:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
+
+        def terminate() -> None:
+            assert task is not None
+            task.cancel()
+            # A shutdown that does not finish in time is a bug: show where every task waits, then leave.
+            loop.call_later(SHUTDOWN_GRACE_S, _stuck_shutdown)
+
         if task is not None and graceful_term:
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(signal.SIGTERM, task.cancel)
+                loop.add_signal_handler(signal.SIGTERM, terminate)
         return await coro
 
     try:
@@ -69,6 +76,21 @@ def pin_cpus(spec: str) -> None:
         os.sched_setaffinity(0, cpus)
     except (OSError, ValueError) as exc:
         fail(f"--cpus {spec}: {exc}")
+
+
+SHUTDOWN_GRACE_S = 10.0
+
+
+def _stuck_shutdown() -> None:
+    import io
+
+    out = io.StringIO()
+    for t in asyncio.all_tasks():
+        print(f"task {t.get_name()}:", file=out)
+        t.print_stack(limit=6, file=out)
+    print(f"market: error: shutdown did not finish within {SHUTDOWN_GRACE_S:.0f} s; tasks:\n{out.getvalue()}",
+          file=sys.stderr, flush=True)
+    os._exit(3)
 
 
 def _redis_url() -> str:

@@ -82,7 +82,7 @@ def expected_tick(data: dict[str, Any], ts_recv: int) -> dict[str, Any] | None:
         return {
             **base,
             "channel": "kline_" + k["i"],
-            "seq": 0,
+            "seq": data["E"],
             "ts_event": data["E"] * 1000,
             "open_time": k["t"] * 1000,
             "close_time": k["T"] * 1000,

@@ -92,7 +92,8 @@ async def test_ingestor_to_redis_matches_contract(simulator: Simulator, aredis: 
         channel = key.rsplit(":", 1)[1]
         symbol = key.split(":")[2]
         if channel == "kline_1m":
-            assert [t["seq"] for t in ticks] == list(range(1, len(ticks) + 1))
+            # A kline's seq is its event time in ms: the same for every ingestor, increasing per stream.
+            assert all(t["seq"] * 1000 == t["ts_event"] for t in ticks)
         if channel == "trade":
             # Every trade id the venue made between the first and the last stored one, exactly once, in order.
             ids = [t["trade_id"] for t in ticks]
@@ -113,7 +114,7 @@ async def test_ingestor_to_redis_matches_contract(simulator: Simulator, aredis: 
 
 
 async def test_restart_continues_without_duplicates(simulator: Simulator, aredis: aioredis.Redis, prefix: str) -> None:
-    """A second ingestor run on the same streams stores nothing twice and keeps kline seq counting."""
+    """A second ingestor run on the same streams stores nothing twice, klines included."""
     settings = load_settings(
         {"url": simulator.ws_url, "symbols": "BTCUSDT", "channels": "trade,kline_1m", "prefix": prefix}, {}
     )
@@ -134,7 +135,7 @@ async def test_restart_continues_without_duplicates(simulator: Simulator, aredis
                 await task
     await check_stream(aredis, trade_key)
     klines = await check_stream(aredis, kline_key)
-    assert [t["seq"] for t in klines] == list(range(1, len(klines) + 1))
+    assert len({t["seq"] for t in klines}) == len(klines)
 
 
 def test_cli_ingest_tail_and_replay(simulator_port_rest: tuple[int, str], redis_url: str, tmp_path: Any) -> None:
@@ -177,7 +178,7 @@ def test_cli_ingest_tail_and_replay(simulator_port_rest: tuple[int, str], redis_
         tail.communicate(timeout=15)
         log_file.close()
     ingest_log = (tmp_path / "ingest.log").read_text()
-    assert ingest.returncode == 0, ingest_log[-3000:]
+    assert ingest.returncode == 0, "\n".join(line for line in ingest_log.splitlines() if not line.startswith("{"))
     assert '"level":"error"' not in ingest_log, ingest_log[-3000:]
     assert tail.returncode in (0, -15)
     entries = r.xrange(key, "-", "+")

@@ -181,7 +181,7 @@ class StreamWriter:
             if not self._buf and not (spill is not None and len(spill)):
                 if self._spilling:
                     self._spilling = False
-                    log_event(log, logging.INFO, "spill_drained", drained=spill.drained if spill else 0)
+                    log_event(log, logging.INFO, "spill_drained", drained=spill.drained if spill is not None else 0)
                 self._idle.set()
                 self._ready.clear()
                 self._room.set()
@@ -313,10 +313,11 @@ class StreamWriter:
         raise ResponseError("NOSCRIPT persisted after reloading the append script")
 
     def stats(self) -> WriterStats:
+        spill = self.spill
         return WriterStats(
             buffered=len(self._buf), capacity=self.capacity, appended=self.appended,
             duplicates=self.duplicates, rejected=self.rejected, batches=self.batches, errors=self.errors,
             retries=self.retries, last_flush_us=self.last_flush_us, connected=self.connected,
-            spilled=len(self.spill) if self.spill else 0, spill_bytes=self.spill.bytes if self.spill else 0,
-            spill_drained=self.spill.drained if self.spill else 0,
+            spilled=len(spill) if spill is not None else 0, spill_bytes=spill.bytes if spill is not None else 0,
+            spill_drained=spill.drained if spill is not None else 0,
         )

@@ -162,7 +162,8 @@ async def test_two_ingestors_on_the_same_feed_store_each_tick_once(aredis: aiore
             await wait_for(grown, 30)
             for symbol in ("BTCUSDT", "ETHUSDT"):
                 await complete(aredis, f"{prefix}:binance:{symbol}:trade", sim, symbol)
-                agg = [orjson.loads(f[b"d"])["seq"] for _, f in await aredis.xrange(f"{prefix}:binance:{symbol}:agg_trade")]
+                entries = await aredis.xrange(f"{prefix}:binance:{symbol}:agg_trade")
+                agg = [orjson.loads(f[b"d"])["seq"] for _, f in entries]
                 assert agg == sorted(set(agg))
         finally:
             for t in tasks:

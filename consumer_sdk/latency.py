@@ -1,18 +1,42 @@
-"""A lock-free latency histogram with power-of-two microsecond buckets.
+"""A lock-free latency histogram in microseconds, with four buckets per power of two.
 
-``observe`` is one ``int.bit_length()`` and one list increment: no allocation,
-no lock, cheap enough to call per tick.  It is owned by one task; a metrics
-collector in another thread only reads it (a torn read costs one sample).
-Bucket ``i`` counts samples ``< 2**i`` µs and ``>= 2**(i-1)``; bucket 0 counts 0 µs.
+``observe`` is an ``int.bit_length()``, a shift and one list increment: no allocation, no
+lock, cheap enough to call per tick.  Below 8 µs every value has its own bucket; above, each
+power-of-two range is split in four, so a reported percentile is within 25% of the truth (as
+in HDR histograms, coarser).  One task owns a histogram; a metrics collector in another
+thread only reads it (a torn read costs at most one sample).
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["BUCKETS", "LatencyHistogram"]
+__all__ = ["BUCKETS", "LatencyHistogram", "bucket_bounds", "bucket_of"]
 
-BUCKETS: Final = 32  # up to 2**31 µs (~36 min); above that lands in the last bucket
+#: values up to 2**32 µs (~71 min) are told apart; larger ones land in the last bucket
+BUCKETS: Final = 8 + 29 * 4
+
+
+def bucket_of(us: int) -> int:
+    if us < 8:
+        return us if us > 0 else 0
+    b = us.bit_length()
+    i = 8 + ((b - 4) << 2) + ((us >> (b - 3)) & 3)
+    return i if i < BUCKETS else BUCKETS - 1
+
+
+def bucket_bounds() -> list[float]:
+    """The inclusive upper bound (``le``) of each bucket in µs; the last is +Inf."""
+    out: list[float] = [float(i) for i in range(8)]
+    for i in range(8, BUCKETS - 1):
+        octave, sub = divmod(i - 8, 4)
+        b = octave + 4
+        out.append(float(((5 + sub) << (b - 3)) - 1))
+    out.append(float("inf"))
+    return out
+
+
+_BOUNDS: Final = bucket_bounds()
 
 
 class LatencyHistogram:
@@ -24,10 +48,16 @@ class LatencyHistogram:
         self.max_us = 0
 
     def observe(self, us: int) -> None:
-        if us < 0:
-            us = 0
-        i = us.bit_length()
-        self.counts[i if i < BUCKETS else BUCKETS - 1] += 1
+        if us < 8:
+            i = us if us > 0 else 0
+            if us < 0:
+                us = 0
+        else:
+            b = us.bit_length()
+            i = 8 + ((b - 4) << 2) + ((us >> (b - 3)) & 3)
+            if i >= BUCKETS:
+                i = BUCKETS - 1
+        self.counts[i] += 1
         self.sum_us += us
         if us > self.max_us:
             self.max_us = us
@@ -38,7 +68,7 @@ class LatencyHistogram:
 
     def upper_bounds(self) -> list[float]:
         """The ``le`` bound of each bucket in µs (Prometheus style, cumulative buckets)."""
-        return [float(2**i) - 1 if i else 0.0 for i in range(BUCKETS - 1)] + [float("inf")]
+        return list(_BOUNDS)
 
     def cumulative(self) -> list[int]:
         out, acc = [], 0
@@ -56,8 +86,8 @@ class LatencyHistogram:
         acc = 0
         for i, c in enumerate(self.counts):
             acc += c
-            if acc >= rank and c:
-                return float(min(2**i - 1 if i else 0, self.max_us))
+            if c and acc >= rank:
+                return float(min(_BOUNDS[i], self.max_us))
         return float(self.max_us)
 
     def merge(self, other: LatencyHistogram) -> None:
@@ -65,3 +95,30 @@ class LatencyHistogram:
             self.counts[i] += c
         self.sum_us += other.sum_us
         self.max_us = max(self.max_us, other.max_us)
+
+    def copy(self) -> LatencyHistogram:
+        h = LatencyHistogram()
+        h.counts = list(self.counts)
+        h.sum_us = self.sum_us
+        h.max_us = self.max_us
+        return h
+
+    def since(self, earlier: LatencyHistogram) -> LatencyHistogram:
+        """What was observed after ``earlier`` (a :meth:`copy` of this one); ``max_us`` is this one's."""
+        h = LatencyHistogram()
+        h.counts = [a - b for a, b in zip(self.counts, earlier.counts, strict=True)]
+        h.sum_us = self.sum_us - earlier.sum_us
+        h.max_us = self.max_us
+        return h
+
+    @classmethod
+    def from_buckets(cls, cumulative: list[int], sum_us: float, max_us: int = 0) -> LatencyHistogram:
+        """Rebuild from Prometheus-style cumulative bucket counts in this histogram's layout."""
+        h = cls()
+        prev = 0
+        for i, c in enumerate(cumulative[:BUCKETS]):
+            h.counts[i] = c - prev
+            prev = c
+        h.sum_us = int(sum_us)
+        h.max_us = max_us or int(next((b for b, c in zip(_BOUNDS, h.counts, strict=True) if c), 0))
+        return h

@@ -804,8 +804,12 @@ class HotPath:
             for i in range(a, b):
                 if match[ring_sids[i]]:
                     us = (clock() - stamps[i]) // 1000
-                    bit = us.bit_length()
-                    buckets[bit if bit < BUCKETS else _LAST_BUCKET] += 1
+                    if us < 8:
+                        buckets[us if us > 0 else 0] += 1
+                    else:
+                        bit = us.bit_length()
+                        k = 8 + ((bit - 4) << 2) + ((us >> (bit - 3)) & 3)
+                        buckets[k if k < BUCKETS else _LAST_BUCKET] += 1
                     total += us
                     if us > top:
                         top = us

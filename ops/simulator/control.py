@@ -12,6 +12,7 @@ All are GET requests on the simulator's port (websockets answers GET only):
 ``/control/faults?malformed=F&duplicate=F``     fractions of stream frames to corrupt, duplicate
 ``&out_of_order=F``                             or swap; parameters left out keep their value
 ``/control/clear``                              end stall and refusal, all fractions to 0
+``/control/rate?value=N``                       generate N ticks a second in total from now on
 ==============================================  =================================================
 
 Each answers ``200`` with the state as JSON after the change, or ``400`` with ``{"error": msg}``.
@@ -28,8 +29,8 @@ __all__ = ["CONTROL_PREFIX", "ControlCommand", "parse_control"]
 
 CONTROL_PREFIX: Final = "/control/"
 
-Action = Literal["state", "close_all", "stall", "refuse", "faults", "clear"]
-_ACTIONS: Final[tuple[Action, ...]] = ("state", "close_all", "stall", "refuse", "faults", "clear")
+Action = Literal["state", "close_all", "stall", "refuse", "faults", "clear", "rate"]
+_ACTIONS: Final[tuple[Action, ...]] = ("state", "close_all", "stall", "refuse", "faults", "clear", "rate")
 _RATE_NAMES: Final = ("malformed", "duplicate", "out_of_order")
 
 
@@ -67,6 +68,11 @@ def parse_control(path: str, query: Mapping[str, Sequence[str]]) -> ControlComma
     action = next((a for a in _ACTIONS if a == name), None)
     if action is None:
         return f"unknown control action {name!r}; expected one of " + ", ".join(_ACTIONS)
+    if action == "rate":
+        value = _number(query, "value")
+        if isinstance(value, str):
+            return value
+        return ControlCommand(action, seconds=value)
     if action in ("stall", "refuse"):
         seconds = _number(query, "seconds")
         if isinstance(seconds, str):

@@ -24,6 +24,7 @@ import contextlib
 import email.utils
 import http
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -190,6 +191,8 @@ class Simulator:
         self._pongs = 0
         self._slow_closes = 0
         self._rate_closes = 0
+        self._rate = float(cfg.rate)
+        self._rate_epoch = 0
 
     # -- lifecycle --
 
@@ -217,7 +220,7 @@ class Simulator:
             group = await self._stack.enter_async_context(asyncio.TaskGroup())
             if self._frames is not None:
                 self._tasks.append(group.create_task(self._replay(self._frames)))
-            elif cfg.rate > 0:
+            else:
                 self._tasks.append(group.create_task(self._generate()))
             if cfg.close_every is not None:
                 self._tasks.append(group.create_task(self._close_periodically(cfg.close_every)))
@@ -407,6 +410,18 @@ class Simulator:
         self._refuse_until = 0.0
         self._faults.rates = FaultRates()
 
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    def set_rate(self, rate: float) -> None:
+        """Generate ``rate`` ticks a second in total from now on (the synthetic market only)."""
+        if not (math.isfinite(rate) and rate >= 0):
+            raise SimulatorConfigError(f"rate must be a number >= 0, got {rate!r}")
+        self._rate = float(rate)
+        self._rate_epoch += 1
+        log.info("rate", extra={"fields": {"rate": rate}})
+
     def _apply_control(self, command: ControlCommand) -> None:
         if command.action == "close_all":
             self.close_all(abort=command.abort)
@@ -418,6 +433,8 @@ class Simulator:
             self.set_fault_rates(**command.rates)
         elif command.action == "clear":
             self.clear_faults()
+        elif command.action == "rate":
+            self.set_rate(command.seconds)
 
     # -- HTTP: REST, control, handshake checks --
 
@@ -613,18 +630,22 @@ class Simulator:
             "burst_duration": cfg.burst_duration,
             "burst_multiplier": cfg.burst_multiplier,
         }
-        peak = cfg.rate * max(1.0, cfg.burst_multiplier if cfg.burst_every > 0 else 1.0)
-        max_batch = max(1, int(peak * _MAX_CATCH_UP))
-        start = loop.time()
-        next_wake = start
-        emitted = 0
+        multiplier = max(1.0, cfg.burst_multiplier if cfg.burst_every > 0 else 1.0)
+        epoch = -1
+        start = next_wake = loop.time()
+        emitted = max_batch = 0
         while True:
+            if epoch != self._rate_epoch:  # a new rate: count from now
+                epoch = self._rate_epoch
+                start = loop.time()
+                emitted = 0
+                max_batch = max(1, int(self._rate * multiplier * _MAX_CATCH_UP))
             next_wake += cfg.batch_interval
             delay = next_wake - loop.time()
             if delay < -4 * cfg.batch_interval:
                 next_wake = loop.time()  # fell behind: wake on the next period instead of spinning
             await asyncio.sleep(max(0.0, delay))
-            due = scheduled_ticks(loop.time() - start, cfg.rate, **bursts)
+            due = scheduled_ticks(loop.time() - start, self._rate, **bursts)
             n = due - emitted
             if n <= 0:
                 continue

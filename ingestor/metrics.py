@@ -85,6 +85,14 @@ class IngestorCollector(Collector):
         )
         up.add_metric([venue], st.connections_live)
         yield up
+        received = CounterMetricFamily("market_frames_received", "Venue frames received", labels=["venue"])
+        received.add_metric([venue], st.frames)
+        yield received
+        accepted = CounterMetricFamily(
+            "market_ticks_accepted", "Ticks accepted by the sequencer into the ingress", labels=["venue"]
+        )
+        accepted.add_metric([venue], st.ticks)
+        yield accepted
         frames = CounterMetricFamily(
             "market_frames_skipped", "Venue frames skipped", labels=["venue", "reason"]
         )

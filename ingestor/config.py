@@ -72,6 +72,10 @@ class IngestSettings:
     spill_dir: str = ""
     spill_fsync: str = "interval"
     spill_max_bytes: int = 8 << 30
+    #: configured streams held at the venue only while a co-located subscriber wants them
+    on_demand: tuple[str, ...] = ()
+    #: how long a stream nobody wants stays subscribed before it is released
+    release_grace_s: float = 30.0
 
     @property
     def venue(self) -> str:
@@ -322,6 +326,13 @@ def load_settings(
     if not _PREFIX.match(prefix):
         raise ConfigError(f"invalid stream prefix {prefix!r}")
     subscriber_flags = tuple(flags.get("subscribers") or ())
+    streams_table = toml.get("streams", {})
+    if not isinstance(streams_table, dict):
+        raise ConfigError("[streams] must be a table")
+    on_demand = _csv(streams_table["on_demand"], "streams.on_demand") if streams_table.get("on_demand") else ()
+    for p in on_demand:
+        Pattern(p)
+    grace = _float(streams_table.get("release_grace_s", 30.0), "streams.release_grace_s", 0.0, 86400.0)
     spill = toml.get("spill", {})
     if not isinstance(spill, dict):
         raise ConfigError("[spill] must be a table")
@@ -343,6 +354,8 @@ def load_settings(
         retention=_retention(toml.get("retention")),
         subscribers=_subscribers(subscriber_flags, toml.get("subscribers")),
         session=_session(toml.get("session")),
+        on_demand=on_demand,
+        release_grace_s=grace,
         spill_dir=spill_dir,
         spill_fsync=spill_fsync,
         spill_max_bytes=_int(spill.get("max_mb", 8192), "spill.max_mb", 1, 10**7) << 20,

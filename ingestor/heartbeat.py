@@ -175,7 +175,7 @@ class HeartbeatState:
     """What a heartbeat remembers between two beats (owned by one task; no I/O)."""
 
     __slots__ = (
-        "_down_since", "_last_error", "_last_write", "_seen", "_window", "identity", "reconnect_window_s",
+        "_beats", "_down_since", "_last_error", "_last_write", "_seen", "_window", "identity", "reconnect_window_s",
         "window_s",
     )
 
@@ -195,6 +195,7 @@ class HeartbeatState:
         self._seen: dict[int, tuple[str, int, float]] = {}  # session -> (state, transitions, since)
         self._last_error: dict[int, str] = {}
         self._last_write: tuple[int, float] | None = None  # (writer batches, when they last moved)
+        self._beats = 0  # documents built so far
 
 
 _states: weakref.WeakKeyDictionary[Any, HeartbeatState] = weakref.WeakKeyDictionary()
@@ -247,6 +248,7 @@ def build_heartbeat(ingestor: Ingestor, now: float, *, state: HeartbeatState | N
     writer = _writer(ingestor, st, now)
     gaps = _gaps(ingestor)
 
+    st._beats += 1
     window = st._window
     window.observe(now, {
         "reconnects": connections["reconnects"],
@@ -311,9 +313,10 @@ def _connections(ingestor: Ingestor, st: HeartbeatState, now: float) -> dict[str
         reason = str(getattr(lifecycle, "reason", "") or "")[:300]
         transitions = _num(lifecycle, "transitions")
         seen = st._seen.get(sid)
-        first_sight = seen is None
+        # A connection seen in the first document has existed since the start; a later one since now.
+        since_start = seen is None and st._beats == 0
         if seen is None or seen[0] != state or seen[1] != transitions:
-            seen = (state, transitions, st.identity.started_at if first_sight else now)
+            seen = (state, transitions, st.identity.started_at if since_start else now)
             st._seen[sid] = seen
         if state == "backing_off" and reason:
             st._last_error[sid] = reason
@@ -322,7 +325,7 @@ def _connections(ingestor: Ingestor, st: HeartbeatState, now: float) -> dict[str
             st._down_since.pop(sid, None)
             down_for: float | None = None
         else:
-            since = st._down_since.setdefault(sid, st.identity.started_at if first_sight else now)
+            since = st._down_since.setdefault(sid, st.identity.started_at if since_start else now)
             down_for = _round(max(0.0, now - since), 1)
         last_us = _num(s, "last_frame_us")
         n_reconnects = _num(s, "reconnects")

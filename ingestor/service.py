@@ -15,6 +15,7 @@ import fcntl
 import importlib
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -25,11 +26,12 @@ from redis.exceptions import RedisError
 from consumer_sdk._log import get_logger, log_event
 from consumer_sdk.consumer import Handler
 from consumer_sdk.errors import ConfigError, InvalidTick, TransientError
-from consumer_sdk.keys import parse_entry_id, stream_key
+from consumer_sdk.keys import Pattern, parse_entry_id, stream_key
 from consumer_sdk.latency import LatencyHistogram
 from consumer_sdk.tick import Tick, decode_tick
 from distributor.hotpath import HotPath, Subscription
 from distributor.ingress import IngressQueue
+from distributor.registry import Changes, ChannelRegistry
 from distributor.service import BatchHandler, Distributor
 from distributor.spill import SpillLog
 from distributor.writer import StreamWriter
@@ -104,7 +106,17 @@ class Ingestor:
         self.distributor: Distributor | None = None
         self._handlers: list[BatchHandler] = []
         self.hotpath = HotPath()
-        self.hotpath.declare(f"{settings.venue}:{symbol}:{channel}" for symbol, channel, _ in self.streams())
+        configured = [f"{settings.venue}:{symbol}:{channel}" for symbol, channel, _ in self.streams()]
+        self.hotpath.declare(configured)
+        on_demand = [Pattern(p) for p in settings.on_demand]
+        #: which venue streams are held: the configured ones that persist, plus what subscribers ask for
+        self.registry = ChannelRegistry(
+            known=configured,
+            persist=[c for c in configured if not any(p.matches(c) for p in on_demand)],
+            grace=settings.release_grace_s,
+        )
+        self._wants: dict[Subscription, tuple[str, ...]] = {}
+        self._tg: asyncio.TaskGroup | None = None
         for spec in settings.subscribers:
             self.subscribe(load_handler(spec.target), spec.patterns, policy=spec.policy, name=spec.target)
         self.started = asyncio.Event()
@@ -130,10 +142,66 @@ class Ingestor:
     ) -> Subscription:
         """Attach a co-located subscriber: ``handler(tick)`` (sync or async, the consumer SDK's signature)
         for every tick matching ``patterns``, fed by the hot path in this process, never through Redis."""
-        return self.hotpath.subscribe(
+        sub = self.hotpath.subscribe(
             handler, patterns, policy=policy, name=name, max_lag=max_lag,
             max_consecutive_failures=max_consecutive_failures,
         )
+        wanted = tuple(p.text for p in sub.patterns)
+        self.registry.want(wanted)
+        self._wants[sub] = wanted
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Detach a co-located subscriber; streams nobody wants any more are released after the grace period."""
+        self.hotpath.unsubscribe(sub)
+        self._sync_wants()
+
+    def _sync_wants(self) -> None:
+        """Release what removed subscribers asked for (removed by us, by their policy, or by failures)."""
+        for sub in [s for s in self._wants if s.removed is not None]:
+            self.registry.release(self._wants.pop(sub))
+
+    def _new_session(self, streams: list[str]) -> VenueSession:
+        s = self.settings
+        assert self.repairer is not None
+        session = VenueSession(
+            ws_base=s.url, streams=streams, ingress=self.ingress, sequencer=self.sequencer,
+            ingest_latency=self.ingest_latency, repairer=self.repairer, settings=s.session,
+        )
+        self.sessions.append(session)
+        if self._tg is not None:
+            self._tg.create_task(session.run(), name=f"session-{session.session_id}")
+        return session
+
+    def apply_changes(self, changes: Changes) -> None:
+        """Carry out the registry's decision at the venue: new streams go to the connection with the most
+        room (a new one when all are full); released ones are unsubscribed and their state freed."""
+        limit = self.settings.max_streams_per_connection
+        for name in changes.unsubscribe:
+            stream = channel_to_stream(name.symbol, name.channel)
+            for session in self.sessions:
+                session.remove_streams([stream])
+            self.sequencer.release(name.venue, name.symbol, name.channel)
+            log_event(log, logging.INFO, "stream_released", stream=str(name))
+        adds = [channel_to_stream(n.symbol, n.channel) for n in changes.subscribe]
+        while adds:
+            roomiest = min(self.sessions, key=lambda x: len(x.streams), default=None)
+            if roomiest is None or len(roomiest.streams) >= limit:
+                roomiest = self._new_session([])
+            room = limit - len(roomiest.streams)
+            roomiest.add_streams(adds[:room])
+            adds = adds[room:]
+        for name in changes.subscribe:
+            log_event(log, logging.INFO, "stream_held", stream=str(name))
+
+    async def _registry_loop(self) -> None:
+        """Once a second: follow subscribers' wants and release idle streams after the grace period."""
+        while True:
+            await asyncio.sleep(1.0)  # the registry's period; releases are in tens of seconds
+            self._sync_wants()
+            changes = self.registry.tick(time.monotonic())
+            if changes:
+                self.apply_changes(changes)
 
     def add_batch_handler(self, handler: BatchHandler) -> None:
         """Called with every batch taken from the ingress, in the distributor task, before Redis."""
@@ -199,15 +267,14 @@ class Ingestor:
             self.distributor = Distributor(
                 self.ingress, self.writer, handlers=self._handlers, hotpath=self.hotpath
             )
-            plan = plan_connections([name for *_, name in self.streams()], s.max_streams_per_connection)
+            initial = self.registry.tick(time.monotonic()).subscribe
+            plan = plan_connections(
+                [channel_to_stream(n.symbol, n.channel) for n in initial], s.max_streams_per_connection
+            )
             self.repairer = GapRepairer(VenueRest(s.rest_url), self.ingress, self.sequencer, s.repair)
-            self.sessions = [
-                VenueSession(
-                    ws_base=s.url, streams=group, ingress=self.ingress, sequencer=self.sequencer,
-                    ingest_latency=self.ingest_latency, repairer=self.repairer, settings=s.session,
-                )
-                for group in plan
-            ]
+            self.sessions = []
+            for group in plan:
+                self._new_session(group)
             log_event(
                 log, logging.INFO, "ingestor_started", venue=s.venue, url=s.url, redis=redact_url(s.redis_url),
                 streams=sum(len(g) for g in plan), connections=len(plan), queue_policy=s.queue_policy.value,
@@ -220,6 +287,8 @@ class Ingestor:
                 self.hotpath.start(tg)
                 for session in self.sessions:
                     tg.create_task(session.run(), name=f"session-{session.session_id}")
+                self._tg = tg
+                tg.create_task(self._registry_loop(), name="registry")
         except asyncio.CancelledError:
             await self._flush_on_exit()
             raise
@@ -229,6 +298,7 @@ class Ingestor:
                 raise fatal.exceptions[0] from None
             raise
         finally:
+            self._tg = None
             self.hotpath.close()
             if spill is not None:
                 spill.close()

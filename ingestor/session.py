@@ -82,7 +82,10 @@ class SessionSettings:
 class _Link:
     """One WebSocket connection and what belongs to it."""
 
-    __slots__ = ("conn_id", "last_frame", "live", "opened", "pending", "retries", "shutdown", "ws")
+    __slots__ = (
+        "conn_id", "last_frame", "live", "next_send", "opened", "pending", "retries", "shutdown", "unsubscribing",
+        "ws",
+    )
 
     def __init__(self, ws: ClientConnection) -> None:
         self.conn_id = next(_ids)
@@ -92,6 +95,8 @@ class _Link:
         self.live = asyncio.Event()
         self.shutdown = asyncio.Event()
         self.pending: dict[int, list[str]] = {}
+        self.unsubscribing: dict[int, list[str]] = {}
+        self.next_send = 0.0
         #: subscribe retries in flight; cancelled when the link closes
         self.retries: set[asyncio.Task[None]] = set()
 
@@ -245,6 +250,8 @@ class VenueSession:
             self._to(SessionState.SUBSCRIBING, "connected", conn_id=link.conn_id, streams=len(self.streams))
         reader = tg.create_task(self._read(link), name=f"read-{link.conn_id}")
         live = asyncio.ensure_future(link.live.wait())
+        if not self.streams:
+            link.live.set()  # nothing to ask for yet: streams added later are subscribed on this link
         try:
             await self._subscribe(link, self.streams)
             async with asyncio.timeout(s.rotation_timeout if rotating else None):
@@ -292,22 +299,73 @@ class VenueSession:
             async with asyncio.timeout(3):
                 await link.ws.close()
 
-    async def _subscribe(self, link: _Link, streams: list[str]) -> None:
+    async def _subscribe(self, link: _Link, streams: list[str], method: str = "SUBSCRIBE") -> None:
         s = self.settings
-        requests = subscribe_requests(streams, self._next_request, per_request=s.params_per_request)
+        requests = subscribe_requests(streams, self._next_request, per_request=s.params_per_request, method=method)
         self._next_request += len(requests)
-        for i, req in enumerate(requests):
-            if i:
-                await asyncio.sleep(1.0 / s.requests_per_s)  # pacing under the venue's message rate limit
-            link.pending[req["id"]] = req["params"]
+        for req in requests:
+            # Pacing under the venue's incoming message limit, shared by every request on this link.
+            wait = link.next_send - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            link.next_send = time.monotonic() + 1.0 / s.requests_per_s
+            if method == "SUBSCRIBE":
+                link.pending[req["id"]] = req["params"]
+            else:
+                link.unsubscribing[req["id"]] = req["params"]
             await link.ws.send(orjson.dumps(req).decode())
 
     async def _retry_subscribe(self, link: _Link, streams: list[str]) -> None:
         await asyncio.sleep(1.0)  # the venue refused; ask again after a pause, within the rate limit
+        still = [s for s in streams if s in self.streams]
+        if still:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await self._subscribe(link, still)
+
+    # -- streams added and removed while running --------------------------------------------------
+    def add_streams(self, streams: list[str]) -> None:
+        """Carry these streams too: subscribed now if connected, and on every reconnect."""
+        new = [s for s in streams if s not in self.streams]
+        if not new:
+            return
+        self.streams = [*self.streams, *new]
+        self._send_later(new, "SUBSCRIBE")
+
+    def remove_streams(self, streams: list[str]) -> None:
+        """Stop carrying these streams: unsubscribed now if connected, and not asked for again."""
+        gone = [s for s in streams if s in self.streams]
+        if not gone:
+            return
+        self.streams = [s for s in self.streams if s not in set(gone)]
+        self._send_later(gone, "UNSUBSCRIBE")
+
+    def _send_later(self, streams: list[str], method: str) -> None:
+        link = self._link
+        if link is None:
+            return  # the next connection subscribes to self.streams
+        # Owned by the link: _close cancels it with the connection.
+        task = asyncio.get_running_loop().create_task(self._request(link, streams, method))
+        link.retries.add(task)
+        task.add_done_callback(link.retries.discard)
+
+    async def _request(self, link: _Link, streams: list[str], method: str) -> None:
         with contextlib.suppress(websockets.ConnectionClosed):
-            await self._subscribe(link, streams)
+            await self._subscribe(link, streams, method)
 
     def _on_reply(self, link: _Link, reply: Reply) -> None:
+        if type(reply.id) is int and reply.id in link.unsubscribing:
+            gone = link.unsubscribing.pop(reply.id)
+            if reply.error is not None:
+                log_event(log, logging.WARNING, "unsubscribe_failed", session=self.session_id,
+                          error=str(reply.error)[:200], streams=len(gone))
+                return
+            # No frame of these streams follows the reply: free their state now (it may have been
+            # re-created by frames that were in flight when we asked).
+            for name in gone:
+                if name not in self.streams:
+                    symbol, channel = stream_to_channel(name)
+                    self._sequencer.release(self.venue, symbol, channel)
+            return
         streams = link.pending.pop(reply.id, None) if type(reply.id) is int else None
         if streams is None:
             self.unexpected_replies += 1
@@ -391,13 +449,20 @@ class VenueSession:
     async def _watchdog(self) -> None:
         """Once a second: drop a connection that delivers nothing; report streams that went quiet."""
         s = self.settings
-        idents = []
-        for name in self.streams:
-            symbol, channel = stream_to_channel(name)
-            idents.append((self.venue, symbol, channel))
+        names: list[str] = []
+        idents: list[tuple[str, str, str]] = []
         while True:
             await asyncio.sleep(1.0)  # the watchdog's period
             now = time.monotonic()
+            if names is not self.streams:  # streams were added or removed
+                names = self.streams
+                idents = []
+                for name in names:
+                    symbol, channel = stream_to_channel(name)
+                    idents.append((self.venue, symbol, channel))
+                for gone in set(self._progress) - set(idents):
+                    del self._progress[gone]
+                    self.stale.discard(self._stream_name(gone))
             link = self._link
             if link is not None and now - link.last_frame >= s.stall_timeout:
                 self.stalls += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -57,7 +58,5 @@ async def test_idle_channel_is_released_after_grace_and_restored(aredis: aioredi
             assert all(t["symbol"] == "ETHUSDT" for t in again)
         finally:
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass

@@ -44,9 +44,7 @@ from ops.simulator.protocol import (
 from ops.simulator.replay import capture_symbols, frames_due, load_capture
 from ops.simulator.rest import RestApi
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "binance-spot-2021-10-12.jsonl"
-if not FIXTURE.exists():  # the checkout may live elsewhere; the fixtures sit next to it in /work/shared
-    FIXTURE = Path("/work/shared/fixtures/binance-spot-2021-10-12.jsonl")
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "binance-spot-2021-10-12.jsonl"
 
 UNIT = 1.0  # every timeout below is a multiple of this; raise it on a slow machine
 T0 = 1_699_999_980_000  # an epoch millisecond on a whole minute

@@ -602,23 +602,14 @@ class WindowPercentile:
             raise ConfigError(f"quantile must be in (0, 1], got {q}")
         self._hist = hist
         self.q = q
-        self._last = list(hist.counts)
+        self._last = hist.copy()
 
     def sample(self) -> float:
-        """The quantile's bucket upper bound in µs over the window (0.0 when it saw nothing)."""
-        now = list(self._hist.counts)
-        delta = [a - b for a, b in zip(now, self._last, strict=True)]
+        """The quantile in µs over the window (its bucket's upper bound); 0.0 when it saw nothing."""
+        now = self._hist.copy()
+        window = now.since(self._last)
         self._last = now
-        total = sum(delta)
-        if total <= 0:
-            return 0.0
-        rank = self.q * total
-        acc = 0
-        for i, c in enumerate(delta):
-            acc += c
-            if acc >= rank and c:
-                return float(2**i - 1) if i else 0.0
-        return float(2 ** (len(delta) - 1))  # pragma: no cover - the loop always returns
+        return window.percentile(self.q)
 
 
 # ---------------------------------------------------------------------------------------------- the gate

@@ -29,6 +29,7 @@ from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -43,6 +44,8 @@ from distributor.spill import SpillLog
 __all__ = ["APPEND_SCRIPT", "Retention", "StreamWriter", "WriterStats"]
 
 APPEND_SCRIPT: Final = files("distributor").joinpath("append.lua").read_text()
+#: streams per script call on a standalone Redis: bounds how long one call holds the server
+MAX_KEYS_PER_CALL: Final = 256
 _RETRYABLE_REPLIES: Final = ("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
 log = get_logger("writer")
 
@@ -115,6 +118,7 @@ class StreamWriter:
         self._idle = asyncio.Event()
         self._idle.set()
         self._sha: str | None = None
+        self._cluster: bool | None = None
         self._inflight: list[Tick] = []
         self._caps: dict[str, tuple[int, int]] = {}
         self._throttle = Throttle(log)
@@ -295,22 +299,51 @@ class StreamWriter:
             observe(now_us - t["ts_recv"])
         return added, dups
 
+    async def _calls(self, keys: list[str]) -> list[list[str]]:
+        """Which streams share a script call: all of them on a standalone Redis (up to
+        ``MAX_KEYS_PER_CALL``), only those of one hash slot on a Redis Cluster."""
+        if self._cluster is None:
+            info = await self._redis.info("cluster")
+            self._cluster = bool(info.get("cluster_enabled"))
+        if not self._cluster:
+            return [keys[i : i + MAX_KEYS_PER_CALL] for i in range(0, len(keys), MAX_KEYS_PER_CALL)]
+        by_slot: dict[int, list[str]] = {}
+        for key in keys:
+            by_slot.setdefault(key_slot(key.encode()), []).append(key)
+        return list(by_slot.values())
+
     async def _run_scripts(self, groups: dict[str, tuple[Any, ...]]) -> list[Any]:
+        """One pipelined round trip; returns per stream ``[added, duplicates, errors]`` or the error."""
+        plan = await self._calls(list(groups))
         for _ in range(2):
             pipe = self._redis.pipeline(transaction=False)
-            for key, args in groups.items():
-                pipe.execute_command("EVALSHA", self._sha, 1, key, *args)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-            if not any(isinstance(r, NoScriptError) for r in results):
-                for r in results:
+            for keys in plan:
+                argv: list[Any] = []
+                for key in keys:
+                    argv += groups[key]
+                pipe.execute_command("EVALSHA", self._sha, len(keys), *keys, *argv)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, NoScriptError) for r in replies):
+                results: list[Any] = []
+                for keys, r in zip(plan, replies, strict=True):
                     if isinstance(r, ResponseError) and str(r).startswith(_RETRYABLE_REPLIES):
                         raise r
                     if isinstance(r, (RedisConnectionError, RedisTimeoutError)):
                         raise r
-                return results
+                    if isinstance(r, Exception):
+                        results += [r] * len(keys)
+                    else:
+                        results += [r[3 * i : 3 * i + 3] for i in range(len(keys))]
+                return [results[i] for i in self._order(plan, groups)]
             log_event(log, logging.INFO, "script_reloaded")
             self._sha = str(await self._redis.script_load(APPEND_SCRIPT))
         raise ResponseError("NOSCRIPT persisted after reloading the append script")
+
+    @staticmethod
+    def _order(plan: list[list[str]], groups: dict[str, tuple[Any, ...]]) -> list[int]:
+        """Positions, in the plan's flattened order, of the streams in ``groups`` order."""
+        position = {key: i for i, key in enumerate(k for keys in plan for k in keys)}
+        return [position[key] for key in groups]
 
     def stats(self) -> WriterStats:
         spill = self.spill

@@ -22,7 +22,8 @@ is reported with ``"present": false``):
 - ``connections``: ``total``, ``live``, ``reconnects``, ``reconnects_recent``, ``reconnect_reasons``,
   ``stale`` (names, at most :data:`MAX_LISTED`), ``stale_count``, ``stalls`` and ``sessions``: per
   venue connection its ``state``, ``reason``, ``last_error``, ``state_for_s``, ``down_for_s`` (None
-  while live), ``last_frame_age_s`` (None before the first frame), ``streams``, ``reconnects``, ``stale``;
+  while live), ``last_frame_age_s`` (None before the first frame), ``streams``, ``reconnects``,
+  ``subscribe_errors``, ``stale``;
 - ``ingress``: ``length``, ``capacity``, ``fill_ratio``, ``policy``, ``dropped``, ``dropped_recent``,
   ``backpressure_events``, ``backpressure_recent``;
 - ``fanout``: ``present``, ``subscribers``, ``dropped``, ``dropped_recent``, ``errors``,
@@ -346,6 +347,7 @@ def _connections(ingestor: Ingestor, st: HeartbeatState, now: float) -> dict[str
             "last_frame_age_s": _round(max(0.0, now - last_us / 1e6)) if last_us else None,
             "streams": len(getattr(s, "streams", ()) or ()),
             "reconnects": n_reconnects,
+            "subscribe_errors": _num(s, "subscribe_errors"),
             "stale": len(s_stale),
         })
     for table in (st._seen, st._down_since, st._last_error):

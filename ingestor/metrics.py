@@ -9,6 +9,7 @@ reads need no lock).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -85,6 +86,36 @@ class IngestorCollector(Collector):
         )
         up.add_metric([venue], st.connections_live)
         yield up
+        sessions = list(ing.sessions)
+        configured = GaugeMetricFamily(
+            "market_connections", "Venue connections the ingestor keeps (live or not)", labels=["venue"]
+        )
+        configured.add_metric([venue], len(sessions))
+        yield configured
+        by_reason: dict[str, int] = {}
+        for sess in sessions:
+            for reason, n in list(sess.reconnect_reasons.items()):
+                by_reason[reason] = by_reason.get(reason, 0) + n
+        reasons = CounterMetricFamily(
+            "market_reconnect_reasons", "Venue WebSocket reconnects by the failure that caused them",
+            labels=["venue", "reason"],
+        )
+        for reason, n in sorted(by_reason.items()):
+            reasons.add_metric([venue, reason], n)
+        yield reasons
+        yield GaugeMetricFamily(
+            "market_stale_streams", "Venue streams whose seq has not moved for their stale_after threshold",
+            value=sum(len(sess.stale) for sess in sessions),
+        )
+        now_us = time.time_ns() // 1000
+        ages = [(now_us - sess.last_frame_us) / 1e6 for sess in sessions if sess.last_frame_us and sess.streams]
+        age = GaugeMetricFamily(
+            "market_last_frame_age_seconds", "Seconds since the quietest venue connection delivered a frame",
+            labels=["venue"],
+        )
+        if ages:
+            age.add_metric([venue], max(0.0, max(ages)))
+        yield age
         received = CounterMetricFamily("market_frames_received", "Venue frames received", labels=["venue"])
         received.add_metric([venue], st.frames)
         yield received
@@ -119,6 +150,21 @@ class IngestorCollector(Collector):
         yield gaps
         yield dups
         yield ooo
+        rep = ing.repairer
+        lost = dict(rep.ticks_unrepaired) if rep is not None else {}
+        fixed = dict(rep.ticks_repaired) if rep is not None else {}
+        unrepaired = CounterMetricFamily(
+            "market_gap_unrepaired", "Venue ids lost: missing after gap repair, stored as gap markers",
+            labels=["venue", "channel"],
+        )
+        repaired = CounterMetricFamily(
+            "market_gap_repaired", "Venue ids fetched over REST to close gaps", labels=["venue", "channel"]
+        )
+        for channel in sorted(set(ing.settings.channels) | set(lost) | set(fixed)):
+            unrepaired.add_metric([venue, channel], lost.get(channel, 0))
+            repaired.add_metric([venue, channel], fixed.get(channel, 0))
+        yield unrepaired
+        yield repaired
 
         if writer is not None:
             ws = writer.stats()
@@ -126,6 +172,9 @@ class IngestorCollector(Collector):
             yield CounterMetricFamily("market_redis_errors", "Failed Redis writes", value=ws.errors)
             yield GaugeMetricFamily(
                 "market_redis_up", "1 when the last Redis write succeeded", value=1 if ws.connected else 0
+            )
+            yield GaugeMetricFamily(
+                "market_spill_records", "Ticks in the spill log on disk, waiting for Redis", value=ws.spilled
             )
 
         yield histogram_family(

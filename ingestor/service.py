@@ -37,6 +37,7 @@ from distributor.spill import SpillLog
 from distributor.writer import StreamWriter
 from ingestor.binance import channel_to_stream
 from ingestor.config import IngestSettings, redact_url
+from ingestor.heartbeat import heartbeat_loop
 from ingestor.repair import GapRepairer
 from ingestor.rest import VenueRest
 from ingestor.sequencer import Sequencer
@@ -284,6 +285,7 @@ class Ingestor:
                 tg.create_task(self.writer.run(), name="writer")
                 tg.create_task(self.distributor.run(), name="distributor")
                 tg.create_task(self.repairer.run(), name="repair")
+                tg.create_task(heartbeat_loop(self, redis, prefix=s.prefix), name="heartbeat")
                 self.hotpath.start(tg)
                 for session in self.sessions:
                     tg.create_task(session.run(), name=f"session-{session.session_id}")

@@ -309,6 +309,24 @@ async def _replay(url: str, key: str, lo: Any, hi: Any, fmt: str, show_progress:
 
 # ----------------------------------------------------------------------------------------------
 @app.command()
+def status(
+    json_: Annotated[bool, typer.Option("--json", help="one JSON object instead of a line per stage")] = False,
+    prefix: Annotated[str | None, typer.Option(help="stream key prefix (default: MARKET_PREFIX, else md)")] = None,
+) -> None:
+    """Health of every stage: ingestor, connection, ingress queue, fan-out, Redis, consumer lag.
+
+    Exit status 0 only when every stage is ok, 1 when any is not (naming the failing stages), 2 when the
+    input is bad or Redis cannot be read.
+    """
+    from ops.status import run_status
+
+    key_prefix = prefix if prefix is not None else os.environ.get("MARKET_PREFIX", "md")
+    code = run_async(run_status(_redis_url(), key_prefix, json=json_), graceful_term=False)
+    raise typer.Exit(code)
+
+
+# ----------------------------------------------------------------------------------------------
+@app.command()
 def demo(
     duration: Annotated[float | None, typer.Option(help="seconds to run (default: until Ctrl-C)")] = None,
     rate: Annotated[float, typer.Option(help="simulated ticks per second in total")] = 2000.0,

@@ -120,5 +120,8 @@ class LatencyHistogram:
             h.counts[i] = c - prev
             prev = c
         h.sum_us = int(sum_us)
-        h.max_us = max_us or int(next((b for b, c in zip(_BOUNDS, h.counts, strict=True) if c), 0))
+        if not max_us:  # the highest non-empty bucket's bound (the last bucket has none: its lower bound)
+            top = max((i for i, c in enumerate(h.counts) if c), default=-1)
+            max_us = int(_BOUNDS[top]) if 0 <= top < BUCKETS - 1 else int(_BOUNDS[-2]) + 1 if top >= 0 else 0
+        h.max_us = max_us
         return h

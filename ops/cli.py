@@ -345,6 +345,37 @@ bench_app = typer.Typer(help="Reproducible load tests.", no_args_is_help=False, 
 app.add_typer(bench_app, name="bench")
 
 
+@bench_app.callback(invoke_without_command=True)
+def bench(
+    ctx: typer.Context,
+    quick: Annotated[bool, typer.Option("--quick", help="rates 1k to 100k/s, short windows: under 3 minutes")] = False,
+    out: Annotated[Path, typer.Option(help="directory for report.json, report.md and the plots")] = Path(
+        "bench-report"
+    ),
+    seed: Annotated[int, typer.Option(help="simulator seed (same seed, same market)")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as one JSON line")] = False,
+) -> None:
+    """The reproducible load test: simulator -> ingestor -> Redis -> consumer at stepped rates; writes a report.
+
+    With a command (hotpath, writer, reader), measures that one stage instead.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from ops.bench_report import progress_bar, run_bench
+
+    report = run_async(run_bench(quick=quick, out_dir=out, redis_url=_redis_url(), seed=seed, progress=progress_bar()))
+    if as_json:
+        _print_json(report["summary"], True)
+    else:
+        summary = dict(report["summary"])
+        targets = summary.pop("targets")
+        _print_json(summary, False)
+        for name, target in targets.items():
+            verdict = "N/A" if target["met"] is None else ("MET" if target["met"] else "MISSED")
+            print(f"{name:>24}: {verdict} ({target['target']}; measured {target['value']})")
+    print(f"market bench: report in {out / 'report.md'}", file=sys.stderr)
+
+
 def _print_json(result: dict[str, Any], as_json: bool) -> None:
     import orjson
 

@@ -1,0 +1,231 @@
+"""``market bench``: the report's pure parts, bad input, and a tiny run of the whole path on the real Redis."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import io
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.registry import Collector
+
+from consumer_sdk.errors import ConfigError, TransientError
+from consumer_sdk.latency import LatencyHistogram
+from ingestor.metrics import histogram_family
+from ops.bench_report import (
+    SUBSCRIBERS,
+    find_peak,
+    growing,
+    parse_metrics,
+    progress_bar,
+    queue_slope,
+    render_markdown,
+    run_bench,
+    stage_stats,
+    window_hist,
+    write_report,
+)
+from ops.redis_server import free_port
+
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+class _Fixed(Collector):
+    def __init__(self, hist: LatencyHistogram) -> None:
+        self.hist = hist
+
+    def collect(self) -> Any:
+        yield histogram_family("market_e2e_latency_us", "test", {"path": "hotpath"}, self.hist)
+
+
+def _exposition(hist: LatencyHistogram) -> str:
+    registry = CollectorRegistry()
+    registry.register(_Fixed(hist))
+    text = generate_latest(registry).decode()
+    return text + 'market_published_total{channel="trade",venue="binance"} 7.0\n' \
+                  'market_published_total{channel="agg_trade",venue="binance"} 5.0\n' \
+                  'market_dropped_total{policy="block",stage="ingress"} 2.0\n'
+
+
+def test_metrics_round_trip_through_prometheus_text() -> None:
+    h = LatencyHistogram()
+    for us in (1, 5, 40, 300, 300, 2_000, 90_000):
+        h.observe(us)
+    scrape = parse_metrics(_exposition(h))
+    back = scrape.hist("market_e2e_latency_us")
+    assert back.counts == h.counts
+    assert back.sum_us == h.sum_us
+    assert back.percentile(0.5) == h.percentile(0.5)
+    assert scrape.total("market_published_total") == 12
+    assert scrape.total("market_published_total", channel="trade") == 7
+    assert scrape.total("market_dropped_total", stage="ingress") == 2
+    assert scrape.total("market_dropped_total", stage="hotpath") == 0
+
+
+def test_window_hist_covers_the_window_only() -> None:
+    before = LatencyHistogram()
+    before.observe(50_000)  # a slow tick before the window must not be the window's max
+    after = before.copy()
+    for us in (10, 20, 30):
+        after.observe(us)
+    window = window_hist(after, before)
+    stats = stage_stats(window)
+    assert stats["count"] == 3
+    assert stats["max_us"] < 50
+    assert stats["p50_us"] <= stats["p99_us"] <= stats["max_us"]
+
+
+def test_queue_growth_is_a_trend_not_a_batch() -> None:
+    flat = [(t * 0.5, 3000.0 if t % 2 else 0.0) for t in range(20)]  # a batch in flight now and then
+    assert not growing(flat, 50_000)
+    rising = [(t * 0.5, 5000.0 * t) for t in range(20)]
+    assert queue_slope(rising) == pytest.approx(10_000)
+    assert growing(rising, 50_000)
+    assert not growing([], 1000)
+
+
+def _step(rate: float, *, saturated: bool, p99: float) -> dict[str, Any]:
+    return {"rate": rate, "status": "ran", "saturated": saturated,
+            "latency": {"redis_e2e": {"count": 10, "p99_us": p99}}}
+
+
+def test_peak_is_the_highest_clean_step_within_the_target() -> None:
+    steps = [_step(1000, saturated=False, p99=900), _step(10_000, saturated=False, p99=1500),
+             _step(50_000, saturated=False, p99=3000), _step(100_000, saturated=True, p99=1000),
+             {"rate": 150_000, "status": "not run"}]
+    peak = find_peak(steps, 2000)
+    assert peak is not None and peak["rate"] == 10_000
+    assert find_peak([_step(1000, saturated=True, p99=10)], 2000) is None
+
+
+def test_progress_bar_is_one_line() -> None:
+    out = io.StringIO()
+    show = progress_bar(out, width=10)
+    show("step 1/2 500/s", 0.5)
+    show("done", 1.0)
+    show("after done", 1.0)
+    text = out.getvalue()
+    assert "\r[#####.....] step 1/2 500/s 0s" in text
+    assert text.endswith("\n") and text.count("\n") == 1
+    assert "after done" not in text
+
+
+async def test_unreachable_redis_is_one_clear_error(tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(TransientError, match="Redis unreachable"):
+        await run_bench(quick=True, out_dir=tmp_path, redis_url=url, schedule=[500], step_s=1)
+
+
+async def test_port_in_use_and_bad_arguments(tmp_path: Path, redis_url: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port {port} .* in use"):
+            await run_bench(quick=True, out_dir=tmp_path, redis_url=redis_url, schedule=[500], step_s=1,
+                            sim_port=port)
+    with pytest.raises(ConfigError, match="schedule"):
+        await run_bench(quick=True, out_dir=tmp_path, redis_url=redis_url, schedule=[0.0])
+    with pytest.raises(ConfigError, match="step_s"):
+        await run_bench(quick=True, out_dir=tmp_path, redis_url=redis_url, schedule=[500], step_s=0.1)
+    with pytest.raises(ConfigError, match="Redis URL"):
+        await run_bench(quick=True, out_dir=tmp_path, redis_url="http://nowhere", schedule=[500])
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="cannot write the report"):
+        await run_bench(quick=True, out_dir=blocker / "out", redis_url=redis_url, schedule=[500])
+
+
+@pytest.mark.slow
+async def test_tiny_run_writes_the_report_and_the_counts_add_up(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[str, float]] = []
+    report = await run_bench(
+        quick=True, out_dir=tmp_path, redis_url=redis_url, seed=3, schedule=[500, 2000], step_s=3,
+        progress=lambda label, fraction: seen.append((label, fraction)), writer_ticks=2000, hotpath_duration=1.0,
+    )
+    # Files.
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["summary"] == json.loads(json.dumps(report["summary"]))
+    md = (tmp_path / "report.md").read_text()
+    for heading in ("## Machine", "## Reproduce", "## Summary against the targets", "## Steps", "## Tallies",
+                    "## Where the time goes"):
+        assert heading in md
+    assert "shared" in md
+    if HAVE_MATPLOTLIB:
+        assert report["plots"] == ["latency.png", "queue.png", "throughput_cpu.png"]
+        for name in report["plots"]:
+            assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+    assert seen and seen[-1] == ("done", 1.0)
+    assert all(0.0 <= f <= 1.0 for _, f in seen)
+
+    # Structure.
+    for key in ("machine", "versions", "configuration", "git", "seed", "started", "ended", "steps", "summary",
+                "tallies", "writer_baseline", "hotpath_standalone", "writer_flush", "command"):
+        assert key in report, key
+    assert report["seed"] == 3
+    assert report["machine"]["cores"] >= 1 and report["machine"]["cpu_model"]
+    assert report["versions"]["redis-server"] and report["versions"]["orjson"] and report["versions"]["websockets"]
+    summary = report["summary"]
+    for key in ("hotpath_p99_us", "redis_e2e_p99_us", "peak_ingest_per_s", "baseline_ratio",
+                "hotpath_standalone_p99_us"):
+        assert key in summary, key
+    assert summary["baseline_ratio"] > 0
+    assert summary["hotpath_p99_us"] > 0 and summary["redis_e2e_p99_us"] > 0
+    assert set(summary["targets"]) == {"hotpath_p99_us", "redis_e2e_p99_us", "no_queue_growth", "peak_ingest_per_s"}
+    assert report["hotpath_standalone"]["accounted"] is True
+
+    # Every step, and the counts at its edges.
+    assert [s["rate"] for s in report["steps"]] == [500, 2000]
+    for step in report["steps"]:
+        assert step["status"] == "ran"
+        lat = step["latency"]
+        for stage in ("ingest", "hotpath", "redis", "redis_e2e"):
+            assert lat[stage]["count"] > 0, stage
+            assert lat[stage]["p50_us"] <= lat[stage]["p99_us"] <= lat[stage]["p999_us"] <= lat[stage]["max_us"]
+        t = step["tallies"]
+        assert t["adds_up"], t
+        assert t["sent"] > 0.5 * step["rate"] * step["window_s"]
+        assert abs(t["sent"] - t["received"]) <= t["tolerance"]
+        assert abs(t["accepted"] - t["published"] - t["dropped"] - t["queued_change"]) <= t["tolerance"]
+        assert abs(t["consumed"] - t["published"]) <= t["tolerance"]
+        # Every tick reaches all 16 co-located subscribers.
+        assert abs(lat["hotpath"]["count"] - SUBSCRIBERS * lat["ingest"]["count"]) <= SUBSCRIBERS * t["tolerance"]
+        assert step["queue"]["samples"] and len(step["queue"]["samples"][0]) == 5
+        assert set(step["cpu"]) >= {"simulator", "ingestor", "bench", "machine"}
+        assert step["cpu"]["ingestor"] is not None and step["cpu"]["ingestor"] > 0
+
+    # The whole run, after the final drain: exact.
+    f = report["tallies"]
+    assert f["drained"]
+    assert f["sent"] == f["received"] > 0
+    assert f["accepted"] == f["published"] + f["dropped"] + f["queued"]
+    assert f["queued"] == 0 and f["dropped"] == 0
+    assert f["consumed"] == f["published"]
+    assert f["reconnects"] == 0 and f["subscribers"] == SUBSCRIBERS
+    assert f["received"] - f["accepted"] == f["other_frames"] >= 0
+
+    # Nothing left behind in Redis.
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert list(client.scan_iter(f"{report['configuration']['prefix']}:*", count=1000)) == []
+    finally:
+        client.close()
+
+    # Without matplotlib the report is still written, and says why there are no plots.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    bare = tmp_path / "bare"
+    again = copy.deepcopy(report)
+    write_report(again, bare)
+    assert again["plots"] == [] and "matplotlib" in again["plots_note"]
+    assert "No plots: matplotlib is not installed" in (bare / "report.md").read_text()
+    assert not list(bare.glob("*.png"))
+    assert render_markdown(again) == (bare / "report.md").read_text()

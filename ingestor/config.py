@@ -121,6 +121,12 @@ def _validate_ws_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def validate_prefix(prefix: str) -> str:
+    if not _PREFIX.match(prefix):
+        raise ConfigError(f"invalid stream prefix {prefix!r}: letters, digits, '_', '.', '-' only")
+    return prefix
+
+
 def default_spill_dir(prefix: str) -> str:
     """``$MARKET_STATE_DIR`` or ``$XDG_STATE_HOME/market`` or ``~/.local/state/market``, then ``spill/<prefix>``."""
     base = os.environ.get("MARKET_STATE_DIR") or os.path.join(

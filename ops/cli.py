@@ -259,8 +259,11 @@ def replay(
     end: Annotated[str, typer.Option(help="epoch ms, ISO-8601 time, seq:N, or +")] = "+",
     format_: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl",
     progress: Annotated[bool, typer.Option(help="progress on stderr (default: when stderr is a terminal)")] = False,
+    to_prefix: Annotated[
+        str | None, typer.Option(help="copy the range into this key prefix (same IDs) instead of printing it")
+    ] = None,
 ) -> None:
-    """History from a stream to stdout, in entry order (exactly what XRANGE returns)."""
+    """History from a stream to stdout, in entry order (exactly what XRANGE returns), or copied to another prefix."""
     from consumer_sdk.keys import parse_key
     from consumer_sdk.replay import parse_bound
 
@@ -269,7 +272,30 @@ def replay(
         fail(f"--format must be jsonl or csv, got {format_!r}")
     lo = parse_bound(start, end=False)
     hi = parse_bound(end, end=True)
+    if to_prefix is not None:
+        from ingestor.config import validate_prefix
+
+        validate_prefix(to_prefix)
+        run_async(_republish(_redis_url(), key, lo, hi, to_prefix, progress or sys.stderr.isatty()))
+        return
     run_async(_replay(_redis_url(), key, lo, hi, format_, progress or sys.stderr.isatty()), graceful_term=False)
+
+
+async def _republish(url: str, key: str, lo: Any, hi: Any, prefix: str, show_progress: bool) -> None:
+    from consumer_sdk.replay import republish
+    from ingestor.service import connect_redis
+
+    def report(done: int, total: int | None) -> None:
+        if show_progress:
+            pct = f" {100 * done / total:5.1f}%" if total else ""
+            print(f"\rcopy {key}: {done} entries{pct}", end="", file=sys.stderr, flush=True)
+
+    redis = await connect_redis(url)
+    try:
+        n = await republish(redis, key, lo, hi, target_prefix=prefix, progress=report)
+    finally:
+        await redis.aclose()
+    print(f"\ncopied {n} entries of {key} into prefix {prefix!r}", file=sys.stderr)
 
 
 async def _replay(url: str, key: str, lo: Any, hi: Any, fmt: str, show_progress: bool) -> None:

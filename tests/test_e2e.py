@@ -223,3 +223,28 @@ def simulator_port_rest() -> Any:
     yield port, f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.communicate(timeout=10)
+
+
+def test_cli_replay_copies_a_range_into_another_prefix(redis_url: str, prefix: str) -> None:
+    import redis as sync_redis
+
+    r = sync_redis.Redis.from_url(redis_url)
+    key = "md:binance:CPYUSDT:trade"
+    target = f"{prefix}:binance:CPYUSDT:trade"
+    try:
+        for seq in range(1, 101):
+            tick = {"v": 1, "venue": "binance", "symbol": "CPYUSDT", "channel": "trade", "seq": seq,
+                    "ts_event": (1_700_000_000_000 + seq) * 1000, "ts_recv": 1, "trade_id": seq, "price": "1.0",
+                    "qty": "1", "side": "buy"}
+            r.xadd(key, {"d": orjson.dumps(tick)}, id=f"{1_700_000_000_000 + seq}-{seq}")
+        env = {**os.environ, "MARKET_REDIS_URL": redis_url}
+        for _ in range(2):  # a second copy adds nothing: the IDs are already there
+            subprocess.run(
+                [sys.executable, "-m", "ops.cli", "replay", key, "--start", "seq:11", "--end", "seq:60",
+                 "--to-prefix", prefix],
+                env=env, capture_output=True, timeout=30, check=True,
+            )
+        assert r.xrange(target) == r.xrange(key, f"{1_700_000_000_011}-11", f"{1_700_000_000_060}-60")
+    finally:
+        r.delete(key)
+        r.close()

@@ -2,6 +2,9 @@
 
 - :func:`iter_read_reply` flattens the four shapes redis-py returns for XREAD/XREADGROUP
   (RESP2 or RESP3, legacy or unified responses) into ``(key, entries)`` pairs.
+- :func:`raw_stream_client` reads XREADGROUP and XAUTOCLAIM replies as they come off the wire
+  (no dict built per entry); :func:`field_value` finds a field in such an entry.
+- :func:`xack_many` acknowledges entries of several streams in one write, packed ahead.
 - :func:`blocking_client` gives a client whose socket timeout outlasts a ``BLOCK``.
 - :func:`classify` and :func:`translate` map redis exceptions onto :mod:`consumer_sdk.errors`.
 - :func:`backoff_delays` is the capped, jittered reconnect schedule.
@@ -12,15 +15,24 @@
 from __future__ import annotations
 
 import enum
+import inspect
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, cast
 
 import redis.exceptions as rexc
 from redis.asyncio import ConnectionPool, Redis
 
 from consumer_sdk.errors import ConfigError, MarketError, TransientError
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _pack
+except ImportError:  # pragma: no cover - hiredis comes with redis[hiredis]
+    _hiredis_pack = None
+else:
+    _hiredis_pack = cast(Callable[[tuple[Any, ...]], bytes], _pack)
 
 __all__ = [
     "MAX_SEQ",
@@ -34,14 +46,18 @@ __all__ = [
     "classify",
     "effective_socket_timeout",
     "field_name",
+    "field_value",
     "fmt_id",
     "id_after",
     "id_before",
     "id_str",
     "id_tuple",
     "iter_read_reply",
+    "pack_xack",
+    "raw_stream_client",
     "stream_view",
     "translate",
+    "xack_many",
     "xinfo_stream",
 ]
 
@@ -117,6 +133,93 @@ def iter_read_reply(reply: Any) -> Iterator[tuple[Any, Sequence[Entry]]]:
         if entries and isinstance(entries[0], list) and entries[0] and isinstance(entries[0][0], tuple):
             entries = entries[0]
         yield key, entries
+
+
+def field_value(fields: Any, name: bytes | str) -> Any:
+    """The value of field ``name`` in an entry's fields, or ``None`` when it has none.
+
+    ``fields`` as the server sent them (``[name1, value1, name2, value2, ...]``) or as a mapping;
+    a name given twice: the last value wins, as in the dict redis-py builds.
+    """
+    if not fields:
+        return None
+    if isinstance(fields, Mapping):
+        return fields.get(name)
+    value = None
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == name:
+            value = fields[i + 1]
+    return value
+
+
+def _as_sent(response: Any, **_options: Any) -> Any:
+    return response
+
+
+def raw_stream_client(client: Redis) -> Redis:
+    """A client on ``client``'s connection pool that leaves XREADGROUP and XAUTOCLAIM replies as parsed.
+
+    An entry is ``[entry_id, [field, value, ...]]`` (``[entry_id, None]`` for a pending entry whose
+    content was deleted) instead of a tuple holding a new dict: on a large read, building those
+    dicts costs more than the read itself.  An XREADGROUP reply is a list of ``[key, entries]``
+    (RESP2) or a dict of ``key: entries`` (RESP3); :func:`iter_read_reply` takes both.  The new
+    client owns nothing: closing ``client`` (or its pool) is all the cleanup there is.
+    """
+    raw = Redis(connection_pool=client.connection_pool)
+    for command in ("XREADGROUP", "XAUTOCLAIM"):
+        raw.set_response_callback(command, _as_sent)
+    return raw
+
+
+def pack_xack(key: bytes, group: bytes, ids: Sequence[bytes | str], *, use_hiredis: bool = True) -> bytes:
+    """``XACK key group id ...`` as the bytes to write (RESP, one bulk string per argument)."""
+    if use_hiredis and _hiredis_pack is not None:
+        return _hiredis_pack((b"XACK", key, group, *ids))
+    head = b"*%d\r\n$4\r\nXACK\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(ids) + 3, len(key), key, len(group), group)
+    raw = [i.encode() if isinstance(i, str) else i for i in ids]
+    return b"".join([head, *[b"$%d\r\n%b\r\n" % (len(i), i) for i in raw]])
+
+
+_WANTS_COMMAND_NAME: dict[type, bool] = {}
+
+
+async def _pool_connection(pool: Any) -> Any:
+    """A connection from ``pool`` (redis-py before 5.3 wants a command name; later ones warn about it)."""
+    cls = type(pool)
+    wants = _WANTS_COMMAND_NAME.get(cls)
+    if wants is None:
+        parameter = inspect.signature(pool.get_connection).parameters.get("command_name")
+        wants = _WANTS_COMMAND_NAME[cls] = parameter is not None and parameter.default is inspect.Parameter.empty
+    return await (pool.get_connection("XACK") if wants else pool.get_connection())
+
+
+async def xack_many(client: Redis, group: str, acks: Sequence[tuple[str, Sequence[bytes | str]]]) -> int:
+    """Acknowledge ``ids`` in ``group`` for each ``(key, ids)``; how many were pending.
+
+    The same as a pipeline of ``client.xack(key, group, *ids)``, written as bytes packed here:
+    redis-py packs each ID as an argument of its own, in Python, which costs more than the XACK
+    itself.  One connection of the client's pool, one write, one reply per stream read in turn.
+    An error reply (a key that is not a stream) is raised once every reply has been read.
+    """
+    pool: Any = client.connection_pool
+    encode: Callable[[Any], bytes] = pool.get_encoder().encode  # the client's encoding of keys and names
+    name = encode(group)
+    payload = [pack_xack(encode(key), name, ids) for key, ids in acks]
+    conn = await _pool_connection(pool)
+    acked = 0
+    error: rexc.ResponseError | None = None
+    try:
+        await conn.send_packed_command(payload)
+        for _ in payload:
+            try:
+                acked += int(await conn.read_response())
+            except rexc.ResponseError as exc:  # the reply was read: the connection is still in step
+                error = error or exc
+    finally:  # any other error has closed the connection: it reconnects when next used
+        await pool.release(conn)
+    if error is not None:
+        raise error
+    return acked
 
 
 def field_name(client: Redis) -> bytes | str:

@@ -5,11 +5,20 @@
     consumer = Consumer(redis_url="redis://127.0.0.1:6379/0", patterns=["binance:*:trade"], group="strat")
     await consumer.run(handler)          # until consumer.stop(), cancellation, or the handler raises
 
-How a read goes: one ``XREADGROUP ... BLOCK`` over every matched stream; per stream, the entries
-are decoded and classified by a :class:`~consumer_sdk.sequencing.SeqTracker` (no I/O, no await);
-new ticks go to the handler in order; then one ``XACK`` per stream (pipelined) for everything the
-handler returned from, plus duplicates and invalid entries.  Nothing is acknowledged before the
-handler returned for it: at-least-once.
+How a read goes: one ``XREADGROUP`` over every matched stream without ``BLOCK`` (a backlog comes
+back at once) and, only when that finds nothing, one with ``BLOCK``; the reply is taken as the
+server sent it (no dict per entry) and reduced to entry IDs and tick fields; per stream, the
+entries are decoded and classified by a :class:`~consumer_sdk.sequencing.SeqTracker` (no I/O, no
+await); new ticks go to the handler in order; then one ``XACK`` per stream, all written at once,
+for everything the handler returned from, plus duplicates and invalid entries.  Nothing is
+acknowledged before the handler returned for it: at-least-once.
+
+Garbage collection: a reply holds two lists per entry, and collections that start while a large
+one is being built walk it again and again (on a backlog of 500 000 entries, longer than the read
+itself takes).  So Python's cyclic garbage collector is paused, if it was on, while a read without
+``BLOCK`` is under way and until its reply is reduced to flat lists; other tasks that run in the
+meantime run with it paused too.  A blocking read never pauses it, and handlers run with the
+collector as the application left it.
 
 Delivery rules:
 
@@ -68,21 +77,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
+import orjson
 import redis.exceptions as rexc
 from redis.asyncio import Redis
 
 from consumer_sdk._aio import reraise_if_cancelling
 from consumer_sdk._log import Throttle, get_logger, log_event
 from consumer_sdk._redis import (
-    Entry,
     ErrorKind,
     IdT,
     StreamView,
@@ -90,20 +101,23 @@ from consumer_sdk._redis import (
     blocking_client,
     classify,
     field_name,
+    field_value,
     fmt_id,
     id_after,
     id_before,
     id_str,
     id_tuple,
     iter_read_reply,
+    raw_stream_client,
     stream_view,
     translate,
+    xack_many,
 )
 from consumer_sdk.errors import ConfigError, InvalidTick, TransientError, TrimmedError
 from consumer_sdk.keys import DEFAULT_PREFIX, Pattern
 from consumer_sdk.replay import Bound, parse_bound, resolve_bound, start_trimmed
 from consumer_sdk.sequencing import SeqTracker, Verdict, is_contiguous_channel
-from consumer_sdk.tick import Tick, decode_tick
+from consumer_sdk.tick import SCHEMA_VERSION, Tick, decode_tick
 
 __all__ = [
     "Consumer",
@@ -135,8 +149,10 @@ _GAP: Final = Verdict.GAP
 _LATE: Final = Verdict.LATE
 _DUP: Final = Verdict.DUPLICATE
 
-# (kind, entry id as returned, tick or error, verdict, tracker.last before this entry)
-_Item: TypeAlias = tuple[int, Any, Any, Verdict | None, int | None]
+# An entry that is not simply the next tick in order: (kind, verdict, the error of an invalid entry).
+_Odd: TypeAlias = tuple[int, Verdict | None, InvalidTick | None]
+# One stream's entries read: (key as returned, entry IDs, values of the field d), see _flatten.
+_Flat: TypeAlias = tuple[Any, list[Any], list[Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,77 +250,225 @@ class _KeyState:
 
 @dataclass(slots=True)
 class _Batch:
-    items: list[_Item]
-    gaps: list[tuple[int, Any, Any, int, int]]  # (item index, ID before the hole, ID after, first, last)
+    """One stream's entries, classified.
+
+    ``ids`` and ``ticks`` have one item per entry, in order; ``ticks[i]`` is the tick to hand over,
+    or ``None`` for an entry that is not to be handed over.  Entries that are not simply the next
+    tick in order (a gap, a late or claimed tick, a duplicate, an invalid or a deleted entry) are
+    listed in ``odd`` by index.
+    """
+
+    ids: list[Any]
+    ticks: list[Any]
+    odd: dict[int, _Odd]
+    gaps: list[tuple[int, Any, Any, int, int]]  # (index, ID before the hole, ID after, first, last)
+    pre_last: int | None  # the tracker's last seq before this batch
     pre_last_id: Any
     deleted: list[IdT]  # pending entries whose content is gone (reported on their own)
-    reports: dict[int, tuple[int, int]] | None = None  # item index -> hole to report before it
+    reports: dict[int, tuple[int, int]] | None = None  # index -> hole to report before it
+    done: int = 0  # entries dealt with, from the first: what may be acked
+
+    def kind(self, index: int) -> int:
+        item = self.odd.get(index)
+        return _DELIVER if item is None else item[0]
+
+    def verdict(self, index: int) -> Verdict | None:
+        item = self.odd.get(index)
+        return _OK if item is None else item[1]
+
+    def accepted(self, index: int) -> bool:
+        """Whether the tracker took this entry's seq as its last (an ``OK`` or a ``GAP``)."""
+        if self.ticks[index] is None:
+            return False
+        verdict = self.verdict(index)
+        return verdict is not None and verdict <= _GAP
 
 
-def _classify(state: _KeyState, entries: Sequence[Entry], dfield: Any, claimed: bool) -> _Batch:
-    """Decode and sequence-check one stream's entries (pure; updates the stream's tracker)."""
+# In place of the field value of a pending entry whose content was deleted.
+_GONE: Final = object()
+
+
+def _flatten(entries: Iterable[Any], dfield: Any) -> tuple[list[Any], list[Any]]:
+    """One stream's entries, as the server sent them, as two lists: the entry IDs and their field ``dfield``.
+
+    An entry is ``[entry_id, [field, value, ...]]`` (a mapping of fields is taken too); a value is
+    ``None`` when the entry has no such field and :data:`_GONE` when its content was deleted (a
+    pending entry, read again after a trim).  The lists hold no container per entry, so Python's
+    cyclic garbage collector has little to walk once the reply itself is dropped.
+    """
+    ids: list[Any] = []
+    values: list[Any] = []
+    add_id = ids.append
+    add_value = values.append
+    for eid, fields in entries:
+        add_id(eid)
+        if type(fields) is list and len(fields) == 2 and fields[0] == dfield:  # what the writer stores
+            add_value(fields[1])
+        elif not fields:
+            add_value(_GONE)
+        else:
+            add_value(field_value(fields, dfield))
+    return ids, values
+
+
+def _flatten_reply(reply: Any, dfield: Any) -> list[_Flat]:
+    """``(key, ids, values)`` for every stream with entries in an XREADGROUP reply (see :func:`_flatten`)."""
+    return [(key, *_flatten(entries, dfield)) for key, entries in iter_read_reply(reply) if entries]
+
+
+class _CollectorPause:
+    """Keeps Python's cyclic garbage collector off while large replies are read and flattened.
+
+    A reply holds two lists per entry and no reference cycles; collections that start while it is
+    being built walk it again and again as it grows, which costs more than reading it.  Shared by
+    every consumer of the process: the collector is switched off by the first reader in, and back on
+    by the last one out, only if it was on to begin with.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._resume = False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                self._resume = gc.isenabled()
+                gc.disable()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0 and self._resume:
+                    self._resume = False
+                    gc.enable()
+
+
+_collector_paused: Final = _CollectorPause()
+
+# How long a cancelled read may run on before it is cancelled again.
+_RECANCEL_S: Final = 0.02
+
+
+def _cancel_until_done(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task``, and again every :data:`_RECANCEL_S` while it runs on.
+
+    On Python 3.11, ``asyncio.wait_for`` (which redis-py sends every command through) drops a
+    cancellation that arrives just as the command was written; the read would then block for its
+    whole ``BLOCK``.
+    """
+    if task.done():
+        return
+    task.cancel()
+    task.get_loop().call_later(_RECANCEL_S, _cancel_until_done, task)
+
+
+def _check(raw: Any) -> Tick | InvalidTick:
+    """:func:`decode_tick`'s verdict on a field value (``None``: no such field), the error returned."""
+    if raw is None:
+        return InvalidTick("no field 'd'")
+    try:
+        return decode_tick(raw)
+    except InvalidTick as exc:
+        return exc
+
+
+def _classify(state: _KeyState, ids: list[Any], values: list[Any], claimed: bool) -> _Batch:
+    """Decode and sequence-check one stream's entries (pure; updates the stream's tracker).
+
+    ``ids`` and ``values`` as :func:`_flatten` gives them.  This is the per-entry cost of a read, so
+    the common case is checked inline: a tick that passes :func:`decode_tick`'s checks and has the
+    next seq in order.  Anything else takes the long way, with the same outcome.
+    """
     tracker = state.tracker
-    observe = tracker.observe
-    decode = decode_tick
     contiguous = tracker.contiguous
-    ok, gap, late, dup, deliver = _OK, _GAP, _LATE, _DUP, _DELIVER
-    last_id = pre_last_id = state.last_id
-    items: list[_Item] = []
-    append = items.append
+    observe = tracker.observe
+    loads = orjson.loads
+    version = SCHEMA_VERSION
+    last = pre_last = tracker.last
+    last_index = -1  # of the last entry accepted as the tracker's last seq
+    ticks: list[Any] = []
+    add_tick = ticks.append
+    odd: dict[int, _Odd] = {}
     gaps: list[tuple[int, Any, Any, int, int]] = []
     deleted: list[IdT] = []
-    for eid, fields in entries:
-        if not fields:  # listed as pending, but its content was deleted (trimmed)
-            append((_DELETED, eid, None, None, None))
-            deleted.append(id_tuple(eid))
-            continue
-        raw = fields.get(dfield)
+    in_order = 0
+    for index, raw in enumerate(values):
         try:
-            if raw is None:
-                raise InvalidTick("no field 'd'")
-            tick = decode(raw)
-        except InvalidTick as exc:
-            append((_INVALID, eid, exc, None, None))
+            tick = loads(raw)
+            seq = tick["seq"]
+            v = tick["v"]
+            if (
+                type(seq) is not int
+                or seq < 0
+                or type(v) is not int
+                or v != version
+                or type(tick["venue"]) is not str
+                or type(tick["symbol"]) is not str
+                or type(tick["channel"]) is not str
+                or type(tick["ts_event"]) is not int
+                or type(tick["ts_recv"]) is not int
+            ):
+                raise ValueError
+        except (ValueError, TypeError, KeyError):  # orjson.JSONDecodeError is a ValueError
+            if raw is _GONE:  # listed as pending, but its content was deleted (trimmed)
+                odd[index] = (_DELETED, None, None)
+                deleted.append(id_tuple(ids[index]))
+                add_tick(None)
+                continue
+            checked = _check(raw)
+            if isinstance(checked, InvalidTick):
+                odd[index] = (_INVALID, None, checked)
+                add_tick(None)
+                continue
+            tick = checked
+            seq = tick["seq"]
+        if last is None or seq == last + 1 or (seq > last and not contiguous):  # SeqTracker.observe's OK
+            last = seq
+            last_index = index
+            in_order += 1
+            add_tick(tick)
             continue
-        prev = tracker.last
-        seq = tick["seq"]
+        tracker.last = last
         verdict = observe(seq)
-        if verdict is ok:  # the common case first
-            last_id = eid
-            append((deliver, eid, tick, verdict, prev))
+        if verdict is _LATE and not contiguous:
+            verdict = _DUP
+        if verdict is _DUP and not claimed:
+            odd[index] = (_DUPLICATE, verdict, None)
+            add_tick(None)
             continue
-        if verdict is late and not contiguous:
-            verdict = dup
-        if verdict is dup and not claimed:
-            append((_DUPLICATE, eid, None, verdict, prev))
-            continue
-        if verdict is gap:
-            assert prev is not None
-            gaps.append((len(items), last_id, eid, prev + 1, seq - 1))
-            last_id = eid
-        append((deliver, eid, tick, verdict, prev))
-    state.last_id = last_id
-    return _Batch(items, gaps, pre_last_id, deleted)
+        if verdict is _GAP:
+            assert last is not None
+            before = ids[last_index] if last_index >= 0 else state.last_id
+            gaps.append((index, before, ids[index], last + 1, seq - 1))
+        if verdict <= _GAP:
+            last_index = index
+        last = tracker.last
+        if verdict is not _OK:
+            odd[index] = (_DELIVER, verdict, None)
+        add_tick(tick)
+    tracker.last = last
+    tracker.accepted += in_order
+    pre_last_id = state.last_id
+    if last_index >= 0:
+        state.last_id = ids[last_index]
+    return _Batch(ids, ticks, odd, gaps, pre_last, pre_last_id, deleted)
 
 
 def _rollback(state: _KeyState, batch: _Batch, index: int) -> None:
-    """Forget what the tracker learnt from ``batch.items[index:]``: they were not handed over."""
+    """Forget what the tracker learnt from the entries from ``index`` on: they were not handed over."""
     tracker = state.tracker
-    restored = False
-    for kind, _eid, tick, verdict, prev in batch.items[index:]:
-        if kind != _DELIVER or verdict is None or verdict > _GAP:
-            continue
-        if not restored:
-            tracker.last = prev
-            restored = True
-        if verdict is _GAP:
-            assert prev is not None
-            tracker.fill(prev + 1, tick["seq"] - 1)
-    last_id = batch.pre_last_id
-    for kind, eid, _tick, verdict, _prev in batch.items[:index]:
-        if kind == _DELIVER and verdict is not None and verdict <= _GAP:
-            last_id = eid
-    state.last_id = last_id
+    total = len(batch.ids)
+    earlier = next((i for i in range(min(index, total) - 1, -1, -1) if batch.accepted(i)), None)
+    if any(batch.accepted(i) for i in range(index, total)):
+        tracker.last = batch.pre_last if earlier is None else batch.ticks[earlier]["seq"]
+    for gap_index, _before, _after, first, last in batch.gaps:
+        if gap_index >= index:
+            tracker.fill(first, last)
+    state.last_id = batch.pre_last_id if earlier is None else batch.ids[earlier]
 
 
 def _is_async(handler: Handler) -> bool:
@@ -450,7 +614,7 @@ class Consumer:
         self._stop.set()
         task = self._read_task
         if task is not None and not task.done():
-            task.cancel()
+            _cancel_until_done(task)
 
     async def run(self, handler: Handler) -> None:
         """Hand every new tick to ``handler`` until :meth:`stop` or cancellation.
@@ -533,6 +697,7 @@ class Consumer:
         if self._client is None:
             self._client, self._owned = self._make_client()
         client = self._client
+        reader = raw_stream_client(client)  # reads entries without a dict per entry
         self._dfield = field_name(client)
         delays = backoff_delays()
         need_setup, need_recover, failures = True, False, 0
@@ -549,14 +714,14 @@ class Consumer:
                     if need_recover:
                         await self._recover(client)
                         need_recover = False
-                    acks = await self._maintain(client, handler, is_async, collect)
+                    acks = await self._maintain(client, reader, handler, is_async, collect)
                     if collect is None and acks:
                         await self._ack(client, acks)  # claimed entries: do not hold them over a block
                         acks = []
                     if not collect:  # (when collecting, hand over what was claimed first)
-                        reply = await self._read(client)
-                        if reply:
-                            acks += await self._dispatch(client, iter_read_reply(reply), handler, is_async, collect)
+                        found = await self._read(reader)
+                        if found:
+                            acks += await self._dispatch(client, found, handler, is_async, collect)
                     if collect is None:
                         await self._ack(client, acks)
                     else:
@@ -748,9 +913,17 @@ class Consumer:
             log_event(log, logging.WARNING, "group_recreated", key=state.key, group=self.group, start="0")
 
     async def _maintain(
-        self, client: Redis, handler: Handler, is_async: bool, collect: list[tuple[str, str, Tick]] | None
+        self,
+        client: Redis,
+        reader: Redis,
+        handler: Handler,
+        is_async: bool,
+        collect: list[tuple[str, str, Tick]] | None,
     ) -> list[tuple[str, list[Any]]]:
-        """Rescan globs and claim idle entries when they are due; returns the claimed entries' acks."""
+        """Rescan globs and claim idle entries when they are due; returns the claimed entries' acks.
+
+        ``reader`` is ``client`` as made by :func:`~consumer_sdk._redis.raw_stream_client`.
+        """
         now = asyncio.get_running_loop().time()
         if now >= self._next_rescan:
             self._next_rescan = now + self._rescan_s
@@ -765,11 +938,11 @@ class Consumer:
         active = [s for s in self._states.values() if s.active]
         if not active:
             return []
-        async with client.pipeline(transaction=False) as pipe:
+        async with reader.pipeline(transaction=False) as pipe:
             for state in active:
                 pipe.xautoclaim(state.key, self.group, self.consumer, self._claim_idle_ms, "0-0", count=self._count)
             results = await pipe.execute(raise_on_error=False)
-        claimed: list[tuple[Any, Sequence[Entry]]] = []
+        claimed: list[_Flat] = []
         for state, result in zip(active, results, strict=True):
             if isinstance(result, Exception):
                 raise result
@@ -778,7 +951,7 @@ class Consumer:
                 self._report_trimmed(state, first, None, marker=("claim", first))
             if result[1]:
                 self._claimed += len(result[1])
-                claimed.append((state.key, result[1]))
+                claimed.append((state.key, *_flatten(result[1], self._dfield)))
             if id_str(result[0]) != "0-0":
                 self._next_claim = now  # more to claim: go on next time round
         if not claimed:
@@ -796,7 +969,12 @@ class Consumer:
             return self._block_ms
         return max(1, min(self._block_ms, int((due - now) * 1000)))
 
-    async def _read(self, client: Redis) -> Any:
+    async def _read(self, client: Redis) -> list[_Flat]:
+        """One read over every active stream; ``client`` is a :func:`~consumer_sdk._redis.raw_stream_client`.
+
+        What the streams hold already is read without ``BLOCK`` (a backlog comes as one large reply);
+        only when there is nothing does the read block.
+        """
         streams: dict[Any, Any] = {}
         draining: set[_KeyState] = set()
         for state in self._states.values():
@@ -806,35 +984,52 @@ class Consumer:
                     draining.add(state)
         if not streams:
             await self._sleep(self._block() / 1000.0)
-            return None
+            return []
         if draining:
-            reply = await client.xreadgroup(self.group, self.consumer, streams, count=self._count)
+            found = await self._fetch(client, streams)
             for state in draining:
                 state.cursor = ">"
-            for rkey, entries in iter_read_reply(reply):
+            for rkey, ids, _values in found:
                 state = self._by_name[rkey]
-                if len(entries) >= self._count and state in draining:
-                    state.cursor = entries[-1][0]  # a full page: there may be more pending
-            return reply
+                if len(ids) >= self._count and state in draining:
+                    state.cursor = ids[-1]  # a full page: there may be more pending
+            return found
         if self._stop.is_set():
-            return None
-        read: Any = client.xreadgroup(self.group, self.consumer, streams, count=self._count, block=self._block())
-        task: asyncio.Task[Any] = asyncio.create_task(read)
+            return []
+        found = await self._fetch(client, streams)
+        if found or self._stop.is_set():
+            return found
+        read = self._fetch(client, streams, block=self._block())
+        task: asyncio.Task[list[_Flat]] = asyncio.create_task(read)
         self._read_task = task
         try:
             return await task
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if self._stop.is_set() and current is not None and not current.cancelling():
-                return None
+                return []
             raise
         finally:
             self._read_task = None
 
+    async def _fetch(self, client: Redis, streams: dict[Any, Any], block: int | None = None) -> list[_Flat]:
+        """One XREADGROUP, flattened; the reply is dropped before the garbage collector may run again.
+
+        A read that does not block comes back at once, however large: the collector is paused for it.
+        """
+        if block is not None:
+            reply = await client.xreadgroup(self.group, self.consumer, streams, count=self._count, block=block)
+            return _flatten_reply(reply, self._dfield)
+        with _collector_paused():
+            reply = await client.xreadgroup(self.group, self.consumer, streams, count=self._count)
+            found = _flatten_reply(reply, self._dfield)
+            del reply
+        return found
+
     async def _dispatch(
         self,
         client: Redis,
-        streams: Any,
+        streams: Sequence[_Flat],
         handler: Handler,
         is_async: bool,
         collect: list[tuple[str, str, Tick]] | None,
@@ -848,23 +1043,25 @@ class Consumer:
         """
         acks: list[tuple[str, list[Any]]] = []
         try:
-            for rkey, entries in streams:
+            for rkey, ids, values in streams:
                 state = self._by_name.get(rkey)
-                if state is None or not entries:
+                if state is None or not ids:
                     continue
-                batch = _classify(state, entries, self._dfield, claimed)
+                batch = _classify(state, ids, values, claimed)
                 if batch.gaps:
                     try:
                         await self._check_holes(client, state, batch)
                     except BaseException:
                         _rollback(state, batch, 0)
                         raise
-                ids: list[Any] = []
-                acks.append((state.key, ids))
-                await self._deliver(state, batch, handler, is_async, ids)
+                try:
+                    await self._deliver(state, batch, handler, is_async)
+                finally:
+                    acks.append((state.key, ids if batch.done == len(ids) else ids[: batch.done]))
                 if collect is not None:
                     key = state.key
-                    collect.extend((key, id_str(it[1]), it[2]) for it in batch.items if it[0] == _DELIVER)
+                    pairs = zip(batch.ids, batch.ticks, strict=True)
+                    collect.extend((key, id_str(eid), tick) for eid, tick in pairs if tick is not None)
         except BaseException:
             with contextlib.suppress(rexc.RedisError, OSError):
                 await self._ack(client, acks)
@@ -912,76 +1109,87 @@ class Consumer:
             raise TrimmedError(state.key, first_missing, available)
         self._on_trimmed(state.key, first_missing, available)
 
-    async def _deliver(
-        self, state: _KeyState, batch: _Batch, handler: Handler, is_async: bool, ids: list[Any]
-    ) -> None:
-        """Hand one stream's batch to the handler in order, collecting the IDs to ack."""
-        reports = batch.reports
-        append = ids.append
-        delivered = 0
+    async def _deliver(self, state: _KeyState, batch: _Batch, handler: Handler, is_async: bool) -> None:
+        """Hand one stream's batch to the handler in order; ``batch.done`` tells how many to ack.
+
+        Ticks in order between the odd entries go through a tight loop; the odd ones one at a time.
+        """
+        ticks = batch.ticks
+        odd = batch.odd
+        total = len(ticks)
+        marks = sorted(odd) if odd else []
+        marks.append(total)
         index = 0
+        skipped = 0  # entries dealt with but not handed over
         try:
-            for index, (kind, eid, payload, verdict, _prev) in enumerate(batch.items):
-                if kind == _DELIVER:
-                    if verdict:
-                        if verdict is _GAP:
-                            if reports is not None and index in reports:
-                                first, last = reports[index]
-                                self._gaps += 1
-                                self._gap_ticks += last - first + 1
-                                if self._on_gap is not None:
-                                    self._on_gap(state.key, first, last)
-                        elif verdict is _LATE:
-                            self._late += 1
+            for mark in marks:
+                if index < mark:
+                    run = ticks if index == 0 and mark == total else ticks[index:mark]
                     if is_async:
-                        await handler(payload)  # type: ignore[misc]
+                        for tick in run:
+                            await handler(tick)  # type: ignore[misc]
+                            index += 1
                     else:
-                        result = handler(payload)
+                        for tick in run:
+                            result = handler(tick)
+                            if result is not None and inspect.isawaitable(result):
+                                await result
+                            index += 1
+                if index == total:
+                    break
+                kind, verdict, error = odd[index]
+                if kind == _DELIVER:
+                    tick = ticks[index]
+                    if verdict is _GAP:
+                        reports = batch.reports
+                        if reports is not None and index in reports:
+                            first, last = reports[index]
+                            self._gaps += 1
+                            self._gap_ticks += last - first + 1
+                            if self._on_gap is not None:
+                                self._on_gap(state.key, first, last)
+                    elif verdict is _LATE:
+                        self._late += 1
+                    if is_async:
+                        await handler(tick)  # type: ignore[misc]
+                    else:
+                        result = handler(tick)
                         if result is not None and inspect.isawaitable(result):
                             await result
                     if verdict is _LATE:
-                        seq = payload["seq"]
+                        seq = tick["seq"]
                         state.tracker.fill(seq, seq)
-                    delivered += 1
-                    append(eid)
-                elif kind == _DUPLICATE:
+                    index += 1
+                    continue
+                # Not handed over, acked even when reporting it raises.
+                eid = batch.ids[index]
+                index += 1
+                skipped += 1
+                if kind == _DUPLICATE:
                     self._duplicates += 1
-                    append(eid)
                 elif kind == _INVALID:
+                    assert error is not None
                     self._invalid += 1
-                    append(eid)
                     if self._on_invalid is not None:
-                        self._on_invalid(state.key, id_str(eid), payload)
+                        self._on_invalid(state.key, id_str(eid), error)
                     else:
                         self._throttle.log(
-                            logging.WARNING, "invalid_tick", key=state.key, id=id_str(eid), error=str(payload)
+                            logging.WARNING, "invalid_tick", key=state.key, id=id_str(eid), error=str(error)
                         )
                 else:  # _DELETED
-                    append(eid)
-                    following = batch.items[index + 1][1] if index + 1 < len(batch.items) else None
-                    available = None if following is None else id_str(following)
+                    available = id_str(batch.ids[index]) if index < total else None
                     self._report_trimmed(state, id_str(eid), available, marker=("pending", eid))
         except BaseException:
-            if batch.items[index][0] == _DELETED:
-                index += 1  # acked: its loss was reported
             _rollback(state, batch, index)
             raise
         finally:
-            self._delivered += delivered
+            batch.done = index
+            self._delivered += index - skipped
 
     async def _ack(self, client: Redis, acks: list[tuple[str, list[Any]]]) -> None:
         todo = [(key, ids) for key, ids in acks if ids]
-        if not todo:
-            return
-        if len(todo) == 1:
-            key, ids = todo[0]
-            self._acked += int(await client.xack(key, self.group, *ids))
-            return
-        async with client.pipeline(transaction=False) as pipe:
-            for key, ids in todo:
-                pipe.xack(key, self.group, *ids)
-            results = await pipe.execute()
-        self._acked += sum(int(n) for n in results)
+        if todo:
+            self._acked += await xack_many(client, self.group, todo)
 
 
 _INACTIVE: Final = _KeyState("", False)

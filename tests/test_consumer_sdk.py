@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import random
 import shutil
@@ -27,11 +28,13 @@ from consumer_sdk import (
     ConfigError,
     Consumer,
     ConsumerStats,
+    InvalidTick,
     MarketError,
     SeqTracker,
     Tick,
     TransientError,
     TrimmedError,
+    decode_tick,
     encode_tick,
     follow,
 )
@@ -42,17 +45,27 @@ from consumer_sdk._redis import (
     blocking_client,
     classify,
     effective_socket_timeout,
+    field_name,
+    field_value,
     id_after,
     id_before,
+    id_str,
     iter_read_reply,
+    pack_xack,
+    raw_stream_client,
     translate,
+    xack_many,
 )
 from consumer_sdk.consumer import (
     _DELETED,
     _DELIVER,
     _DUPLICATE,
+    _GONE,
     _INVALID,
     _classify,
+    _CollectorPause,
+    _flatten,
+    _flatten_reply,
     _is_async,
     _KeyState,
     _rollback,
@@ -396,65 +409,223 @@ async def test_blocking_client_outlasts_the_block() -> None:
     await long.aclose()
 
 
-def _entries(*seqs: int | str) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    out: list[tuple[bytes, dict[bytes, bytes]]] = []
+def _entries(*seqs: int | str) -> list[list[Any]]:
+    """Entries as XREADGROUP sends them: ``[id, [field, value, ...]]``, ``[id, None]`` once deleted."""
+    out: list[list[Any]] = []
     for i, s in enumerate(seqs):
         if isinstance(s, int):
-            out.append((f"{BASE_MS + s}-{s}".encode(), {b"d": encode_tick(make_tick(s))}))
+            out.append([f"{BASE_MS + s}-{s}".encode(), [b"d", encode_tick(make_tick(s))]])
         elif s == "deleted":
-            out.append((f"{BASE_MS}-{900 + i}".encode(), {}))
+            out.append([f"{BASE_MS}-{900 + i}".encode(), None])
         else:
-            out.append((f"{BASE_MS}-{900 + i}".encode(), {b"d": s.encode()}))
+            out.append([f"{BASE_MS}-{900 + i}".encode(), [b"d", s.encode()]])
     return out
+
+
+def _classified(state: _KeyState, entries: list[list[Any]], claimed: bool) -> Any:
+    return _classify(state, *_flatten(entries, b"d"), claimed)
+
+
+def _kinds(batch: Any) -> list[int]:
+    return [batch.kind(i) for i in range(len(batch.ids))]
 
 
 def test_classify_dedupes_and_finds_holes() -> None:
     state = _KeyState("md:binance:BTCUSDT:trade", True)
-    batch = _classify(state, _entries(1, 2, 3, 6, 7, "junk", "deleted"), b"d", False)
-    kinds = [item[0] for item in batch.items]
-    assert kinds == [_DELIVER] * 5 + [_INVALID, _DELETED]
-    assert [item[3] for item in batch.items[:5]] == [Verdict.OK, Verdict.OK, Verdict.OK, Verdict.GAP, Verdict.OK]
+    batch = _classified(state, _entries(1, 2, 3, 6, 7, "junk", "deleted"), False)
+    assert _kinds(batch) == [_DELIVER] * 5 + [_INVALID, _DELETED]
+    assert [batch.verdict(i) for i in range(5)] == [Verdict.OK, Verdict.OK, Verdict.OK, Verdict.GAP, Verdict.OK]
+    assert [t["seq"] for t in batch.ticks[:5]] == [1, 2, 3, 6, 7] and batch.ticks[5:] == [None, None]
     assert [(g[0], g[3], g[4]) for g in batch.gaps] == [(3, 4, 5)]
     assert batch.gaps[0][1] == f"{BASE_MS + 3}-3".encode()
-    assert state.tracker.last == 7
+    assert batch.deleted == [(BASE_MS, 906)]
+    assert state.tracker.last == 7 and state.last_id == f"{BASE_MS + 7}-7".encode()
 
-    again = _classify(state, _entries(6, 7, 8), b"d", False)
-    assert [item[0] for item in again.items] == [_DUPLICATE, _DUPLICATE, _DELIVER]
-    late = _classify(state, _entries(5), b"d", False)
-    assert late.items[0][0] == _DELIVER and late.items[0][3] is Verdict.LATE
+    again = _classified(state, _entries(6, 7, 8), False)
+    assert _kinds(again) == [_DUPLICATE, _DUPLICATE, _DELIVER]
+    late = _classified(state, _entries(5), False)
+    assert late.kind(0) == _DELIVER and late.verdict(0) is Verdict.LATE
     # Claimed entries were given to another consumer: never dropped as duplicates.
-    claimed = _classify(state, _entries(2), b"d", True)
-    assert claimed.items[0][0] == _DELIVER
+    claimed = _classified(state, _entries(2), True)
+    assert claimed.kind(0) == _DELIVER and claimed.ticks[0]["seq"] == 2
+
+
+def test_classify_takes_any_entry_shape_and_rejects_what_decode_tick_rejects() -> None:
+    def without(tick: Tick, name: str) -> bytes:
+        return encode_tick({k: v for k, v in tick.items() if k != name})  # type: ignore[arg-type]
+
+    def with_(tick: Tick, name: str, value: Any) -> bytes:
+        changed: dict[str, Any] = dict(tick)
+        changed[name] = value
+        return encode_tick(changed)  # type: ignore[arg-type]
+
+    entries: list[list[Any]] = [
+        [b"1-1", [b"x", b"1", b"d", encode_tick(make_tick(1))]],  # more fields than the writer stores
+        [b"1-2", {b"d": encode_tick(make_tick(2))}],  # a mapping, as redis-py builds it
+        [b"1-3", [b"x", b"1"]],  # no field d
+        [b"1-4", [b"d", b"[1, 2]"]],
+        [b"1-5", [b"d", b"{not json"]],
+        [b"1-6", [b"d", with_(make_tick(6), "v", True)]],
+        [b"1-7", [b"d", with_(make_tick(7), "seq", -1)]],
+        [b"1-8", [b"d", with_(make_tick(8), "ts_recv", "8")]],
+        [b"1-9", [b"d", without(make_tick(9), "venue")]],
+        [b"1-10", [b"d", encode_tick(make_tick(3)).decode()]],  # str, as with decode_responses
+    ]
+    state = _KeyState("md:binance:BTCUSDT:trade", True)
+    batch = _classified(state, entries, False)
+    assert _kinds(batch) == [_DELIVER, _DELIVER] + [_INVALID] * 7 + [_DELIVER]
+    assert [t["seq"] for t in batch.ticks if t is not None] == [1, 2, 3]
+    assert str(batch.odd[2][2]) == "no field 'd'"
+    for i in range(3, 9):
+        with pytest.raises(InvalidTick) as caught:
+            decode_tick(entries[i][1][1])
+        assert str(batch.odd[i][2]) == str(caught.value)
 
 
 def test_non_contiguous_channels_have_no_gaps_and_older_is_duplicate() -> None:
     state = _KeyState("md:binance:BTCUSDT:book_ticker", True)
-    batch = _classify(state, _entries(10, 15, 40), b"d", False)
-    assert not batch.gaps and all(item[3] is Verdict.OK for item in batch.items)
-    again = _classify(state, _entries(15, 40, 41), b"d", False)
-    assert [item[0] for item in again.items] == [_DUPLICATE, _DUPLICATE, _DELIVER]
+    batch = _classified(state, _entries(10, 15, 40), False)
+    assert not batch.gaps and not batch.odd and all(batch.verdict(i) is Verdict.OK for i in range(3))
+    again = _classified(state, _entries(15, 40, 41), False)
+    assert _kinds(again) == [_DUPLICATE, _DUPLICATE, _DELIVER]
 
 
 def test_rollback_forgets_what_was_not_handed_over() -> None:
     state = _KeyState("md:binance:BTCUSDT:trade", True)
-    _classify(state, _entries(1, 2), b"d", False)
+    _classified(state, _entries(1, 2), False)
     before = (state.tracker.last, state.tracker.holes(), state.last_id)
-    batch = _classify(state, _entries(3, 4, 8, 9), b"d", False)
+    batch = _classified(state, _entries(3, 4, 8, 9), False)
     assert state.tracker.holes() == [(5, 7)]
     _rollback(state, batch, 2)  # 3 and 4 were handed over, 8 raised
     assert state.tracker.last == 4 and state.tracker.holes() == []
     assert state.last_id == f"{BASE_MS + 4}-4".encode()
     _rollback(state, batch, 0)
     assert (state.tracker.last, state.tracker.holes(), state.last_id) == before
-    redo = _classify(state, _entries(3, 4, 8, 9), b"d", False)
-    assert [item[0] for item in redo.items] == [_DELIVER] * 4
+    redo = _classified(state, _entries(3, 4, 8, 9), False)
+    assert _kinds(redo) == [_DELIVER] * 4
+
+
+def test_rollback_past_entries_that_were_not_accepted() -> None:
+    state = _KeyState("md:binance:BTCUSDT:trade", True)
+    _classified(state, _entries(1, 2, 3), False)
+    batch = _classified(state, _entries(2, 4, "junk", 7, 3), False)  # duplicate, in order, invalid, gap, duplicate
+    assert _kinds(batch) == [_DUPLICATE, _DELIVER, _INVALID, _DELIVER, _DUPLICATE]
+    assert state.tracker.last == 7 and state.tracker.holes() == [(5, 6)]
+    _rollback(state, batch, 2)  # the invalid entry's hook raised: 7 was never handed over
+    assert state.tracker.last == 4 and state.tracker.holes() == []
+    assert state.last_id == f"{BASE_MS + 4}-4".encode()
+    _rollback(state, batch, 4)  # nothing accepted from there on: nothing to forget
+    assert state.tracker.last == 4
+
+
+def test_field_value_reads_entries_as_sent_or_as_mappings() -> None:
+    assert field_value([b"d", b"x"], b"d") == b"x"
+    assert field_value([b"a", b"1", b"d", b"x", b"d", b"y"], b"d") == b"y"  # the last one, as in a dict
+    assert field_value([b"a", b"1"], b"d") is None
+    assert field_value([b"a"], b"a") is None  # a name without a value
+    assert field_value({"d": "x"}, "d") == "x"
+    assert field_value(None, b"d") is None and field_value([], b"d") is None
 
 
 def test_seq_tracker_is_the_shared_one() -> None:
     assert isinstance(_KeyState("md:a:B:trade", True).tracker, SeqTracker)
 
 
+def test_flatten_keeps_ids_and_the_field_d_only() -> None:
+    tick = encode_tick(make_tick(1))
+    entries: list[list[Any]] = [
+        [b"1-1", [b"d", tick]],
+        [b"1-2", None],  # a pending entry whose content was deleted
+        [b"1-3", [b"x", b"1", b"d", b"y"]],
+        [b"1-4", [b"x", b"1"]],
+        [b"1-5", {b"d": b"z"}],
+    ]
+    ids, values = _flatten(entries, b"d")
+    assert ids == [b"1-1", b"1-2", b"1-3", b"1-4", b"1-5"]
+    assert values == [tick, _GONE, b"y", None, b"z"]
+    resp2 = [[b"k1", entries[:1]], [b"k2", []]]
+    resp3 = {b"k1": entries[:1], b"k2": []}
+    for reply in (resp2, resp3):
+        assert _flatten_reply(reply, b"d") == [(b"k1", [b"1-1"], [tick])]  # streams with nothing are left out
+    assert _flatten_reply(None, b"d") == []
+
+
+def test_collector_pause_nests_and_leaves_a_disabled_collector_alone() -> None:
+    pause = _CollectorPause()
+    was = gc.isenabled()
+    try:
+        gc.enable()
+        with pause():
+            assert not gc.isenabled()
+            with pause():
+                assert not gc.isenabled()
+            assert not gc.isenabled()  # the outer reader is still in
+        assert gc.isenabled()
+        with pytest.raises(RuntimeError), pause():
+            raise RuntimeError("read failed")
+        assert gc.isenabled()
+        gc.disable()  # the application's choice
+        with pause():
+            pass
+        assert not gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+def test_pack_xack_is_the_resp_of_the_command_with_or_without_hiredis() -> None:
+    ids: list[bytes | str] = [b"1-1", "1700000000000-12"]
+    expected = (
+        b"*5\r\n$4\r\nXACK\r\n$3\r\nk:1\r\n$1\r\ng\r\n$3\r\n1-1\r\n$16\r\n1700000000000-12\r\n"
+    )
+    assert pack_xack(b"k:1", b"g", ids, use_hiredis=False) == expected
+    assert pack_xack(b"k:1", b"g", ids) == expected
+
+
 # ---------------------------------------------------------------- reading from Redis
+
+
+async def test_xack_many_acks_several_streams_and_reports_errors_after_reading_every_reply(
+    rc: aioredis.Redis, pfx: str
+) -> None:
+    k1, k2, other = f"{pfx}:binance:A:trade", f"{pfx}:binance:B:trade", f"{pfx}:not-a-stream"
+    ids1, ids2 = await add(rc, k1, [1, 2, 3]), await add(rc, k2, [1, 2])
+    for key in (k1, k2):
+        await rc.xgroup_create(key, "g", id="0")
+    await rc.xreadgroup("g", "c", {k1: ">", k2: ">"})
+    assert await xack_many(rc, "g", [(k1, [i.encode() for i in ids1[:2]]), (k2, ids2 + ids2)]) == 4
+    assert (await rc.xpending(k1, "g"))["pending"] == 1 and (await rc.xpending(k2, "g"))["pending"] == 0
+    await rc.set(other, "x")
+    with pytest.raises(rexc.ResponseError, match="WRONGTYPE"):
+        await xack_many(rc, "g", [(other, ["1-1"]), (k1, [ids1[2]])])
+    assert (await rc.xpending(k1, "g"))["pending"] == 0  # the XACK after the error still ran
+    assert await rc.ping()  # and the connection is still in step
+
+
+@pytest.mark.parametrize("options", [{}, {"protocol": 2}, {"decode_responses": True}])
+async def test_raw_stream_client_leaves_entries_as_sent(pfx: str, options: dict[str, Any]) -> None:
+    client = aioredis.Redis.from_url(REDIS_URL, **options)
+    raw = raw_stream_client(client)
+    key = f"{pfx}:binance:BTCUSDT:trade"
+    try:
+        ids = await add(client, key, [1, 2])
+        await client.xgroup_create(key, "g", id="0")
+        reply = await raw.xreadgroup("g", "c", {key: ">"})
+        await client.xtrim(key, maxlen=0)
+        again = await raw.xreadgroup("g", "c", {key: "0"})
+        claimed = await raw.xautoclaim(key, "g", "c2", 0, "0-0")
+        dfield = field_name(client)
+        assert [(id_str(k), ids_, values) for k, ids_, values in _flatten_reply(reply, dfield)] == [
+            (key, [i if options.get("decode_responses") else i.encode() for i in ids], [
+                encode_tick(make_tick(s)).decode() if options.get("decode_responses") else encode_tick(make_tick(s))
+                for s in (1, 2)
+            ])
+        ]
+        assert [values for _k, _ids, values in _flatten_reply(again, dfield)] == [[_GONE, _GONE]]
+        assert claimed[1] == [] and [id_str(i) for i in claimed[2]] == ids  # trimmed: dropped from the PEL
+        assert isinstance(await client.xreadgroup("g", "c", {key: "0"}), list | dict)  # the client is untouched
+    finally:
+        await client.delete(key)
+        await client.aclose()
 
 
 async def test_reads_in_order_and_acks_everything(rc: aioredis.Redis, pfx: str) -> None:
@@ -874,6 +1045,24 @@ async def test_stop_interrupts_a_long_block_and_run_refuses_reentry(pfx: str) ->
     consumer.stop()  # before run(): it returns at once
     async with asyncio.timeout(1 * UNIT):
         await consumer.run(Collector())
+
+
+async def test_stop_cancels_a_read_again_when_a_cancellation_was_lost() -> None:
+    # Python 3.11's asyncio.wait_for, inside redis-py's send, can drop a cancellation; stop() insists.
+    async def loses_one_cancellation() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(10 * UNIT)
+        await asyncio.sleep(10 * UNIT)
+
+    consumer = consumer_for("unused", ["binance:BTCUSDT:trade"])
+    read = asyncio.create_task(loses_one_cancellation())
+    await asyncio.sleep(0)
+    consumer._read_task = read
+    consumer.stop()
+    async with asyncio.timeout(1 * UNIT):
+        with contextlib.suppress(asyncio.CancelledError):
+            await read
+    assert read.cancelled()
 
 
 async def test_cancelling_run_leaves_the_consumer_reusable(rc: aioredis.Redis, pfx: str) -> None:

@@ -341,12 +341,17 @@ async def test_black_holed_link_for_30s_heals_with_backfill(redis_url: str, ared
     down = [x for x in lines if x["event"] == "session_state" and x["state"] == "backing_off" and ts(x) >= wall_cut]
     assert down, "the cut was never noticed"
     detection = ts(down[0]) - wall_cut
-    assert detection <= 2.0 + 3.0 + 1.5, detection  # ping interval + ping timeout, one second of slack
+    # Noticed by our ping (2 s interval, 3 s to answer) or the no-frame watchdog (6 s), whichever is first;
+    # the watchdog looks once a second, and the log's clock adds up to a few ms.
+    assert detection <= 6.0 + 1.5, detection
+    relive = [x for x in lines if x["event"] == "session_state" and x["state"] == "live" and ts(x) >= wall_cut]
+    reconnect = ts(relive[0]) - (wall_cut + 30.0) if relive else float("nan")
     repaired = [x for x in lines if x["event"] in ("gap_repaired", "gap_partly_repaired")]
     assert repaired and all(x["event"] == "gap_repaired" for x in repaired), repaired
     fetched = sum(x["fetched"] for x in repaired)
     assert fetched > 0
     print(
-        f"\nblack-hole 30 s: detected after {detection:.1f} s; complete {healed:.1f} s after the link returned; "
+        f"\nblack-hole 30 s: detected after {detection:.1f} s; live again {reconnect:.1f} s after the link returned; "
+        f"complete {healed:.1f} s after it returned; "
         f"{fetched} trades backfilled over REST in {len(repaired)} repairs; {time.monotonic() - started:.0f} s run",
     )

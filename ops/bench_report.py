@@ -375,7 +375,7 @@ def summarize(steps: Sequence[dict[str, Any]], writer: dict[str, Any] | None,
         "reference_rate": ref["rate"] if ref else None,
         "hotpath_p99_us": hot_p99,
         "hotpath_standalone_p99_us": hot.get("p99_us") if hot else None,
-        "hotpath_standalone_e2e_p99_us": hot.get("hotpath_e2e_p99_us") if hot else None,
+        "hotpath_standalone_all_subscribers_p99_us": hot.get("all_subscribers_p99_us") if hot else None,
         "redis_e2e_p99_us": e2e_p99,
         "redis_e2e_p50_us": ref["latency"]["redis_e2e"]["p50_us"] if ref else None,
         "peak_rate": peak["rate"] if peak else None,
@@ -614,7 +614,7 @@ def render_markdown(report: dict[str, Any]) -> str:
           f"({hp.get('slow_subscribers')} deliberately slow), {hp.get('duration')} s: p50 {_fmt_us(hp.get('p50_us'))}, "
           f"p99 {_fmt_us(hp.get('p99_us'))}, p99.9 {_fmt_us(hp.get('p999_us'))}, max {_fmt_us(hp.get('max_us'))} "
           f"(ingress -> callback, fast subscribers); publish -> callback p99 over all subscribers "
-          f"{_fmt_us(hp.get('hotpath_e2e_p99_us'))}; accounted: {hp.get('accounted')}; one asyncio.Queue per "
+          f"{_fmt_us(hp.get('all_subscribers_p99_us'))}; accounted: {hp.get('accounted')}; one asyncio.Queue per "
           f"subscriber instead: p99 {_fmt_us(hp.get('baseline_p99_us'))}.")
     wr = report.get("writer_baseline") or {}
     if wr:

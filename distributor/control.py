@@ -1,6 +1,6 @@
 """Runtime control: the switch model and the gate the distributor applies to every batch.  No I/O.
 
-The switches (set live with ``market ctl``, stored by :mod:`ops.control_plane`):
+The switches (set live with ``market ctl``, stored by :mod:`ingestor.control_plane`):
 
 - **pause** ``pattern``: ticks of matching streams are dropped (counted per stream).  What was
   missed is, on resume, marked in the stream with one gap marker per trade/agg_trade stream
@@ -64,6 +64,7 @@ from consumer_sdk.latency import LatencyHistogram
 from consumer_sdk.tick import FIXED_CHANNELS, KLINE_INTERVALS, Tick, make_gap_marker
 
 __all__ = [
+    "MAX_WHO",
     "SCHEMA",
     "Auto",
     "AutoDegrade",

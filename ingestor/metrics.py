@@ -73,7 +73,34 @@ class IngestorCollector(Collector):
         hs = hot.stats()
         for policy, n in sorted(hs.dropped_by_policy.items()):
             dropped.add_metric(["hotpath", str(policy)], n)
+        cs = ing.control.stats()
+        dropped.add_metric(["control", "pause"], cs.paused_dropped)
+        dropped.add_metric(["control", "limit_drop"], cs.limited_dropped)
+        dropped.add_metric(["control", "limit_conflate"], cs.limited_conflated)
+        dropped.add_metric(["control", "conflate"], cs.conflated)
+        dropped.add_metric(["control", "essential"], cs.essential_dropped)
         yield dropped
+        yield GaugeMetricFamily(
+            "market_degrade_level", "Degrade level in force: 0 normal, 1 shed, 2 conflate, 3 essential",
+            value=cs.level.rank,
+        )
+        switches = GaugeMetricFamily("market_control_switches", "Runtime switches in force", labels=["kind"])
+        switches.add_metric(["pause"], cs.pauses)
+        switches.add_metric(["limit"], cs.limits)
+        switches.add_metric(["degrade"], 0 if cs.operator_level.rank == 0 else 1)
+        switches.add_metric(["auto"], 1 if cs.auto_enabled else 0)
+        yield switches
+        yield GaugeMetricFamily("market_control_version", "Version of the control state in force", value=cs.version)
+        yield GaugeMetricFamily("market_control_held", "Ticks held back by conflation", value=cs.held)
+        steps = CounterMetricFamily(
+            "market_degrade_steps", "Automatic degrade steps (down: more degraded)", labels=["direction"]
+        )
+        for direction, n in sorted(cs.auto_steps.items()):
+            steps.add_metric([direction], n)
+        yield steps
+        yield CounterMetricFamily(
+            "market_control_rejected", "Stored control states rejected as malformed", value=ing.control_rejected
+        )
 
         st = ing.stats()
         reconnects = CounterMetricFamily(

@@ -29,6 +29,7 @@ from consumer_sdk.errors import ConfigError, InvalidTick, TransientError
 from consumer_sdk.keys import Pattern, parse_entry_id, stream_key
 from consumer_sdk.latency import LatencyHistogram
 from consumer_sdk.tick import Tick, decode_tick
+from distributor.control import ControlGate, ControlState, WindowPercentile
 from distributor.hotpath import HotPath, Subscription
 from distributor.ingress import IngressQueue
 from distributor.registry import Changes, ChannelRegistry
@@ -37,6 +38,7 @@ from distributor.spill import SpillLog
 from distributor.writer import StreamWriter
 from ingestor.binance import channel_to_stream
 from ingestor.config import IngestSettings, redact_url
+from ingestor.control_plane import run_auto_degrade, watch_control
 from ingestor.heartbeat import heartbeat_loop
 from ingestor.repair import GapRepairer
 from ingestor.rest import VenueRest
@@ -106,6 +108,9 @@ class Ingestor:
         self.repairer: GapRepairer | None = None
         self.distributor: Distributor | None = None
         self._handlers: list[BatchHandler] = []
+        #: runtime switches (``market ctl``), applied by the distributor to every batch
+        self.control = ControlGate()
+        self.control_rejected = 0
         self.hotpath = HotPath()
         configured = [f"{settings.venue}:{symbol}:{channel}" for symbol, channel, _ in self.streams()]
         self.hotpath.declare(configured)
@@ -266,8 +271,13 @@ class Ingestor:
                 redis, prefix=s.prefix, retention=s.retention, capacity=s.writer_capacity, spill=spill
             )
             self.distributor = Distributor(
-                self.ingress, self.writer, handlers=self._handlers, hotpath=self.hotpath
+                self.ingress, self.writer, handlers=self._handlers, hotpath=self.hotpath, gate=self.control
             )
+            hot_p99, redis_p99 = WindowPercentile(self.hotpath.latency), WindowPercentile(self.writer.ack_latency)
+
+            def pressure() -> tuple[float, float]:
+                return self.ingress.stats().fill_ratio, max(hot_p99.sample(), redis_p99.sample())
+
             initial = self.registry.tick(time.monotonic()).subscribe
             plan = plan_connections(
                 [channel_to_stream(n.symbol, n.channel) for n in initial], s.max_streams_per_connection
@@ -286,6 +296,10 @@ class Ingestor:
                 tg.create_task(self.distributor.run(), name="distributor")
                 tg.create_task(self.repairer.run(), name="repair")
                 tg.create_task(heartbeat_loop(self, redis, prefix=s.prefix), name="heartbeat")
+                tg.create_task(
+                    watch_control(redis, s.prefix, self._on_control, self._on_control_invalid), name="control"
+                )
+                tg.create_task(run_auto_degrade(self.control, pressure), name="auto-degrade")
                 self.hotpath.start(tg)
                 for session in self.sessions:
                     tg.create_task(session.run(), name=f"session-{session.session_id}")
@@ -310,12 +324,33 @@ class Ingestor:
             if self._redis is None:
                 await redis.aclose()
 
+    def _on_control(self, state: ControlState) -> None:
+        """A new desired state from the control plane (runs on the loop, between two awaits)."""
+        if self.control.apply(state):
+            log_event(
+                log, logging.INFO, "control_applied", version=state.version, degrade=self.control.level.value,
+                pauses=[p.pattern for p in state.pauses],
+                limits=[f"{x.pattern}={x.rate:g}/s {x.policy.value}" for x in state.limits],
+                critical=list(state.critical.patterns), auto=state.auto.enabled,
+            )
+
+    def _on_control_invalid(self, reason: str) -> None:
+        self.control_rejected += 1
+        log_event(
+            log, logging.ERROR, "control_state_rejected", reason=reason, kept_version=self.control.state.version
+        )
+
     async def _flush_on_exit(self) -> None:
         """On shutdown, store what was accepted but not yet written (bounded in time)."""
         writer = self.writer
         if writer is None:
             return
-        pending = writer.take_all() + list(self.ingress.take(len(self.ingress)))
+        # Oldest first: what the writer holds, the batch the distributor had taken, the ticks conflation
+        # held back, then the ingress.  Ticks held for a gap repair are left out: storing them past an
+        # unrepaired hole would hide it from the next start, which repairs it from what Redis holds.
+        in_hand = list(self.distributor.in_hand) if self.distributor is not None else []
+        queued = self.control.filter(self.ingress.take(len(self.ingress)), time.monotonic())
+        pending = writer.take_all() + in_hand + self.control.drain() + list(queued)
         if not pending:
             return
         try:

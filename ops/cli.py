@@ -18,6 +18,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 
 from consumer_sdk.errors import ConfigError, MarketError, TransientError
+from ops.ctl import app as ctl_app
 
 __all__ = ["app", "main"]
 
@@ -30,6 +31,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+app.add_typer(ctl_app, name="ctl")
 
 
 def fail(message: str) -> NoReturn:

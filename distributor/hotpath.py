@@ -310,6 +310,8 @@ class HotPath:
         self._counts: list[int] = []  # ticks published per stream id
         self._subs: list[Subscription] = []
         self._blockers: list[Subscription] = []
+        #: while True, ``block`` subscribers are lapped like ``drop_oldest`` ones (see :meth:`set_shed`)
+        self.shed = False
         self._watched: list[Subscription] = []  # drop_newest and disconnect: checked by the publisher
         self._sleepers: list[Subscription] = []
         self._retiring: list[Subscription] = []  # removed, their task not yet ended
@@ -437,7 +439,7 @@ class HotPath:
             raise RuntimeError("the hot path is closed")
         if not batch:
             return True
-        if self._blockers:
+        if self._blockers and not self.shed:
             room = self._room()
             if room < len(batch):
                 items = batch if type(batch) is list else list(batch)
@@ -458,7 +460,7 @@ class HotPath:
         loop = asyncio.get_running_loop()
         while self._backlog is not None:
             items = self._backlog
-            room = self._room() if self._blockers else len(items)
+            room = self._room() if self._blockers and not self.shed else len(items)
             if room >= len(items):
                 self._backlog = None
                 self._write(items)
@@ -473,6 +475,15 @@ class HotPath:
                 await waiter
             finally:
                 self._room_waiter = None
+
+    def set_shed(self, on: bool) -> None:
+        """Shedding (the ``shed`` degrade level): ``block`` subscribers stop holding the publisher back and
+        are treated as ``drop_oldest``: a slow one skips ahead and is told exactly what it missed."""
+        if on == self.shed:
+            return
+        self.shed = on
+        if on and self._room_waiter is not None:
+            self._wake_publisher()
 
     def _room(self) -> int:
         return min(b.cursor + b.max_lag for b in self._blockers) - self._cursor

@@ -93,6 +93,8 @@ class Distributor:
                     continue
             self.batches += 1
             self.in_hand = batch
+            if hot is not None and gate is not None and hot.shed is not gate.shed_active:
+                hot.set_shed(gate.shed_active)
             if hot is not None and hot.subscriber_count and not hot.publish(batch):
                 await hot.wait_room()
             for handler in self._handlers:

@@ -205,6 +205,7 @@ class Ingestor:
         while True:
             await asyncio.sleep(1.0)  # the registry's period; releases are in tens of seconds
             self._sync_wants()
+            self.hotpath.set_shed(self.control.shed_active)  # automatic degradation may have changed it
             changes = self.registry.tick(time.monotonic())
             if changes:
                 self.apply_changes(changes)
@@ -326,7 +327,9 @@ class Ingestor:
 
     def _on_control(self, state: ControlState) -> None:
         """A new desired state from the control plane (runs on the loop, between two awaits)."""
-        if self.control.apply(state):
+        applied = self.control.apply(state)
+        self.hotpath.set_shed(self.control.shed_active)
+        if applied:
             log_event(
                 log, logging.INFO, "control_applied", version=state.version, degrade=self.control.level.value,
                 pauses=[p.pattern for p in state.pauses],

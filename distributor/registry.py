@@ -80,6 +80,7 @@ class ChannelRegistry:
         self._active: set[StreamName] = set()
         self._unwanted_since: dict[StreamName, float] = {}
         self._wanted: frozenset[StreamName] | None = None  # cache, None when stale
+        self._suppressed: tuple[Pattern, ...] = ()
 
     # -- inputs ---------------------------------------------------------------------------------------------
 
@@ -112,6 +113,14 @@ class ChannelRegistry:
         self._known.difference_update(parse_stream(s) for s in streams)
         self._known |= self._persist
         self._wanted = None
+
+    def suppress(self, patterns: Iterable[str | Pattern]) -> None:
+        """Streams matching these are not held, whoever wants them (paused with ``--unsubscribe``);
+        an empty list lifts every suppression.  Released after the grace period, like any unwanted stream."""
+        parsed = tuple(p if isinstance(p, Pattern) else Pattern(p) for p in patterns)
+        if parsed != self._suppressed:
+            self._suppressed = parsed
+            self._wanted = None
 
     def failed(self, streams: Iterable[StreamName | str]) -> None:
         """The venue did not (or no longer does) carry these: not active; asked again if still wanted."""
@@ -156,6 +165,8 @@ class ChannelRegistry:
                     text = str(name)
                     if any(g.matches(text) for g in globs):
                         out.add(name)
+            if self._suppressed:
+                out = {n for n in out if not any(p.matches(str(n)) for p in self._suppressed)}
             self._wanted = frozenset(out)
         return self._wanted
 

@@ -206,6 +206,7 @@ class Ingestor:
             await asyncio.sleep(1.0)  # the registry's period; releases are in tens of seconds
             self._sync_wants()
             self.hotpath.set_shed(self.control.shed_active)  # automatic degradation may have changed it
+            self.registry.suppress(self.control.state.unsubscribe_patterns())  # `market ctl pause --unsubscribe`
             changes = self.registry.tick(time.monotonic())
             if changes:
                 self.apply_changes(changes)

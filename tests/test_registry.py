@@ -150,3 +150,16 @@ def test_bad_input() -> None:
     with pytest.raises(ConfigError):
         reg.want("not-a-pattern")
     assert reg.patterns() == {}
+
+
+def test_suppressed_streams_are_released_after_grace_and_come_back_when_lifted() -> None:
+    from distributor.registry import ChannelRegistry as Registry
+
+    reg = Registry(known=["binance:BTCUSDT:trade", "binance:ETHUSDT:trade"],
+                   persist=["binance:BTCUSDT:trade", "binance:ETHUSDT:trade"], grace=5.0)
+    assert {str(s) for s in reg.tick(0.0).subscribe} == {"binance:BTCUSDT:trade", "binance:ETHUSDT:trade"}
+    reg.suppress(["binance:BTCUSDT:*"])
+    assert not reg.tick(1.0)
+    assert [str(s) for s in reg.tick(6.0).unsubscribe] == ["binance:BTCUSDT:trade"]
+    reg.suppress([])
+    assert [str(s) for s in reg.tick(7.0).subscribe] == ["binance:BTCUSDT:trade"]

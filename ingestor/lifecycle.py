@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-__all__ = ["Failure", "Lifecycle", "SessionState", "classify_failure", "classify_status"]
+__all__ = ["Failure", "Lifecycle", "SessionState", "classify_failure", "classify_status", "parse_retry_after"]
 
 
 class SessionState(StrEnum):
@@ -68,16 +68,20 @@ class Failure:
     retry_after: float | None = None
 
 
+def parse_retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds: negative means now; garbage, infinity and NaN mean not given."""
+    if not value:
+        return None
+    try:
+        wait = float(value)
+    except ValueError:
+        return None
+    return max(0.0, wait) if math.isfinite(wait) else None
+
+
 def classify_status(status: int, retry_after: str | None) -> Failure:
     """An HTTP status refusing the WebSocket handshake."""
-    wait: float | None = None
-    if retry_after:
-        try:
-            wait = float(retry_after)
-        except ValueError:
-            wait = None
-        if wait is not None:
-            wait = max(0.0, wait) if math.isfinite(wait) else None
+    wait = parse_retry_after(retry_after)
     if status in (418, 429):
         return Failure(f"venue rate limit: HTTP {status}", retry_after=wait)
     if status >= 500 or status == 408:

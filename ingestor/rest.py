@@ -10,7 +10,6 @@ thread: repairs are rare, and this keeps TLS, proxies and redirects standard.
 from __future__ import annotations
 
 import asyncio
-import math
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,6 +19,7 @@ from typing import Any
 import orjson
 
 from consumer_sdk.tick import SCHEMA_VERSION, Tick
+from ingestor.lifecycle import parse_retry_after
 
 __all__ = ["RestError", "VenueRest", "agg_trades_to_ticks", "classify_status", "trades_to_ticks"]
 
@@ -34,16 +34,8 @@ class RestError(Exception):
 
 def classify_status(status: int, retry_after: str | None) -> tuple[bool, float | None]:
     """``(retryable, seconds to wait)`` for an HTTP error status."""
-    wait: float | None = None
-    if retry_after:
-        try:
-            wait = float(retry_after)
-        except ValueError:
-            wait = None
-        if wait is not None:
-            wait = max(0.0, wait) if math.isfinite(wait) else None
     if status in (408, 418, 429) or status >= 500:
-        return True, wait
+        return True, parse_retry_after(retry_after)
     return False, None
 
 

@@ -433,38 +433,36 @@ def bench_hotpath(
     _print_json(result, as_json)
 
 
+Ticks = Annotated[int, typer.Option(help="ticks to write and read")]
+Streams = Annotated[int, typer.Option(help="streams they spread over")]
+AsJson = Annotated[bool, typer.Option("--json", help="one JSON line")]
+
+
 @bench_app.command("writer")
-def bench_writer(
-    ticks: Annotated[int, typer.Option(help="ticks to write")] = 500_000,
-    streams: Annotated[int, typer.Option(help="streams they spread over")] = 100,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON line")] = False,
-) -> None:
+def bench_writer(ticks: Ticks = 500_000, streams: Streams = 100, as_json: AsJson = False) -> None:
     """Our Redis writer against the naive per-tick XADD pipeline, same ticks, same run."""
-    from ingestor.service import connect_redis
     from ops.bench_writer import run_writer_bench
 
-    if ticks < streams or streams < 1:
-        fail("--ticks must be at least --streams, and --streams at least 1")
-    url = _redis_url()
-    run_async(_check_redis(url, connect_redis))
-    _print_json(run_async(run_writer_bench(url, ticks=ticks, streams=streams)), as_json)
+    _print_json(run_async(run_writer_bench(_bench_redis(ticks, streams), ticks=ticks, streams=streams)), as_json)
 
 
 @bench_app.command("reader")
-def bench_reader(
-    ticks: Annotated[int, typer.Option(help="ticks to read")] = 500_000,
-    streams: Annotated[int, typer.Option(help="streams they spread over")] = 100,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON line")] = False,
-) -> None:
+def bench_reader(ticks: Ticks = 500_000, streams: Streams = 100, as_json: AsJson = False) -> None:
     """The consumer SDK: XREADGROUP + decode + dedupe + handler + XACK."""
-    from ingestor.service import connect_redis
     from ops.bench_writer import run_reader_bench
+
+    _print_json(run_async(run_reader_bench(_bench_redis(ticks, streams), ticks=ticks, streams=streams)), as_json)
+
+
+def _bench_redis(ticks: int, streams: int) -> str:
+    """Check the sizes and that Redis answers; the Redis URL to bench against."""
+    from ingestor.service import connect_redis
 
     if ticks < streams or streams < 1:
         fail("--ticks must be at least --streams, and --streams at least 1")
     url = _redis_url()
     run_async(_check_redis(url, connect_redis))
-    _print_json(run_async(run_reader_bench(url, ticks=ticks, streams=streams)), as_json)
+    return url
 
 
 async def _check_redis(url: str, connect: Any) -> None:

@@ -3,9 +3,10 @@
 One task owns the writer.  Ticks are handed over with :meth:`StreamWriter.submit`
 (synchronous, no await); the task flushes whatever is buffered as soon as the
 previous flush returned, so batches grow with load and a lone tick is not held
-back.  A flush groups the batch by stream and runs one server-side script call
-per stream (``append.lua``), all pipelined in one round trip: each call touches
-one key, so it runs unchanged on Redis Cluster.
+back.  A flush groups the batch by stream, one argument per stream, and runs the
+server-side script (``append.lua``) once for all of them on a standalone Redis, or
+once per hash slot on a Redis Cluster (no call spans two slots), all pipelined in
+one round trip.
 
 The script skips any tick whose ``seq`` the stream already holds, so a retried
 batch, a replay or a second ingestor never stores a tick twice.  When Redis is

@@ -108,7 +108,8 @@ async def test_redis_down_10s_with_aof_loses_and_duplicates_nothing(tmp_path: Pa
     assert stats.errors > 0
     assert after.spill_drained > 0, "the outage outlasted the memory buffer, so ticks went through the spill log"
     assert peak_buffered <= 2000 + 20_000  # the memory bound (plus at most one batch) held during the outage
-    assert after.spilled == 0 and after.buffered == 0
+    assert after.spilled == 0  # the spill log was drained; live ticks keep flowing through memory meanwhile
+    assert after.buffered < 2000
 
 
 async def _run_cli_ingest(sim: Simulator, redis_url: str, prefix: str, spill: Path, log: Path) -> Any:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -37,6 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumer_sdk._aio import reraise_if_cancelling
 from consumer_sdk._log import Throttle, get_logger, log_event
+from consumer_sdk.backoff import Backoff
 from consumer_sdk.keys import DEFAULT_PREFIX
 from consumer_sdk.latency import LatencyHistogram
 from consumer_sdk.tick import Tick
@@ -86,11 +86,6 @@ class WriterStats:
     spilled: int
     spill_bytes: int
     spill_drained: int
-
-
-def _backoff(attempt: int, base: float = 0.05, cap: float = 2.0) -> float:
-    """Full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
-    return random.uniform(0, min(cap, base * (2 ** min(attempt, 16))))
 
 
 class StreamWriter:
@@ -200,6 +195,7 @@ class StreamWriter:
                 from_spill = len(payloads)
                 batch = self._inflight = [orjson.loads(p) for p in payloads]
             attempt = 0
+            backoff = Backoff(base=0.05, cap=2.0)
             while True:
                 try:
                     await self.append(batch)
@@ -220,7 +216,7 @@ class StreamWriter:
                     break
                 attempt += 1
                 self.retries += 1
-                await asyncio.sleep(_backoff(attempt))
+                await asyncio.sleep(backoff.next_delay())
             if len(self._buf) < self.capacity:
                 self._room.set()
 

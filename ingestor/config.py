@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 from consumer_sdk.errors import ConfigError
 from consumer_sdk.keys import DEFAULT_PREFIX, Pattern
 from consumer_sdk.tick import is_valid_channel
+from distributor.hotpath import SubscriberPolicy
 from distributor.ingress import Policy
 from distributor.writer import Retention
 from ingestor.repair import RepairSettings
@@ -36,7 +37,7 @@ __all__ = [
 DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
 DEFAULT_WS_URL: Final = "wss://stream.binance.com:9443"
 BINANCE_REST: Final = "https://api.binance.com"
-SUBSCRIBER_POLICIES: Final = ("drop_oldest", "drop_newest", "block", "disconnect")
+SUBSCRIBER_POLICIES: Final = tuple(p.value for p in SubscriberPolicy)
 _SYMBOL = re.compile(r"^[A-Z0-9_]{1,40}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 

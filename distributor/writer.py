@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib.resources import files
+from itertools import islice
 from typing import Any, Final
 
 import orjson
@@ -38,7 +39,7 @@ from consumer_sdk._aio import reraise_if_cancelling
 from consumer_sdk._log import Throttle, get_logger, log_event
 from consumer_sdk.backoff import Backoff
 from consumer_sdk.keys import DEFAULT_PREFIX
-from consumer_sdk.latency import LatencyHistogram
+from consumer_sdk.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram, check_sample_every
 from consumer_sdk.tick import Tick
 from distributor.spill import SpillLog
 
@@ -101,6 +102,7 @@ class StreamWriter:
         capacity: int = 200_000,
         ack_latency: LatencyHistogram | None = None,
         spill: SpillLog | None = None,
+        sample_every: int = DEFAULT_SAMPLE_EVERY,
     ) -> None:
         self._redis = redis
         self._prefix = prefix
@@ -119,6 +121,9 @@ class StreamWriter:
         self._caps: dict[str, tuple[int, int]] = {}
         self._throttle = Throttle(log)
         self.ack_latency = ack_latency or LatencyHistogram()
+        #: acknowledgement latency is observed on one tick in this many, by position (0: not measured)
+        self.sample_every = check_sample_every(sample_every)
+        self._sample_at = 0  # index, in the next batch, of the next tick to observe
         self.appended_by_channel: dict[str, int] = {}
         self.appended = 0
         self.duplicates = 0
@@ -290,10 +295,15 @@ class StreamWriter:
             self.rejected += int(res[2])
         self.appended += added
         self.duplicates += dups
-        now_us = time.time_ns() // 1000
-        observe = self.ack_latency.observe
-        for t in ticks:
-            observe(now_us - t["ts_recv"])
+        every = self.sample_every
+        if every:
+            at = self._sample_at
+            if at < len(ticks):
+                now_us = time.time_ns() // 1000
+                observe = self.ack_latency.observe
+                for t in islice(ticks, at, None, every):
+                    observe(now_us - t["ts_recv"])
+            self._sample_at = (at - len(ticks)) % every
         return added, dups
 
     async def _calls(self, keys: list[str]) -> list[list[str]]:

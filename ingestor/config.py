@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from consumer_sdk.errors import ConfigError
 from consumer_sdk.keys import DEFAULT_PREFIX, Pattern
+from consumer_sdk.latency import DEFAULT_SAMPLE_EVERY
 from consumer_sdk.tick import is_valid_channel
 from distributor.hotpath import SubscriberPolicy
 from distributor.ingress import Policy
@@ -77,6 +78,8 @@ class IngestSettings:
     on_demand: tuple[str, ...] = ()
     #: how long a stream nobody wants stays subscribed before it is released
     release_grace_s: float = 30.0
+    #: per-tick latency stages observe one tick in this many (0: latency not measured; see consumer_sdk.latency)
+    latency_sample: int = DEFAULT_SAMPLE_EVERY
 
     @property
     def venue(self) -> str:
@@ -191,6 +194,7 @@ _ENV: Final = {
     "queue_capacity": "MARKET_QUEUE_CAPACITY",
     "queue_policy": "MARKET_QUEUE_POLICY",
     "spill_dir": "MARKET_SPILL_DIR",
+    "latency_sample": "MARKET_LATENCY_SAMPLE",
 }
 
 
@@ -367,4 +371,5 @@ def load_settings(
         spill_fsync=spill_fsync,
         spill_max_bytes=_int(spill.get("max_mb", 8192), "spill.max_mb", 1, 10**7) << 20,
         repair=_repair(toml.get("repair")),
+        latency_sample=_int(merged.get("latency_sample", DEFAULT_SAMPLE_EVERY), "latency sample", 0, 65536),
     )

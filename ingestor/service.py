@@ -30,7 +30,7 @@ from consumer_sdk.keys import Pattern, parse_entry_id, stream_key
 from consumer_sdk.latency import LatencyHistogram
 from consumer_sdk.tick import Tick, decode_tick
 from distributor.control import ControlGate, ControlState, WindowPercentile
-from distributor.hotpath import HotPath, Subscription
+from distributor.hotpath import HOT_SAMPLE_EVERY, HotPath, Subscription
 from distributor.ingress import IngressQueue
 from distributor.registry import Changes, ChannelRegistry
 from distributor.service import BatchHandler, Distributor
@@ -111,7 +111,8 @@ class Ingestor:
         #: runtime switches (``market ctl``), applied by the distributor to every batch
         self.control = ControlGate()
         self.control_rejected = 0
-        self.hotpath = HotPath()
+        # The hot path's unit is a chunk (many ticks, timed as one): one chunk in 4 at most.
+        self.hotpath = HotPath(sample_every=min(settings.latency_sample, HOT_SAMPLE_EVERY))
         configured = [f"{settings.venue}:{symbol}:{channel}" for symbol, channel, _ in self.streams()]
         self.hotpath.declare(configured)
         on_demand = [Pattern(p) for p in settings.on_demand]
@@ -173,6 +174,7 @@ class Ingestor:
         session = VenueSession(
             ws_base=s.url, streams=streams, ingress=self.ingress, sequencer=self.sequencer,
             ingest_latency=self.ingest_latency, repairer=self.repairer, settings=s.session,
+            sample_every=s.latency_sample,
         )
         self.sessions.append(session)
         if self._tg is not None:
@@ -270,7 +272,8 @@ class Ingestor:
             await self._seed(redis)
             spill = self._open_spill()
             self.writer = StreamWriter(
-                redis, prefix=s.prefix, retention=s.retention, capacity=s.writer_capacity, spill=spill
+                redis, prefix=s.prefix, retention=s.retention, capacity=s.writer_capacity, spill=spill,
+                sample_every=s.latency_sample,
             )
             self.distributor = Distributor(
                 self.ingress, self.writer, handlers=self._handlers, hotpath=self.hotpath, gate=self.control

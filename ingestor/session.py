@@ -29,9 +29,9 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import websockets
@@ -40,7 +40,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from consumer_sdk._aio import reraise_if_cancelling
 from consumer_sdk._log import Throttle, get_logger, log_event
 from consumer_sdk.errors import ConfigError
-from consumer_sdk.latency import LatencyHistogram
+from consumer_sdk.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram, check_sample_every
 from consumer_sdk.sequencing import Verdict
 from consumer_sdk.tick import Tick
 from distributor.ingress import IngressQueue
@@ -120,6 +120,7 @@ class VenueSession:
         settings: SessionSettings | None = None,
         backoff: Backoff | None = None,
         venue: str = "binance",
+        sample_every: int = DEFAULT_SAMPLE_EVERY,
     ) -> None:
         self.session_id = next(_ids)
         self.url = ws_base.rstrip("/") + "/stream"
@@ -128,6 +129,8 @@ class VenueSession:
         self._ingress = ingress
         self._sequencer = sequencer
         self._latency = ingest_latency
+        #: ingest latency is observed on one tick in this many (0: not measured)
+        self.sample_every = check_sample_every(sample_every)
         self._repairer = repairer
         self.settings = s = settings or SessionSettings()
         self._backoff = backoff or Backoff(base=s.backoff_base, cap=s.backoff_cap)
@@ -386,11 +389,21 @@ class VenueSession:
             link.live.set()
 
     # -- the read loop: the hot part ----------------------------------------------------------
+    async def consume(self, frames: AsyncIterable[str | bytes]) -> str:
+        """Run the read loop over ``frames`` (raw venue frames) until they end; why it ended.
+
+        What the live loop runs on each open connection, without the connection: for feeding
+        recorded or generated frames through the real path (``market bench ingest``).
+        """
+        return await self._read(_Link(cast(ClientConnection, frames)))
+
     async def _read(self, link: _Link) -> str:
         ingress = self._ingress
         sequencer = self._sequencer
         accept = sequencer.accept
         observe = self._latency.observe
+        every = self.sample_every
+        countdown = every
         now_us = time.time_ns
         monotonic = time.monotonic
         ok_max = Verdict.GAP
@@ -429,7 +442,11 @@ class VenueSession:
                             await ingress.put(marker)
                     if not ingress.offer(r):
                         await ingress.put(r)
-                    observe(now_us() // 1000 - ts)
+                    if every:
+                        countdown -= 1
+                        if not countdown:
+                            countdown = every
+                            observe(now_us() // 1000 - ts)
                 elif r is None:
                     self.unsupported += 1
                 elif isinstance(r, Reply):

@@ -122,6 +122,10 @@ def ingest(
     spill_dir: Annotated[
         str | None, typer.Option(help="spill log directory for ticks Redis cannot take yet (\"\" disables)")
     ] = None,
+    latency_sample: Annotated[
+        int | None,
+        typer.Option(help="time one tick in N at the per-tick latency stages (default 16; 1 every tick; 0 off)"),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Run an ingestor: venue WebSocket -> normalize -> sequence -> Redis Streams."""
@@ -135,6 +139,7 @@ def ingest(
         "subscribers": tuple(subscriber or ()),
         "url": url, "rest_url": rest_url, "symbols": symbols, "channels": channels,
         "metrics_port": metrics_port, "queue_policy": queue_policy, "prefix": prefix, "spill_dir": spill_dir,
+        "latency_sample": latency_sample,
     }
     settings = load_settings(flags, os.environ, str(config) if config else None)
     run_async(_ingest(settings))
@@ -385,7 +390,7 @@ def bench(
 ) -> None:
     """The reproducible load test: simulator -> ingestor -> Redis -> consumer at stepped rates; writes a report.
 
-    With a command (hotpath, writer, reader), measures that one stage instead.
+    With a command (hotpath, writer, reader, ingest), measures that one stage instead.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -431,6 +436,29 @@ def bench_hotpath(
         rate=rate, subscribers=subscribers, slow_subscribers=slow_subscribers, duration=duration
     ))
     _print_json(result, as_json)
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    ticks: Annotated[int, typer.Option(help="frames per round")] = 300_000,
+    rounds: Annotated[int, typer.Option(help="rounds of each mode (off, sampled, every), alternating")] = 5,
+    subscribers: Annotated[int, typer.Option(help="co-located no-op subscribers")] = 16,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON line")] = False,
+) -> None:
+    """The ingestor's path (parse -> ingress -> hot path -> Redis) at full speed, latency timing off/sampled/every."""
+    from ops.bench_ingest import run_ingest_bench
+
+    result = run_async(run_ingest_bench(_bench_redis(ticks, 1), ticks=ticks, rounds=rounds, subscribers=subscribers))
+    if as_json:
+        _print_json(result, True)
+        return
+    for mode, m in result["modes"].items():
+        print(f"{mode:>8}: {m['ticks_per_s']:>10.0f} ticks/s (min {m['ticks_per_s_min']:.0f}, max "
+              f"{m['ticks_per_s_max']:.0f}), {m['cpu_us_per_tick']:.2f} µs CPU per tick; cost "
+              f"{m['throughput_cost_pct']:+.1f}% throughput, {m['cpu_cost_pct']:+.1f}% CPU")
+    s = result["summary"]
+    print(f"default instrumentation costs {s['cost_pct']:.1f}% of the throughput "
+          f"(target <= {s['target_pct']:.0f}%: {'MET' if s['met'] else 'MISSED'})")
 
 
 Ticks = Annotated[int, typer.Option(help="ticks to write and read")]

@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
 from consumer_sdk.errors import ConfigError, TransientError
-from consumer_sdk.latency import LatencyHistogram
+from consumer_sdk.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram
+from distributor.hotpath import HOT_SAMPLE_EVERY
 from ingestor.metrics import histogram_family
 from ops.bench_report import (
     SUBSCRIBERS,
@@ -151,11 +152,13 @@ async def test_tiny_run_writes_the_report_and_the_counts_add_up(
     report = await run_bench(
         quick=True, out_dir=tmp_path, redis_url=redis_url, seed=3, schedule=[500, 2000], step_s=3,
         progress=lambda label, fraction: seen.append((label, fraction)), writer_ticks=2000, hotpath_duration=1.0,
+        ingest_rounds=1, ingest_ticks=5000,
     )
     # Files.
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["summary"] == json.loads(json.dumps(report["summary"]))
     md = (tmp_path / "report.md").read_text()
+    assert "Latency instrumentation, what it costs" in md
     for heading in ("## Machine", "## Reproduce", "## Summary against the targets", "## Steps", "## Tallies",
                     "## Where the time goes"):
         assert heading in md
@@ -180,7 +183,12 @@ async def test_tiny_run_writes_the_report_and_the_counts_add_up(
         assert key in summary, key
     assert summary["baseline_ratio"] > 0
     assert summary["hotpath_p99_us"] > 0 and summary["redis_e2e_p99_us"] > 0
-    assert set(summary["targets"]) == {"hotpath_p99_us", "redis_e2e_p99_us", "no_queue_growth", "peak_ingest_per_s"}
+    assert set(summary["targets"]) == {"hotpath_p99_us", "redis_e2e_p99_us", "no_queue_growth", "peak_ingest_per_s",
+                                       "instrumentation_cost_pct"}
+    ins = report["instrumentation"]
+    assert ins["ticks"] == 5000 and ins["rounds"] == 1
+    assert summary["instrumentation_cost_pct"] == ins["summary"]["cost_pct"]
+    assert summary["targets"]["instrumentation_cost_pct"]["met"] == (ins["summary"]["cost_pct"] <= 5.0)
     assert report["hotpath_standalone"]["accounted"] is True
 
     # Every step, and the counts at its edges.
@@ -198,7 +206,11 @@ async def test_tiny_run_writes_the_report_and_the_counts_add_up(
         assert abs(t["accepted"] - t["published"] - t["dropped"] - t["queued_change"]) <= t["tolerance"]
         assert abs(t["consumed"] - t["published"]) <= t["tolerance"]
         # Every tick reaches all 16 co-located subscribers.
-        assert abs(lat["hotpath"]["count"] - SUBSCRIBERS * lat["ingest"]["count"]) <= SUBSCRIBERS * t["tolerance"]
+        # Each of the 16 subscribers has one chunk in HOT_SAMPLE_EVERY timed, every tick of it counted.
+        delivered = SUBSCRIBERS * t["accepted"]
+        assert delivered / (2 * HOT_SAMPLE_EVERY) < lat["hotpath"]["count"] < 2 * delivered / HOT_SAMPLE_EVERY
+        # The per-tick stages time one tick in DEFAULT_SAMPLE_EVERY, by position.
+        assert abs(lat["ingest"]["count"] - t["accepted"] / DEFAULT_SAMPLE_EVERY) <= t["tolerance"]
         assert step["queue"]["samples"] and len(step["queue"]["samples"][0]) == 5
         assert set(step["cpu"]) >= {"simulator", "ingestor", "bench", "machine"}
         assert step["cpu"]["ingestor"] is not None and step["cpu"]["ingestor"] > 0

@@ -71,7 +71,9 @@ from ingestor.config import redact_url, validate_redis_url
 
 __all__ = [
     "CHANNELS",
+    "FULL_PEAK_SCHEDULE",
     "FULL_SCHEDULE",
+    "QUICK_PEAK_SCHEDULE",
     "QUICK_SCHEDULE",
     "SUBSCRIBERS",
     "SYMBOLS",
@@ -106,6 +108,8 @@ CHANNELS: Final = ("trade", "agg_trade", "book_ticker")
 SUBSCRIBERS: Final = 16
 QUICK_SCHEDULE: Final = (1_000.0, 10_000.0, 50_000.0, 100_000.0)
 FULL_SCHEDULE: Final = (1_000.0, 10_000.0, 20_000.0, 30_000.0, 50_000.0, 100_000.0, 150_000.0, 200_000.0)
+QUICK_PEAK_SCHEDULE: Final = (60_000.0, 100_000.0)
+FULL_PEAK_SCHEDULE: Final = (60_000.0, 80_000.0, 100_000.0, 120_000.0, 150_000.0)
 REFERENCE_RATE: Final = 50_000.0  # the rate the latency targets name
 
 #: target name -> (bound, unit); latency targets at REFERENCE_RATE with SUBSCRIBERS co-located subscribers
@@ -361,7 +365,8 @@ def capacity(steps: Sequence[dict[str, Any]], cores: int) -> dict[str, Any] | No
 
 def summarize(steps: Sequence[dict[str, Any]], writer: dict[str, Any] | None,
               hot: dict[str, Any] | None, cores: int = 1,
-              instrumentation: dict[str, Any] | None = None) -> dict[str, Any]:
+              instrumentation: dict[str, Any] | None = None,
+              peak_ingest: dict[str, Any] | None = None) -> dict[str, Any]:
     """The headline figures and the verdict on each target."""
     ran = [s for s in steps if s.get("status") != "not run"]
     ref = next((s for s in ran if s["rate"] == REFERENCE_RATE), None)
@@ -373,6 +378,8 @@ def summarize(steps: Sequence[dict[str, Any]], writer: dict[str, Any] | None,
     hot_p99 = ref["latency"]["hotpath"]["p99_us"] if ref else None
     e2e_p99 = ref["latency"]["redis_e2e"]["p99_us"] if ref else None
     peak_per_s = peak["throughput"]["published_per_s"] if peak else 0.0
+    if peak_ingest is not None:  # measured on its own: no subscriber, no consumer on the machine
+        peak_per_s = peak_ingest["peak_ingest_per_s"]
     best_sustained = max((s for s in ran if not s["saturated"]), key=lambda s: s["rate"], default=None)
     summary: dict[str, Any] = {
         "reference_rate": ref["rate"] if ref else None,
@@ -382,6 +389,8 @@ def summarize(steps: Sequence[dict[str, Any]], writer: dict[str, Any] | None,
         "redis_e2e_p99_us": e2e_p99,
         "redis_e2e_p50_us": ref["latency"]["redis_e2e"]["p50_us"] if ref else None,
         "peak_rate": peak["rate"] if peak else None,
+        "peak_ingest_rate": peak_ingest["peak_rate"] if peak_ingest else None,
+        "peak_ingest_limit": peak_ingest["limit"] if peak_ingest else None,
         "peak_ingest_per_s": round(peak_per_s, 1),
         "max_sustained_rate": best_sustained["rate"] if best_sustained else None,
         "sustained_ingest_per_s": round(best_sustained["throughput"]["published_per_s"], 1) if best_sustained else 0.0,
@@ -486,8 +495,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     w(f"| {t['no_queue_growth']['target']} | {t['no_queue_growth']['value']} | "
       f"**{_status(t['no_queue_growth']['met'])}** |")
     peak_rate = summary.get("peak_rate")
+    pi = report.get("peak_ingest")
+    how = ("ingest-only phase, no subscriber and no consumer: the highest step that did not saturate"
+           + (f"; at {_fmt_rate(pi['limit_rate'])}/s: {'; '.join(pi['limit'])}" if pi.get("limit_rate") else "")
+           + ". In the full pipeline: ") if pi else ""
     w(f"| peak ingest {t['peak_ingest_per_s']['target']} | {_fmt_rate(t['peak_ingest_per_s']['value'])}/s "
-      f"(highest step with no saturation and the e2e p99 within 2 ms: "
+      f"({how}highest step with no saturation and the e2e p99 within 2 ms: "
       f"{_fmt_rate(peak_rate) + '/s offered' if peak_rate else 'none'}; highest step with no saturation, whatever "
       f"the latency: {_fmt_rate(summary['sustained_ingest_per_s'])}/s published; most published in any step: "
       f"{_fmt_rate(summary['max_published_per_s'])}/s) | **{_status(t['peak_ingest_per_s']['met'])}** |")
@@ -622,6 +635,29 @@ def render_markdown(report: dict[str, Any]) -> str:
       f"**{'exact' if f['consumed_equals_published'] else 'NOT equal'}** (duplicates {f['consumer_duplicates']}, "
       f"gaps {f['consumer_gaps']}, trimmed {f['consumer_trimmed']})")
     w("")
+    if pi:
+        w("## Peak ingest: one ingestor, nothing else")
+        w("")
+        w("After the sweep the ingestor is restarted without subscribers and the consumer is stopped: simulator -> "
+          "WebSocket -> normalize -> Redis only, the rate stepped up until a step saturates.")
+        w("")
+        w("| offered | generated | received | published | ingress max | socket backlog (end) | CPU simulator | "
+          "CPU ingestor | CPU redis-server | machine | verdict |")
+        w("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for step in pi["steps"]:
+            if step.get("status") == "not run":
+                w(f"| {_fmt_rate(step['rate'])} | not run: {step['reason']} | | | | | | | | | |")
+                continue
+            th, q, c = step["throughput"], step["queue"], step["cpu"]
+
+            def pct(v: float | None) -> str:
+                return "-" if v is None else f"{100 * v:.0f}%"
+
+            w(f"| {_fmt_rate(step['rate'])} | {_fmt_rate(th['generated_per_s'])} | {_fmt_rate(th['received_per_s'])} | "
+              f"{_fmt_rate(th['published_per_s'])} | {q['ingress_max']:.0f} | {q['backlog_end']} | "
+              f"{pct(c.get('simulator'))} | {pct(c.get('ingestor'))} | {pct(c.get('redis-server'))} | "
+              f"{pct(c.get('machine'))} | {'; '.join(step['saturation']) or 'ok'} |")
+        w("")
     w("## Stand-alone benchmarks (run after the pipeline, alone)")
     w("")
     hp = report.get("hotpath_standalone") or {}
@@ -1015,6 +1051,8 @@ class _Edge:
     sim: dict[str, Any]
     cpu: dict[str, float | None]
     consumed: int
+    #: frames an earlier ingestor process received (its counters went with it; the simulator's did not)
+    received_before: int = 0
 
     @property
     def sent(self) -> int:
@@ -1026,7 +1064,7 @@ class _Edge:
 
     @property
     def received(self) -> int:
-        return int(self.ing.total("market_frames_received_total"))
+        return int(self.ing.total("market_frames_received_total")) + self.received_before
 
     @property
     def accepted(self) -> int:
@@ -1056,7 +1094,8 @@ class _Edge:
 class _Bench:
     def __init__(self, *, redis_url: str, seed: int, schedule: Sequence[float], warmup_s: float, window_s: float,
                  writer_ticks: int, hotpath_s: float, drain_s: float, progress: Progress | None,
-                 sim_port: int | None, metrics_port: int | None, subscribers: int, ingest_s: float = 0.0) -> None:
+                 sim_port: int | None, metrics_port: int | None, subscribers: int, ingest_s: float = 0.0,
+                 peak_schedule: Sequence[float] = ()) -> None:
         self.redis_url = redis_url
         self.subscribers = subscribers
         self.seed = seed
@@ -1080,6 +1119,11 @@ class _Bench:
                           + writer_ticks / 25_000 + (hotpath_s + min(hotpath_s, 5.0) + 3.0 if hotpath_s > 0 else 0.0)
                           + ingest_s)
         self.phase = "starting"
+        #: whether the SDK consumer reads (not in the ingest-only phase)
+        self.consuming = True
+        self.received_before = 0
+        self.peak_schedule = list(peak_schedule)
+        self.planned_s += sum(warmup_s + window_s + 3.0 for _ in self.peak_schedule) + (8.0 if peak_schedule else 0.0)
 
     # -- progress
     def tick(self, label: str | None = None) -> None:
@@ -1114,7 +1158,7 @@ class _Bench:
 
     async def edge(self) -> _Edge:
         consumed, ing, sim = await self.read_counts()
-        return _Edge(time.monotonic(), ing, sim, self.cpu(), consumed)
+        return _Edge(time.monotonic(), ing, sim, self.cpu(), consumed, self.received_before)
 
     async def read_counts(self) -> tuple[int, Scrape, dict[str, Any]]:
         """The consumer's count, then the ingestor's, then the simulator's: each later read can only be
@@ -1135,7 +1179,12 @@ class _Bench:
         children.append(sim)
         await self._wait(sim, lambda: self.sim_state())
         self.pids["simulator"] = sim.proc.pid
+        await self.start_ingestor(env, workdir, children, self.subscribers)
+
+    async def start_ingestor(self, env: dict[str, str], workdir: Path, children: list[_Child],
+                             subscribers: int) -> None:
         self.tick("starting the ingestor")
+        symbols = ",".join(SYMBOLS)
         config = workdir / "bench.toml"
         config.write_text(f"[retention]\nmaxlen = {RETENTION_MAXLEN}\n")
         args = [
@@ -1143,7 +1192,7 @@ class _Bench:
             "--channels", ",".join(CHANNELS), "--metrics-port", str(self.metrics_port), "--queue-policy", "block",
             "--spill-dir", str(workdir / "spill"), "--log-level", "warning",
         ]
-        for _ in range(self.subscribers):
+        for _ in range(subscribers):
             args += ["--subscriber", "ops.bench_probe:noop"]
         ing = await _spawn("ingestor", args, env, workdir)
         children.append(ing)
@@ -1182,7 +1231,7 @@ class _Bench:
         deadline = time.monotonic() + limit_s
         while True:
             e = await self.edge()
-            if (e.sent == e.received and e.queued == 0 and e.consumed >= e.published
+            if (e.sent == e.received and e.queued == 0 and (e.consumed >= e.published or not self.consuming)
                     and e.accepted <= e.published + e.dropped_ingress):
                 return True, e
             if time.monotonic() > deadline:
@@ -1209,8 +1258,9 @@ class _Bench:
         if not drained:
             self.notes.append("priming: the path did not drain before the first step")
 
-    async def step(self, index: int, rate: float, children: list[_Child]) -> dict[str, Any]:
-        label = f"step {index + 1}/{len(self.schedule)} {rate:.0f}/s"
+    async def step(self, index: int, rate: float, children: list[_Child], of: int = 0,
+                   phase: str = "step") -> dict[str, Any]:
+        label = f"{phase} {index + 1}/{of or len(self.schedule)} {rate:.0f}/s"
         self.tick(label + " warm-up")
         await self.set_rate(rate)
         await self.sleep(self.warmup_s)
@@ -1226,7 +1276,7 @@ class _Bench:
             now = time.monotonic()
             samples.append([
                 round(now - self.t0, 2), ing.total("market_ingress_len"), ing.total("market_writer_buffered"),
-                int(sim["stats"]["frames_sent"]) - ing.total("market_frames_received_total"),
+                int(sim["stats"]["frames_sent"]) - ing.total("market_frames_received_total") - self.received_before,
                 max(0.0, ing.total("market_published_total") - consumed),
             ])
             self.tick()
@@ -1282,7 +1332,7 @@ class _Bench:
         reconnects = b.reconnects - a.reconnects
         if reconnects:
             reasons.append(f"the venue connection was lost {reconnects} times")
-        if growing(lag_pts, rate) or lag_end > 10 * tol:
+        if self.consuming and (growing(lag_pts, rate) or lag_end > 10 * tol):
             reasons.append(f"the consumer fell behind ({lag_end} ticks unread at the end)")
         cpu: dict[str, float | None] = {}
         for name in ("simulator", "ingestor", "redis-server", "bench", "machine"):
@@ -1328,6 +1378,41 @@ class _Bench:
             },
         }
 
+    async def ingest_only(self, env: dict[str, str], workdir: Path, children: list[_Child]) -> dict[str, Any]:
+        """Peak ingest: the ingestor restarted with no subscriber, the consumer stopped, rates stepped up
+        until one saturates (simulator -> WebSocket -> normalize -> Redis, nothing else)."""
+        await self.set_rate(0)
+        self.tick("peak ingest: the ingestor again, without subscribers")
+        old = next(c for c in children if c.name == "ingestor")
+        await old.stop()
+        children.remove(old)
+        self.pids.pop("ingestor", None)
+        # Drained at rate 0 before the stop: every frame sent so far was received by the old process.
+        self.received_before = int((await self.sim_state())["stats"]["frames_sent"])
+        await self.start_ingestor(env, workdir, children, 0)
+        steps: list[dict[str, Any]] = []
+        for index, rate in enumerate(self.peak_schedule):
+            step = await self.step(index, rate, children, of=len(self.peak_schedule), phase="peak ingest")
+            await self.set_rate(0)
+            self.tick("peak ingest: draining")
+            drained, _ = await self.drain(self.drain_s)
+            step["drained"] = drained
+            steps.append(step)
+            if step["saturated"] or not drained:
+                break
+        for rate in self.peak_schedule[len(steps):]:
+            steps.append({"rate": rate, "status": "not run", "reason": "a lower rate saturated"})
+        ran = [s for s in steps if s.get("status") != "not run"]
+        best = max((s for s in ran if not s["saturated"]), key=lambda s: s["rate"], default=None)
+        first_bad = next((s for s in ran if s["saturated"]), None)
+        return {
+            "schedule": self.peak_schedule, "subscribers": 0, "consumer": False, "steps": steps,
+            "peak_rate": best["rate"] if best else None,
+            "peak_ingest_per_s": round(best["throughput"]["published_per_s"], 1) if best else 0.0,
+            "limit": first_bad["saturation"] if first_bad else [],
+            "limit_rate": first_bad["rate"] if first_bad else None,
+        }
+
     def final_tally(self, drained: bool, e: _Edge, consumer: Consumer) -> dict[str, Any]:
         st = consumer.stats()
         malformed = int(e.ing.total("market_frames_skipped_total", reason="malformed"))
@@ -1354,14 +1439,18 @@ class _Bench:
             "subscribers": int(e.ing.total("market_subscriber_count")),
         }
 
-    async def pipeline(self, workdir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, int]]:
-        """Children up, the sweep, the final drain; children stopped and keys deleted whatever happens."""
+    async def pipeline(
+        self, workdir: Path
+    ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, int], dict[str, Any] | None]:
+        """Children up, the sweep, the final drain, the ingest-only phase; children stopped and keys deleted
+        whatever happens."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_")}
         env |= {"MARKET_REDIS_URL": self.redis_url, "MARKET_PREFIX": self.prefix,
                 "MARKET_STATE_DIR": str(workdir), "MARKET_QUEUE_CAPACITY": "100000"}
         children: list[_Child] = []
         steps: list[dict[str, Any]] = []
         memory: dict[str, int] = {}
+        peak: dict[str, Any] | None = None
         try:
             await self.start(env, workdir, children)
             consumer = Consumer(
@@ -1412,6 +1501,12 @@ class _Bench:
                 hwm = memory_kib(os.getpid()).get("VmHWM")
                 if hwm is not None:
                     memory["bench"] = hwm
+                if self.peak_schedule and drained and not self.sink.error:
+                    consumer.stop()
+                    task.cancel()
+                    await asyncio.wait([task], timeout=STOP_TIMEOUT_S)
+                    self.consuming = False
+                    peak = await self.ingest_only(env, workdir, children)
             finally:
                 consumer.stop()
                 task.cancel()
@@ -1421,7 +1516,7 @@ class _Bench:
             for child in reversed(children):
                 await child.stop()
             await self.delete_keys()
-        return steps, tally, memory
+        return steps, tally, memory, peak
 
     async def delete_keys(self) -> None:
         client = aioredis.Redis.from_url(self.redis_url, socket_timeout=10, socket_connect_timeout=5)
@@ -1570,6 +1665,7 @@ async def run_bench(
     subscribers: int = SUBSCRIBERS,
     ingest_rounds: int | None = None,
     ingest_ticks: int | None = None,
+    peak_schedule: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Run the load test and write its report into ``out_dir``; returns the report (``report.json``'s content).
 
@@ -1578,7 +1674,8 @@ async def run_bench(
     (ticks/s) and ``step_s`` (the measured window) override the steps; ``writer_ticks`` and
     ``hotpath_duration`` the stand-alone benchmarks (0 skips one), ``ingest_rounds`` the rounds of the
     instrumentation-cost benchmark (:mod:`ops.bench_ingest`; 0 skips it) and ``ingest_ticks`` its frames per
-    round; ``subscribers`` the co-located no-op
+    round; ``peak_schedule`` the rates of the ingest-only phase (no subscriber, no consumer: the peak
+    ingest; empty skips it); ``subscribers`` the co-located no-op
     subscribers on the ingestor's hot path (the targets name 16).  ``progress(label, fraction)`` is
     called a few times a second.  Raises :class:`ConfigError` (bad argument, a port in use, an out_dir
     that cannot be written, a child that cannot start) or :class:`TransientError` (Redis unreachable)
@@ -1595,6 +1692,10 @@ async def run_bench(
     w_ticks = writer_ticks if writer_ticks is not None else (100_000 if quick else 500_000)
     h_s = hotpath_duration if hotpath_duration is not None else (10.0 if quick else 20.0)
     i_rounds = ingest_rounds if ingest_rounds is not None else (3 if quick else 5)
+    peaks = list(peak_schedule) if peak_schedule is not None else list(QUICK_PEAK_SCHEDULE if quick
+                                                                       else FULL_PEAK_SCHEDULE)
+    if any(not (math.isfinite(r) and r > 0) for r in peaks):
+        raise ConfigError(f"peak_schedule must be a list of positive rates, got {peaks!r}")
     i_ticks = ingest_ticks if ingest_ticks is not None else (150_000 if quick else 300_000)
     if w_ticks < 0 or h_s < 0 or i_rounds < 0:
         raise ConfigError("writer_ticks, hotpath_duration and ingest_rounds must be >= 0")
@@ -1609,7 +1710,8 @@ async def run_bench(
     bench = _Bench(redis_url=redis_url, seed=seed, schedule=rates, warmup_s=warmup_s, window_s=window_s,
                    writer_ticks=w_ticks, hotpath_s=h_s, drain_s=15.0 if quick else 30.0, progress=progress,
                    sim_port=sim_port, metrics_port=metrics_port, subscribers=subscribers,
-                   ingest_s=(1 + 3 * i_rounds) * i_ticks / 120_000 + (5.0 if i_rounds else 0.0))
+                   ingest_s=(1 + 3 * i_rounds) * i_ticks / 120_000 + (5.0 if i_rounds else 0.0),
+                   peak_schedule=peaks)
     parts = urlsplit(redis_url)
     if parts.scheme in ("redis", "rediss") and parts.hostname in ("127.0.0.1", "localhost", "::1"):
         bench.redis_pid = listener_pid(parts.port or 6379)
@@ -1622,7 +1724,7 @@ async def run_bench(
     workdir = Path(tempfile.mkdtemp(prefix="market-bench-"))
     try:
         async with asyncio.timeout(budget):
-            steps, tally, memory = await bench.pipeline(workdir)
+            steps, tally, memory, peak = await bench.pipeline(workdir)
             writer: dict[str, Any] | None = None
             if w_ticks > 0:
                 from ops.bench_writer import run_writer_bench
@@ -1674,7 +1776,7 @@ async def run_bench(
             "retention_maxlen": RETENTION_MAXLEN, "redis_url": redact_url(redis_url), "redis_pid": bench.redis_pid,
             "prefix": bench.prefix, "simulator_id_base": 0, "consumer_count": CONSUMER_COUNT,
             "writer_ticks": w_ticks, "hotpath_duration_s": h_s, "ingest_ticks": i_ticks, "ingest_rounds": i_rounds,
-            "latency_sample": DEFAULT_SAMPLE_EVERY, "hotpath_sample_chunks": HOT_SAMPLE_EVERY,
+            "peak_schedule": peaks, "latency_sample": DEFAULT_SAMPLE_EVERY, "hotpath_sample_chunks": HOT_SAMPLE_EVERY,
             "targets": {k: v[0] for k, v in TARGETS.items()},
         },
         "steps": steps,
@@ -1684,7 +1786,8 @@ async def run_bench(
         "hotpath_standalone": hot,
         "writer_flush": flush,
         "instrumentation": instrumentation,
-        "summary": summarize(steps, writer, hot, int(machine.get("cores") or 1), instrumentation),
+        "peak_ingest": peak,
+        "summary": summarize(steps, writer, hot, int(machine.get("cores") or 1), instrumentation, peak),
         "notes": bench.notes,
     }
     write_report(report, out_dir)

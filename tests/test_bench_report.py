@@ -152,7 +152,7 @@ async def test_tiny_run_writes_the_report_and_the_counts_add_up(
     report = await run_bench(
         quick=True, out_dir=tmp_path, redis_url=redis_url, seed=3, schedule=[500, 2000], step_s=3,
         progress=lambda label, fraction: seen.append((label, fraction)), writer_ticks=2000, hotpath_duration=1.0,
-        ingest_rounds=1, ingest_ticks=5000,
+        ingest_rounds=1, ingest_ticks=5000, peak_schedule=[3000, 6000],
     )
     # Files.
     on_disk = json.loads((tmp_path / "report.json").read_text())
@@ -185,6 +185,16 @@ async def test_tiny_run_writes_the_report_and_the_counts_add_up(
     assert summary["hotpath_p99_us"] > 0 and summary["redis_e2e_p99_us"] > 0
     assert set(summary["targets"]) == {"hotpath_p99_us", "redis_e2e_p99_us", "no_queue_growth", "peak_ingest_per_s",
                                        "instrumentation_cost_pct"}
+    # The ingest-only phase: the ingestor alone (no subscriber, no consumer); its figure is the peak ingest.
+    pi = report["peak_ingest"]
+    assert [st["rate"] for st in pi["steps"]] == [3000, 6000]
+    for st in pi["steps"]:
+        assert st["status"] == "ran" and not st["saturated"], st["saturation"]
+        assert st["tallies"]["adds_up"]
+        assert st["latency"]["hotpath"]["count"] == 0  # nobody on the hot path
+    assert pi["peak_rate"] == 6000
+    assert summary["peak_ingest_per_s"] == pi["peak_ingest_per_s"] == pi["steps"][1]["throughput"]["published_per_s"]
+    assert "## Peak ingest: one ingestor, nothing else" in (tmp_path / "report.md").read_text()
     ins = report["instrumentation"]
     assert ins["ticks"] == 5000 and ins["rounds"] == 1
     assert summary["instrumentation_cost_pct"] == ins["summary"]["cost_pct"]

@@ -226,7 +226,8 @@ def test_stream_table_is_bounded() -> None:
 
 def test_public_names() -> None:
     assert set(hotpath_module.__all__) == {
-        "DEFAULT_CAPACITY", "DEFAULT_MAX_CHUNK", "DEFAULT_MAX_STREAMS", "DEFAULT_MAX_SUBSCRIBERS", "Handler",
+        "DEFAULT_CAPACITY", "DEFAULT_MAX_CHUNK", "DEFAULT_MAX_STREAMS", "DEFAULT_MAX_SUBSCRIBERS", "HOT_SAMPLE_EVERY",
+        "Handler",
         "HotPath", "HotPathStats", "SubscriberPolicy", "Subscription", "SubscriptionStats",
     }
 

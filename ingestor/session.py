@@ -29,13 +29,13 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
 import websockets
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
 from consumer_sdk._aio import reraise_if_cancelling
 from consumer_sdk._log import Throttle, get_logger, log_event
@@ -50,6 +50,7 @@ from ingestor.lifecycle import Failure, Lifecycle, SessionState, classify_failur
 from ingestor.repair import GapRepairer
 from ingestor.sequencer import Sequencer
 from ingestor.subscriptions import subscribe_requests
+from ingestor.wsframes import Chunk, FeedConnection
 
 __all__ = ["SessionSettings", "SessionState", "VenueSession"]
 
@@ -87,7 +88,7 @@ class _Link:
         "ws",
     )
 
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: FeedConnection | None) -> None:
         self.conn_id = next(_ids)
         self.ws = ws
         self.opened = time.monotonic()
@@ -185,7 +186,8 @@ class VenueSession:
         finally:
             # Cancelled (the ingestor stops): drop every connection now, without waiting on the venue.
             for live in list(self._links):
-                live.ws.transport.abort()
+                if live.ws is not None:
+                    live.ws.transport.abort()
 
     async def _run_links(self, tg: asyncio.TaskGroup) -> None:
         link: _Link | None = None
@@ -242,10 +244,10 @@ class VenueSession:
         s = self.settings
         if rotating:
             self._to(SessionState.ROTATING, "replacing the connection")
-        ws = await connect(
+        ws = cast(FeedConnection, await connect(
             self.url, open_timeout=s.open_timeout, ping_interval=s.ping_interval, ping_timeout=s.ping_timeout,
-            close_timeout=2, max_size=2**20, max_queue=64, compression=None,
-        )
+            close_timeout=2, max_size=2**20, max_queue=64, compression=None, create_connection=FeedConnection,
+        ))
         link = _Link(ws)
         self._links.add(link)
         self.connects += 1
@@ -300,7 +302,8 @@ class VenueSession:
             reader.exception()  # retrieved: the reader's end was already handled by its result
         with contextlib.suppress(Exception):
             async with asyncio.timeout(3):
-                await link.ws.close()
+                if link.ws is not None:
+                    await link.ws.close()
 
     async def _subscribe(self, link: _Link, streams: list[str], method: str = "SUBSCRIBE") -> None:
         s = self.settings
@@ -316,6 +319,7 @@ class VenueSession:
                 link.pending[req["id"]] = req["params"]
             else:
                 link.unsubscribing[req["id"]] = req["params"]
+            assert link.ws is not None, "a link without a connection is never subscribed"
             await link.ws.send(orjson.dumps(req).decode())
 
     async def _retry_subscribe(self, link: _Link, streams: list[str]) -> None:
@@ -389,15 +393,21 @@ class VenueSession:
             link.live.set()
 
     # -- the read loop: the hot part ----------------------------------------------------------
-    async def consume(self, frames: AsyncIterable[str | bytes]) -> str:
-        """Run the read loop over ``frames`` (raw venue frames) until they end; why it ended.
+    async def consume(self, batches: AsyncIterable[Sequence[bytes]]) -> str:
+        """Run the read loop over ``batches`` of raw venue frames until they end; why it ended.
 
         What the live loop runs on each open connection, without the connection: for feeding
-        recorded or generated frames through the real path (``market bench ingest``).
+        recorded or generated frames through the real path (``market bench ingest``).  Each batch
+        stands for one socket read: its frames are stamped received when the loop takes it.
         """
-        return await self._read(_Link(cast(ClientConnection, frames)))
 
-    async def _read(self, link: _Link) -> str:
+        async def chunks() -> AsyncIterator[list[Chunk]]:
+            async for batch in batches:
+                yield [(time.time_ns() // 1000, list(batch))]
+
+        return await self._read(_Link(None), chunks())
+
+    async def _read(self, link: _Link, source: AsyncIterator[list[Chunk]] | None = None) -> str:
         ingress = self._ingress
         sequencer = self._sequencer
         accept = sequencer.accept
@@ -410,51 +420,56 @@ class VenueSession:
         gap = Verdict.GAP
         repairer = self._repairer
         holds = repairer.holds if repairer is not None else {}
-        ws = link.ws
+        if source is None:
+            assert link.ws is not None
+            source = link.ws.chunks()
         try:
-            async for raw in ws:
-                ts = now_us() // 1000
-                self.frames += 1
-                self.last_frame_us = ts
+            async for chunks in source:
                 link.last_frame = monotonic()
-                try:
-                    r = parse_frame(raw, ts)
-                except MalformedFrame as exc:
-                    self.malformed += 1
-                    self._throttle.log(
-                        logging.WARNING, "malformed_frame", session=self.session_id, error=str(exc)[:200],
-                        sample=str(raw)[:200],
-                    )
-                    continue
-                if type(r) is dict:
-                    verdict = accept(r)
-                    if verdict > ok_max:
-                        self.rejected += 1
-                        continue
-                    self.ticks += 1
-                    if holds and repairer is not None and repairer.hold((r["venue"], r["symbol"], r["channel"]), r):
-                        continue
-                    if verdict is gap and repairer is not None and sequencer.last_gap is not None:
-                        marker = repairer.start(r, sequencer.last_gap)
-                        if marker is None:
+                for ts, frames in chunks:
+                    self.frames += len(frames)
+                    self.last_frame_us = ts
+                    for raw in frames:
+                        try:
+                            r = parse_frame(raw, ts)
+                        except MalformedFrame as exc:
+                            self.malformed += 1
+                            self._throttle.log(
+                                logging.WARNING, "malformed_frame", session=self.session_id,
+                                error=str(exc)[:200], sample=str(raw)[:200],
+                            )
                             continue
-                        if not ingress.offer(marker):
-                            await ingress.put(marker)
-                    if not ingress.offer(r):
-                        await ingress.put(r)
-                    if every:
-                        countdown -= 1
-                        if not countdown:
-                            countdown = every
-                            observe(now_us() // 1000 - ts)
-                elif r is None:
-                    self.unsupported += 1
-                elif isinstance(r, Reply):
-                    self._on_reply(link, r)
-                elif isinstance(r, ServerShutdown):
-                    log_event(log, logging.INFO, "server_shutdown_notice", session=self.session_id,
-                              conn_id=link.conn_id)
-                    link.shutdown.set()
+                        if type(r) is dict:
+                            verdict = accept(r)
+                            if verdict > ok_max:
+                                self.rejected += 1
+                                continue
+                            self.ticks += 1
+                            if holds and repairer is not None and repairer.hold(
+                                (r["venue"], r["symbol"], r["channel"]), r
+                            ):
+                                continue
+                            if verdict is gap and repairer is not None and sequencer.last_gap is not None:
+                                marker = repairer.start(r, sequencer.last_gap)
+                                if marker is None:
+                                    continue
+                                if not ingress.offer(marker):
+                                    await ingress.put(marker)
+                            if not ingress.offer(r):
+                                await ingress.put(r)
+                            if every:
+                                countdown -= 1
+                                if not countdown:
+                                    countdown = every
+                                    observe(now_us() // 1000 - ts)
+                        elif r is None:
+                            self.unsupported += 1
+                        elif isinstance(r, Reply):
+                            self._on_reply(link, r)
+                        elif isinstance(r, ServerShutdown):
+                            log_event(log, logging.INFO, "server_shutdown_notice", session=self.session_id,
+                                      conn_id=link.conn_id)
+                            link.shutdown.set()
         except websockets.ConnectionClosed as exc:
             return f"connection closed: {exc}"
         except Exception as exc:  # nothing from the venue may kill the session
@@ -488,7 +503,8 @@ class VenueSession:
                     quiet_s=round(now - link.last_frame, 1),
                 )
                 link.last_frame = now
-                link.ws.transport.abort()  # the reader sees the connection closed and the loop reconnects
+                if link.ws is not None:
+                    link.ws.transport.abort()  # the reader sees the connection closed and the loop reconnects
             for ident in idents:
                 seq = self._sequencer.last_seq(*ident)
                 last, since = self._progress.get(ident, (None, now))

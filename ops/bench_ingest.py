@@ -79,11 +79,10 @@ def make_frames(ticks: int, symbols: int, seed: int = 1) -> list[bytes]:
     return frames
 
 
-async def _feed(frames: Sequence[bytes], burst: int) -> AsyncIterator[bytes]:
+async def _feed(frames: Sequence[bytes], burst: int) -> AsyncIterator[Sequence[bytes]]:
     for i in range(0, len(frames), burst):
-        for frame in frames[i : i + burst]:
-            yield frame
-        await asyncio.sleep(0)  # one socket read's worth handed over: let the rest of the path run
+        yield frames[i : i + burst]  # one socket read's worth
+        await asyncio.sleep(0)  # let the rest of the path run, as between two reads
 
 
 async def _round(redis: aioredis.Redis, frames: Sequence[bytes], *, sample_every: int, subscribers: int,

@@ -123,8 +123,8 @@ async def test_session_times_one_frame_in_n(every: int, timed: int) -> None:
     frames = make_frames(300, symbols=3)
 
     async def feed() -> Any:
-        for f in frames:
-            yield f
+        for i in range(0, len(frames), 7):
+            yield frames[i : i + 7]
 
     ingress: IngressQueue[Tick] = IngressQueue(1000, Policy.DROP_NEWEST)
     hist = LatencyHistogram()

@@ -1,0 +1,269 @@
+"""Venue data frames read in batches, straight off the socket.
+
+The ``websockets`` library owns the connection: the opening handshake, TLS, our pings and their
+timeouts, the venue's pings, the closing handshake and every error it reports.  What it does per
+*data* frame (a generator-driven parser, an enum and a ``Frame`` object per frame, a message queue
+and one ``await recv()`` per message) costs more than the rest of the ingest path put together at
+high rates, so :class:`FeedConnection` takes over the reading of frames once the connection is open:
+
+- :func:`read_frames`, a plain function, cuts whole frames out of the bytes received; data frames
+  (text or binary, fragmented or not) go to the reader as one list per socket read, stamped with the
+  time the bytes arrived; control frames (ping, pong, close) are handed to the library's protocol
+  object exactly as its own parser would, so pongs are sent, our pings acknowledged and a close
+  handshake carried out by the library;
+- anything the venue should not send (a masked frame, reserved bits, an unknown opcode, a control frame
+  over 125 bytes or fragmented, a message over ``max_size``) fails the connection through the library,
+  with the close code its own parser would use;
+- a reader that falls behind pauses the socket (at most ``max_pending`` frames wait; they resume at a
+  quarter of that), so memory stays bounded and the venue's TCP window does the back-pressure.
+
+The switch happens at the frame boundary: the library is given the HTTP response head alone (bytes
+after it, frames the server sent at once, go to our reader), so its frame parser never sees a byte.
+If the handshake fails, everything goes to the library, which reports the failure as usual; a
+connection that is not switched (:attr:`FeedConnection.fast` False) is read through ``recv()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ProtocolError
+from websockets.frames import CloseCode, Frame, Opcode
+from websockets.protocol import OPEN
+
+__all__ = ["DEFAULT_MAX_PENDING", "Chunk", "FeedConnection", "FrameError", "read_frames"]
+
+#: frames waiting for the reader before the socket is paused
+DEFAULT_MAX_PENDING: Final = 16_384
+
+#: frames received in one socket read and the time they arrived (µs since the epoch)
+Chunk = tuple[int, list[bytes]]
+
+_CONTROL: Final = (Opcode.CLOSE, Opcode.PING, Opcode.PONG)
+_MAX_HEAD: Final = 1 << 16  # an HTTP response head longer than this goes to the library as it is
+
+
+class FrameError(Exception):
+    """A frame the venue must not send; ``code`` is the WebSocket close code to fail the connection with."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+def read_frames(
+    buf: bytes | bytearray, pos: int, max_size: int, data: list[bytes], control: list[tuple[int, bytes]],
+    partial: list[bytes] | None,
+) -> tuple[int, list[bytes] | None, bool]:
+    """Cut the whole frames of ``buf`` from ``pos`` (server frames: unmasked).
+
+    Appends complete messages to ``data`` and control frames to ``control`` as ``(opcode, payload)``;
+    ``partial`` holds the fragments of a message still being received.  Stops after a close frame.
+    Returns ``(where the first incomplete frame starts, partial, whether a close frame was read)``.
+    Raises :class:`FrameError` on a frame the protocol forbids.
+    """
+    end = len(buf)
+    while end - pos >= 2:
+        b0 = buf[pos]
+        n = buf[pos + 1]
+        if n & 0x80:
+            raise FrameError(CloseCode.PROTOCOL_ERROR, "incorrect masking")
+        if b0 & 0x70:
+            raise FrameError(CloseCode.PROTOCOL_ERROR, "reserved bits must be 0")
+        n &= 0x7F
+        head = pos + 2
+        if n == 126:
+            if end - pos < 4:
+                break
+            n = (buf[head] << 8) | buf[head + 1]
+            head += 2
+        elif n == 127:
+            if end - pos < 10:
+                break
+            n = int.from_bytes(buf[head : head + 8], "big")
+            head += 8
+        opcode = b0 & 0x0F
+        if opcode >= 8 and n > 125:
+            raise FrameError(CloseCode.PROTOCOL_ERROR, "control frame too long")
+        if n > max_size:
+            raise FrameError(CloseCode.MESSAGE_TOO_BIG, f"frame of {n} bytes exceeds limit of {max_size} bytes")
+        stop = head + n
+        if stop > end:
+            break
+        payload = bytes(buf[head:stop])
+        pos = stop
+        if opcode == 1 or opcode == 2:
+            if partial is not None:
+                raise FrameError(CloseCode.PROTOCOL_ERROR, "expected a continuation frame")
+            if b0 & 0x80:
+                data.append(payload)
+            else:
+                partial = [payload]
+        elif opcode == 0:
+            if partial is None:
+                raise FrameError(CloseCode.PROTOCOL_ERROR, "unexpected continuation frame")
+            partial.append(payload)
+            size = sum(map(len, partial))
+            if size > max_size:
+                raise FrameError(CloseCode.MESSAGE_TOO_BIG, f"message of {size} bytes exceeds limit of {max_size}")
+            if b0 & 0x80:
+                data.append(b"".join(partial))
+                partial = None
+        elif opcode in _CONTROL:
+            if not b0 & 0x80:
+                raise FrameError(CloseCode.PROTOCOL_ERROR, "fragmented control frame")
+            control.append((opcode, payload))
+            if opcode == Opcode.CLOSE:
+                return pos, partial, True
+        else:
+            raise FrameError(CloseCode.PROTOCOL_ERROR, f"invalid opcode: {opcode}")
+    return pos, partial, False
+
+
+class FeedConnection(ClientConnection):
+    """A :class:`~websockets.asyncio.client.ClientConnection` whose data frames are read in batches
+    (see the module doc); pass it to ``connect(create_connection=...)`` and read with :meth:`chunks`."""
+
+    max_pending = DEFAULT_MAX_PENDING
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: True once the connection is open and its frames are read here
+        self.fast = False
+        self._opening = bytearray()
+        self._buf = bytearray()
+        self._partial: list[bytes] | None = None
+        self._chunks: list[Chunk] = []
+        self._pending = 0
+        self._paused_reading = False
+        self._waiter: asyncio.Future[None] | None = None
+        limit = self.protocol.max_message_size
+        self._limit = limit if limit is not None else 1 << 62
+
+    # -- the transport's callbacks ---------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if not self.fast:
+            if self.response is None:  # the opening handshake: the library parses the HTTP response
+                self._opening += data
+                end = self._opening.find(b"\r\n\r\n")
+                if end < 0 and len(self._opening) <= _MAX_HEAD:
+                    return  # the rest of the response head is still to come
+                cut = end + 4 if end >= 0 else len(self._opening)
+                head, rest = bytes(self._opening[:cut]), bytes(self._opening[cut:])
+                self._opening = bytearray()
+                super().data_received(head)
+                if self.response is not None and self.protocol.state is OPEN:
+                    # Switched at the frame boundary: the library's frame parser never saw a byte.
+                    self.fast = True
+                    if rest:
+                        self.data_received(rest)
+                elif rest:
+                    super().data_received(rest)
+                return
+            super().data_received(data)
+            return
+        if self.protocol.state is not OPEN:  # closing: the library discards what follows
+            super().data_received(data)
+            return
+        buf = self._buf
+        if buf:
+            buf += data
+            src: bytes | bytearray = buf
+        else:
+            src = data
+        frames: list[bytes] = []
+        control: list[tuple[int, bytes]] = []
+        try:
+            pos, self._partial, closed = read_frames(src, 0, self._limit, frames, control, self._partial)
+        except FrameError as exc:
+            if frames:  # the whole frames before the bad one are the venue's data: hand them over
+                self._chunks.append((time.time_ns() // 1000, frames))
+                self._wake()
+            self._fail(exc.code, str(exc))
+            return
+        if src is buf:
+            del buf[:pos]
+        elif pos < len(data):
+            buf += data[pos:]
+        if frames:
+            self._chunks.append((time.time_ns() // 1000, frames))
+            self._pending += len(frames)
+            if self._pending >= self.max_pending and not self._paused_reading:
+                self._paused_reading = True
+                self.transport.pause_reading()
+            self._wake()
+        if control:
+            for opcode, payload in control:
+                try:
+                    self.protocol.recv_frame(Frame(Opcode(opcode), payload))
+                except ProtocolError as exc:
+                    self._fail(CloseCode.PROTOCOL_ERROR, str(exc))
+                    return
+            self._after_protocol()
+        if closed and buf:
+            leftover = bytes(buf)
+            buf.clear()
+            super().data_received(leftover)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._wake()
+
+    # -- the reader's side ------------------------------------------------------------------------------------
+    async def chunks(self) -> AsyncIterator[list[Chunk]]:
+        """Everything received since the last call, as chunks; waits when there is nothing.
+
+        Ends by raising :class:`~websockets.exceptions.ConnectionClosed` once the connection is closed
+        and every frame received before was handed over.
+        """
+        while True:
+            if self._chunks:
+                out, self._chunks = self._chunks, []
+                self._pending = 0
+                if self._paused_reading:
+                    self._paused_reading = False
+                    self.transport.resume_reading()
+                yield out
+                continue
+            if not self.fast:  # the library's reader, one message at a time
+                raw = await self.recv(decode=False)
+                yield [(time.time_ns() // 1000, [raw])]
+                continue
+            if self.protocol.state is not OPEN:  # closing or closed, and everything received handed over
+                await asyncio.shield(self.connection_lost_waiter)
+                raise self.protocol.close_exc
+            waiter = self.loop.create_future()
+            self._waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    # -- private -------------------------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, code: int, reason: str) -> None:
+        self._buf.clear()
+        self._partial = None
+        self.protocol.fail(code, reason)
+        self._after_protocol()
+
+    def _after_protocol(self) -> None:
+        """What the library does after its parser ran: send what the protocol queued, arm the close
+        deadline, process the events (a pong acknowledges our ping)."""
+        events = self.protocol.events_received()
+        try:
+            self.send_data()
+        except Exception as exc:
+            self.set_connection_exc(exc)
+        if self.protocol.close_expected() and self.close_deadline is None and self.close_timeout is not None:
+            self.close_deadline = self.loop.time() + self.close_timeout
+        for event in events:
+            self.process_event(event)

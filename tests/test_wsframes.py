@@ -1,0 +1,223 @@
+"""The batch frame reader: the pure frame cutter, then a real connection through it.
+
+Frames are built with the ``websockets`` library's own serializer, so what is cut here is what a
+server sends; the live tests run a real ``websockets`` server and check that the library still does
+everything else (pings both ways, the close handshake, errors) once our reader has taken over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError, ConnectionClosedOK
+from websockets.frames import CloseCode, Frame, Opcode
+
+from ingestor.wsframes import Chunk, FeedConnection, FrameError, read_frames
+
+UNIT = 5.0
+
+
+def wire(*frames: Frame) -> bytes:
+    return b"".join(f.serialize(mask=False, extensions=[]) for f in frames)
+
+
+def text(payload: bytes, fin: bool = True) -> Frame:
+    return Frame(Opcode.TEXT, payload, fin=fin)
+
+
+def cut(buf: bytes, max_size: int = 1 << 20) -> tuple[list[bytes], list[tuple[int, bytes]], int, bool]:
+    data: list[bytes] = []
+    control: list[tuple[int, bytes]] = []
+    pos, partial, closed = read_frames(buf, 0, max_size, data, control, None)
+    assert partial is None
+    return data, control, pos, closed
+
+
+# -- the pure cutter ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 200_000])
+def test_every_length_encoding(size: int) -> None:
+    payload = bytes(random.Random(size).getrandbits(8) for _ in range(min(size, 300))) * (size // 300 + 1)
+    payload = payload[:size]
+    data, control, pos, closed = cut(wire(text(payload), Frame(Opcode.BINARY, b"x")))
+    assert data == [payload, b"x"] and control == [] and not closed
+    assert pos == len(wire(text(payload), Frame(Opcode.BINARY, b"x")))
+
+
+def test_any_split_point_gives_the_same_frames() -> None:
+    """Bytes arrive in arbitrary pieces: carrying the incomplete tail over gives every frame once."""
+    frames = [text(b'{"e":"trade","t":%d}' % i) for i in range(50)] + [text(b"y" * 300), text(b"z" * 70_000)]
+    stream = wire(*frames)
+    rng = random.Random(7)
+    for _ in range(200):
+        got: list[bytes] = []
+        buf = bytearray()
+        at = 0
+        while at < len(stream):
+            step = rng.randint(1, 900)
+            buf += stream[at : at + step]
+            at += step
+            control: list[tuple[int, bytes]] = []
+            pos, partial, closed = read_frames(buf, 0, 1 << 20, got, control, None)
+            assert partial is None and not closed and not control
+            del buf[:pos]
+        assert got == [f.data for f in frames] and not buf
+
+
+def test_fragments_are_joined_and_control_frames_may_come_between() -> None:
+    stream = wire(text(b"ab", fin=False), Frame(Opcode.PING, b"p"), Frame(Opcode.CONT, b"cd", fin=False),
+                  Frame(Opcode.CONT, b"ef"), text(b"next"))
+    data, control, pos, _ = cut(stream)
+    assert data == [b"abcdef", b"next"] and control == [(Opcode.PING, b"p")] and pos == len(stream)
+    # The first fragment alone: kept as partial, nothing delivered.
+    first = wire(text(b"ab", fin=False))
+    out: list[bytes] = []
+    pos, partial, _ = read_frames(first, 0, 100, out, [], None)
+    assert out == [] and partial == [b"ab"] and pos == len(first)
+
+
+def test_stops_after_a_close_frame() -> None:
+    stream = wire(text(b"a"), Frame(Opcode.CLOSE, b"\x03\xe8bye"), text(b"after"))
+    data, control, pos, closed = cut(stream)
+    assert data == [b"a"] and control == [(Opcode.CLOSE, b"\x03\xe8bye")] and closed
+    assert pos == len(wire(text(b"a"), Frame(Opcode.CLOSE, b"\x03\xe8bye")))
+
+
+@pytest.mark.parametrize(("raw", "code", "reason"), [
+    (Frame(Opcode.TEXT, b"x").serialize(mask=True, extensions=[]), CloseCode.PROTOCOL_ERROR, "masking"),
+    (bytes([0x81 | 0x40, 1]) + b"x", CloseCode.PROTOCOL_ERROR, "reserved bits"),
+    (bytes([0x83, 1]) + b"x", CloseCode.PROTOCOL_ERROR, "invalid opcode"),
+    (bytes([0x09, 1]) + b"x", CloseCode.PROTOCOL_ERROR, "fragmented control"),
+    (bytes([0x89, 126, 0, 126]) + b"x" * 126, CloseCode.PROTOCOL_ERROR, "control frame too long"),
+    (wire(Frame(Opcode.CONT, b"x")), CloseCode.PROTOCOL_ERROR, "unexpected continuation"),
+    (wire(text(b"a", fin=False), text(b"b")), CloseCode.PROTOCOL_ERROR, "expected a continuation"),
+    (wire(text(b"x" * 101)), CloseCode.MESSAGE_TOO_BIG, "exceeds limit"),
+    (wire(text(b"x" * 60, fin=False), Frame(Opcode.CONT, b"y" * 60)), CloseCode.MESSAGE_TOO_BIG, "exceeds limit"),
+])
+def test_forbidden_frames(raw: bytes, code: int, reason: str) -> None:
+    with pytest.raises(FrameError, match=reason) as info:
+        read_frames(raw, 0, 100, [], [], None)
+    assert info.value.code == code
+
+
+# -- a real connection --------------------------------------------------------------------------------------------
+async def drain(chunks: AsyncIterator[list[Chunk]], want: int) -> list[bytes]:
+    got: list[bytes] = []
+    async with asyncio.timeout(UNIT):
+        async for batch in chunks:
+            for _, frames in batch:
+                got += frames
+            if len(got) >= want:
+                return got
+    return got
+
+
+async def open_feed(port: int, **kwargs: Any) -> FeedConnection:
+    ws = await connect(f"ws://127.0.0.1:{port}", create_connection=FeedConnection, compression=None, **kwargs)
+    assert isinstance(ws, FeedConnection)
+    return ws
+
+
+async def test_live_frames_pings_and_a_clean_close() -> None:
+    async def handler(conn: ServerConnection) -> None:
+        for i in range(5000):
+            await conn.send(b'{"i":%d}' % i if i % 2 else f'{{"i":{i}}}')
+        await conn.ping(b"from-server")  # the library answers it through our reader
+        await conn.send("last")
+        await conn.close(1000, "done")
+
+    async with serve(handler, "127.0.0.1", 0, compression=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        ws = await open_feed(port, ping_interval=None)
+        assert ws.fast
+        chunks = ws.chunks()
+        got = await drain(chunks, 5001)
+        assert got == [b'{"i":%d}' % i for i in range(5000)] + [b"last"]
+        with pytest.raises(ConnectionClosedOK):
+            await drain(chunks, 1)
+        assert ws.close_code == 1000 and ws.close_reason == "done"
+
+
+async def test_our_pings_are_acknowledged_through_the_fast_reader() -> None:
+    """websockets' keepalive: a ping every 50 ms, each pong read by our reader; the connection stays up."""
+    async def handler(conn: ServerConnection) -> None:
+        for i in range(20):
+            await conn.send(f"m{i}")
+            await asyncio.sleep(0.05)  # spread over a second: several keepalive pings happen meanwhile
+        await conn.close()
+
+    async with serve(handler, "127.0.0.1", 0, compression=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        ws = await open_feed(port, ping_interval=0.05, ping_timeout=0.5)
+        assert ws.fast
+        got = await drain(ws.chunks(), 20)
+        assert got == [f"m{i}".encode() for i in range(20)]
+        assert ws.latency > 0  # a pong came back and was matched to our ping
+
+
+async def test_a_server_that_stops_answering_pings_is_dropped() -> None:
+    """The venue's side goes silent (its pongs never come): websockets' keepalive closes the link (1011)."""
+    finished = asyncio.Event()
+
+    async def handler(conn: ServerConnection) -> None:
+        conn.transport.pause_reading()  # reads nothing more: our pings stay unanswered
+        await finished.wait()
+        conn.transport.abort()
+
+    async with serve(handler, "127.0.0.1", 0, compression=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        ws = await open_feed(port, ping_interval=0.1, ping_timeout=0.2, close_timeout=0.5)
+        with pytest.raises(ConnectionClosedError):
+            await drain(ws.chunks(), 1)
+        finished.set()
+
+
+async def test_a_forbidden_frame_fails_the_connection_with_its_code() -> None:
+    finished = asyncio.Event()
+
+    async def handler(conn: ServerConnection) -> None:
+        await conn.send("ok")
+        conn.transport.write(bytes([0x83, 1]) + b"x")  # opcode 3 does not exist
+        await finished.wait()
+        conn.transport.abort()
+
+    async with serve(handler, "127.0.0.1", 0, compression=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        ws = await open_feed(port, ping_interval=None, close_timeout=0.5)
+        chunks = ws.chunks()
+        assert await drain(chunks, 1) == [b"ok"]
+        with pytest.raises(ConnectionClosed):
+            await drain(chunks, 1)
+        assert ws.protocol.close_sent is not None and ws.protocol.close_sent.code == CloseCode.PROTOCOL_ERROR
+        finished.set()
+
+
+async def test_a_slow_reader_pauses_the_socket_and_loses_nothing() -> None:
+    total = 3 * FeedConnection.max_pending
+
+    async def each(conn: ServerConnection) -> None:
+        for i in range(total):
+            await conn.send(b"x%d" % i)
+        await conn.close()
+
+    async with serve(each, "127.0.0.1", 0, compression=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        ws = await open_feed(port, ping_interval=None)
+        largest = 0
+        got: list[bytes] = []
+        async with asyncio.timeout(4 * UNIT):
+            with pytest.raises(ConnectionClosedOK):
+                async for batch in ws.chunks():
+                    taken = sum(len(frames) for _, frames in batch)
+                    largest = max(largest, taken)
+                    got += [f for _, frames in batch for f in frames]
+                    await asyncio.sleep(0.01)  # a slow reader: the socket fills up behind it
+        assert got == [b"x%d" % i for i in range(total)]
+        # The reader fell behind by the limit, and the socket was paused there: what waited stayed bounded
+        # (the limit plus what one socket read holds).
+        assert FeedConnection.max_pending <= largest < FeedConnection.max_pending + 10_000

@@ -1,9 +1,11 @@
 -- Append batches of ticks to one or more streams, idempotently.
--- For each i: KEYS[i] the stream; ARGV[3i-2] its MAXLEN ~ cap (0: none); ARGV[3i-1] its MINID age cap
--- in ms (0: none); ARGV[3i] its batch: records "<ms>-<seq> <payload>\n", oldest first (payloads are
--- JSON, which never holds a raw newline).  One argument per stream keeps the client's encoding cost
--- off the per-tick path.  The writer passes several keys in one call only where they share a hash
--- slot (all of them on a standalone Redis), so a call never spans two slots of a Redis Cluster.
+-- KEYS: the streams.  ARGV[1]: one section per key, in KEYS order, each a header line
+-- "<maxlen> <minage> <size>\n" (MAXLEN ~ cap, 0: none; MINID age cap in ms, 0: none; the size in
+-- bytes of what follows) and then its records "<ms>-<seq> <payload>\n", oldest first (payloads are
+-- JSON, which never holds a raw newline).  One argument for the whole call keeps the client's
+-- command encoding off the per-stream and per-tick path.  The writer passes several keys in one call
+-- only where they share a hash slot (all of them on a standalone Redis), so a call never spans two
+-- slots of a Redis Cluster.
 -- A tick whose seq is at or below the stream's newest seq is already stored: skipped and counted.
 -- The ID's ms part is held non-decreasing, so the ID <ms>-<seq> always grows.
 -- ms and seq are compared as decimal strings (length, then text): Lua numbers are doubles and
@@ -17,11 +19,17 @@ end
 
 local find, sub = string.find, string.sub
 local out = {}
+local blob = ARGV[1]
+local at = 1
 for k = 1, #KEYS do
   local key = KEYS[k]
-  local maxlen = tonumber(ARGV[3 * k - 2])
-  local minage = tonumber(ARGV[3 * k - 1])
-  local blob = ARGV[3 * k]
+  local s1 = find(blob, ' ', at, true)
+  local s2 = find(blob, ' ', s1 + 1, true)
+  local eol = find(blob, '\n', s2 + 1, true)
+  local maxlen = tonumber(sub(blob, at, s1 - 1))
+  local minage = tonumber(sub(blob, s1 + 1, s2 - 1))
+  local n = eol + tonumber(sub(blob, s2 + 1, eol - 1))
+  at = n + 1
   local last_ms, last_seq = '0', nil
   local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
   if #top > 0 then
@@ -31,7 +39,7 @@ for k = 1, #KEYS do
     last_seq = sub(id, dash + 1)
   end
   local added, dups, errors = 0, 0, 0
-  local pos, n = 1, #blob
+  local pos = eol + 1
   while pos <= n do
     local dash = find(blob, '-', pos, true)
     local space = find(blob, ' ', dash, true)

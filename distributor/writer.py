@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib.resources import files
-from itertools import islice
+from itertools import chain, islice
 from typing import Any, Final
 
 import orjson
@@ -254,7 +254,8 @@ class StreamWriter:
 
         Safe to call again with the same ticks: what is stored already is skipped.
         """
-        # Per stream, one bytes argument holding every record "<ms>-<seq> <payload>\n" (see append.lua).
+        # Per stream, one section "<maxlen> <minage> <size>\n" + its records "<ms>-<seq> <payload>\n"; the
+        # sections of one script call are joined into its one argument (see append.lua).
         groups: dict[str, list[bytes]] = {}
         counts: dict[str, int] = {}
         prefix = self._prefix
@@ -267,16 +268,15 @@ class StreamWriter:
             parts.append(b"%d-%d %b\n" % (t["ts_event"] // 1000, t["seq"], dumps(t)))
         if not groups:
             return 0, 0
-        calls: dict[str, tuple[Any, ...]] = {}
         for key, parts in groups.items():
             counts[key] = len(parts)
             maxlen, age = self._caps_for(key.rpartition(":")[2])
-            calls[key] = (maxlen, age, b"".join(parts))
+            parts.insert(0, b"%d %d %d\n" % (maxlen, age, sum(map(len, parts))))
         if self._sha is None:
             self._sha = str(await self._redis.script_load(APPEND_SCRIPT))
         loop = asyncio.get_running_loop()
         started = loop.time()
-        results = await self._run_scripts(calls)
+        results = await self._run_scripts(groups)
         self.last_flush_us = int((loop.time() - started) * 1e6)
         self.batches += 1
         added = dups = 0
@@ -319,16 +319,14 @@ class StreamWriter:
             by_slot.setdefault(key_slot(key.encode()), []).append(key)
         return list(by_slot.values())
 
-    async def _run_scripts(self, groups: dict[str, tuple[Any, ...]]) -> list[Any]:
+    async def _run_scripts(self, groups: dict[str, list[bytes]]) -> list[Any]:
         """One pipelined round trip; returns per stream ``[added, duplicates, errors]`` or the error."""
         plan = await self._calls(list(groups))
         for _ in range(2):
             pipe = self._redis.pipeline(transaction=False)
             for keys in plan:
-                argv: list[Any] = []
-                for key in keys:
-                    argv += groups[key]
-                pipe.execute_command("EVALSHA", self._sha, len(keys), *keys, *argv)
+                blob = b"".join(chain.from_iterable(groups[k] for k in keys))
+                pipe.execute_command("EVALSHA", self._sha, len(keys), *keys, blob)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
             if not any(isinstance(r, NoScriptError) for r in replies):
                 results: list[Any] = []
@@ -347,7 +345,7 @@ class StreamWriter:
         raise ResponseError("NOSCRIPT persisted after reloading the append script")
 
     @staticmethod
-    def _order(plan: list[list[str]], groups: dict[str, tuple[Any, ...]]) -> list[int]:
+    def _order(plan: list[list[str]], groups: dict[str, list[bytes]]) -> list[int]:
         """Positions, in the plan's flattened order, of the streams in ``groups`` order."""
         position = {key: i for i, key in enumerate(k for keys in plan for k in keys)}
         return [position[key] for key in groups]

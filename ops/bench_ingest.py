@@ -133,6 +133,7 @@ async def _round(redis: aioredis.Redis, frames: Sequence[bytes], *, sample_every
         "sample_every": sample_every, "ticks": total, "accepted": session.ticks, "appended": writer.appended,
         "ended": ended, "elapsed_s": round(elapsed, 4), "ticks_per_s": round(total / elapsed, 1),
         "cpu_us_per_tick": round(1e6 * cpu / total, 3), "hotpath_delivered": delivered,
+        "writer_flushes": writer.batches, "distributor_batches": distributor.batches,
         "timed": {"ingest": ingest_latency.count, "hotpath": hot.latency.count, "redis": writer.ack_latency.count},
     }
 

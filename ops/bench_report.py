@@ -9,6 +9,11 @@ What runs, all on this machine:
   consumer group and measuring the Redis path end to end: ``now - tick["ts_recv"]`` (frame received by
   the ingestor -> consumer callback; one wall clock, one machine).
 
+Then the peak ingest, on its own: the ingestor is restarted without subscribers, the consumer stops,
+and the rate is stepped up (``peak_schedule``) until a step saturates: simulator -> WebSocket ->
+normalize -> Redis and nothing else.  And the cost of the latency instrumentation
+(:mod:`ops.bench_ingest`: the ingest path at full speed, timing off / sampled / every tick).
+
 The simulator's rate is stepped through a schedule (``/control/rate``).  Each step: a warm-up, then a
 measurement window, with the ingestor's ``/metrics`` and the simulator's ``/control/state`` read at
 both edges (latency histograms are diffed bucket by bucket, so each step's percentiles cover its own
@@ -378,8 +383,12 @@ def summarize(steps: Sequence[dict[str, Any]], writer: dict[str, Any] | None,
     hot_p99 = ref["latency"]["hotpath"]["p99_us"] if ref else None
     e2e_p99 = ref["latency"]["redis_e2e"]["p99_us"] if ref else None
     peak_per_s = peak["throughput"]["published_per_s"] if peak else 0.0
+    peak_target = TARGETS["peak_ingest_per_s"][0]
+    peak_met = peak_per_s >= peak_target
     if peak_ingest is not None:  # measured on its own: no subscriber, no consumer on the machine
         peak_per_s = peak_ingest["peak_ingest_per_s"]
+        # A step that did not saturate took in what was offered (within the window's counting edges).
+        peak_met = (peak_ingest["peak_rate"] or 0.0) >= peak_target
     best_sustained = max((s for s in ran if not s["saturated"]), key=lambda s: s["rate"], default=None)
     summary: dict[str, Any] = {
         "reference_rate": ref["rate"] if ref else None,
@@ -430,7 +439,7 @@ def summarize(steps: Sequence[dict[str, Any]], writer: dict[str, Any] | None,
         "peak_ingest_per_s": {
             "target": f">= {TARGETS['peak_ingest_per_s'][0]:.0f} ticks/s through one ingestor",
             "value": round(peak_per_s, 1),
-            "met": peak_per_s >= TARGETS["peak_ingest_per_s"][0] if ran else None,
+            "met": peak_met if ran else None,
         },
     }
     return summary
@@ -496,9 +505,16 @@ def render_markdown(report: dict[str, Any]) -> str:
       f"**{_status(t['no_queue_growth']['met'])}** |")
     peak_rate = summary.get("peak_rate")
     pi = report.get("peak_ingest")
-    how = ("ingest-only phase, no subscriber and no consumer: the highest step that did not saturate"
-           + (f"; at {_fmt_rate(pi['limit_rate'])}/s: {'; '.join(pi['limit'])}" if pi.get("limit_rate") else "")
-           + ". In the full pipeline: ") if pi else ""
+    how = ""
+    if pi:
+        how = ("ingest-only phase, no subscriber and no consumer: the highest step that did not saturate, "
+               f"{_fmt_rate(pi['peak_rate'])}/s offered" if pi.get("peak_rate")
+               else "ingest-only phase: every step saturated")
+        if pi.get("limit_rate"):
+            how += f"; at {_fmt_rate(pi['limit_rate'])}/s: {'; '.join(pi['limit'])}"
+        elif pi.get("peak_rate"):
+            how += "; no higher step was offered"
+        how += ". In the full pipeline: "
     w(f"| peak ingest {t['peak_ingest_per_s']['target']} | {_fmt_rate(t['peak_ingest_per_s']['value'])}/s "
       f"({how}highest step with no saturation and the e2e p99 within 2 ms: "
       f"{_fmt_rate(peak_rate) + '/s offered' if peak_rate else 'none'}; highest step with no saturation, whatever "
@@ -542,8 +558,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     fl = report.get("writer_flush")
     if fl:
         w("")
-        w("The Redis stage, measured alone after the run: one writer flush (one pipelined round trip, one "
-          "append-script call per stream) takes " + ", ".join(
+        w("The Redis stage, measured alone after the run: one writer flush (one round trip, one append-script "
+          "call for every stream it touches, each stream read once for its newest ID) takes " + ", ".join(
               f"{_fmt_us(v)} for {k} stream{'s' if k != '1' else ''}" for k, v in fl["flush_p50_us"].items())
           + f" (p50; a bare PING: {_fmt_us(fl['ping_p50_us'])}). A tick waits for the flush in progress, then for "
           f"its own, and with {len(cfg['symbols']) * len(cfg['channels'])} streams busy a flush touches most of "
@@ -1532,8 +1548,8 @@ class _Bench:
 
 
 async def measure_flush(redis_url: str, *, repeats: int = 30) -> dict[str, Any]:
-    """Where the Redis stage's time goes: how long one writer flush (one pipelined round trip, one script
-    call per stream) takes by the number of streams it touches, next to a bare PING round trip."""
+    """Where the Redis stage's time goes: how long one writer flush (one round trip, one script call for
+    every stream it touches) takes by the number of streams it touches, next to a bare PING round trip."""
     from distributor.writer import Retention, StreamWriter
     from ops.bench_writer import make_ticks
 

@@ -654,8 +654,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     if pi:
         w("## Peak ingest: one ingestor, nothing else")
         w("")
-        w("After the sweep the ingestor is restarted without subscribers and the consumer is stopped: simulator -> "
-          "WebSocket -> normalize -> Redis only, the rate stepped up until a step saturates.")
+        w("After the sweep a new ingestor starts without subscribers, under a key prefix and a spill log of its own "
+          "(as a new deployment would), and the consumer is stopped: simulator -> WebSocket -> normalize -> Redis "
+          "only, the rate stepped up until a step saturates.")
         w("")
         w("| offered | generated | received | published | ingress max | socket backlog (end) | CPU simulator | "
           "CPU ingestor | CPU redis-server | machine | verdict |")
@@ -1123,6 +1124,7 @@ class _Bench:
         self.drain_s = drain_s
         self.progress = progress
         self.prefix = f"bench-{uuid.uuid4().hex[:10]}"
+        self.peak_prefix = f"{self.prefix}-peak"
         self.sim_port = sim_port or _free_port()
         self.metrics_port = metrics_port or _free_port()
         self.sink = _Sink()
@@ -1198,7 +1200,7 @@ class _Bench:
         await self.start_ingestor(env, workdir, children, self.subscribers)
 
     async def start_ingestor(self, env: dict[str, str], workdir: Path, children: list[_Child],
-                             subscribers: int) -> None:
+                             subscribers: int, spill: str = "spill") -> None:
         self.tick("starting the ingestor")
         symbols = ",".join(SYMBOLS)
         config = workdir / "bench.toml"
@@ -1206,7 +1208,7 @@ class _Bench:
         args = [
             "ingest", "--config", str(config), "--url", f"ws://127.0.0.1:{self.sim_port}", "--symbols", symbols,
             "--channels", ",".join(CHANNELS), "--metrics-port", str(self.metrics_port), "--queue-policy", "block",
-            "--spill-dir", str(workdir / "spill"), "--log-level", "warning",
+            "--spill-dir", str(workdir / spill), "--log-level", "warning",
         ]
         for _ in range(subscribers):
             args += ["--subscriber", "ops.bench_probe:noop"]
@@ -1405,7 +1407,10 @@ class _Bench:
         self.pids.pop("ingestor", None)
         # Drained at rate 0 before the stop: every frame sent so far was received by the old process.
         self.received_before = int((await self.sim_state())["stats"]["frames_sent"])
-        await self.start_ingestor(env, workdir, children, 0)
+        # Streams and a spill log of its own: it starts as a new deployment would, with nothing from the sweep
+        # (whose saturated steps leave reconnects and repairs behind) to resume.
+        fresh = env | {"MARKET_PREFIX": self.peak_prefix}
+        await self.start_ingestor(fresh, workdir, children, 0, spill="spill-peak")
         steps: list[dict[str, Any]] = []
         for index, rate in enumerate(self.peak_schedule):
             step = await self.step(index, rate, children, of=len(self.peak_schedule), phase="peak ingest")
@@ -1539,6 +1544,7 @@ class _Bench:
         try:
             async with asyncio.timeout(60):
                 keys = [k async for k in client.scan_iter(f"{self.prefix}:*", count=1000)]
+                keys += [k async for k in client.scan_iter(f"{self.peak_prefix}:*", count=1000)]
                 for i in range(0, len(keys), 500):
                     await client.delete(*keys[i : i + 500])
         except (OSError, TimeoutError, aioredis.RedisError) as exc:
@@ -1790,7 +1796,8 @@ async def run_bench(
             "subscriber": "ops.bench_probe:noop", "schedule": rates, "warmup_s": warmup_s, "window_s": window_s,
             "sample_s": SAMPLE_S, "queue_policy": "block", "queue_capacity": 100_000,
             "retention_maxlen": RETENTION_MAXLEN, "redis_url": redact_url(redis_url), "redis_pid": bench.redis_pid,
-            "prefix": bench.prefix, "simulator_id_base": 0, "consumer_count": CONSUMER_COUNT,
+            "prefix": bench.prefix, "peak_prefix": bench.peak_prefix, "simulator_id_base": 0,
+            "consumer_count": CONSUMER_COUNT,
             "writer_ticks": w_ticks, "hotpath_duration_s": h_s, "ingest_ticks": i_ticks, "ingest_rounds": i_rounds,
             "peak_schedule": peaks, "latency_sample": DEFAULT_SAMPLE_EVERY, "hotpath_sample_chunks": HOT_SAMPLE_EVERY,
             "targets": {k: v[0] for k, v in TARGETS.items()},

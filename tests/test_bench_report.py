@@ -239,6 +239,7 @@ async def test_tiny_run_writes_the_report_and_the_counts_add_up(
     client = redis.Redis.from_url(redis_url)
     try:
         assert list(client.scan_iter(f"{report['configuration']['prefix']}:*", count=1000)) == []
+        assert list(client.scan_iter(f"{report['configuration']['peak_prefix']}:*", count=1000)) == []
     finally:
         client.close()
 

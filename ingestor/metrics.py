@@ -197,6 +197,12 @@ class IngestorCollector(Collector):
             ws = writer.stats()
             yield GaugeMetricFamily("market_writer_buffered", "Ticks waiting for Redis", value=ws.buffered)
             yield CounterMetricFamily("market_redis_errors", "Failed Redis writes", value=ws.errors)
+            yield CounterMetricFamily(
+                "market_writer_flushes", "Writer round trips to Redis that stored a batch", value=ws.batches
+            )
+            yield GaugeMetricFamily(
+                "market_writer_last_flush_us", "Duration of the last writer round trip (µs)", value=ws.last_flush_us
+            )
             yield GaugeMetricFamily(
                 "market_redis_up", "1 when the last Redis write succeeded", value=1 if ws.connected else 0
             )

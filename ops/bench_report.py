@@ -127,6 +127,9 @@ TARGETS: Final[dict[str, tuple[float, str]]] = {
 }
 
 SAMPLE_S: Final = 0.5  # queue sampling period during a window
+#: the simulator sends what is due every this many seconds (its default); 1 ms was measured too: lower
+#: latency at 10k ticks/s, but at 50k the ingestor's per-read costs outweigh it on this machine
+SIM_BATCH_S: Final = 0.005
 REPAIR_WAIT_S: Final = 75.0  # the ingestor's gap repair deadline (60 s) and some
 PRIME_RATE: Final = 500.0  # ticks/s until every stream exists and the consumer reads it
 RETENTION_MAXLEN: Final = 20_000  # per stream: bounds what the bench leaves in a shared Redis at any time
@@ -326,6 +329,22 @@ def _where_time_goes(step: dict[str, Any], cores: int, subscribers: int) -> list
         f"p99 {_fmt_us(lat['hotpath']['p99_us'])}.",
         f"CPU in the window (share of one core): {_cpu_line(step['cpu'], cores)}.",
     ]
+    wr = step.get("writer") or {}
+    if wr.get("ticks_per_flush"):
+        inside = ""
+        if wr.get("redis_us_per_call"):
+            inside = (f" Inside Redis one script call took {_fmt_us(wr['redis_us_per_call'])} on average "
+                      f"({wr['redis_us_per_call'] / wr['ticks_per_flush']:.1f} µs a tick: the XADD, the duplicate "
+                      "check and the record parsing in Lua), Redis busy with them "
+                      f"{100 * wr['redis_busy_share']:.0f}% of the window.")
+        lines.append(
+            f"The writer made {wr['flushes_per_s']:.0f} round trips to Redis a second, {wr['ticks_per_flush']:.0f} "
+            "ticks each on average; one is in flight at a time (Redis runs a connection's commands in order, and "
+            "a second connection could store newer ticks first), so a tick waits for the round trip in progress, "
+            f"then for its own.{inside} Before that, a tick waits for the rest of its socket read to be parsed and "
+            "for the hot path's subscribers woken by the same batch: the simulator sends every 5 ms, so each "
+            "burst goes through the ingestor's one event loop as a whole."
+        )
     hot = _saturated_processes(step["cpu"], cores)
     if hot:
         lines.append("Out of CPU: " + "; ".join(hot) + ".")
@@ -1107,6 +1126,10 @@ class _Edge:
     def reconnects(self) -> int:
         return int(self.ing.total("broker_reconnect_total"))
 
+    @property
+    def flushes(self) -> int:
+        return int(self.ing.total("market_writer_flushes_total"))
+
 
 class _Bench:
     def __init__(self, *, redis_url: str, seed: int, schedule: Sequence[float], warmup_s: float, window_s: float,
@@ -1192,7 +1215,7 @@ class _Bench:
         symbols = ",".join(SYMBOLS)
         sim = await _spawn("simulator", [
             "simulate", "--port", str(self.sim_port), "--symbols", symbols, "--rate", "1", "--seed", str(self.seed),
-            "--id-base", "0", "--log-level", "warning",
+            "--id-base", "0", "--log-level", "warning", "--batch-interval", f"{SIM_BATCH_S:g}",
         ], env, workdir)
         children.append(sim)
         await self._wait(sim, lambda: self.sim_state())
@@ -1284,6 +1307,7 @@ class _Bench:
         await self.sleep(self.warmup_s)
         self.tick(label)
         start = await self.edge()
+        scripts_a = await self.script_stats()
         self.sink.hist = LatencyHistogram()
         samples: list[list[float]] = []
         next_at = start.t
@@ -1307,7 +1331,29 @@ class _Bench:
         e2e = self.sink.hist
         self.sink.hist = LatencyHistogram()
         end = await self.edge()
-        return self.analyse(rate, start, end, e2e, samples)
+        scripts_b = await self.script_stats()
+        step = self.analyse(rate, start, end, e2e, samples)
+        if scripts_a is not None and scripts_b is not None and scripts_b[0] > scripts_a[0]:
+            calls, usec = scripts_b[0] - scripts_a[0], scripts_b[1] - scripts_a[1]
+            step["writer"]["redis_us_per_call"] = round(usec / calls)
+            step["writer"]["redis_busy_share"] = round(usec / 1e6 / step["window_s"], 3)
+        return step
+
+    async def script_stats(self) -> tuple[int, int] | None:
+        """Redis's own count of script calls (EVALSHA) and the µs it spent in them; None if it cannot tell.
+        On a shared Redis these include other clients' scripts."""
+        client = aioredis.Redis.from_url(self.redis_url, socket_timeout=HTTP_TIMEOUT_S,
+                                         socket_connect_timeout=HTTP_TIMEOUT_S)
+        try:
+            info: dict[str, Any] = await client.info("commandstats")
+        except (OSError, aioredis.RedisError):
+            return None
+        finally:
+            await client.aclose()
+        stat = info.get("cmdstat_evalsha")
+        if not isinstance(stat, dict):
+            return (0, 0)
+        return int(stat.get("calls", 0)), int(stat.get("usec", 0))
 
     def analyse(self, rate: float, a: _Edge, b: _Edge, e2e: LatencyHistogram,
                 samples: list[list[float]]) -> dict[str, Any]:
@@ -1385,6 +1431,10 @@ class _Bench:
                 "consumer_lag_end": lag_end,
             },
             "drops": {"ingress": dropped, "hotpath": hot_dropped},
+            "writer": {
+                "flushes_per_s": round((b.flushes - a.flushes) / window, 1),
+                "ticks_per_flush": round(published / (b.flushes - a.flushes), 1) if b.flushes > a.flushes else None,
+            },
             "reconnects": reconnects,
             "cpu": cpu,
             "tallies": {

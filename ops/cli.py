@@ -173,6 +173,9 @@ def simulate(
     replay: Annotated[Path | None, typer.Option(help="play a capture (fixtures' JSONL format)")] = None,
     replay_speed: Annotated[float, typer.Option(help="replay speed factor")] = 1.0,
     replay_loop: Annotated[bool, typer.Option(help="start the capture over at its end")] = False,
+    batch_interval: Annotated[
+        float, typer.Option(help="seconds between two sends of what is due (the market is generated in steps)")
+    ] = 0.005,
     close_every: Annotated[float | None, typer.Option(help="fault: close every connection every S seconds")] = None,
     stall_for: Annotated[float, typer.Option(help="fault: stall every connection for S seconds at start")] = 0.0,
     refuse_for: Annotated[float, typer.Option(help="fault: refuse new connections for S seconds at start")] = 0.0,
@@ -197,8 +200,8 @@ def simulate(
         fail(f"--replay: cannot read {str(replay)!r}")
     cfg = SimulatorConfig(
         host=host, port=port, symbols=syms, rate=rate, seed=seed, id_base=id_base, replay=replay,
-        replay_speed=replay_speed,
-        replay_loop=replay_loop, close_every=close_every, stall_for=stall_for, refuse_for=refuse_for,
+        replay_speed=replay_speed, replay_loop=replay_loop, batch_interval=batch_interval,
+        close_every=close_every, stall_for=stall_for, refuse_for=refuse_for,
         fault_malformed=malformed, fault_duplicate=duplicate, fault_out_of_order=out_of_order,
     )
 

@@ -95,6 +95,8 @@ def test_metrics_port_in_use(redis_url: str) -> None:
         (("tail", "md:binance"), "md:binance"),
         (("simulate", "--rate", "-5"), "--rate"),
         (("simulate", "--replay", "/nonexistent.jsonl"), "--replay"),
+        (("simulate", "--batch-interval", "5"), "batch_interval"),
+        (("simulate", "--batch-interval", "0"), "batch_interval"),
         (("demo", "--duration", "0"), "--duration"),
     ],
 )

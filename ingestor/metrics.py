@@ -201,7 +201,8 @@ class IngestorCollector(Collector):
                 "market_writer_flushes", "Writer round trips to Redis that stored a batch", value=ws.batches
             )
             yield GaugeMetricFamily(
-                "market_writer_last_flush_us", "Duration of the last writer round trip (µs)", value=ws.last_flush_us
+                "market_writer_last_flush_seconds", "Duration of the last writer round trip",
+                value=ws.last_flush_us / 1e6,
             )
             yield GaugeMetricFamily(
                 "market_redis_up", "1 when the last Redis write succeeded", value=1 if ws.connected else 0

@@ -166,7 +166,10 @@ class FeedConnection(ClientConnection):
                 return
             super().data_received(data)
             return
-        if self.protocol.state is not OPEN:  # closing: the library discards what follows
+        if self.protocol.state is not OPEN:  # closing: the library reads the rest (the peer's close frame)
+            if self._buf:  # it starts at a frame boundary: hand the incomplete frame over with what follows
+                data = bytes(self._buf) + data
+                self._buf.clear()
             super().data_received(data)
             return
         buf = self._buf

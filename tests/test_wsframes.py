@@ -8,6 +8,8 @@ everything else (pings both ways, the close handshake, errors) once our reader h
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import random
 from collections.abc import AsyncIterator
 from typing import Any
@@ -221,3 +223,72 @@ async def test_a_slow_reader_pauses_the_socket_and_loses_nothing() -> None:
         # The reader fell behind by the limit, and the socket was paused there: what waited stayed bounded
         # (the limit plus what one socket read holds).
         assert FeedConnection.max_pending <= largest < FeedConnection.max_pending + 10_000
+
+
+# -- a hand-written server: exact control over what arrives in which socket read -------------------------------
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+async def raw_server(talk: Any) -> tuple[asyncio.Server, int]:
+    """A WebSocket server that answers the handshake, then hands its raw stream to ``talk(reader, writer, head)``
+    with the 101 response not yet written (``head``): it decides what travels with it."""
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key:"))
+        accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
+        head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        try:
+            await talk(reader, writer, head)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_frames_in_the_same_read_as_the_handshake_response_are_read_by_us() -> None:
+    frames = [text(b"first"), text(b"second"), text(b"x" * 70_000)]
+
+    async def talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> None:
+        writer.write(head + wire(*frames))  # one write: the response and the frames in one segment
+        await reader.read()  # until the client closes
+
+    server, port = await raw_server(talk)
+    async with server:
+        ws = await open_feed(port, ping_interval=None, close_timeout=0.5)
+        assert ws.fast
+        assert await drain(ws.chunks(), 3) == [f.data for f in frames]
+        await ws.close()
+
+
+async def test_closing_with_half_a_frame_buffered_completes_the_close_handshake() -> None:
+    """We close while half of a data frame is in our buffer; the venue sends the other half, then its close
+    frame: the library must read them from the right byte, and the close ends cleanly (1000)."""
+    frame = wire(text(b"y" * 1000))
+    half = len(frame) // 2
+    got_close = asyncio.Event()
+
+    async def talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> None:
+        writer.write(head)
+        await writer.drain()
+        writer.write(frame[:half])
+        await writer.drain()
+        await reader.readexactly(2 + 4 + 2)  # the client's close frame: header, mask, code 1000
+        got_close.set()
+        writer.write(frame[half:] + wire(Frame(Opcode.CLOSE, b"\x03\xe8")))
+        await writer.drain()
+        await reader.read()
+
+    server, port = await raw_server(talk)
+    async with server:
+        ws = await open_feed(port, ping_interval=None, close_timeout=2)
+        async with asyncio.timeout(UNIT):
+            while not ws._buf:  # the first half has arrived and waits in our buffer
+                await asyncio.sleep(0.001)
+        async with asyncio.timeout(UNIT):
+            await ws.close()
+        assert got_close.is_set()
+        assert ws.close_code == 1000, (ws.close_code, ws.close_reason)

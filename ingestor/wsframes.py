@@ -14,8 +14,12 @@ high rates, so :class:`FeedConnection` takes over the reading of frames once the
 - anything the venue should not send (a masked frame, reserved bits, an unknown opcode, a control frame
   over 125 bytes or fragmented, a message over ``max_size``) fails the connection through the library,
   with the close code its own parser would use;
-- a reader that falls behind pauses the socket (at most ``max_pending`` frames wait; they resume at a
-  quarter of that), so memory stays bounded and the venue's TCP window does the back-pressure.
+- a reader that falls behind pauses the socket (at most ``max_pending`` frames wait; reading resumes
+  when the reader takes them), so memory stays bounded.  A pause stops the venue's pongs too: a reader
+  stuck for longer than the keepalive timeout ends the connection (1011), as with the library's own
+  message queue, and the session reconnects and repairs the gap;
+- once we close, data frames still arriving are dropped and only the venue's close frame goes to the
+  library; after the venue's close frame or a failure nothing more is read (the library waits for EOF).
 
 The switch happens at the frame boundary: the library is given the HTTP response head alone (bytes
 after it, frames the server sent at once, go to our reader), so its frame parser never sees a byte.
@@ -33,7 +37,7 @@ from typing import Any, Final
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ProtocolError
 from websockets.frames import CloseCode, Frame, Opcode
-from websockets.protocol import OPEN
+from websockets.protocol import CLOSED, OPEN
 
 __all__ = ["DEFAULT_MAX_PENDING", "Chunk", "FeedConnection", "FrameError", "read_frames"]
 
@@ -135,6 +139,8 @@ class FeedConnection(ClientConnection):
         #: True once the connection is open and its frames are read here
         self.fast = False
         self._opening = bytearray()
+        self._head_passed = False
+        self._discarding = False
         self._buf = bytearray()
         self._partial: list[bytes] | None = None
         self._chunks: list[Chunk] = []
@@ -147,7 +153,7 @@ class FeedConnection(ClientConnection):
     # -- the transport's callbacks ---------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         if not self.fast:
-            if self.response is None:  # the opening handshake: the library parses the HTTP response
+            if self.response is None and not self._head_passed:  # the library parses the HTTP response head
                 self._opening += data
                 end = self._opening.find(b"\r\n\r\n")
                 if end < 0 and len(self._opening) <= _MAX_HEAD:
@@ -155,6 +161,7 @@ class FeedConnection(ClientConnection):
                 cut = end + 4 if end >= 0 else len(self._opening)
                 head, rest = bytes(self._opening[:cut]), bytes(self._opening[cut:])
                 self._opening = bytearray()
+                self._head_passed = True  # from here on the library gets everything (a refusal's body, say)
                 super().data_received(head)
                 if self.response is not None and self.protocol.state is OPEN:
                     # Switched at the frame boundary: the library's frame parser never saw a byte.
@@ -166,12 +173,9 @@ class FeedConnection(ClientConnection):
                 return
             super().data_received(data)
             return
-        if self.protocol.state is not OPEN:  # closing: the library reads the rest (the peer's close frame)
-            if self._buf:  # it starts at a frame boundary: hand the incomplete frame over with what follows
-                data = bytes(self._buf) + data
-                self._buf.clear()
-            super().data_received(data)
-            return
+        if self._discarding:
+            return  # after the venue's close frame or a failure: nothing more is read (until EOF)
+        open_ = self.protocol.state is OPEN
         buf = self._buf
         if buf:
             buf += data
@@ -183,34 +187,33 @@ class FeedConnection(ClientConnection):
         try:
             pos, self._partial, closed = read_frames(src, 0, self._limit, frames, control, self._partial)
         except FrameError as exc:
-            if frames:  # the whole frames before the bad one are the venue's data: hand them over
-                self._chunks.append((time.time_ns() // 1000, frames))
-                self._wake()
+            if frames and open_:  # the whole frames before the bad one are the venue's data: hand them over
+                self._deliver(frames)
             self._fail(exc.code, str(exc))
             return
         if src is buf:
             del buf[:pos]
         elif pos < len(data):
             buf += data[pos:]
-        if frames:
-            self._chunks.append((time.time_ns() // 1000, frames))
-            self._pending += len(frames)
-            if self._pending >= self.max_pending and not self._paused_reading:
-                self._paused_reading = True
-                self.transport.pause_reading()
-            self._wake()
+        if frames and open_:  # once we are closing, the reader is gone: what still arrives is dropped
+            self._deliver(frames)
         if control:
             for opcode, payload in control:
+                if not open_ and opcode != Opcode.CLOSE:
+                    continue  # closing: only the venue's close frame matters now
                 try:
                     self.protocol.recv_frame(Frame(Opcode(opcode), payload))
                 except ProtocolError as exc:
                     self._fail(CloseCode.PROTOCOL_ERROR, str(exc))
                     return
+                except UnicodeDecodeError as exc:  # a close reason that is not UTF-8
+                    self._fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                    return
             self._after_protocol()
-        if closed and buf:
-            leftover = bytes(buf)
+        if closed:
+            self._discarding = True
             buf.clear()
-            super().data_received(leftover)
+            self._close_soon()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -246,7 +249,22 @@ class FeedConnection(ClientConnection):
             finally:
                 self._waiter = None
 
+    async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
+        """Close as the library does; first undo our own pause, or the venue's close frame could not be read."""
+        if self._paused_reading:
+            self._paused_reading = False
+            self.transport.resume_reading()
+        await super().close(code, reason)
+
     # -- private -------------------------------------------------------------------------------------------------
+    def _deliver(self, frames: list[bytes]) -> None:
+        self._chunks.append((time.time_ns() // 1000, frames))
+        self._pending += len(frames)
+        if self._pending >= self.max_pending and not self._paused_reading:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        self._wake()
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -255,8 +273,21 @@ class FeedConnection(ClientConnection):
     def _fail(self, code: int, reason: str) -> None:
         self._buf.clear()
         self._partial = None
+        self._discarding = True
         self.protocol.fail(code, reason)
         self._after_protocol()
+        self._close_soon()
+        self._wake()
+
+    def _close_soon(self) -> None:
+        """The venue has ``close_timeout`` to close the TCP connection after the close handshake or a failure;
+        then it is aborted, so a reader never waits on a venue that keeps a dead connection open."""
+        if self.close_timeout is not None:
+            self.loop.call_later(self.close_timeout, self._abort_unless_closed)
+
+    def _abort_unless_closed(self) -> None:
+        if self.protocol.state is not CLOSED:
+            self.transport.abort()
 
     def _after_protocol(self) -> None:
         """What the library does after its parser ran: send what the protocol queued, arm the close

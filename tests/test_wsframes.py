@@ -201,10 +201,14 @@ async def test_a_forbidden_frame_fails_the_connection_with_its_code() -> None:
 
 async def test_a_slow_reader_pauses_the_socket_and_loses_nothing() -> None:
     total = 3 * FeedConnection.max_pending
+    pad = b"." * 90
+
+    def payload(i: int) -> bytes:
+        return b"x%06d" % i + pad
 
     async def each(conn: ServerConnection) -> None:
         for i in range(total):
-            await conn.send(b"x%d" % i)
+            await conn.send(payload(i))
         await conn.close()
 
     async with serve(each, "127.0.0.1", 0, compression=None) as server:
@@ -219,10 +223,11 @@ async def test_a_slow_reader_pauses_the_socket_and_loses_nothing() -> None:
                     largest = max(largest, taken)
                     got += [f for _, frames in batch for f in frames]
                     await asyncio.sleep(0.01)  # a slow reader: the socket fills up behind it
-        assert got == [b"x%d" % i for i in range(total)]
-        # The reader fell behind by the limit, and the socket was paused there: what waited stayed bounded
-        # (the limit plus what one socket read holds).
-        assert FeedConnection.max_pending <= largest < FeedConnection.max_pending + 10_000
+        assert got == [payload(i) for i in range(total)]
+        # The reader fell behind by the limit and the socket was paused there: what waited stayed bounded by
+        # the limit plus what one socket read can hold (asyncio reads at most 256 KiB at a time).
+        one_read = 256 * 1024 // len(wire(text(payload(0))))
+        assert FeedConnection.max_pending <= largest < FeedConnection.max_pending + one_read
 
 
 # -- a hand-written server: exact control over what arrives in which socket read -------------------------------
@@ -279,16 +284,87 @@ async def test_closing_with_half_a_frame_buffered_completes_the_close_handshake(
         await reader.readexactly(2 + 4 + 2)  # the client's close frame: header, mask, code 1000
         got_close.set()
         writer.write(frame[half:] + wire(Frame(Opcode.CLOSE, b"\x03\xe8")))
+        await writer.drain()  # and the server closes the TCP connection (raw_server's finally)
+
+    server, port = await raw_server(talk)
+    async with server:
+        ws = await open_feed(port, ping_interval=None, close_timeout=3)
+        async with asyncio.timeout(UNIT):
+            while not ws._buf:  # the first half has arrived and waits in our buffer
+                await asyncio.sleep(0.001)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await ws.close()
+        assert loop.time() - began < 1.5  # the close handshake ended, not the 3 s close timeout
+        assert got_close.is_set()
+        assert ws.close_code == 1000, (ws.close_code, ws.close_reason)
+
+
+async def test_a_refusal_whose_body_comes_later_is_reported_with_its_status() -> None:
+    """HTTP 429 with Retry-After, the body in a second segment: the library sees it all and says 429."""
+    from websockets.exceptions import InvalidStatus
+
+    async def talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> None:
+        writer.write(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nContent-Length: 5\r\n\r\n")
         await writer.drain()
+        await asyncio.sleep(0.05)  # a separate segment: the body is not in the read that carried the head
+        writer.write(b"hello")
+        await writer.drain()
+
+    server, port = await raw_server(talk)
+    async with server:
+        with pytest.raises(InvalidStatus) as info:
+            await open_feed(port, ping_interval=None, open_timeout=UNIT)
+    assert info.value.response.status_code == 429
+    assert info.value.response.headers["Retry-After"] == "7"
+
+
+async def test_a_close_reason_that_is_not_utf8_fails_the_connection_with_1007() -> None:
+    async def talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> None:
+        writer.write(head + wire(text(b"ok")) + bytes([0x88, 4, 0x03, 0xE8, 0xFF, 0xFE]))
         await reader.read()
 
     server, port = await raw_server(talk)
     async with server:
-        ws = await open_feed(port, ping_interval=None, close_timeout=2)
-        async with asyncio.timeout(UNIT):
-            while not ws._buf:  # the first half has arrived and waits in our buffer
+        ws = await open_feed(port, ping_interval=None, close_timeout=0.5)
+        chunks = ws.chunks()
+        assert await drain(chunks, 1) == [b"ok"]
+        with pytest.raises(ConnectionClosedError):
+            await drain(chunks, 1)
+        assert ws.protocol.close_sent is not None and ws.protocol.close_sent.code == CloseCode.INVALID_DATA
+
+
+async def test_our_close_while_the_venue_streams_ends_cleanly_and_fast() -> None:
+    """We close while data keeps coming: what arrives after our close is dropped, the venue's close frame is
+    read, and the close handshake ends well within the close timeout (nothing left paused)."""
+    stop = asyncio.Event()
+
+    async def talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> None:
+        writer.write(head)
+
+        async def stream() -> None:
+            i = 0
+            while not stop.is_set():
+                writer.write(wire(*(text(b"tick %d" % (i + k)) for k in range(200))))
+                i += 200
+                await writer.drain()
                 await asyncio.sleep(0.001)
-        async with asyncio.timeout(UNIT):
-            await ws.close()
-        assert got_close.is_set()
-        assert ws.close_code == 1000, (ws.close_code, ws.close_reason)
+
+        task = asyncio.create_task(stream())
+        await reader.readexactly(2 + 4 + 2)  # our close frame
+        await asyncio.sleep(0.05)  # data keeps flowing after it
+        stop.set()
+        await task
+        writer.write(wire(Frame(Opcode.CLOSE, b"\x03\xe8")))
+        await writer.drain()  # and the server closes the TCP connection (raw_server's finally)
+
+    server, port = await raw_server(talk)
+    async with server:
+        ws = await open_feed(port, ping_interval=None, close_timeout=3)
+        got = await drain(ws.chunks(), 5000)
+        assert len(got) >= 5000
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await ws.close()
+        assert ws.close_code == 1000
+        assert loop.time() - began < 1.5  # not the 3 s close timeout

@@ -20,7 +20,10 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+import redis.asyncio as aioredis
+
 from consumer_sdk.consumer import Consumer
+from consumer_sdk.keys import DEFAULT_PREFIX, stream_key
 from consumer_sdk.latency import LatencyHistogram
 from consumer_sdk.tick import Tick
 from ingestor.config import redact_url
@@ -79,6 +82,22 @@ async def _wait_port(port: int, proc: asyncio.subprocess.Process, what: str) -> 
             writer.close()
             await writer.wait_closed()
             return
+
+
+async def _wait_streams(url: str, keys: list[str], proc: asyncio.subprocess.Process) -> None:
+    """Until the ingestor has stored a first tick in every stream (bounded), so the consumer, which starts at
+    the streams' ends, shows live latency rather than the catch-up of a stream it found late."""
+    client = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while await client.exists(*keys) < len(keys):
+            if proc.returncode is not None:
+                raise RuntimeError(f"the ingestor exited at start (status {proc.returncode})")
+            if time.monotonic() > deadline:
+                return  # start anyway: the view shows what arrives
+            await asyncio.sleep(0.05)  # the streams appear in another process: poll for them
+    finally:
+        await client.aclose()
 
 
 async def _spawn(args: list[str], log_file: IO[bytes], env: dict[str, str]) -> asyncio.subprocess.Process:
@@ -148,8 +167,12 @@ async def run_demo(*, duration: float | None, rate: float, symbols: str) -> None
                 f"logs {log_path}",
                 file=sys.stderr,
             )
+            prefix = os.environ.get("MARKET_PREFIX") or DEFAULT_PREFIX
+            names = [s.strip().upper() for s in symbols.split(",") if s.strip()]
+            await _wait_streams(url, [stream_key("binance", n, c, prefix) for n in names for c in CHANNELS.split(",")],
+                                ing)
             consumer = Consumer(
-                redis_url=url, patterns=["binance:*:*"], group="demo", consumer=f"demo-{os.getpid()}",
+                redis_url=url, patterns=["binance:*:*"], prefix=prefix, group="demo", consumer=f"demo-{os.getpid()}",
                 start_id="$", rescan_s=1.0,
             )
             tty = sys.stdout.isatty()

@@ -789,8 +789,6 @@ class HotPath:
         buckets = hist.counts
         lut = _LUT
         every = countdown = self.sample_every
-        mask, cap, chunk = self._mask, self.capacity, self.max_chunk
-        blocking = sub._blocking
         while sub.removed is None:
             if sub._hold is not None:
                 ticks, sids, tstamps = sub._hold
@@ -802,68 +800,48 @@ class HotPath:
                         return
                 self._finish_hold(sub)
                 continue
-            head = self._cursor
-            c = sub.cursor
-            if c == head:  # caught up: sleep until the publisher has something for it
-                waiter = loop.create_future()
-                sub._waiter = waiter
-                self._sleepers.append(sub)
-                try:
-                    await waiter
-                finally:
-                    if sub._waiter is waiter:  # cancelled while asleep
-                        sub._waiter = None
-                        self._sleepers.remove(sub)
+            span = self._take(sub)
+            if span is None:  # caught up: sleep until the publisher has something for it
+                await self._sleep(sub, loop)
                 continue
-            if head - c > sub.max_lag:  # only drop_oldest gets here: the publisher enforces the others
-                c = self._skip(sub, c, head)
-            a = c & mask
-            b = a + min(head - c, chunk, cap - a)
-            sub.cursor = c + (b - a)
-            if blocking and self._room_waiter is not None:
-                self._wake_publisher()
-            # The hot loop: nothing else runs until it ends (plain calls, no await), so it reads
-            # the ring in place.  Timed: one publish batch (one stamp) at a time, one clock read per batch
-            # after its deliveries, LatencyHistogram.observe inlined with a weight; one chunk in sample_every.
+            a, b = span
+            # The hot loop: nothing else runs until it ends (plain calls, no await), so it reads the ring in
+            # place.  One chunk in sample_every is timed: it is walked one publish batch (one stamp) at a
+            # time, with one clock read per batch after its deliveries (LatencyHistogram.observe inlined,
+            # with a weight); an untimed chunk is walked as one run.
+            if every:
+                countdown -= 1
+            timed = every and not countdown
+            if timed:
+                countdown = every
             n = 0
             failed = self._failed
             base = sub.delivered
-            if every:
-                countdown -= 1
-            if every and not countdown:
-                countdown = every
-                total = 0
-                top = hist.max_us
-                i = a
-                while i < b:
-                    stamp = stamps[i]
-                    j = b if stamps[b - 1] == stamp else bisect_right(stamps, stamp, i, b)
-                    m = n
-                    for k in range(i, j):
-                        if match[ring_sids[k]]:
-                            n += 1
-                            try:
-                                handler(ring[k])
-                            except Exception as exc:
-                                failed(sub, ring[k], exc, base + n)
-                    i = j
-                    m = n - m
-                    if m:
-                        us = (clock() - stamp) // 1000
-                        buckets[lut[us] if 0 <= us < _LUT_SIZE else bucket_of(max(us, 0))] += m
-                        total += us * m
-                        if us > top:
-                            top = us
-                hist.sum_us += total
-                hist.max_us = top
-            else:
-                for k in range(a, b):
+            total = 0
+            top = hist.max_us
+            i = a
+            while i < b:
+                stamp = stamps[i]
+                j = b if not timed or stamps[b - 1] == stamp else bisect_right(stamps, stamp, i, b)
+                m = n
+                for k in range(i, j):
                     if match[ring_sids[k]]:
                         n += 1
                         try:
                             handler(ring[k])
                         except Exception as exc:
                             failed(sub, ring[k], exc, base + n)
+                i = j
+                m = n - m
+                if timed and m:
+                    us = (clock() - stamp) // 1000
+                    buckets[lut[us] if 0 <= us < _LUT_SIZE else bucket_of(max(us, 0))] += m
+                    total += us * m
+                    if us > top:
+                        top = us
+            if timed:
+                hist.sum_us += total
+                hist.max_us = top
             sub.delivered += n
             if sub.cursor != self._cursor:
                 await asyncio.sleep(0)  # more to read: let the others have their turn first

@@ -47,17 +47,13 @@ from distributor.writer import Retention, StreamWriter
 from ingestor.sequencer import Sequencer
 from ingestor.session import VenueSession
 from ops.bench_probe import noop
+from ops.bench_report import CHANNELS, SYMBOLS
 
 __all__ = ["MODES", "TARGET_COST_PCT", "make_frames", "run_ingest_bench"]
 
 #: mode -> per-tick latency sampling interval (0 = off; the hot path is timed whenever it is not 0)
 MODES: Final[dict[str, int]] = {"off": 0, "sampled": DEFAULT_SAMPLE_EVERY, "every": 1}
 TARGET_COST_PCT: Final = 5.0
-SYMBOLS: Final = (
-    "BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "ADAUSDT", "DOGEUSDT", "AVAXUSDT", "DOTUSDT", "LINKUSDT",
-    "LTCUSDT", "TRXUSDT", "ATOMUSDT", "UNIUSDT", "ETCUSDT", "XLMUSDT", "NEARUSDT", "APTUSDT", "FILUSDT", "ARBUSDT",
-)
-CHANNELS: Final = ("trade", "agg_trade", "book_ticker")
 ROUND_TIMEOUT_S: Final = 120.0
 MAXLEN: Final = 20_000
 
@@ -86,20 +82,17 @@ async def _feed(frames: Sequence[bytes], burst: int) -> AsyncIterator[Sequence[b
 
 
 async def _round(redis: aioredis.Redis, frames: Sequence[bytes], *, sample_every: int, subscribers: int,
-                 burst: int, symbols: int, parts: tuple[bool, bool, bool] = (True, True, True)) -> dict[str, Any]:
-    """One round; ``parts``: whether the ingest stage, the Redis stage and the hot path are timed at all."""
+                 burst: int, symbols: int) -> dict[str, Any]:
     prefix = f"bench-i{uuid.uuid4().hex[:10]}"
     ingress: IngressQueue[Any] = IngressQueue(100_000, Policy.BLOCK)
-    timed_ingest, timed_redis, timed_hot = parts
-    writer = StreamWriter(redis, prefix=prefix, retention=Retention(maxlen=MAXLEN),
-                          sample_every=sample_every if timed_redis else 0)
-    hot = HotPath(sample_every=min(sample_every, HOT_SAMPLE_EVERY) if timed_hot else 0)
+    writer = StreamWriter(redis, prefix=prefix, retention=Retention(maxlen=MAXLEN), sample_every=sample_every)
+    hot = HotPath(sample_every=min(sample_every, HOT_SAMPLE_EVERY))
     subs = [hot.subscribe(noop, "binance:*:*", name="noop") for _ in range(subscribers)]
     distributor = Distributor(ingress, writer, hotpath=hot)
     ingest_latency = LatencyHistogram()
     streams = [f"{s.lower()}@{c}" for s in SYMBOLS[:symbols] for c in ("trade", "aggTrade", "bookTicker")]
     session = VenueSession(ws_base="ws://bench.invalid", streams=streams, ingress=ingress, sequencer=Sequencer(),
-                           ingest_latency=ingest_latency, sample_every=sample_every if timed_ingest else 0)
+                           ingest_latency=ingest_latency, sample_every=sample_every)
     total = len(frames)
 
     def done() -> bool:

@@ -117,6 +117,7 @@ from consumer_sdk.errors import ConfigError, InvalidTick, TransientError, Trimme
 from consumer_sdk.keys import DEFAULT_PREFIX, Pattern
 from consumer_sdk.replay import Bound, parse_bound, resolve_bound, start_trimmed
 from consumer_sdk.sequencing import SeqTracker, Verdict, is_contiguous_channel
+from consumer_sdk.server import require_supported
 from consumer_sdk.tick import SCHEMA_VERSION, Tick, decode_tick
 
 __all__ = [
@@ -565,6 +566,7 @@ class Consumer:
         self._owned = False
         self._dfield: Any = b"d"
         self._running = False
+        self._server_checked = False
         self._stop = asyncio.Event()
         self._read_task: asyncio.Task[Any] | None = None
         self._next_rescan = 0.0
@@ -788,7 +790,14 @@ class Consumer:
         return state
 
     async def _setup(self, client: Redis) -> None:
-        """Find the streams, make sure the group exists on each, check for trimmed history."""
+        """Find the streams, make sure the group exists on each, check for trimmed history.
+
+        The first set-up also checks the server is one this SDK supports (:mod:`consumer_sdk.server`):
+        :class:`ConfigError` otherwise, which ends :meth:`run`.
+        """
+        if not self._server_checked:
+            await require_supported(client)
+            self._server_checked = True
         keys = dict.fromkeys(self._literal_keys(), True)
         for key in await self._scan(client):
             keys.setdefault(key, False)

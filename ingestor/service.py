@@ -28,6 +28,7 @@ from consumer_sdk.consumer import Handler
 from consumer_sdk.errors import ConfigError, InvalidTick, TransientError
 from consumer_sdk.keys import Pattern, parse_entry_id, stream_key
 from consumer_sdk.latency import LatencyHistogram
+from consumer_sdk.server import require_supported
 from consumer_sdk.tick import Tick, decode_tick
 from distributor.control import ControlGate, ControlState, WindowPercentile
 from distributor.hotpath import HOT_SAMPLE_EVERY, HotPath, Subscription
@@ -82,15 +83,20 @@ def load_handler(target: str) -> Handler:
 
 
 async def connect_redis(url: str, *, socket_timeout: float = 10.0) -> aioredis.Redis:
-    """A client for ``url`` that has answered PING; :class:`TransientError` naming the (redacted) URL if not."""
+    """A client for ``url`` that has answered PING; :class:`TransientError` naming the (redacted) URL if not,
+    :class:`ConfigError` when the server is older than the supported floor (:mod:`consumer_sdk.server`)."""
     client = aioredis.Redis.from_url(
         url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30
     )
     try:
         await client.ping()
+        await require_supported(client, redact_url(url))
     except (RedisError, OSError) as exc:
         await client.aclose()
         raise TransientError(f"Redis unreachable at {redact_url(url)}: {exc}") from None
+    except ConfigError:
+        await client.aclose()
+        raise
     return client
 
 

@@ -50,9 +50,11 @@ Delivery rules:
   loss is handed over (``first_available_id`` is ``None`` when unknown).  Without ``on_trimmed``,
   :meth:`Consumer.run` raises :class:`~consumer_sdk.errors.TrimmedError` instead, once per loss per
   ``Consumer``; calling ``run()`` again continues past it.  (Redis moves ``max-deleted-entry-id``
-  only on ``XDEL``, not when trimming, hence the ``lag`` count.)  Redis 6.2 reports no ``lag``:
-  there the start check falls back on a jump in seq between the group's position and the oldest
-  entry held.  A venue gap that trimming overtook is reported as trimmed.
+  only on ``XDEL``, not when trimming, hence the ``lag`` count.)  Where Redis cannot give a ``lag``
+  (nil after some deletions) the start check falls back on a jump in seq between the group's position
+  and the oldest entry held.  A venue gap that trimming overtook is reported as trimmed.
+- The server must be Redis 7.0+ or Valkey 7.2+ (:mod:`consumer_sdk.server`): the first set-up
+  checks it and :meth:`Consumer.run` raises :class:`~consumer_sdk.errors.ConfigError` on an older one.
 - ``NOGROUP`` (Redis restarted without persistence, stream or group deleted): the group is created
   again at ``0`` (everything in a re-created stream is new to the group), logged and counted.  A
   stream named literally is re-created empty (``MKSTREAM``) so the group can wait on it; a stream

@@ -7,15 +7,13 @@ given stream; a ``seq:N`` bound is found by binary search over the millisecond p
 IDs (both the ms and the seq part increase in entry order), in ``O(log(time span))`` round trips.
 
 Trimmed history is an explicit :class:`~consumer_sdk.errors.TrimmedError`, never a silently
-shorter answer.  On Redis 7 and newer ``XINFO STREAM`` tells whether entries were ever removed
+shorter answer.  ``XINFO STREAM`` (Redis 7.0+, the supported floor) tells whether entries were ever removed
 (``entries-added`` above ``length``, or ``max-deleted-entry-id`` for ``XDEL``; note that Redis
 moves ``max-deleted-entry-id`` only on ``XDEL``, not when trimming); a start older than the
 oldest entry still held, on a stream that lost entries, was trimmed.  Every page is checked
 again, so a range trimmed away *while* it is being read is caught too (the trimming passed the
 last entry read and the seq jumps to the next page).  Deletions are assumed to be trims (oldest
-first), as the writer caps streams with ``MAXLEN``/``MINID``.  Redis 6.2 does not report
-deletions: there a trimmed start reads from the oldest entry held, and only the seq numbers (a
-gap) tell what is missing; a trim during a read is still caught.
+first), as the writer caps streams with ``MAXLEN``/``MINID``.
 """
 
 from __future__ import annotations

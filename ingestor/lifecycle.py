@@ -61,11 +61,13 @@ class Lifecycle:
 @dataclass(frozen=True, slots=True)
 class Failure:
     """What to do about an error: ``fatal`` stops the session with ``message``; otherwise retry,
-    after ``retry_after`` seconds when the venue said so, else after the backoff delay."""
+    after ``retry_after`` seconds when the venue said so, else after the backoff delay.  ``alarm``
+    asks for the retry to be logged at error level (something a person should know about now)."""
 
     message: str
     fatal: bool = False
     retry_after: float | None = None
+    alarm: bool = False
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -79,21 +81,34 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, wait) if math.isfinite(wait) else None
 
 
-def classify_status(status: int, retry_after: str | None) -> Failure:
-    """An HTTP status refusing the WebSocket handshake."""
+#: handshake refusals that prove a wrong URL or a blocked client, but only before the URL ever worked
+REFUSALS: Final = frozenset({400, 401, 403, 404, 405, 410, 414})
+
+
+def classify_status(status: int, retry_after: str | None, *, been_live: bool = False) -> Failure:
+    """An HTTP status refusing the WebSocket handshake.
+
+    A refusal (:data:`REFUSALS`) is fatal only while the session has never been live with this URL:
+    once it has, the URL and the access were right, and a 404 or 403 on a reconnect is an error page
+    from a proxy or load balancer during an outage, retried like any other.
+    """
     wait = parse_retry_after(retry_after)
     if status in (418, 429):
         return Failure(f"venue rate limit: HTTP {status}", retry_after=wait)
     if status >= 500 or status == 408:
         return Failure(f"venue unavailable: HTTP {status}", retry_after=wait)
-    if status in (400, 401, 403, 404, 405, 410, 414):
+    if status in REFUSALS:
+        if been_live:
+            return Failure(
+                f"venue refused a reconnect: HTTP {status} (was live: retrying)", retry_after=wait, alarm=True
+            )
         return Failure(f"venue refused the connection with HTTP {status}: check the URL and access", fatal=True)
     return Failure(f"venue answered HTTP {status}", retry_after=wait)
 
 
-def classify_failure(exc: BaseException) -> Failure:
+def classify_failure(exc: BaseException, *, been_live: bool = False) -> Failure:
     """Any exception out of connect/read (the websockets adapter maps library errors to these)."""
     status = getattr(exc, "status", None)
     if isinstance(status, int):
-        return classify_status(status, getattr(exc, "retry_after", None))
+        return classify_status(status, getattr(exc, "retry_after", None), been_live=been_live)
     return Failure(f"{type(exc).__name__}: {exc}")

@@ -145,6 +145,8 @@ class VenueSession:
         self.rejected = 0
         self.connects = 0
         self.reconnects = 0
+        #: the session has been live with this URL: a handshake refusal is an outage from now on, not a wrong URL
+        self.been_live = False
         self.rotations = 0
         self.subscribe_errors = 0
         self.unexpected_replies = 0
@@ -200,7 +202,7 @@ class VenueSession:
                     raise
                 except Exception as exc:  # any failure to connect is retried, after the backoff
                     reraise_if_cancelling()
-                    await self._back_off(classify_failure(_map_error(exc)), None)
+                    await self._back_off(classify_failure(_map_error(exc), been_live=self.been_live), None)
                     continue
             reason, rotate = await self._until_done_or_rotation(link, reader)
             if rotate:
@@ -232,6 +234,10 @@ class VenueSession:
             log_event(log, logging.ERROR, "session_fatal", session=self.session_id, error=failure.message)
             raise _Fatal(f"{failure.message} ({self.url})")
         delay = failure.retry_after if failure.retry_after is not None else self._backoff.next_delay()
+        if failure.alarm:
+            self._throttle.log(
+                logging.ERROR, "reconnect_refused", session=self.session_id, error=failure.message, url=self.url
+            )
         self.reconnects += 1
         key = failure.message.split(":", 1)[0][:40]
         self.reconnect_reasons[key] = self.reconnect_reasons.get(key, 0) + 1
@@ -270,6 +276,7 @@ class VenueSession:
             live.cancel()
         self._link = link
         if not rotating:
+            self.been_live = True
             self._to(SessionState.LIVE, "subscribed", conn_id=link.conn_id, streams=len(self.streams))
         return link, reader
 

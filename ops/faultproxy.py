@@ -4,6 +4,9 @@
   no RST, as when a link silently goes away.  New connections are accepted and then hang.
 - ``restore()``: bytes flow again (held bytes are delivered, as TCP would retransmit them).
 - ``reset_all()``: every proxied connection is aborted (RST).
+- ``http_error(status)``: as a proxy or load balancer does while the path behind it is broken:
+  every proxied connection is aborted and each new one is answered with an HTTP error page
+  (``404``, ``403``, ``502`` ...) and closed, until ``restore()``.
 
 Used by the fault tests and the soak harness: ``async with FaultProxy(upstream_port) as proxy``.
 """
@@ -29,8 +32,11 @@ class FaultProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepted: set[asyncio.StreamWriter] = set()
         self._closing = False
+        self._error_status = 0
         self.port = 0
         self.connections = 0
+        #: connections answered with an error page
+        self.refused = 0
 
     async def __aenter__(self) -> FaultProxy:
         self._server = await asyncio.start_server(self._accept, self._host, 0)
@@ -62,7 +68,13 @@ class FaultProxy:
         self._flowing.clear()
 
     def restore(self) -> None:
+        self._error_status = 0
         self._flowing.set()
+
+    def http_error(self, status: int) -> None:
+        self._error_status = status
+        self._flowing.set()
+        self.reset_all()
 
     def reset_all(self) -> None:
         for a, b in list(self._pairs):
@@ -83,6 +95,9 @@ class FaultProxy:
             await self._flowing.wait()  # a connection made during a black-hole hangs
             if self._closing:
                 writer.transport.abort()
+                return
+            if self._error_status:
+                await self._answer_error(reader, writer, self._error_status)
                 return
             try:
                 up_reader, up_writer = await asyncio.open_connection(*self._up)
@@ -105,6 +120,20 @@ class FaultProxy:
         finally:
             self._accepted.discard(writer)
             self._tasks.discard(task)
+
+    async def _answer_error(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int) -> None:
+        """Read the request head (bounded), answer ``status`` with a small HTML page, close."""
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            async with asyncio.timeout(5):
+                await reader.readuntil(b"\r\n\r\n")
+            body = b"<html><body><h1>%d</h1>upstream unavailable</body></html>" % status
+            writer.write(
+                b"HTTP/1.1 %d Error\r\nContent-Type: text/html\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b"
+                % (status, len(body), body)
+            )
+            await writer.drain()
+        self.refused += 1
+        writer.close()
 
     async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         while True:

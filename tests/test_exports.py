@@ -27,11 +27,16 @@ def modules() -> list[str]:
 def test_all_is_declared_and_resolves(name: str) -> None:
     module = importlib.import_module(name)
     exported = getattr(module, "__all__", None)
-    if name in PACKAGES and exported is None:
-        pytest.skip(f"{name} is a namespace of subpackages")
     assert exported is not None, f"{name} has no __all__"
     missing = [n for n in exported if not hasattr(module, n)]
     assert not missing, f"{name}.__all__ names what it does not define: {missing}"
+
+
+def test_ops_package_exports_nothing_and_imports_nothing() -> None:
+    """``ops`` is a namespace of tools: importing it pulls in none of them (nor the ingestor)."""
+    code = "import sys, ops; print(ops.__all__, sorted(m for m in sys.modules if m.startswith(('ops.', 'ingestor'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[] []"
 
 
 def test_consumer_sdk_does_not_import_the_ingestor() -> None:

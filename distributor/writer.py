@@ -41,7 +41,7 @@ from consumer_sdk.backoff import Backoff
 from consumer_sdk.keys import DEFAULT_PREFIX
 from consumer_sdk.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram, check_sample_every
 from consumer_sdk.tick import Tick
-from distributor.spill import SpillLog
+from distributor.spill import RETRY_FULL_S, SpillFull, SpillLog
 
 __all__ = ["APPEND_SCRIPT", "Retention", "StreamWriter", "WriterStats"]
 
@@ -136,7 +136,13 @@ class StreamWriter:
         self.spill = spill
         #: once a tick went to the spill log, every later one follows it there until the log is drained
         self._spilling = spill is not None and len(spill) > 0
+        #: appends the spill log refused (full, or the disk failed); each took nothing
         self.spill_errors = 0
+        #: the spill log refuses appends now (logged once as ``spill_full`` when it starts)
+        self.spill_refusing = False
+        self._retry_room: asyncio.TimerHandle | None = None
+        #: the batch in flight came from the spill log (it is still there: a final flush leaves it)
+        self._inflight_from_spill = False
 
     # -- producer side (the distributor task) ---------------------------------------------
     def submit(self, ticks: Iterable[Tick]) -> bool:
@@ -147,16 +153,19 @@ class StreamWriter:
         """
         if self._spilling or len(self._buf) >= self.capacity:
             spill = self.spill
-            if spill is None or spill.full:
+            if spill is None:
                 self._room.clear()
                 return False
             try:
+                if spill.full:
+                    raise SpillFull(spill.full_reason or "spill log full")
                 spill.append([orjson.dumps(t) for t in ticks])
             except OSError as exc:
-                self.spill_errors += 1
-                self._throttle.log(logging.ERROR, "spill_write_failed", error=str(exc))
-                self._room.clear()
+                self._spill_refused(spill, exc)
                 return False
+            if self.spill_refusing:
+                self.spill_refusing = False
+                log_event(log, logging.INFO, "spill_accepting", records=len(spill), bytes=spill.bytes)
             if not self._spilling:
                 self._spilling = True
                 log_event(log, logging.WARNING, "spilling_to_disk", buffered=len(self._buf), directory=str(spill.dir))
@@ -165,6 +174,24 @@ class StreamWriter:
         self._idle.clear()
         self._ready.set()
         return True
+
+    def _spill_refused(self, spill: SpillLog, exc: OSError) -> None:
+        """The spill log took nothing: count it, log the state once, and let the caller try again in a
+        second (or as soon as the writer makes room) while the ingress policy decides upstream."""
+        self.spill_errors += 1
+        if isinstance(exc, SpillFull):
+            if not self.spill_refusing:
+                log_event(
+                    log, logging.ERROR, "spill_full", reason=exc.reason, records=len(spill), bytes=spill.bytes,
+                    directory=str(spill.dir),
+                )
+        else:
+            self._throttle.log(logging.ERROR, "spill_write_failed", error=str(exc), directory=str(spill.dir))
+        self.spill_refusing = True
+        self._room.clear()
+        loop = asyncio.get_running_loop()
+        if self._retry_room is None or self._retry_room.when() <= loop.time():
+            self._retry_room = loop.call_later(RETRY_FULL_S, self._room.set)
 
     async def wait_room(self) -> None:
         await self._room.wait()
@@ -186,6 +213,7 @@ class StreamWriter:
             if not self._buf and not (spill is not None and len(spill)):
                 if self._spilling:
                     self._spilling = False
+                    self.spill_refusing = False  # the log is empty again: the next spill starts afresh
                     log_event(log, logging.INFO, "spill_drained", drained=spill.drained if spill is not None else 0)
                 self._idle.set()
                 self._ready.clear()
@@ -194,11 +222,13 @@ class StreamWriter:
             from_spill = 0
             if self._buf:
                 batch = self._inflight = self._take()
+                self._inflight_from_spill = False
             else:
                 assert spill is not None
                 payloads = spill.peek(self._max_batch)
                 from_spill = len(payloads)
                 batch = self._inflight = [orjson.loads(p) for p in payloads]
+                self._inflight_from_spill = True
             attempt = 0
             backoff = Backoff(base=0.05, cap=2.0)
             while True:
@@ -231,9 +261,14 @@ class StreamWriter:
         self._throttle.log(logging.WARNING, event, error=str(exc), attempt=attempt, buffered=len(self._buf))
 
     def take_all(self) -> list[Tick]:
-        """Everything buffered and not yet flushed (for a final flush at shutdown)."""
-        batch = self._inflight + list(self._buf)
+        """Everything held in memory and not yet stored, oldest first (for a final flush at shutdown).
+
+        While the spill log holds records these ticks are all older than them (the log takes every
+        tick once it started). A batch in flight that came from the log is left out: it is still there.
+        """
+        batch = ([] if self._inflight_from_spill else self._inflight) + list(self._buf)
         self._inflight = []
+        self._inflight_from_spill = False
         self._buf.clear()
         return batch
 

@@ -80,6 +80,12 @@ class IngestSettings:
     release_grace_s: float = 30.0
     #: per-tick latency stages observe one tick in this many (0: latency not measured; see consumer_sdk.latency)
     latency_sample: int = DEFAULT_SAMPLE_EVERY
+    #: on SIGTERM/SIGINT, how long saving what the process holds may take in all (``[shutdown] flush_timeout_s``);
+    #: below the usual supervisors' 30 s before SIGKILL
+    shutdown_flush_s: float = 20.0
+    #: of that, how long Redis is tried before what it did not take goes to the spill log
+    #: (``[shutdown] redis_timeout_s``)
+    shutdown_redis_s: float = 3.0
 
     @property
     def venue(self) -> str:
@@ -273,6 +279,24 @@ def _repair(table: Any) -> RepairSettings:
     )
 
 
+def _shutdown(table: Any) -> tuple[float, float]:
+    """``[shutdown]``: ``(flush_timeout_s, redis_timeout_s)``."""
+    if table is None:
+        table = {}
+    if not isinstance(table, dict):
+        raise ConfigError("[shutdown] must be a table")
+    unknown = set(table) - {"flush_timeout_s", "redis_timeout_s"}
+    if unknown:
+        raise ConfigError(f"[shutdown]: unknown setting(s) {', '.join(sorted(unknown))}")
+    flush = _float(table.get("flush_timeout_s", 20.0), "shutdown.flush_timeout_s", 1.0, 3600.0)
+    try_redis = _float(table.get("redis_timeout_s", min(3.0, flush)), "shutdown.redis_timeout_s", 0.1, 3600.0)
+    if try_redis > flush:
+        raise ConfigError(
+            f"shutdown.redis_timeout_s ({try_redis:g}) must not exceed shutdown.flush_timeout_s ({flush:g})"
+        )
+    return flush, try_redis
+
+
 def _subscribers(flag_targets: tuple[str, ...], table: Any) -> tuple[SubscriberSpec, ...]:
     specs = [SubscriberSpec(target=t) for t in flag_targets]
     if table is not None:
@@ -351,6 +375,7 @@ def load_settings(
     spill_fsync = str(spill.get("fsync", "interval"))
     if spill_fsync not in ("always", "interval", "never"):
         raise ConfigError(f"spill.fsync must be always, interval or never, got {spill_fsync!r}")
+    flush_s, redis_s = _shutdown(toml.get("shutdown"))
     return IngestSettings(
         url=url,
         rest_url=rest_url,
@@ -372,4 +397,6 @@ def load_settings(
         spill_max_bytes=_int(spill.get("max_mb", 8192), "spill.max_mb", 1, 10**7) << 20,
         repair=_repair(toml.get("repair")),
         latency_sample=_int(merged.get("latency_sample", DEFAULT_SAMPLE_EVERY), "latency sample", 0, 65536),
+        shutdown_flush_s=flush_s,
+        shutdown_redis_s=redis_s,
     )

@@ -49,14 +49,17 @@ class Sequencer:
         self.last_gap: GapReport | None = None
 
     def seed(self, venue: str, symbol: str, channel: str, last_seq: int) -> None:
-        """Continue after ``last_seq``, the newest seq stored for this stream.
+        """Continue after ``last_seq``, the newest seq stored (or saved) for this stream.
 
-        Seeding never moves a stream backwards: the newest of several sources (Redis, the spill log) wins.
+        Never moves a stream backwards, whichever order the sources (Redis, the spill log) are seeded
+        in: the newest wins, and what the stream's tracker counted and remembers is kept.
         """
         ident = (venue, symbol, channel)
         tracker = self._trackers.get(ident)
-        if tracker is None or tracker.last is None or last_seq > tracker.last:
+        if tracker is None:
             self._trackers[ident] = SeqTracker(last_seq, contiguous=is_contiguous_channel(channel))
+        elif tracker.last is None or last_seq > tracker.last:
+            tracker.last = last_seq
 
     def accept(self, tick: Tick) -> Verdict:
         """Check the tick's ``seq``; the tick goes on only when the verdict is accepted."""

@@ -16,20 +16,23 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from consumer_sdk._log import get_logger, log_event
+from consumer_sdk.backoff import Backoff
 from consumer_sdk.consumer import Handler
-from consumer_sdk.errors import ConfigError, InvalidTick, TransientError
+from consumer_sdk.errors import ConfigError, InvalidTick, MarketError, TransientError
 from consumer_sdk.keys import Pattern, parse_entry_id, stream_key
 from consumer_sdk.latency import LatencyHistogram
+from consumer_sdk.sequencing import is_contiguous_channel
 from consumer_sdk.server import require_supported
-from consumer_sdk.tick import Tick, decode_tick
+from consumer_sdk.tick import Tick, decode_tick, is_gap_marker
 from distributor.control import ControlGate, ControlState, WindowPercentile
 from distributor.hotpath import HOT_SAMPLE_EVERY, HotPath, Subscription
 from distributor.ingress import IngressQueue
@@ -41,16 +44,74 @@ from ingestor.binance import channel_to_stream
 from ingestor.config import IngestSettings, redact_url
 from ingestor.control_plane import run_auto_degrade, watch_control
 from ingestor.heartbeat import heartbeat_loop
-from ingestor.repair import GapRepairer
+from ingestor.repair import REPAIRABLE, GapRepairer, merge_repair
 from ingestor.rest import VenueRest
-from ingestor.sequencer import Sequencer
+from ingestor.sequencer import GapReport, Sequencer
 from ingestor.session import VenueSession
 from ingestor.subscriptions import plan_connections
 
-__all__ = ["Ingestor", "IngestorStats", "connect_redis"]
+__all__ = ["Ingestor", "IngestorStats", "StopReport", "UnsavedAtStop", "connect_redis", "plan_spill_recovery"]
 
 log = get_logger("ingestor")
-FLUSH_ON_EXIT_S = 5.0
+Ident = tuple[str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class StopReport:
+    """What a stop did with the ticks the process held."""
+
+    #: stored in Redis by the final flush
+    to_redis: int
+    #: written to the spill log by the final flush
+    to_spill: int
+    #: neither: lost with the process (the next start sees the hole, repairs it from the venue or marks it)
+    unsaved: int
+    #: ticks held for a gap repair in progress: not saved, since they would hide the hole; the next start
+    #: fetches the hole and these again from the venue
+    held_for_repair: int
+    #: why Redis or the spill log refused ("" when nothing did)
+    error: str = ""
+
+
+class UnsavedAtStop(MarketError):
+    """The process stopped with ticks it could store neither in Redis nor in the spill log."""
+
+    def __init__(self, report: StopReport) -> None:
+        super().__init__(f"stopped with {report.unsaved} ticks saved neither to Redis nor to the spill log")
+        self.report = report
+
+
+def plan_spill_recovery(
+    stored: Mapping[Ident, int], spilled: Iterable[Tick]
+) -> tuple[dict[Ident, int], list[tuple[GapReport, Tick]]]:
+    """What a start finds in the spill log, against the newest seq Redis holds per stream (pure).
+
+    ``spilled`` is the log's records in drain order.  Returns the newest seq the log holds per stream
+    (the sequencer continues after the newer of that and Redis), and the holes to fill before the log
+    drains: per trade or aggregate trade stream, the ids between Redis's newest and the log's first
+    tick above it (a gap marker covers from its ``gap_first``), each with that tick.  Ticks the log
+    holds at or below Redis's newest were stored already and do not count.  A stream Redis holds
+    nothing of has no hole: where its history starts is not known.
+    """
+    newest: dict[Ident, int] = {}
+    first_above: dict[Ident, Tick] = {}
+    for t in spilled:
+        ident = (t["venue"], t["symbol"], t["channel"])
+        seq = t["seq"]
+        if seq > newest.get(ident, -1):
+            newest[ident] = seq
+        top = stored.get(ident)
+        if top is not None and seq > top and ident not in first_above:
+            first_above[ident] = t
+    holes: list[tuple[GapReport, Tick]] = []
+    for ident, t in first_above.items():
+        if not is_contiguous_channel(ident[2]):
+            continue
+        start: int = t.get("gap_first", t["seq"])  # type: ignore[assignment]
+        top = stored[ident]
+        if start > top + 1:
+            holes.append((GapReport(*ident, top + 1, start - 1), t))
+    return newest, holes
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +195,12 @@ class Ingestor:
             self.subscribe(load_handler(spec.target), spec.patterns, policy=spec.policy, name=spec.target)
         self.started = asyncio.Event()
         self._lock_fd = -1
+        #: holes between Redis and the spill log found at start, each with the log's tick after it
+        self._spill_holes: list[tuple[GapReport, Tick]] = []
+        #: ticks repaired (or markers) for those holes, not yet stored: older than anything in the spill log
+        self._start_pending: list[Tick] = []
+        #: set when a stop flushed what the process held (see :meth:`run`)
+        self.stop_report: StopReport | None = None
 
     def streams(self) -> list[tuple[str, str, str]]:
         """(symbol, channel, venue stream name) for everything configured."""
@@ -223,21 +290,26 @@ class Ingestor:
         """Called with every batch taken from the ingress, in the distributor task, before Redis."""
         self._handlers.append(handler)
 
-    async def _seed(self, redis: aioredis.Redis) -> None:
-        """Continue every stream after the newest seq Redis holds (restart safety)."""
+    async def _seed(self, redis: aioredis.Redis) -> dict[Ident, int]:
+        """Continue every stream after the newest seq Redis holds (restart safety); that seq per stream."""
         s = self.settings
         names = [(symbol, channel) for symbol, channel, _ in self.streams()]
         pipe = redis.pipeline(transaction=False)
         for symbol, channel in names:
             pipe.xrevrange(stream_key(s.venue, symbol, channel, s.prefix), "+", "-", count=1)
         tops = await pipe.execute()
+        stored: dict[Ident, int] = {}
         for (symbol, channel), top in zip(names, tops, strict=True):
             if top:
                 _, seq = parse_entry_id(top[0][0])
+                stored[(s.venue, symbol, channel)] = seq
                 self.sequencer.seed(s.venue, symbol, channel, seq)
                 log_event(log, logging.INFO, "stream_resumed", stream=f"{symbol}:{channel}", last_seq=seq)
+        return stored
 
-    def _open_spill(self) -> SpillLog | None:
+    def _open_spill(self, stored: Mapping[Ident, int] | None = None) -> SpillLog | None:
+        """Open the spill log (one ingestor per directory); seed the sequencer from it and find the holes
+        between what Redis holds (``stored``) and what the log holds."""
         s = self.settings
         if not s.spill_dir:
             return None
@@ -253,30 +325,113 @@ class Ingestor:
             raise ConfigError(
                 f"spill directory {s.spill_dir!r} is in use by another ingestor: give each its own (--spill-dir)"
             ) from None
+        if spill.set_aside:
+            log_event(
+                log, logging.WARNING, "spill_old_format_set_aside", files=spill.set_aside, directory=s.spill_dir,
+                detail="files of an older spill format are not drained (renamed *.old-format); the hole they "
+                "leave is repaired from the venue or marked",
+            )
+        if spill.torn:
+            log_event(log, logging.WARNING, "spill_torn_cut", segments=spill.torn, directory=s.spill_dir)
         if len(spill):
-            log_event(log, logging.WARNING, "spill_found_at_start", records=len(spill), directory=s.spill_dir)
-            self._seed_from_spill(spill)
+            self._seed_from_spill(spill, stored or {})
+            log_event(
+                log, logging.WARNING, "spill_found_at_start", records=len(spill), bytes=spill.bytes,
+                directory=s.spill_dir,
+                holes=[f"{g.symbol}:{g.channel} {g.first}..{g.last}" for g, _ in self._spill_holes],
+            )
         return spill
 
-    def _seed_from_spill(self, spill: SpillLog) -> None:
-        """Ticks spilled before a crash are newer than Redis: continue after them."""
-        last: dict[tuple[str, str, str], int] = {}
-        for raw in spill.scan():
-            try:
-                t = decode_tick(raw)
-            except InvalidTick:
-                continue
-            last[(t["venue"], t["symbol"], t["channel"])] = t["seq"]
-        for (venue, symbol, channel), seq in last.items():
+    def _seed_from_spill(self, spill: SpillLog, stored: Mapping[Ident, int]) -> None:
+        """Ticks spilled before a stop are newer than Redis: continue after them; remember the holes
+        between Redis and the log (filled before the log drains, see :meth:`_fill_spill_holes`)."""
+
+        def ticks() -> Iterable[Tick]:
+            for raw in spill.scan():
+                try:
+                    yield decode_tick(raw)
+                except InvalidTick:
+                    continue
+
+        newest, self._spill_holes = plan_spill_recovery(stored, ticks())
+        for (venue, symbol, channel), seq in newest.items():
             self.sequencer.seed(venue, symbol, channel, seq)
+
+    async def _fill_spill_holes(self) -> None:
+        """Repair (or mark) the holes between Redis and the spill log, and store that before the log drains.
+
+        Each hole is fetched from the venue like any gap (up to ``[repair] max_gap`` ids, within
+        ``deadline_s``); what the venue no longer has becomes a gap marker.  The result is older than
+        every record of its stream in the log, so it goes to Redis first, or, while Redis refuses, into a
+        front segment of the log, which drains before the rest.  Runs in the writer's task before it
+        drains; live ticks meanwhile go to the log's end.
+        """
+        repairer, writer = self.repairer, self.writer
+        assert repairer is not None and writer is not None
+        s = repairer.settings
+        out: list[Tick] = []
+        for gap, after in self._spill_holes:
+            size = gap.last - gap.first + 1
+            boundary: Any = {**after, "seq": gap.last + 1}
+            boundary.pop("gap_first", None)
+            fetched: list[Tick] = []
+            if not s.enabled or repairer._rest is None:
+                reason = "repair disabled"
+            elif gap.channel not in REPAIRABLE:
+                reason = "not repairable"
+            elif size > s.max_gap:
+                reason = f"gap of {size} ids exceeds max_gap"
+            else:
+                fetched, reason = await repairer._fetch(gap, [boundary], asyncio.Event())
+            merged = merge_repair(gap.first, fetched, [boundary], reason)[:-1]
+            missing = sum(t["gap_last"] - t["gap_first"] + 1 for t in merged if is_gap_marker(t))  # type: ignore[typeddict-item]
+            if missing:
+                repairer._count_unrepaired(gap.channel, missing)
+            else:
+                repairer.gaps_repaired += 1
+            repairer.ticks_repaired[gap.channel] = repairer.ticks_repaired.get(gap.channel, 0) + size - missing
+            log_event(
+                log, logging.INFO if not missing else logging.WARNING,
+                "gap_repaired" if not missing else ("gap_marked" if missing == size else "gap_partly_repaired"),
+                stream=f"{gap.symbol}:{gap.channel}", first=gap.first, last=gap.last, fetched=size - missing,
+                missing=missing, where="between Redis and the spill log", **({"reason": reason} if missing else {}),
+            )
+            out += merged
+        self._spill_holes = []
+        self._start_pending = out
+        backoff = Backoff(base=0.2, cap=5.0)
+        while self._start_pending:
+            try:
+                await writer.append(self._start_pending)
+                self._start_pending = []
+                break
+            except (RedisError, OSError) as exc:
+                error = str(exc)
+            spill = writer.spill
+            if spill is not None:
+                try:
+                    spill.prepend([orjson.dumps(t) for t in self._start_pending])
+                    self._start_pending = []
+                    break
+                except OSError as exc:
+                    error = f"{error}; spill log: {exc}"
+            log_event(log, logging.WARNING, "spill_holes_store_retry", ticks=len(self._start_pending), error=error)
+            await asyncio.sleep(backoff.next_delay())
+
+    async def _write(self) -> None:
+        """The writer's task: fill the holes found at start, then store forever."""
+        assert self.writer is not None
+        if self._spill_holes:
+            await self._fill_spill_holes()
+        await self.writer.run()
 
     async def run(self) -> None:
         s = self.settings
         redis = self._redis or await connect_redis(s.redis_url)
         spill: SpillLog | None = None
         try:
-            await self._seed(redis)
-            spill = self._open_spill()
+            stored = await self._seed(redis)
+            spill = self._open_spill(stored)
             self.writer = StreamWriter(
                 redis, prefix=s.prefix, retention=s.retention, capacity=s.writer_capacity, spill=spill,
                 sample_every=s.latency_sample,
@@ -303,7 +458,7 @@ class Ingestor:
             )
             self.started.set()
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.writer.run(), name="writer")
+                tg.create_task(self._write(), name="writer")
                 tg.create_task(self.distributor.run(), name="distributor")
                 tg.create_task(self.repairer.run(), name="repair")
                 tg.create_task(heartbeat_loop(self, redis, prefix=s.prefix), name="heartbeat")
@@ -317,7 +472,7 @@ class Ingestor:
                 self._tg = tg
                 tg.create_task(self._registry_loop(), name="registry")
         except asyncio.CancelledError:
-            await self._flush_on_exit()
+            self.stop_report = await self._flush_on_exit()
             raise
         except BaseExceptionGroup as group:
             fatal = group.subgroup(ConfigError)
@@ -334,6 +489,13 @@ class Ingestor:
                 self._lock_fd = -1
             if self._redis is None:
                 await redis.aclose()
+            report = self.stop_report
+            if report is not None:
+                log_event(
+                    log, logging.ERROR if report.unsaved else logging.INFO, "stopped", unsaved=report.unsaved,
+                    to_redis=report.to_redis, to_spill=report.to_spill, held_for_repair=report.held_for_repair,
+                    **({"error": report.error} if report.error else {}),
+                )
 
     def _on_control(self, state: ControlState) -> None:
         """A new desired state from the control plane (runs on the loop, between two awaits)."""
@@ -353,25 +515,62 @@ class Ingestor:
             log, logging.ERROR, "control_state_rejected", reason=reason, kept_version=self.control.state.version
         )
 
-    async def _flush_on_exit(self) -> None:
-        """On shutdown, store what was accepted but not yet written (bounded in time)."""
+    async def _flush_on_exit(self) -> StopReport:
+        """On a stop, save what the process holds: to Redis if it answers in time, else to the spill log.
+
+        Bounded by ``[shutdown] flush_timeout_s`` (Redis is tried for ``redis_timeout_s`` of it; the
+        spill log is written synchronously, one ``write`` per attempt).  Order is what makes this safe:
+        the spill drains in file order and the append script skips any seq at or below a stream's
+        newest, so
+
+        - with the spill log empty, everything goes to Redis, or else all of it, oldest first, to the log;
+        - with records in the log, what the writer held in memory is older than them: it goes to Redis
+          (where it belongs before them) or into a front segment, drained first; what was taken after
+          (the distributor's batch, conflation, the ingress) is newer: it goes to the log's end.
+
+        What fits nowhere is counted as unsaved; the part kept is always contiguous with what is stored,
+        so the next start sees the rest as one hole and repairs it from the venue or marks it.  Ticks held
+        for a gap repair are left out (storing them past an unrepaired hole would hide it from the next
+        start, which fetches the hole and them again).
+        """
         writer = self.writer
         if writer is None:
-            return
-        # Oldest first: what the writer holds, the batch the distributor had taken, the ticks conflation
-        # held back, then the ingress.  Ticks held for a gap repair are left out: storing them past an
-        # unrepaired hole would hide it from the next start, which repairs it from what Redis holds.
+            return StopReport(0, 0, 0, 0)
+        s = self.settings
+        deadline = time.monotonic() + s.shutdown_flush_s
+        held = sum(len(h) for h in self.repairer.holds.values()) if self.repairer is not None else 0
         in_hand = list(self.distributor.in_hand) if self.distributor is not None else []
         queued = self.control.filter(self.ingress.take(len(self.ingress)), time.monotonic())
-        pending = writer.take_all() + in_hand + self.control.drain() + list(queued)
-        if not pending:
-            return
-        try:
-            async with asyncio.timeout(FLUSH_ON_EXIT_S):
-                await writer.append(pending)
-            log_event(log, logging.INFO, "flushed_on_exit", ticks=len(pending))
-        except (TimeoutError, RedisError, OSError) as exc:
-            log_event(log, logging.ERROR, "flush_on_exit_failed", ticks=len(pending), error=str(exc))
+        older = self._start_pending + writer.take_all()
+        self._start_pending = []
+        newer = in_hand + self.control.drain() + list(queued)
+        spill = writer.spill
+        spill_empty = spill is None or not len(spill)
+        first, later = (older + newer, []) if spill_empty else (older, newer)
+        to_redis = to_spill = 0
+        errors: list[str] = []
+        if first:
+            try:
+                async with asyncio.timeout(max(0.0, min(s.shutdown_redis_s, deadline - time.monotonic()))):
+                    await writer.append(first)
+                to_redis, first = len(first), []
+            except (TimeoutError, RedisError, OSError) as exc:
+                errors.append(f"Redis: {str(exc) or type(exc).__name__}")
+        unsaved = len(first) + len(later)
+        if spill is not None and unsaved:
+            try:
+                if first:
+                    payloads = [orjson.dumps(t) for t in first]
+                    to_spill += spill.save_oldest(payloads) if spill_empty else spill.save_newest(payloads)
+                if later and time.monotonic() < deadline:
+                    to_spill += spill.save_oldest([orjson.dumps(t) for t in later])
+                spill.sync()
+            except OSError as exc:
+                errors.append(f"spill log: {exc}")
+            unsaved -= to_spill
+            if unsaved and spill.full_reason:
+                errors.append(f"spill log: {spill.full_reason}")
+        return StopReport(to_redis, to_spill, unsaved, held, "; ".join(errors))
 
     def stats(self) -> IngestorStats:
         ss = self.sessions

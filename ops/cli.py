@@ -40,10 +40,14 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def run_async(coro: Coroutine[Any, Any, T], *, graceful_term: bool = True) -> T:
+def run_async(
+    coro: Coroutine[Any, Any, T], *, graceful_term: bool = True, grace_s: float | None = None
+) -> T:
     """Run a command's coroutine; Ctrl-C (and SIGTERM when ``graceful_term``) cancel it and end the command
     cleanly.  Read-only commands keep SIGTERM's default action: they hold nothing to flush, and a
-    write blocked on a full stdout pipe must not delay their end."""
+    write blocked on a full stdout pipe must not delay their end.  A stop after SIGTERM that takes longer
+    than ``grace_s`` (default :data:`SHUTDOWN_GRACE_S`) is reported with every task's stack, exit 3."""
+    grace = SHUTDOWN_GRACE_S if grace_s is None else grace_s
 
     async def wrapper() -> T:
         task = asyncio.current_task()
@@ -53,7 +57,7 @@ def run_async(coro: Coroutine[Any, Any, T], *, graceful_term: bool = True) -> T:
             assert task is not None
             task.cancel()
             # A shutdown that does not finish in time is a bug: show where every task waits, then leave.
-            loop.call_later(SHUTDOWN_GRACE_S, _stuck_shutdown)
+            loop.call_later(grace, _stuck_shutdown, grace)
 
         if task is not None and graceful_term:
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -83,14 +87,14 @@ def pin_cpus(spec: str) -> None:
 SHUTDOWN_GRACE_S = 10.0
 
 
-def _stuck_shutdown() -> None:
+def _stuck_shutdown(grace: float = SHUTDOWN_GRACE_S) -> None:
     import io
 
     out = io.StringIO()
     for t in asyncio.all_tasks():
         print(f"task {t.get_name()}:", file=out)
         t.print_stack(limit=6, file=out)
-    print(f"market: error: shutdown did not finish within {SHUTDOWN_GRACE_S:.0f} s; tasks:\n{out.getvalue()}",
+    print(f"market: error: shutdown did not finish within {grace:.0f} s; tasks:\n{out.getvalue()}",
           file=sys.stderr, flush=True)
     os._exit(3)
 
@@ -142,19 +146,36 @@ def ingest(
         "latency_sample": latency_sample,
     }
     settings = load_settings(flags, os.environ, str(config) if config else None)
-    run_async(_ingest(settings))
+    if settings.spill_dir:
+        from distributor.spill import check_spill_dir
+
+        check_spill_dir(settings.spill_dir)
+    from ingestor.service import UnsavedAtStop
+
+    try:
+        # The stop saves what the process holds within [shutdown] flush_timeout_s: the watchdog waits longer.
+        run_async(_ingest(settings), grace_s=settings.shutdown_flush_s + 5.0)
+    except UnsavedAtStop:
+        # The ingestor's last log line ("stopped") names how many ticks were saved nowhere.
+        raise SystemExit(1) from None
 
 
 async def _ingest(settings: Any) -> None:
     from ingestor.metrics import serve_metrics
-    from ingestor.service import Ingestor, connect_redis
+    from ingestor.service import Ingestor, UnsavedAtStop, connect_redis
 
     redis = await connect_redis(settings.redis_url)
     try:
         ingestor = Ingestor(settings, redis=redis)
         if settings.metrics_port:
             serve_metrics(ingestor, settings.metrics_host, settings.metrics_port)
-        await ingestor.run()
+        try:
+            await ingestor.run()
+        except asyncio.CancelledError:
+            report = ingestor.stop_report
+            if report is not None and report.unsaved:
+                raise UnsavedAtStop(report) from None
+            raise
     finally:
         await redis.aclose()
 

@@ -1,4 +1,8 @@
+#!lua
 -- Append batches of ticks to one or more streams, idempotently.
+-- The shebang (Redis 7.0+) declares a script that writes and may not run out of memory: Redis
+-- refuses the whole call with OOM before its first command when it is over maxmemory, and with
+-- READONLY on a replica, so a refused call has written nothing.
 -- KEYS: the streams.  ARGV[1]: one section per key, in KEYS order, each a header line
 -- "<maxlen> <minage> <size>\n" (MAXLEN ~ cap, 0: none; MINID age cap in ms, 0: none; the size in
 -- bytes of what follows) and then its records "<ms>-<seq> <payload>\n", oldest first (payloads are
@@ -10,7 +14,12 @@
 -- The ID's ms part is held non-decreasing, so the ID <ms>-<seq> always grows.
 -- ms and seq are compared as decimal strings (length, then text): Lua numbers are doubles and
 -- lose integers above 2^53, while Redis IDs are 64-bit.
--- Returns, per stream, {added, duplicates, errors} flattened.
+-- An error reply (WRONGTYPE on the key, an ID Redis refuses, OOM ...) stops that stream at the
+-- failing tick; the other streams go on.  Everything before the failing tick is settled (stored or
+-- skipped as a duplicate), nothing after it was tried.
+-- Returns, per stream, {added, duplicates, error} flattened: error is false when the stream's
+-- whole section was settled, else the error reply's text, and the failing tick is then the
+-- (added + duplicates + 1)-th record of the section.
 local function gt(a, b)
   local la, lb = #a, #b
   if la ~= lb then return la > lb end
@@ -30,17 +39,19 @@ for k = 1, #KEYS do
   local minage = tonumber(sub(blob, s1 + 1, s2 - 1))
   local n = eol + tonumber(sub(blob, s2 + 1, eol - 1))
   at = n + 1
+  local added, dups, err = 0, 0, false
   local last_ms, last_seq = '0', nil
-  local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
-  if #top > 0 then
+  local top = redis.pcall('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if top.err then
+    err = top.err
+  elseif #top > 0 then
     local id = top[1][1]
     local dash = find(id, '-', 1, true)
     last_ms = sub(id, 1, dash - 1)
     last_seq = sub(id, dash + 1)
   end
-  local added, dups, errors = 0, 0, 0
   local pos = eol + 1
-  while pos <= n do
+  while not err and pos <= n do
     local dash = find(blob, '-', pos, true)
     local space = find(blob, ' ', dash, true)
     local nl = find(blob, '\n', space, true)
@@ -54,7 +65,7 @@ for k = 1, #KEYS do
       end
       local ok = redis.pcall('XADD', key, ms .. '-' .. seq, 'd', sub(blob, space + 1, nl - 1))
       if type(ok) == 'table' and ok.err then
-        errors = errors + 1
+        err = ok.err
       else
         added = added + 1
         last_ms, last_seq = ms, seq
@@ -73,6 +84,6 @@ for k = 1, #KEYS do
   end
   out[#out + 1] = added
   out[#out + 1] = dups
-  out[#out + 1] = errors
+  out[#out + 1] = err
 end
 return out

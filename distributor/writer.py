@@ -9,10 +9,16 @@ once per hash slot on a Redis Cluster (no call spans two slots), all pipelined i
 one round trip.
 
 The script skips any tick whose ``seq`` the stream already holds, so a retried
-batch, a replay or a second ingestor never stores a tick twice.  When Redis is
-unreachable or refuses writes (``OOM``, ``READONLY``, ``LOADING``) the batch is kept
-and retried with capped jittered backoff; ``NOSCRIPT`` reloads the script.  The
-buffer is bounded: when it is full :meth:`submit` refuses and the caller waits on
+batch, a replay or a second ingestor never stores a tick twice.  An error reply
+stops a stream's part of the call at the failing tick and the script says how far
+it got, so the writer drops exactly what is settled and keeps the rest, in order.
+What it does next depends on the error's class (:func:`classify_error`): Redis
+unreachable or refusing for now (``OOM``, ``READONLY``, ``LOADING``, ``BUSY`` ...):
+the rest is retried with capped jittered backoff, and nothing newer of that batch
+is tried before it; a tick Redis can never accept (``WRONGTYPE`` on the key, an ID
+it refuses) goes to the dead-letter stream ``<prefix>:deadletter`` with its stream,
+seq and the error, counted and logged, and the stream's later ticks go on.
+``NOSCRIPT`` reloads the script.  The buffer is bounded: when it is full :meth:`submit` refuses and the caller waits on
 :meth:`wait_room` (the ingress queue's policy then applies upstream).
 """
 
@@ -22,8 +28,9 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from importlib.resources import files
 from itertools import chain, islice
 from typing import Any, Final
@@ -31,8 +38,21 @@ from typing import Any, Final
 import orjson
 import redis.asyncio as aioredis
 from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumer_sdk._aio import reraise_if_cancelling
@@ -43,13 +63,231 @@ from consumer_sdk.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram, check_s
 from consumer_sdk.tick import Tick
 from distributor.spill import RETRY_FULL_S, SpillFull, SpillLog
 
-__all__ = ["APPEND_SCRIPT", "Retention", "StreamWriter", "WriterStats"]
+__all__ = [
+    "APPEND_SCRIPT",
+    "DEAD_LETTER_MAXLEN",
+    "DEAD_LETTER_REASONS",
+    "REASONS",
+    "Action",
+    "ErrorClass",
+    "Retention",
+    "Settlement",
+    "Stop",
+    "StreamWriter",
+    "WriteRefused",
+    "WriterStats",
+    "classify_error",
+    "dead_letter_key",
+    "error_text",
+    "settle",
+]
 
 APPEND_SCRIPT: Final = files("distributor").joinpath("append.lua").read_text()
 #: streams per script call on a standalone Redis: bounds how long one call holds the server
 MAX_KEYS_PER_CALL: Final = 256
-_RETRYABLE_REPLIES: Final = ("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+#: the dead-letter stream keeps about this many entries (``MAXLEN ~``)
+DEAD_LETTER_MAXLEN: Final = 100_000
 log = get_logger("writer")
+
+
+# -- what an error means for the ticks it stopped (pure) ------------------------------------------------------
+class Action(StrEnum):
+    RETRY = "retry"
+    DEAD_LETTER = "dead_letter"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorClass:
+    """What the writer does about one error; ``reason`` is the ``reason`` label of the metrics."""
+
+    reason: str
+    action: Action = Action.RETRY
+    #: dead-letter the rest of the stream's batch with the failing tick (the key refuses, not the tick)
+    whole_stream: bool = False
+
+
+_OTHER: Final = ErrorClass("other")
+_UNREACHABLE: Final = ErrorClass("unreachable")
+_WRONGTYPE: Final = ErrorClass("wrongtype", Action.DEAD_LETTER, whole_stream=True)
+_BAD_ID: Final = ErrorClass("bad_id", Action.DEAD_LETTER)
+#: redis-py's exception classes, most specific first (it strips the reply's prefix from their message)
+_BY_EXCEPTION: Final[tuple[tuple[type[BaseException], ErrorClass], ...]] = (
+    (OutOfMemoryError, ErrorClass("oom")),
+    (ReadOnlyError, ErrorClass("readonly")),
+    (BusyLoadingError, ErrorClass("loading")),  # a ConnectionError to redis-py, a reply to us
+    (NoScriptError, ErrorClass("noscript")),
+    (MasterDownError, ErrorClass("masterdown")),  # a ClusterDownError
+    (ClusterDownError, ErrorClass("clusterdown")),
+    (TryAgainError, ErrorClass("tryagain")),
+    (AskError, ErrorClass("moved")),  # MovedError is an AskError
+    (NoPermissionError, ErrorClass("noperm")),
+    (AuthenticationError, ErrorClass("auth")),  # a ConnectionError
+    (RedisConnectionError, _UNREACHABLE),
+    (RedisTimeoutError, _UNREACHABLE),
+    (OSError, _UNREACHABLE),
+)
+#: the first word of an error reply (what the script returns, and what redis-py leaves in the text
+#: of a plain ResponseError)
+_BY_PREFIX: Final[Mapping[str, ErrorClass]] = {
+    "OOM": ErrorClass("oom"),
+    "READONLY": ErrorClass("readonly"),
+    "LOADING": ErrorClass("loading"),
+    "BUSY": ErrorClass("busy"),
+    "NOSCRIPT": ErrorClass("noscript"),
+    "MASTERDOWN": ErrorClass("masterdown"),
+    "CLUSTERDOWN": ErrorClass("clusterdown"),
+    "TRYAGAIN": ErrorClass("tryagain"),
+    "MOVED": ErrorClass("moved"),
+    "ASK": ErrorClass("moved"),
+    "MISCONF": ErrorClass("misconf"),
+    "NOREPLICAS": ErrorClass("noreplicas"),
+    "NOPERM": ErrorClass("noperm"),
+    "NOAUTH": ErrorClass("auth"),
+    "WRONGPASS": ErrorClass("auth"),
+    "WRONGTYPE": _WRONGTYPE,
+}
+#: ``ERR`` replies naming an entry ID that XADD can never accept
+_BAD_ID_TEXTS: Final = ("The ID specified in XADD", "Invalid stream ID")
+_CLASSES: Final = (*(c for _, c in _BY_EXCEPTION), *_BY_PREFIX.values(), _BAD_ID, _OTHER)
+#: every ``reason`` :func:`classify_error` can give (the label set of the metrics, bounded)
+REASONS: Final = tuple(sorted({c.reason for c in _CLASSES}))
+#: the reasons whose ticks go to the dead-letter stream
+DEAD_LETTER_REASONS: Final = frozenset(c.reason for c in _CLASSES if c.action is Action.DEAD_LETTER)
+
+
+def classify_error(error: BaseException | str) -> ErrorClass:
+    """The class of an error the writer met: an exception, or the text of an error reply.
+
+    Pure; by redis-py's exception class first, then by the reply's first word.
+
+    ============================================  =============  ================================
+    error (exception class / reply prefix)        reason         what the writer does
+    ============================================  =============  ================================
+    ConnectionError, TimeoutError, OSError        unreachable    retry with backoff
+    OutOfMemoryError / ``OOM``                    oom            retry with backoff
+    ReadOnlyError / ``READONLY``                  readonly       retry with backoff
+    BusyLoadingError / ``LOADING``                loading        retry with backoff
+    ``BUSY`` (a script or function running)       busy           retry with backoff
+    NoScriptError / ``NOSCRIPT``                  noscript       reload the script, retry
+    MasterDownError / ``MASTERDOWN``              masterdown     retry with backoff
+    ClusterDownError / ``CLUSTERDOWN``            clusterdown    retry with backoff
+    TryAgainError / ``TRYAGAIN``                  tryagain       retry with backoff
+    MovedError, AskError / ``MOVED``, ``ASK``     moved          retry with backoff
+    ``MISCONF`` (snapshots failing)               misconf        retry with backoff
+    ``NOREPLICAS`` (min-replicas-to-write)        noreplicas     retry with backoff
+    NoPermissionError / ``NOPERM``                noperm         retry with backoff (ACL to fix)
+    AuthenticationError / ``NOAUTH``, ...         auth           retry with backoff
+    ``WRONGTYPE`` (the key is not a stream)       wrongtype      dead-letter the stream's batch
+    ``ERR The ID specified in XADD ...``,         bad_id         dead-letter the tick, go on
+    ``ERR Invalid stream ID ...``
+    anything else                                 other          retry with backoff
+    ============================================  =============  ================================
+
+    Retrying is always safe, since the script skips what a stream already holds; only an error
+    that names a key or a tick Redis can never accept diverts ticks from their stream.  An error
+    this table does not know is retried (and logged, counted and alerted on as ``other``): a
+    defect that cannot heal then holds the writer back, visibly, rather than losing ticks.
+    """
+    if not isinstance(error, str):
+        for cls, found in _BY_EXCEPTION:
+            if isinstance(error, cls):
+                return found
+        if not isinstance(error, ResponseError):
+            return _OTHER
+        error = str(error)
+    word, _, rest = error.partition(" ")
+    by_word = _BY_PREFIX.get(word)
+    if by_word is not None:
+        return by_word
+    text = rest if word == "ERR" else error  # redis-py strips "ERR " from a ResponseError's text
+    if text.startswith(_BAD_ID_TEXTS):
+        return _BAD_ID
+    return _OTHER
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception as Redis said it (redis-py strips the reply's prefix from known classes)."""
+    text = str(exc)
+    code = getattr(exc, "status_code", None)
+    if isinstance(code, str) and code and not text.startswith(code):
+        return f"{code} {text}"
+    return text or type(exc).__name__
+
+
+def dead_letter_key(prefix: str) -> str:
+    """``<prefix>:deadletter``: ticks Redis can never store in their stream, with why."""
+    return f"{prefix}:deadletter"
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Where Redis stopped one stream's part of a call: its first ``at`` ticks were settled (stored,
+    or skipped as already stored), the next one failed with ``text``, of class ``error``."""
+
+    at: int
+    error: ErrorClass
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What becomes of a batch's ticks after the streams in ``stops`` stopped (positions in the batch)."""
+
+    #: ticks to write again, in batch order (so each stream keeps its order)
+    retry: list[int]
+    #: ticks for the dead-letter stream: (position, stream, why)
+    dead: list[tuple[int, str, Stop]]
+    #: ticks Redis refused in this attempt, by reason (the failing tick and, but after a tick-only
+    #: dead-letter, what the stream had after it)
+    refused: dict[str, int]
+
+
+def settle(keys: Sequence[str], stops: Mapping[str, Stop]) -> Settlement:
+    """Sort a batch whose i-th tick belongs to stream ``keys[i]``, given where streams stopped.
+
+    Pure; O(len(keys)), run only after an error.  A stream not in ``stops`` was settled whole.  In
+    a stopped stream, the ticks before ``at`` are settled and dropped; the failing one and those
+    after it are kept for a retry, except for a dead-letter class: its failing tick (and, for a key
+    that refuses every tick, the rest of the stream) goes to the dead-letter stream, and the ticks
+    after a lone dead-lettered tick are kept, not counted as refused.
+    """
+    retry: list[int] = []
+    dead: list[tuple[int, str, Stop]] = []
+    refused: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        stop = stops.get(key)
+        if stop is None:
+            continue
+        j = seen.get(key, 0)
+        seen[key] = j + 1
+        if j < stop.at:
+            continue
+        err = stop.error
+        if err.action is Action.RETRY:
+            retry.append(i)
+        elif j == stop.at or err.whole_stream:
+            dead.append((i, key, stop))
+        else:
+            retry.append(i)
+            continue
+        refused[err.reason] = refused.get(err.reason, 0) + 1
+    return Settlement(retry, dead, refused)
+
+
+class WriteRefused(ResponseError):
+    """Redis refused part of a batch for now: what it took is settled, ``remaining`` (in order) is not.
+
+    ``error`` is the class of the refusal that stopped it; ``added`` and ``duplicates`` count what
+    this call settled before it stopped.
+    """
+
+    def __init__(self, error: ErrorClass, text: str, remaining: list[Tick], added: int, duplicates: int) -> None:
+        super().__init__(text)
+        self.error = error
+        self.remaining = remaining
+        self.added = added
+        self.duplicates = duplicates
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +321,16 @@ class WriterStats:
     errors: int
     retries: int
     last_flush_us: int
+    #: Redis answered the last write attempt (a refusal such as OOM is an answer: see ``failing``)
     connected: bool
+    #: the class (:func:`classify_error` reason) of the error that holds a batch back now; "" when none
+    failing: str
+    #: seconds since the writer's last attempt that stored its batch, while ``failing``; else 0
+    failing_for_s: float
+    #: tick writes Redis refused, by reason: each refused attempt counts the ticks it could not store
+    rejected_by_reason: dict[str, int]
+    #: ticks Redis can never store in their stream, written to the dead-letter stream instead
+    dead_lettered: int
     spilled: int
     spill_bytes: int
     spill_drained: int
@@ -127,12 +374,19 @@ class StreamWriter:
         self.appended_by_channel: dict[str, int] = {}
         self.appended = 0
         self.duplicates = 0
+        #: tick writes Redis refused (all reasons); by reason in ``rejected_by_reason``
         self.rejected = 0
+        self.rejected_by_reason: dict[str, int] = {}
+        self.dead_lettered = 0
+        self.dead_letter_key = dead_letter_key(prefix)
+        self._dead_logged: set[str] = set()  # streams whose first dead-lettered ticks were logged
         self.batches = 0
         self.errors = 0
         self.retries = 0
         self.last_flush_us = 0
         self.connected = True
+        self.failing = ""  # the class of the error holding a batch back ("" when writes go through)
+        self._failing_since = 0.0  # time.monotonic() of the first failed attempt of the current episode
         self.spill = spill
         #: once a tick went to the spill log, every later one follows it there until the log is drained
         self._spilling = spill is not None and len(spill) > 0
@@ -234,20 +488,22 @@ class StreamWriter:
             while True:
                 try:
                     await self.append(batch)
-                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                except WriteRefused as exc:
+                    # Redis took part of it (or none): the rest waits, in order, and nothing newer
+                    # of these streams goes before it.
                     reraise_if_cancelling()
-                    self._fail("redis_unreachable", exc, attempt)
-                except RedisError as exc:
-                    # OOM, READONLY, LOADING ... and anything unexpected: kept and retried, never fatal.
+                    batch = self._inflight = exc.remaining
+                    self._fail(exc.error, str(exc), attempt)
+                except (RedisError, OSError) as exc:
+                    # Unreachable, or anything unexpected: the whole batch is kept and retried, never fatal.
                     reraise_if_cancelling()
-                    self._fail("redis_refused_write", exc, attempt)
+                    self._fail(classify_error(exc), error_text(exc), attempt)
                 else:
                     if from_spill and spill is not None:
                         spill.consume(from_spill)
                     self._inflight = []
-                    if not self.connected:
-                        self.connected = True
-                        log_event(log, logging.INFO, "redis_write_recovered", retries=attempt)
+                    if self.failing:
+                        self._recovered(attempt)
                     break
                 attempt += 1
                 self.retries += 1
@@ -255,10 +511,33 @@ class StreamWriter:
             if len(self._buf) < self.capacity:
                 self._room.set()
 
-    def _fail(self, event: str, exc: BaseException, attempt: int) -> None:
+    def _fail(self, error: ErrorClass, text: str, attempt: int) -> None:
+        """One failed attempt: counted; logged when an episode starts or changes class, then throttled."""
         self.errors += 1
-        self.connected = False
-        self._throttle.log(logging.WARNING, event, error=str(exc), attempt=attempt, buffered=len(self._buf))
+        unreachable = error.reason == _UNREACHABLE.reason
+        self.connected = not unreachable
+        event = "redis_unreachable" if unreachable else "redis_write_refused"
+        fields: dict[str, Any] = {
+            "reason": error.reason, "error": text[:300], "attempt": attempt, "held": len(self._inflight),
+            "buffered": len(self._buf), "spilled": len(self.spill) if self.spill is not None else 0,
+        }
+        if error.reason == "oom":
+            fields["action"] = "raise maxmemory or lower retention"
+        if self.failing != error.reason:
+            if not self.failing:
+                self._failing_since = time.monotonic()
+            self.failing = error.reason
+            log_event(log, logging.ERROR, event, **fields)
+        else:
+            self._throttle.log(logging.WARNING, event, **fields)
+
+    def _recovered(self, attempt: int) -> None:
+        log_event(
+            log, logging.INFO, "redis_write_recovered", reason=self.failing, retries=attempt,
+            failed_for_s=round(time.monotonic() - self._failing_since, 3),
+        )
+        self.failing = ""
+        self.connected = True
 
     def take_all(self) -> list[Tick]:
         """Everything held in memory and not yet stored, oldest first (for a final flush at shutdown).
@@ -285,14 +564,31 @@ class StreamWriter:
         return caps
 
     async def append(self, ticks: list[Tick]) -> tuple[int, int]:
-        """Append ticks now (one pipelined round trip); return ``(added, duplicates)``.
+        """Store ticks now; return ``(added, duplicates)`` (one pipelined round trip, and one more per
+        tick Redis can never accept that stopped its stream with ticks after it).
 
-        Safe to call again with the same ticks: what is stored already is skipped.
+        Safe to call again with the same ticks: what is stored already is skipped.  A tick Redis can
+        never accept goes to the dead-letter stream and is not retried.  When Redis refuses for now
+        (unreachable: the client's exception; OOM, READONLY ...: :class:`WriteRefused`), what it took
+        stays taken and the exception carries the rest, in order, for the caller to retry.
         """
+        added = dups = 0
+        while ticks:
+            n, d, rest, refusal = await self._append_once(ticks)
+            added += n
+            dups += d
+            if refusal is not None:
+                raise WriteRefused(refusal[0], refusal[1], rest, added, dups)
+            ticks = rest  # only ticks after a dead-lettered one: at once, each round settles one more
+        return added, dups
+
+    async def _append_once(
+        self, ticks: list[Tick]
+    ) -> tuple[int, int, list[Tick], tuple[ErrorClass, str] | None]:
+        """One round trip: ``(added, duplicates, what is left, the refusal that left it or None)``."""
         # Per stream, one section "<maxlen> <minage> <size>\n" + its records "<ms>-<seq> <payload>\n"; the
         # sections of one script call are joined into its one argument (see append.lua).
         groups: dict[str, list[bytes]] = {}
-        counts: dict[str, int] = {}
         prefix = self._prefix
         dumps = orjson.dumps
         for t in ticks:
@@ -302,9 +598,8 @@ class StreamWriter:
                 parts = groups[key] = []
             parts.append(b"%d-%d %b\n" % (t["ts_event"] // 1000, t["seq"], dumps(t)))
         if not groups:
-            return 0, 0
+            return 0, 0, [], None
         for key, parts in groups.items():
-            counts[key] = len(parts)
             maxlen, age = self._caps_for(key.rpartition(":")[2])
             parts.insert(0, b"%d %d %d\n" % (maxlen, age, sum(map(len, parts))))
         if self._sha is None:
@@ -313,23 +608,39 @@ class StreamWriter:
         started = loop.time()
         results = await self._run_scripts(groups)
         self.last_flush_us = int((loop.time() - started) * 1e6)
-        self.batches += 1
         added = dups = 0
+        stops: dict[str, Stop] | None = None
         by_channel = self.appended_by_channel
         for key, res in zip(groups, results, strict=True):
             if isinstance(res, Exception):
-                # Not retryable for this key (e.g. WRONGTYPE): report loudly, keep the rest flowing.
-                self.rejected += counts[key]
-                self._throttle.log(logging.ERROR, "stream_write_rejected", stream=key, error=str(res))
-                continue
-            n = int(res[0])
-            added += n
-            channel = key.rpartition(":")[2]
-            by_channel[channel] = by_channel.get(channel, 0) + n
-            dups += int(res[1])
-            self.rejected += int(res[2])
+                # The whole call was refused before it ran (OOM, BUSY, ...): nothing of it was tried,
+                # and a call names no one tick, so it is retried whatever the class.
+                error = classify_error(res)
+                if error.action is not Action.RETRY:
+                    error = ErrorClass(error.reason)
+                stop = Stop(0, error, error_text(res))
+            else:
+                n = int(res[0])
+                d = int(res[1])
+                if n:
+                    added += n
+                    channel = key.rpartition(":")[2]
+                    by_channel[channel] = by_channel.get(channel, 0) + n
+                dups += d
+                if res[2] is None:
+                    continue
+                text = res[2].decode(errors="replace") if isinstance(res[2], bytes) else str(res[2])
+                stop = Stop(n + d, classify_error(text), text)
+            if stops is None:
+                stops = {}
+            stops[key] = stop
         self.appended += added
         self.duplicates += dups
+        if added or dups or stops is None:
+            self.batches += 1
+        if stops is not None:
+            rest, refusal = await self._settle(ticks, stops)
+            return added, dups, rest, refusal
         every = self.sample_every
         if every:
             at = self._sample_at
@@ -339,7 +650,70 @@ class StreamWriter:
                 for t in islice(ticks, at, None, every):
                     observe(now_us - t["ts_recv"])
             self._sample_at = (at - len(ticks)) % every
-        return added, dups
+        return added, dups, [], None
+
+    async def _settle(
+        self, ticks: list[Tick], stops: dict[str, Stop]
+    ) -> tuple[list[Tick], tuple[ErrorClass, str] | None]:
+        """After an error: count the refusals, dead-letter what Redis can never accept, and return what
+        is left to write (in order) with the refusal that holds it back (None: retry at once)."""
+        prefix = self._prefix
+        keys = [f"{prefix}:{t['venue']}:{t['symbol']}:{t['channel']}" for t in ticks]
+        plan = settle(keys, stops)
+        by_reason = self.rejected_by_reason
+        for reason, n in plan.refused.items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
+            self.rejected += n
+        refusal = next(((s.error, s.text) for s in stops.values() if s.error.action is Action.RETRY), None)
+        retry = plan.retry
+        if plan.dead:
+            failed, failure = await self._dead_letter(ticks, plan.dead)
+            if failed:
+                # Not dead-lettered: kept, in order, for the next attempt (nothing is dropped unwritten).
+                retry = sorted(retry + failed)
+                refusal = refusal or failure
+        return [ticks[i] for i in retry], refusal
+
+    async def _dead_letter(
+        self, ticks: list[Tick], dead: list[tuple[int, str, Stop]]
+    ) -> tuple[list[int], tuple[ErrorClass, str] | None]:
+        """Write ticks Redis can never store to ``<prefix>:deadletter`` (one pipelined round trip), each
+        with its stream, seq, the error's class and text; logged.  Returns the positions it could not
+        write, with the error that refused them: they are retried from their stream (a connection lost
+        after Redis wrote an entry can so repeat it in the dead-letter stream, never in a tick stream)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for i, key, stop in dead:
+            t = ticks[i]
+            pipe.xadd(
+                self.dead_letter_key,
+                {"stream": key, "seq": t["seq"], "reason": stop.error.reason, "error": stop.text, "d": orjson.dumps(t)},
+                maxlen=DEAD_LETTER_MAXLEN, approximate=True,
+            )
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        failed: list[int] = []
+        failure: tuple[ErrorClass, str] | None = None
+        written: dict[str, tuple[Stop, list[int]]] = {}
+        for (i, key, stop), reply in zip(dead, replies, strict=True):
+            if isinstance(reply, Exception):
+                failed.append(i)
+                if failure is None:
+                    error = classify_error(reply)
+                    failure = (ErrorClass(error.reason), f"dead-letter stream {self.dead_letter_key}: "
+                                                         f"{error_text(reply)}")
+                continue
+            written.setdefault(key, (stop, []))[1].append(ticks[i]["seq"])
+        for key, (stop, seqs) in written.items():
+            self.dead_lettered += len(seqs)
+            fields: dict[str, Any] = {
+                "stream": key, "reason": stop.error.reason, "error": stop.text[:300], "count": len(seqs),
+                "first_seq": seqs[0], "last_seq": seqs[-1], "seqs": seqs[:20], "to": self.dead_letter_key,
+            }
+            if key in self._dead_logged:
+                self._throttle.log(logging.ERROR, "ticks_dead_lettered", **fields)
+            else:  # the first time for a stream, whatever else was logged this second
+                self._dead_logged.add(key)
+                log_event(log, logging.ERROR, "ticks_dead_lettered", **fields)
+        return failed, failure
 
     async def _calls(self, keys: list[str]) -> list[list[str]]:
         """Which streams share a script call: all of them on a standalone Redis (up to
@@ -355,29 +729,37 @@ class StreamWriter:
         return list(by_slot.values())
 
     async def _run_scripts(self, groups: dict[str, list[bytes]]) -> list[Any]:
-        """One pipelined round trip; returns per stream ``[added, duplicates, errors]`` or the error."""
+        """One pipelined round trip; returns per stream ``[added, duplicates, error or None]``, or the
+        exception that refused its whole call.  Calls refused with ``NOSCRIPT`` are sent once more
+        after loading the script (the others are not repeated)."""
         plan = await self._calls(list(groups))
-        for _ in range(2):
+        replies: list[Any] = [None] * len(plan)
+        todo = list(range(len(plan)))
+        for reload in (True, False):
             pipe = self._redis.pipeline(transaction=False)
-            for keys in plan:
+            for c in todo:
+                keys = plan[c]
                 blob = b"".join(chain.from_iterable(groups[k] for k in keys))
                 pipe.execute_command("EVALSHA", self._sha, len(keys), *keys, blob)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-            if not any(isinstance(r, NoScriptError) for r in replies):
-                results: list[Any] = []
-                for keys, r in zip(plan, replies, strict=True):
-                    if isinstance(r, ResponseError) and str(r).startswith(_RETRYABLE_REPLIES):
-                        raise r
-                    if isinstance(r, (RedisConnectionError, RedisTimeoutError)):
-                        raise r
-                    if isinstance(r, Exception):
-                        results += [r] * len(keys)
-                    else:
-                        results += [r[3 * i : 3 * i + 3] for i in range(len(keys))]
-                return [results[i] for i in self._order(plan, groups)]
+            got: list[Any] = await pipe.execute(raise_on_error=False)
+            again = []
+            for c, r in zip(todo, got, strict=True):
+                if reload and isinstance(r, NoScriptError):
+                    again.append(c)
+                else:
+                    replies[c] = r
+            if not again:
+                break
             log_event(log, logging.INFO, "script_reloaded")
             self._sha = str(await self._redis.script_load(APPEND_SCRIPT))
-        raise ResponseError("NOSCRIPT persisted after reloading the append script")
+            todo = again
+        results: list[Any] = []
+        for keys, r in zip(plan, replies, strict=True):
+            if isinstance(r, Exception):
+                results += [r] * len(keys)
+            else:
+                results += [r[3 * i : 3 * i + 3] for i in range(len(keys))]
+        return [results[i] for i in self._order(plan, groups)]
 
     @staticmethod
     def _order(plan: list[list[str]], groups: dict[str, list[bytes]]) -> list[int]:
@@ -391,6 +773,9 @@ class StreamWriter:
             buffered=len(self._buf), capacity=self.capacity, appended=self.appended,
             duplicates=self.duplicates, rejected=self.rejected, batches=self.batches, errors=self.errors,
             retries=self.retries, last_flush_us=self.last_flush_us, connected=self.connected,
+            failing=self.failing,
+            failing_for_s=round(time.monotonic() - self._failing_since, 3) if self.failing else 0.0,
+            rejected_by_reason=dict(self.rejected_by_reason), dead_lettered=self.dead_lettered,
             spilled=len(spill) if spill is not None else 0, spill_bytes=spill.bytes if spill is not None else 0,
             spill_drained=spill.drained if spill is not None else 0,
         )

@@ -29,9 +29,14 @@ is reported with ``"present": false``):
 - ``fanout``: ``present``, ``subscribers``, ``dropped``, ``dropped_recent``, ``errors``,
   ``errors_recent``, ``disconnected``, ``disconnected_recent``, ``waiting_room``, ``max_lag``,
   ``capacity``, ``slowest`` (the subscribers furthest behind);
-- ``writer``: ``present``, ``connected``, ``buffered``, ``capacity``, ``fill_ratio``, ``appended``,
-  ``errors``, ``errors_recent``, ``rejected``, ``rejected_recent``, ``spilled``, ``spill_bytes``,
-  ``last_flush_us`` (how long the last flush took), ``last_write_age_s``;
+- ``writer``: ``present``, ``connected`` (Redis answers; a refusal is an answer), ``buffered``,
+  ``capacity``, ``fill_ratio``, ``appended``, ``errors``, ``errors_recent``, ``failing`` (the class of
+  the error holding ticks back now, e.g. ``oom``, ``readonly``, ``unreachable``; ``null`` when writes go
+  through), ``oom`` (Redis refuses writes for lack of memory), ``failing_for_s``, ``rejected`` and
+  ``rejected_recent`` (tick writes Redis refused: each refused attempt counts its ticks),
+  ``rejected_by_reason``, ``dead_lettered`` and ``dead_lettered_recent`` (ticks Redis can never store,
+  kept in ``dead_letter_key``), ``spilled``, ``spill_bytes``, ``last_flush_us`` (how long the last
+  flush took), ``last_write_age_s``;
 - ``gaps``: ``detected``, ``repaired``, ``unrepaired``, ``unrepaired_recent``, ``ticks_unrepaired``,
   ``repairing``, ``duplicates``, ``out_of_order``.
 """
@@ -260,6 +265,7 @@ def build_heartbeat(ingestor: Ingestor, now: float, *, state: HeartbeatState | N
         "fanout_disconnected": fanout.get("disconnected", 0),
         "writer_errors": writer.get("errors", 0),
         "writer_rejected": writer.get("rejected", 0),
+        "writer_dead_lettered": writer.get("dead_lettered", 0),
         "gaps_unrepaired": gaps["unrepaired"],
     })
     span = st.window_s
@@ -273,6 +279,7 @@ def build_heartbeat(ingestor: Ingestor, now: float, *, state: HeartbeatState | N
     if writer["present"]:
         writer["errors_recent"] = window.delta("writer_errors", span)
         writer["rejected_recent"] = window.delta("writer_rejected", span)
+        writer["dead_lettered_recent"] = window.delta("writer_dead_lettered", span)
     gaps["unrepaired_recent"] = window.delta("gaps_unrepaired", span)
 
     return {
@@ -430,6 +437,10 @@ def _writer(ingestor: Ingestor, st: HeartbeatState, now: float) -> dict[str, Any
     last_at = st._last_write[1]
     capacity = max(1, _num(ws, "capacity", 1))
     buffered = _num(ws, "buffered")
+    failing = getattr(ws, "failing", "")
+    failing = str(failing)[:40] if failing else None
+    failing_for = getattr(ws, "failing_for_s", 0.0)
+    by_reason = getattr(ws, "rejected_by_reason", None)
     return {
         "present": True,
         "connected": bool(getattr(ws, "connected", True)),
@@ -439,7 +450,15 @@ def _writer(ingestor: Ingestor, st: HeartbeatState, now: float) -> dict[str, Any
         "appended": _num(ws, "appended"),
         "errors": _num(ws, "errors"),
         "retries": _num(ws, "retries"),
+        "failing": failing,
+        "oom": failing == "oom",
+        "failing_for_s": _round(float(failing_for), 1) if failing and isinstance(failing_for, int | float) else None,
         "rejected": _num(ws, "rejected"),
+        "rejected_by_reason": {
+            str(k)[:40]: v for k, v in sorted((by_reason or {}).items()) if isinstance(v, int) and v
+        } if isinstance(by_reason, Mapping) else {},
+        "dead_lettered": _num(ws, "dead_lettered"),
+        "dead_letter_key": str(getattr(w, "dead_letter_key", "") or "") or None,
         "spilled": _num(ws, "spilled"),
         "spill_bytes": _num(ws, "spill_bytes"),
         "last_flush_us": _num(ws, "last_flush_us"),

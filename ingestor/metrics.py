@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from consumer_sdk.errors import ConfigError
 from consumer_sdk.latency import LatencyHistogram
+from distributor.writer import REASONS
 
 if TYPE_CHECKING:
     from ingestor.service import Ingestor
@@ -205,7 +206,33 @@ class IngestorCollector(Collector):
                 value=ws.last_flush_us / 1e6,
             )
             yield GaugeMetricFamily(
-                "market_redis_up", "1 when the last Redis write succeeded", value=1 if ws.connected else 0
+                "market_redis_up",
+                "1 when Redis answered the writer's last attempt (a refusal such as OOM is an answer: "
+                "see market_writer_retrying and market_redis_oom); 0 when unreachable",
+                value=1 if ws.connected else 0,
+            )
+            yield GaugeMetricFamily(
+                "market_writer_retrying",
+                "1 while the writer holds ticks Redis did not take (refused or unreachable) and retries them",
+                value=1 if ws.failing else 0,
+            )
+            yield GaugeMetricFamily(
+                "market_redis_oom", "1 while Redis refuses the writer's writes for lack of memory (OOM)",
+                value=1 if ws.failing == "oom" else 0,
+            )
+            rejected = CounterMetricFamily(
+                "market_writer_rejected",
+                "Tick writes Redis refused, by error class; each refused attempt counts the ticks it carried",
+                labels=["reason"],
+            )
+            by_reason = ws.rejected_by_reason
+            for reason in sorted(set(REASONS) | set(by_reason)):
+                rejected.add_metric([reason], by_reason.get(reason, 0))
+            yield rejected
+            yield CounterMetricFamily(
+                "market_writer_dead_lettered",
+                "Ticks Redis can never store in their stream, written to the dead-letter stream instead",
+                value=ws.dead_lettered,
             )
             yield GaugeMetricFamily(
                 "market_spill_records", "Ticks in the spill log on disk, waiting for Redis", value=ws.spilled

@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 
 from consumer_sdk.consumer import lag_estimate
 from consumer_sdk.errors import ConfigError, TransientError
+from distributor.writer import DEAD_LETTER_REASONS
 from ingestor.heartbeat import heartbeat_key, heartbeat_set_key
 
 if TYPE_CHECKING:
@@ -346,14 +347,33 @@ def _redis(hb: Mapping[str, Any]) -> _Verdict:
     window = _secs(_float(hb, "window_s") or 60.0)
     target = _str(hb, "redis")
     at = f" to {target}" if target else ""
+    held = f"{buffered} buffered" + (f", {spilled} ticks spilled to disk" if spilled else "")
     if w.get("connected") is False:
         parts = [f"writes failing ({errors} errors in the last {window})"]
         if spilled:
             parts.append(f"{spilled} ticks spilled to disk")
         parts.append(f"{buffered} buffered")
         return Level.FAIL, ", ".join(parts) + (f"; Redis at {target}" if target else "")
+    failing = _str(w, "failing")
+    since = _float(w, "failing_for_s")
+    lasting = f" for {_secs(since)}" if since is not None else ""
+    if w.get("oom") is True or failing == "oom":
+        return Level.FAIL, (f"Redis out of memory: raise maxmemory or lower retention (writes refused{lasting}; "
+                            f"nothing lost: {held}){f'; Redis at {target}' if target else ''}")
+    if failing:
+        return Level.FAIL, (f"Redis refuses writes ({_short(failing, 40)}){lasting}: retrying, nothing lost: {held}"
+                            f"{f'; Redis at {target}' if target else ''}")
+    dead = _int(w, "dead_lettered_recent")
+    if dead:
+        reasons = _get(w, "rejected_by_reason")
+        why = ", ".join(
+            str(k) for k in (reasons if isinstance(reasons, Mapping) else {}) if str(k) in DEAD_LETTER_REASONS
+        )
+        where = _str(w, "dead_letter_key") or "the dead-letter stream"
+        return Level.FAIL, (f"{dead} ticks Redis can never store{f' ({why})' if why else ''} went to {where} "
+                            f"in the last {window}")
     rejected = _int(w, "rejected_recent")
-    if rejected:
+    if rejected and "dead_lettered" not in w:  # a heartbeat from before the dead-letter stream: dropped
         return Level.FAIL, f"{rejected} ticks rejected by Redis in the last {window} (not stored)"
     if spilled:
         return Level.WARN, f"draining the spill log: {spilled} ticks on disk wait for Redis"
@@ -361,7 +381,8 @@ def _redis(hb: Mapping[str, Any]) -> _Verdict:
     if fill >= WRITER_FILL_WARN:
         return Level.WARN, f"writer buffer {_pct(fill)} full: Redis slower than the feed"
     if errors:
-        return Level.WARN, f"{errors} write error(s) in the last {window}, recovered"
+        refused = f", {rejected} tick writes refused and retried" if rejected else ""
+        return Level.WARN, f"{errors} write error(s) in the last {window}{refused}, recovered"
     flush = _int(w, "last_flush_us")
     if flush >= WRITER_SLOW_FLUSH_US:
         return Level.WARN, f"slow writes: last flush took {flush / 1e6:.1f} s"

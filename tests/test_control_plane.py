@@ -1,8 +1,13 @@
 """ingestor.control_plane and ``market ctl`` on the real Redis: changes reach a watcher within a second,
 are audited, survive restarts, never lose each other; malformed records are rejected and flagged.
 
+"Within a second" is checked by what makes it true, not by a stopwatch: a change notice is applied
+with no re-read at all (the poll is set to an hour), a change without a notice is applied by the
+periodic re-read, and that re-read runs every :data:`~ingestor.control_plane.POLL_INTERVAL` (0.5 s).
+
 Each test has its own key prefix (the ``prefix`` fixture deletes its keys).  Every wait is bounded
-and waits on a condition (a callback having run), never on the clock alone.
+and waits on a condition (a callback having run), never on the clock alone; the bounds only stop a
+hang.  Redis outages are real: a private redis-server is stopped and started again.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from typer.testing import CliRunner
 
 import ingestor.control_plane as cp
@@ -39,11 +43,12 @@ from ingestor.control_plane import (
     watch_control,
 )
 from ops.ctl import app as ctl_app
-from ops.redis_server import free_port
+from ops.redis_server import RedisServer, free_port, restart, start_redis
 from ops.simulator import Simulator, SimulatorConfig
 
 APPLY_WITHIN = 1.0  # seconds: the promise
-UNIT = 5.0  # seconds: the bound on waits for things that should be quick
+UNIT = 5.0  # seconds: the bound on waits for things that should be quick (it only stops a hang)
+NEVER = 3600.0  # a poll interval no test outlives: what is applied was applied by a notice
 
 
 class Recorder:
@@ -140,26 +145,26 @@ def test_follower_retries_when_the_callback_fails() -> None:
 # -- watcher on the real Redis -----------------------------------------------------------------------------------
 
 
-async def test_change_reaches_the_watcher_within_a_second(aredis: aioredis.Redis, prefix: str) -> None:
-    async with watching(aredis, prefix) as rec:
+async def test_change_notice_is_applied_without_waiting_for_a_re_read(aredis: aioredis.Redis, prefix: str) -> None:
+    """The notice itself applies a change: with the periodic re-read an hour away, it still lands."""
+    async with watching(aredis, prefix, poll_interval=NEVER) as rec:
         await rec.until(lambda: rec.current == ControlState())  # read at start: nothing stored yet
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         change = await update_state(aredis, prefix, pause("binance:BTCUSDT:trade"), who="t@h", action="pause")
-        await rec.until(lambda: rec.current == change.after, timeout=APPLY_WITHIN)
-        assert loop.time() - started < APPLY_WITHIN
+        await rec.until(lambda: rec.current == change.after)
         assert change.after.version == 1 and change.changed
+        assert rec.states == [ControlState(), change.after]
 
 
-async def test_missed_notice_still_applies_within_a_second(aredis: aioredis.Redis, prefix: str) -> None:
-    """Written without PUBLISH (by hand, or the notice was lost): the periodic re-read applies it."""
+async def test_missed_notice_is_applied_by_the_periodic_re_read(aredis: aioredis.Redis, prefix: str) -> None:
+    """Written without PUBLISH (by hand, or the notice was lost): the periodic re-read applies it, and that
+    re-read runs at least twice a second by default, so a lost notice still takes effect within a second."""
+    assert 2 * cp.POLL_INTERVAL <= APPLY_WITHIN
     async with watching(aredis, prefix) as rec:
         await rec.until(lambda: len(rec.states) == 1)
         state = ControlState(version=7).with_level("essential")
-        started = asyncio.get_running_loop().time()
         await aredis.set(state_key(prefix), dump_state(state))
-        await rec.until(lambda: rec.current == state, timeout=APPLY_WITHIN)
-        assert asyncio.get_running_loop().time() - started < APPLY_WITHIN
+        await rec.until(lambda: rec.current == state)
+        assert rec.states == [ControlState(), state]
 
 
 async def test_same_state_is_applied_once(aredis: aioredis.Redis, prefix: str) -> None:
@@ -232,56 +237,52 @@ async def test_deleting_the_key_clears_every_switch(aredis: aioredis.Redis, pref
         await rec.until(lambda: rec.current == ControlState())
 
 
-class FlakyRedis:
-    """The real client, but the first ``failures`` GETs and SUBSCRIBEs fail as if the connection dropped."""
-
-    def __init__(self, real: aioredis.Redis, failures: int) -> None:
-        self.real = real
-        self.failures = failures
-        self.failed = 0
-
-    def _maybe_fail(self) -> None:
-        if self.failed < self.failures:
-            self.failed += 1
-            raise RedisConnectionError("connection reset (simulated)")
-
-    async def get(self, key: str) -> Any:
-        self._maybe_fail()
-        return await self.real.get(key)
-
-    def pubsub(self) -> Any:
-        outer = self
-        inner = self.real.pubsub()
-
-        class PubSub:
-            async def subscribe(self, channel: str) -> None:
-                outer._maybe_fail()
-                await inner.subscribe(channel)
-
-            async def get_message(self, **kwargs: Any) -> Any:
-                return await inner.get_message(**kwargs)
-
-            async def aclose(self) -> None:
-                await inner.aclose()  # type: ignore[no-untyped-call]
-
-        return PubSub()
+@pytest.fixture
+def durable_redis() -> Iterator[RedisServer]:
+    """A private redis-server with AOF on: what was stored is there again after a stop and a restart."""
+    with start_redis(appendonly=True) as server:
+        yield server
 
 
-async def test_redis_errors_never_kill_the_watcher(aredis: aioredis.Redis, prefix: str) -> None:
-    await update_state(aredis, prefix, pause("binance:*:trade"), who="t@h", action="pause")
-    flaky = FlakyRedis(aredis, failures=6)
-    delays: list[float] = []
+async def test_watcher_rides_out_a_redis_restart(durable_redis: RedisServer, prefix: str) -> None:
+    """The watcher's Redis is stopped and started again: the watcher keeps the state in force meanwhile,
+    retries with its backoff, subscribes again, and applies the next change by its notice (no re-read)."""
+    writer = aioredis.Redis.from_url(durable_redis.url)
+    client = aioredis.Redis.from_url(durable_redis.url, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+    retries: list[float] = []
+    retried = asyncio.Event()
 
-    def no_wait() -> Iterator[float]:
+    def short_waits() -> Iterator[float]:
         while True:
-            delays.append(0.0)
-            yield 0.0
+            retries.append(0.01)
+            if len(retries) >= 3:
+                retried.set()
+            yield 0.01
 
-    async with watching(flaky, prefix, delays=no_wait) as rec:
-        await rec.until(lambda: rec.current is not None and len(rec.current.pauses) == 1)
-        assert flaky.failed == 6 and len(delays) == 6
-        change = await update_state(aredis, prefix, pause("binance:*:agg_trade"), who="t@h", action="pause")
-        await rec.until(lambda: rec.current == change.after, timeout=APPLY_WITHIN)
+    async def subscribers() -> int:
+        counts: Any = await writer.pubsub_numsub(cp.changed_channel(prefix))
+        return int(counts[0][1])
+
+    try:
+        before = await update_state(writer, prefix, pause("binance:*:trade"), who="t@h", action="pause")
+        async with watching(client, prefix, poll_interval=NEVER, delays=short_waits) as rec:
+            await rec.until(lambda: rec.current == before.after)
+            await writer.aclose()
+            await asyncio.to_thread(durable_redis.stop)
+            async with asyncio.timeout(UNIT):
+                await retried.wait()  # three real connection errors, each retried
+            assert rec.states == [before.after], "nothing was applied while Redis was gone"
+            await asyncio.to_thread(restart, durable_redis, appendonly=True)
+            writer = aioredis.Redis.from_url(durable_redis.url)
+            async with asyncio.timeout(UNIT):
+                while await subscribers() != 1:  # the watcher is back on the notice channel
+                    await asyncio.sleep(0.01)  # poll
+            after = await update_state(writer, prefix, pause("binance:*:agg_trade"), who="t@h", action="pause")
+            await rec.until(lambda: rec.current == after.after)
+            assert rec.states == [before.after, after.after]  # the state read again after the restart was the same
+    finally:
+        await writer.aclose()
+        await client.aclose()
 
 
 async def test_watcher_survives_redis_being_unreachable(prefix: str) -> None:
@@ -478,7 +479,7 @@ def test_ctl_bad_input_is_a_config_error(ctl: Callable[..., Any], args: tuple[st
     assert needle in str(r.exception)
 
 
-# -- market ctl, through the market command (once it is registered) ---------------------------------------------
+# -- market ctl, through the market command ---------------------------------------------------------------------
 
 
 def market(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -488,10 +489,10 @@ def market(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     )
 
 
-@pytest.fixture(scope="module")
-def registered() -> None:
-    if market("ctl", "--help").returncode != 0:
-        pytest.skip("`market ctl` is not registered in ops/cli.py yet")
+def test_market_ctl_is_a_command() -> None:
+    proc = market("ctl", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "pause" in proc.stdout and "degrade" in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -503,21 +504,21 @@ def registered() -> None:
         (("limit", "binance:*:trade", "nan"), "invalid rate"),
     ],
 )
-def test_market_ctl_bad_input(registered: None, args: tuple[str, ...], needle: str) -> None:
+def test_market_ctl_bad_input(args: tuple[str, ...], needle: str) -> None:
     proc = market("ctl", *args)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("market: error: ") and needle in lines[0]
 
 
-def test_market_ctl_redis_unreachable(registered: None) -> None:
+def test_market_ctl_redis_unreachable() -> None:
     proc = market("ctl", "show", env={"MARKET_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Redis unreachable" in lines[0]
 
 
-def test_market_ctl_show_malformed_exits_1(registered: None, redis_url: str, prefix: str) -> None:
+def test_market_ctl_show_malformed_exits_1(redis_url: str, prefix: str) -> None:
     import redis as sync_redis
 
     client = sync_redis.Redis.from_url(redis_url)
@@ -530,7 +531,7 @@ def test_market_ctl_show_malformed_exits_1(registered: None, redis_url: str, pre
     assert "MALFORMED" in proc.stdout and "MALFORMED" in proc.stderr and "Traceback" not in proc.stderr
 
 
-# -- a live ingestor (once the gate and the watcher are wired into it) ------------------------------------------
+# -- a live ingestor -------------------------------------------------------------------------------------------
 
 
 async def test_live_ingestor_pauses_and_resumes_with_a_gap_marker(aredis: aioredis.Redis, prefix: str) -> None:
@@ -541,17 +542,16 @@ async def test_live_ingestor_pauses_and_resumes_with_a_gap_marker(aredis: aiored
         flags = {"url": url, "symbols": "BTCUSDT,ETHUSDT", "channels": "trade", "prefix": prefix, "spill_dir": ""}
         return load_settings(flags, {})
 
-    if not isinstance(getattr(Ingestor(settings("ws://127.0.0.1:9")), "control", None), ControlGate):
-        pytest.skip("the ingestor does not run the control plane yet")
     async with Simulator(SimulatorConfig(symbols=("BTCUSDT", "ETHUSDT"), rate=1000.0, seed=3)) as sim:
         ingestor = Ingestor(settings(sim.ws_url), redis=aredis)
-        gate = ingestor.control  # type: ignore[attr-defined]
+        gate = ingestor.control
+        assert isinstance(gate, ControlGate)
         btc, eth = f"{prefix}:binance:BTCUSDT:trade", f"{prefix}:binance:ETHUSDT:trade"
 
         async def until(condition: Callable[[], Any], timeout: float = 20.0) -> None:
             async with asyncio.timeout(timeout):
                 while not await condition():
-                    await asyncio.sleep(0.02)
+                    await asyncio.sleep(0.02)  # poll
 
         async def grown(key: str, n: int) -> Callable[[], Any]:
             base = await aredis.xlen(key)
@@ -564,14 +564,12 @@ async def test_live_ingestor_pauses_and_resumes_with_a_gap_marker(aredis: aiored
         task = asyncio.create_task(ingestor.run())
         try:
             await until(await grown(btc, 50))
-            started = asyncio.get_running_loop().time()
             await update_state(aredis, prefix, pause("binance:BTCUSDT:trade"), who="t@h", action="pause")
 
             async def paused() -> bool:
                 return bool(gate.state.pauses)
 
-            await until(paused, APPLY_WITHIN)
-            assert asyncio.get_running_loop().time() - started < APPLY_WITHIN
+            await until(paused)  # how soon is the watcher's promise, checked above without the ingestor
             applied_us = int(time.time() * 1_000_000)
 
             async def after_apply_landed() -> bool:

@@ -71,3 +71,33 @@ def test_every_alert_is_unit_tested_both_ways() -> None:
     assert len(alerts) >= 12
     assert alerts - fired == set(), f"never shown firing: {sorted(alerts - fired)}"
     assert alerts - quiet == set(), f"never shown quiet: {sorted(alerts - quiet)}"
+
+
+def test_every_alert_names_its_stage_as_market_status_does() -> None:
+    """The ``stage`` label is one of ``market status``'s stages, and the summary starts with it and the
+    level its severity stands for (critical: FAIL, warning: WARN)."""
+    import yaml
+
+    from ops.status import STAGES
+
+    rules = [r for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]]
+    assert rules
+    for rule in rules:
+        stage, severity = rule["labels"]["stage"], rule["labels"]["severity"]
+        assert stage in STAGES, rule["alert"]
+        level = {"critical": "FAIL", "warning": "WARN"}[severity]
+        assert rule["annotations"]["summary"].startswith(f"{stage} {level}: "), rule["alert"]
+
+
+def test_redis_refusals_are_alerted_apart_from_an_unreachable_redis() -> None:
+    """Out of memory and other refusals (Redis reachable: market_redis_up stays 1) each have a rule."""
+    import yaml
+
+    rules = {r["alert"]: r for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]}
+    assert "market_redis_oom == 1" in rules["MarketRedisOutOfMemory"]["expr"]
+    assert "maxmemory" in rules["MarketRedisOutOfMemory"]["annotations"]["description"]
+    refused = rules["MarketRedisWritesRefused"]["expr"]
+    assert "market_writer_retrying == 1" in refused and "market_redis_up == 1" in refused
+    assert "market_writer_dead_lettered_total" in rules["MarketWriterDeadLetters"]["expr"]
+    assert all(rules[name]["labels"]["stage"] == "redis" for name in
+               ("MarketRedisDown", "MarketRedisOutOfMemory", "MarketRedisWritesRefused", "MarketWriterDeadLetters"))

@@ -224,6 +224,57 @@ def test_redis() -> None:
     assert judge(healthy(writer={"present": False})).stage("redis").level is Level.UNKNOWN
 
 
+def writer_now(**changes: Any) -> dict[str, Any]:
+    """A healthy heartbeat with the writer fields of this version (OOM state, dead-letter counts)."""
+    fields = {"writer.failing": None, "writer.oom": False, "writer.failing_for_s": None,
+              "writer.rejected_by_reason": {}, "writer.dead_lettered": 0, "writer.dead_lettered_recent": 0,
+              "writer.dead_letter_key": "md:deadletter"}
+    return healthy(**{**fields, **{f"writer.{k}": v for k, v in changes.items()}})
+
+
+def test_redis_out_of_memory_is_fail_while_it_lasts() -> None:
+    doc = writer_now(failing="oom", oom=True, failing_for_s=12.0, buffered=20000, spilled=30000,
+                     errors_recent=9, rejected_recent=5000, rejected_by_reason={"oom": 5000})
+    stage = judge(doc).stage("redis")
+    assert stage.reason == (
+        "redis FAIL: Redis out of memory: raise maxmemory or lower retention (writes refused for 12 s; "
+        "nothing lost: 20000 buffered, 30000 ticks spilled to disk); Redis at redis://redis:6379/0"
+    )
+    # Judged by the class alone too (a heartbeat that carries no "oom" flag).
+    assert judge(writer_now(failing="oom", oom=None)).stage("redis").cause.startswith(
+        "Redis out of memory: raise maxmemory or lower retention")
+    # Unreachable wins: nothing answers, so nothing can say it is out of memory.
+    assert judge(writer_now(connected=False, failing="unreachable")).stage("redis").cause.startswith("writes failing")
+    # Lifted: the episode is over, the recent errors are a warning.
+    after = judge(writer_now(errors_recent=9, rejected_recent=5000)).stage("redis")
+    assert after.reason == (
+        "redis WARN: 9 write error(s) in the last 60 s, 5000 tick writes refused and retried, recovered"
+    )
+
+
+def test_other_refusals_name_their_class() -> None:
+    stage = judge(writer_now(failing="readonly", failing_for_s=3.0, buffered=500)).stage("redis")
+    assert stage.reason == (
+        "redis FAIL: Redis refuses writes (readonly) for 3.0 s: retrying, nothing lost: 500 buffered; "
+        "Redis at redis://redis:6379/0"
+    )
+
+
+def test_dead_lettered_ticks_are_fail_and_say_where_they_are() -> None:
+    stage = judge(writer_now(dead_lettered=40, dead_lettered_recent=40, rejected_recent=40,
+                             rejected_by_reason={"wrongtype": 40})).stage("redis")
+    assert stage.reason == (
+        "redis FAIL: 40 ticks Redis can never store (wrongtype) went to md:deadletter in the last 60 s"
+    )
+    # An hour later the stream is still there, but the stage no longer fails on it.
+    assert judge(writer_now(dead_lettered=40)).stage("redis").level is Level.OK
+
+
+def test_a_heartbeat_from_before_the_dead_letter_stream_still_fails_on_rejections() -> None:
+    stage = judge(healthy(**{"writer.rejected_recent": 7})).stage("redis")
+    assert stage.reason == "redis FAIL: 7 ticks rejected by Redis in the last 60 s (not stored)"
+
+
 def test_consumers() -> None:
     groups = [
         {"stream": "md:binance:BTCUSDT:trade", "group": "demo", "lag": 5000, "lag_exact": True},

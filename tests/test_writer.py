@@ -7,6 +7,7 @@ afterwards) on the shared server; the fault test stops and restarts a private re
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from redis.backoff import NoBackoff
 
 from consumer_sdk.keys import parse_entry_id, stream_key
 from consumer_sdk.tick import Tick, decode_tick
-from distributor.writer import Retention, StreamWriter
+from distributor.writer import Retention, StreamWriter, dead_letter_key
 from ops.redis_server import RedisServer, restart
 
 UNIT = 1.0  # seconds; every wait below is a small multiple of it
@@ -287,5 +288,92 @@ async def test_writer_survives_a_redis_restart(private_redis: RedisServer) -> No
         assert stats.errors >= 2 and stats.retries >= 2
         assert stats.buffered == 0
         assert stats.appended == len(ticks)
+    finally:
+        await client.aclose()
+
+
+# -- error replies inside a batch -----------------------------------------------------------------------------------
+
+
+async def dead_letters(client: aioredis.Redis, prefix: str) -> list[dict[str, Any]]:
+    return [
+        {k.decode(): v.decode() for k, v in fields.items()}
+        for _, fields in await client.xrange(dead_letter_key(prefix))
+    ]
+
+
+async def test_ids_redis_refuses_are_dead_lettered_and_the_rest_of_the_stream_flows(
+    aredis: aioredis.Redis, prefix: str
+) -> None:
+    """A real ID error mid-batch: the stream's newest entries were deleted by hand (XDEL), so Redis
+    refuses any ID at or below the one it last generated.  The batch's first two ticks are already
+    stored (settled as duplicates), each refused tick goes to the dead-letter stream, the ticks after
+    them and the other stream are stored, in order."""
+    writer = StreamWriter(aredis, prefix=prefix)
+    trades = [make_tick(s, T0_MS + s) for s in range(1, 13)]
+    key = key_of(prefix, trades[0])
+    assert await writer.append(trades[:10]) == (10, 0)
+    await aredis.xdel(key, *[f"{ms_of(t)}-{t['seq']}" for t in trades[5:10]])  # 6..10 removed by hand
+    books = [make_tick(s, T0_MS + s, "ETHUSDT", "book_ticker") for s in range(4, 13)]
+    batch = [t for pair in zip(trades[3:], books, strict=True) for t in pair]  # trades 4..12 with books
+    assert await writer.append(batch) == (2 + 9, 2)
+    assert await stored_seqs(aredis, key) == [1, 2, 3, 4, 5, 11, 12]
+    assert [t for _, t in await entries(aredis, key_of(prefix, books[0]))] == books
+    dead = await dead_letters(aredis, prefix)
+    assert [(d["stream"], int(d["seq"]), d["reason"]) for d in dead] == [(key, s, "bad_id") for s in range(6, 11)]
+    assert dead[0]["error"].startswith("ERR The ID specified in XADD is equal or smaller")
+    assert [decode_tick(d["d"].encode()) for d in dead] == trades[5:10]
+    stats = writer.stats()
+    assert (stats.appended, stats.duplicates, stats.dead_lettered) == (21, 2, 5)
+    assert stats.rejected_by_reason == {"bad_id": 5} and stats.failing == ""
+
+
+async def test_a_key_of_another_type_is_dead_lettered_and_the_others_flow(
+    aredis: aioredis.Redis, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A string where a stream should be (WRONGTYPE): its ticks go to the dead-letter stream with their
+    stream and seq, counted and logged; the writer task goes on and every other stream is stored."""
+    caplog.set_level(logging.INFO, logger="market.writer")
+    wrong = make_tick(1, T0_MS, "ETHUSDT")
+    await aredis.set(key_of(prefix, wrong), b"not a stream")
+    writer = StreamWriter(aredis, prefix=prefix, max_batch=16)
+    trades = [make_tick(s, T0_MS + s) for s in range(1, 41)]
+    refused = [make_tick(s, T0_MS + s, "ETHUSDT") for s in range(1, 41)]
+    books = [make_tick(s, T0_MS + s, "BNBUSDT", "book_ticker") for s in range(1, 41)]
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(writer.run())
+        for i in range(0, 40, 8):
+            assert writer.submit(trades[i:i + 8] + refused[i:i + 8] + books[i:i + 8])
+        async with asyncio.timeout(5 * UNIT):
+            await writer.drain()
+        assert not task.done()
+        task.cancel()
+    assert [t for _, t in await entries(aredis, key_of(prefix, trades[0]))] == trades
+    assert [t for _, t in await entries(aredis, key_of(prefix, books[0]))] == books
+    assert await aredis.get(key_of(prefix, wrong)) == b"not a stream"
+    dead = await dead_letters(aredis, prefix)
+    assert [(d["stream"], int(d["seq"]), d["reason"]) for d in dead] == [
+        (key_of(prefix, wrong), s, "wrongtype") for s in range(1, 41)
+    ]
+    assert [decode_tick(d["d"].encode()) for d in dead] == refused
+    stats = writer.stats()
+    assert stats.dead_lettered == 40 and stats.rejected_by_reason == {"wrongtype": 40}
+    assert stats.appended == 80 and stats.failing == "" and stats.errors == 0
+    logged = [r for r in caplog.records if r.getMessage() == "ticks_dead_lettered"]
+    assert logged and logged[0].levelname == "ERROR"
+    first = logged[0].fields  # type: ignore[attr-defined]
+    assert (first["stream"], first["reason"], first["first_seq"]) == (key_of(prefix, wrong), "wrongtype", 1)
+
+
+async def test_noscript_reloads_and_repeats_only_the_refused_calls(private_redis: RedisServer) -> None:
+    client = aioredis.Redis(host="127.0.0.1", port=private_redis.port)
+    writer = StreamWriter(client, prefix="ns")
+    ticks = [make_tick(s, T0_MS + s) for s in range(1, 11)]
+    try:
+        assert await writer.append(ticks[:5]) == (5, 0)
+        await client.script_flush()  # Redis forgets the script (as after a restart or a failover)
+        assert await writer.append(ticks) == (5, 5)
+        assert await stored_seqs(client, key_of("ns", ticks[0])) == list(range(1, 11))
+        assert writer.errors == 0
     finally:
         await client.aclose()

@@ -398,6 +398,44 @@ def demo(
 
 
 # ----------------------------------------------------------------------------------------------
+@app.command()
+def soak(
+    duration: Annotated[float, typer.Option(help="seconds to run")] = 300.0,
+    rate: Annotated[float, typer.Option(help="simulated ticks per second in total")] = 400.0,
+    symbols: Annotated[str, typer.Option(help="comma-separated symbols")] = "BTCUSDT,ETHUSDT",
+    channels: Annotated[str, typer.Option(help="comma-separated channels (trade and agg_trade are checked)")] = (
+        "trade,agg_trade"
+    ),
+    faults: Annotated[
+        str, typer.Option(help="all | none | kind[=N/h],... (kinds: see docs/soak.md)")
+    ] = "all",
+    seed: Annotated[int, typer.Option(help="schedule and market seed (same seed, same schedule)")] = 1,
+    out: Annotated[Path, typer.Option(help="report directory")] = Path("soak-report"),
+) -> None:
+    """The whole path under faults on a seeded schedule, invariants checked, resources sampled; writes a report.
+
+    Exit status 0 when the run passed, 1 when an invariant broke or a resource grew, 2 on bad input.
+    """
+    from ingestor.config import load_settings
+    from ops.soak import SoakConfig, run_soak
+    from ops.soak_plan import parse_faults, plan
+
+    if not duration > 0:
+        fail(f"--duration must be positive, got {duration}")
+    if not 0 < rate <= 100_000:
+        fail(f"--rate must be above 0 and at most 100000, got {rate}")
+    checked = load_settings({"symbols": symbols, "channels": channels}, {})  # the ingestor's own validation
+    cfg = SoakConfig(
+        duration=duration, rate=rate, symbols=tuple(checked.symbols), channels=tuple(checked.channels),
+        faults=parse_faults(faults), seed=seed, out=out,
+    )
+    plan(cfg.faults, cfg.duration, cfg.seed)  # a schedule that cannot fit is bad input, said before anything starts
+    report = run_async(run_soak(cfg))
+    print(f"soak {'passed' if report['passed'] else 'FAILED'}: report in {out}/report.md", file=sys.stderr)
+    raise typer.Exit(0 if report["passed"] else 1)
+
+
+# ----------------------------------------------------------------------------------------------
 bench_app = typer.Typer(help="Reproducible load tests.", no_args_is_help=False, invoke_without_command=True)
 app.add_typer(bench_app, name="bench")
 

@@ -74,6 +74,7 @@ from consumer_sdk.consumer import (
     lag_estimate,
 )
 from consumer_sdk.sequencing import Verdict
+from ops.redis_server import RedisServer, restart, start_redis
 
 REDIS_URL = os.environ.get("MARKET_REDIS_URL", "redis://127.0.0.1:6379/0")
 BASE_MS = 1_700_000_000_000
@@ -140,7 +141,7 @@ class Collector:
 async def until(cond: Callable[[], bool], timeout: float = 5 * UNIT) -> None:
     async with asyncio.timeout(timeout):
         while not cond():
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # poll
 
 
 @contextlib.asynccontextmanager
@@ -222,7 +223,7 @@ class PrivateRedis:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError("private redis-server did not start")
-            time.sleep(0.02)
+            time.sleep(0.02)  # poll
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -717,27 +718,51 @@ async def test_handler_error_leaves_the_rest_pending_and_rerun_resumes(rc: aiore
     assert consumer.stats().duplicates == 0
 
 
-async def test_lost_ack_redelivery_is_deduped(rc: aioredis.Redis, pfx: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    key = f"{pfx}:binance:BTCUSDT:trade"
-    await add(rc, key, range(1, 11))
-    collector = Collector()
-    consumer = consumer_for(pfx, ["binance:BTCUSDT:trade"])
-    real_ack = consumer._ack
-    failed: list[int] = []
+@pytest.fixture
+def durable_server() -> Iterator[RedisServer]:
+    """A private redis-server with AOF on, which the test stops and starts again with its data."""
+    with start_redis(appendonly=True) as server:
+        yield server
 
-    async def flaky_ack(client: aioredis.Redis, acks: list[tuple[str, list[Any]]]) -> None:
-        if not failed and any(ids for _k, ids in acks):
-            failed.append(1)
-            raise rexc.ConnectionError("connection lost while acking")
-        await real_ack(client, acks)
 
-    monkeypatch.setattr(consumer, "_ack", flaky_ack)
-    async with running(consumer, collector):
+async def test_acks_lost_to_a_redis_stop_mid_batch_are_redelivered_and_deduped(durable_server: RedisServer) -> None:
+    """Redis stops while the handler is half way through a batch: the batch's ack fails for real, the
+    consumer retries until Redis is back, re-reads its pending entries and acks them without handing
+    any tick to the handler twice."""
+    client = aioredis.Redis.from_url(durable_server.url)
+    key = "t:binance:BTCUSDT:trade"
+    await add(client, key, range(1, 11))
+    await client.aclose()
+    seen: list[int] = []
+    halfway, go_on = asyncio.Event(), asyncio.Event()
+
+    async def handler(tick: Tick) -> None:
+        seen.append(tick["seq"])
+        if tick["seq"] == 5:
+            halfway.set()
+            await go_on.wait()
+
+    consumer = Consumer(
+        redis_url=durable_server.url, patterns=["binance:BTCUSDT:trade"], group="g", consumer="c1", prefix="t",
+        block_ms=100, start_id="0", claim_idle_ms=None,
+    )
+    async with running(consumer, handler):
+        async with asyncio.timeout(5 * UNIT):
+            await halfway.wait()
+        await asyncio.to_thread(durable_server.stop)
+        go_on.set()  # 6..10 are handled, then the ack of 1..10 meets a stopped server
+        await until(lambda: consumer.stats().reconnects >= 1)
+        assert consumer.stats().acked == 0
+        await asyncio.to_thread(restart, durable_server, appendonly=True)
         await until(lambda: consumer.stats().acked == 10)
-    assert collector.seqs == list(range(1, 11))
+    assert seen == list(range(1, 11))  # each once, in order
     stats = consumer.stats()
-    assert stats.reconnects == 1 and stats.duplicates == 10
-    assert (await rc.xpending(key, "g"))["pending"] == 0
+    assert stats.duplicates == 10 and stats.delivered == 10 and stats.reconnects >= 1
+    client = aioredis.Redis.from_url(durable_server.url)
+    try:
+        assert (await client.xpending(key, "g"))["pending"] == 0
+    finally:
+        await client.aclose()
 
 
 async def test_duplicate_seq_in_the_stream_is_not_handed_again(rc: aioredis.Redis, pfx: str) -> None:
@@ -907,32 +932,49 @@ async def test_survives_a_redis_restart_and_dedupes_a_replay(private_server: Pri
     await client.aclose()
 
 
-async def test_blocking_longer_than_the_default_socket_timeout(rc: aioredis.Redis, pfx: str) -> None:
+async def blocked_for(rc: aioredis.Redis, name: str) -> int:
+    """Seconds the longest-blocked connection named ``name`` has been waiting on the server (-1: none blocked)."""
+    clients: Any = await rc.client_list()
+    waits = [int(c["idle"]) for c in clients if c.get("name") == name and "b" in c.get("flags", "")]
+    return max(waits, default=-1)
+
+
+async def test_blocking_longer_than_the_socket_timeout(rc: aioredis.Redis, pfx: str) -> None:
+    """A client given with a socket timeout (0.5 s) shorter than the block (an hour) is read through its own
+    pool: the blocking reads outlast the timeout on the server, nothing reconnects, and ticks still arrive."""
     key = f"{pfx}:binance:BTCUSDT:trade"
-    given = aioredis.Redis.from_url(REDIS_URL)  # socket_timeout 5 s
+    block_ms = 3_600_000
+    for_consumer = aioredis.Redis.from_url(REDIS_URL, socket_timeout=0.5, client_name=f"{pfx}-consumer")
+    for_follow = aioredis.Redis.from_url(REDIS_URL, socket_timeout=0.5, client_name=f"{pfx}-follow")
     by_url, by_client = Collector(), Collector()
-    c_url = consumer_for(pfx, [key], group="g1", block_ms=7000, start_id="$")
-    c_client = consumer_for(pfx, [key], group="g2", block_ms=7000, start_id="$", redis_url=given)
+    c_url = consumer_for(pfx, [key], group="g1", block_ms=block_ms, start_id="$",
+                         redis_url=f"{REDIS_URL}?client_name={pfx}-url")
+    c_client = consumer_for(pfx, [key], group="g2", block_ms=block_ms, start_id="$", redis_url=None,
+                            redis=for_consumer)
     followed: list[int] = []
 
     async def tail() -> None:
-        async for _key, _id, tick in follow(given, [key], block_ms=7000):
+        async for _key, _id, tick in follow(for_follow, [key], block_ms=block_ms):
             followed.append(tick["seq"])
             if tick["seq"] == 2:
                 return
 
     async with running(c_url, by_url), running(c_client, by_client):
         tail_task = asyncio.create_task(tail())
-        await until(lambda: c_url.stats().keys == 1 and c_client.stats().keys == 1)
-        await asyncio.sleep(6 * UNIT)  # time itself is the condition: outlast a 5 s socket timeout
+        names = [f"{pfx}-url", f"{pfx}-consumer", f"{pfx}-follow"]
+        async with asyncio.timeout(10 * UNIT):
+            # the server's own count, in whole seconds: 1 is at least twice the 0.5 s socket timeout
+            while min([await blocked_for(rc, name) for name in names]) < 1:
+                await asyncio.sleep(0.05)  # poll
         await add(rc, key, [1, 2])
-        await by_url.wait_for(2, timeout=2 * UNIT)
-        await by_client.wait_for(2, timeout=2 * UNIT)
-        async with asyncio.timeout(2 * UNIT):
+        await by_url.wait_for(2)
+        await by_client.wait_for(2)
+        async with asyncio.timeout(5 * UNIT):
             await tail_task
     assert by_url.seqs == by_client.seqs == followed == [1, 2]
     assert c_url.stats().reconnects == 0 and c_client.stats().reconnects == 0
-    await given.aclose()
+    await for_consumer.aclose()
+    await for_follow.aclose()
 
 
 async def test_group_behind_trimmed_history(rc: aioredis.Redis, pfx: str) -> None:
@@ -1032,16 +1074,16 @@ async def test_batches_ack_when_the_next_one_is_asked_for(rc: aioredis.Redis, pf
 
 
 async def test_stop_interrupts_a_long_block_and_run_refuses_reentry(pfx: str) -> None:
-    consumer = consumer_for(pfx, [f"{pfx}:binance:BTCUSDT:trade"], block_ms=5000)
+    """The read blocks for an hour: run() returning at all after stop() means the block was interrupted."""
+    consumer = consumer_for(pfx, [f"{pfx}:binance:BTCUSDT:trade"], block_ms=3_600_000)
     task = asyncio.create_task(consumer.run(Collector()))
     await until(lambda: consumer._read_task is not None)
     with pytest.raises(RuntimeError, match="already running"):
         await consumer.run(Collector())
-    started = time.monotonic()
     consumer.stop()
-    async with asyncio.timeout(2 * UNIT):
+    async with asyncio.timeout(5 * UNIT):
         await task
-    assert time.monotonic() - started < 1.0
+    assert task.done() and task.exception() is None
     consumer.stop()  # before run(): it returns at once
     async with asyncio.timeout(1 * UNIT):
         await consumer.run(Collector())
@@ -1049,14 +1091,17 @@ async def test_stop_interrupts_a_long_block_and_run_refuses_reentry(pfx: str) ->
 
 async def test_stop_cancels_a_read_again_when_a_cancellation_was_lost() -> None:
     # Python 3.11's asyncio.wait_for, inside redis-py's send, can drop a cancellation; stop() insists.
+    started = asyncio.Event()
+
     async def loses_one_cancellation() -> None:
+        started.set()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.sleep(10 * UNIT)
-        await asyncio.sleep(10 * UNIT)
+            await asyncio.Event().wait()
+        await asyncio.Event().wait()
 
     consumer = consumer_for("unused", ["binance:BTCUSDT:trade"])
     read = asyncio.create_task(loses_one_cancellation())
-    await asyncio.sleep(0)
+    await started.wait()  # it is inside the first wait, where one cancellation gets lost
     consumer._read_task = read
     consumer.stop()
     async with asyncio.timeout(1 * UNIT):
@@ -1087,7 +1132,8 @@ async def test_wrong_key_type_is_a_config_error(rc: aioredis.Redis, pfx: str) ->
             await consumer.run(Collector())
 
 
-async def test_read_throughput_smoke(rc: aioredis.Redis, pfx: str) -> None:
+async def test_a_backlog_of_twenty_thousand_is_read_handled_and_acked(rc: aioredis.Redis, pfx: str) -> None:
+    """Every entry of a large backlog once, all acked.  How fast is `market bench reader`'s question."""
     key = f"{pfx}:binance:BTCUSDT:trade"
     n = 20_000
     for base in range(0, n, 5000):
@@ -1102,13 +1148,13 @@ async def test_read_throughput_smoke(rc: aioredis.Redis, pfx: str) -> None:
             done.set()
 
     consumer = consumer_for(pfx, ["binance:BTCUSDT:trade"])
-    started = time.perf_counter()
     async with running(consumer, handler):
-        async with asyncio.timeout(10 * UNIT):
+        async with asyncio.timeout(30 * UNIT):
             await done.wait()
-    elapsed = time.perf_counter() - started
-    assert consumer.stats().delivered == n
-    assert n / elapsed > 10_000  # a loose floor; the real rate is measured by the bench
+        await until(lambda: consumer.stats().acked == n)
+    stats = consumer.stats()
+    assert (stats.delivered, stats.acked, stats.duplicates, stats.gaps) == (n, n, 0, 0)
+    assert (await rc.xpending(key, "g"))["pending"] == 0
 
 
 async def test_start_id_may_be_a_time_or_a_seq(rc: aioredis.Redis, pfx: str) -> None:

@@ -6,9 +6,12 @@ Each test checks what is in Redis afterwards: every trade id the venue made, exa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -193,3 +196,251 @@ def test_spill_dir_held_by_another_ingestor_is_refused(tmp_path: Path) -> None:
         os.close(fd)
 
 
+
+
+# -- stops and full disks during an outage: every trade id stored or marked -------------------------------------
+DRILL_RATE = float(os.environ.get("MARKET_DRILL_RATE", "10000"))
+
+
+async def _start_ingest(sim: Simulator, redis_url: str, spill: Path, log: Path, *, toml: str = "") -> Any:
+    """``market ingest`` as a child process on BTCUSDT trades and aggregate trades, keeping every entry."""
+    cfg = log.with_suffix(".toml")
+    cfg.write_text(
+        "[session]\nping_interval = 1.0\nping_timeout = 2.0\nbackoff_cap = 1.0\n[retention]\nmaxlen = 0\n" + toml
+    )
+    with log.open("ab") as log_file:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ops.cli", "ingest", "--url", sim.ws_url, "--symbols", "BTCUSDT",
+            "--channels", "trade,agg_trade", "--metrics-port", "0", "--spill-dir", str(spill), "--config", str(cfg),
+            env={**os.environ, "MARKET_REDIS_URL": redis_url, "MARKET_PREFIX": "md"},
+            stdout=asyncio.subprocess.DEVNULL, stderr=log_file,
+        )
+
+
+def _events(log: Path, name: str) -> list[dict[str, Any]]:
+    out = []
+    for line in log.read_text().splitlines():
+        if f'"event":"{name}"' in line:
+            out.append(orjson.loads(line))
+    return out
+
+
+async def _log_shows(log: Path, name: str, timeout: float) -> dict[str, Any]:
+    async def shown() -> bool:
+        return bool(_events(log, name))
+
+    await wait_for(shown, timeout)
+    return _events(log, name)[0]
+
+
+async def _coverage(redis: aioredis.Redis, key: str, upto: int) -> tuple[int, int, int, list[tuple[int, int]]]:
+    """``(first, stored, marked, holes)`` of a stream from its first entry up to id ``upto``: stored ticks
+    and ids inside gap markers; holes are the id ranges in neither."""
+    covered: list[tuple[int, int]] = []
+    stored = marked = 0
+    start = "-"
+    while True:
+        page = await redis.xrange(key, start, "+", count=50_000)
+        for _, fields in page:
+            tick = orjson.loads(fields[b"d"])
+            if is_gap_marker(tick):
+                covered.append((tick["gap_first"], tick["gap_last"]))
+                if tick["gap_first"] <= upto:
+                    marked += min(tick["gap_last"], upto) - tick["gap_first"] + 1
+            else:
+                covered.append((tick["seq"], tick["seq"]))
+                stored += tick["seq"] <= upto
+        if len(page) < 50_000:
+            break
+        start = "(" + page[-1][0].decode()
+    assert covered, f"{key} is empty"
+    holes: list[tuple[int, int]] = []
+    expected = covered[0][0]
+    for lo, hi in covered:
+        assert lo >= expected, f"{key}: {lo}..{hi} overlaps what came before it (next expected {expected})"
+        if lo > expected:
+            holes.append((expected, lo - 1))
+        expected = hi + 1
+    if expected <= upto:
+        holes.append((expected, upto))
+    return covered[0][0], stored, marked, holes
+
+
+async def _venue_last(sim: Simulator, channel: str) -> int:
+    import json
+    import urllib.request
+
+    path = "/api/v3/trades?symbol=BTCUSDT&limit=1" if channel == "trade" else "/api/v3/aggTrades?symbol=BTCUSDT&limit=1"
+
+    def get() -> Any:
+        with urllib.request.urlopen(f"{sim.rest_url}{path}", timeout=5) as r:
+            return json.loads(r.read())
+
+    row = (await asyncio.to_thread(get))[-1]
+    return int(row["id"] if channel == "trade" else row["a"])
+
+
+async def _caught_up(redis: aioredis.Redis, sim: Simulator, timeout: float) -> dict[str, int]:
+    """Wait until both streams reach what the venue had made when this was called; those ids."""
+    targets = {c: await _venue_last(sim, c) for c in ("trade", "agg_trade")}
+
+    async def reached() -> bool:
+        for channel, target in targets.items():
+            try:
+                top = await redis.xrevrange(f"md:binance:BTCUSDT:{channel}", count=1)
+            except (RedisConnectionError, OSError):
+                return False
+            if not top or int(top[0][0].split(b"-")[1]) < target:
+                return False
+        return True
+
+    await wait_for(reached, timeout)
+    return targets
+
+
+async def _check_against_venue(redis: aioredis.Redis, sim: Simulator, first_id: int) -> int:
+    """The stored trades from ``first_id`` that the venue still lists match it (price, quantity); how many
+    were compared (up to 1000)."""
+    import json
+    import urllib.request
+
+    def get() -> Any:
+        url = f"{sim.rest_url}/api/v3/historicalTrades?symbol=BTCUSDT&fromId={first_id}&limit=1000"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return json.loads(r.read())
+
+    venue = {int(row["id"]): row for row in await asyncio.to_thread(get)}
+    compared = 0
+    start = "-"
+    while True:
+        page = await redis.xrange("md:binance:BTCUSDT:trade", start, "+", count=50_000)
+        for _, fields in page:
+            t = orjson.loads(fields[b"d"])
+            row = venue.get(t["seq"])
+            if row is not None and not is_gap_marker(t):
+                assert (t["price"], t["qty"]) == (row["price"], row["qty"]), (t, row)
+                compared += 1
+        if len(page) < 50_000:
+            return compared
+        start = "(" + page[-1][0].decode()
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str = "2m") -> Iterator[bool]:
+    """A tmpfs of ``size`` mounted on ``path`` (True), or False where this sandbox refuses the mount."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    try:
+        yield done.returncode == 0
+    finally:
+        if done.returncode == 0:
+            subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_sigterm_during_an_outage_saves_what_the_process_holds(tmp_path: Path) -> None:
+    """Redis (AOF) stopped; once the writer's memory is full and the spill log in use, SIGTERM: exit 0 with
+    everything saved, said in the last log line; after Redis and the ingestor restart, every trade id from the
+    first stored to the venue's newest is stored or inside a gap marker, and what is stored matches the venue."""
+    spill, one, two = tmp_path / "spill", tmp_path / "one.log", tmp_path / "two.log"
+    with start_redis(appendonly=True) as server:
+        client = aioredis.Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=1)
+        async with Simulator(SimulatorConfig(symbols=("BTCUSDT",), rate=DRILL_RATE)) as sim:
+            first = await _start_ingest(sim, server.url, spill, one)
+            second = None
+            try:
+                async def flowing() -> bool:
+                    return await client.xlen("md:binance:BTCUSDT:trade") > 1000
+
+                await wait_for(flowing, 30)
+                server.stop()
+                await _log_shows(one, "spilling_to_disk", 120)  # memory is full: newer ticks go to the spill log
+
+                async def spilled() -> bool:  # about 30k ticks on disk besides the 200k in memory
+                    return sum(p.stat().st_size for p in spill.glob("seg-*.spill")) >= 10 << 20
+
+                await wait_for(spilled, 60)
+                first.send_signal(signal.SIGTERM)
+                rc = await asyncio.wait_for(first.wait(), 60)
+                last = orjson.loads(one.read_text().splitlines()[-1])
+                assert rc == 0, last
+                assert last["event"] == "stopped" and last["unsaved"] == 0, last
+                assert last["to_spill"] > 0 and last["to_redis"] == 0
+                restart(server, appendonly=True)
+                second = await _start_ingest(sim, server.url, spill, two)
+                targets = await _caught_up(client, sim, 240)
+                report = {}
+                for channel, upto in targets.items():
+                    start, stored, marked, holes = await _coverage(client, f"md:binance:BTCUSDT:{channel}", upto)
+                    assert holes == [], f"{channel}: unmarked holes {holes[:5]}"
+                    report[channel] = (upto - start + 1, stored, marked)
+                compared = await _check_against_venue(client, sim, (await _venue_last(sim, "trade")) - 150_000)
+            finally:
+                for proc in (first, second):
+                    if proc is not None and proc.returncode is None:
+                        proc.terminate()
+                        await asyncio.wait_for(proc.wait(), 60)
+                await client.aclose()
+    found = _events(two, "spill_found_at_start")[0]
+    assert found["holes"] == [], "what the stop saved is contiguous with what Redis holds"
+    print(f"\nstop drill: rate {DRILL_RATE:.0f}/s; SIGTERM with {found['records'] - last['to_spill']} ticks in the "
+          f"spill log: the stop saved {last['to_spill']} more to it ({last}); the restart found {found['records']} "
+          f"records, no hole; ids (range, stored, marked) up to the venue's newest at catch-up: {report}; "
+          f"{compared} stored trades compared with the venue")
+    assert compared == 1000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_a_full_spill_disk_during_an_outage_is_survived(tmp_path: Path) -> None:
+    """The spill log on a 2 MB filesystem (or, where mounting is refused, a 2 MB cap), Redis stopped long
+    enough to fill memory, the log and the ingress: the ingestor logs ``spill_full``, stops reading the venue,
+    and once Redis is back it is still alive 20 s later with no traceback, every trade id stored or marked."""
+    outage = float(os.environ.get("MARKET_DRILL_OUTAGE_S", "40"))
+    spill, one = tmp_path / "disk", tmp_path / "one.log"
+    with small_filesystem(spill) as mounted, start_redis(appendonly=True) as server:
+        toml = "" if mounted else "[spill]\nmax_mb = 2\n"
+        client = aioredis.Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=1)
+        async with Simulator(SimulatorConfig(symbols=("BTCUSDT",), rate=DRILL_RATE)) as sim:
+            proc = await _start_ingest(sim, server.url, spill, one, toml=toml)
+            try:
+                async def flowing() -> bool:
+                    return await client.xlen("md:binance:BTCUSDT:trade") > 1000
+
+                await wait_for(flowing, 30)
+                server.stop()
+                stopped = asyncio.get_running_loop().time()
+                full = await _log_shows(one, "spill_full", 180)
+                assert ("disk full" if mounted else "cap") in full["reason"]
+
+                async def outage_over() -> bool:
+                    return asyncio.get_running_loop().time() - stopped >= outage
+
+                await wait_for(outage_over, outage + 1)
+                assert proc.returncode is None
+                restart(server, appendonly=True)
+                back = asyncio.get_running_loop().time()
+                targets = await _caught_up(client, sim, 300)
+
+                async def twenty_s_later() -> bool:
+                    return asyncio.get_running_loop().time() - back >= 20 or proc.returncode is not None
+
+                await wait_for(twenty_s_later, 30)
+                assert proc.returncode is None, "the ingestor died"
+                report = {}
+                for channel, upto in targets.items():
+                    start, stored, marked, holes = await _coverage(client, f"md:binance:BTCUSDT:{channel}", upto)
+                    assert holes == [], f"{channel}: unmarked holes {holes[:5]}"
+                    report[channel] = (upto - start + 1, stored, marked)
+            finally:
+                if proc.returncode is None:
+                    proc.terminate()
+                    await asyncio.wait_for(proc.wait(), 60)
+                await client.aclose()
+    text = one.read_text()
+    assert "Traceback" not in text and '"exception"' not in text
+    drained = _events(one, "spill_drained")
+    print(f"\nfull-spill drill ({'2 MB tmpfs' if mounted else '2 MB cap'}): rate {DRILL_RATE:.0f}/s, outage "
+          f"{outage:.0f} s, spill_full at {full['bytes']} bytes / {full['records']} records, drained "
+          f"{drained[-1]['drained'] if drained else 0}; ids (range, stored, marked): {report}")

@@ -66,7 +66,7 @@ async def test_hot_path_times_each_publish_batch_of_a_chunk_with_its_own_stamp()
     async with asyncio.TaskGroup() as tg:
         hot.start(tg)
         sub = hot.subscribe(got.append, "sim:*:*")
-        await asyncio.sleep(0)  # the subscriber is asleep, waiting
+        await until(lambda: sub._waiter is not None)  # its task has run and is asleep, waiting for a publish
         seq = 0
         for size in (3, 5, 2):  # stamps 0, 10 and 20 µs
             hot.publish([tick(seq := seq + 1) for _ in range(size)])

@@ -1,16 +1,23 @@
-"""The whole path on the real Redis: simulator -> ingestor -> Redis Streams, checked against CONTRACT.md."""
+"""The whole path on the real Redis: simulator -> ingestor -> Redis Streams, checked against CONTRACT.md.
+
+Every test writes under its own prefix and removes only what it wrote.  Child processes' output is read
+by a thread into a queue, so every read of it has a deadline.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator
-from typing import Any
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import IO, Any
 
 import orjson
 import pytest
@@ -37,8 +44,42 @@ async def wait_for(predicate: Any, timeout: float, what: str) -> None:
     """Poll an async predicate until true; fail naming ``what`` after ``timeout`` seconds."""
     async with asyncio.timeout(timeout):
         while not await predicate():
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # poll
     assert await predicate(), what
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` until true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)  # poll
+
+
+class Lines:
+    """The lines a child process writes to a pipe, pumped by a thread, so each read has a deadline."""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        self._lines: queue.Queue[bytes] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, pipe: IO[bytes]) -> None:
+        for line in iter(pipe.readline, b""):
+            self._lines.put(line)
+        self._lines.put(b"")  # end of output
+
+    def next(self, timeout: float, what: str) -> bytes:
+        """The next line (``b""`` once the output ended); fails naming ``what`` after ``timeout`` seconds."""
+        try:
+            return self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"{what}: no line within {timeout} s") from None
+
+    def close(self, timeout: float = 15.0) -> None:
+        """After the child ended: the pump has read everything."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the child's output did not end"
 
 
 def rest_get(base: str, path: str) -> Any:
@@ -138,15 +179,16 @@ async def test_restart_continues_without_duplicates(simulator: Simulator, aredis
     assert len({t["seq"] for t in klines}) == len(klines)
 
 
-def test_cli_ingest_tail_and_replay(simulator_port_rest: tuple[int, str], redis_url: str, tmp_path: Any) -> None:
-    """`market ingest` as a process; `market tail` prints JSON lines; `market replay` equals XRANGE."""
+def test_cli_ingest_stores_the_feed_and_serves_metrics(
+    simulator_port_rest: tuple[int, str], redis_url: str, prefix: str, tmp_path: Any
+) -> None:
+    """`market ingest` as a process, under the test's own prefix: every trade once, in order; metrics served."""
     port, _ = simulator_port_rest
-    env = {**os.environ, "MARKET_REDIS_URL": redis_url, "MARKET_PREFIX": "md"}
+    env = {**os.environ, "MARKET_REDIS_URL": redis_url, "MARKET_PREFIX": prefix}
     import redis as sync_redis
 
     r = sync_redis.Redis.from_url(redis_url)
-    key = "md:binance:BNBUSDT:trade"
-    r.delete(key)
+    key = f"{prefix}:binance:BNBUSDT:trade"
     metrics_port = free_port()
     log_file = open(tmp_path / "ingest.log", "wb")  # noqa: SIM115
     ingest = subprocess.Popen(
@@ -154,59 +196,100 @@ def test_cli_ingest_tail_and_replay(simulator_port_rest: tuple[int, str], redis_
          "--channels", "trade", "--metrics-port", str(metrics_port)],
         env=env, stdout=subprocess.DEVNULL, stderr=log_file,
     )
-    tail = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "tail", key], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
     try:
-        assert tail.stdout is not None
-        lines = [tail.stdout.readline() for _ in range(20)]
-        for line in lines:
-            obj = orjson.loads(line)
-            assert obj["key"] == key and obj["tick"]["symbol"] == "BNBUSDT"
-            assert obj["id"] == f"{obj['id'].split('-')[0]}-{obj['tick']['seq']}"
-        deadline = time.monotonic() + 20
-        while r.xlen(key) < 300 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: r.xlen(key) >= 300, 30, "300 trades stored")
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
         for name in ("market_published_total", "market_ingest_latency_us_bucket", "broker_reconnect_total"):
             assert name in text
     finally:
-        tail.terminate()
         ingest.terminate()
         ingest.wait(15)
-        tail.communicate(timeout=15)
         log_file.close()
     ingest_log = (tmp_path / "ingest.log").read_text()
     assert ingest.returncode == 0, "\n".join(line for line in ingest_log.splitlines() if not line.startswith("{"))
     assert '"level":"error"' not in ingest_log, ingest_log[-3000:]
-    assert tail.returncode in (0, -15)
-    entries = r.xrange(key, "-", "+")
-    assert len(entries) >= 300
-    start_ms = int(entries[50][0].split(b"-")[0])
-    end_ms = int(entries[250][0].split(b"-")[0])
-    want = r.xrange(key, start_ms, end_ms)
-    out = subprocess.run(
-        [sys.executable, "-m", "ops.cli", "replay", key, "--start", str(start_ms), "--end", str(end_ms)],
-        env=env, capture_output=True, timeout=30, check=True,
-    )
-    got = [orjson.loads(line) for line in out.stdout.splitlines()]
-    assert [g["id"] for g in got] == [w[0].decode() for w in want]
-    assert [g["tick"] for g in got] == [orjson.loads(w[1][b"d"]) for w in want]
-    seq_out = subprocess.run(
-        [sys.executable, "-m", "ops.cli", "replay", key, "--start", f"seq:{got[10]['tick']['seq']}",
-         "--end", f"seq:{got[20]['tick']['seq']}", "--format", "csv"],
-        env=env, capture_output=True, timeout=30, check=True, text=True,
-    )
-    rows = seq_out.stdout.splitlines()
-    assert rows[0].split(",")[:3] == ["id", "v", "venue"]
-    assert [row.split(",")[0] for row in rows[1:]] == [g["id"] for g in got[10:21]]
-    r.delete(key)
+    ids = [orjson.loads(fields[b"d"])["trade_id"] for _, fields in r.xrange(key, "-", "+")]
+    assert len(ids) >= 300 and ids == list(range(ids[0], ids[0] + len(ids)))
     r.close()
 
 
+def trade_entry(symbol: str, seq: int) -> tuple[str, bytes]:
+    """The entry ID and ``d`` field of trade ``seq``, as the writer stores it."""
+    tick = {"v": 1, "venue": "binance", "symbol": symbol, "channel": "trade", "seq": seq,
+            "ts_event": (1_700_000_000_000 + seq) * 1000, "ts_recv": 1, "trade_id": seq, "price": "1.0",
+            "qty": "1", "side": "buy"}
+    return f"{1_700_000_000_000 + seq}-{seq}", orjson.dumps(tick)
+
+
+def own_md_key() -> tuple[str, str]:
+    """A symbol no one else uses and its key under ``md``: `market tail` and `market replay` take only
+    ``md:`` keys, so the test owns its key by its symbol, and deletes it afterwards."""
+    symbol = f"T{uuid.uuid4().hex[:10].upper()}USDT"
+    return symbol, f"md:binance:{symbol}:trade"
+
+
+def test_cli_tail_follows_and_replay_equals_xrange(redis_url: str) -> None:
+    """`market tail` prints JSON lines in order and follows new entries; `market replay` prints exactly XRANGE."""
+    import redis as sync_redis
+
+    r = sync_redis.Redis.from_url(redis_url)
+    symbol, key = own_md_key()
+    env = {**os.environ, "MARKET_REDIS_URL": redis_url}
+    tail: subprocess.Popen[bytes] | None = None
+    try:
+        for seq in range(1, 301):
+            entry_id, d = trade_entry(symbol, seq)
+            r.xadd(key, {"d": d}, id=entry_id)
+        tail = subprocess.Popen(
+            [sys.executable, "-m", "ops.cli", "tail", key, "--from", "0"], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert tail.stdout is not None
+        out = Lines(tail.stdout)
+        try:
+            printed = [orjson.loads(out.next(30, f"`market tail` line {i + 1}")) for i in range(300)]
+            entry_id, d = trade_entry(symbol, 301)
+            r.xadd(key, {"d": d}, id=entry_id)  # written after tail caught up: it follows
+            printed.append(orjson.loads(out.next(30, "`market tail` following a new entry")))
+        finally:
+            tail.terminate()
+            tail.wait(15)
+            out.close()
+            tail.stdout.close()
+        assert tail.returncode in (0, -15)
+        assert [p["tick"]["seq"] for p in printed] == list(range(1, 302))
+        assert all(p["key"] == key and p["id"] == f"{1_700_000_000_000 + p['tick']['seq']}-{p['tick']['seq']}"
+                   for p in printed)
+
+        start_ms, end_ms = 1_700_000_000_050, 1_700_000_000_250
+        want = r.xrange(key, start_ms, end_ms)
+        done = subprocess.run(
+            [sys.executable, "-m", "ops.cli", "replay", key, "--start", str(start_ms), "--end", str(end_ms)],
+            env=env, capture_output=True, timeout=30, check=True,
+        )
+        got = [orjson.loads(line) for line in done.stdout.splitlines()]
+        assert len(got) == 201
+        assert [g["id"] for g in got] == [w[0].decode() for w in want]
+        assert [g["tick"] for g in got] == [orjson.loads(w[1][b"d"]) for w in want]
+        seq_out = subprocess.run(
+            [sys.executable, "-m", "ops.cli", "replay", key, "--start", f"seq:{got[10]['tick']['seq']}",
+             "--end", f"seq:{got[20]['tick']['seq']}", "--format", "csv"],
+            env=env, capture_output=True, timeout=30, check=True, text=True,
+        )
+        rows = seq_out.stdout.splitlines()
+        assert rows[0].split(",")[:3] == ["id", "v", "venue"]
+        assert [row.split(",")[0] for row in rows[1:]] == [g["id"] for g in got[10:21]]
+    finally:
+        if tail is not None and tail.poll() is None:
+            tail.kill()
+            tail.wait(15)
+        r.delete(key)
+        r.close()
+
+
 @pytest.fixture
-def simulator_port_rest() -> Any:
+def simulator_port_rest() -> Iterator[tuple[int, str]]:
     """A simulator in its own process (`market simulate`), as an operator runs it."""
     port = free_port()
     proc = subprocess.Popen(
@@ -214,29 +297,30 @@ def simulator_port_rest() -> Any:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     assert proc.stderr is not None
-    seen = []
-    for _ in range(50):
-        seen.append(proc.stderr.readline().decode())
-        if "listening" in seen[-1] or not seen[-1]:
-            break
-    assert "listening" in seen[-1], seen
-    yield port, f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.communicate(timeout=10)
+    err = Lines(proc.stderr)  # read to the end, so its log never fills the pipe
+    try:
+        seen = [err.next(30, "the simulator saying it listens").decode()]
+        while "listening" not in seen[-1] and seen[-1]:
+            seen.append(err.next(30, "the simulator saying it listens").decode())
+        assert "listening" in seen[-1], seen
+        yield port, f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        err.close()
+        proc.stderr.close()
 
 
 def test_cli_replay_copies_a_range_into_another_prefix(redis_url: str, prefix: str) -> None:
     import redis as sync_redis
 
     r = sync_redis.Redis.from_url(redis_url)
-    key = "md:binance:CPYUSDT:trade"
-    target = f"{prefix}:binance:CPYUSDT:trade"
+    symbol, key = own_md_key()
+    target = f"{prefix}:binance:{symbol}:trade"
     try:
         for seq in range(1, 101):
-            tick = {"v": 1, "venue": "binance", "symbol": "CPYUSDT", "channel": "trade", "seq": seq,
-                    "ts_event": (1_700_000_000_000 + seq) * 1000, "ts_recv": 1, "trade_id": seq, "price": "1.0",
-                    "qty": "1", "side": "buy"}
-            r.xadd(key, {"d": orjson.dumps(tick)}, id=f"{1_700_000_000_000 + seq}-{seq}")
+            entry_id, d = trade_entry(symbol, seq)
+            r.xadd(key, {"d": d}, id=entry_id)
         env = {**os.environ, "MARKET_REDIS_URL": redis_url}
         for _ in range(2):  # a second copy adds nothing: the IDs are already there
             subprocess.run(
@@ -245,6 +329,7 @@ def test_cli_replay_copies_a_range_into_another_prefix(redis_url: str, prefix: s
                 env=env, capture_output=True, timeout=30, check=True,
             )
         assert r.xrange(target) == r.xrange(key, f"{1_700_000_000_011}-11", f"{1_700_000_000_060}-60")
+        assert list(r.scan_iter(f"{prefix}:*")) == [target.encode()]  # nothing else was written there
     finally:
-        r.delete(key)
+        r.delete(key)  # the copy under `prefix` goes with the fixture
         r.close()

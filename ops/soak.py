@@ -286,9 +286,11 @@ class Soak:
             self.venue_proxies.append(proxy)
             conf = self.out / f"ingestor-{i}.toml"
             spill_cap = "\n[spill]\nmax_mb = 1\n" if i == 1 else ""
+            # ingestor-0 rotates before the venue's age limit; ingestor-1 outlives it and meets serverShutdown
+            age = max_age if i == 0 else 4 * max_age
             conf.write_text(
                 f"[session]\nping_interval = 5.0\nping_timeout = 5.0\nstall_timeout = 10.0\nopen_timeout = 5.0\n"
-                f"backoff_cap = 5.0\nhealthy_after = 5.0\nmax_age = {max_age}\n"
+                f"backoff_cap = 5.0\nhealthy_after = 5.0\nmax_age = {age}\n"
                 f"[retention]\nmaxlen = 500000\n{spill_cap}"
             )
             env = {**base_env, "MARKET_SOAK_SUBSCRIBER_FILE": str(self.out / f"subscriber-{i}.json")}
@@ -608,6 +610,8 @@ class Soak:
                 continue
             recoveries.setdefault(f["kind"], []).append(f.get("recovery_s") if "recovery_s" in f else None)
         kinds_injected = {f["kind"] for f in self.fault_log if "skipped" not in f}
+        events = _count_log_events(self.out / "logs", ("server_shutdown_notice", "gap_repaired", "gap_marked"))
+        rotations = _count_log_events(self.out / "logs", ("rotated",), field="reason")
         report = {
             "final": final,
             "passed": final and not failures and not self.stopped_early,
@@ -626,6 +630,9 @@ class Soak:
             "restarts": {n: {"starts": p.starts, "scheduled_kills": p.planned_kills, "unexpected": p.unexpected}
                          for n, p in self.procs.items()},
             "co_located": subs,
+            "venue_events": {"rotations": rotations.get("rotated", 0),
+                             "server_shutdown_notices": events.get("server_shutdown_notice", 0),
+                             "gap_repairs": events.get("gap_repaired", 0), "gaps_marked": events.get("gap_marked", 0)},
             "growth": growth,
             "failures": failures,
             "samples": self.samples,
@@ -651,6 +658,25 @@ class Soak:
             floor = next((f for suffix, f in floors.items() if k.endswith(suffix)), 0.0)
             out[k] = grows_without_bound(pts, floor=floor) if len(pts) >= 8 else False
         return out
+
+
+def _count_log_events(logs: Path, names: Sequence[str], *, field: str = "event") -> dict[str, int]:
+    """How many JSON log lines of the ingestors have ``field`` starting with one of ``names``."""
+    out: dict[str, int] = {}
+    for path in logs.glob("ingestor-*.log"):
+        with open(path, "rb") as f:
+            for line in f:
+                if not line.startswith(b"{"):
+                    continue
+                try:
+                    value = orjson.loads(line).get(field)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(value, str):
+                    for name in names:
+                        if value.startswith(name):
+                            out[name] = out.get(name, 0) + 1
+    return out
 
 
 def _hb_fields(name: str, doc: dict[str, Any]) -> dict[str, float]:
@@ -681,6 +707,9 @@ def _markdown(r: dict[str, Any]) -> str:
         f"rate {r['config']['rate']:g} ticks/s; symbols {', '.join(r['config']['symbols'])}; "
         f"channels {', '.join(r['config']['channels'])}",
         f"- ticks stored and checked: {r['ticks_stored']}",
+        f"- venue events: {r['venue_events']['rotations']} make-before-break rotations, "
+        f"{r['venue_events']['server_shutdown_notices']} serverShutdown notices, "
+        f"{r['venue_events']['gap_repairs']} gaps repaired over REST, {r['venue_events']['gaps_marked']} marked",
         f"- faults injected: {len([f for f in r['faults'] if 'skipped' not in f])} "
         f"({len(r['fault_kinds_injected'])} kinds); skipped: {len(r['faults_skipped'])}",
         "",

@@ -71,6 +71,8 @@ class StopReport:
     held_for_repair: int
     #: why Redis or the spill log refused ("" when nothing did)
     error: str = ""
+    #: how long the final flush took
+    took_s: float = 0.0
 
 
 class UnsavedAtStop(MarketError):
@@ -219,12 +221,19 @@ class Ingestor:
         name: str | None = None,
         max_lag: int | None = None,
         max_consecutive_failures: int | None = None,
+        execution: str | None = None,
+        handler_budget_us: float | None = None,
     ) -> Subscription:
         """Attach a co-located subscriber: ``handler(tick)`` (sync or async, the consumer SDK's signature)
-        for every tick matching ``patterns``, fed by the hot path in this process, never through Redis."""
+        for every tick matching ``patterns``, fed by the hot path in this process, never through Redis.
+
+        A synchronous handler runs on the event loop (``execution="inline"``, the default) while it keeps
+        within ``handler_budget_us`` per tick, and is moved to a thread of its own when it overruns it
+        repeatedly; ``execution="thread"`` puts it there from the start (see :mod:`distributor.hotpath`)."""
         sub = self.hotpath.subscribe(
             handler, patterns, policy=policy, name=name, max_lag=max_lag,
-            max_consecutive_failures=max_consecutive_failures,
+            max_consecutive_failures=max_consecutive_failures, execution=execution,
+            handler_budget_us=handler_budget_us,
         )
         wanted = tuple(p.text for p in sub.patterns)
         self.registry.want(wanted)
@@ -494,7 +503,7 @@ class Ingestor:
                 log_event(
                     log, logging.ERROR if report.unsaved else logging.INFO, "stopped", unsaved=report.unsaved,
                     to_redis=report.to_redis, to_spill=report.to_spill, held_for_repair=report.held_for_repair,
-                    **({"error": report.error} if report.error else {}),
+                    took_s=report.took_s, **({"error": report.error} if report.error else {}),
                 )
 
     def _on_control(self, state: ControlState) -> None:
@@ -537,7 +546,8 @@ class Ingestor:
         if writer is None:
             return StopReport(0, 0, 0, 0)
         s = self.settings
-        deadline = time.monotonic() + s.shutdown_flush_s
+        began = time.monotonic()
+        deadline = began + s.shutdown_flush_s
         held = sum(len(h) for h in self.repairer.holds.values()) if self.repairer is not None else 0
         in_hand = list(self.distributor.in_hand) if self.distributor is not None else []
         queued = self.control.filter(self.ingress.take(len(self.ingress)), time.monotonic())
@@ -570,7 +580,9 @@ class Ingestor:
             unsaved -= to_spill
             if unsaved and spill.full_reason:
                 errors.append(f"spill log: {spill.full_reason}")
-        return StopReport(to_redis, to_spill, unsaved, held, "; ".join(errors))
+        return StopReport(
+            to_redis, to_spill, unsaved, held, "; ".join(errors), round(time.monotonic() - began, 3)
+        )
 
     def stats(self) -> IngestorStats:
         ss = self.sessions

@@ -311,6 +311,12 @@ BAD_TABLES = [
     ('[[subscribers]]\ntarget = "a.b:c"\npatterns = ["binance:BTCUSDT"]', "invalid pattern 'binance:BTCUSDT'"),
     ('[[subscribers]]\ntarget = "a.b:c"\npatterns = "binance:BTC/USDT:trade"', "invalid pattern"),
     ('[[subscribers]]\ntarget = "a.b:c"\npatterns = []', "subscribers[0].patterns: empty"),
+    # [shutdown]
+    ("shutdown = 5", "[shutdown] must be a table"),
+    ("[shutdown]\nflush_timeout = 5", "[shutdown]: unknown setting(s) flush_timeout"),
+    ("[shutdown]\nflush_timeout_s = 0", "shutdown.flush_timeout_s: 0.0 is out of range"),
+    ('[shutdown]\nredis_timeout_s = "soon"', "shutdown.redis_timeout_s: expected a number"),
+    ("[shutdown]\nflush_timeout_s = 5\nredis_timeout_s = 6", "must not exceed shutdown.flush_timeout_s"),
     # [queue]
     ('[queue]\npolicy = "fifo"', "unknown queue policy 'fifo'"),
     ("[queue]\ncapacity = 0", "queue capacity: 0 is out of range"),
@@ -417,6 +423,15 @@ def test_repair_table(tmp_path: Path) -> None:
     assert r.page == RepairSettings().page
     partial = load(path=toml_file(tmp_path, "[repair]\nmax_gap = 7\n", "p.toml")).repair
     assert partial == RepairSettings(max_gap=7)
+
+
+def test_shutdown_table(tmp_path: Path) -> None:
+    defaults = load()
+    assert (defaults.shutdown_flush_s, defaults.shutdown_redis_s) == (20.0, 3.0)
+    s = load(path=toml_file(tmp_path, "[shutdown]\nflush_timeout_s = 25\nredis_timeout_s = 5\n"))
+    assert (s.shutdown_flush_s, s.shutdown_redis_s) == (25.0, 5.0)
+    short = load(path=toml_file(tmp_path, "[shutdown]\nflush_timeout_s = 2\n", "short.toml"))
+    assert (short.shutdown_flush_s, short.shutdown_redis_s) == (2.0, 2.0), "Redis's try fits in the whole"
 
 
 def test_subscribers_from_flags_and_table(tmp_path: Path) -> None:

@@ -362,7 +362,9 @@ async def test_sigterm_during_an_outage_saves_what_the_process_holds(tmp_path: P
 
                 await wait_for(spilled, 60)
                 first.send_signal(signal.SIGTERM)
+                signalled = asyncio.get_running_loop().time()
                 rc = await asyncio.wait_for(first.wait(), 60)
+                stop_s = asyncio.get_running_loop().time() - signalled
                 last = orjson.loads(one.read_text().splitlines()[-1])
                 assert rc == 0, last
                 assert last["event"] == "stopped" and last["unsaved"] == 0, last
@@ -387,7 +389,7 @@ async def test_sigterm_during_an_outage_saves_what_the_process_holds(tmp_path: P
     print(f"\nstop drill: rate {DRILL_RATE:.0f}/s; SIGTERM with {found['records'] - last['to_spill']} ticks in the "
           f"spill log: the stop saved {last['to_spill']} more to it ({last}); the restart found {found['records']} "
           f"records, no hole; ids (range, stored, marked) up to the venue's newest at catch-up: {report}; "
-          f"{compared} stored trades compared with the venue")
+          f"{compared} stored trades compared with the venue; SIGTERM to exit {stop_s:.1f} s")
     assert compared == 1000
 
 
@@ -444,3 +446,104 @@ async def test_a_full_spill_disk_during_an_outage_is_survived(tmp_path: Path) ->
     print(f"\nfull-spill drill ({'2 MB tmpfs' if mounted else '2 MB cap'}): rate {DRILL_RATE:.0f}/s, outage "
           f"{outage:.0f} s, spill_full at {full['bytes']} bytes / {full['records']} records, drained "
           f"{drained[-1]['drained'] if drained else 0}; ids (range, stored, marked): {report}")
+
+
+async def test_a_start_repairs_the_hole_between_redis_and_the_spill_before_draining_it(
+    aredis: aioredis.Redis, prefix: str, tmp_path: Path
+) -> None:
+    """Redis holds trade ids up to R, the spill log holds R+101 on (what a stop that lost its memory leaves):
+    the restart fetches R+1..R+100 from the venue and stores them before draining the log, which the append
+    script would otherwise skip as older than the log's ticks."""
+    from distributor.spill import SpillLog
+
+    copy = f"{prefix}x"
+    src, dst = f"{prefix}:binance:BTCUSDT:trade", f"{copy}:binance:BTCUSDT:trade"
+    try:
+        async with Simulator(SimulatorConfig(symbols=("BTCUSDT", "ETHUSDT"), rate=1000.0)) as sim:
+            first = Ingestor(ingest_settings(sim, prefix, str(tmp_path / "one")), redis=aredis)
+            task = asyncio.create_task(first.run())
+            try:
+                async def grown() -> bool:
+                    return await aredis.xlen(src) >= 600
+
+                await wait_for(grown, 30)
+            finally:
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            entries = await aredis.xrange(src)
+            kept, tail = entries[:-300], entries[-300:]
+            pipe = aredis.pipeline(transaction=False)
+            for entry_id, fields in kept:
+                pipe.xadd(dst, fields, id=entry_id)
+            await pipe.execute()
+            spill = SpillLog(tmp_path / "two")
+            spill.append([fields[b"d"] for _, fields in tail[100:]])
+            spill.close()
+            hole = [orjson.loads(f[b"d"])["seq"] for _, f in tail[:100]]
+
+            second = Ingestor(ingest_settings(sim, copy, str(tmp_path / "two")), redis=aredis)
+            task = asyncio.create_task(second.run())
+            try:
+                ids = await complete(aredis, dst, sim, "BTCUSDT", timeout=60)
+            finally:
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+        assert set(hole) <= set(ids)
+        assert second.repairer is not None and second.repairer.ticks_repaired.get("trade", 0) >= 100
+        assert second.repairer.gaps_unrepaired == 0
+    finally:
+        keys = [k async for k in aredis.scan_iter(f"{copy}:*")]
+        if keys:
+            await aredis.delete(*keys)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_sigterm_with_the_spill_disk_full_exits_1_and_the_restart_repairs_what_was_lost(
+    tmp_path: Path,
+) -> None:
+    """Redis stopped and the spill log's 2 MB filesystem full: SIGTERM saves what fits, exits 1, and names
+    how many ticks were saved nowhere in its last log line; the restart repairs the hole between Redis and
+    the log from the venue before draining it, so every trade id is stored or marked."""
+    spill, one, two = tmp_path / "disk", tmp_path / "one.log", tmp_path / "two.log"
+    with small_filesystem(spill) as mounted, start_redis(appendonly=True) as server:
+        toml = "" if mounted else "[spill]\nmax_mb = 2\n"
+        client = aioredis.Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=1)
+        async with Simulator(SimulatorConfig(symbols=("BTCUSDT",), rate=DRILL_RATE)) as sim:
+            first = await _start_ingest(sim, server.url, spill, one, toml=toml)
+            second = None
+            try:
+                async def flowing() -> bool:
+                    return await client.xlen("md:binance:BTCUSDT:trade") > 1000
+
+                await wait_for(flowing, 30)
+                server.stop()
+                await _log_shows(one, "spill_full", 180)
+                first.send_signal(signal.SIGTERM)
+                rc = await asyncio.wait_for(first.wait(), 60)
+                last = orjson.loads(one.read_text().splitlines()[-1])
+                assert rc == 1, last
+                assert last["event"] == "stopped" and last["unsaved"] > 0 and "spill log" in last["error"], last
+                restart(server, appendonly=True)
+                second = await _start_ingest(sim, server.url, spill, two, toml=toml)
+                targets = await _caught_up(client, sim, 300)
+                report = {}
+                for channel, upto in targets.items():
+                    start, stored, marked, holes = await _coverage(client, f"md:binance:BTCUSDT:{channel}", upto)
+                    assert holes == [], f"{channel}: unmarked holes {holes[:5]}"
+                    report[channel] = (upto - start + 1, stored, marked)
+            finally:
+                for proc in (first, second):
+                    if proc is not None and proc.returncode is None:
+                        proc.terminate()
+                        await asyncio.wait_for(proc.wait(), 60)
+                await client.aclose()
+    found = _events(two, "spill_found_at_start")[0]
+    filled = [e for e in _events(two, "gap_repaired") + _events(two, "gap_marked") + _events(two, "gap_partly_repaired")
+              if e.get("where") == "between Redis and the spill log"]
+    assert found["holes"] and filled, "the restart found the hole the lost memory left, and filled it"
+    print(f"\nunsaved-stop drill ({'2 MB tmpfs' if mounted else '2 MB cap'}): rate {DRILL_RATE:.0f}/s; {last}; "
+          f"restart: {found['records']} records in the log, holes {found['holes']}, filled "
+          f"{[(e['stream'], e['fetched'], e['missing']) for e in filled]}; ids (range, stored, marked): {report}")

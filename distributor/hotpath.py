@@ -47,6 +47,51 @@ subscriber instead of one per delivery.  ``sample_every=N`` times one chunk in N
 (chosen by position, every tick of a timed chunk counted; the ingestor uses 4), ``0`` none.  Held-back
 chunks and asynchronous subscribers are timed per delivery whenever ``sample_every`` is not 0.
 
+Where handlers run (isolation by design)::
+
+    async handler             on the loop, in its task; it awaits, so it never holds the others up
+    sync handler, "inline"    on the loop, in its task, while it keeps within its budget (the default)
+    sync handler, "thread"    on a thread of its own (chosen at subscribe, or moved there for overrunning)
+
+Every chunk a subscriber handles is timed (two clock reads per chunk, whatever its size): the sum,
+the largest per-tick mean of a chunk and a recent per-tick mean (EWMA over about 8 chunks) are kept
+per subscriber.  An inline handler's chunk *overruns* when it held the loop longer than both
+``handler_budget_us`` per tick and :data:`MIN_OVERRUN_US` (wall time: a handler that blocks on a
+sleep or on I/O overruns as surely as one that computes).  After an overrun its chunks are cut to
+:data:`PROBATION_CHUNK` calls; at its :data:`OFFLOAD_AFTER`-th overrun within :data:`OFFLOAD_WINDOW` of
+its chunks it is moved, for good, to a thread of its own (logged ``subscriber_offloaded``).  So a slow
+handler holds the publisher, the writer, the socket reader and the other subscribers once, for at
+most ``max_chunk + (OFFLOAD_AFTER - 1) * PROBATION_CHUNK`` of its calls (a 1 ms handler fed a steady
+2k ticks/s is moved after about 35 calls: its chunks start small), and never again; a trivial inline
+handler pays no thread hop.  Wall time also counts what was not the handler's doing (the machine preempting the loop's
+thread, another thread holding the GIL): that is why one overrun, or a few spread out, move nothing.
+A handler that blocks only now and then (one chunk in five) stays inline, its overruns counted and
+logged (``subscriber_overran``); declare it ``execution="thread"``.  A synchronous handler may run on
+another thread: code that must run on the loop (asyncio objects, ``call_soon``) belongs in an async
+handler.
+
+A thread subscriber's task stays on the loop and keeps its ring cursor, so its queue is the ring
+window like everyone's and its policy is applied there, by the same code, with the same exact
+accounting.  The task copies each chunk's matching ticks (C-speed slices) into a hand-off deque of at
+most :data:`HANDOFF_CHUNKS` chunks (one being handled, one waiting) and sets a ``threading.Event``
+once per chunk; it takes nothing more from the ring while the hand-off is full, so a slow thread
+lags on the ring and its policy acts (``drop_oldest`` skips, ``drop_newest`` holds, ``disconnect``
+removes, ``block`` holds the publisher).  The thread is the only writer of the subscriber's
+``delivered`` count and handler times; it passes handler errors and latency samples back through two
+deques, and wakes the task (``call_soon_threadsafe``) at most once per chunk: when the task waits for
+room, an error needs handling, or latency samples wait while the task sleeps.  A removed thread
+subscriber's thread ends after the call in progress (it is a daemon thread: a call that never returns
+cannot keep the process alive).  With the GIL, a thread handler that computes rather than waits
+still competes with the loop for the interpreter (switched every ``sys.getswitchinterval()``, 5 ms
+by default): it no longer holds the others up for a whole chunk, but CPU-heavy work belongs in
+another process.
+
+An async handler that never returns is bounded the same way: its task holds one chunk (a copy), its
+cursor stays behind, and its policy acts on the ring.  :class:`SubscriptionStats` counts the ticks a
+lagging ``drop_oldest`` subscriber can no longer get as dropped at once (it is told, ``on_drop``,
+when it next reads), and its ``handler_us`` grows with the call in progress, so it is named by
+:attr:`HotPathStats.slowest` while it hangs.
+
 Publishing with a ``block`` subscriber::
 
     if not hot.publish(batch):
@@ -65,9 +110,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import threading
 import time
 from bisect import bisect_right
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -85,16 +131,25 @@ from distributor.registry import parse_stream
 
 __all__ = [
     "DEFAULT_CAPACITY",
+    "DEFAULT_HANDLER_BUDGET_US",
     "DEFAULT_MAX_CHUNK",
     "DEFAULT_MAX_STREAMS",
     "DEFAULT_MAX_SUBSCRIBERS",
+    "HANDOFF_CHUNKS",
     "HOT_SAMPLE_EVERY",
+    "MIN_OVERRUN_US",
+    "OFFLOAD_AFTER",
+    "OFFLOAD_WINDOW",
+    "PROBATION_CHUNK",
+    "Execution",
     "Handler",
     "HotPath",
     "HotPathStats",
     "SubscriberPolicy",
     "Subscription",
     "SubscriptionStats",
+    "offload_due",
+    "overran",
 ]
 
 DEFAULT_CAPACITY: Final = 65536
@@ -104,14 +159,56 @@ DEFAULT_MAX_CHUNK: Final = 256
 HOT_SAMPLE_EVERY: Final = 4
 DEFAULT_MAX_STREAMS: Final = 65536
 DEFAULT_MAX_SUBSCRIBERS: Final = 1024
+#: an inline handler's budget: its mean time per tick over a chunk (µs); see the module doc
+DEFAULT_HANDLER_BUDGET_US: Final = 50.0
+#: a chunk that held the loop for less than this (µs) is never an overrun, whatever its per-tick mean:
+#: a one-tick chunk hit by a collection or a preemption is not a slow handler
+MIN_OVERRUN_US: Final = 500
+#: an inline handler is moved to its own thread at this many overruns ...
+OFFLOAD_AFTER: Final = 4
+#: ... within this many of its chunks
+OFFLOAD_WINDOW: Final = 8
+#: after an overrun, an inline handler's chunks hold at most this many calls until it is moved, or has
+#: gone OFFLOAD_WINDOW chunks without overrunning
+PROBATION_CHUNK: Final = 16
+#: chunks handed to a thread subscriber and not yet handled: one in its handler, one waiting
+HANDOFF_CHUNKS: Final = 2
 
 log = get_logger("hotpath")
 
+_MIN_OVERRUN_NS: Final = MIN_OVERRUN_US * 1000
 _LUT_SIZE: Final = 1 << 14  # µs: below 16 ms a delivery's latency bucket is a list lookup
 _LUT: Final = [bucket_of(us) for us in range(_LUT_SIZE)]
 _VACANT: Final = cast(Tick, {})
 _stream_key: Final = itemgetter("venue", "symbol", "channel")
 StreamIdent = tuple[str, str, str]
+
+
+class Execution(StrEnum):
+    """Where a subscriber's handler runs (see the module doc)."""
+
+    INLINE = "inline"  # sync, on the loop, moved to THREAD when it overruns its budget repeatedly
+    THREAD = "thread"  # sync, on a thread of its own
+    ASYNC = "async"  # a coroutine function, awaited on the loop
+
+    @classmethod
+    def parse(cls, text: str | Execution | None, is_async: bool) -> Execution:
+        """The execution for a handler: None picks ``async`` or ``inline`` by its kind."""
+        if text is None:
+            return cls.ASYNC if is_async else cls.INLINE
+        try:
+            value = cls(text)
+        except ValueError:
+            raise ConfigError(
+                f"unknown subscriber execution {text!r}: expected one of {', '.join(e.value for e in cls)}"
+            ) from None
+        if is_async and value is not cls.ASYNC:
+            raise ConfigError(f"execution {value.value!r} is for synchronous handlers; this handler is a coroutine "
+                              "function, which runs on the loop (execution 'async')")
+        if not is_async and value is cls.ASYNC:
+            raise ConfigError("execution 'async' needs a coroutine function (async def); "
+                              "a synchronous handler runs 'inline' or on a 'thread'")
+        return value
 
 
 class SubscriberPolicy(StrEnum):
@@ -134,6 +231,10 @@ class SubscriberPolicy(StrEnum):
             ) from None
 
 
+#: the policies whose subscribers are lapped by their own reads (block only while shedding)
+_SKIPPING: Final = frozenset({SubscriberPolicy.DROP_OLDEST, SubscriberPolicy.BLOCK})  # lapped by _take
+
+
 @dataclass(frozen=True, slots=True)
 class SubscriptionStats:
     """One subscriber's counters.  ``matched == delivered + dropped + pending`` always holds."""
@@ -143,12 +244,22 @@ class SubscriptionStats:
     patterns: tuple[str, ...]
     matched: int  # published ticks matching its patterns since it subscribed (until it was removed)
     delivered: int  # handler calls, including those that raised
-    dropped: int  # matching ticks it will never get (skipped, lost while over its limit, pending at removal)
+    dropped: int  # matching ticks it will never get (skipped or past its window, lost while over its limit,
+    #              pending at removal)
     pending: int  # matching ticks published and neither delivered nor (yet) counted as dropped
     errors: int  # handler calls that raised
     drop_events: int  # times it was told of a drop (on_drop calls)
     lag: int  # published ticks, of every stream, between the head and its cursor
     removed: str | None  # why it was removed, None while subscribed
+    execution: Execution = Execution.INLINE  # where its handler runs now
+    offloaded: bool = False  # moved off the loop for overrunning its budget
+    handler_us: float = 0.0  # its own time per tick, recent: mean over about 8 chunks, or the chunk in progress
+    #                         (when that is longer: a handler that hangs); wall time, awaits included for async
+    handler_max_us: float = 0.0  # the largest mean time per tick of one chunk
+    handler_total_us: int = 0  # time in its handler since it subscribed
+    busy_us: int = 0  # how long the chunk in progress has been running (0: none)
+    overruns: int = 0  # chunks over its budget (sync handlers; see the module doc)
+    budget_us: float = DEFAULT_HANDLER_BUDGET_US
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +277,10 @@ class HotPathStats:
     blocked: int  # publish() calls that returned False
     waiting_room: bool  # a publish is waiting for a block subscriber now
     max_lag: int  # the largest lag of a current subscriber
+    slowest: str | None = None  # the current subscriber with the most handler time per tick, then lag
+    offloaded: int = 0  # subscribers moved to a thread for overrunning their budget, since start
+    threads: int = 0  # current subscribers whose handler runs on a thread of its own
+    overruns: int = 0  # chunks over budget, every subscriber, removed ones included
 
 
 def _is_async(handler: Handler) -> bool:
@@ -184,30 +299,47 @@ class Subscription:
 
     __slots__ = (
         "_async",
+        "_avg_tick_ns",
         "_base",
         "_blocking",
+        "_budget_ns",
+        "_busy_base",
+        "_busy_n",
+        "_busy_ns",
+        "_busy_since",
+        "_chunk_limit",
+        "_chunks",
         "_final",
         "_hold",
+        "_hold_at",
         "_hot",
         "_last_fail",
+        "_marks",
         "_match",
+        "_max_tick_ns",
         "_on_drop",
         "_running",
         "_sids",
         "_sidset",
         "_streak",
+        "_taken",
         "_throttle",
         "_waiter",
         "_wants_all",
+        "_worker",
+        "budget_us",
         "cursor",
         "delivered",
         "drop_events",
         "dropped",
         "errors",
+        "execution",
         "handler",
         "max_consecutive_failures",
         "max_lag",
         "name",
+        "offloaded",
+        "overruns",
         "patterns",
         "policy",
         "removed",
@@ -223,6 +355,8 @@ class Subscription:
         name: str,
         max_consecutive_failures: int | None,
         on_drop: Callable[[int], None] | None,
+        execution: Execution,
+        budget_us: float,
     ) -> None:
         self._hot = hot
         self.handler = handler
@@ -232,8 +366,14 @@ class Subscription:
         self.name = name
         self.max_consecutive_failures = max_consecutive_failures
         self._on_drop = on_drop
-        self._async = _is_async(handler)
+        self._async = execution is Execution.ASYNC
         self._blocking = policy is SubscriberPolicy.BLOCK
+        self.execution = execution
+        self.offloaded = False
+        self.budget_us = budget_us
+        self._budget_ns = int(budget_us * 1000)
+        self._worker: _Worker | None = None
+        self._chunk_limit = hot.max_chunk  # PROBATION_CHUNK after an overrun (inline)
         # Routing, written by the publisher when a stream first appears: 1/0 per stream id,
         # the ids it matches (list and set), and whether it matches every stream known so far.
         self._match: list[int] = []
@@ -243,17 +383,52 @@ class Subscription:
         self._base = 0
         self._final: int | None = None
         self._hold: tuple[list[Tick], list[int], list[int]] | None = None
+        self._hold_at = 0  # thread subscribers: how much of the hold was handed over
         self._waiter: asyncio.Future[None] | None = None
         self._running = False
         self._streak = 0
         self._last_fail = -2
         self._throttle = Throttle(log)
         self.cursor = 0
+        #: matching ticks its task took from the ring (or hold) for its handler: written by its task; equal to
+        #: ``delivered`` between two chunks, except on a thread, where the thread counts ``delivered``
+        self._taken = 0
         self.delivered = 0
         self.dropped = 0
         self.errors = 0
         self.drop_events = 0
         self.removed: str | None = None
+        # Handler time, written by whoever runs the handler (its task, or its thread once it has one).
+        self._busy_ns = 0
+        self._max_tick_ns = 0
+        self._avg_tick_ns = 0
+        self._chunks = 0
+        self.overruns = 0
+        self._marks: list[int] = []  # chunk numbers of its latest overruns (inline only)
+        self._busy_since = 0  # clock at the start of the chunk in progress, 0 between chunks
+        self._busy_n = 0  # ticks in the chunk in progress
+        self._busy_base = 0  # delivered when it started (thread and async)
+
+    def _chunk_done(self, n: int, ns: int) -> bool:
+        """Account one chunk of ``n`` handler calls that took ``ns``; True if it overran the budget."""
+        self._busy_ns += ns
+        self._chunks += 1
+        per = ns // n
+        if per > self._max_tick_ns:
+            self._max_tick_ns = per
+        if self._chunks == 1:
+            self._avg_tick_ns = per
+        else:
+            self._avg_tick_ns += (per - self._avg_tick_ns) >> 3
+        if not self._async and overran(ns, n, self._budget_ns):
+            self.overruns += 1
+            return True
+        return False
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The thread its handler runs on (execution ``thread``, once its task has started), else None."""
+        return self._worker.thread if self._worker is not None else None
 
     def wants(self, name: StreamName) -> bool:
         text = str(name)
@@ -297,6 +472,7 @@ class HotPath:
         max_subscribers: int = DEFAULT_MAX_SUBSCRIBERS,
         clock: Callable[[], int] = time.perf_counter_ns,
         sample_every: int = 1,
+        handler_budget_us: float = DEFAULT_HANDLER_BUDGET_US,
     ) -> None:
         if capacity < 2 or capacity & (capacity - 1):
             raise ConfigError(f"hot path capacity must be a power of two >= 2, got {capacity}")
@@ -310,6 +486,8 @@ class HotPath:
         self.max_chunk = max_chunk
         self.max_streams = max_streams
         self.max_subscribers = max_subscribers
+        #: an inline handler's default budget, µs per tick (see the module doc)
+        self.handler_budget_us = _check_budget(handler_budget_us)
         self._mask = capacity - 1
         self._segment = capacity // 2  # largest write between two limit checks (see _write)
         self._clock = clock
@@ -337,7 +515,10 @@ class HotPath:
         self._serial = 0
         self._gone_delivered = 0
         self._gone_errors = 0
+        self._gone_overruns = 0
         self._dropped_gone: Counter[str] = Counter()
+        #: subscribers moved to a thread of their own for overrunning their budget
+        self.offloaded = 0
         self.disconnected = 0
         self.removed = 0
         self.blocked = 0
@@ -366,6 +547,8 @@ class HotPath:
         name: str | None = None,
         max_consecutive_failures: int | None = None,
         on_drop: Callable[[int], None] | None = None,
+        execution: str | Execution | None = None,
+        handler_budget_us: float | None = None,
     ) -> Subscription:
         """Attach ``handler`` to the streams matching ``patterns``; it gets the ticks published from now on.
 
@@ -374,6 +557,11 @@ class HotPath:
         it after that many handler calls in a row raised (None: never).  ``on_drop(count)`` is called from
         its task each time it learns it lost ``count`` ticks.  Its task is started in the task group given
         to :meth:`start`, if any; otherwise run :meth:`run_subscriber` yourself.
+
+        ``execution``: ``inline`` (a synchronous handler's default: on the loop, moved to a thread of its
+        own if it overruns ``handler_budget_us`` per tick repeatedly), ``thread`` (a synchronous handler on
+        a thread of its own from the start: for handlers known to block or compute), ``async`` (a coroutine
+        function's only choice).  ``handler_budget_us`` defaults to the hot path's.
         """
         if self._closed:
             raise RuntimeError("the hot path is closed")
@@ -390,10 +578,12 @@ class HotPath:
             raise ConfigError(f"max_consecutive_failures must be at least 1 or None, got {max_consecutive_failures}")
         if on_drop is not None and not callable(on_drop):
             raise ConfigError(f"on_drop must be callable, got {on_drop!r}")
+        mode = Execution.parse(execution, _is_async(handler))
+        budget = self.handler_budget_us if handler_budget_us is None else _check_budget(handler_budget_us)
         self._serial += 1
         sub = Subscription(
             self, handler, pats, pol, limit, name or _default_name(handler, self._serial),
-            max_consecutive_failures, on_drop,
+            max_consecutive_failures, on_drop, mode, budget,
         )
         counts = self._counts
         for sid, stream in enumerate(self._names):
@@ -668,6 +858,9 @@ class HotPath:
         if sub in self._watched:
             self._watched.remove(sub)
         self._wake_one(sub)
+        worker = sub._worker
+        if worker is not None:
+            worker.halt()
         if sub._running:
             self._retiring.append(sub)  # its task folds its counters in when it ends
         else:
@@ -679,6 +872,7 @@ class HotPath:
         """Fold a removed subscriber's final counters into the hot path's totals (once, when its task ends)."""
         self._gone_delivered += sub.delivered
         self._gone_errors += sub.errors
+        self._gone_overruns += sub.overruns
         self._dropped_gone[sub.policy.value] += self._sub_stats(sub).dropped
 
     # -- a subscriber's task ----------------------------------------------------------------------------------
@@ -698,7 +892,10 @@ class HotPath:
             if sub._async:
                 await self._serve_async(sub)
             else:
-                await self._serve_sync(sub)
+                if sub.execution is Execution.INLINE:
+                    await self._serve_sync(sub)  # returns when removed, or moved to a thread
+                if sub.removed is None:
+                    await self._serve_thread(sub)
         finally:
             sub._running = False
             if sub.removed is None:
@@ -711,6 +908,9 @@ class HotPath:
         waiter = loop.create_future()
         sub._waiter = waiter
         self._sleepers.append(sub)
+        worker = sub._worker
+        if worker is not None and (worker.failures or worker.timings):
+            self._wake_one(sub)  # its thread passed something back since it last looked: no wake-up is lost
         try:
             await waiter
         finally:
@@ -727,7 +927,7 @@ class HotPath:
         if head - c > sub.max_lag:  # only drop_oldest gets here: the publisher enforces the others
             c = self._skip(sub, c, head)
         a = c & self._mask
-        k = min(head - c, self.max_chunk, self.capacity - a)
+        k = min(head - c, sub._chunk_limit, self.capacity - a)
         sub.cursor = c + k
         if sub._blocking and self._room_waiter is not None:
             self._wake_publisher()
@@ -741,7 +941,7 @@ class HotPath:
         else:
             want = sub._match.__getitem__
             kept = sum(sum(map(want, self._ring_sids[a:b])) for a, b in self._spans(new_c, head))
-        missed = self._matched(sub) - sub.delivered - sub.dropped - kept
+        missed = self._matched(sub) - sub._taken - sub.dropped - kept
         sub.cursor = new_c
         if missed > 0:
             self._report_drop(sub, missed)
@@ -750,8 +950,9 @@ class HotPath:
     def _finish_hold(self, sub: Subscription) -> None:
         """drop_newest: its hold is read; resume at the head and count what came meanwhile."""
         sub._hold = None
+        sub._hold_at = 0
         sub.cursor = self._cursor
-        missed = self._matched(sub) - sub.delivered - sub.dropped
+        missed = self._matched(sub) - sub._taken - sub.dropped
         if missed > 0:
             self._report_drop(sub, missed)
 
@@ -780,6 +981,7 @@ class HotPath:
             self._remove(sub, f"{sub._streak} consecutive handler failures, last: {repr(exc)[:200]}", logging.ERROR)
 
     async def _serve_sync(self, sub: Subscription) -> None:
+        """An inline subscriber's task: returns when it is removed or has been moved to a thread."""
         loop = asyncio.get_running_loop()
         ring, ring_sids, stamps = self._ring, self._ring_sids, self._stamps
         match = sub._match
@@ -792,12 +994,16 @@ class HotPath:
         while sub.removed is None:
             if sub._hold is not None:
                 ticks, sids, tstamps = sub._hold
-                for i in range(0, len(ticks), self.max_chunk):
-                    j = i + self.max_chunk
-                    self._deliver_sync(sub, ticks[i:j], sids[i:j], tstamps[i:j])
-                    await asyncio.sleep(0)
-                    if sub.removed is not None:
+                i = sub._hold_at
+                if i < len(ticks):
+                    j = sub._hold_at = i + sub._chunk_limit
+                    t0 = clock()
+                    n = self._deliver_sync(sub, ticks[i:j], sids[i:j], tstamps[i:j])
+                    sub._taken = sub.delivered
+                    if n and self._judge(sub, n, clock() - t0):
                         return
+                    await asyncio.sleep(0)
+                    continue
                 self._finish_hold(sub)
                 continue
             span = self._take(sub)
@@ -820,6 +1026,8 @@ class HotPath:
             total = 0
             top = hist.max_us
             i = a
+            t0 = sub._busy_since = clock()
+            sub._busy_n = b - a
             while i < b:
                 stamp = stamps[i]
                 j = b if not timed or stamps[b - 1] == stamp else bisect_right(stamps, stamp, i, b)
@@ -839,28 +1047,66 @@ class HotPath:
                     total += us * m
                     if us > top:
                         top = us
+            ns = clock() - t0
+            sub._busy_since = 0
             if timed:
                 hist.sum_us += total
                 hist.max_us = top
             sub.delivered += n
+            sub._taken = sub.delivered
+            if n and self._judge(sub, n, ns):
+                return
             if sub.cursor != self._cursor:
                 await asyncio.sleep(0)  # more to read: let the others have their turn first
 
-    def _deliver_sync(self, sub: Subscription, ticks: list[Tick], sids: list[int], tstamps: list[int]) -> None:
+    def _judge(self, sub: Subscription, n: int, ns: int) -> bool:
+        """Account an inline chunk of ``n`` calls that took ``ns``; on an overrun, cut its chunks and move it to
+        a thread at its OFFLOAD_AFTER-th overrun within OFFLOAD_WINDOW chunks.  True when it was moved (its
+        task then serves it from the thread)."""
+        marks = sub._marks
+        if not sub._chunk_done(n, ns):
+            if marks and sub._chunks - marks[-1] >= OFFLOAD_WINDOW:
+                sub._chunk_limit = self.max_chunk  # clean for a whole window: full chunks again
+            return False
+        marks.append(sub._chunks)
+        if len(marks) > OFFLOAD_AFTER:
+            del marks[0]
+        sub._chunk_limit = min(self.max_chunk, PROBATION_CHUNK)
+        sub._throttle.log(
+            logging.WARNING, "subscriber_overran", subscriber=sub.name, calls=n, handler_us=round(ns / n / 1000, 1),
+            budget_us=sub.budget_us, overruns=sub.overruns,
+        )
+        if not offload_due(marks, sub._chunks) or sub.removed is not None:
+            return False
+        sub.execution = Execution.THREAD
+        sub.offloaded = True
+        sub._chunk_limit = self.max_chunk
+        self.offloaded += 1
+        log_event(
+            log, logging.WARNING, "subscriber_offloaded", subscriber=sub.name, policy=sub.policy.value,
+            overruns=sub.overruns, handler_us=round(sub._avg_tick_ns / 1000, 1), budget_us=sub.budget_us,
+        )
+        return True
+
+    def _deliver_sync(self, sub: Subscription, ticks: list[Tick], sids: list[int], tstamps: list[int]) -> int:
+        """Hand a held-back chunk to an inline handler; returns the number of calls."""
         match = sub._match
         handler = cast(Callable[[Tick], object], sub.handler)
         clock = self._clock
         observe = self.latency.observe
         timed = self.sample_every > 0
+        n = 0
         for i, tick in enumerate(ticks):
             if match[sids[i]]:
                 if timed:
                     observe((clock() - tstamps[i]) // 1000)
                 sub.delivered += 1
+                n += 1
                 try:
                     handler(tick)
                 except Exception as exc:
                     self._failed(sub, tick, exc, sub.delivered)
+        return n
 
     async def _serve_async(self, sub: Subscription) -> None:
         loop = asyncio.get_running_loop()
@@ -869,6 +1115,7 @@ class HotPath:
                 ticks, sids, tstamps = sub._hold
                 for i in range(0, len(ticks), self.max_chunk):
                     j = i + self.max_chunk
+                    sub._taken += len(ticks[i:j])  # a hold holds only ticks it wants
                     await self._deliver_async(sub, ticks[i:j], sids[i:j], tstamps[i:j])
                     if sub.removed is not None:
                         return
@@ -880,7 +1127,9 @@ class HotPath:
                 continue
             a, b = span
             # Copies: the publisher runs while the handler awaits and may overwrite these slots.
-            await self._deliver_async(sub, self._ring[a:b], self._ring_sids[a:b], self._stamps[a:b])
+            sids = self._ring_sids[a:b]
+            sub._taken += b - a if sub._wants_all else sum(map(sub._match.__getitem__, sids))
+            await self._deliver_async(sub, self._ring[a:b], sids, self._stamps[a:b])
 
     async def _deliver_async(self, sub: Subscription, ticks: list[Tick], sids: list[int], tstamps: list[int]) -> None:
         match = sub._match
@@ -888,18 +1137,104 @@ class HotPath:
         clock = self._clock
         observe = self.latency.observe
         timed = self.sample_every > 0
-        for i, tick in enumerate(ticks):
-            if match[sids[i]]:
-                if timed:
-                    observe((clock() - tstamps[i]) // 1000)
-                sub.delivered += 1
-                try:
-                    await handler(tick)
-                except Exception as exc:
-                    self._failed(sub, tick, exc, sub.delivered)
-                if sub.removed is not None:
-                    return
+        base = sub._busy_base = sub.delivered
+        sub._busy_n = len(ticks)
+        t0 = sub._busy_since = clock()
+        try:
+            for i, tick in enumerate(ticks):
+                if match[sids[i]]:
+                    if timed:
+                        observe((clock() - tstamps[i]) // 1000)
+                    sub.delivered += 1
+                    try:
+                        await handler(tick)
+                    except Exception as exc:
+                        self._failed(sub, tick, exc, sub.delivered)
+                    if sub.removed is not None:
+                        return
+        finally:
+            sub._busy_since = 0
+            if sub.delivered > base:
+                sub._chunk_done(sub.delivered - base, clock() - t0)
         await asyncio.sleep(0)
+
+    # -- thread subscribers -----------------------------------------------------------------------------------
+
+    async def _serve_thread(self, sub: Subscription) -> None:
+        """A thread subscriber's task: it reads the ring like any subscriber (so its policy acts there) and
+        hands the matching ticks of each chunk to its thread, at most HANDOFF_CHUNKS chunks at a time."""
+        loop = asyncio.get_running_loop()
+        worker = sub._worker
+        if worker is None:
+            worker = sub._worker = _Worker(self, sub, loop, self.sample_every)
+            worker.thread.start()
+        ring, ring_sids, stamps = self._ring, self._ring_sids, self._stamps
+        match = sub._match
+        max_chunk = self.max_chunk
+        while sub.removed is None:
+            if worker.failures or worker.timings:
+                self._fold(sub, worker)
+                continue
+            if worker.pushed - worker.done >= HANDOFF_CHUNKS:
+                room = loop.create_future()
+                worker.room = room
+                try:
+                    # Checked again once the waiter is visible to the thread: no wake-up can be lost.
+                    if worker.pushed - worker.done >= HANDOFF_CHUNKS and sub.removed is None:
+                        await room
+                finally:
+                    worker.room = None
+                continue
+            if sub._hold is not None:
+                ticks, _, tstamps = sub._hold
+                i = sub._hold_at
+                if i < len(ticks):
+                    j = sub._hold_at = i + max_chunk
+                    worker.hand(ticks[i:j], tstamps[i:j] if worker.timed() else None)
+                else:
+                    self._finish_hold(sub)
+                continue
+            span = self._take(sub)
+            if span is None:
+                await self._sleep(sub, loop)
+                continue
+            a, b = span
+            timed = worker.timed()
+            if sub._wants_all:
+                worker.hand(ring[a:b], stamps[a:b] if timed else None)
+            else:
+                keep = list(map(match.__getitem__, ring_sids[a:b]))
+                ticks = list(compress(ring[a:b], keep))
+                if ticks:
+                    worker.hand(ticks, list(compress(stamps[a:b], keep)) if timed else None)
+
+    def _fold(self, sub: Subscription, worker: _Worker) -> None:
+        """Take in what a thread passed back: handler errors (counted, logged, maybe removal), latencies."""
+        failures, timings = worker.failures, worker.timings
+        while failures:
+            tick, exc, index = failures.popleft()
+            self._failed(sub, tick, exc, index)
+        if timings:
+            hist = self.latency
+            buckets = hist.counts
+            while timings:
+                us, m = timings.popleft()
+                us = max(us, 0)
+                buckets[_LUT[us] if us < _LUT_SIZE else bucket_of(us)] += m
+                hist.sum_us += us * m
+                if us > hist.max_us:
+                    hist.max_us = us
+
+    def _poke(self, sub: Subscription) -> None:
+        """From a thread, through ``call_soon_threadsafe``: its task has room again, or errors to handle."""
+        worker = sub._worker
+        if worker is None or sub.removed is not None:
+            return
+        room = worker.room
+        if room is not None and not room.done():
+            room.set_result(None)
+        else:
+            self._wake_one(sub)
 
     # -- statistics -------------------------------------------------------------------------------------------
 
@@ -907,36 +1242,213 @@ class HotPath:
         matched = self._matched(sub)
         if sub.removed is None:
             dropped = sub.dropped
+            head = self._cursor
+            lag = head - sub.cursor
+            if lag > sub.max_lag and sub._hold is None and sub.policy in _SKIPPING:
+                # A drop_oldest subscriber that has not read for a while (a handler that hangs): what fell out
+                # of its window is lost already; it is told (on_drop) when it next reads.
+                if sub._wants_all:
+                    kept = sub.max_lag
+                else:
+                    want = sub._match.__getitem__
+                    kept = sum(sum(map(want, self._ring_sids[a:b])) for a, b in self._spans(head - sub.max_lag, head))
+                dropped = max(dropped, matched - sub._taken - kept)
             pending = matched - sub.delivered - dropped
-            lag = self._cursor - sub.cursor
         else:
             dropped = matched - sub.delivered
             pending = 0
             lag = 0
+        per = sub._avg_tick_ns
+        busy = 0
+        since = sub._busy_since
+        if since:
+            busy = max(0, self._clock() - since)
+            calls = sub._busy_n if sub.execution is Execution.INLINE else sub.delivered - sub._busy_base
+            per = max(per, busy // max(1, calls))
         return SubscriptionStats(
             name=sub.name, policy=sub.policy, patterns=tuple(p.text for p in sub.patterns), matched=matched,
             delivered=sub.delivered, dropped=dropped, pending=pending, errors=sub.errors,
-            drop_events=sub.drop_events, lag=lag, removed=sub.removed,
+            drop_events=sub.drop_events, lag=lag, removed=sub.removed, execution=sub.execution,
+            offloaded=sub.offloaded, handler_us=per / 1000, handler_max_us=sub._max_tick_ns / 1000,
+            handler_total_us=(sub._busy_ns + busy) // 1000, busy_us=busy // 1000, overruns=sub.overruns,
+            budget_us=sub.budget_us,
         )
+
+    def slowest(self, n: int = 3) -> list[SubscriptionStats]:
+        """The ``n`` current subscribers with the most handler time per tick (their own: recent mean, or the
+        chunk in progress when that is longer), then the largest lag: who is slow, not who waited."""
+        rows = [self._sub_stats(sub) for sub in self._subs]
+        rows.sort(key=_slowness)
+        return rows[:n]
 
     def stats(self) -> HotPathStats:
         by_policy = Counter(self._dropped_gone)
         delivered = self._gone_delivered
         errors = self._gone_errors
+        overruns = self._gone_overruns
         max_lag = 0
+        threads = 0
+        worst: SubscriptionStats | None = None
         for sub in (*self._subs, *self._retiring):
             st = self._sub_stats(sub)
             by_policy[sub.policy.value] += st.dropped
             delivered += st.delivered
             errors += st.errors
-            max_lag = max(max_lag, st.lag)
+            overruns += st.overruns
+            if sub.removed is None:
+                max_lag = max(max_lag, st.lag)
+                threads += sub.execution is Execution.THREAD
+                if (st.handler_us or st.lag) and (worst is None or _slowness(st) < _slowness(worst)):
+                    worst = st
         return HotPathStats(
             published=self._cursor, capacity=self.capacity, streams=len(self._names), subscribers=len(self._subs),
             delivered=delivered, dropped=sum(by_policy.values()), errors=errors,
             dropped_by_policy={p.value: by_policy[p.value] for p in SubscriberPolicy},
             disconnected=self.disconnected, removed=self.removed, blocked=self.blocked,
             waiting_room=self._backlog is not None, max_lag=max_lag,
+            slowest=worst.name if worst is not None else None, offloaded=self.offloaded, threads=threads,
+            overruns=overruns,
         )
+
+
+class _Worker:
+    """The thread of one thread subscriber, and its hand-off with the subscriber's task (see the module doc).
+
+    Ownership: the task writes ``pushed``, ``room`` and appends to ``queue``; the thread writes ``done``,
+    pops from ``queue``, appends to ``failures`` and ``timings`` (which the task pops), and is the only
+    writer of the subscriber's ``delivered`` count and handler times.  ``deque`` appends and pops are
+    atomic, and each count has one writer, so nothing takes a lock; the one blocking wait is the thread's
+    on ``event``, set once per chunk.
+    """
+
+    __slots__ = (
+        "_countdown",
+        "_every",
+        "_hot",
+        "_loop",
+        "_sub",
+        "done",
+        "event",
+        "failures",
+        "halted",
+        "pushed",
+        "queue",
+        "room",
+        "thread",
+        "timings",
+    )
+
+    def __init__(self, hot: HotPath, sub: Subscription, loop: asyncio.AbstractEventLoop, sample_every: int) -> None:
+        self._hot = hot
+        self._sub = sub
+        self._loop = loop
+        self._every = self._countdown = sample_every
+        self.queue: deque[tuple[list[Tick], list[int] | None]] = deque()
+        self.event = threading.Event()
+        self.halted = False
+        self.pushed = 0  # chunks handed over
+        self.done = 0  # chunks handled
+        self.room: asyncio.Future[None] | None = None  # set while the task waits for the thread to take a chunk
+        self.failures: deque[tuple[Tick, Exception, int]] = deque()  # (tick, error, index of the call)
+        self.timings: deque[tuple[int, int]] = deque()  # (µs from publish to handled, ticks) per publish batch
+        self.thread = threading.Thread(target=self._run, name=f"hotpath-{sub.name}"[:60], daemon=True)
+
+    def timed(self) -> bool:
+        """Whether the next chunk is one of the ``sample_every`` that are timed (the task's side)."""
+        if not self._every:
+            return False
+        self._countdown -= 1
+        if self._countdown:
+            return False
+        self._countdown = self._every
+        return True
+
+    def hand(self, ticks: list[Tick], stamps: list[int] | None) -> None:
+        """The task's side: pass one chunk of matching ticks (and their publish stamps if it is timed)."""
+        self._sub._taken += len(ticks)
+        self.queue.append((ticks, stamps))
+        self.pushed += 1
+        self.event.set()
+
+    def halt(self) -> None:
+        """On the loop, when the subscriber is removed: the thread ends after the call in progress."""
+        self.halted = True
+        self.event.set()
+        room = self.room
+        if room is not None and not room.done():
+            room.set_result(None)
+
+    def _run(self) -> None:
+        sub = self._sub
+        handler = cast(Callable[[Tick], object], sub.handler)
+        clock = self._hot._clock
+        queue, event, failures, timings = self.queue, self.event, self.failures, self.timings
+        while not self.halted:
+            try:
+                ticks, stamps = queue.popleft()
+            except IndexError:
+                event.clear()
+                if not queue and not self.halted:  # checked after the clear: a chunk handed meanwhile is seen
+                    event.wait()
+                continue
+            n = len(ticks)
+            base = sub._busy_base = sub.delivered
+            sub._busy_n = n
+            t0 = sub._busy_since = clock()
+            i = 0
+            while i < n and not self.halted:
+                stamp = 0
+                if stamps is None:
+                    j = n
+                else:
+                    stamp = stamps[i]
+                    j = n if stamps[n - 1] == stamp else bisect_right(stamps, stamp, i, n)
+                before = sub.delivered
+                for k in range(i, j):
+                    if self.halted:
+                        break
+                    sub.delivered += 1
+                    try:
+                        handler(ticks[k])
+                    except Exception as exc:
+                        failures.append((ticks[k], exc, sub.delivered))
+                if stamps is not None and sub.delivered > before:
+                    timings.append(((clock() - stamp) // 1000, sub.delivered - before))
+                i = j
+            ns = clock() - t0
+            sub._busy_since = 0
+            if sub.delivered > base:
+                sub._chunk_done(sub.delivered - base, ns)
+            self.done += 1
+            if failures or self.room is not None or (timings and sub._waiter is not None):
+                try:
+                    self._loop.call_soon_threadsafe(self._hot._poke, sub)
+                except RuntimeError:  # the loop is closed: nobody is left to serve
+                    return
+
+
+def overran(ns: int, calls: int, budget_ns: int) -> bool:
+    """Whether a chunk of ``calls`` handler calls that took ``ns`` overran a budget of ``budget_ns`` per call:
+    longer than the budget times the calls, and than :data:`MIN_OVERRUN_US` (so a one-call chunk hit by a
+    collection or a preemption is not taken for a slow handler)."""
+    return ns > budget_ns * calls and ns > _MIN_OVERRUN_NS
+
+
+def offload_due(overruns: Sequence[int], chunk: int) -> bool:
+    """Whether an inline subscriber is to be moved to a thread, given the chunk numbers of its latest
+    overruns (oldest first) and the number of the current chunk: :data:`OFFLOAD_AFTER` of them within
+    :data:`OFFLOAD_WINDOW` chunks."""
+    return len(overruns) >= OFFLOAD_AFTER and chunk - overruns[-OFFLOAD_AFTER] < OFFLOAD_WINDOW
+
+
+def _slowness(st: SubscriptionStats) -> tuple[float, int, str]:
+    return (-st.handler_us, -st.lag, st.name)
+
+
+def _check_budget(us: float) -> float:
+    if isinstance(us, bool) or not isinstance(us, int | float) or not 0 < us <= 1e9:
+        raise ConfigError(f"handler_budget_us must be a positive number of microseconds, got {us!r}")
+    return float(us)
 
 
 def _parse_patterns(patterns: str | Pattern | Iterable[str | Pattern]) -> tuple[Pattern, ...]:

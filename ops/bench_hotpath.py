@@ -22,26 +22,54 @@ over *every* subscriber, the slow ones included.
 
 A baseline runs the same load through the usual design, one ``asyncio.Queue`` per subscriber
 (``put_nowait``, drop when full; ``await get()`` per tick), for ``baseline_duration`` seconds.
+
+The slow-subscriber drill (``slow_handler_ms`` > 0): one more subscriber, on everything, with a
+*synchronous* handler that blocks ``slow_handler_ms`` per tick (``time.sleep``: the thread is held,
+as by blocking I/O) on ``drop_oldest``, the hot path's default execution (inline, moved to a thread of
+its own when it overruns its budget).  The same load then runs in ``rounds`` pairs of rounds, one
+without that subscriber and one with it, alternating (drift on a shared machine hits both alike), each
+``duration`` seconds; their histograms are merged per side.  ``without_*`` are the figures without it,
+``p99_ratio`` is the fast subscribers' p99 with it over without.  Given a Redis (``redis_url``), the
+distributor task also hands every batch to a real :class:`~distributor.writer.StreamWriter` under a
+prefix of its own (deleted afterwards), as an ingestor does, and ``redis_p99_us`` is the writer's
+acknowledgement latency (tick ready in the ingress -> Redis acknowledged its append, every tick timed,
+wall clock) with the slow subscriber, ``without_redis_p99_us`` without, ``redis_p99_ratio`` the ratio.
+``slow_sync`` reports what became of the slow subscriber (where it runs, its handler time, its drops)
+and ``slowest`` the name :meth:`~distributor.hotpath.HotPath.stats` gives.  The asyncio.Queue baseline
+is not run in the drill.
+
+``fast_execution="thread"`` runs the fast subscribers' handlers on threads of their own: against the
+default (inline), the price of a thread hop for a trivial handler.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import gc
 import random
+import sys
 import time
+import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
 from consumer_sdk.errors import ConfigError
 from consumer_sdk.keys import Pattern
+from consumer_sdk.latency import LatencyHistogram
 from consumer_sdk.tick import Tick
-from distributor.hotpath import DEFAULT_CAPACITY, HotPath, Subscription
+from distributor.hotpath import DEFAULT_CAPACITY, Execution, HotPath, Subscription
 from distributor.ingress import IngressQueue, Policy
+from distributor.writer import Retention, StreamWriter
 
-__all__ = ["MAX_TICKS", "bench_patterns", "run_hotpath_bench"]
+__all__ = ["MAX_TICKS", "bench_patterns", "main", "run_hotpath_bench"]
 
 MAX_TICKS: Final = 5_000_000  # pre-built ticks, about 0.5 kB each
 CHANNELS: Final = ("trade", "agg_trade", "book_ticker")
@@ -52,6 +80,9 @@ INGRESS_CAPACITY: Final = 100_000
 MAX_BATCH: Final = 5000
 PACE_S: Final = 0.0005  # the generator's sleep between batches (the event loop rounds it up to 1 ms)
 DRAIN_TIMEOUT_S: Final = 10.0
+SLOW_SYNC: Final = "slow-sync"  # the drill's slow synchronous subscriber
+MAX_SLOW_HANDLER_MS: Final = 1000.0
+REDIS_MAXLEN: Final = 10_000  # per stream, in the drill's own prefix
 
 
 @dataclass
@@ -83,6 +114,10 @@ class _Fine:
             if self.counts[us]:
                 return float(us)
         return 0.0
+
+    def merge(self, other: _Fine) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.over_max = max(self.over_max, other.over_max)
 
     def summary(self, prefix: str = "") -> dict[str, float]:
         return {
@@ -123,6 +158,20 @@ class _Slow:
             await asyncio.sleep(0.001)
 
 
+class _SlowSync:
+    """A synchronous handler that blocks ``ms`` per tick (the thread sleeps), until ``draining``."""
+
+    def __init__(self, ms: float) -> None:
+        self.seconds = ms / 1000
+        self.n = 0
+        self.draining = False
+
+    def __call__(self, tick: Tick) -> None:
+        self.n += 1
+        if not self.draining:
+            time.sleep(self.seconds)
+
+
 def bench_patterns(index: int, symbols: int, slow: bool) -> list[str]:
     """The patterns of subscriber ``index``: slow ones take everything; fast ones a mix of
     everything, one channel, a tenth of the symbols (glob) and one stream (literal)."""
@@ -159,10 +208,12 @@ def _build(total: int, symbols: int, seed: int) -> tuple[list[dict[str, Any]], l
 
 
 async def _generate(
-    ingress: IngressQueue[Tick], ticks: list[dict[str, Any]], rate: float, duration: float,
+    ingress: IngressQueue[Tick], ticks: list[dict[str, Any]], rate: float, duration: float, *, wall: bool = False,
 ) -> tuple[int, float]:
-    """Put ticks at ``rate``/s until ``duration`` has passed; returns (sent, seconds)."""
-    clock, stamp_clock = time.monotonic, time.perf_counter_ns
+    """Put ticks at ``rate``/s until ``duration`` has passed; returns (sent, seconds).
+
+    ``wall``: also stamp ``ts_recv`` (µs since the epoch, once per batch) for the writer's latency."""
+    clock, stamp_clock, wall_clock = time.monotonic, time.perf_counter_ns, time.time_ns
     offer, put = ingress.offer, ingress.put
     limit = len(ticks)
     sent = 0
@@ -180,21 +231,29 @@ async def _generate(
             while sent < due and offer(ticks[sent]):  # type: ignore[arg-type]
                 sent += 1
             stamp = stamp_clock()
-            for k in range(i, sent):
+            last = sent + 1 if sent < due else sent
+            for k in range(i, last):
                 ticks[k][STAMP] = stamp
+            if wall:
+                recv = wall_clock() // 1000
+                for k in range(i, last):
+                    ticks[k]["ts_recv"] = recv
             if sent < due:
-                ticks[sent][STAMP] = stamp
                 await put(ticks[sent])  # type: ignore[arg-type]
                 sent += 1
         await asyncio.sleep(PACE_S)
     return sent, clock() - t0
 
 
-async def _distribute_hot(ingress: IngressQueue[Tick], hot: HotPath) -> None:
+async def _distribute_hot(ingress: IngressQueue[Tick], hot: HotPath, writer: StreamWriter | None = None) -> None:
+    """The distributor's order: the hot path first, then the writer (when there is one)."""
     while True:
         batch = await ingress.get_batch(MAX_BATCH)
         if not hot.publish(batch):
             await hot.wait_room()
+        if writer is not None:
+            while not writer.submit(batch):
+                await writer.wait_room()
 
 
 async def _poll(condition: Callable[[], bool], limit_s: float) -> bool:
@@ -208,16 +267,44 @@ async def _poll(condition: Callable[[], bool], limit_s: float) -> bool:
         await asyncio.sleep(0.005)
 
 
+class _FineAck(LatencyHistogram):
+    """The writer's acknowledgement histogram, also counted at 1 µs resolution (its own buckets are a
+    quarter octave wide: too coarse to see a 10% move)."""
+
+    __slots__ = ("fine",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fine = _Fine()
+
+    def observe(self, us: int) -> None:
+        super().observe(us)
+        fine = self.fine
+        if 0 <= us < FINE_US:
+            fine.counts[us] += 1
+        else:
+            fine.counts[FINE_US] += 1
+            fine.over_max = max(fine.over_max, us)
+
+
+@dataclass
+class _Round:
+    figures: dict[str, Any]
+    fine: _Fine
+    redis: _Fine | None
+
+
 async def _run_hot(
     ticks: list[dict[str, Any]], which: list[int], names: list[str], *, rate: float, subscribers: int,
     slow_subscribers: int, duration: float, symbols: int, capacity: int, max_lag: int | None,
-) -> dict[str, Any]:
+    slow_handler_ms: float = 0.0, fast_execution: Execution = Execution.INLINE, redis: aioredis.Redis | None = None,
+) -> _Round:
     hot = HotPath(capacity=capacity)
     ingress: IngressQueue[Tick] = IngressQueue(INGRESS_CAPACITY, Policy.BLOCK)
     fine = _Fine()
     slow_every = max(1, int(rate // 4000))
     subs: list[tuple[Subscription, bool]] = []
-    slows: list[_Slow] = []
+    slows: list[_Slow | _SlowSync] = []
     for k in range(subscribers):
         is_slow = k < slow_subscribers
         handler: Callable[[Tick], Awaitable[None] | None]
@@ -228,38 +315,66 @@ async def _run_hot(
         else:
             handler = _fast_handler(fine)
         name = f"{'slow' if is_slow else 'fast'}{k}"
-        subs.append((hot.subscribe(handler, bench_patterns(k, symbols, is_slow), max_lag=max_lag, name=name), is_slow))
+        subs.append((hot.subscribe(handler, bench_patterns(k, symbols, is_slow), max_lag=max_lag, name=name,
+                                   execution=None if is_slow else fast_execution), is_slow))
+    sync_sub: Subscription | None = None
+    if slow_handler_ms > 0:
+        sync_slow = _SlowSync(slow_handler_ms)
+        slows.append(sync_slow)
+        sync_sub = hot.subscribe(sync_slow, f"{VENUE}:*:*", max_lag=max_lag, name=SLOW_SYNC, policy="drop_oldest")
+    prefix = f"bench-h{uuid.uuid4().hex[:10]}"
+    ack = _FineAck()
+    writer = None if redis is None else StreamWriter(
+        redis, prefix=prefix, retention=Retention(maxlen=REDIS_MAXLEN), sample_every=1, ack_latency=ack,
+    )
 
     hot.declare(names)  # as an ingestor does with its configured streams
     cpu0 = time.process_time()
     wall0 = time.monotonic()
-    async with asyncio.TaskGroup() as tg:
-        hot.start(tg)
-        dist = tg.create_task(_distribute_hot(ingress, hot), name="bench-distributor")
-        sent, gen_s = await _generate(ingress, ticks, rate, duration)
-        for slow in slows:
-            slow.draining = True
-        published_all = await _poll(lambda: hot.published == sent, DRAIN_TIMEOUT_S)
-        drained = published_all and await _poll(
-            lambda: all(s.stats().pending == 0 for s, _ in subs), DRAIN_TIMEOUT_S
-        )
-        cpu_s = time.process_time() - cpu0
-        wall_s = time.monotonic() - wall0
-        stats = [(s.stats(), is_slow) for s, is_slow in subs]
-        hot_stats = hot.stats()
-        hot.close()
-        dist.cancel()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            hot.start(tg)
+            tasks = [tg.create_task(_distribute_hot(ingress, hot, writer), name="bench-distributor")]
+            if writer is not None:
+                tasks.append(tg.create_task(writer.run(), name="bench-writer"))
+            sent, gen_s = await _generate(ingress, ticks, rate, duration, wall=writer is not None)
+            for laggard in slows:
+                laggard.draining = True
+            published_all = await _poll(lambda: hot.published == sent, DRAIN_TIMEOUT_S)
+            drained = published_all and await _poll(
+                lambda: all(s.stats().pending == 0 for s, _ in subs)
+                and (sync_sub is None or sync_sub.stats().pending == 0), DRAIN_TIMEOUT_S
+            )
+            if writer is not None:
+                stored = writer
+                drained = drained and await _poll(
+                    lambda: stored.appended + stored.duplicates + stored.rejected >= sent, DRAIN_TIMEOUT_S
+                )
+            cpu_s = time.process_time() - cpu0
+            wall_s = time.monotonic() - wall0
+            stats = [(s.stats(), is_slow) for s, is_slow in subs]
+            sync_st = sync_sub.stats() if sync_sub is not None else None
+            hot_stats = hot.stats()
+            hot.close()
+            for task in tasks:
+                task.cancel()
+    finally:
+        if redis is not None:
+            with contextlib.suppress(OSError, RedisError):
+                keys = [k async for k in redis.scan_iter(f"{prefix}:*", count=1000)]
+                if keys:
+                    await redis.delete(*keys)
 
     per_stream = Counter(which[:sent])
     accounted = drained
-    for st, _ in stats:
+    for st in [st for st, _ in stats] + ([sync_st] if sync_st is not None else []):
         pats = [Pattern(p) for p in st.patterns]
         expected = sum(n for sid, n in per_stream.items() if any(p.matches(names[sid]) for p in pats))
         if not (st.matched == expected == st.delivered + st.dropped and st.pending == 0):
             accounted = False
     fast = [st for st, is_slow in stats if not is_slow]
     slow_st = [st for st, is_slow in stats if is_slow]
-    return {
+    figures: dict[str, Any] = {
         "offered_rate": round(sent / gen_s, 1) if gen_s else 0.0,
         "published": hot_stats.published,
         "delivered": sum(st.delivered for st, _ in stats),
@@ -275,7 +390,16 @@ async def _run_hot(
         "cpu_util": round(cpu_s / wall_s, 3) if wall_s else 0.0,
         "accounted": accounted,
         "drained": drained,
+        "slowest": hot_stats.slowest,
     }
+    if writer is not None:
+        figures["redis_appended"] = writer.appended
+    if sync_st is not None:
+        figures["slow_sync"] = {
+            "execution": sync_st.execution.value, "offloaded": sync_st.offloaded, "delivered": sync_st.delivered,
+            "dropped": sync_st.dropped, "handler_us": round(sync_st.handler_us, 1), "overruns": sync_st.overruns,
+        }
+    return _Round(figures, fine, ack.fine if writer is not None else None)
 
 
 async def _run_baseline(
@@ -332,19 +456,104 @@ async def _run_baseline(
             "baseline_cpu_s": round(cpu_s, 3)}
 
 
+_SUMMED: Final = (
+    "published", "delivered", "dropped", "fast_delivered", "fast_dropped", "slow_delivered", "slow_dropped",
+    "latency_samples", "cpu_s", "redis_appended",
+)
+
+
+def _merge_rounds(rounds: Sequence[_Round], prefix: str) -> dict[str, Any]:
+    """One side of the drill: counts summed over its rounds, percentiles from the merged histograms."""
+    fine = _Fine()
+    redis_fine: _Fine | None = _Fine() if rounds[0].redis is not None else None
+    for r in rounds:
+        fine.merge(r.fine)
+        if redis_fine is not None and r.redis is not None:
+            redis_fine.merge(r.redis)
+    figs = [r.figures for r in rounds]
+    out: dict[str, Any] = {f"{prefix}{k}": sum(f.get(k, 0) for f in figs) for k in _SUMMED if k in figs[0]}
+    out[f"{prefix}cpu_s"] = round(out[f"{prefix}cpu_s"], 3)
+    out[f"{prefix}offered_rate"] = round(sum(f["offered_rate"] for f in figs) / len(figs), 1)
+    out[f"{prefix}cpu_util"] = round(sum(f["cpu_util"] for f in figs) / len(figs), 3)
+    out[f"{prefix}all_subscribers_p99_us"] = max(f["all_subscribers_p99_us"] for f in figs)
+    out[f"{prefix}accounted"] = all(f["accounted"] for f in figs)
+    out[f"{prefix}drained"] = all(f["drained"] for f in figs)
+    out |= fine.summary(prefix)
+    if redis_fine is not None:
+        out |= redis_fine.summary(f"{prefix}redis_")
+    names = sorted({str(f["slowest"]) for f in figs})
+    out[f"{prefix}slowest"] = names[0] if len(names) == 1 else names
+    syncs = [f["slow_sync"] for f in figs if "slow_sync" in f]
+    if syncs:
+        out[f"{prefix}slow_sync"] = {
+            "execution": sorted({x["execution"] for x in syncs}),
+            "offloaded_rounds": sum(1 for x in syncs if x["offloaded"]),
+            "delivered": sum(x["delivered"] for x in syncs),
+            "dropped": sum(x["dropped"] for x in syncs),
+            "handler_us": max(x["handler_us"] for x in syncs),
+            "overruns": sum(x["overruns"] for x in syncs),
+        }
+    return out
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+async def _drill(
+    ticks: list[dict[str, Any]], which: list[int], names: list[str], *, rate: float, subscribers: int,
+    slow_subscribers: int, round_s: float, rounds: int, symbols: int, capacity: int, max_lag: int | None,
+    slow_handler_ms: float, fast_execution: Execution, redis_url: str | None,
+) -> dict[str, Any]:
+    redis = None if redis_url is None else aioredis.Redis.from_url(redis_url, socket_timeout=10.0)
+    try:
+        if redis is not None:
+            await redis.ping()
+        without: list[_Round] = []
+        with_slow: list[_Round] = []
+        for _ in range(rounds):
+            for ms, side in ((0.0, without), (slow_handler_ms, with_slow)):
+                side.append(await _run_hot(
+                    ticks, which, names, rate=rate, subscribers=subscribers, slow_subscribers=slow_subscribers,
+                    duration=round_s, symbols=symbols, capacity=capacity, max_lag=max_lag, slow_handler_ms=ms,
+                    fast_execution=fast_execution, redis=redis,
+                ))
+    except (OSError, RedisError) as exc:
+        raise ConfigError(f"the drill's Redis at {redis_url} failed: {exc}") from None
+    finally:
+        if redis is not None:
+            await redis.aclose()
+    out = _merge_rounds(with_slow, "") | _merge_rounds(without, "without_")
+    out["p99_ratio"] = _ratio(out["p99_us"], out["without_p99_us"])
+    out["p50_ratio"] = _ratio(out["p50_us"], out["without_p50_us"])
+    if redis is not None:
+        out["redis_p99_ratio"] = _ratio(out["redis_p99_us"], out["without_redis_p99_us"])
+        out["redis_p50_ratio"] = _ratio(out["redis_p50_us"], out["without_redis_p50_us"])
+    return out
+
+
 async def _measure(
     ticks: list[dict[str, Any]], which: list[int], names: list[str], *, rate: float, subscribers: int,
     slow_subscribers: int, duration: float, symbols: int, capacity: int, max_lag: int | None, baseline_s: float,
+    slow_handler_ms: float, rounds: int, fast_execution: Execution, redis_url: str | None,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {
         "rate": rate, "subscribers": subscribers, "slow_subscribers": slow_subscribers, "duration": duration,
         "symbols": symbols, "streams": symbols * len(CHANNELS), "capacity": capacity,
-        "max_lag": capacity // 4 if max_lag is None else max_lag,
+        "max_lag": capacity // 4 if max_lag is None else max_lag, "fast_execution": fast_execution.value,
     }
-    result |= await _run_hot(
+    if slow_handler_ms > 0:
+        result |= {"slow_handler_ms": slow_handler_ms, "rounds": rounds, "redis": redis_url is not None}
+        result |= await _drill(
+            ticks, which, names, rate=rate, subscribers=subscribers, slow_subscribers=slow_subscribers,
+            round_s=duration / rounds, rounds=rounds, symbols=symbols, capacity=capacity, max_lag=max_lag,
+            slow_handler_ms=slow_handler_ms, fast_execution=fast_execution, redis_url=redis_url,
+        )
+        return result
+    result |= (await _run_hot(
         ticks, which, names, rate=rate, subscribers=subscribers, slow_subscribers=slow_subscribers,
-        duration=duration, symbols=symbols, capacity=capacity, max_lag=max_lag,
-    )
+        duration=duration, symbols=symbols, capacity=capacity, max_lag=max_lag, fast_execution=fast_execution,
+    )).figures
     if baseline_s > 0:
         for tick in ticks:
             tick[STAMP] = 0
@@ -370,10 +579,17 @@ async def run_hotpath_bench(
     baseline_duration: float | None = None,
     capacity: int = DEFAULT_CAPACITY,
     max_lag: int | None = None,
+    slow_handler_ms: float = 0.0,
+    rounds: int = 2,
+    fast_execution: str = "inline",
+    redis_url: str | None = None,
 ) -> dict[str, Any]:
     """Run the hot-path load test; returns the figures as one flat dict (see the module doc).
 
     ``baseline_duration`` defaults to ``min(duration, 5)`` seconds; ``baseline=False`` skips it.
+    ``slow_handler_ms`` > 0 runs the slow-subscriber drill instead: ``duration`` seconds with the slow
+    synchronous subscriber and as many without, in ``rounds`` alternating pairs; ``redis_url`` adds the
+    writer.  ``fast_execution``: ``inline`` or ``thread`` for the fast subscribers' handlers.
     """
     if rate <= 0 or duration <= 0:
         raise ConfigError(f"rate and duration must be positive, got rate={rate} duration={duration}")
@@ -383,19 +599,65 @@ async def run_hotpath_bench(
         )
     if symbols < 1:
         raise ConfigError(f"symbols must be at least 1, got {symbols}")
-    total = int(rate * duration) + 1
+    if not 0 <= slow_handler_ms <= MAX_SLOW_HANDLER_MS:
+        raise ConfigError(f"slow handler ms must be between 0 (no drill) and {MAX_SLOW_HANDLER_MS:g}, "
+                          f"got {slow_handler_ms}")
+    if not 1 <= rounds <= 100:
+        raise ConfigError(f"rounds must be between 1 and 100, got {rounds}")
+    if fast_execution not in (Execution.INLINE, Execution.THREAD):
+        raise ConfigError(f"fast execution must be 'inline' or 'thread', got {fast_execution!r}")
+    drill = slow_handler_ms > 0
+    per_run = duration / rounds if drill else duration
+    total = int(rate * per_run) + 1
     if total > MAX_TICKS:
         raise ConfigError(f"rate x duration is {total} ticks, over the bench's limit of {MAX_TICKS}")
     base_s = min(duration, 5.0) if baseline_duration is None else baseline_duration
+    if drill:
+        base_s = 0.0
+    runs_s = 2 * duration if drill else duration + (base_s if baseline else 0.0)
+    runs = 2 * rounds if drill else 2
 
     ticks, which, names = _build(total, symbols, seed)
     # The pre-built ticks live for the whole run: keep the collector from walking the list holding them.
     gc.freeze()
-    deadline = duration + base_s + 4 * DRAIN_TIMEOUT_S + 30.0  # a bound on the whole run: it never hangs
+    deadline = runs_s + runs * 4 * DRAIN_TIMEOUT_S + 30.0  # a bound on the whole run: it never hangs
     try:
         async with asyncio.timeout(deadline):
             return await _measure(ticks, which, names, rate=rate, subscribers=subscribers,
                                   slow_subscribers=slow_subscribers, duration=duration, symbols=symbols,
-                                  capacity=capacity, max_lag=max_lag, baseline_s=base_s if baseline else 0.0)
+                                  capacity=capacity, max_lag=max_lag, baseline_s=base_s if baseline else 0.0,
+                                  slow_handler_ms=slow_handler_ms, rounds=rounds,
+                                  fast_execution=Execution(fast_execution), redis_url=redis_url)
     finally:
         gc.unfreeze()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ops.bench_hotpath``: the bench with every knob, one JSON line on stdout."""
+    parser = argparse.ArgumentParser(prog="python -m ops.bench_hotpath", description=__doc__.split("\n")[0])
+    parser.add_argument("--rate", type=float, default=50_000, help="ticks per second offered to the ingress")
+    parser.add_argument("--subscribers", type=int, default=16, help="co-located subscribers")
+    parser.add_argument("--slow-subscribers", type=int, default=1, help="of which deliberately slow (async)")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds (per side, in the drill)")
+    parser.add_argument("--slow-handler-ms", type=float, default=0.0,
+                        help="the drill: one more subscriber, synchronous, blocking this long per tick")
+    parser.add_argument("--rounds", type=int, default=2, help="the drill's alternating pairs of rounds")
+    parser.add_argument("--fast-execution", default="inline", help="inline or thread, for the fast subscribers")
+    parser.add_argument("--redis", default=None, metavar="URL", help="the drill also writes to this Redis")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the asyncio.Queue baseline")
+    try:
+        args = parser.parse_args(argv)
+        result = asyncio.run(run_hotpath_bench(
+            rate=args.rate, subscribers=args.subscribers, slow_subscribers=args.slow_subscribers,
+            duration=args.duration, slow_handler_ms=args.slow_handler_ms, rounds=args.rounds,
+            fast_execution=args.fast_execution, redis_url=args.redis, baseline=not args.no_baseline,
+        ))
+    except ConfigError as exc:
+        print(f"bench hotpath: {exc}", file=sys.stderr)
+        return 2
+    print(orjson.dumps(result).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

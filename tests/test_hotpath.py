@@ -17,6 +17,7 @@ from consumer_sdk.keys import Pattern
 from consumer_sdk.tick import Tick
 from distributor import hotpath as hotpath_module
 from distributor.hotpath import HotPath, HotPathStats, SubscriberPolicy, Subscription, SubscriptionStats
+from ops.bench_hotpath import main as bench_main
 from ops.bench_hotpath import run_hotpath_bench
 
 UNIT = 2.0  # seconds: the bound on every wait below; nothing here should come near it
@@ -226,8 +227,9 @@ def test_stream_table_is_bounded() -> None:
 
 def test_public_names() -> None:
     assert set(hotpath_module.__all__) == {
-        "DEFAULT_CAPACITY", "DEFAULT_MAX_CHUNK", "DEFAULT_MAX_STREAMS", "DEFAULT_MAX_SUBSCRIBERS", "HOT_SAMPLE_EVERY",
-        "Handler",
+        "DEFAULT_CAPACITY", "DEFAULT_HANDLER_BUDGET_US", "DEFAULT_MAX_CHUNK", "DEFAULT_MAX_STREAMS",
+        "DEFAULT_MAX_SUBSCRIBERS", "HANDOFF_CHUNKS", "HOT_SAMPLE_EVERY", "MIN_OVERRUN_US", "OFFLOAD_AFTER",
+        "OFFLOAD_WINDOW", "PROBATION_CHUNK", "Execution", "Handler", "offload_due", "overran",
         "HotPath", "HotPathStats", "SubscriberPolicy", "Subscription", "SubscriptionStats",
     }
 
@@ -737,6 +739,22 @@ async def test_bench_quick_run_adds_up() -> None:
     assert r["p50_us"] <= r["p99_us"] <= r["p999_us"] <= r["max_us"]
 
 
+async def test_bench_slow_handler_drill_adds_up(redis_url: str) -> None:
+    r = await run_hotpath_bench(rate=2000, subscribers=2, slow_subscribers=0, duration=1.2, symbols=5, rounds=2,
+                                slow_handler_ms=1.0, redis_url=redis_url)
+    for name in ("p50_us", "p99_us", "without_p50_us", "without_p99_us", "p99_ratio", "redis_p99_us",
+                 "without_redis_p99_us", "redis_p99_ratio", "slow_sync", "slowest", "without_slowest"):
+        assert name in r, name
+    assert r["accounted"] is True and r["without_accounted"] is True and r["drained"] is True
+    assert r["redis_appended"] == r["published"] and r["without_redis_appended"] == r["without_published"]
+    assert r["latency_samples"] == r["fast_delivered"] > 0 and r["without_latency_samples"] > 0
+    assert r["slowest"] == "slow-sync" and r["without_slowest"] != "slow-sync"
+    slow = r["slow_sync"]
+    assert slow["execution"] == ["thread"] and slow["offloaded_rounds"] == 2
+    assert slow["delivered"] + slow["dropped"] == r["published"]
+    assert r["p50_us"] <= r["p99_us"] and r["redis_p50_us"] <= r["redis_p99_us"]
+
+
 async def test_bench_rejects_bad_parameters() -> None:
     with pytest.raises(ConfigError):
         await run_hotpath_bench(rate=0, subscribers=1, slow_subscribers=0, duration=1)
@@ -744,3 +762,16 @@ async def test_bench_rejects_bad_parameters() -> None:
         await run_hotpath_bench(rate=10, subscribers=1, slow_subscribers=2, duration=1)
     with pytest.raises(ConfigError, match="limit"):
         await run_hotpath_bench(rate=1e9, subscribers=1, slow_subscribers=0, duration=100)
+    with pytest.raises(ConfigError, match="slow handler"):
+        await run_hotpath_bench(rate=10, subscribers=1, slow_subscribers=0, duration=1, slow_handler_ms=-1)
+    with pytest.raises(ConfigError, match="rounds"):
+        await run_hotpath_bench(rate=10, subscribers=1, slow_subscribers=0, duration=1, slow_handler_ms=1, rounds=0)
+    with pytest.raises(ConfigError, match="fast execution"):
+        await run_hotpath_bench(rate=10, subscribers=1, slow_subscribers=0, duration=1, fast_execution="async")
+
+
+def test_bench_command_line_refuses_bad_input_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--rate", "0"], ["--slow-handler-ms", "5000"], ["--fast-execution", "process"]):
+        assert bench_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("bench hotpath: ") and err.count("\n") == 1, err

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 from consumer_sdk.tick import Tick
@@ -53,3 +54,50 @@ async def test_shed_releases_the_publisher_and_counts_what_the_blocker_missed() 
         hot.set_shed(False)
         assert not hot.shed
         hot.close()
+
+
+async def test_shed_releases_the_publisher_from_a_thread_blocker_that_hangs() -> None:
+    """The same with a synchronous blocker on a thread of its own, stuck in its handler: shedding releases the
+    publisher at once, and what the blocker can no longer get is counted as dropped while it is still stuck."""
+    hot = HotPath(capacity=1024)
+    gate = threading.Event()
+    got: list[int] = []
+
+    def stuck(tick: Tick) -> None:
+        gate.wait(20)
+        got.append(tick["seq"])
+
+    sub = hot.subscribe(stuck, ["binance:*:*"], policy="block", max_lag=64, execution="thread")
+    try:
+        async with asyncio.TaskGroup() as tg:
+            hot.start(tg)
+            assert hot.publish(ticks(10))
+            async with asyncio.timeout(5):
+                while sub.stats().delivered == 0:  # its first call has begun: it hangs there
+                    await asyncio.sleep(0.001)
+            published = 10
+            while hot.publish(ticks(10, start=published + 1)):
+                published += 10
+                await asyncio.sleep(0)
+            assert published <= 64 + 2 * 10  # held back by the blocker: its window and its hand-off
+            waiting = asyncio.create_task(hot.wait_room())
+            await asyncio.sleep(0)
+            assert not waiting.done()
+            hot.set_shed(True)
+            async with asyncio.timeout(1):
+                await waiting
+            published += 10
+            assert hot.publish(ticks(500, start=published + 1))
+            published += 500
+            st = sub.stats()
+            assert st.dropped > 0 and st.matched == st.delivered + st.dropped + st.pending == published
+            gate.set()
+            async with asyncio.timeout(5):
+                while sub.stats().pending or len(got) != sub.stats().delivered:
+                    await asyncio.sleep(0.001)
+            st = sub.stats()
+            assert st.matched == published == st.delivered + st.dropped and got == sorted(got)
+            assert got[-1] == published  # lapped like drop_oldest: it ends with the newest
+            hot.close()
+    finally:
+        gate.set()

@@ -203,6 +203,11 @@ def simulate(
     malformed: Annotated[float, typer.Option(help="fault: fraction of frames sent malformed")] = 0.0,
     duplicate: Annotated[float, typer.Option(help="fault: fraction of frames sent twice")] = 0.0,
     out_of_order: Annotated[float, typer.Option(help="fault: fraction of frames swapped with the next")] = 0.0,
+    rest_faults: Annotated[
+        str,
+        typer.Option(help="fault: what the first REST requests get instead of their answer, in order: "
+                          "PATH=STATUS[:RETRY_AFTER]|close,...;PATH=..., e.g. 'historicalTrades=429:2,503,close'"),
+    ] = "",
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """The Binance-compatible venue simulator (WebSocket + REST + /control on one port)."""
@@ -224,6 +229,7 @@ def simulate(
         replay_speed=replay_speed, replay_loop=replay_loop, batch_interval=batch_interval,
         close_every=close_every, stall_for=stall_for, refuse_for=refuse_for,
         fault_malformed=malformed, fault_duplicate=duplicate, fault_out_of_order=out_of_order,
+        rest_faults=rest_faults,
     )
 
     def ready(sim: Any) -> None:

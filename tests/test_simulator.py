@@ -4,10 +4,13 @@ websockets client and plain HTTP against a live Simulator on a free port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,15 @@ from ops.simulator.protocol import (
     text_frame,
 )
 from ops.simulator.replay import capture_symbols, frames_due, load_capture
-from ops.simulator.rest import RestApi
+from ops.simulator.rest import (
+    ALL_PATHS,
+    RestApi,
+    RestFault,
+    RestFaults,
+    fault_response,
+    parse_rest_faults,
+    parse_rest_schedule,
+)
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "binance-spot-2021-10-12.jsonl"
 
@@ -58,7 +69,7 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 5 * UNIT) -
     """Poll ``condition`` until it holds; fail after ``timeout``."""
     async with asyncio.timeout(timeout):
         while not condition():
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # poll
 
 
 async def recv_json(ws: ClientConnection, timeout: float = 5 * UNIT) -> Any:
@@ -138,6 +149,8 @@ def test_public_api_is_pinned() -> None:
     assert sorted(simulator.__all__) == [
         "CaptureError",
         "FaultRates",
+        "RestFault",
+        "RestFaults",
         "Simulator",
         "SimulatorConfig",
         "SimulatorConfigError",
@@ -379,6 +392,63 @@ def test_rest_api_shapes_and_errors() -> None:
     assert get("/api/v3/nothing")[0] == 404
 
 
+# -- REST faults --
+
+
+def test_rest_fault_schedules_are_parsed_from_text() -> None:
+    assert parse_rest_schedule("400, 418,429:30,503,close") == (
+        RestFault(400), RestFault(418), RestFault(429, 30), RestFault(503), RestFault(None),
+    )
+    assert parse_rest_schedule("") == ()
+    assert parse_rest_faults("historicalTrades=429:2,close; /api/v3/aggTrades=500;*=503") == {
+        "/api/v3/historicalTrades": (RestFault(429, 2), RestFault(None)),
+        "/api/v3/aggTrades": (RestFault(500),),
+        ALL_PATHS: (RestFault(503),),
+    }
+    assert ",".join(map(str, parse_rest_schedule("429:2,close,503"))) == "429:2,close,503"
+    for bad in ("299", "600", "499", "429:-1", "429:x", "teapot", "close:3"):
+        with pytest.raises(SimulatorConfigError):
+            parse_rest_schedule(bad)
+    for bad in ("aggTrades", "a b=503", "=503"):
+        with pytest.raises(SimulatorConfigError):
+            parse_rest_faults(bad)
+    with pytest.raises(SimulatorConfigError, match="no REST endpoint"):
+        Simulator(SimulatorConfig(rest_faults="klinez=503"))
+    with pytest.raises(SimulatorConfigError):
+        SimulatorConfig(rest_faults="aggTrades=42")
+
+
+def test_rest_faults_are_taken_one_per_request_in_order_then_for_any_path() -> None:
+    faults = RestFaults(parse_rest_faults("aggTrades=429:1,close;*=503"))
+    agg, trades = "/api/v3/aggTrades", "/api/v3/historicalTrades"
+    assert faults.pending() == {agg: "429:1,close", ALL_PATHS: "503"}
+    assert [faults.take(agg) for _ in range(4)] == [RestFault(429, 1), RestFault(None), RestFault(503), None]
+    assert faults.take(trades) is None  # the schedule for any path was used up by aggTrades
+    faults.schedule(trades, [RestFault(400)])
+    faults.schedule(trades, [RestFault(418)])  # replaces
+    assert faults.take(trades) == RestFault(418) and faults.take(trades) is None
+    faults.schedule(agg, [RestFault(500)])
+    faults.schedule(agg, [])  # clears
+    assert faults.take(agg) is None
+    assert faults.state() == {"pending": {}, "requests": {agg: 5, trades: 3}, "injected": {agg: 3, trades: 1}}
+
+
+def test_fault_answers_carry_binance_error_bodies_and_retry_after() -> None:
+    def answer(fault: RestFault) -> tuple[int, Any, dict[str, str]]:
+        r = fault_response(fault, T0)
+        return r.status, orjson.loads(r.body), dict(r.headers)
+
+    assert answer(RestFault(429, 7)) == (429, {"code": -1003, "msg": answer(RestFault(429))[1]["msg"]},
+                                         {"Retry-After": "7"})
+    status, body, headers = answer(RestFault(418))
+    assert status == 418 and body["code"] == -1003 and f"banned until {T0 + 120_000}" in body["msg"] and not headers
+    assert answer(RestFault(400))[:2] == (400, {"code": -1100, "msg": "Illegal characters found in a parameter."})
+    assert answer(RestFault(503))[1]["code"] == answer(RestFault(500))[1]["code"] == -1001
+    assert answer(RestFault(404))[1]["code"] == -1000
+    with pytest.raises(ValueError):
+        fault_response(RestFault(None), T0)
+
+
 # -- protocol --
 
 
@@ -488,12 +558,19 @@ def test_control_requests() -> None:
     assert parse_control("/control/faults", {"duplicate": ["0.1"]}) == ControlCommand(
         "faults", rates={"duplicate": 0.1}
     )
+    assert parse_control("/control/rest_faults", {"path": ["aggTrades"], "schedule": ["429:2,close"]}) == (
+        ControlCommand("rest_faults", path="/api/v3/aggTrades", rest_faults=(RestFault(429, 2), RestFault(None)))
+    )
+    assert parse_control("/control/rest_faults", {}) == ControlCommand("rest_faults", path=ALL_PATHS)
     for path, query in [
         ("/control/nope", {}),
         ("/control/stall", {}),
         ("/control/refuse", {"seconds": ["-1"]}),
         ("/control/faults", {"malformed": ["2"]}),
         ("/control/faults", {"typo": ["0.1"]}),
+        ("/control/rest_faults", {"schedule": ["2xx"]}),
+        ("/control/rest_faults", {"path": ["a b"]}),
+        ("/control/rest_faults", {"status": ["503"]}),
     ]:
         assert isinstance(parse_control(path, query), str)
 
@@ -801,7 +878,7 @@ async def test_refuse_new_connections_for_a_while(sims: Callable[..., Awaitable[
                     connected = True
             except InvalidStatus as exc:
                 assert exc.response.status_code == 503
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02)  # poll
 
 
 async def test_malformed_duplicate_and_out_of_order_frames(sims: Callable[..., Awaitable[Simulator]]) -> None:
@@ -853,3 +930,67 @@ async def test_faults_from_the_config(sims: Callable[..., Awaitable[Simulator]])
     async with connect(f"{sim.ws_url}/ws/btcusdt@bookTicker") as ws:
         first, second = await recv_json(ws), await recv_json(ws)
         assert first == second
+
+
+async def raw_get(url: str) -> bytes:
+    """Everything the server sends back to one HTTP/1.1 GET, until it closes the connection."""
+    parts = urlsplit(url)
+    async with asyncio.timeout(5 * UNIT):
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        writer.write(f"GET {parts.path}?{parts.query} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode())
+        try:
+            return await reader.read()
+        except ConnectionResetError:
+            return b""
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionResetError):
+                await writer.wait_closed()
+
+
+async def test_rest_faults_through_the_control_endpoint(sims: Callable[..., Awaitable[Simulator]]) -> None:
+    sim = await sims(rate=2000.0)
+    base, path = sim.rest_url, "/api/v3/historicalTrades?symbol=BTCUSDT&limit=5"
+    await wait_until(lambda: sim.stats().ticks_generated["trade"] >= 5)
+    schedule = "400,418,429:30,503,close"
+    status, state = await http_get(f"{base}/control/rest_faults?path=historicalTrades&schedule={schedule}")
+    assert status == 200
+    assert state["rest_faults"]["pending"] == {"/api/v3/historicalTrades": schedule}
+    for want in (400, 418, 429, 503):
+        assert (await http_get(base + path))[0] == want
+    assert await raw_get(base + path) == b""  # closed with no answer at all
+    status, trades = await http_get(base + path)
+    assert status == 200 and len(trades) == 5  # the schedule is used up: answers again
+    head = (await raw_get(f"{base}/api/v3/ping")).partition(b"\r\n\r\n")[0]
+    assert b"Retry-After" not in head
+    await http_get(f"{base}/control/rest_faults?path=aggTrades&schedule=429:30")
+    head = (await raw_get(f"{base}/api/v3/aggTrades?symbol=BTCUSDT")).partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 429 ") and b"\r\nRetry-After: 30" in head
+    await http_get(f"{base}/control/rest_faults?schedule=503")  # any path
+    assert (await http_get(f"{base}/api/v3/time"))[0] == 503
+    status, error = await http_get(f"{base}/control/rest_faults?path=klinez&schedule=503")
+    assert status == 400 and "no REST endpoint" in error["error"]
+    await http_get(f"{base}/control/rest_faults?path=trades&schedule=503")
+    _status, state = await http_get(f"{base}/control/clear")
+    assert state["rest_faults"]["pending"] == {}
+    assert (await http_get(f"{base}/api/v3/trades?symbol=BTCUSDT"))[0] == 200
+    faults = sim.rest_faults
+    assert faults.injected == {"/api/v3/historicalTrades": 5, "/api/v3/aggTrades": 1, "/api/v3/time": 1}
+    assert faults.requests["/api/v3/historicalTrades"] == 6 and faults.requests["/api/v3/ping"] == 1
+
+
+async def test_rest_faults_from_the_config(sims: Callable[..., Awaitable[Simulator]]) -> None:
+    sim = await sims(rate=0, rest_faults="ping=503;*=close")
+    assert (await http_get(f"{sim.rest_url}/api/v3/ping"))[0] == 503
+    assert await raw_get(f"{sim.rest_url}/api/v3/time") == b""
+    assert (await http_get(f"{sim.rest_url}/api/v3/time"))[0] == 200
+
+
+def test_market_simulate_refuses_a_bad_rest_fault_schedule() -> None:
+    for bad, needle in (("aggTrades=42", "bad REST fault '42'"), ("klinez=503", "no REST endpoint")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "ops.cli", "simulate", "--port", "0", "--rest-faults", bad],
+            capture_output=True, text=True, timeout=60,
+        )
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr

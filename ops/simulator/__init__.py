@@ -31,8 +31,8 @@ REST (same port, GET)
 Control endpoint (same port, GET; answers the state as JSON)
     ``/control/state``; ``/control/close_all[?abort=true]``; ``/control/stall?seconds=S``;
     ``/control/refuse?seconds=S``; ``/control/faults?malformed=F&duplicate=F&out_of_order=F``;
-    ``/control/clear``. The same faults are methods of :class:`Simulator` and settings of
-    :class:`SimulatorConfig` applied from the start:
+    ``/control/rest_faults?path=P&schedule=ITEMS``; ``/control/clear``. The same faults are
+    methods of :class:`Simulator` and settings of :class:`SimulatorConfig` applied from the start:
 
     - close_all: every connection gets a close frame (1001), or with ``abort`` the TCP connection
       is dropped without one;
@@ -41,7 +41,11 @@ Control endpoint (same port, GET; answers the state as JSON)
       meanwhile are not sent but are in the REST history;
     - refuse: for S seconds new WebSocket handshakes get HTTP 503; REST keeps answering;
     - malformed / duplicate / out_of_order: that fraction of stream frames is cut short (invalid
-      JSON), sent twice, or swapped with the next frame of the same stream.
+      JSON), sent twice, or swapped with the next frame of the same stream;
+    - rest_faults: the next requests to a REST path (or to any) get, one each and in order, an
+      HTTP error with Binance's error body (``400``, ``418``, ``429:30`` with ``Retry-After: 30``,
+      ``503``, ...) or ``close`` (the connection dropped, no answer); then normal answers again.
+      :attr:`Simulator.rest_faults` counts the requests and the faults given per path.
 
 Synthetic market or replay
     By default a seeded :class:`SyntheticMarket` generates ``rate`` ticks a second in total (trade,
@@ -58,11 +62,14 @@ from .config import SimulatorConfig
 from .errors import CaptureError, SimulatorConfigError, SimulatorError
 from .market import SymbolSpec, SyntheticMarket
 from .protocol import FaultRates
+from .rest import RestFault, RestFaults
 from .server import Simulator, SimulatorStats, run_simulator
 
 __all__ = [
     "CaptureError",
     "FaultRates",
+    "RestFault",
+    "RestFaults",
     "Simulator",
     "SimulatorConfig",
     "SimulatorConfigError",

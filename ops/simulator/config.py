@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .errors import SimulatorConfigError
 from .market import KLINE_INTERVAL_MS
+from .rest import parse_rest_faults
 
 __all__ = ["SimulatorConfig"]
 
@@ -98,6 +99,9 @@ class SimulatorConfig:
     stall_for: float = 0.0
     #: close every connection every this many seconds (None: never)
     close_every: float | None = None
+    #: REST faults scheduled from the start, ``PATH=ITEM,ITEM;PATH=...`` (see :mod:`.rest`), e.g.
+    #: ``"aggTrades=429:1,503,close"``: the first three ``aggTrades`` requests get them, in order
+    rest_faults: str = ""
 
     def __post_init__(self) -> None:
         symbols = self.symbols
@@ -165,3 +169,8 @@ class SimulatorConfig:
         _non_negative("stall_for", self.stall_for)
         if self.close_every is not None:
             _positive("close_every", self.close_every)
+        if not isinstance(self.rest_faults, str):
+            raise SimulatorConfigError(
+                f"rest_faults must be a schedule like 'aggTrades=429:1,503', got {self.rest_faults!r}"
+            )
+        parse_rest_faults(self.rest_faults)

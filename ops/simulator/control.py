@@ -11,8 +11,14 @@ All are GET requests on the simulator's port (websockets answers GET only):
 ``/control/refuse?seconds=S``                   answer new WebSocket handshakes with HTTP 503
 ``/control/faults?malformed=F&duplicate=F``     fractions of stream frames to corrupt, duplicate
 ``&out_of_order=F``                             or swap; parameters left out keep their value
-``/control/clear``                              end stall and refusal, all fractions to 0
+``/control/clear``                              end stall and refusal, all fractions to 0, no
+                                                REST fault left scheduled
 ``/control/rate?value=N``                       generate N ticks a second in total from now on
+``/control/rest_faults?path=P&schedule=ITEMS``  the next requests to REST path P (``*``: any;
+                                                the default) get ITEMS instead of their answer,
+                                                one each: ``400``, ``418``, ``429:30`` (with
+                                                ``Retry-After: 30``), ``503``, ``close`` (no
+                                                answer); an empty schedule clears P's
 ==============================================  =================================================
 
 Each answers ``200`` with the state as JSON after the change, or ``400`` with ``{"error": msg}``.
@@ -25,12 +31,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from .errors import SimulatorConfigError
+from .rest import ALL_PATHS, RestFault, parse_rest_path, parse_rest_schedule
+
 __all__ = ["CONTROL_PREFIX", "ControlCommand", "parse_control"]
 
 CONTROL_PREFIX: Final = "/control/"
 
-Action = Literal["state", "close_all", "stall", "refuse", "faults", "clear", "rate"]
-_ACTIONS: Final[tuple[Action, ...]] = ("state", "close_all", "stall", "refuse", "faults", "clear", "rate")
+Action = Literal["state", "close_all", "stall", "refuse", "faults", "clear", "rate", "rest_faults"]
+_ACTIONS: Final[tuple[Action, ...]] = (
+    "state", "close_all", "stall", "refuse", "faults", "clear", "rate", "rest_faults",
+)
 _RATE_NAMES: Final = ("malformed", "duplicate", "out_of_order")
 
 
@@ -42,6 +53,9 @@ class ControlCommand:
     seconds: float = 0.0
     abort: bool = False
     rates: dict[str, float] = field(default_factory=dict)
+    #: rest_faults: the REST path and the faults its next requests get
+    path: str = ""
+    rest_faults: tuple[RestFault, ...] = ()
 
 
 def _last(query: Mapping[str, Sequence[str]], name: str) -> str | None:
@@ -68,6 +82,16 @@ def parse_control(path: str, query: Mapping[str, Sequence[str]]) -> ControlComma
     action = next((a for a in _ACTIONS if a == name), None)
     if action is None:
         return f"unknown control action {name!r}; expected one of " + ", ".join(_ACTIONS)
+    if action == "rest_faults":
+        unknown = set(query) - {"path", "schedule"}
+        if unknown:
+            return f"unknown parameter {sorted(unknown)[0]!r}; expected path, schedule"
+        try:
+            path = parse_rest_path(_last(query, "path") or ALL_PATHS)
+            faults = parse_rest_schedule(_last(query, "schedule") or "")
+        except SimulatorConfigError as exc:
+            return str(exc)
+        return ControlCommand(action, path=path, rest_faults=faults)
     if action == "rate":
         value = _number(query, "value")
         if isinstance(value, str):

@@ -27,7 +27,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from operator import itemgetter
 from types import TracebackType
@@ -59,7 +59,7 @@ from .protocol import (
     text_frame,
 )
 from .replay import ReplayFrame, capture_symbols, frames_due, load_capture
-from .rest import RestApi
+from .rest import ALL_PATHS, RestApi, RestFault, RestFaults, fault_response, parse_rest_faults
 
 __all__ = ["Simulator", "SimulatorStats", "run_simulator"]
 
@@ -125,7 +125,7 @@ class _Connection:
         self.closing.set()
 
 
-def _json_response(status: int, body: bytes) -> Response:
+def _json_response(status: int, body: bytes, extra: tuple[tuple[str, str], ...] = ()) -> Response:
     st = http.HTTPStatus(status)
     headers = Headers(
         [
@@ -133,6 +133,7 @@ def _json_response(status: int, body: bytes) -> Response:
             ("Connection", "close"),
             ("Content-Length", str(len(body))),
             ("Content-Type", "application/json;charset=UTF-8"),
+            *extra,
         ]
     )
     return Response(st.value, st.phrase, headers, body)
@@ -164,6 +165,9 @@ class Simulator:
         )
         self._catalog = StreamCatalog(symbols)
         self._rest = RestApi(self.market, self._clock_ms)
+        self._rest_faults = RestFaults()
+        for path, faults in parse_rest_faults(cfg.rest_faults).items():
+            self.set_rest_faults(path, faults)
         self._faults = FaultInjector[_Item](
             random.Random(f"faults:{cfg.seed}"),
             stream_of=_stream_of,
@@ -330,6 +334,7 @@ class Simulator:
             "refusing": now < self._refuse_until,
             "refuse_remaining": max(0.0, self._refuse_until - now),
             "rates": asdict(self._faults.rates),
+            "rest_faults": self._rest_faults.state(),
             "stats": stats,
         }
 
@@ -402,13 +407,28 @@ class Simulator:
         log.info("fault rates", extra={"fields": asdict(self._faults.rates)})
         return self._faults.rates
 
+    @property
+    def rest_faults(self) -> RestFaults:
+        """The REST fault schedules, and per path the requests seen and the faults given (read-only use)."""
+        return self._rest_faults
+
+    def set_rest_faults(self, path: str, faults: Iterable[RestFault]) -> None:
+        """The next requests to REST ``path`` (:data:`~.rest.ALL_PATHS`: to any) get ``faults`` instead of
+        their answer, one each, in order; no faults clears the path's schedule."""
+        if path != ALL_PATHS and not self._rest.handles(path):
+            raise SimulatorConfigError(f"no REST endpoint {path!r} to schedule faults on")
+        faults = tuple(faults)
+        self._rest_faults.schedule(path, faults)
+        log.info("fault rest", extra={"fields": {"path": path, "schedule": ",".join(map(str, faults))}})
+
     def clear_faults(self) -> None:
-        """End a stall and a refusal, and set every fault fraction to 0."""
+        """End a stall and a refusal, set every fault fraction to 0, and drop every REST fault schedule."""
         if self._stall_handle is not None:
             self._stall_handle.cancel()
         self._end_stall()
         self._refuse_until = 0.0
         self._faults.rates = FaultRates()
+        self._rest_faults.clear()
 
     @property
     def rate(self) -> float:
@@ -435,6 +455,8 @@ class Simulator:
             self.clear_faults()
         elif command.action == "rate":
             self.set_rate(command.seconds)
+        elif command.action == "rest_faults":
+            self.set_rest_faults(command.path, command.rest_faults)
 
     # -- HTTP: REST, control, handshake checks --
 
@@ -444,12 +466,26 @@ class Simulator:
             command = parse_control(parts.path, parse_qs(parts.query))
             if isinstance(command, str):
                 return _json_response(400, orjson.dumps({"error": command}))
-            self._apply_control(command)
+            try:
+                self._apply_control(command)
+            except SimulatorConfigError as exc:
+                return _json_response(400, orjson.dumps({"error": str(exc)}))
             return _json_response(200, orjson.dumps(self.fault_state()))
         target = parse_ws_path(request.path, self._catalog, max_streams=self.config.max_streams_per_connection)
         if target is None:
+            if self._rest.handles(parts.path):
+                fault = self._rest_faults.take(parts.path)
+                if fault is not None:
+                    log.info("fault rest answer", extra={"fields": {"path": parts.path, "fault": str(fault)}})
+                    if fault.closes:
+                        # No answer: the connection is dropped now (the response websockets goes on to
+                        # write meets a closed transport and is discarded).
+                        connection.transport.abort()
+                        return _json_response(503, b"")
+                    answer = fault_response(fault, self._clock_ms())
+                    return _json_response(answer.status, answer.body, answer.headers)
             answer = self._rest.handle(parts.path, parse_qs(parts.query, keep_blank_values=True))
-            return _json_response(answer.status, answer.body)
+            return _json_response(answer.status, answer.body, answer.headers)
         if isinstance(target, str):
             return _json_response(400, orjson.dumps({"code": 2, "msg": f"Invalid request: {target}"}))
         if self._now() < self._refuse_until:

@@ -42,6 +42,7 @@ owner task; no locks.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import struct
 import time
@@ -51,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
 
+from consumer_sdk._log import get_logger, log_event
 from consumer_sdk.errors import ConfigError
 
 __all__ = [
@@ -78,6 +80,7 @@ RETRY_FULL_S: Final = 1.0
 _HEAD: Final = struct.Struct("<II")
 _NO_ROOM: Final = (errno.ENOSPC, errno.EDQUOT)
 _READ_CHUNK: Final = 1 << 20
+log = get_logger("spill")
 
 
 class SpillFull(OSError):
@@ -279,6 +282,10 @@ class SpillLog:
             size = f.seek(0, os.SEEK_END)
         if good < size:
             self.torn += 1
+            log_event(
+                log, logging.WARNING, "spill_cut", segment=path.name, kept_bytes=good, dropped_bytes=size - good,
+                records=count, reason="no header" if good == 0 else "a record that is not whole",
+            )
         if good == 0:  # no header: a crash right after creating it, or not a segment of ours
             path.unlink()
             return 0, 0
@@ -352,8 +359,12 @@ class SpillLog:
         """A write failed part way: drop what it left after ``good``; a segment that cannot be cut is closed."""
         try:
             os.ftruncate(self._fd, good)
-        except OSError:
+        except OSError as exc:
             # The torn bytes stay; nothing more goes into this segment, and reading stops at them.
+            log_event(
+                log, logging.ERROR, "spill_cut_back_failed", segment=self._path(self._write_seg).name, offset=good,
+                error=str(exc),
+            )
             self._bad_at[self._write_seg] = good
             self._close_writer()
 
@@ -382,6 +393,7 @@ class SpillLog:
             os.close(self._fd)
             self._fd = -1
             self._write_seg = -1
+            self._dirty = False
 
     def prepend(self, payloads: Sequence[bytes]) -> int:
         """Write ``payloads`` as a new front segment, drained before every record already in the log.
@@ -483,8 +495,15 @@ class SpillLog:
         return len(payloads) - end
 
     def sync(self) -> None:
+        """Make what was appended durable.  A disk that refuses is logged and counted, never raised: the
+        records stay readable from the page cache and drain as usual; only a crash of the host could lose them."""
         if self._fd >= 0 and self._dirty:
-            os.fsync(self._fd)
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self.write_failures += 1
+                log_event(log, logging.ERROR, "spill_sync_failed", segment=self._path(self._write_seg).name,
+                          error=str(exc))
             self._dirty = False
         self._last_sync = time.monotonic()
 
@@ -548,6 +567,10 @@ class SpillLog:
             self._counts[seg] = keep
             self.records -= lost
             self.corrupt += lost
+            log_event(
+                log, logging.ERROR, "spill_corrupt", segment=self._path(seg).name, records_dropped=lost,
+                after_offset=self._read_pos,
+            )
         if seg == self._write_seg:
             self._close_writer()
 

@@ -340,8 +340,6 @@ class Ingestor:
                 detail="files of an older spill format are not drained (renamed *.old-format); the hole they "
                 "leave is repaired from the venue or marked",
             )
-        if spill.torn:
-            log_event(log, logging.WARNING, "spill_torn_cut", segments=spill.torn, directory=s.spill_dir)
         if len(spill):
             self._seed_from_spill(spill, stored or {})
             log_event(

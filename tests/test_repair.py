@@ -2,9 +2,12 @@
 
 ``merge_repair`` is pure and checked by hand and by property.  The REST converters are checked
 against ``ingestor.binance.parse_frame`` fed the WebSocket frames built from the same values.
-``GapRepairer`` runs for real, with a real ``IngressQueue`` and ``Sequencer`` and a fake REST
-object, driven the way the venue session drives it: accept, hold while a repair runs, start a
-repair on a gap.  Waits are on conditions, each bounded.
+``GapRepairer`` runs for real, with a real ``IngressQueue`` and ``Sequencer``, driven the way the
+venue session drives it: accept, hold while a repair runs, start a repair on a gap.  Its REST side is
+an in-memory venue where a test must hold a fetch or shape the rows; HTTP errors are real: the
+simulator's REST answers them (400, 418, 429 with Retry-After, 5xx, a dropped connection) to the real
+client, ``ingestor.rest.VenueRest``.  The last test restarts an ingestor and checks that what it missed
+is backfilled over REST.  Waits are on conditions, each bounded.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumer_sdk.sequencing import Verdict
-from consumer_sdk.tick import Tick, is_gap_marker, make_gap_marker
+from consumer_sdk.tick import Tick, decode_tick, is_gap_marker, make_gap_marker
 from distributor.ingress import IngressQueue, Policy
 from ingestor.binance import parse_frame
+from ingestor.config import load_settings
 from ingestor.repair import GapRepairer, RepairSettings, merge_repair
-from ingestor.rest import RestError, agg_trades_to_ticks, classify_status, trades_to_ticks
+from ingestor.rest import VenueRest, agg_trades_to_ticks, classify_status, trades_to_ticks
 from ingestor.sequencer import GapReport, Sequencer
+from ingestor.service import Ingestor
+from ops.simulator import Simulator, SimulatorConfig
+from ops.simulator.rest import parse_rest_schedule
 
 VENUE = "binance"
 SYMBOL = "BTCUSDT"
@@ -353,12 +360,12 @@ def test_merge_covers_every_id_exactly_once(inputs: tuple[int, list[Tick], list[
 
 
 class FakeRest:
-    """Serves rows by id like ``historicalTrades``/``aggTrades`` with ``fromId`` and ``limit``."""
+    """Serves rows by id like ``historicalTrades``/``aggTrades`` with ``fromId`` and ``limit``, from memory, where a
+    test must hold a fetch (``gate``) or shape the rows (``override``); HTTP errors come from the simulator."""
 
     def __init__(self, rows: dict[int, dict[str, Any]] | None = None) -> None:
         self.rows = rows or {}
         self.calls: list[tuple[str, str, int, int]] = []
-        self.errors: list[BaseException] = []
         self.gate = asyncio.Event()
         self.gate.set()
         self.override: Callable[[int], list[dict[str, Any]]] | None = None
@@ -366,8 +373,6 @@ class FakeRest:
     async def fetch(self, channel: str, symbol: str, from_id: int, limit: int = 1000) -> list[dict[str, Any]]:
         self.calls.append((channel, symbol, from_id, limit))
         await self.gate.wait()
-        if self.errors:
-            raise self.errors.pop(0)
         if self.override is not None:
             return self.override(from_id)
         return [row for i, row in sorted(self.rows.items()) if i >= from_id][:limit]
@@ -504,42 +509,99 @@ async def test_venue_that_no_longer_has_the_oldest_ids_gives_a_leading_marker() 
     assert h.repairer.ticks_unrepaired == {"trade": 3}
 
 
-async def test_non_retryable_rest_error_ends_with_a_marker() -> None:
-    rest = FakeRest(rest_rows("trade", range(1, 30)))
-    rest.errors.append(RestError("GET /api/v3/historicalTrades -> HTTP 400", status=400, retryable=False,
-                                 retry_after=None))
-    h = Harness(rest)
-    h.feed(live_tick("trade", 4))
-    h.feed(live_tick("trade", 10))
+# -- real HTTP errors from the simulator's REST, met by the real client ------------------------------------------
+REST_PATH = {"trade": "/api/v3/historicalTrades", "agg_trade": "/api/v3/aggTrades"}
+
+
+@asynccontextmanager
+async def venue_with_history(channel: str, n: int = 12) -> AsyncIterator[tuple[Simulator, list[Tick]]]:
+    """A simulator whose REST history holds at least ``n`` ids of ``channel``, and its first ``n`` as ticks."""
+    async with Simulator(SimulatorConfig(symbols=(SYMBOL,), rate=2000.0, seed=11)) as sim:
+        kind = "trade" if channel == "trade" else "aggTrade"
+        await until(lambda: sim.stats().ticks_generated[kind] >= n, f"{n} ids of {channel} at the venue")
+        rows = await VenueRest(sim.rest_url).fetch(channel, SYMBOL, 0, n)
+        convert = trades_to_ticks if channel == "trade" else agg_trades_to_ticks
+        ticks = convert(rows, VENUE, SYMBOL, 1)
+        assert len(ticks) == n and seqs(ticks) == list(range(ticks[0]["seq"], ticks[0]["seq"] + n))
+        yield sim, ticks
+
+
+def requests_to(sim: Simulator, path: str) -> int:
+    """REST requests the simulator has answered (or refused) on ``path`` so far."""
+    return sim.rest_faults.requests.get(path, 0)
+
+
+def gap_between(h: Harness, ticks: list[Tick], before: int, after: int) -> None:
+    """Feed ``ticks[before]`` then ``ticks[after]``: the ids between them are a gap whose repair starts."""
+    h.feed(ticks[before])
+    h.feed(ticks[after])
+    assert h.verdicts[-1] is Verdict.GAP
     h.drain()
-    async with running(h.repairer) as task:
-        await until(lambda: ident() not in h.repairer.holds, "the hold to be released")
-        assert not task.done()
-    out = h.drain()
-    assert describe(out) == [(5, 9), 10]
-    assert "400" in out[0]["reason"]  # type: ignore[typeddict-item]
-    assert len(rest.calls) == 1  # not retried
+
+
+async def test_non_retryable_rest_error_ends_with_a_marker() -> None:
+    async with venue_with_history("trade") as (sim, ticks):
+        sim.set_rest_faults(REST_PATH["trade"], parse_rest_schedule("400"))
+        asked = requests_to(sim, REST_PATH["trade"])
+        h = Harness(VenueRest(sim.rest_url))  # type: ignore[arg-type]
+        gap_between(h, ticks, 3, 9)
+        async with running(h.repairer) as task:
+            await until(lambda: ident() not in h.repairer.holds, "the hold to be released")
+            assert not task.done()
+        out = h.drain()
+        assert describe(out) == [(ticks[4]["seq"], ticks[8]["seq"]), ticks[9]["seq"]]
+        assert "HTTP 400" in out[0]["reason"]  # type: ignore[typeddict-item]
+        assert requests_to(sim, REST_PATH["trade"]) == asked + 1  # not retried
     assert h.repairer.gaps_unrepaired == 1
     assert h.repairer.gaps_repaired == 0
     assert h.repairer.ticks_unrepaired == {"trade": 5}
     # the hole was reported: a late copy is a duplicate now
-    h.feed(live_tick("trade", 7))
+    h.feed(ticks[6])
     assert h.verdicts[-1] is Verdict.DUPLICATE
 
 
-async def test_retryable_rest_error_is_retried() -> None:
-    rest = FakeRest(rest_rows("agg_trade", range(1, 30)))
-    rest.errors.append(RestError("HTTP 429", status=429, retryable=True, retry_after=0.0))
-    rest.errors.append(RestError("HTTP 503", status=503, retryable=True, retry_after=0.0))
-    h = Harness(rest)
-    h.feed(live_tick("agg_trade", 4))
-    h.feed(live_tick("agg_trade", 10))
-    h.drain()
-    async with running(h.repairer):
-        await until(lambda: ident("agg_trade") not in h.repairer.holds, "the hold to be released")
-    assert describe(h.drain()) == [5, 6, 7, 8, 9, 10]
-    assert [c[2] for c in rest.calls] == [5, 5, 5]
-    assert h.repairer.gaps_repaired == 1
+@pytest.mark.parametrize("channel", ["trade", "agg_trade"])
+async def test_retryable_rest_errors_are_retried_until_the_venue_answers(channel: str) -> None:
+    """418, 429, 5xx and a dropped connection, each retried; then the venue's own rows fill the gap."""
+    async with venue_with_history(channel) as (sim, ticks):
+        path = REST_PATH[channel]
+        sim.set_rest_faults(path, parse_rest_schedule("418,429:0,500,503:0,close"))
+        asked = requests_to(sim, path)
+        h = Harness(VenueRest(sim.rest_url))  # type: ignore[arg-type]
+        gap_between(h, ticks, 3, 9)
+        async with running(h.repairer):
+            await until(lambda: ident(channel) not in h.repairer.holds, "the hold to be released", timeout=30)
+        assert (requests_to(sim, path) - asked, sim.rest_faults.injected[path]) == (6, 5)
+    out = h.drain()
+    assert describe(out) == seqs(ticks[4:10])
+    assert [without_recv(t) for t in out[:5]] == [without_recv(t) for t in ticks[4:9]]
+    assert h.repairer.gaps_repaired == 1 and h.repairer.ticks_repaired == {channel: 5}
+
+
+async def test_retry_after_is_honoured() -> None:
+    """The venue says: come back in an hour.  The repairer waits rather than asking again, and its deadline
+    ends the repair with a marker; without Retry-After the same 429 is retried."""
+    async with venue_with_history("agg_trade") as (sim, ticks):
+        path = REST_PATH["agg_trade"]
+        sim.set_rest_faults(path, parse_rest_schedule("429:3600"))
+        asked = requests_to(sim, path)
+        h = Harness(VenueRest(sim.rest_url), RepairSettings(deadline_s=2.0))  # type: ignore[arg-type]
+        gap_between(h, ticks, 0, 4)
+        async with running(h.repairer):
+            await until(lambda: ident("agg_trade") not in h.repairer.holds, "the deadline", timeout=30)
+        assert requests_to(sim, path) == asked + 1
+        out = h.drain()
+        assert describe(out) == [(ticks[1]["seq"], ticks[3]["seq"]), ticks[4]["seq"]]
+        assert "exceeded" in out[0]["reason"]  # type: ignore[typeddict-item]
+
+        sim.set_rest_faults(path, parse_rest_schedule("429"))
+        asked = requests_to(sim, path)
+        h = Harness(VenueRest(sim.rest_url), RepairSettings(deadline_s=30.0))  # type: ignore[arg-type]
+        gap_between(h, ticks, 5, 9)
+        async with running(h.repairer):
+            await until(lambda: ident("agg_trade") not in h.repairer.holds, "the hold to be released", timeout=30)
+        assert requests_to(sim, path) == asked + 2
+        assert describe(h.drain()) == seqs(ticks[6:10])
 
 
 async def test_paged_fetch() -> None:
@@ -734,3 +796,46 @@ async def test_full_hold_ends_the_repair_without_waiting_for_the_fetch() -> None
             h.feed(live_tick("trade", i))
         await until(lambda: ident() not in h.repairer.holds, "the full hold to be released", timeout=0.5)
     assert describe(h.drain()) == [(5, 9), *range(10, 16)]
+
+
+# -- an ingestor restarted: what it missed comes over REST ------------------------------------------------------
+async def test_aggregate_trades_missed_while_the_ingestor_was_down_are_backfilled(
+    aredis: Any, prefix: str, tmp_path: Any
+) -> None:
+    """The ingestor stops; the venue goes on; a new ingestor on the same prefix continues after the newest
+    aggregate trade Redis holds and fetches the ones it missed from the venue's REST API, so the stream
+    holds every id once, in order, with no gap marker."""
+    key = f"{prefix}:binance:{SYMBOL}:agg_trade"
+    path = REST_PATH["agg_trade"]
+    async with Simulator(SimulatorConfig(symbols=(SYMBOL,), rate=1000.0, seed=5)) as sim:
+        settings = load_settings({"url": sim.ws_url, "symbols": SYMBOL, "channels": "agg_trade", "prefix": prefix,
+                                  "spill_dir": str(tmp_path / "spill")}, {})
+
+        async def stored() -> int:
+            return int(await aredis.xlen(key))
+
+        async def run_until(ingestor: Ingestor, n: int) -> None:
+            task = asyncio.create_task(ingestor.run())
+            try:
+                async with asyncio.timeout(30):
+                    while await stored() < n and not task.done():
+                        await asyncio.sleep(0.02)  # poll
+                assert not task.done(), task
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+        await run_until(Ingestor(settings, redis=aredis), 50)
+        held = await stored()
+        generated = sim.stats().ticks_generated["aggTrade"]
+        await until(lambda: sim.stats().ticks_generated["aggTrade"] >= generated + 200,
+                    "200 aggregate trades made while no ingestor runs", timeout=30)
+        asked = requests_to(sim, path)
+        second = Ingestor(settings, redis=aredis)
+        await run_until(second, held + 400)
+        assert requests_to(sim, path) > asked
+        assert second.repairer is not None and second.repairer.ticks_repaired.get("agg_trade", 0) >= 200
+    ticks = [decode_tick(fields[b"d"]) for _, fields in await aredis.xrange(key)]
+    assert not [t for t in ticks if is_gap_marker(t)]
+    ids = seqs(ticks)
+    assert ids == list(range(ids[0], ids[0] + len(ids)))

@@ -15,7 +15,8 @@ file renamed into place (all or nothing, synced): its records drain before every
 the log.  It exists for ticks that are older than the log's records (the writer's memory at a stop,
 ids repaired from the venue at start), which the append script would otherwise skip as duplicates
 of the newer ones drained first.  New logs start numbering at :data:`FIRST_SEGMENT`, leaving room
-below for fronts.
+below for fronts, and number tail segments :data:`SEGMENT_STEP` apart, leaving room between two for
+a segment :meth:`SpillLog.insert_after` writes where records were cut (see Opening).
 
 Full.  ``max_bytes`` caps the log; an append that would pass it raises :class:`SpillFull` (an
 ``OSError`` with ``ENOSPC``) and writes nothing.  A disk that refuses with ``ENOSPC`` puts the log in
@@ -25,7 +26,9 @@ tries again; draining frees room.  Both are counted (:attr:`SpillLog.full_events
 
 Opening.  Every segment is read and checked once (cost: one sequential read of the log): a segment
 is cut at its first record that is not whole (counted in :attr:`SpillLog.torn`), an empty or
-headerless one is removed, and the count of records comes from what is on disk.  Files of the
+headerless one is removed, and the count of records comes from what is on disk.  Where records may
+be missing between two segments because of that, :attr:`SpillLog.cut_after` names the segment
+before the place, so the ingestor can put what it repairs (or the gap markers) right there.  Files of the
 previous format (``spill-<n>.log``, no header, no checksums) are not read: they are renamed
 ``*.old-format`` and counted in :attr:`SpillLog.set_aside`, and their ticks are treated as lost
 (the ingestor repairs the hole they leave from the venue, or marks it).
@@ -60,6 +63,7 @@ __all__ = [
     "FSYNC_POLICIES",
     "MAGIC",
     "MAX_RECORD",
+    "SEGMENT_STEP",
     "SpillFull",
     "SpillLog",
     "SpillStats",
@@ -75,6 +79,9 @@ MAGIC: Final = b"mdspill\x02"
 MAX_RECORD: Final = 1 << 24
 #: a new log's first segment number: the numbers below are left for front segments
 FIRST_SEGMENT: Final = 10**12
+#: segments are numbered this far apart (tail and front alike): the numbers between are for segments
+#: inserted after a cut
+SEGMENT_STEP: Final = 1000
 #: after the disk refused with ENOSPC, appends are refused without a write for this long
 RETRY_FULL_S: Final = 1.0
 _HEAD: Final = struct.Struct("<II")
@@ -235,14 +242,23 @@ class SpillLog:
         self._resume: dict[int, int] = {}
         #: segments found not whole while draining: the offset where trust ends
         self._bad_at: dict[int, int] = {}
+        #: segments after whose last record records may be missing (cut at open, or the next one removed):
+        #: -1 stands for the front of the log
+        self.cut_after: set[int] = set()
+        #: per segment, the number of the last segment inserted after it
+        self._inserted: dict[int, int] = {}
         self._set_aside_old_format()
         for seg in sorted(self._listed()):
-            count, size = self._open_segment(seg)
+            count, size, cut = self._open_segment(seg)
+            if cut:
+                self.cut_after.add(seg if size else (self._segments[-1] if self._segments else -1))
             if size:
                 self._segments.append(seg)
                 self._counts[seg] = count
                 self.records += count
                 self.bytes += size
+        if self._segments:
+            self.cut_after.discard(self._segments[-1])  # nothing after the newest: its cut tail was never stored
 
     # -- naming and opening ------------------------------------------------------------------
     def _path(self, n: int) -> Path:
@@ -259,8 +275,8 @@ class SpillLog:
             p.rename(p.with_name(p.name + ".old-format"))
             self.set_aside += 1
 
-    def _open_segment(self, seg: int) -> tuple[int, int]:
-        """Check one segment at open: cut it after its last whole record; ``(records, bytes kept)``."""
+    def _open_segment(self, seg: int) -> tuple[int, int, bool]:
+        """Check one segment at open: cut it after its last whole record; ``(records, bytes kept, cut)``."""
         path = self._path(seg)
         with open(path, "rb") as f:
             head = f.read(len(MAGIC))
@@ -288,11 +304,11 @@ class SpillLog:
             )
         if good == 0:  # no header: a crash right after creating it, or not a segment of ours
             path.unlink()
-            return 0, 0
+            return 0, 0, size > 0
         if good < size:
             with open(path, "r+b") as f:
                 f.truncate(good)
-        return count, good
+        return count, good, good < size
 
     def __len__(self) -> int:
         return self.records
@@ -371,7 +387,7 @@ class SpillLog:
     def _roll(self) -> None:
         """Start a new tail segment (the previous one is synced and closed)."""
         self._close_writer()
-        n = max(self._segments[-1] + 1, FIRST_SEGMENT) if self._segments else FIRST_SEGMENT
+        n = max(self._segments[-1] + SEGMENT_STEP, FIRST_SEGMENT) if self._segments else FIRST_SEGMENT
         path = self._path(n)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         try:
@@ -409,13 +425,33 @@ class SpillLog:
             self._append(data, n)
             self.sync()
             return n
+        seg = self._segments[0] - SEGMENT_STEP
+        if seg < 0:
+            raise OSError(errno.ERANGE, "no segment number left below the oldest for a front segment")
+        self._write_segment(seg, data, n)
+        return n
+
+    def insert_after(self, after: int, payloads: Sequence[bytes]) -> int:
+        """Write ``payloads`` as a new segment drained right after segment ``after`` (-1: the front), before
+        the segment that follows it; all or nothing like :meth:`prepend`."""
+        if after < 0:
+            return self.prepend(payloads)
+        data, n = frame_records(payloads)
+        if not n:
+            return 0
+        seg = self._inserted.get(after, after) + 1
+        if seg in self._counts:
+            raise OSError(errno.ERANGE, f"no segment number left after segment {after}")
+        self._write_segment(seg, data, n)
+        self._inserted[after] = seg
+        return n
+
+    def _write_segment(self, seg: int, data: bytes, n: int) -> None:
+        """A whole new segment ``seg`` holding ``n`` framed records, synced and renamed into place."""
         if self.bytes + len(data) + len(MAGIC) > self.max_bytes:
             self._enter_full(f"spill log reached its cap of {self.max_bytes} bytes")
             raise SpillFull(self.full_reason)
-        seg = self._segments[0] - 1
-        if seg < 0:
-            raise OSError(errno.ERANGE, "no segment number left below the oldest for a front segment")
-        tmp = self.dir / "front.tmp"
+        tmp = self.dir / "segment.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
@@ -436,19 +472,19 @@ class SpillLog:
                 self._enter_full(f"disk full: {exc.strerror or exc}", RETRY_FULL_S)
                 raise SpillFull(self.full_reason) from exc
             raise
-        self._peeked = 0  # a batch peeked before the front is drained again after it (a no-op in Redis)
-        if self._reader is not None:
-            # Reading resumes where it was once the front is drained.
+        self._peeked = 0  # a batch peeked before the new segment is drained again after it (a no-op in Redis)
+        if self._reader is not None and self._read_seg > seg:
+            # Reading resumes where it was once the new segment is drained.
             self._resume[self._read_seg] = self._read_pos
             self._reader.close()
             self._reader = None
             self._read_seg = -1
-        self._segments.insert(0, seg)
+        self._segments.append(seg)
+        self._segments.sort()
         self._counts[seg] = n
         self.records += n
         self.bytes += len(data) + len(MAGIC)
         self.appended += n
-        return n
 
     def save_oldest(self, payloads: Sequence[bytes], *, max_tries: int = 48) -> int:
         """Append as many of ``payloads`` as the disk and the cap take, oldest first; how many.
@@ -627,6 +663,11 @@ class SpillLog:
 
     def scan(self) -> Iterator[bytes]:
         """Every record not yet drained, in drain order (read at start to restore sequencing state)."""
+        for _, payload in self.scan_segments():
+            yield payload
+
+    def scan_segments(self) -> Iterator[tuple[int, bytes]]:
+        """Like :meth:`scan`, each record with the number of its segment."""
         for seg in list(self._segments):
             pos = self._read_pos if seg == self._read_seg else self._resume.get(seg, len(MAGIC))
             limit = self._bad_at.get(seg, -1)
@@ -641,7 +682,8 @@ class SpillLog:
                     pos += len(chunk)
                     buf = carry + chunk if carry else chunk
                     got, end, bad = parse_records(buf, 0, left)
-                    yield from got
+                    for payload in got:
+                        yield seg, payload
                     left -= len(got)
                     carry = buf[end:]
                     if bad:

@@ -16,7 +16,7 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -50,7 +50,15 @@ from ingestor.sequencer import GapReport, Sequencer
 from ingestor.session import VenueSession
 from ingestor.subscriptions import plan_connections
 
-__all__ = ["Ingestor", "IngestorStats", "StopReport", "UnsavedAtStop", "connect_redis", "plan_spill_recovery"]
+__all__ = [
+    "Ingestor",
+    "IngestorStats",
+    "SpillHole",
+    "StopReport",
+    "UnsavedAtStop",
+    "connect_redis",
+    "plan_spill_recovery",
+]
 
 log = get_logger("ingestor")
 Ident = tuple[str, str, str]
@@ -83,36 +91,62 @@ class UnsavedAtStop(MarketError):
         self.report = report
 
 
+@dataclass(frozen=True, slots=True)
+class SpillHole:
+    """Ids missing before the spill log's tick ``after``: between what Redis holds and the log's first tick
+    above it (``place`` -1, filled in front of the log), or where the log was cut at open (``place``: the
+    segment after which the ids belong)."""
+
+    gap: GapReport
+    after: Tick
+    place: int
+
+
 def plan_spill_recovery(
-    stored: Mapping[Ident, int], spilled: Iterable[Tick]
-) -> tuple[dict[Ident, int], list[tuple[GapReport, Tick]]]:
+    stored: Mapping[Ident, int], spilled: Iterable[tuple[int, Tick]], cut_after: Set[int] = frozenset()
+) -> tuple[dict[Ident, int], list[SpillHole]]:
     """What a start finds in the spill log, against the newest seq Redis holds per stream (pure).
 
-    ``spilled`` is the log's records in drain order.  Returns the newest seq the log holds per stream
-    (the sequencer continues after the newer of that and Redis), and the holes to fill before the log
-    drains: per trade or aggregate trade stream, the ids between Redis's newest and the log's first
-    tick above it (a gap marker covers from its ``gap_first``), each with that tick.  Ticks the log
-    holds at or below Redis's newest were stored already and do not count.  A stream Redis holds
-    nothing of has no hole: where its history starts is not known.
+    ``spilled`` is the log's records in drain order with their segment numbers; ``cut_after`` the
+    segments after which records may be missing (:attr:`SpillLog.cut_after`).  Returns the newest seq
+    the log holds per stream (the sequencer continues after the newer of that and Redis), and the holes
+    to fill before the log drains, per trade or aggregate trade stream:
+
+    - the ids between Redis's newest and the log's first tick above it;
+    - the ids skipped between two of the log's ticks across a place where the log was cut.
+
+    A gap marker covers from its ``gap_first``.  Ticks at or below Redis's newest were stored already;
+    a stream Redis holds nothing of has no front hole (where its history starts is not known); a jump
+    not across a cut is the feed's own (marked or repaired when it was spilled) and left alone.
     """
     newest: dict[Ident, int] = {}
-    first_above: dict[Ident, Tick] = {}
-    for t in spilled:
+    last: dict[Ident, tuple[int, int]] = {}  # per stream: (seq, segment) of the last tick above Redis
+    holes: list[SpillHole] = []
+    cuts = sorted(cut_after)
+    for seg, t in spilled:
         ident = (t["venue"], t["symbol"], t["channel"])
         seq = t["seq"]
         if seq > newest.get(ident, -1):
             newest[ident] = seq
         top = stored.get(ident)
-        if top is not None and seq > top and ident not in first_above:
-            first_above[ident] = t
-    holes: list[tuple[GapReport, Tick]] = []
-    for ident, t in first_above.items():
-        if not is_contiguous_channel(ident[2]):
+        if top is not None and seq <= top:
             continue
-        start: int = t.get("gap_first", t["seq"])  # type: ignore[assignment]
-        top = stored[ident]
-        if start > top + 1:
-            holes.append((GapReport(*ident, top + 1, start - 1), t))
+        start: int = t.get("gap_first", seq)  # type: ignore[assignment]
+        contiguous = is_contiguous_channel(ident[2])
+        prev = last.get(ident)
+        if prev is None:
+            last[ident] = (seq, seg)
+            if contiguous and top is not None and start > top + 1:
+                holes.append(SpillHole(GapReport(*ident, top + 1, start - 1), t, -1))
+            continue
+        prev_seq, prev_seg = prev
+        if seq <= prev_seq:
+            continue
+        last[ident] = (seq, seg)
+        if contiguous and start > prev_seq + 1:
+            place = next((c for c in cuts if prev_seg <= c < seg), None)
+            if place is not None:
+                holes.append(SpillHole(GapReport(*ident, prev_seq + 1, start - 1), t, place))
     return newest, holes
 
 
@@ -197,8 +231,8 @@ class Ingestor:
             self.subscribe(load_handler(spec.target), spec.patterns, policy=spec.policy, name=spec.target)
         self.started = asyncio.Event()
         self._lock_fd = -1
-        #: holes between Redis and the spill log found at start, each with the log's tick after it
-        self._spill_holes: list[tuple[GapReport, Tick]] = []
+        #: holes between Redis and the spill log, or inside the log, found at start
+        self._spill_holes: list[SpillHole] = []
         #: ticks repaired (or markers) for those holes, not yet stored: older than anything in the spill log
         self._start_pending: list[Tick] = []
         #: set when a stop flushed what the process held (see :meth:`run`)
@@ -345,7 +379,7 @@ class Ingestor:
             log_event(
                 log, logging.WARNING, "spill_found_at_start", records=len(spill), bytes=spill.bytes,
                 directory=s.spill_dir,
-                holes=[f"{g.symbol}:{g.channel} {g.first}..{g.last}" for g, _ in self._spill_holes],
+                holes=[f"{h.gap.symbol}:{h.gap.channel} {h.gap.first}..{h.gap.last}" for h in self._spill_holes],
             )
         return spill
 
@@ -353,59 +387,47 @@ class Ingestor:
         """Ticks spilled before a stop are newer than Redis: continue after them; remember the holes
         between Redis and the log (filled before the log drains, see :meth:`_fill_spill_holes`)."""
 
-        def ticks() -> Iterable[Tick]:
-            for raw in spill.scan():
+        def ticks() -> Iterable[tuple[int, Tick]]:
+            for seg, raw in spill.scan_segments():
                 try:
-                    yield decode_tick(raw)
+                    yield seg, decode_tick(raw)
                 except InvalidTick:
                     continue
 
-        newest, self._spill_holes = plan_spill_recovery(stored, ticks())
+        newest, self._spill_holes = plan_spill_recovery(stored, ticks(), spill.cut_after)
         for (venue, symbol, channel), seq in newest.items():
             self.sequencer.seed(venue, symbol, channel, seq)
 
     async def _fill_spill_holes(self) -> None:
-        """Repair (or mark) the holes between Redis and the spill log, and store that before the log drains.
+        """Repair (or mark) the holes found at start, and put that where it belongs before the log drains.
 
         Each hole is fetched from the venue like any gap (up to ``[repair] max_gap`` ids, within
-        ``deadline_s``); what the venue no longer has becomes a gap marker.  The result is older than
-        every record of its stream in the log, so it goes to Redis first, or, while Redis refuses, into a
-        front segment of the log, which drains before the rest.  Runs in the writer's task before it
-        drains; live ticks meanwhile go to the log's end.
+        ``deadline_s``); what the venue no longer has becomes a gap marker.  A hole between Redis and the
+        log is older than every record of its stream in the log: it goes to Redis first, or, while Redis
+        refuses, into a front segment of the log, which drains before the rest.  A hole where the log was
+        cut goes into a segment inserted right after the cut.  Runs in the writer's task before it drains;
+        live ticks meanwhile go to the log's end.
         """
         repairer, writer = self.repairer, self.writer
         assert repairer is not None and writer is not None
-        s = repairer.settings
-        out: list[Tick] = []
-        for gap, after in self._spill_holes:
-            size = gap.last - gap.first + 1
-            boundary: Any = {**after, "seq": gap.last + 1}
-            boundary.pop("gap_first", None)
-            fetched: list[Tick] = []
-            if not s.enabled or repairer._rest is None:
-                reason = "repair disabled"
-            elif gap.channel not in REPAIRABLE:
-                reason = "not repairable"
-            elif size > s.max_gap:
-                reason = f"gap of {size} ids exceeds max_gap"
+        front: list[Tick] = []
+        inside: dict[int, list[Tick]] = {}
+        for hole in self._spill_holes:
+            filled = await self._repair_hole(repairer, hole)
+            if hole.place < 0:
+                front += filled
             else:
-                fetched, reason = await repairer._fetch(gap, [boundary], asyncio.Event())
-            merged = merge_repair(gap.first, fetched, [boundary], reason)[:-1]
-            missing = sum(t["gap_last"] - t["gap_first"] + 1 for t in merged if is_gap_marker(t))  # type: ignore[typeddict-item]
-            if missing:
-                repairer._count_unrepaired(gap.channel, missing)
-            else:
-                repairer.gaps_repaired += 1
-            repairer.ticks_repaired[gap.channel] = repairer.ticks_repaired.get(gap.channel, 0) + size - missing
-            log_event(
-                log, logging.INFO if not missing else logging.WARNING,
-                "gap_repaired" if not missing else ("gap_marked" if missing == size else "gap_partly_repaired"),
-                stream=f"{gap.symbol}:{gap.channel}", first=gap.first, last=gap.last, fetched=size - missing,
-                missing=missing, where="between Redis and the spill log", **({"reason": reason} if missing else {}),
-            )
-            out += merged
+                inside.setdefault(hole.place, []).extend(filled)
         self._spill_holes = []
-        self._start_pending = out
+        spill = writer.spill
+        for place, ticks in inside.items():
+            assert spill is not None
+            try:
+                spill.insert_after(place, [orjson.dumps(t) for t in ticks])
+            except OSError as exc:
+                log_event(log, logging.ERROR, "spill_hole_unfilled", ticks=len(ticks), after_segment=place,
+                          error=str(exc))
+        self._start_pending = front
         backoff = Backoff(base=0.2, cap=5.0)
         while self._start_pending:
             try:
@@ -414,7 +436,6 @@ class Ingestor:
                 break
             except (RedisError, OSError) as exc:
                 error = str(exc)
-            spill = writer.spill
             if spill is not None:
                 try:
                     spill.prepend([orjson.dumps(t) for t in self._start_pending])
@@ -424,6 +445,38 @@ class Ingestor:
                     error = f"{error}; spill log: {exc}"
             log_event(log, logging.WARNING, "spill_holes_store_retry", ticks=len(self._start_pending), error=error)
             await asyncio.sleep(backoff.next_delay())
+
+    async def _repair_hole(self, repairer: GapRepairer, hole: SpillHole) -> list[Tick]:
+        """The hole's ids from the venue, in order, with a gap marker for each run it no longer has; counted
+        and logged like any repair."""
+        s, gap = repairer.settings, hole.gap
+        size = gap.last - gap.first + 1
+        boundary: Any = {**hole.after, "seq": gap.last + 1}
+        boundary.pop("gap_first", None)
+        fetched: list[Tick] = []
+        if not s.enabled or repairer._rest is None:
+            reason = "repair disabled"
+        elif gap.channel not in REPAIRABLE:
+            reason = "not repairable"
+        elif size > s.max_gap:
+            reason = f"gap of {size} ids exceeds max_gap"
+        else:
+            fetched, reason = await repairer._fetch(gap, [boundary], asyncio.Event())
+        merged = merge_repair(gap.first, fetched, [boundary], reason)[:-1]
+        missing = sum(t["gap_last"] - t["gap_first"] + 1 for t in merged if is_gap_marker(t))  # type: ignore[typeddict-item]
+        if missing:
+            repairer._count_unrepaired(gap.channel, missing)
+        else:
+            repairer.gaps_repaired += 1
+        repairer.ticks_repaired[gap.channel] = repairer.ticks_repaired.get(gap.channel, 0) + size - missing
+        log_event(
+            log, logging.INFO if not missing else logging.WARNING,
+            "gap_repaired" if not missing else ("gap_marked" if missing == size else "gap_partly_repaired"),
+            stream=f"{gap.symbol}:{gap.channel}", first=gap.first, last=gap.last, fetched=size - missing,
+            missing=missing, where="between Redis and the spill log" if hole.place < 0 else "inside the spill log",
+            **({"reason": reason} if missing else {}),
+        )
+        return merged
 
     async def _write(self) -> None:
         """The writer's task: fill the holes found at start, then store forever."""

@@ -451,10 +451,11 @@ async def test_a_full_spill_disk_during_an_outage_is_survived(tmp_path: Path) ->
 async def test_a_start_repairs_the_hole_between_redis_and_the_spill_before_draining_it(
     aredis: aioredis.Redis, prefix: str, tmp_path: Path
 ) -> None:
-    """Redis holds trade ids up to R, the spill log holds R+101 on (what a stop that lost its memory leaves):
-    the restart fetches R+1..R+100 from the venue and stores them before draining the log, which the append
-    script would otherwise skip as older than the log's ticks."""
-    from distributor.spill import SpillLog
+    """Redis holds trade ids up to R, the spill log holds R+101 on (what a stop that lost its memory leaves),
+    and a record in the middle of the log's first segment is corrupt on disk: the restart fetches R+1..R+100
+    from the venue and stores them before draining the log (the append script would otherwise skip them as
+    older than the log's ticks), and puts the ids lost with the cut right after the cut segment."""
+    from distributor.spill import MAGIC, SpillLog
 
     copy = f"{prefix}x"
     src, dst = f"{prefix}:binance:BTCUSDT:trade", f"{copy}:binance:BTCUSDT:trade"
@@ -477,10 +478,18 @@ async def test_a_start_repairs_the_hole_between_redis_and_the_spill_before_drain
             for entry_id, fields in kept:
                 pipe.xadd(dst, fields, id=entry_id)
             await pipe.execute()
-            spill = SpillLog(tmp_path / "two")
-            spill.append([fields[b"d"] for _, fields in tail[100:]])
+            payloads = [fields[b"d"] for _, fields in tail[100:]]
+            spill = SpillLog(tmp_path / "two", segment_bytes=1)  # one segment per append
+            spill.append(payloads[:100])
+            spill.append(payloads[100:])
             spill.close()
+            first_segment = sorted((tmp_path / "two").glob("seg-*.spill"))[0]
+            at = len(MAGIC) + sum(8 + len(p) for p in payloads[:50]) + 8 + 10
+            raw = bytearray(first_segment.read_bytes())
+            raw[at] ^= 0x01  # bit rot in the 51st record: it and the 49 after it in that segment are lost
+            first_segment.write_bytes(bytes(raw))
             hole = [orjson.loads(f[b"d"])["seq"] for _, f in tail[:100]]
+            cut = [orjson.loads(p)["seq"] for p in payloads[50:100]]
 
             second = Ingestor(ingest_settings(sim, copy, str(tmp_path / "two")), redis=aredis)
             task = asyncio.create_task(second.run())
@@ -490,8 +499,8 @@ async def test_a_start_repairs_the_hole_between_redis_and_the_spill_before_drain
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await task
-        assert set(hole) <= set(ids)
-        assert second.repairer is not None and second.repairer.ticks_repaired.get("trade", 0) >= 100
+        assert set(hole) <= set(ids) and set(cut) <= set(ids)
+        assert second.repairer is not None and second.repairer.ticks_repaired.get("trade", 0) >= 150
         assert second.repairer.gaps_unrepaired == 0
     finally:
         keys = [k async for k in aredis.scan_iter(f"{copy}:*")]

@@ -26,6 +26,7 @@ from consumer_sdk.tick import Tick, make_gap_marker
 from distributor.spill import (
     FIRST_SEGMENT,
     MAGIC,
+    SEGMENT_STEP,
     SpillFull,
     SpillLog,
     check_spill_dir,
@@ -158,8 +159,34 @@ def test_a_crc_mismatch_in_the_middle_cuts_that_segment_and_the_next_ones_drain(
     first.write_bytes(bytes(raw))
     log = SpillLog(tmp_path, segment_bytes=10 * 48)
     assert len(log) == 4 + 10 and log.torn == 1
+    assert log.cut_after == {int(first.name[4:-6])}, "records may be missing right after the cut segment"
     assert drain(log) == [payload(i) for i in range(4)] + [payload(i) for i in range(10, 20)]
     assert len(log) == 0
+
+
+def test_a_segment_inserted_after_a_cut_drains_between_its_neighbours(tmp_path: Path) -> None:
+    log = SpillLog(tmp_path, segment_bytes=10 * 48)
+    log.append([payload(i) for i in range(10)])
+    log.append([payload(i) for i in range(10, 20)])
+    log.append([payload(i) for i in range(20, 30)])
+    first, second, _ = (int(p.name[4:-6]) for p in segments(tmp_path))
+    assert second - first == SEGMENT_STEP
+    log.insert_after(first, [payload(i) for i in range(100, 103)])
+    log.insert_after(first, [payload(i) for i in range(103, 105)])  # a second one goes after the first
+    log.close()
+    log = SpillLog(tmp_path)
+    assert drain(log, 4) == (
+        [payload(i) for i in range(10)] + [payload(i) for i in range(100, 105)] + [payload(i) for i in range(10, 30)]
+    )
+
+
+def test_the_newest_segment_cut_at_open_is_not_a_place_for_missing_records(tmp_path: Path) -> None:
+    log = SpillLog(tmp_path)
+    log.append([payload(i) for i in range(3)])
+    log.close()
+    (seg,) = segments(tmp_path)
+    os.truncate(seg, seg.stat().st_size - 1)
+    assert SpillLog(tmp_path).cut_after == set(), "what a torn tail lost was never stored; the live feed repairs it"
 
 
 def test_corruption_found_while_draining_drops_the_rest_of_that_segment_only(tmp_path: Path) -> None:
@@ -203,7 +230,9 @@ def test_a_front_segment_drains_before_everything_already_in_the_log(tmp_path: P
     log.prepend([payload(i) for i in range(90, 100)])  # the writer's memory at a stop (older)
     log.prepend([payload(i) for i in range(80, 90)])  # a hole repaired at the next start (older still)
     log.append([payload(i) for i in range(110, 115)])
-    assert [int(p.name[4:-6]) for p in segments(tmp_path)] == [FIRST_SEGMENT - 2, FIRST_SEGMENT - 1, FIRST_SEGMENT]
+    assert [int(p.name[4:-6]) for p in segments(tmp_path)] == [
+        FIRST_SEGMENT - 2 * SEGMENT_STEP, FIRST_SEGMENT - SEGMENT_STEP, FIRST_SEGMENT
+    ]
     log.close()
     log = SpillLog(tmp_path)
     assert list(log.scan()) == [payload(i) for i in range(80, 115)]
@@ -334,24 +363,40 @@ async def test_a_full_spill_disk_keeps_the_writer_running_and_loses_nothing_it_t
 
 
 # -- what a start makes of Redis and the log (pure) ------------------------------------------------------
+def in_segment(seg: int, *ticks: Tick) -> list[tuple[int, Tick]]:
+    return [(seg, t) for t in ticks]
+
+
 def test_plan_finds_the_hole_between_redis_and_the_spill() -> None:
     eth = ("binance", "ETHUSDT", "trade")
     btc = ("binance", "BTCUSDT", "trade")
     book = ("binance", "BTCUSDT", "book_ticker")
-    spilled = [tick(95), tick(101), tick(102), tick(500, "ETHUSDT"), tick(80, channel="book_ticker"),
-               tick(103), tick(501, "ETHUSDT")]
+    spilled = in_segment(1, tick(95), tick(101), tick(102), tick(500, "ETHUSDT"), tick(80, channel="book_ticker"),
+                         tick(103), tick(501, "ETHUSDT"), tick(90, channel="book_ticker"))
     newest, holes = plan_spill_recovery({btc: 97, eth: 499, book: 10}, spilled)
-    assert newest == {btc: 103, eth: 501, book: 80}
-    assert [(g, t["seq"]) for g, t in holes] == [(GapReport("binance", "BTCUSDT", "trade", 98, 100), 101)]
+    assert newest == {btc: 103, eth: 501, book: 90}
+    assert [(h.gap, h.after["seq"], h.place) for h in holes] == [
+        (GapReport("binance", "BTCUSDT", "trade", 98, 100), 101, -1)
+    ]
 
 
 def test_plan_counts_a_gap_marker_from_its_first_id_and_ignores_unknown_streams() -> None:
     marker: Any = make_gap_marker("binance", "BTCUSDT", "trade", 51, 60, 1, 1, "x")
-    newest, holes = plan_spill_recovery({("binance", "BTCUSDT", "trade"): 50}, [marker, tick(61)])
+    newest, holes = plan_spill_recovery({("binance", "BTCUSDT", "trade"): 50}, in_segment(1, marker, tick(61)))
     assert holes == [] and newest == {("binance", "BTCUSDT", "trade"): 61}
-    newest, holes = plan_spill_recovery({("binance", "BTCUSDT", "trade"): 40}, [marker, tick(61)])
-    assert [g for g, _ in holes] == [GapReport("binance", "BTCUSDT", "trade", 41, 50)]
-    assert plan_spill_recovery({}, [tick(5)])[1] == []
+    newest, holes = plan_spill_recovery({("binance", "BTCUSDT", "trade"): 40}, in_segment(1, marker, tick(61)))
+    assert [h.gap for h in holes] == [GapReport("binance", "BTCUSDT", "trade", 41, 50)]
+    assert plan_spill_recovery({}, in_segment(1, tick(5)))[1] == []
+
+
+def test_plan_places_a_hole_across_a_cut_right_after_the_cut_segment() -> None:
+    spilled = (in_segment(10, tick(1), tick(2), tick(7, "ETHUSDT")) + in_segment(20, tick(5), tick(8, "ETHUSDT"))
+               + in_segment(30, tick(9)) + in_segment(40, tick(20)))
+    _, holes = plan_spill_recovery({}, spilled, {10})
+    assert [(h.gap.first, h.gap.last, h.after["seq"], h.place) for h in holes] == [(3, 4, 5, 10)]
+    _, holes = plan_spill_recovery({}, spilled, {10, 30})
+    assert [(h.gap.first, h.gap.last, h.place) for h in holes] == [(3, 4, 10), (10, 19, 30)]
+    assert plan_spill_recovery({}, spilled)[1] == [], "a jump not across a cut is the feed's own"
 
 
 @pytest.mark.parametrize("order", [(100, 90), (90, 100)])

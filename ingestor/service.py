@@ -58,6 +58,7 @@ __all__ = [
     "UnsavedAtStop",
     "connect_redis",
     "plan_spill_recovery",
+    "plan_stop_flush",
 ]
 
 log = get_logger("ingestor")
@@ -89,6 +90,22 @@ class UnsavedAtStop(MarketError):
     def __init__(self, report: StopReport) -> None:
         super().__init__(f"stopped with {report.unsaved} ticks saved neither to Redis nor to the spill log")
         self.report = report
+
+
+def plan_stop_flush(
+    older: list[Tick], newer: list[Tick], spill_holds_records: bool
+) -> tuple[list[Tick], bool, list[Tick]]:
+    """Where a stop puts what the process holds (pure): ``(first, in_front, later)``.
+
+    ``older`` is what the writer held (older than any record of the spill log, which takes every tick
+    once it started), ``newer`` what was taken after it (the distributor's batch, conflation, the
+    ingress).  ``first`` is tried on Redis, and what Redis does not take goes into a front segment of
+    the log when ``in_front`` (it is older than the log's records), else to the log's end; ``later``
+    never goes to Redis before the log drains (it is newer than the log's records) and goes to its end.
+    """
+    if not spill_holds_records:
+        return older + newer, False, []
+    return older, True, newer
 
 
 @dataclass(frozen=True, slots=True)
@@ -606,8 +623,7 @@ class Ingestor:
         self._start_pending = []
         newer = in_hand + self.control.drain() + list(queued)
         spill = writer.spill
-        spill_empty = spill is None or not len(spill)
-        first, later = (older + newer, []) if spill_empty else (older, newer)
+        first, in_front, later = plan_stop_flush(older, newer, spill is not None and len(spill) > 0)
         to_redis = to_spill = 0
         errors: list[str] = []
         if first:
@@ -622,7 +638,7 @@ class Ingestor:
             try:
                 if first:
                     payloads = [orjson.dumps(t) for t in first]
-                    to_spill += spill.save_oldest(payloads) if spill_empty else spill.save_newest(payloads)
+                    to_spill += spill.save_newest(payloads) if in_front else spill.save_oldest(payloads)
                 if later and time.monotonic() < deadline:
                     to_spill += spill.save_oldest([orjson.dumps(t) for t in later])
                 spill.sync()

@@ -22,8 +22,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from consumer_sdk.tick import is_gap_marker
 from distributor.ingress import Policy
+from distributor.spill import MAGIC, SpillLog
 from ingestor.config import IngestSettings
-from ingestor.service import Ingestor
+from ingestor.service import Ingestor, plan_spill_recovery
 from ingestor.session import SessionSettings
 from ops.redis_server import restart, start_redis
 from ops.simulator import Simulator, SimulatorConfig
@@ -455,8 +456,6 @@ async def test_a_start_repairs_the_hole_between_redis_and_the_spill_before_drain
     and a record in the middle of the log's first segment is corrupt on disk: the restart fetches R+1..R+100
     from the venue and stores them before draining the log (the append script would otherwise skip them as
     older than the log's ticks), and puts the ids lost with the cut right after the cut segment."""
-    from distributor.spill import MAGIC, SpillLog
-
     copy = f"{prefix}x"
     src, dst = f"{prefix}:binance:BTCUSDT:trade", f"{copy}:binance:BTCUSDT:trade"
     try:
@@ -556,3 +555,57 @@ async def test_sigterm_with_the_spill_disk_full_exits_1_and_the_restart_repairs_
     print(f"\nunsaved-stop drill ({'2 MB tmpfs' if mounted else '2 MB cap'}): rate {DRILL_RATE:.0f}/s; {last}; "
           f"restart: {found['records']} records in the log, holes {found['holes']}, filled "
           f"{[(e['stream'], e['fetched'], e['missing']) for e in filled]}; ids (range, stored, marked): {report}")
+
+
+async def test_a_stop_during_an_outage_puts_memory_in_front_of_the_spill(tmp_path: Path) -> None:
+    """In process, small buffers: Redis (AOF) stopped until the writer's memory is full and the spill log
+    holds newer ticks, then the ingestor is cancelled.  Its memory goes to a front segment, the rest to the
+    log's end, nothing unsaved; the next ingestor stores every trade id exactly once, in order."""
+    with start_redis(appendonly=True) as server:
+        client = aioredis.Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=1)
+        try:
+            async with Simulator(SimulatorConfig(symbols=("BTCUSDT", "ETHUSDT"), rate=2000.0)) as sim:
+                settings = ingest_settings(sim, "md", str(tmp_path / "spill"), writer_capacity=3000)
+                first = Ingestor(settings, redis=client)
+                task = asyncio.create_task(first.run())
+                try:
+                    async def flowing() -> bool:
+                        return await client.xlen("md:binance:BTCUSDT:trade") > 200
+
+                    await wait_for(flowing, 20)
+                    server.stop()
+
+                    async def memory_full_and_spilling() -> bool:
+                        assert first.writer is not None and first.writer.spill is not None
+                        return first.writer.stats().buffered >= 3000 and len(first.writer.spill) >= 1000
+
+                    await wait_for(memory_full_and_spilling, 30)
+                finally:
+                    task.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+                report = first.stop_report
+                assert report is not None and report.unsaved == 0 and report.to_redis == 0
+                assert report.to_spill >= 3000
+                restart(server, appendonly=True)
+                # What the stop saved continues what Redis holds: nothing for the next start to repair.
+                stored = {}
+                for symbol in ("BTCUSDT", "ETHUSDT"):
+                    for channel in ("trade", "agg_trade"):
+                        top = await client.xrevrange(f"md:binance:{symbol}:{channel}", count=1)
+                        stored[("binance", symbol, channel)] = int(top[0][0].split(b"-")[1])
+                log = SpillLog(tmp_path / "spill")
+                spilled = [(seg, orjson.loads(raw)) for seg, raw in log.scan_segments()]
+                log.close()
+                assert plan_spill_recovery(stored, spilled)[1] == []
+                second = Ingestor(settings, redis=client)
+                task = asyncio.create_task(second.run())
+                try:
+                    for symbol in ("BTCUSDT", "ETHUSDT"):
+                        await complete(client, f"md:binance:{symbol}:trade", sim, symbol, timeout=40)
+                finally:
+                    task.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+        finally:
+            await client.aclose()

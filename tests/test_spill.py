@@ -35,7 +35,7 @@ from distributor.spill import (
 )
 from distributor.writer import StreamWriter
 from ingestor.sequencer import GapReport, Sequencer
-from ingestor.service import plan_spill_recovery
+from ingestor.service import plan_spill_recovery, plan_stop_flush
 from ops.redis_server import restart, start_redis
 
 
@@ -399,6 +399,12 @@ def test_plan_places_a_hole_across_a_cut_right_after_the_cut_segment() -> None:
     assert plan_spill_recovery({}, spilled)[1] == [], "a jump not across a cut is the feed's own"
 
 
+def test_a_stop_puts_memory_in_front_of_the_spill_and_what_came_after_at_its_end() -> None:
+    older, newer = [tick(1), tick(2)], [tick(9)]
+    assert plan_stop_flush(older, newer, False) == ([tick(1), tick(2), tick(9)], False, [])
+    assert plan_stop_flush(older, newer, True) == (older, True, newer)
+
+
 @pytest.mark.parametrize("order", [(100, 90), (90, 100)])
 def test_seeding_never_moves_a_stream_backwards(order: tuple[int, int]) -> None:
     seq = Sequencer()
@@ -413,23 +419,23 @@ def test_seeding_never_moves_a_stream_backwards(order: tuple[int, int]) -> None:
 
 # -- the command line ------------------------------------------------------------------------------------
 def test_ingest_refuses_a_spill_directory_it_cannot_write(tmp_path: Path) -> None:
+    """A read-only filesystem (root writes through permission bits); where mounting is refused, a directory
+    that cannot be created because a file stands in its way."""
     target = tmp_path / "ro"
     with small_filesystem(target, "1m", read_only=True) as mounted:
-        env = {**os.environ, "MARKET_REDIS_URL": "redis://127.0.0.1:1/0"}
-        kwargs: dict[str, Any] = {}
-        if not mounted:  # root writes through permission bits: run as nobody on a read-only directory instead
-            target.chmod(0o555)
-            kwargs["user"] = "nobody"
+        spill_dir = target if mounted else tmp_path / "file" / "spill"
+        if not mounted:
+            (tmp_path / "file").write_text("not a directory")
         proc = subprocess.run(
             [sys.executable, "-m", "ops.cli", "ingest", "--url", "ws://127.0.0.1:1", "--metrics-port", "0",
-             "--spill-dir", str(target / "spill" if not mounted else target)],
-            capture_output=True, text=True, timeout=60, env=env, **kwargs,
+             "--spill-dir", str(spill_dir)],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "MARKET_REDIS_URL": "redis://127.0.0.1:1/0"},
         )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith("market: error: ") and str(target) in lines[0]
-    assert "not writable" in lines[0] or "cannot create" in lines[0]
+    assert lines[0].startswith("market: error: ") and str(spill_dir) in lines[0]
+    assert ("is not writable: Read-only file system" if mounted else "cannot create spill directory") in lines[0]
 
 
 def test_orjson_payloads_round_trip_through_the_log(tmp_path: Path) -> None:

@@ -248,6 +248,7 @@ class SpillLog:
         #: per segment, the number of the last segment inserted after it
         self._inserted: dict[int, int] = {}
         self._set_aside_old_format()
+        (self.dir / "segment.tmp").unlink(missing_ok=True)  # a new segment a crash left half written
         for seg in sorted(self._listed()):
             count, size, cut = self._open_segment(seg)
             if cut:

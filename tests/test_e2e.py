@@ -52,7 +52,8 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
     """Poll ``condition`` until true; fail naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout} s")
         time.sleep(0.05)  # poll
 
 

@@ -415,7 +415,7 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = WAIT)
     try:
         async with asyncio.timeout(timeout):
             while not condition():
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(0.001)  # poll
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout} s waiting for: {what}") from None
 

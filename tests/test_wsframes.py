@@ -327,7 +327,7 @@ async def test_closing_with_half_a_frame_buffered_completes_the_close_handshake(
         ws = await open_feed(port, ping_interval=None, close_timeout=3)
         async with asyncio.timeout(UNIT):
             while not ws._buf:  # the first half has arrived and waits in our buffer
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(0.001)  # poll
         await ws.close()
         assert got_close.is_set()
         # the venue's close frame was read (a close ended by the close timeout has none, and code 1006)

@@ -153,7 +153,7 @@ def test_state_is_kept_per_ingestor() -> None:
     doc = build_heartbeat(one, T0)
     assert doc["id"] == heartbeat_state(one).identity.id
     assert doc["writer"] == {"present": False}, "before run() there is no writer"
-    assert doc["fanout"]["present"] is (getattr(one, "hotpath", None) is not None)
+    assert doc["fanout"]["present"] is True, "the hot path exists from the start"
     assert doc["connections"]["total"] == 0
 
 

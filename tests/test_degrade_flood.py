@@ -29,7 +29,8 @@ async def ctl(redis_url: str, prefix: str, *args: str) -> None:
         env={**os.environ, "MARKET_REDIS_URL": redis_url, "MARKET_PREFIX": prefix},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
-    _, err = await proc.communicate()
+    async with asyncio.timeout(60):
+        _, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
 
 

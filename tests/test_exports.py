@@ -35,7 +35,7 @@ def test_all_is_declared_and_resolves(name: str) -> None:
 def test_ops_package_exports_nothing_and_imports_nothing() -> None:
     """``ops`` is a namespace of tools: importing it pulls in none of them (nor the ingestor)."""
     code = "import sys, ops; print(ops.__all__, sorted(m for m in sys.modules if m.startswith(('ops.', 'ingestor'))))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[] []"
 
 
@@ -45,5 +45,5 @@ def test_consumer_sdk_does_not_import_the_ingestor() -> None:
         "bad = [m for m in sys.modules if m.split('.')[0] in ('ingestor', 'distributor', 'ops', 'websockets')]; "
         "print(','.join(bad))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "", f"consumer_sdk pulls in {out.stdout.strip()}"

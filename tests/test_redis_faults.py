@@ -203,7 +203,9 @@ def test_spill_dir_held_by_another_ingestor_is_refused(tmp_path: Path) -> None:
 DRILL_RATE = float(os.environ.get("MARKET_DRILL_RATE", "10000"))
 
 
-async def _start_ingest(sim: Simulator, redis_url: str, spill: Path, log: Path, *, toml: str = "") -> Any:
+async def _start_ingest(
+    sim: Simulator, redis_url: str, spill: Path, log: Path, *, toml: str = "", env: dict[str, str] | None = None
+) -> Any:
     """``market ingest`` as a child process on BTCUSDT trades and aggregate trades, keeping every entry."""
     cfg = log.with_suffix(".toml")
     cfg.write_text(
@@ -213,7 +215,7 @@ async def _start_ingest(sim: Simulator, redis_url: str, spill: Path, log: Path, 
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "ops.cli", "ingest", "--url", sim.ws_url, "--symbols", "BTCUSDT",
             "--channels", "trade,agg_trade", "--metrics-port", "0", "--spill-dir", str(spill), "--config", str(cfg),
-            env={**os.environ, "MARKET_REDIS_URL": redis_url, "MARKET_PREFIX": "md"},
+            env={**os.environ, "MARKET_REDIS_URL": redis_url, "MARKET_PREFIX": "md", **(env or {})},
             stdout=asyncio.subprocess.DEVNULL, stderr=log_file,
         )
 
@@ -398,15 +400,16 @@ async def test_sigterm_during_an_outage_saves_what_the_process_holds(tmp_path: P
 @pytest.mark.timeout(600)
 async def test_a_full_spill_disk_during_an_outage_is_survived(tmp_path: Path) -> None:
     """The spill log on a 2 MB filesystem (or, where mounting is refused, a 2 MB cap), Redis stopped long
-    enough to fill memory, the log and the ingress: the ingestor logs ``spill_full``, stops reading the venue,
-    and once Redis is back it is still alive 20 s later with no traceback, every trade id stored or marked."""
+    enough to fill memory, the log and the ingress (20k here, so the venue goes unread for most of the rest):
+    the ingestor logs ``spill_full``, stops reading the venue, and once Redis is back it is still alive 20 s
+    later with no traceback, every trade id stored or marked."""
     outage = float(os.environ.get("MARKET_DRILL_OUTAGE_S", "40"))
     spill, one = tmp_path / "disk", tmp_path / "one.log"
     with small_filesystem(spill) as mounted, start_redis(appendonly=True) as server:
         toml = "" if mounted else "[spill]\nmax_mb = 2\n"
         client = aioredis.Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=1)
         async with Simulator(SimulatorConfig(symbols=("BTCUSDT",), rate=DRILL_RATE)) as sim:
-            proc = await _start_ingest(sim, server.url, spill, one, toml=toml)
+            proc = await _start_ingest(sim, server.url, spill, one, toml=toml, env={"MARKET_QUEUE_CAPACITY": "20000"})
             try:
                 async def flowing() -> bool:
                     return await client.xlen("md:binance:BTCUSDT:trade") > 1000
@@ -444,9 +447,13 @@ async def test_a_full_spill_disk_during_an_outage_is_survived(tmp_path: Path) ->
     text = one.read_text()
     assert "Traceback" not in text and '"exception"' not in text
     drained = _events(one, "spill_drained")
+    repairs = [(e["stream"], e["fetched"], e["missing"]) for e in _events(one, "gap_repaired")
+               + _events(one, "gap_partly_repaired") + _events(one, "gap_marked")]
+    reconnects = len([e for e in _events(one, "session_state") if e.get("previous") == "backing_off"])
     print(f"\nfull-spill drill ({'2 MB tmpfs' if mounted else '2 MB cap'}): rate {DRILL_RATE:.0f}/s, outage "
           f"{outage:.0f} s, spill_full at {full['bytes']} bytes / {full['records']} records, drained "
-          f"{drained[-1]['drained'] if drained else 0}; ids (range, stored, marked): {report}")
+          f"{drained[-1]['drained'] if drained else 0}; venue reconnects {reconnects}, repairs {repairs}; "
+          f"ids (range, stored, marked): {report}")
 
 
 async def test_a_start_repairs_the_hole_between_redis_and_the_spill_before_draining_it(

@@ -135,3 +135,20 @@ def test_reading_starts_at_pos_and_a_close_frame_ends_it() -> None:
     pos, partial, closed = read_frames(stream, len(lead), 100, data, control, None)
     assert data == [b"a"] and control == [(Opcode.CLOSE, b"\x03\xe8")] and closed and partial is None
     assert pos == len(lead) + 3 + 4
+
+
+def test_a_close_frame_over_125_bytes_is_refused() -> None:
+    """Close is a control frame too (opcode 8, the lowest): the 125-byte limit applies to it."""
+    raw = bytes([0x88, 126, 0, 126]) + b"\x03\xe8" + b"r" * 124
+    with pytest.raises(FrameError) as info:
+        read(raw, 1 << 20)
+    assert info.value.code == CloseCode.PROTOCOL_ERROR and str(info.value) == "control frame too long"
+
+
+def test_an_incomplete_64_bit_length_after_pos_waits_for_the_rest() -> None:
+    """Eight length bytes are needed before the length means anything: five of them are not read as a length."""
+    lead = b"\x00" * 7
+    partial = bytes([0x82, 127, 0, 0, 0, 1, 0])  # the length 0x0000000100...: only five of its eight bytes
+    data: list[bytes] = []
+    pos, partial_out, closed = read_frames(lead + partial, len(lead), 100, data, [], None)
+    assert (pos, data, partial_out, closed) == (len(lead), [], None, False)

@@ -251,11 +251,24 @@ def tail(
     ] = "$",
 ) -> None:
     """Print ticks as they arrive, one JSON object per line: {"key", "id", "tick"}."""
-    from consumer_sdk.keys import parse_key
+    prefixes = {_check_key(k) for k in keys}
+    if group is not None and len(prefixes) > 1:
+        fail(f"--group reads keys of one prefix at a time, got {', '.join(sorted(prefixes))}")
+    run_async(_tail(_redis_url(), keys, group, from_, prefixes.pop()), graceful_term=group is not None)
 
-    for k in keys:
-        parse_key(k)
-    run_async(_tail(_redis_url(), keys, group, from_), graceful_term=group is not None)
+
+def _check_key(key: str) -> str:
+    """``key`` is ``<prefix>:<venue>:<SYMBOL>:<channel>`` with a valid prefix (any, not only ``md``); its prefix."""
+    from consumer_sdk.keys import parse_key
+    from ingestor.config import validate_prefix
+
+    prefix = key.split(":", 1)[0]
+    try:
+        validate_prefix(prefix)
+    except ConfigError:
+        raise ConfigError(f"not a stream key of the form <prefix>:<venue>:<SYMBOL>:<channel>: {key!r}") from None
+    parse_key(key, prefix=prefix)
+    return prefix
 
 
 def _emit(key: str, entry_id: str, tick: Any) -> None:
@@ -265,7 +278,7 @@ def _emit(key: str, entry_id: str, tick: Any) -> None:
     sys.stdout.flush()
 
 
-async def _tail(url: str, keys: list[str], group: str | None, start: str) -> None:
+async def _tail(url: str, keys: list[str], group: str | None, start: str, prefix: str) -> None:
     from consumer_sdk.consumer import Consumer
     from consumer_sdk.replay import follow
     from ingestor.service import connect_redis
@@ -277,15 +290,14 @@ async def _tail(url: str, keys: list[str], group: str | None, start: str) -> Non
                 _emit(key, entry_id, tick)
         else:
             consumer = Consumer(
-                redis_url=url, patterns=keys, group=group, start_id="$" if start == "$" else start
+                redis_url=url, patterns=keys, group=group, prefix=prefix, start_id="$" if start == "$" else start
             )
-            await consumer.run(lambda tick: _emit(_key_of(tick), "", tick))
+            # batch by batch, so each line carries its entry ID; a batch is acknowledged once printed
+            async for batch in consumer.batches():
+                for key, entry_id, tick in batch:
+                    _emit(key, entry_id, tick)
     finally:
         await redis.aclose()
-
-
-def _key_of(tick: Any) -> str:
-    return f"md:{tick['venue']}:{tick['symbol']}:{tick['channel']}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,10 +313,9 @@ def replay(
     ] = None,
 ) -> None:
     """History from a stream to stdout, in entry order (exactly what XRANGE returns), or copied to another prefix."""
-    from consumer_sdk.keys import parse_key
     from consumer_sdk.replay import parse_bound
 
-    parse_key(key)
+    _check_key(key)
     if format_ not in ("jsonl", "csv"):
         fail(f"--format must be jsonl or csv, got {format_!r}")
     lo = parse_bound(start, end=False)

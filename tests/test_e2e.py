@@ -230,12 +230,16 @@ def own_md_key() -> tuple[str, str]:
     return symbol, f"md:binance:{symbol}:trade"
 
 
-def test_cli_tail_follows_and_replay_equals_xrange(redis_url: str) -> None:
-    """`market tail` prints JSON lines in order and follows new entries; `market replay` prints exactly XRANGE."""
+def test_cli_tail_follows_and_replay_equals_xrange(redis_url: str, prefix: str) -> None:
+    """`market tail` prints JSON lines in order and follows new entries; `market replay` prints exactly XRANGE.
+
+    The key is under the test's own prefix: both commands take any valid prefix, not only ``md``.
+    """
     import redis as sync_redis
 
     r = sync_redis.Redis.from_url(redis_url)
-    symbol, key = own_md_key()
+    symbol = "BNBUSDT"
+    key = f"{prefix}:binance:{symbol}:trade"
     env = {**os.environ, "MARKET_REDIS_URL": redis_url}
     tail: subprocess.Popen[bytes] | None = None
     try:
@@ -281,6 +285,24 @@ def test_cli_tail_follows_and_replay_equals_xrange(redis_url: str) -> None:
         rows = seq_out.stdout.splitlines()
         assert rows[0].split(",")[:3] == ["id", "v", "venue"]
         assert [row.split(",")[0] for row in rows[1:]] == [g["id"] for g in got[10:21]]
+
+        # through a consumer group: the same lines, each with its entry ID
+        grouped = subprocess.Popen(
+            [sys.executable, "-m", "ops.cli", "tail", key, "--group", "g", "--from", "0"], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        assert grouped.stdout is not None
+        out = Lines(grouped.stdout)
+        try:
+            via_group = [orjson.loads(out.next(30, f"`market tail --group` line {i + 1}")) for i in range(301)]
+        finally:
+            grouped.terminate()
+            grouped.wait(15)
+            out.close()
+            grouped.stdout.close()
+        assert [(p["key"], p["id"], p["tick"]) for p in via_group] == [
+            (p["key"], p["id"], p["tick"]) for p in printed
+        ]
     finally:
         if tail is not None and tail.poll() is None:
             tail.kill()

@@ -409,8 +409,9 @@ class Subscription:
         self._busy_n = 0  # ticks in the chunk in progress
         self._busy_base = 0  # delivered when it started (thread and async)
 
-    def _chunk_done(self, n: int, ns: int) -> bool:
-        """Account one chunk of ``n`` handler calls that took ``ns``; True if it overran the budget."""
+    def _chunk_done(self, n: int, ns: int) -> None:
+        """Account one chunk of ``n`` handler calls that took ``ns`` (inlined in the inline delivery loop).  A
+        thread's overruns are counted too (it no longer holds anyone up: nothing else follows from them)."""
         self._busy_ns += ns
         self._chunks += 1
         per = ns // n
@@ -420,10 +421,8 @@ class Subscription:
             self._avg_tick_ns = per
         else:
             self._avg_tick_ns += (per - self._avg_tick_ns) >> 3
-        if not self._async and overran(ns, n, self._budget_ns):
+        if self.execution is Execution.THREAD and overran(ns, n, self._budget_ns):
             self.overruns += 1
-            return True
-        return False
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -519,6 +518,7 @@ class HotPath:
         self._dropped_gone: Counter[str] = Counter()
         #: subscribers moved to a thread of their own for overrunning their budget
         self.offloaded = 0
+        self._overrun_log = Throttle(log, interval=10.0)  # an overrun may be the machine's doing: a line in 10 s
         self.disconnected = 0
         self.removed = 0
         self.blocked = 0
@@ -1000,8 +1000,11 @@ class HotPath:
                     t0 = clock()
                     n = self._deliver_sync(sub, ticks[i:j], sids[i:j], tstamps[i:j])
                     sub._taken = sub.delivered
-                    if n and self._judge(sub, n, clock() - t0):
-                        return
+                    if n:
+                        ns = clock() - t0
+                        sub._chunk_done(n, ns)
+                        if self._judge(sub, n, ns):
+                            return
                     await asyncio.sleep(0)
                     continue
                 self._finish_hold(sub)
@@ -1052,27 +1055,37 @@ class HotPath:
             if timed:
                 hist.sum_us += total
                 hist.max_us = top
-            sub.delivered += n
-            sub._taken = sub.delivered
-            if n and self._judge(sub, n, ns):
-                return
+            if n:
+                sub.delivered += n
+                sub._taken += n
+                # The handler's time (Subscription._chunk_done, inlined: once per chunk and subscriber).
+                sub._busy_ns += ns
+                chunks = sub._chunks = sub._chunks + 1
+                per = ns // n
+                if per > sub._max_tick_ns:
+                    sub._max_tick_ns = per
+                sub._avg_tick_ns = per if chunks == 1 else sub._avg_tick_ns + ((per - sub._avg_tick_ns) >> 3)
+                if (ns > _MIN_OVERRUN_NS or sub._marks) and self._judge(sub, n, ns):
+                    return
             if sub.cursor != self._cursor:
                 await asyncio.sleep(0)  # more to read: let the others have their turn first
 
     def _judge(self, sub: Subscription, n: int, ns: int) -> bool:
-        """Account an inline chunk of ``n`` calls that took ``ns``; on an overrun, cut its chunks and move it to
-        a thread at its OFFLOAD_AFTER-th overrun within OFFLOAD_WINDOW chunks.  True when it was moved (its
+        """An inline chunk of ``n`` calls (already accounted) took ``ns``: on an overrun, cut its chunks and move
+        it to a thread at its OFFLOAD_AFTER-th overrun within OFFLOAD_WINDOW chunks.  True when it was moved (its
         task then serves it from the thread)."""
         marks = sub._marks
-        if not sub._chunk_done(n, ns):
+        if not overran(ns, n, sub._budget_ns):
             if marks and sub._chunks - marks[-1] >= OFFLOAD_WINDOW:
-                sub._chunk_limit = self.max_chunk  # clean for a whole window: full chunks again
+                marks.clear()  # clean for a whole window: full chunks again
+                sub._chunk_limit = self.max_chunk
             return False
+        sub.overruns += 1
         marks.append(sub._chunks)
         if len(marks) > OFFLOAD_AFTER:
             del marks[0]
         sub._chunk_limit = min(self.max_chunk, PROBATION_CHUNK)
-        sub._throttle.log(
+        self._overrun_log.log(
             logging.WARNING, "subscriber_overran", subscriber=sub.name, calls=n, handler_us=round(ns / n / 1000, 1),
             budget_us=sub.budget_us, overruns=sub.overruns,
         )

@@ -35,7 +35,7 @@ prefix of its own (deleted afterwards), as an ingestor does, and ``redis_p99_us`
 acknowledgement latency (tick ready in the ingress -> Redis acknowledged its append, every tick timed,
 wall clock) with the slow subscriber, ``without_redis_p99_us`` without, ``redis_p99_ratio`` the ratio.
 ``slow_sync`` reports what became of the slow subscriber (where it runs, its handler time, its drops)
-and ``slowest`` the name :meth:`~distributor.hotpath.HotPath.stats` gives.  The asyncio.Queue baseline
+and ``slowest`` the name :meth:`~distributor.hotpath.HotPath.stats` gives as the feed ends.  The asyncio.Queue baseline
 is not run in the drill.
 
 ``fast_execution="thread"`` runs the fast subscribers' handlers on threads of their own: against the
@@ -338,6 +338,8 @@ async def _run_hot(
             if writer is not None:
                 tasks.append(tg.create_task(writer.run(), name="bench-writer"))
             sent, gen_s = await _generate(ingress, ticks, rate, duration, wall=writer is not None)
+            slowest = hot.stats().slowest  # as the feed ends: draining, the slow handlers stop being slow
+            sync_handler_us = sync_sub.stats().handler_us if sync_sub is not None else 0.0
             for laggard in slows:
                 laggard.draining = True
             published_all = await _poll(lambda: hot.published == sent, DRAIN_TIMEOUT_S)
@@ -390,14 +392,14 @@ async def _run_hot(
         "cpu_util": round(cpu_s / wall_s, 3) if wall_s else 0.0,
         "accounted": accounted,
         "drained": drained,
-        "slowest": hot_stats.slowest,
+        "slowest": slowest,
     }
     if writer is not None:
         figures["redis_appended"] = writer.appended
     if sync_st is not None:
         figures["slow_sync"] = {
             "execution": sync_st.execution.value, "offloaded": sync_st.offloaded, "delivered": sync_st.delivered,
-            "dropped": sync_st.dropped, "handler_us": round(sync_st.handler_us, 1), "overruns": sync_st.overruns,
+            "dropped": sync_st.dropped, "handler_us": round(sync_handler_us, 1), "overruns": sync_st.overruns,
         }
     return _Round(figures, fine, ack.fine if writer is not None else None)
 

@@ -77,8 +77,9 @@ most :data:`HANDOFF_CHUNKS` chunks (one being handled, one waiting) and sets a `
 once per chunk; it takes nothing more from the ring while the hand-off is full, so a slow thread
 lags on the ring and its policy acts (``drop_oldest`` skips, ``drop_newest`` holds, ``disconnect``
 removes, ``block`` holds the publisher).  The thread is the only writer of the subscriber's
-``delivered`` count and handler times; it passes handler errors and latency samples back through two
-deques, and wakes the task (``call_soon_threadsafe``) at most once per chunk: when the task waits for
+``delivered`` count and handler times, and calls ``on_drop`` (handed over in order with the ticks, so
+a subscriber's callbacks all run on one thread); it passes handler errors and latency samples back
+through two deques, and wakes the task (``call_soon_threadsafe``) at most once per chunk: when the task waits for
 room, an error needs handling, or latency samples wait while the task sleeps.  A removed thread
 subscriber's thread ends after the call in progress (it is a daemon thread: a call that never returns
 cannot keep the process alive).  With the GIL, a thread handler that computes rather than waits
@@ -554,8 +555,9 @@ class HotPath:
 
         ``max_lag`` (default ``capacity // 4``, at most ``capacity // 2``) is how many published ticks,
         of every stream, it may be behind before its ``policy`` acts.  ``max_consecutive_failures``: remove
-        it after that many handler calls in a row raised (None: never).  ``on_drop(count)`` is called from
-        its task each time it learns it lost ``count`` ticks.  Its task is started in the task group given
+        it after that many handler calls in a row raised (None: never).  ``on_drop(count)`` is called where
+        its handler runs (its task, or its thread, in order with its ticks) each time it learns it lost
+        ``count`` ticks.  Its task is started in the task group given
         to :meth:`start`, if any; otherwise run :meth:`run_subscriber` yourself.
 
         ``execution``: ``inline`` (a synchronous handler's default: on the loop, moved to a thread of its
@@ -959,7 +961,10 @@ class HotPath:
     def _report_drop(self, sub: Subscription, missed: int) -> None:
         sub.dropped += missed
         sub.drop_events += 1
-        if sub._on_drop is not None:
+        worker = sub._worker
+        if sub._on_drop is not None and worker is not None:
+            worker.hand([], None, missed)  # told on its thread, in order with its ticks
+        elif sub._on_drop is not None:
             try:
                 sub._on_drop(missed)
             except Exception as exc:  # the subscriber's own callback must not stop its task
@@ -1340,6 +1345,7 @@ class _Worker:
         "_hot",
         "_loop",
         "_sub",
+        "_throttle",
         "done",
         "event",
         "failures",
@@ -1356,7 +1362,8 @@ class _Worker:
         self._sub = sub
         self._loop = loop
         self._every = self._countdown = sample_every
-        self.queue: deque[tuple[list[Tick], list[int] | None]] = deque()
+        #: (ticks, their publish stamps if the chunk is timed, ticks lost just before them: on_drop's count)
+        self.queue: deque[tuple[list[Tick], list[int] | None, int]] = deque()
         self.event = threading.Event()
         self.halted = False
         self.pushed = 0  # chunks handed over
@@ -1364,6 +1371,7 @@ class _Worker:
         self.room: asyncio.Future[None] | None = None  # set while the task waits for the thread to take a chunk
         self.failures: deque[tuple[Tick, Exception, int]] = deque()  # (tick, error, index of the call)
         self.timings: deque[tuple[int, int]] = deque()  # (µs from publish to handled, ticks) per publish batch
+        self._throttle = Throttle(log)  # the thread's own (on_drop failures)
         self.thread = threading.Thread(target=self._run, name=f"hotpath-{sub.name}"[:60], daemon=True)
 
     def timed(self) -> bool:
@@ -1376,10 +1384,11 @@ class _Worker:
         self._countdown = self._every
         return True
 
-    def hand(self, ticks: list[Tick], stamps: list[int] | None) -> None:
-        """The task's side: pass one chunk of matching ticks (and their publish stamps if it is timed)."""
+    def hand(self, ticks: list[Tick], stamps: list[int] | None, dropped: int = 0) -> None:
+        """The task's side: pass one chunk of matching ticks (and their publish stamps if it is timed), or
+        (no ticks) the news of ``dropped`` lost ticks for ``on_drop``."""
         self._sub._taken += len(ticks)
-        self.queue.append((ticks, stamps))
+        self.queue.append((ticks, stamps, dropped))
         self.pushed += 1
         self.event.set()
 
@@ -1391,6 +1400,16 @@ class _Worker:
         if room is not None and not room.done():
             room.set_result(None)
 
+    def _tell_drop(self, count: int) -> None:
+        on_drop = self._sub._on_drop
+        if on_drop is None:  # pragma: no cover - only handed when there is one
+            return
+        try:
+            on_drop(count)
+        except Exception as exc:  # the subscriber's own callback must not stop its thread
+            self._throttle.log(logging.ERROR, "subscriber_on_drop_failed", subscriber=self._sub.name,
+                               error=repr(exc)[:200])
+
     def _run(self) -> None:
         sub = self._sub
         handler = cast(Callable[[Tick], object], sub.handler)
@@ -1398,12 +1417,14 @@ class _Worker:
         queue, event, failures, timings = self.queue, self.event, self.failures, self.timings
         while not self.halted:
             try:
-                ticks, stamps = queue.popleft()
+                ticks, stamps, dropped = queue.popleft()
             except IndexError:
                 event.clear()
                 if not queue and not self.halted:  # checked after the clear: a chunk handed meanwhile is seen
                     event.wait()
                 continue
+            if dropped:
+                self._tell_drop(dropped)
             n = len(ticks)
             base = sub._busy_base = sub.delivered
             sub._busy_n = n

@@ -369,13 +369,19 @@ async def test_a_hanging_thread_handler_is_bounded_by_its_policy(policy: str) ->
     gate = threading.Event()
     seen: list[int] = []
     told: list[int] = []
+    where: set[int] = set()  # the threads its handler and its on_drop ran on
     other = Fast()
 
     def hangs(t: Tick) -> None:
+        where.add(threading.get_ident())
         gate.wait(HANG)
         seen.append(t["seq"])
 
-    sub = hot.subscribe(hangs, "sim:*:*", execution="thread", policy=policy, max_lag=32, on_drop=told.append,
+    def on_drop(n: int) -> None:
+        where.add(threading.get_ident())
+        told.append(n)
+
+    sub = hot.subscribe(hangs, "sim:*:*", execution="thread", policy=policy, max_lag=32, on_drop=on_drop,
                         name="hangs")
     hot.subscribe(other, "sim:*:*", max_lag=128)
     published = 10
@@ -422,6 +428,7 @@ async def test_a_hanging_thread_handler_is_bounded_by_its_policy(policy: str) ->
         assert seen == [1] and 32 < st.matched < published  # its call in progress completed; nothing more
     else:
         assert st.matched == published
+    assert len(where) == 1 and threading.get_ident() not in where  # one thread: never the loop's
     if policy == "block":
         assert st.dropped == 0 and seen == list(range(1, published + 1))
     elif policy == "drop_oldest":

@@ -283,7 +283,7 @@ async def test_oom_refuses_everything_then_each_tick_is_stored_once_in_order(
             assert stats.connected, "Redis answers: it is reachable, and refusing"
             assert stats.failing == "oom" and stats.failing_for_s > 0
             assert stats.rejected_by_reason.get("oom", 0) >= 64 and stats.dead_lettered == 0
-            assert stats.buffered + 64 >= len(during) - 64  # held: the batch in flight and the buffer
+            assert stats.buffered >= len(during) - 64  # all held: in the buffer, or in the batch in flight
 
             got = samples(writer_metrics(writer), "market_redis_oom")
             assert got == {(): 1.0}
@@ -421,7 +421,18 @@ async def venue_last_trade(sim: Simulator, symbol: str) -> int:
         with urllib.request.urlopen(f"{sim.rest_url}/api/v3/trades?symbol={symbol}&limit=1", timeout=5) as r:
             return json.loads(r.read())
 
-    return int((await asyncio.to_thread(get))[-1]["id"])
+    async with asyncio.timeout(10):
+        return int((await asyncio.to_thread(get))[-1]["id"])
+
+
+def task_stacks() -> str:
+    """Where every task of this loop waits (for a failure message)."""
+    import io
+
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        task.print_stack(limit=6, file=out)
+    return out.getvalue()
 
 
 @pytest.mark.slow
@@ -432,14 +443,23 @@ async def test_drill_redis_at_maxmemory_under_load(
     """~10k trades/s; Redis (noeviction) set below what it uses for DRILL_S seconds, then lifted.
 
     While it lasts the refusal shows in the metrics (market_redis_oom 1, market_redis_up 1) and in
-    ``market status`` (redis FAIL, out of memory); afterwards every venue trade id is in Redis exactly
-    once, in order, with no hole and no gap marker.  The writer's Redis is a private server; the
-    heartbeats go to the shared one (as when heartbeats and streams live on different servers), so the
-    status can be read while the writer's Redis refuses every write.
+    ``market status`` (redis FAIL, out of memory), and nothing is acknowledged as stored; afterwards
+    every venue trade id is in Redis exactly once, in order, with no hole and no gap marker.  The
+    writer's Redis is a private server; the heartbeats go to the shared one (as when heartbeats and
+    streams live on different servers), so the status can be read while the writer's Redis refuses
+    every write.  Every wait is bounded and names what it waited for.
     """
     symbols = ("BTCUSDT", "ETHUSDT")
-    client = aioredis.Redis.from_url(private_redis.url, socket_timeout=5, socket_connect_timeout=1)
+    # Generous client timeouts: on a loaded machine a slow reply must not pass for an unreachable Redis.
+    client = aioredis.Redis.from_url(private_redis.url, socket_timeout=30, socket_connect_timeout=5)
     figures: dict[str, Any] = {}
+    phase = "starting"
+
+    async def status_redis() -> Any:
+        async with asyncio.timeout(10):
+            heartbeats, groups = await collect(aredis, prefix)
+        return evaluate(heartbeats, groups, time.time()).stage("redis")
+
     async with Simulator(SimulatorConfig(symbols=symbols, rate=DRILL_RATE)) as sim:
         settings = IngestSettings(
             url=sim.ws_url, rest_url=sim.rest_url, symbols=symbols, channels=("trade",), prefix=prefix, session=FAST,
@@ -456,18 +476,17 @@ async def test_drill_redis_at_maxmemory_under_load(
                 if t.done():
                     raise AssertionError(f"{t.get_name()} ended: {t.exception() if not t.cancelled() else 'cancelled'}")
 
-        async def status_redis() -> Any:
-            heartbeats, groups = await collect(aredis, prefix)
-            return evaluate(heartbeats, groups, time.time()).stage("redis")
-
         try:
-            async with asyncio.timeout(30):
+            phase = "the first 5000 ticks stored"
+            async with asyncio.timeout(60):
                 while ing.writer is None or ing.writer.appended < 5_000:
                     check()
                     await asyncio.sleep(0.05)
             writer = ing.writer
             trades_before = sum([await venue_last_trade(sim, sym) for sym in symbols])
-            await refuse_writes(client)
+            phase = "Redis at its limit, the refusal seen"
+            async with asyncio.timeout(10):
+                await refuse_writes(client)
             began = time.monotonic()
             async with asyncio.timeout(10):
                 while writer.failing != "oom":
@@ -477,11 +496,12 @@ async def test_drill_redis_at_maxmemory_under_load(
             stored_at_refusal = writer.appended
             seen_in_status = seen_in_metrics = False
             peak_held = 0
+            phase = "Redis at its limit"
             while time.monotonic() - began < DRILL_S:
                 check()
                 st = writer.stats()
                 peak_held = max(peak_held, st.buffered + st.spilled)
-                assert st.failing == "oom" and st.connected
+                assert st.failing == "oom" and st.connected, st
                 assert writer.appended == stored_at_refusal, "nothing is acknowledged while Redis refuses"
                 metrics = list(IngestorCollector(ing).collect())
                 oom, up = samples(metrics, "market_redis_oom"), samples(metrics, "market_redis_up")
@@ -496,7 +516,9 @@ async def test_drill_redis_at_maxmemory_under_load(
             held = writer.stats()
             figures.update(held_at_lift=held.buffered + held.spilled, spilled_at_lift=held.spilled,
                            peak_held=peak_held, rejected=dict(held.rejected_by_reason), errors=held.errors)
-            await lift_limit(client)
+            phase = "the limit lifted"
+            async with asyncio.timeout(10):
+                await lift_limit(client)
             lifted = time.monotonic()
             trades_during = sum([await venue_last_trade(sim, sym) for sym in symbols]) - trades_before
             figures["venue_trades_per_s"] = round(trades_during / (lifted - began))
@@ -505,16 +527,15 @@ async def test_drill_redis_at_maxmemory_under_load(
             for sym in symbols:
                 key = f"{prefix}:binance:{sym}:trade"
                 target = await venue_last_trade(sim, sym)
-
-                async def caught_up(key: str = key, target: int = target) -> bool:
-                    top = await client.xrevrange(key, count=1)
-                    return bool(top) and int(top[0][0].split(b"-")[1]) >= target
-
+                phase = f"{key} caught up with the venue's trade {target}"
                 async with asyncio.timeout(120):
-                    while not await caught_up():
+                    while True:
                         check()
+                        top = await client.xrevrange(key, count=1)
+                        if top and int(top[0][0].split(b"-")[1]) >= target:
+                            break
                         await asyncio.sleep(0.1)
-                ticks = [orjson.loads(f[b"d"]) for _, f in await client.xrange(key)]
+                    ticks = [orjson.loads(f[b"d"]) for _, f in await client.xrange(key)]
                 assert not [t for t in ticks if is_gap_marker(t)], "no hole, marked or not"
                 ids[sym] = [t["trade_id"] for t in ticks]
                 assert ids[sym] == list(range(ids[sym][0], ids[sym][0] + len(ids[sym]))), \
@@ -522,15 +543,23 @@ async def test_drill_redis_at_maxmemory_under_load(
             figures["drained_after_s"] = round(time.monotonic() - lifted, 2)
             figures["stored"] = {s: len(v) for s, v in ids.items()}
             figures["duplicates"] = writer.duplicates
+            phase = "market status no longer failing on redis"
             async with asyncio.timeout(20):
                 while (await status_redis()).level is Level.FAIL:
                     check()
                     await asyncio.sleep(0.2)
+        except TimeoutError:
+            pytest.fail(f"{phase}: not within its bound\n{task_stacks()}")
         finally:
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await client.aclose()
+            try:
+                async with asyncio.timeout(30):
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            except TimeoutError:
+                pytest.fail(f"the ingestor did not stop within 30 s of its cancellation\n{task_stacks()}")
+            finally:
+                await client.aclose()
     figures.update(oom_s=DRILL_S, rate=DRILL_RATE)
     print(f"\nOOM drill: {orjson.dumps(figures).decode()}")
     assert figures["held_at_lift"] > 0 and figures["rejected"].get("oom", 0) > 0

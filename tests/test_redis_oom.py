@@ -373,8 +373,13 @@ async def test_oom_met_inside_the_script_keeps_every_stream_whole(
     ticks = interleaved(1, 20, SYMBOLS)
     try:
         await refuse_writes(client)
+        await client.config_resetstat()
         with pytest.raises(WriteRefused) as refused:
             await writer.append(ticks)
+        stats = await client.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] == 1, "the script ran"
+        assert stats["cmdstat_xadd"]["rejected_calls"] == len(SYMBOLS), "and stopped each stream at its first XADD"
+        assert stats["cmdstat_xadd"]["calls"] == 0
         assert refused.value.error.reason == "oom" and str(refused.value).startswith("OOM ")
         assert refused.value.remaining == ticks and refused.value.added == 0
         assert writer.rejected_by_reason == {"oom": len(ticks)}
@@ -394,8 +399,12 @@ async def test_a_refused_call_with_the_flags_wrote_nothing(private_redis: RedisS
     try:
         assert await writer.append(ticks[:6]) == (6, 0)
         await refuse_writes(client)
+        await client.config_resetstat()
         with pytest.raises(WriteRefused) as refused:
             await writer.append(ticks)
+        stats = await client.info("commandstats")
+        assert stats["cmdstat_evalsha"]["rejected_calls"] == 1 and stats["cmdstat_evalsha"]["calls"] == 0
+        assert "cmdstat_xrevrange" not in stats and "cmdstat_xadd" not in stats, "the script never ran"
         assert refused.value.error.reason == "oom"
         assert refused.value.remaining == ticks and (refused.value.added, refused.value.duplicates) == (0, 0)
         assert writer.batches == 1, "a refused round trip is no flush"

@@ -319,6 +319,28 @@ def test_removing_limits_releases_every_held_tick_whatever_the_order() -> None:
     assert seqs(gate.tick_pending(T0)) == [2]
 
 
+def test_a_stream_that_passes_untouched_does_not_hide_the_held_ticks_of_the_next() -> None:
+    state = ControlState().with_limit("binance:ZZZ:trade", 1)
+    gate = gate_with(state)
+    gate.filter([trade(1, "AAA"), trade(1, "ZZZ"), trade(2, "ZZZ")], T0)  # AAA passes; ZZZ: 2 held
+    gate.apply(state.with_pause("binance:ETHUSDT:trade"))
+    gate.apply(ControlState())
+    assert seqs(gate.tick_pending(T0)) == [2]
+
+
+def test_a_resumed_stream_still_limited_is_marked_once() -> None:
+    state = ControlState().with_limit(TRADE, 100)
+    gate = gate_with(state.with_pause(TRADE))
+    gate.filter([trade(1), trade(2)], T0)
+    gate.apply(state)  # resumed; the limit stays
+    (marker,) = gate.tick_pending(T0)
+    assert (marker["gap_first"], marker["gap_last"]) == (1, 2)  # type: ignore[typeddict-item]
+    gate.apply(state.with_level("shed"))
+    gate.apply(state.with_pause("binance:ETHUSDT:trade"))
+    assert gate.tick_pending(T0) == [] and gate.markers == 1
+    assert seqs(gate.filter([trade(3)], T0)) == [3]
+
+
 def test_a_held_tick_is_released_when_its_limit_turns_to_drop_and_kept_when_it_stays_conflate() -> None:
     s1 = ControlState().with_limit(TRADE, 1, "conflate")
     gate = gate_with(s1)
@@ -423,13 +445,17 @@ def test_limit_conflation_counts_every_superseded_tick() -> None:
 def test_a_marker_drops_both_held_ticks_of_its_stream() -> None:
     state = ControlState().with_level("conflate").with_limit(BOOK, 1, "conflate")
     gate = gate_with(state)
-    gate.filter([book(1), book(2)], T0)  # 1 out (token spent), 2 held by conflation
+    gate.filter([book(1), book(2), book(3)], T0)  # 1 out (token spent), 2 superseded, 3 held by conflation
     gate.tick_pending(T0 + 0.1)  # due for conflation, but no token: now held by the limit
-    gate.filter([book(3)], T0 + 0.15)  # held by conflation
-    assert gate.held == 2
-    marker = make_gap_marker("binance", "BTCUSDT", "book_ticker", 4, 9, 1, 1, "unrecoverable")
-    assert gate.filter([marker], T0 + 0.15) == [marker]
-    assert gate.held == 0 and (gate.conflated, gate.limited_conflated) == (1, 1)
+    gate.filter([book(4), book(5)], T0 + 0.15)  # 4 superseded, 5 held by conflation
+    assert gate.held == 2 and (gate.conflated, gate.limited_conflated) == (2, 0)
+    gate.filter([book(6)], T0 + 0.16)  # 5 superseded
+    gate.tick_pending(T0 + 0.2)  # 6 due for conflation, no token yet: it supersedes 3 held by the limit
+    gate.filter([book(7)], T0 + 0.25)  # held by conflation
+    assert gate.held == 2 and (gate.conflated, gate.limited_conflated) == (3, 1)
+    marker = make_gap_marker("binance", "BTCUSDT", "book_ticker", 8, 9, 1, 1, "unrecoverable")
+    assert gate.filter([marker], T0 + 0.25) == [marker]
+    assert gate.held == 0 and (gate.conflated, gate.limited_conflated) == (4, 2)
     assert gate.tick_pending(T0 + 5) == [] and gate.drain() == []
 
 

@@ -144,3 +144,61 @@ def test_a_segment_of_only_its_header_opens_empty_without_a_cut(
     assert (len(log), log.torn) == (0, 0) and not [r for r in caplog.records if r.getMessage() == "spill_cut"]
     assert seg.exists() and seg.stat().st_size == len(MAGIC)
     log.close()
+
+
+def test_zeroed_blocks_after_the_records_are_bad_not_empty_records() -> None:
+    """A crash can leave zero-filled blocks: a zero length (with a zero CRC, which is the CRC of nothing) is
+    not a record."""
+    data = record(b"one") + bytes(32)
+    assert parse_records(data) == ([b"one"], 11, True)
+
+
+def test_a_crc_mismatch_is_bad() -> None:
+    data = bytearray(record(b"one") + record(b"two"))
+    data[-1] ^= 0x01
+    assert parse_records(bytes(data)) == ([b"one"], 11, True)
+
+
+def test_every_torn_segment_is_counted_and_whole_ones_are_not_places_of_loss(tmp_path: Path) -> None:
+    log = SpillLog(tmp_path, segment_bytes=50)
+    for i in range(4):
+        log.append([bytes([i]) * 60])  # one record per segment (a segment rolls once past 50 bytes)
+    log.close()
+    segs = sorted(tmp_path.glob("seg-*.spill"))
+    assert len(segs) == 4
+    assert SpillLog(tmp_path, segment_bytes=50).cut_after == set(), "nothing was cut"
+    for seg in segs[:2]:
+        with seg.open("ab") as f:
+            f.write(b"\x01\x02\x03")
+    log = SpillLog(tmp_path, segment_bytes=50)
+    assert log.torn == 2 and len(log) == 4
+    assert log.cut_after == {int(segs[0].name[4:-6]), int(segs[1].name[4:-6])}
+    log.close()
+
+
+def test_an_empty_segment_file_is_removed_without_a_place_of_loss(tmp_path: Path) -> None:
+    """A crash right after creating a segment leaves it empty: nothing was in it, nothing is missing there."""
+    log = SpillLog(tmp_path, segment_bytes=50)
+    for i in range(2):
+        log.append([bytes([i]) * 60])
+    log.close()
+    first, _ = sorted(tmp_path.glob("seg-*.spill"))
+    empty = tmp_path / f"seg-{int(first.name[4:-6]) + 1:016d}.spill"
+    empty.write_bytes(b"")
+    log = SpillLog(tmp_path, segment_bytes=50)
+    assert not empty.exists() and len(log) == 2 and log.cut_after == set()
+    log.close()
+
+
+def test_a_one_byte_headerless_segment_is_a_place_of_loss(tmp_path: Path) -> None:
+    log = SpillLog(tmp_path, segment_bytes=50)
+    for i in range(2):
+        log.append([bytes([i]) * 60])
+    log.close()
+    first, _ = sorted(tmp_path.glob("seg-*.spill"))
+    stub = tmp_path / f"seg-{int(first.name[4:-6]) + 1:016d}.spill"
+    stub.write_bytes(b"m")
+    log = SpillLog(tmp_path, segment_bytes=50)
+    assert not stub.exists() and len(log) == 2 and log.torn == 1
+    assert log.cut_after == {int(first.name[4:-6])}, "what the removed segment held is missing after the first"
+    log.close()

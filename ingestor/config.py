@@ -276,6 +276,11 @@ def _repair(table: Any) -> RepairSettings:
         max_gap=_int(table.get("max_gap", 200_000), "repair.max_gap", 1, 10**9),
         max_hold=_int(table.get("max_hold", 200_000), "repair.max_hold", 1, 10**9),
         deadline_s=_float(table.get("deadline_s", 60.0), "repair.deadline_s", 0.1, 3600.0),
+        hold_s=_float(table.get("hold_s", 5.0), "repair.hold_s", 0.1, 600.0),
+        rest_timeout_s=_float(table.get("rest_timeout_s", 2.0), "repair.rest_timeout_s", 0.05, 600.0),
+        max_body_mb=_float(table.get("max_body_mb", 4.0), "repair.max_body_mb", 0.01, 1024.0),
+        breaker_failures=_int(table.get("breaker_failures", 3), "repair.breaker_failures", 1, 1000),
+        breaker_cooldown_s=_float(table.get("breaker_cooldown_s", 30.0), "repair.breaker_cooldown_s", 0.0, 86400.0),
     )
 
 

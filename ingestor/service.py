@@ -45,7 +45,6 @@ from ingestor.config import IngestSettings, redact_url
 from ingestor.control_plane import run_auto_degrade, watch_control
 from ingestor.heartbeat import heartbeat_loop
 from ingestor.repair import REPAIRABLE, GapRepairer, merge_repair
-from ingestor.rest import VenueRest
 from ingestor.sequencer import GapReport, Sequencer
 from ingestor.session import VenueSession
 from ingestor.subscriptions import plan_connections
@@ -525,7 +524,7 @@ class Ingestor:
             plan = plan_connections(
                 [channel_to_stream(n.symbol, n.channel) for n in initial], s.max_streams_per_connection
             )
-            self.repairer = GapRepairer(VenueRest(s.rest_url), self.ingress, self.sequencer, s.repair)
+            self.repairer = GapRepairer(s.repair.client(s.rest_url), self.ingress, self.sequencer, s.repair)
             self.sessions = []
             for group in plan:
                 self._new_session(group)
@@ -566,6 +565,8 @@ class Ingestor:
                 self._lock_fd = -1
             if self._redis is None:
                 await redis.aclose()
+            if self.repairer is not None:
+                await self.repairer.aclose()
             report = self.stop_report
             if report is not None:
                 log_event(

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from consumer_sdk.errors import ConfigError
 from consumer_sdk.sequencing import Verdict
 from consumer_sdk.tick import Tick, decode_tick, is_gap_marker, make_gap_marker
 from distributor.ingress import IngressQueue, Policy
@@ -369,6 +370,10 @@ class FakeRest:
         self.gate = asyncio.Event()
         self.gate.set()
         self.override: Callable[[int], list[dict[str, Any]]] | None = None
+        self.closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
 
     async def fetch(self, channel: str, symbol: str, from_id: int, limit: int = 1000) -> list[dict[str, Any]]:
         self.calls.append((channel, symbol, from_id, limit))
@@ -409,6 +414,13 @@ class Harness:
 
     def drain(self) -> list[Tick]:
         return list(self.ingress.take(10**9))
+
+    async def __aenter__(self) -> Harness:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Close the REST client, as the ingestor does when it stops."""
+        await self.repairer.aclose()
 
 
 async def until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
@@ -519,7 +531,11 @@ async def venue_with_history(channel: str, n: int = 12) -> AsyncIterator[tuple[S
     async with Simulator(SimulatorConfig(symbols=(SYMBOL,), rate=2000.0, seed=11)) as sim:
         kind = "trade" if channel == "trade" else "aggTrade"
         await until(lambda: sim.stats().ticks_generated[kind] >= n, f"{n} ids of {channel} at the venue")
-        rows = await VenueRest(sim.rest_url).fetch(channel, SYMBOL, 0, n)
+        rest = VenueRest(sim.rest_url)
+        try:
+            rows = await rest.fetch(channel, SYMBOL, 0, n)
+        finally:
+            await rest.aclose()
         convert = trades_to_ticks if channel == "trade" else agg_trades_to_ticks
         ticks = convert(rows, VENUE, SYMBOL, 1)
         assert len(ticks) == n and seqs(ticks) == list(range(ticks[0]["seq"], ticks[0]["seq"] + n))
@@ -545,7 +561,7 @@ async def test_non_retryable_rest_error_ends_with_a_marker() -> None:
         asked = requests_to(sim, REST_PATH["trade"])
         h = Harness(VenueRest(sim.rest_url))  # type: ignore[arg-type]
         gap_between(h, ticks, 3, 9)
-        async with running(h.repairer) as task:
+        async with running(h.repairer) as task, h:
             await until(lambda: ident() not in h.repairer.holds, "the hold to be released")
             assert not task.done()
         out = h.drain()
@@ -569,7 +585,7 @@ async def test_retryable_rest_errors_are_retried_until_the_venue_answers(channel
         asked = requests_to(sim, path)
         h = Harness(VenueRest(sim.rest_url))  # type: ignore[arg-type]
         gap_between(h, ticks, 3, 9)
-        async with running(h.repairer):
+        async with running(h.repairer), h:
             await until(lambda: ident(channel) not in h.repairer.holds, "the hold to be released", timeout=30)
         assert (requests_to(sim, path) - asked, sim.rest_faults.injected[path]) == (6, 5)
     out = h.drain()
@@ -579,26 +595,29 @@ async def test_retryable_rest_errors_are_retried_until_the_venue_answers(channel
 
 
 async def test_retry_after_is_honoured() -> None:
-    """The venue says: come back in an hour.  The repairer waits rather than asking again, and its deadline
-    ends the repair with a marker; without Retry-After the same 429 is retried."""
+    """The venue says: come back in an hour, past the end of the repair.  The repairer does not ask again:
+    it ends the repair with a marker at once rather than holding the stream for nothing; without
+    Retry-After the same 429 is retried."""
     async with venue_with_history("agg_trade") as (sim, ticks):
         path = REST_PATH["agg_trade"]
         sim.set_rest_faults(path, parse_rest_schedule("429:3600"))
         asked = requests_to(sim, path)
         h = Harness(VenueRest(sim.rest_url), RepairSettings(deadline_s=2.0))  # type: ignore[arg-type]
         gap_between(h, ticks, 0, 4)
-        async with running(h.repairer):
-            await until(lambda: ident("agg_trade") not in h.repairer.holds, "the deadline", timeout=30)
+        async with running(h.repairer), h:
+            await until(lambda: ident("agg_trade") not in h.repairer.holds, "the marker", timeout=30)
         assert requests_to(sim, path) == asked + 1
         out = h.drain()
         assert describe(out) == [(ticks[1]["seq"], ticks[3]["seq"]), ticks[4]["seq"]]
-        assert "exceeded" in out[0]["reason"]  # type: ignore[typeddict-item]
+        assert "asks to wait 3600 s" in out[0]["reason"]  # type: ignore[typeddict-item]
+        assert h.repairer.stats().refused == {"http_status": 1}
+        assert h.repairer.stats().hold_expired == 0
 
         sim.set_rest_faults(path, parse_rest_schedule("429"))
         asked = requests_to(sim, path)
         h = Harness(VenueRest(sim.rest_url), RepairSettings(deadline_s=30.0))  # type: ignore[arg-type]
         gap_between(h, ticks, 5, 9)
-        async with running(h.repairer):
+        async with running(h.repairer), h:
             await until(lambda: ident("agg_trade") not in h.repairer.holds, "the hold to be released", timeout=30)
         assert requests_to(sim, path) == asked + 2
         assert describe(h.drain()) == seqs(ticks[6:10])
@@ -785,8 +804,8 @@ async def test_full_hold_ends_the_repair_without_waiting_for_the_fetch() -> None
     """Past ``max_hold`` held ticks the repair stops and marks what is left, so memory stays
     bounded even while a REST request hangs."""
     rest = FakeRest(rest_rows("trade", range(1, 30)))
-    rest.gate.clear()  # the request hangs (the default deadline is a minute)
-    h = Harness(rest, RepairSettings(max_hold=3))
+    rest.gate.clear()  # the request hangs, and no clock would end it within the test
+    h = Harness(rest, RepairSettings(max_hold=3, hold_s=600.0, deadline_s=600.0))
     h.feed(live_tick("trade", 4))
     h.feed(live_tick("trade", 10))
     h.drain()
@@ -794,8 +813,77 @@ async def test_full_hold_ends_the_repair_without_waiting_for_the_fetch() -> None
         await until(lambda: len(rest.calls) == 1, "the first REST fetch")
         for i in range(11, 16):
             h.feed(live_tick("trade", i))
-        await until(lambda: ident() not in h.repairer.holds, "the full hold to be released", timeout=0.5)
-    assert describe(h.drain()) == [(5, 9), *range(10, 16)]
+        await until(lambda: ident() not in h.repairer.holds, "the full hold to be released")
+    out = h.drain()
+    assert describe(out) == [(5, 9), *range(10, 16)]
+    assert "too many ticks held" in out[0]["reason"]  # type: ignore[typeddict-item]
+    assert h.repairer.stats().held_overflow >= 1 and h.repairer.stats().hold_expired == 0
+
+
+async def test_the_hold_is_timed_from_when_the_gap_was_seen() -> None:
+    """A repair queued behind others gets what is left of its own hold, not a fresh one: a hold that began
+    ``hold_s`` ago is released at once, though the request would hang for ever and the deadline is far."""
+    rest = FakeRest(rest_rows("trade", range(1, 30)))
+    rest.gate.clear()
+    h = Harness(rest, RepairSettings(hold_s=600.0, deadline_s=600.0))
+    h.feed(live_tick("trade", 4))
+    h.feed(live_tick("trade", 10))
+    h.drain()
+    h.repairer._held_since[ident()] -= 600.0  # as if the gap had been seen ten minutes ago
+    async with running(h.repairer):
+        await until(lambda: ident() not in h.repairer.holds, "the hold to be released")
+    out = h.drain()
+    assert describe(out) == [(5, 9), 10]
+    assert "held the stream for its 600 s" in out[0]["reason"]  # type: ignore[typeddict-item]
+    assert h.repairer.stats().hold_expired == 1
+
+
+@pytest.mark.parametrize(
+    ("rows", "kind"),
+    [
+        (lambda from_id: [trade_row(trade_values(from_id - 1))], "bad_row"),  # an id before the one asked
+        (lambda from_id: [{**trade_row(trade_values(from_id)), "price": 60000.5}], "bad_row"),  # not a decimal
+        (lambda from_id: [{"id": from_id}], "bad_row"),  # fields missing
+        (lambda from_id: [trade_row(trade_values(i)) | {"price": "1.00"} for i in range(from_id, 11)], "wrong_symbol"),
+        (lambda from_id: {"code": -1121, "msg": "Invalid symbol."}, "bad_json"),
+    ],
+    ids=["id-out-of-range", "float-price", "missing-fields", "other-symbol", "not-a-list"],
+)
+async def test_invalid_rows_are_refused_counted_and_nothing_of_them_stored(
+    rows: Callable[[int], Any], kind: str
+) -> None:
+    rest = FakeRest()
+    rest.override = rows
+    h = Harness(rest)
+    h.feed(live_tick("trade", 4))
+    h.feed(live_tick("trade", 10))
+    async with running(h.repairer):
+        await until(lambda: ident() not in h.repairer.holds, "the hold to be released")
+    assert describe(h.drain()) == [4, (5, 9), 10]
+    stats = h.repairer.stats()
+    assert stats.refused == {kind: 1}
+    assert stats.ticks_repaired.get("trade", 0) == 0 and stats.ticks_unrepaired == {"trade": 5}
+
+
+def test_repair_settings_are_read_from_the_config_file(tmp_path: Any) -> None:
+    path = tmp_path / "market.toml"
+    path.write_text(
+        "[repair]\nhold_s = 2.5\nrest_timeout_s = 0.75\nmax_body_mb = 0.5\nbreaker_failures = 5\n"
+        "breaker_cooldown_s = 12\n"
+    )
+    s = load_settings({}, {}, str(path)).repair
+    assert (s.hold_s, s.rest_timeout_s, s.max_body_mb, s.breaker_failures, s.breaker_cooldown_s) == (
+        2.5, 0.75, 0.5, 5, 12.0
+    )
+    rest = s.client("http://127.0.0.1:1/")
+    assert (rest.base_url, rest.timeout, rest.connect_timeout, rest.max_body) == (
+        "http://127.0.0.1:1", 0.75, 0.75, 2**19
+    )
+    defaults = load_settings({}, {}).repair
+    assert (defaults.hold_s, defaults.rest_timeout_s, defaults.max_body_mb) == (5.0, 2.0, 4.0)
+    path.write_text("[repair]\nhold_s = 0\n")
+    with pytest.raises(ConfigError, match=r"^repair.hold_s: 0.0 is out of range"):
+        load_settings({}, {}, str(path))
 
 
 # -- an ingestor restarted: what it missed comes over REST ------------------------------------------------------

@@ -18,7 +18,11 @@ All are GET requests on the simulator's port (websockets answers GET only):
                                                 the default) get ITEMS instead of their answer,
                                                 one each: ``400``, ``418``, ``429:30`` (with
                                                 ``Retry-After: 30``), ``503``, ``close`` (no
-                                                answer); an empty schedule clears P's
+                                                answer), or a hostile answer: ``huge`` (1 GiB),
+                                                ``trickle`` (a byte every 0.5 s), ``redirect``,
+                                                ``bad_json``, ``other_symbol``; ``ITEM*N``
+                                                repeats one, ``ITEM*`` gives it to every request;
+                                                an empty schedule clears P's
 ==============================================  =================================================
 
 Each answers ``200`` with the state as JSON after the change, or ``400`` with ``{"error": msg}``.

@@ -16,19 +16,38 @@ older ids are gone, as on the venue. A limit above 1000 is served as 1000.
 Faults (:class:`RestFaults`): a schedule per path of what the next requests get instead of their
 answer, one fault per request, in order; then the path answers normally again.  A fault is an HTTP
 error status (400, 418, 429, 5xx, ...) with Binance's error body, and with ``Retry-After`` when the
-fault names one (``429:30``), or ``close``: the connection is dropped with no answer at all.  The
-schedule's text form, ``PATH=ITEM,ITEM;PATH=...`` (:func:`parse_rest_faults`), is what the
-simulator's settings, ``market simulate --rest-faults`` and the control endpoint take.
+fault names one (``429:30``), or ``close``: the connection is dropped with no answer at all, or one of
+the hostile answers (:class:`Hostile`) a REST client must survive:
+
+- ``huge``: 200 and a JSON body of 1 GiB (chunked, no length announced), made as it is sent from one
+  reused 64 KiB block, so it is never held in memory;
+- ``trickle``: 200 and the true answer, one byte every 0.5 s;
+- ``redirect``: 302 to the same request on another host name (``localhost`` for ``127.0.0.1`` and the
+  other way round), which reaches this same simulator if followed;
+- ``bad_json``: 200 and the true answer cut in half;
+- ``other_symbol``: 200 and another symbol's trades (or aggregate trades) under the ids asked, as a
+  proxy or cache that mixed symbols up would answer (``historicalTrades`` and ``aggTrades``; with one
+  symbol, its own older trades; other paths answer truly).
+
+``ITEM*N`` repeats an item N times; ``ITEM*`` gives it to every request until the schedule is
+replaced or cleared.  The schedule's text form, ``PATH=ITEM,ITEM;PATH=...`` (:func:`parse_rest_faults`),
+is what the simulator's settings, ``market simulate --rest-faults`` and the control endpoint take.
+
+All of this is pure code except :func:`write_streamed`, which writes a streamed answer (``huge``,
+``trickle``) on the server's raw connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import http
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Final
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
@@ -37,14 +56,20 @@ from .market import KLINE_INTERVAL_MS, SCALE, SyntheticMarket, format_decimal
 
 __all__ = [
     "ALL_PATHS",
+    "HUGE_BYTES",
+    "TRICKLE_EVERY_S",
+    "Hostile",
     "RestApi",
     "RestFault",
     "RestFaults",
     "RestResponse",
+    "StreamedAnswer",
     "fault_response",
+    "huge_body",
     "parse_rest_faults",
     "parse_rest_path",
     "parse_rest_schedule",
+    "write_streamed",
 ]
 
 _MAX_LIMIT: Final = 1000
@@ -61,24 +86,59 @@ class RestResponse:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class StreamedAnswer:
+    """An answer written on the raw connection as it goes: ``head`` (status line and headers), then
+    ``parts`` one after another, ``pause_s`` apart; the parts are made as they are sent."""
+
+    head: bytes
+    parts: Iterator[bytes]
+    pause_s: float = 0.0
+
+
 # ---------------------------------------------------------------------------------------------- faults
 
 #: the schedule of this path applies to every REST path (after a path's own schedule)
 ALL_PATHS: Final = "*"
 _API_PREFIX: Final = "/api/v3/"
-_ITEM: Final = re.compile(r"^(?:(?P<status>[0-9]{3})(?::(?P<retry_after>[0-9]{1,9}))?|(?P<close>close))$")
+#: the body ``huge`` sends, and how often ``trickle`` sends a byte
+HUGE_BYTES: Final = 1 << 30
+TRICKLE_EVERY_S: Final = 0.5
+_MAX_REPEAT: Final = 100_000
+
+
+class Hostile(StrEnum):
+    """Answers a REST client must survive (see the module's docstring)."""
+
+    HUGE = "huge"
+    TRICKLE = "trickle"
+    REDIRECT = "redirect"
+    BAD_JSON = "bad_json"
+    OTHER_SYMBOL = "other_symbol"
+
+
+_ITEM: Final = re.compile(
+    r"^(?:(?P<status>[0-9]{3})(?::(?P<retry_after>[0-9]{1,9}))?|(?P<close>close)|(?P<hostile>"
+    + "|".join(h.value for h in Hostile)
+    + r"))(?P<repeat>\*(?P<times>[0-9]{1,6})?)?$"
+)
 
 
 @dataclass(frozen=True, slots=True)
 class RestFault:
     """What one request gets instead of its answer: HTTP ``status`` (4xx/5xx) with Binance's error body and,
-    when ``retry_after`` is set, ``Retry-After: <seconds>``; or, with ``status`` None, a connection closed
-    with no answer."""
+    when ``retry_after`` is set, ``Retry-After: <seconds>``; or a ``hostile`` answer; or, with neither, a
+    connection closed with no answer.  A fault ``forever`` is given to every request until the schedule
+    changes."""
 
     status: int | None
     retry_after: int | None = None
+    hostile: Hostile | None = None
+    forever: bool = False
 
     def __post_init__(self) -> None:
+        if self.hostile is not None and (self.status is not None or self.retry_after is not None):
+            raise SimulatorConfigError(f"a {self.hostile} answer carries no HTTP error status or Retry-After")
         if self.status is None:
             if self.retry_after is not None:
                 raise SimulatorConfigError("a closed connection carries no Retry-After")
@@ -94,12 +154,16 @@ class RestFault:
 
     @property
     def closes(self) -> bool:
-        return self.status is None
+        return self.status is None and self.hostile is None
 
     def __str__(self) -> str:
-        if self.status is None:
-            return "close"
-        return f"{self.status}" if self.retry_after is None else f"{self.status}:{self.retry_after}"
+        if self.hostile is not None:
+            text = self.hostile.value
+        elif self.status is None:
+            text = "close"
+        else:
+            text = f"{self.status}" if self.retry_after is None else f"{self.status}:{self.retry_after}"
+        return f"{text}*" if self.forever else text
 
 
 def parse_rest_path(text: str) -> str:
@@ -117,7 +181,8 @@ def parse_rest_path(text: str) -> str:
 
 
 def parse_rest_schedule(text: str) -> tuple[RestFault, ...]:
-    """``429:2,503,close`` -> the faults, in order; an empty text is no fault."""
+    """``429:2,503,close,trickle*3,huge*`` -> the faults, in order; an empty text is no fault.  ``ITEM*N``
+    is N of the item; ``ITEM*`` is the item for every request from then on (the schedule's last)."""
     faults: list[RestFault] = []
     for raw in text.split(","):
         item = raw.strip().lower()
@@ -127,13 +192,25 @@ def parse_rest_schedule(text: str) -> tuple[RestFault, ...]:
         if m is None:
             raise SimulatorConfigError(
                 f"bad REST fault {raw.strip()!r}: expected an HTTP status (e.g. 503), a status with Retry-After "
-                "seconds (e.g. 429:2), or close"
+                "seconds (e.g. 429:2), close, or one of " + ", ".join(h.value for h in Hostile)
+                + "; ITEM*N repeats it N times, ITEM* for every request"
             )
+        if faults and faults[-1].forever:
+            raise SimulatorConfigError(f"nothing can follow {faults[-1]} in a REST fault schedule")
+        forever = m.group("repeat") is not None and m.group("times") is None
+        times = int(m.group("times") or 1)
+        if not 1 <= times <= _MAX_REPEAT:
+            raise SimulatorConfigError(f"bad REST fault {raw.strip()!r}: repeat 1 to {_MAX_REPEAT} times")
         if m.group("close"):
-            faults.append(RestFault(None))
+            fault = RestFault(None, forever=forever)
+        elif m.group("hostile"):
+            fault = RestFault(None, hostile=Hostile(m.group("hostile")), forever=forever)
         else:
             retry_after = m.group("retry_after")
-            faults.append(RestFault(int(m.group("status")), None if retry_after is None else int(retry_after)))
+            fault = RestFault(
+                int(m.group("status")), None if retry_after is None else int(retry_after), forever=forever
+            )
+        faults.extend([fault] * times)
     return tuple(faults)
 
 
@@ -182,7 +259,7 @@ class RestFaults:
         for key in (path, ALL_PATHS):
             queue = self._queues.get(key)
             if queue:
-                fault = queue.popleft()
+                fault = queue[0] if queue[0].forever else queue.popleft()
                 if not queue:
                     del self._queues[key]
                 self.injected[path] = self.injected.get(path, 0) + 1
@@ -195,7 +272,18 @@ class RestFaults:
 
     def pending(self) -> dict[str, str]:
         """What is still scheduled, per path, in the text form :func:`parse_rest_schedule` reads."""
-        return {path: ",".join(map(str, queue)) for path, queue in self._queues.items()}
+        out: dict[str, str] = {}
+        for path, queue in self._queues.items():
+            items: list[str] = []
+            count = 0
+            for i, fault in enumerate(queue):  # runs of one item as ITEM*N
+                count += 1
+                if i + 1 < len(queue) and queue[i + 1] == fault:
+                    continue
+                items.append(f"{fault}*{count}" if count > 1 else str(fault))
+                count = 0
+            out[path] = ",".join(items)
+        return out
 
     def state(self) -> dict[str, Any]:
         return {"pending": self.pending(), "requests": dict(self.requests), "injected": dict(self.injected)}
@@ -220,6 +308,72 @@ def fault_response(fault: RestFault, now_ms: int) -> RestResponse:
         code, msg = -1000, "An unknown error occurred while processing the request."
     headers = () if fault.retry_after is None else (("Retry-After", str(fault.retry_after)),)
     return RestResponse(status, orjson.dumps({"code": code, "msg": msg}), headers)
+
+
+def _chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of HTTP's chunked transfer coding."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def huge_body(total: int = HUGE_BYTES) -> Iterator[bytes]:
+    """A JSON list of trade rows of about ``total`` bytes in chunked transfer coding, made as it is
+    consumed: one 64 KiB block of rows, framed once, is handed out again and again."""
+    row = (b'{"id":1,"price":"1.00000000","qty":"1.00000000","quoteQty":"1.00000000","time":1,'
+           b'"isBuyerMaker":true,"isBestMatch":true},')
+    block = _chunk(row * (65_536 // len(row)))
+    body = len(row) * (65_536 // len(row))
+    yield _chunk(b"[")
+    sent = 1
+    while sent + body + len(row) < total:
+        yield block
+        sent += body
+    yield _chunk(row[:-1] + b"]")
+    yield b"0\r\n\r\n"
+
+
+def _head(status: int, headers: Sequence[tuple[str, str]]) -> bytes:
+    st = http.HTTPStatus(status)
+    lines = [f"HTTP/1.1 {st.value} {st.phrase}", "Content-Type: application/json;charset=UTF-8", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _other_host(host: str) -> str:
+    """``host[:port]`` with the host name swapped: ``localhost`` and ``127.0.0.1`` reach the same machine."""
+    try:
+        parts = urlsplit(f"//{host}")
+        name, port = parts.hostname, parts.port
+    except ValueError:
+        name, port = None, None
+    other = "127.0.0.1" if name == "localhost" else "localhost"
+    return f"{other}:{port}" if port else other
+
+
+async def write_streamed(
+    answer: StreamedAnswer,
+    transport: asyncio.WriteTransport,
+    drain: Callable[[], Awaitable[None]],
+    closed: asyncio.Future[None],
+) -> int:
+    """Write ``answer`` on ``transport``, waiting on ``drain`` when its buffer is full and ``pause_s``
+    between parts; stop as soon as the peer has gone (``closed`` done).  Then close the transport and
+    wait until it is (``closed`` is never cancelled here).  Returns the body bytes written."""
+    written = 0
+    transport.write(answer.head)
+    try:
+        for part in answer.parts:
+            if closed.done() or transport.is_closing():
+                break
+            transport.write(part)
+            written += len(part)
+            await drain()
+            if answer.pause_s > 0:
+                await asyncio.wait([closed], timeout=answer.pause_s)
+    except ConnectionError:
+        pass
+    transport.close()
+    await asyncio.wait([closed])
+    return written
 
 
 class _BadRequest(Exception):
@@ -281,6 +435,53 @@ class RestApi:
             return RestResponse(200, orjson.dumps(route(query)))
         except _BadRequest as exc:
             return RestResponse(400, orjson.dumps({"code": exc.code, "msg": exc.msg}))
+
+    def hostile(self, kind: Hostile, target: str, host: str) -> RestResponse | StreamedAnswer:
+        """The ``kind`` of hostile answer to ``GET target`` (path and query) sent to ``host``."""
+        parts = urlsplit(target)
+        query = parse_qs(parts.query, keep_blank_values=True)
+        if kind is Hostile.HUGE:
+            return StreamedAnswer(_head(200, [("Transfer-Encoding", "chunked")]), huge_body())
+        if kind is Hostile.REDIRECT:
+            return RestResponse(302, b"", (("Location", f"http://{_other_host(host)}{target}"),))
+        if kind is Hostile.OTHER_SYMBOL:
+            return self._other_symbol(parts.path, query)
+        answer = self.handle(parts.path, query)
+        if kind is Hostile.BAD_JSON:
+            return RestResponse(200, answer.body[: max(1, len(answer.body) // 2)], answer.headers)
+        body = answer.body
+        head = _head(answer.status, [*answer.headers, ("Content-Length", str(len(body)))])
+        return StreamedAnswer(head, (body[i : i + 1] for i in range(len(body))), TRICKLE_EVERY_S)
+
+    def _other_symbol(self, path: str, query: Mapping[str, Sequence[str]]) -> RestResponse:
+        """Another symbol's rows under the ids asked: as far back from that symbol's newest id as the ids
+        asked are from the asked symbol's newest, so their times are alike and their prices are not."""
+        if path not in ("/api/v3/historicalTrades", "/api/v3/aggTrades"):
+            return self.handle(path, query)
+        try:
+            symbol = self._symbol(query)
+            limit = _limit(query)
+            from_id = _int_param(query, "fromId")
+        except _BadRequest:
+            return self.handle(path, query)
+        symbols = self._market.symbols
+        other = symbols[(symbols.index(symbol) + 1) % len(symbols)]
+        mine, theirs = self._market.history(symbol), self._market.history(other)
+        trades = path == "/api/v3/historicalTrades"
+        newest = (mine.trade_id_range if trades else mine.agg_id_range)[1]
+        their_newest = (theirs.trade_id_range if trades else theirs.agg_id_range)[1]
+        start = newest - limit if from_id is None else from_id
+        source = their_newest - (newest - start) - (limit if other == symbol else 0)
+        if trades:
+            found = theirs.trades(from_id=source, limit=limit)
+            rows: list[dict[str, Any]] = [{**self._trade_json(r), "id": start + i} for i, r in enumerate(found)]
+        else:
+            rows = [
+                {"a": start + i, "p": format_decimal(p), "q": format_decimal(q), "f": f, "l": last, "T": t, "m": m,
+                 "M": True}
+                for i, (_, p, q, f, last, t, m) in enumerate(theirs.agg_trades(from_id=source, limit=limit))
+            ]
+        return RestResponse(200, orjson.dumps(rows))
 
     def _symbol(self, query: Mapping[str, Sequence[str]]) -> str:
         symbol = _one(query, "symbol")

@@ -27,7 +27,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from operator import itemgetter
 from types import TracebackType
@@ -59,7 +59,16 @@ from .protocol import (
     text_frame,
 )
 from .replay import ReplayFrame, capture_symbols, frames_due, load_capture
-from .rest import ALL_PATHS, RestApi, RestFault, RestFaults, fault_response, parse_rest_faults
+from .rest import (
+    ALL_PATHS,
+    RestApi,
+    RestFault,
+    RestFaults,
+    StreamedAnswer,
+    fault_response,
+    parse_rest_faults,
+    write_streamed,
+)
 
 __all__ = ["Simulator", "SimulatorStats", "run_simulator"]
 
@@ -460,7 +469,15 @@ class Simulator:
 
     # -- HTTP: REST, control, handshake checks --
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _stream_rest(self, connection: ServerConnection, answer: StreamedAnswer) -> Response:
+        """Write a streamed REST answer on the raw connection and close it; the response returned is never
+        sent (the connection is closed by then).  websockets' ``open_timeout`` bounds how long this lasts."""
+        await write_streamed(answer, connection.transport, connection.drain, connection.connection_lost_waiter)
+        return _json_response(503, b"")
+
+    def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | Coroutine[Any, Any, Response] | None:
         parts = urlsplit(request.path)
         if parts.path.startswith(CONTROL_PREFIX):
             command = parse_control(parts.path, parse_qs(parts.query))
@@ -482,6 +499,11 @@ class Simulator:
                         # write meets a closed transport and is discarded).
                         connection.transport.abort()
                         return _json_response(503, b"")
+                    if fault.hostile is not None:
+                        hostile = self._rest.hostile(fault.hostile, request.path, request.headers.get("Host", ""))
+                        if isinstance(hostile, StreamedAnswer):
+                            return self._stream_rest(connection, hostile)
+                        return _json_response(hostile.status, hostile.body, hostile.headers)
                     answer = fault_response(fault, self._clock_ms())
                     return _json_response(answer.status, answer.body, answer.headers)
             answer = self._rest.handle(parts.path, parse_qs(parts.query, keep_blank_values=True))

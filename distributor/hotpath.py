@@ -22,8 +22,8 @@ The model is the LMAX Disruptor's, on one event loop thread:
 No locks: every piece of state has one owner.  The publisher owns the ring, the cursor, the
 stream table and the per-stream counters; a subscriber task owns its cursor and counters
 (the publisher moves the cursor only while the subscriber sleeps caught up, or hands it a
-``drop_newest`` hold).  All of it runs on one thread, so a read never sees a half-written
-value; the metrics exporter thread only reads integers.
+``drop_newest`` hold).  All of it runs on one thread (a thread subscriber's handler aside: see
+below), so a read never sees a half-written value; the metrics exporter thread only reads integers.
 
 Exact accounting, for every subscriber at every moment::
 
@@ -53,39 +53,38 @@ Where handlers run (isolation by design)::
     sync handler, "inline"    on the loop, in its task, while it keeps within its budget (the default)
     sync handler, "thread"    on a thread of its own (chosen at subscribe, or moved there for overrunning)
 
-Every chunk a subscriber handles is timed (two clock reads per chunk, whatever its size): the sum,
-the largest per-tick mean of a chunk and a recent per-tick mean (EWMA over about 8 chunks) are kept
-per subscriber.  An inline handler's chunk *overruns* when it held the loop longer than both
-``handler_budget_us`` per tick and :data:`MIN_OVERRUN_US` (wall time: a handler that blocks on a
-sleep or on I/O overruns as surely as one that computes).  After an overrun its chunks are cut to
-:data:`PROBATION_CHUNK` calls; at its :data:`OFFLOAD_AFTER`-th overrun within :data:`OFFLOAD_WINDOW` of
-its chunks it is moved, for good, to a thread of its own (logged ``subscriber_offloaded``).  So a slow
-handler holds the publisher, the writer, the socket reader and the other subscribers once, for at
-most ``max_chunk + (OFFLOAD_AFTER - 1) * PROBATION_CHUNK`` of its calls (a 1 ms handler fed a steady
-2k ticks/s is moved after about 35 calls: its chunks start small), and never again; a trivial inline
-handler pays no thread hop.  Wall time also counts what was not the handler's doing (the machine preempting the loop's
-thread, another thread holding the GIL): that is why one overrun, or a few spread out, move nothing.
-A handler that blocks only now and then (one chunk in five) stays inline, its overruns counted and
-logged (``subscriber_overran``); declare it ``execution="thread"``.  A synchronous handler may run on
-another thread: code that must run on the loop (asyncio objects, ``call_soon``) belongs in an async
-handler.
+Every chunk a subscriber handles is timed (two clock reads and a few counter updates per chunk, whatever
+its size: about 1 µs per chunk and subscriber on the 2-core development machine): the sum, the largest
+per-tick mean of a chunk and a recent per-tick mean (EWMA over about 8 chunks) are kept per subscriber.
+An inline handler's chunk *overruns* when it held the loop longer than both ``handler_budget_us`` per
+tick and :data:`MIN_OVERRUN_US` (wall time: a handler that blocks on a sleep or on I/O overruns as
+surely as one that computes).  After an overrun its chunks are cut to :data:`PROBATION_CHUNK` calls; at
+its :data:`OFFLOAD_AFTER`-th overrun within :data:`OFFLOAD_WINDOW` of its chunks it is moved, for good,
+to a thread of its own (logged ``subscriber_offloaded``).  So a slow handler holds the publisher, the
+writer, the socket reader and the other subscribers once, for at most ``max_chunk + (OFFLOAD_AFTER - 1)
+* PROBATION_CHUNK`` of its calls (a 1 ms handler fed a steady 2k ticks/s is moved after about 35 calls:
+its chunks start small), and never again; a trivial inline handler pays no thread hop.  Wall time also
+counts what was not the handler's doing (the machine preempting the loop's thread, another thread
+holding the GIL): that is why one overrun, or a few spread out, move nothing.  A handler that blocks
+only now and then (one chunk in five) stays inline, its overruns counted and logged
+(``subscriber_overran``); declare it ``execution="thread"``.  A synchronous handler may run on another
+thread: code that must run on the loop (asyncio objects, ``call_soon``) belongs in an async handler.
 
-A thread subscriber's task stays on the loop and keeps its ring cursor, so its queue is the ring
-window like everyone's and its policy is applied there, by the same code, with the same exact
-accounting.  The task copies each chunk's matching ticks (C-speed slices) into a hand-off deque of at
-most :data:`HANDOFF_CHUNKS` chunks (one being handled, one waiting) and sets a ``threading.Event``
-once per chunk; it takes nothing more from the ring while the hand-off is full, so a slow thread
-lags on the ring and its policy acts (``drop_oldest`` skips, ``drop_newest`` holds, ``disconnect``
-removes, ``block`` holds the publisher).  The thread is the only writer of the subscriber's
-``delivered`` count and handler times, and calls ``on_drop`` (handed over in order with the ticks, so
-a subscriber's callbacks all run on one thread); it passes handler errors and latency samples back
-through two deques, and wakes the task (``call_soon_threadsafe``) at most once per chunk: when the task waits for
-room, an error needs handling, or latency samples wait while the task sleeps.  A removed thread
-subscriber's thread ends after the call in progress (it is a daemon thread: a call that never returns
-cannot keep the process alive).  With the GIL, a thread handler that computes rather than waits
-still competes with the loop for the interpreter (switched every ``sys.getswitchinterval()``, 5 ms
-by default): it no longer holds the others up for a whole chunk, but CPU-heavy work belongs in
-another process.
+A thread subscriber's task stays on the loop and keeps its ring cursor, so its queue is the ring window
+like everyone's and its policy is applied there, by the same code, with the same exact accounting.  The
+task copies each chunk's matching ticks (C-speed slices) into a hand-off deque of at most
+:data:`HANDOFF_CHUNKS` chunks (one being handled, one waiting) and sets a ``threading.Event`` once per
+chunk; it takes nothing more from the ring while the hand-off is full, so a slow thread lags on the ring
+and its policy acts (``drop_oldest`` skips, ``drop_newest`` holds, ``disconnect`` removes, ``block``
+holds the publisher).  The thread is the only writer of the subscriber's ``delivered`` count and handler
+times, and calls ``on_drop`` (handed over in order with the ticks, so a subscriber's callbacks all run
+on one thread); it passes handler errors and latency samples back through two deques, and wakes the task
+(``call_soon_threadsafe``) at most once per chunk: when the task waits for room, an error needs
+handling, or latency samples wait while the task sleeps.  A removed thread subscriber's thread ends
+after the call in progress (it is a daemon thread: a call that never returns cannot keep the process
+alive).  With the GIL, a thread handler that computes rather than waits still competes with the loop for
+the interpreter (switched every ``sys.getswitchinterval()``, 5 ms by default): it no longer holds the
+others up for a whole chunk, but CPU-heavy work belongs in another process.
 
 An async handler that never returns is bounded the same way: its task holds one chunk (a copy), its
 cursor stays behind, and its policy acts on the ring.  :class:`SubscriptionStats` counts the ticks a

@@ -14,12 +14,12 @@ stops a stream's part of the call at the failing tick and the script says how fa
 it got, so the writer drops exactly what is settled and keeps the rest, in order.
 What it does next depends on the error's class (:func:`classify_error`): Redis
 unreachable or refusing for now (``OOM``, ``READONLY``, ``LOADING``, ``BUSY`` ...):
-the rest is retried with capped jittered backoff, and nothing newer of that batch
-is tried before it; a tick Redis can never accept (``WRONGTYPE`` on the key, an ID
-it refuses) goes to the dead-letter stream ``<prefix>:deadletter`` with its stream,
-seq and the error, counted and logged, and the stream's later ticks go on.
-``NOSCRIPT`` reloads the script.  The buffer is bounded: when it is full :meth:`submit` refuses and the caller waits on
-:meth:`wait_room` (the ingress queue's policy then applies upstream).
+the rest is retried with capped jittered backoff before anything newer is taken;
+a tick Redis can never accept (``WRONGTYPE`` on the key, an ID it refuses) goes to
+the dead-letter stream ``<prefix>:deadletter`` with its stream, seq and the error,
+counted and logged, and the stream's later ticks go on.  ``NOSCRIPT`` reloads the
+script.  The buffer is bounded: when it is full :meth:`submit` refuses and the
+caller waits on :meth:`wait_room` (the ingress queue's policy then applies upstream).
 """
 
 from __future__ import annotations
@@ -325,9 +325,10 @@ class WriterStats:
     connected: bool
     #: the class (:func:`classify_error` reason) of the error that holds a batch back now; "" when none
     failing: str
-    #: seconds since the writer's last attempt that stored its batch, while ``failing``; else 0
+    #: seconds since the first failed attempt of the current episode, while ``failing``; else 0
     failing_for_s: float
-    #: tick writes Redis refused, by reason: each refused attempt counts the ticks it could not store
+    #: tick writes Redis refused, by reason (``rejected`` is their sum): each refused attempt counts
+    #: the ticks it could not store, so a tick retried three times counts three times
     rejected_by_reason: dict[str, int]
     #: ticks Redis can never store in their stream, written to the dead-letter stream instead
     dead_lettered: int

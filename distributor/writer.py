@@ -68,6 +68,7 @@ __all__ = [
     "DEAD_LETTER_MAXLEN",
     "DEAD_LETTER_REASONS",
     "REASONS",
+    "REJECTION_REASONS",
     "Action",
     "ErrorClass",
     "Retention",
@@ -149,8 +150,10 @@ _BY_PREFIX: Final[Mapping[str, ErrorClass]] = {
 #: ``ERR`` replies naming an entry ID that XADD can never accept
 _BAD_ID_TEXTS: Final = ("The ID specified in XADD", "Invalid stream ID")
 _CLASSES: Final = (*(c for _, c in _BY_EXCEPTION), *_BY_PREFIX.values(), _BAD_ID, _OTHER)
-#: every ``reason`` :func:`classify_error` can give (the label set of the metrics, bounded)
+#: every ``reason`` :func:`classify_error` can give (bounded: a metric label)
 REASONS: Final = tuple(sorted({c.reason for c in _CLASSES}))
+#: the reasons Redis refuses a write for (all but ``unreachable``: no answer is no refusal)
+REJECTION_REASONS: Final = tuple(r for r in REASONS if r != _UNREACHABLE.reason)
 #: the reasons whose ticks go to the dead-letter stream
 DEAD_LETTER_REASONS: Final = frozenset(c.reason for c in _CLASSES if c.action is Action.DEAD_LETTER)
 
@@ -238,7 +241,7 @@ class Settlement:
     #: ticks for the dead-letter stream: (position, stream, why)
     dead: list[tuple[int, str, Stop]]
     #: ticks Redis refused in this attempt, by reason (the failing tick and, but after a tick-only
-    #: dead-letter, what the stream had after it)
+    #: dead-letter, what the stream had after it); a Redis that did not answer refused nothing
     refused: dict[str, int]
 
 
@@ -271,7 +274,8 @@ def settle(keys: Sequence[str], stops: Mapping[str, Stop]) -> Settlement:
         else:
             retry.append(i)
             continue
-        refused[err.reason] = refused.get(err.reason, 0) + 1
+        if err.reason != _UNREACHABLE.reason:
+            refused[err.reason] = refused.get(err.reason, 0) + 1
     return Settlement(retry, dead, refused)
 
 

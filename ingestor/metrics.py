@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from consumer_sdk.errors import ConfigError
 from consumer_sdk.latency import LatencyHistogram
-from distributor.writer import REASONS
+from distributor.writer import REJECTION_REASONS
 
 if TYPE_CHECKING:
     from ingestor.service import Ingestor
@@ -226,7 +226,7 @@ class IngestorCollector(Collector):
                 labels=["reason"],
             )
             by_reason = ws.rejected_by_reason
-            for reason in sorted(set(REASONS) | set(by_reason)):
+            for reason in sorted(set(REJECTION_REASONS) | set(by_reason)):
                 rejected.add_metric([reason], by_reason.get(reason, 0))
             yield rejected
             yield CounterMetricFamily(

@@ -240,6 +240,11 @@ def test_settle_a_bad_id_dead_letters_that_tick_only() -> None:
     assert plan.dead == [(2, "a", stop)] and plan.retry == [3, 4] and plan.refused == {"bad_id": 1}
 
 
+def test_settle_counts_no_refusal_when_redis_did_not_answer() -> None:
+    plan = settle(["a", "a"], {"a": Stop(0, classify_error(RedisConnectionError("reset")), "reset")})
+    assert plan.retry == [0, 1] and plan.refused == {}
+
+
 def test_settle_a_retryable_class_never_dead_letters() -> None:
     keys = ["a"] * 3
     plan = settle(keys, {"a": Stop(1, ErrorClass("other"), "ERR what")})

@@ -583,20 +583,24 @@ async def test_drill_a_trickling_rest_does_not_stall_the_stream(
             rss_end = proc.memory_info().rss
             stored = await stored_ids(aredis, key, first, end)
             fraction = len(stored) / (end - first)
+            print(f"drill: {len(stored)} of {end - first} trades stored by the window's end ({fraction:.1%}); "
+                  f"RSS {rss_start / 2**20:.1f} -> {rss_end / 2**20:.1f} MiB")
+            assert fraction >= 0.5
             covered: set[int] = set()
-            async with asyncio.timeout(HANG_GUARD):  # the holds still open at the window's end are released
-                while len(covered) < end - first:
-                    covered = await stored_ids(aredis, key, first, end, with_markers=True)
-                    await asyncio.sleep(0.1)  # poll
+            try:
+                async with asyncio.timeout(HANG_GUARD):  # the holds still open at the window's end are released
+                    while len(covered) < end - first:
+                        covered = await stored_ids(aredis, key, first, end, with_markers=True)
+                        await asyncio.sleep(0.1)  # poll
+            except TimeoutError:
+                raise AssertionError(f"{end - first - len(covered)} ids of the window neither stored nor marked "
+                                     f"{HANG_GUARD} s after it") from None
             markers = await marker_ranges(aredis, key, first, end)
         finally:
             if child.returncode is None:
                 child.terminate()
             await asyncio.wait_for(child.wait(), HANG_GUARD)
     log = log_path.read_text()
-    print(f"drill: {len(stored)} of {end - first} trades stored by the window's end ({fraction:.1%}); "
-          f"{len(markers)} gap markers; RSS {rss_start / 2**20:.1f} -> {rss_end / 2**20:.1f} MiB")
-    assert fraction >= 0.5
     assert markers, "the reconnects' gaps were not marked"
     assert "Traceback" not in log, log[-3000:]
     assert '"level":"error"' not in log, log[-3000:]

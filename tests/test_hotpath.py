@@ -6,9 +6,10 @@ import asyncio
 import fnmatch
 import logging
 import random
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -664,6 +665,99 @@ async def test_publish_accepts_deques_and_big_batches() -> None:
         assert_accounted(st, 170)
         assert rec.got == flood.sent[:20] + flood.sent[-32:]
         assert hot.publish([]) and hot.published == 170
+
+
+class Watched(dict[str, Any]):
+    """A tick whose release can be observed (a plain dict takes no weak reference)."""
+
+    __slots__ = ("__weakref__",)
+
+
+class Count:
+    """A handler that counts and keeps no reference to what it gets."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self, t: Tick) -> None:
+        self.n += 1
+
+
+def watched(ticks: list[Tick]) -> tuple[list[Tick], list[weakref.ref[Watched]]]:
+    held = [Watched(t) for t in ticks]
+    return cast(list[Tick], held), [weakref.ref(t) for t in held]
+
+
+@pytest.mark.parametrize("execution", ["inline", "thread", "async"])
+async def test_the_ring_keeps_no_tick_every_subscriber_has_read(execution: str) -> None:
+    """Retention follows the slowest cursor, not the capacity: what all have read is freed at the next publish."""
+    hot = HotPath(capacity=1024)
+    flood = Flood(grid(2))
+    count = Count()
+
+    async def acount(t: Tick) -> None:
+        count(t)
+
+    async with running(hot):
+        if execution == "async":
+            sub = hot.subscribe(acount, "*:*:*")
+        else:
+            sub = hot.subscribe(count, "*:*:*", execution=execution)
+        first, refs = watched(flood.batch(200))
+        assert hot.publish(first)
+        del first
+        await until(settled(sub))
+        for n in (10, 1):  # a thread's last chunk is released when it takes the next one
+            assert hot.publish(flood.batch(n))
+            await until(settled(sub))
+        await until(lambda: count.n == 211)
+        assert [r for r in refs if r() is not None] == []
+
+
+async def test_the_ring_keeps_what_a_slow_subscriber_has_not_read() -> None:
+    hot = HotPath(capacity=1024)
+    flood = Flood(grid(2))
+    gate = asyncio.Event()
+    slow, fast = AsyncRecorder(gate=gate), Count()
+    async with running(hot):
+        hot.subscribe(fast, "*:*:*")
+        sub = hot.subscribe(slow, "*:*:*", max_lag=512)
+        assert hot.publish(flood.batch(1))
+        await until(lambda: sub.stats().pending == 0)  # the slow one holds its first chunk, awaiting the gate
+        unread, refs = watched(flood.batch(200))
+        assert hot.publish(unread)
+        del unread
+        for _ in range(3):
+            assert hot.publish(flood.batch(1))
+            await until(lambda: fast.n == len(flood.sent))
+        assert all(r() is not None for r in refs)  # read by the fast one, not yet by the slow one
+        gate.set()
+        await until(settled(sub))
+        assert [t["seq"] for t in slow.got] == [t["seq"] for t in flood.sent]
+        slow.got.clear()
+        assert hot.publish(flood.batch(1))
+        await until(lambda: all(r() is None for r in refs))
+
+
+async def test_the_last_unsubscribe_frees_the_ring() -> None:
+    """The distributor publishes nothing while no one subscribes, so the ring is emptied when the last one goes."""
+    hot = HotPath(capacity=1024)
+    flood = Flood(grid(2))
+    gate = asyncio.Event()
+
+    async def gated(t: Tick) -> None:
+        await gate.wait()
+
+    async with running(hot):
+        sub = hot.subscribe(gated, "*:*:*")
+        ticks, refs = watched(flood.batch(50))
+        assert hot.publish(ticks)
+        assert hot.publish(flood.batch(5))
+        del ticks
+        await settle()
+        sub.close()
+        gate.set()
+        await until(lambda: all(r() is None for r in refs))
 
 
 def test_stats_shapes() -> None:

@@ -394,7 +394,7 @@ async def watch_control(
             await asyncio.sleep(delay)
         finally:
             with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
 
 
 def _offer(follower: StateFollower, raw: bytes | None, throttle: Throttle) -> None:

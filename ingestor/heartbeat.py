@@ -63,6 +63,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 from redis.exceptions import RedisError
 
+from consumer_sdk._aio import reraise_if_cancelling
 from consumer_sdk._log import Throttle, get_logger, log_event
 from consumer_sdk.errors import ConfigError
 
@@ -524,6 +525,7 @@ async def heartbeat_loop(
                     pipe.sadd(members, ident)
                     await pipe.execute()
             except (RedisError, OSError, TimeoutError) as exc:
+                reraise_if_cancelling()  # redis-py may turn our cancellation into its own error
                 failing = True
                 throttle.log(logging.WARNING, "heartbeat_failed", id=ident, error=str(exc)[:200] or type(exc).__name__)
             else:

@@ -45,11 +45,15 @@ _PREFIX = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 @dataclass(frozen=True, slots=True)
 class SubscriberSpec:
-    """A co-located subscriber to attach at start: ``package.module:handler``, its patterns and policy."""
+    """A co-located subscriber to attach at start: ``package.module:handler``, its patterns and policy, and
+    for a synchronous handler where it runs (``inline`` or ``thread``; None: the hot path's default) and its
+    budget in µs per tick (None: the hot path's)."""
 
     target: str
     patterns: tuple[str, ...] = ("*:*:*",)
     policy: str = "drop_oldest"
+    execution: str | None = None
+    handler_budget_us: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -302,6 +306,22 @@ def _shutdown(table: Any) -> tuple[float, float]:
     return flush, try_redis
 
 
+def _execution(value: Any, i: int) -> str | None:
+    if value is None:
+        return None
+    if value not in ("inline", "thread"):
+        raise ConfigError(f"subscribers[{i}].execution: expected 'inline' or 'thread', got {value!r}")
+    return str(value)
+
+
+def _budget(value: Any, i: int) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1e9:
+        raise ConfigError(f"subscribers[{i}].handler_budget_us: expected a positive number of µs, got {value!r}")
+    return float(value)
+
+
 def _subscribers(flag_targets: tuple[str, ...], table: Any) -> tuple[SubscriberSpec, ...]:
     specs = [SubscriberSpec(target=t) for t in flag_targets]
     if table is not None:
@@ -314,6 +334,8 @@ def _subscribers(flag_targets: tuple[str, ...], table: Any) -> tuple[SubscriberS
                 target=str(entry["target"]),
                 patterns=_csv(entry.get("patterns", ["*:*:*"]), f"subscribers[{i}].patterns"),
                 policy=str(entry.get("policy", "drop_oldest")),
+                execution=_execution(entry.get("execution"), i),
+                handler_budget_us=_budget(entry.get("handler_budget_us"), i),
             ))
     for spec in specs:
         if spec.policy not in SUBSCRIBER_POLICIES:

@@ -28,7 +28,11 @@ is reported with ``"present": false``):
   ``backpressure_events``, ``backpressure_recent``;
 - ``fanout``: ``present``, ``subscribers``, ``dropped``, ``dropped_recent``, ``errors``,
   ``errors_recent``, ``disconnected``, ``disconnected_recent``, ``waiting_room``, ``max_lag``,
-  ``capacity``, ``slowest`` (the subscribers furthest behind);
+  ``capacity``, ``offloaded`` and ``offloaded_recent`` (synchronous subscribers moved off the loop for
+  overrunning their budget), ``threads``, ``overruns`` and ``overruns_recent``, ``slowest`` (at most
+  three, slowest first by their own handler time per tick, then lag: ``name``, ``policy``,
+  ``execution``, ``offloaded``, ``handler_us``, ``handler_max_us``, ``busy_us``, ``overruns``, ``lag``,
+  ``dropped``, ``errors``);
 - ``writer``: ``present``, ``connected`` (Redis answers; a refusal is an answer), ``buffered``,
   ``capacity``, ``fill_ratio``, ``appended``, ``errors``, ``errors_recent``, ``failing`` (the class of
   the error holding ticks back now, e.g. ``oom``, ``readonly``, ``unreachable``; ``null`` when writes go
@@ -264,6 +268,8 @@ def build_heartbeat(ingestor: Ingestor, now: float, *, state: HeartbeatState | N
         "fanout_dropped": fanout.get("dropped", 0),
         "fanout_errors": fanout.get("errors", 0),
         "fanout_disconnected": fanout.get("disconnected", 0),
+        "fanout_offloaded": fanout.get("offloaded", 0),
+        "fanout_overruns": fanout.get("overruns", 0),
         "writer_errors": writer.get("errors", 0),
         "writer_rejected": writer.get("rejected", 0),
         "writer_dead_lettered": writer.get("dead_lettered", 0),
@@ -277,6 +283,8 @@ def build_heartbeat(ingestor: Ingestor, now: float, *, state: HeartbeatState | N
         fanout["dropped_recent"] = window.delta("fanout_dropped", span)
         fanout["errors_recent"] = window.delta("fanout_errors", span)
         fanout["disconnected_recent"] = window.delta("fanout_disconnected", span)
+        fanout["offloaded_recent"] = window.delta("fanout_offloaded", span)
+        fanout["overruns_recent"] = window.delta("fanout_overruns", span)
     if writer["present"]:
         writer["errors_recent"] = window.delta("writer_errors", span)
         writer["rejected_recent"] = window.delta("writer_rejected", span)
@@ -396,22 +404,44 @@ def _fanout(ingestor: Ingestor) -> dict[str, Any]:
     if hs is None:
         return {"present": False, "subscribers": 0, "batch_handlers": batch_handlers}
     slowest: list[dict[str, Any]] = []
+    ranked = getattr(hot, "slowest", None)  # ordered by each one's own handler time per tick, then lag
     subs = getattr(hot, "subscriptions", None)
-    if callable(subs):
-        rows: list[dict[str, Any]] = []
+    if not callable(ranked) and callable(subs):  # a hot path that cannot rank: the furthest behind
+        rows_by_lag: list[dict[str, Any]] = []
         for sub in subs():
             ss = _stats(sub)
             if ss is not None:
                 policy = getattr(ss, "policy", "")
-                rows.append({
+                rows_by_lag.append({
                     "name": str(getattr(ss, "name", "?"))[:100],
                     "policy": str(getattr(policy, "value", policy)),
                     "lag": _num(ss, "lag"),
                     "dropped": _num(ss, "dropped"),
                     "errors": _num(ss, "errors"),
                 })
-        rows.sort(key=lambda r: (-r["lag"], -r["dropped"], r["name"]))
-        slowest = rows[:3]
+        rows_by_lag.sort(key=lambda r: (-r["lag"], -r["dropped"], r["name"]))
+        slowest = rows_by_lag[:3]
+    elif callable(ranked):
+        try:
+            rows = ranked(3)
+        except Exception:  # a part being built may not be ready to report; the heartbeat goes on without it
+            rows = []
+        for ss in rows:
+            policy = getattr(ss, "policy", "")
+            execution = getattr(ss, "execution", "")
+            slowest.append({
+                "name": str(getattr(ss, "name", "?"))[:100],
+                "policy": str(getattr(policy, "value", policy)),
+                "execution": str(getattr(execution, "value", execution)),
+                "offloaded": bool(getattr(ss, "offloaded", False)),
+                "handler_us": _round(float(getattr(ss, "handler_us", 0.0)), 1),
+                "handler_max_us": _round(float(getattr(ss, "handler_max_us", 0.0)), 1),
+                "busy_us": _num(ss, "busy_us"),
+                "overruns": _num(ss, "overruns"),
+                "lag": _num(ss, "lag"),
+                "dropped": _num(ss, "dropped"),
+                "errors": _num(ss, "errors"),
+            })
     return {
         "present": True,
         "subscribers": _num(hs, "subscribers"),
@@ -423,6 +453,9 @@ def _fanout(ingestor: Ingestor) -> dict[str, Any]:
         "disconnected": _num(hs, "disconnected"),
         "waiting_room": bool(getattr(hs, "waiting_room", False)),
         "max_lag": _num(hs, "max_lag"),
+        "offloaded": _num(hs, "offloaded"),
+        "threads": _num(hs, "threads"),
+        "overruns": _num(hs, "overruns"),
         "slowest": slowest,
     }
 

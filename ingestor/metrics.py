@@ -74,6 +74,36 @@ class IngestorCollector(Collector):
         hs = hot.stats()
         for policy, n in sorted(hs.dropped_by_policy.items()):
             dropped.add_metric(["hotpath", str(policy)], n)
+        # Per co-located subscriber (a configured, small set): its own handler time, overruns and lag.
+        spent = CounterMetricFamily(
+            "market_subscriber_handler_seconds", "Time spent in the co-located subscriber's handler",
+            labels=["subscriber"],
+        )
+        over = CounterMetricFamily(
+            "market_subscriber_overruns", "Chunks the subscriber's handler took longer than its budget",
+            labels=["subscriber"],
+        )
+        behind = GaugeMetricFamily(
+            "market_subscriber_lag", "Published ticks between the hot path's head and the subscriber",
+            labels=["subscriber"],
+        )
+        on_thread = GaugeMetricFamily(
+            "market_subscriber_on_thread", "1 when the subscriber's handler runs on a thread of its own",
+            labels=["subscriber"],
+        )
+        for ss in hot.slowest(hot.max_subscribers):
+            spent.add_metric([ss.name], ss.handler_total_us / 1e6)
+            over.add_metric([ss.name], ss.overruns)
+            behind.add_metric([ss.name], ss.lag)
+            on_thread.add_metric([ss.name], 1 if ss.execution.value == "thread" else 0)
+        yield spent
+        yield over
+        yield behind
+        yield on_thread
+        yield CounterMetricFamily(
+            "market_subscriber_offloaded", "Synchronous subscribers moved off the event loop for overrunning their "
+            "budget", value=hs.offloaded,
+        )
         cs = ing.control.stats()
         dropped.add_metric(["control", "pause"], cs.paused_dropped)
         dropped.add_metric(["control", "limit_drop"], cs.limited_dropped)

@@ -244,7 +244,8 @@ class Ingestor:
         self._wants: dict[Subscription, tuple[str, ...]] = {}
         self._tg: asyncio.TaskGroup | None = None
         for spec in settings.subscribers:
-            self.subscribe(load_handler(spec.target), spec.patterns, policy=spec.policy, name=spec.target)
+            self.subscribe(load_handler(spec.target), spec.patterns, policy=spec.policy, name=spec.target,
+                           execution=spec.execution, handler_budget_us=spec.handler_budget_us)
         self.started = asyncio.Event()
         self._lock_fd = -1
         #: holes between Redis and the spill log, or inside the log, found at start

@@ -503,7 +503,13 @@ def bench_hotpath(
     rate: Annotated[float, typer.Option(help="ticks per second offered to the ingress")] = 50_000,
     subscribers: Annotated[int, typer.Option(help="co-located subscribers")] = 16,
     slow_subscribers: Annotated[int, typer.Option(help="of which deliberately slow (drop_oldest)")] = 1,
-    duration: Annotated[float, typer.Option(help="seconds")] = 20.0,
+    duration: Annotated[float, typer.Option(help="seconds (per side, with --slow-handler-ms)")] = 20.0,
+    slow_handler_ms: Annotated[float, typer.Option(
+        help="the slow-subscriber drill: one more subscriber, synchronous, blocking this long per tick; "
+        "against the same load without it, in the same run")] = 0.0,
+    rounds: Annotated[int, typer.Option(help="the drill's alternating pairs of rounds")] = 2,
+    fast_execution: Annotated[str, typer.Option(help="inline or thread, for the fast subscribers")] = "inline",
+    redis: Annotated[bool, typer.Option("--redis", help="the drill also writes to Redis (MARKET_REDIS_URL)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON line")] = False,
 ) -> None:
     """The hot path alone: ingress -> fan-out -> subscriber callbacks; latency percentiles and accounting."""
@@ -512,7 +518,9 @@ def bench_hotpath(
     if rate <= 0 or duration <= 0 or subscribers < 1 or not 0 <= slow_subscribers <= subscribers:
         fail("--rate and --duration must be positive, 1 <= --subscribers, 0 <= --slow-subscribers <= --subscribers")
     result = run_async(run_hotpath_bench(
-        rate=rate, subscribers=subscribers, slow_subscribers=slow_subscribers, duration=duration
+        rate=rate, subscribers=subscribers, slow_subscribers=slow_subscribers, duration=duration,
+        slow_handler_ms=slow_handler_ms, rounds=rounds, fast_execution=fast_execution,
+        redis_url=_redis_url() if redis else None,
     ))
     _print_json(result, as_json)
 

@@ -318,7 +318,12 @@ def _fanout(hb: Mapping[str, Any]) -> _Verdict:
     window = _secs(_float(hb, "window_s") or 60.0)
     slowest = [s for s in (_get(fan, "slowest") or []) if isinstance(s, Mapping)]
     worst = slowest[0] if slowest else None
-    who = f" (slowest: {_str(worst, 'name')}, {_str(worst, 'policy')}, {_int(worst, 'lag')} behind)" if worst else ""
+    who = ""
+    if worst is not None:  # named by its own handler time per tick, not by the time others waited behind it
+        spent = _float(worst, "handler_us")
+        where = _str(worst, "execution")
+        own = f", {spent:.0f} µs a tick" + (f" ({where})" if where else "") if spent is not None else ""
+        who = f" (slowest: {_str(worst, 'name')}, {_str(worst, 'policy')}{own}, {_int(worst, 'lag')} behind)"
     findings: list[_Verdict] = []
     disconnected = _int(fan, "disconnected_recent")
     if disconnected:
@@ -331,6 +336,10 @@ def _fanout(hb: Mapping[str, Any]) -> _Verdict:
         findings.append((Level.WARN, f"{errors} subscriber handler error(s) in the last {window}"))
     if fan.get("waiting_room") is True:
         findings.append((Level.WARN, f"publisher waiting for a block subscriber{who}"))
+    offloaded = _int(fan, "offloaded_recent")
+    if offloaded:
+        findings.append((Level.WARN, f"{offloaded} synchronous subscriber(s) moved off the event loop in the last "
+                         f"{window}: handler over its budget{who if not findings else ''}"))
     if findings:
         return _worst(findings)
     if not subs:

@@ -495,12 +495,11 @@ def _report(
 
     print(f"{'module':<28} {'mutants':>7} {'killed':>6} {'survived':>8} {'equivalent':>10} {'unexplained':>11}"
           f" {'not run':>7} {'killed %':>8}")
-    for path, row in rows.items():
-        print(f"{path:<28} {row.mutants:>7} {row.killed:>6} {row.survived:>8} {row.equivalent:>10}"
-              f" {row.unexplained:>11} {row.not_run:>7} {100 * row.score:>7.1f}%")
     every = Row(*(sum(getattr(r, f) for r in rows.values()) for f in Row.__slots__))
-    print(f"{'total':<28} {every.mutants:>7} {every.killed:>6} {every.survived:>8} {every.equivalent:>10}"
-          f" {every.unexplained:>11} {every.not_run:>7} {100 * every.score:>7.1f}%")
+    for path, row in [*rows.items(), ("total", every)]:
+        score = f"{100 * row.score:>7.1f}%" if row.mutants > row.not_run else f"{'-':>8}"
+        print(f"{path:<28} {row.mutants:>7} {row.killed:>6} {row.survived:>8} {row.equivalent:>10}"
+              f" {row.unexplained:>11} {row.not_run:>7} {score}")
     print(f"time: {total:.0f} s in all, {mutants_seconds:.0f} s running mutants"
           + (" (cut by the time box)" if cut else ""))
 

@@ -54,6 +54,8 @@ MIN_SCORE: Final = 0.90
 _COPY: Final = ("ingestor", "consumer_sdk", "distributor", "ops", "tests", "pyproject.toml")
 #: seconds kept after the mutants for describing the survivors and the report
 _RESERVE: Final = 15.0
+#: mutmut's output, in the scratch directory (it also marks a directory ``--keep`` may empty)
+_LOG: Final = "mutmut.log"
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +378,7 @@ class Row:
 
 @contextmanager
 def _workdir(keep: Path | None) -> Iterator[Path]:
+    """A fresh scratch directory, removed afterwards; or ``keep``, emptied first if a previous run left it."""
     if keep is not None:
         if keep.exists():
             shutil.rmtree(keep)
@@ -412,6 +415,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.sample is not None and args.sample < 1:
         raise UsageError(f"--sample must be at least 1, got {args.sample}")
+    keep = args.keep
+    ours = keep is not None and keep.is_dir() and (not any(keep.iterdir()) or (keep / _LOG).exists())
+    if keep is not None and keep.exists() and not ours:
+        raise UsageError(f"--keep {str(keep)!r}: not empty and not left by a previous run; choose a new directory")
     if args.time_box is not None and not args.time_box > _RESERVE:
         raise UsageError(f"--time-box must be more than {_RESERVE:g} seconds, got {args.time_box:g}")
     return args
@@ -432,7 +439,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("mutmut is not installed: pip install -e '.[dev]' (or run ops/dev.sh mutate)") from None
 
     with _workdir(args.keep) as work:
-        log = work / "mutmut.log"
+        log = work / _LOG
+        log.touch()
         _copy_tree(work)
         _write_config(work, targets, (f for t in targets for f in t.tests if (ROOT / f).exists()))
         _helper(work, "generate", str(os.cpu_count() or 2), log=log)

@@ -109,3 +109,13 @@ def test_bad_arguments_exit_2_with_one_line(argv: list[str], message: str, capsy
     err = capsys.readouterr().err
     assert err == f"ops.mutate: {message}\n" or err.startswith(f"ops.mutate: {message}")
     assert err.count("\n") == 1
+
+
+def test_keep_refuses_a_directory_a_run_did_not_leave(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--keep DIR`` empties DIR first: only an empty directory or one a previous run left may be given."""
+    (tmp_path / "notes.txt").write_text("mine")
+    assert mutate.main(["sequencer", "--keep", str(tmp_path)]) == 2
+    assert "not empty and not left by a previous run" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    afile = tmp_path / "notes.txt"
+    assert mutate.main(["sequencer", "--keep", str(afile)]) == 2

@@ -508,7 +508,7 @@ def _report(
         score = f"{100 * row.score:>7.1f}%" if row.mutants > row.not_run else f"{'-':>8}"
         print(f"{path:<28} {row.mutants:>7} {row.killed:>6} {row.survived:>8} {row.equivalent:>10}"
               f" {row.unexplained:>11} {row.not_run:>7} {score}")
-    print(f"time: {total:.0f} s in all, {mutants_seconds:.0f} s running mutants"
+    print(f"time: {total:.0f} s in all, {mutants_seconds:.0f} s in mutmut run (mapping the tests, then the mutants)"
           + (" (cut by the time box)" if cut else ""))
 
     failed = False

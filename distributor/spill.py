@@ -220,6 +220,8 @@ class SpillLog:
         self.set_aside = 0
         self.full_events = 0
         self.write_failures = 0
+        #: fsync calls that made appended tail records durable (fronts are synced apart, see :meth:`prepend`)
+        self.syncs = 0
         #: why appends are refused now ("" while they are not)
         self.full_reason = ""
         self._no_room_until = 0.0
@@ -537,6 +539,7 @@ class SpillLog:
         if self._fd >= 0 and self._dirty:
             try:
                 os.fsync(self._fd)
+                self.syncs += 1
             except OSError as exc:
                 self.write_failures += 1
                 log_event(log, logging.ERROR, "spill_sync_failed", segment=self._path(self._write_seg).name,

@@ -11,7 +11,6 @@ import contextlib
 import gc
 import os
 import random
-import shutil
 import socket
 import subprocess
 import time
@@ -74,7 +73,7 @@ from consumer_sdk.consumer import (
     lag_estimate,
 )
 from consumer_sdk.sequencing import Verdict
-from ops.redis_server import RedisServer, restart, start_redis
+from ops.redis_server import RedisServer, find_redis_server, restart, start_redis
 
 REDIS_URL = os.environ.get("MARKET_REDIS_URL", "redis://127.0.0.1:6379/0")
 BASE_MS = 1_700_000_000_000
@@ -205,8 +204,8 @@ class PrivateRedis:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        exe = shutil.which("redis-server")
-        assert exe, "redis-server is not on PATH"
+        exe = find_redis_server()  # a supported server: the system's, or the bundled one on a machine without it
+        assert exe, "no supported redis-server found (ops/dev.sh installs one)"
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL,

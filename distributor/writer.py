@@ -339,6 +339,21 @@ class WriterStats:
     spilled: int
     spill_bytes: int
     spill_drained: int
+    #: the spill log refuses appends for lack of room (its cap reached, or the disk said ENOSPC) and
+    #: nothing has freed room since: new ticks wait in the ingress, whose policy decides
+    spill_full: bool = False
+    #: why it is full ("" when it is not)
+    spill_full_reason: str = ""
+    #: times the spill log turned full
+    spill_full_events: int = 0
+    #: submits the spill log refused (full, or the disk failed); each took nothing
+    spill_refused: int = 0
+    #: writes and syncs the spill disk refused (ENOSPC, EIO, ...); each left the log as it was
+    spill_write_failures: int = 0
+    #: records dropped while draining because they were not whole (corruption after the log was opened)
+    spill_corrupt: int = 0
+    #: segments cut at open after their last whole record (a crash or a failed write mid-record)
+    spill_torn: int = 0
 
 
 class StreamWriter:
@@ -773,7 +788,11 @@ class StreamWriter:
         return [position[key] for key in groups]
 
     def stats(self) -> WriterStats:
+        """A snapshot of the counters (no I/O; copies the bounded per-reason counts)."""
         spill = self.spill
+        full_reason = ""
+        if spill is not None and (spill.full_reason or spill.full):
+            full_reason = spill.full_reason or f"spill log at its cap of {spill.max_bytes} bytes"
         return WriterStats(
             buffered=len(self._buf), capacity=self.capacity, appended=self.appended,
             duplicates=self.duplicates, rejected=self.rejected, batches=self.batches, errors=self.errors,
@@ -783,4 +802,8 @@ class StreamWriter:
             rejected_by_reason=dict(self.rejected_by_reason), dead_lettered=self.dead_lettered,
             spilled=len(spill) if spill is not None else 0, spill_bytes=spill.bytes if spill is not None else 0,
             spill_drained=spill.drained if spill is not None else 0,
+            spill_full=bool(full_reason), spill_full_reason=full_reason,
+            spill_full_events=spill.full_events if spill is not None else 0, spill_refused=self.spill_errors,
+            spill_write_failures=spill.write_failures if spill is not None else 0,
+            spill_corrupt=spill.corrupt if spill is not None else 0, spill_torn=spill.torn if spill is not None else 0,
         )

@@ -68,6 +68,8 @@ class IngestSettings:
     metrics_port: int = 9464
     queue_capacity: int = 100_000
     queue_policy: Policy = Policy.BLOCK
+    #: ticks the writer holds in memory while Redis does not take them; beyond it they go to the spill log
+    #: (``[writer] capacity``)
     writer_capacity: int = 200_000
     retention: Retention = field(default_factory=Retention)
     subscribers: tuple[SubscriberSpec, ...] = ()
@@ -288,6 +290,23 @@ def _repair(table: Any) -> RepairSettings:
     )
 
 
+#: the most ticks ``[writer] capacity`` may hold in memory (about 1 KB each)
+MAX_WRITER_CAPACITY: Final = 10_000_000
+
+
+def _writer(table: Any) -> int:
+    """``[writer]``: ``capacity``, the ticks the writer holds in memory while Redis does not take them
+    (beyond it, they go to the spill log)."""
+    if table is None:
+        table = {}
+    if not isinstance(table, dict):
+        raise ConfigError("[writer] must be a table")
+    unknown = set(table) - {"capacity"}
+    if unknown:
+        raise ConfigError(f"[writer]: unknown setting(s) {', '.join(sorted(unknown))}")
+    return _int(table.get("capacity", 200_000), "writer.capacity", 1, MAX_WRITER_CAPACITY)
+
+
 def _shutdown(table: Any) -> tuple[float, float]:
     """``[shutdown]``: ``(flush_timeout_s, redis_timeout_s)``."""
     if table is None:
@@ -414,6 +433,7 @@ def load_settings(
         metrics_port=_int(merged.get("metrics_port", 9464), "metrics port", 0, 65535),
         queue_capacity=_int(merged.get("queue_capacity", 100_000), "queue capacity", 1, 10**8),
         queue_policy=Policy.parse(str(merged.get("queue_policy", "block"))),
+        writer_capacity=_writer(toml.get("writer")),
         retention=_retention(toml.get("retention")),
         subscribers=_subscribers(subscriber_flags, toml.get("subscribers")),
         session=_session(toml.get("session")),

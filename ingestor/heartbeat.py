@@ -11,7 +11,8 @@ clean stop (cancellation) removes the id and the key: a stopped ingestor is not 
 document.  :class:`HeartbeatState` keeps what one snapshot cannot show: who is beating, since when
 a connection has been down, and the counters of the last minutes, so the document carries recent
 counts (drops in the last minute) as well as totals since start.  :func:`heartbeat_loop` is the
-thin I/O part: build, ``SET ... PX``, ``SADD``, sleep; a Redis error never ends it.
+thin I/O part: build, ``SET ... PX``, ``SADD`` (both in scripts flagged ``allow-oom``, so a Redis
+out of memory still takes the beat that says so), sleep; a Redis error never ends it.
 
 The document (schema ``v`` 1), every part read defensively (a part the ingestor does not have yet
 is reported with ``"present": false``):
@@ -39,7 +40,10 @@ is reported with ``"present": false``):
   through), ``oom`` (Redis refuses writes for lack of memory), ``failing_for_s``, ``rejected`` and
   ``rejected_recent`` (tick writes Redis refused: each refused attempt counts its ticks),
   ``rejected_by_reason``, ``dead_lettered`` and ``dead_lettered_recent`` (ticks Redis can never store,
-  kept in ``dead_letter_key``), ``spilled``, ``spill_bytes``, ``last_flush_us`` (how long the last
+  kept in ``dead_letter_key``), ``spilled``, ``spill_bytes``, ``spill_full`` and ``spill_full_reason``
+  (the spill log refuses ticks for lack of room: its cap, or a full disk; the ingress policy decides),
+  ``spill_full_events``, ``spill_refused`` (offers the spill log took nothing of),
+  ``spill_write_failures``, ``spill_corrupt``, ``spill_torn``, ``last_flush_us`` (how long the last
   flush took), ``last_write_age_s``;
 - ``gaps``: ``detected``, ``repaired``, ``unrepaired``, ``unrepaired_recent``, ``ticks_unrepaired``,
   ``repairing``, ``duplicates``, ``out_of_order``.
@@ -101,6 +105,11 @@ RECONNECT_WINDOW_S: Final = 300.0
 #: at most this many names in a list (stale streams, sessions, slowest subscribers)
 MAX_LISTED: Final = 20
 _LIVE_STATES: Final = frozenset({"live", "rotating"})
+# The two writes of a beat, as scripts flagged ``allow-oom``: a Redis out of memory refuses a plain
+# SET or SADD, and the heartbeat would then expire and report the ingestor dead rather than the OOM
+# it carries.  A beat is one small key and one set member, so it may pass the limit.
+_BEAT_SET: Final = "#!lua flags=allow-oom\nreturn redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])"
+_BEAT_ADD: Final = "#!lua flags=allow-oom\nreturn redis.call('SADD', KEYS[1], ARGV[1])"
 _HOST_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
@@ -495,6 +504,13 @@ def _writer(ingestor: Ingestor, st: HeartbeatState, now: float) -> dict[str, Any
         "dead_letter_key": str(getattr(w, "dead_letter_key", "") or "") or None,
         "spilled": _num(ws, "spilled"),
         "spill_bytes": _num(ws, "spill_bytes"),
+        "spill_full": getattr(ws, "spill_full", False) is True,
+        "spill_full_reason": str(getattr(ws, "spill_full_reason", "") or "")[:200] or None,
+        "spill_full_events": _num(ws, "spill_full_events"),
+        "spill_refused": _num(ws, "spill_refused"),
+        "spill_write_failures": _num(ws, "spill_write_failures"),
+        "spill_corrupt": _num(ws, "spill_corrupt"),
+        "spill_torn": _num(ws, "spill_torn"),
         "last_flush_us": _num(ws, "last_flush_us"),
         "last_write_age_s": _round(max(0.0, now - last_at), 1) if last_at else None,
     }
@@ -554,8 +570,8 @@ async def heartbeat_loop(
             try:
                 async with asyncio.timeout(interval):
                     pipe = redis.pipeline(transaction=False)
-                    pipe.set(key, payload, px=px)
-                    pipe.sadd(members, ident)
+                    pipe.eval(_BEAT_SET, 1, key, payload, px)
+                    pipe.eval(_BEAT_ADD, 1, members, ident)
                     await pipe.execute()
             except (RedisError, OSError, TimeoutError) as exc:
                 reraise_if_cancelling()  # redis-py may turn our cancellation into its own error

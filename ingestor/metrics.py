@@ -267,6 +267,25 @@ class IngestorCollector(Collector):
             yield GaugeMetricFamily(
                 "market_spill_records", "Ticks in the spill log on disk, waiting for Redis", value=ws.spilled
             )
+            yield GaugeMetricFamily(
+                "market_spill_full",
+                "1 while the spill log refuses ticks for lack of room (its cap, or a full disk): the ingress "
+                "policy decides what happens to new ticks",
+                value=1 if ws.spill_full else 0,
+            )
+            yield CounterMetricFamily(
+                "market_spill_refused", "Times the spill log took none of the ticks offered (full, or the disk failed)",
+                value=ws.spill_refused,
+            )
+            yield CounterMetricFamily(
+                "market_spill_write_failures",
+                "Writes and syncs of the spill log the disk refused (ENOSPC, EIO, ...); each left the log intact",
+                value=ws.spill_write_failures,
+            )
+            yield CounterMetricFamily(
+                "market_spill_corrupt", "Spill log records dropped while draining because they were not whole",
+                value=ws.spill_corrupt,
+            )
 
         yield histogram_family(
             "market_ingest_latency_us", "Frame received to tick in ingress (µs)", {"venue": venue},

@@ -39,7 +39,7 @@ from distributor.ingress import IngressQueue
 from distributor.registry import Changes, ChannelRegistry
 from distributor.service import BatchHandler, Distributor
 from distributor.spill import SpillLog
-from distributor.writer import StreamWriter
+from distributor.writer import StreamWriter, WriteRefused
 from ingestor.binance import channel_to_stream
 from ingestor.config import IngestSettings, redact_url
 from ingestor.control_plane import run_auto_degrade, watch_control
@@ -451,6 +451,12 @@ class Ingestor:
                 await writer.append(self._start_pending)
                 self._start_pending = []
                 break
+            except WriteRefused as exc:
+                # What Redis took is stored; only the rest, still in order, waits.
+                self._start_pending = exc.remaining
+                error = str(exc)
+                if not self._start_pending:
+                    break
             except (RedisError, OSError) as exc:
                 error = str(exc)
             if spill is not None:
@@ -633,6 +639,10 @@ class Ingestor:
                 async with asyncio.timeout(max(0.0, min(s.shutdown_redis_s, deadline - time.monotonic()))):
                     await writer.append(first)
                 to_redis, first = len(first), []
+            except WriteRefused as exc:
+                # Redis took a prefix of each stream: only what it did not take is saved to the log.
+                to_redis, first = len(first) - len(exc.remaining), exc.remaining
+                errors.append(f"Redis: {str(exc) or type(exc).__name__}")
             except (TimeoutError, RedisError, OSError) as exc:
                 errors.append(f"Redis: {str(exc) or type(exc).__name__}")
         unsaved = len(first) + len(later)

@@ -96,7 +96,7 @@ async def _round(redis: aioredis.Redis, frames: Sequence[bytes], *, sample_every
     total = len(frames)
 
     def done() -> bool:
-        return (writer.appended + writer.duplicates + writer.rejected >= total
+        return (writer.appended + writer.duplicates + writer.dead_lettered >= total
                 and all(sub.delivered >= total for sub in subs))
 
     try:

@@ -285,7 +285,7 @@ class Soak:
             await proxy.__aenter__()
             self.venue_proxies.append(proxy)
             conf = self.out / f"ingestor-{i}.toml"
-            spill_cap = "\n[spill]\nmax_mb = 1\n" if i == 1 else ""
+            spill_cap = "\n[spill]\nmax_mb = 1\n[writer]\ncapacity = 5000\n" if i == 1 else ""
             # ingestor-0 rotates before the venue's age limit; ingestor-1 outlives it and meets serverShutdown
             age = max_age if i == 0 else 4 * max_age
             conf.write_text(

@@ -9,7 +9,7 @@ and the cause (``unknown`` when nothing reports on it):
   streams, gaps that could not be repaired);
 - ``ingress``: the bounded queue between the connections and the distributor (fill, drops, backpressure);
 - ``fanout``: the in-process hot path to co-located subscribers (drops, errors, disconnections);
-- ``redis``: the stream writer (failing writes, ticks spilled to disk, buffer filling);
+- ``redis``: the stream writer (failing writes, ticks spilled to disk, a spill log full, buffer filling);
 - ``consumers``: consumer groups on the streams (lag in entries, per group and stream).
 
 :func:`evaluate` is pure: heartbeats (as :mod:`ingestor.heartbeat` writes them) and consumer-group
@@ -34,7 +34,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from consumer_sdk.consumer import lag_estimate
 from consumer_sdk.errors import ConfigError, TransientError
@@ -357,6 +357,15 @@ def _redis(hb: Mapping[str, Any]) -> _Verdict:
     target = _str(hb, "redis")
     at = f" to {target}" if target else ""
     held = f"{buffered} buffered" + (f", {spilled} ticks spilled to disk" if spilled else "")
+    if w.get("spill_full") is True:
+        # Memory and the spill log hold all they can: new ticks wait in the ingress, whose policy decides
+        # (block: the venue goes unread; drop_*: ticks are dropped).
+        why = _short(_str(w, "spill_full_reason") or "no room", 80)
+        failing = _str(w, "failing")
+        behind = ("Redis unreachable" if w.get("connected") is False
+                  else f"Redis refuses writes ({_short(failing, 40)})" if failing else "")
+        return Level.FAIL, (f"spill log full ({why}), the ingress decides; {held}"
+                            + (f"; {behind}" if behind else "") + (f"; Redis at {target}" if target else ""))
     if w.get("connected") is False:
         parts = [f"writes failing ({errors} errors in the last {window})"]
         if spilled:
@@ -415,10 +424,11 @@ def _ingestor_stage(alive: Sequence[Mapping[str, Any]], dead: Sequence[Mapping[s
                     broken: Sequence[Mapping[str, Any]]) -> StageStatus:
     if dead:
         ids = [_str(d, "id", default="?") for d in dead]
-        gone = max((_float(d, "dead_for_s") or 0.0) for d in dead)
+        known = [t for t in (_float(d, "dead_for_s") for d in dead) if t is not None]
+        ago = f", {_secs(max(known))} ago" if known else ""  # unknown when Redis could not record it
         names = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
         others = f"; {len(alive)} other(s) reporting" if alive else "; none other reporting"
-        cause = f"ingestor {names} stopped reporting (heartbeat expired, {_secs(gone)} ago){others}"
+        cause = f"ingestor {names} stopped reporting (heartbeat expired{ago}){others}"
         return StageStatus("ingestor", Level.FAIL, cause)
     if not alive:
         if broken:
@@ -517,6 +527,12 @@ def dead_key(prefix: str) -> str:
     return f"{prefix}:_hb:dead"
 
 
+def _is_oom(exc: BaseException) -> bool:
+    """Redis refused a command for lack of memory (redis-py's ``OutOfMemoryError``, or an error reply
+    starting with ``OOM``, as a script passes it on)."""
+    return isinstance(exc, OutOfMemoryError) or (isinstance(exc, ResponseError) and str(exc).startswith("OOM"))
+
+
 def _text(x: Any) -> str:
     return x.decode(errors="replace") if isinstance(x, bytes) else str(x)
 
@@ -535,7 +551,10 @@ async def read_heartbeats(
     redis: aioredis.Redis, prefix: str, *, prune_after: float = DEAD_PRUNE_S
 ) -> list[dict[str, Any]]:
     """Every ingestor in the heartbeat set: its document (``alive``), or ``{"id", "alive": false,
-    "dead_for_s"}`` when its key expired.  Ids dead for longer than ``prune_after`` are removed."""
+    "dead_for_s"}`` when its key expired.  Ids dead for longer than ``prune_after`` are removed.
+
+    ``dead_for_s`` counts from when a reader first found the key expired (kept in :func:`dead_key`);
+    it is ``None`` when Redis, out of memory, refused to record that time."""
     members = sorted(_text(m) for m in await redis.smembers(heartbeat_set_key(prefix)))
     members = members[:MAX_INGESTORS]
     now = await _server_time(redis)
@@ -584,15 +603,26 @@ async def _dead(redis: aioredis.Redis, prefix: str, gone: list[str], alive: list
     if alive:
         pipe.hdel(dk, *alive)  # reporting again after a hiccup: not dead
     pipe.hgetall(dk)
-    results = await pipe.execute()
+    results = await pipe.execute(raise_on_error=False)
+    for r in results:
+        # A Redis out of memory refuses HSETNX: the ids are reported dead all the same, those
+        # first seen now without the time (HDEL and HGETALL are not refused).
+        if isinstance(r, Exception) and not _is_oom(r):
+            raise r
     since = {_text(k): _text(v) for k, v in results[-1].items()}
     out: list[dict[str, Any]] = []
     prune: list[str] = []
     for m in gone:
+        first: float | None
         try:
-            first = float(since.get(m, now))
+            first = float(since[m])
+        except KeyError:
+            first = None
         except ValueError:
             first = now
+        if first is None:
+            out.append({"id": m, "alive": False, "dead_for_s": None})
+            continue
         dead_for = max(0.0, now - first)
         if dead_for > prune_after:
             prune.append(m)

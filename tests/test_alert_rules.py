@@ -101,3 +101,15 @@ def test_redis_refusals_are_alerted_apart_from_an_unreachable_redis() -> None:
     assert "market_writer_dead_lettered_total" in rules["MarketWriterDeadLetters"]["expr"]
     assert all(rules[name]["labels"]["stage"] == "redis" for name in
                ("MarketRedisDown", "MarketRedisOutOfMemory", "MarketRedisWritesRefused", "MarketWriterDeadLetters"))
+
+
+def test_a_full_spill_log_is_alerted_on_the_redis_stage() -> None:
+    """The spill log out of room (cap or disk) for a minute is its own critical alert, as ``market status``
+    says it (redis FAIL: spill log full ...): the ingress policy now decides what becomes of new ticks."""
+    import yaml
+
+    rules = {r["alert"]: r for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]}
+    full = rules["MarketSpillFull"]
+    assert full["expr"] == "market_spill_full == 1" and full["for"] == "1m"
+    assert full["labels"] == {"severity": "critical", "stage": "redis"}
+    assert full["annotations"]["summary"].startswith("redis FAIL: spill log full")

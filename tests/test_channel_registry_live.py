@@ -20,7 +20,7 @@ from ops.simulator import Simulator, SimulatorConfig
 async def wait_for(predicate: Any, timeout: float) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # poll
 
 
 async def test_idle_channel_is_released_after_grace_and_restored(aredis: aioredis.Redis, prefix: str) -> None:

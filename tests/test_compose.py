@@ -1,10 +1,9 @@
 """The deployment files: compose.yaml, Prometheus and Grafana configuration, alert rules, the dashboard.
 
-They are YAML, and PyYAML is not a dependency: :func:`load_yaml` reads the subset these files use
-(block mappings and sequences, one-line flow collections, quoted and plain scalars, comments) and
-refuses anything else (anchors, block scalars, multi-line flows) loudly, so a file that grows past
-the subset fails here instead of being misread.  When PyYAML happens to be installed, a test checks
-that both readers agree on every file.
+They are YAML.  :func:`load_yaml` reads the subset these files use (block mappings and sequences,
+one-line flow collections, quoted and plain scalars, comments) and refuses anything else (anchors,
+block scalars, multi-line flows) loudly, so a file that grows past the subset fails here; PyYAML (a
+dev dependency) reads every file too, and the two readers must agree.
 """
 
 from __future__ import annotations
@@ -15,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from ingestor.config import IngestSettings
 from ops.status import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -315,7 +316,6 @@ h: 'it''s'
 
 @pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_yaml_subset_reader_agrees_with_pyyaml(path: Path) -> None:
-    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (not a dependency); the subset reader is used")
     assert read_yaml(path) == yaml.safe_load(path.read_text())
 
 
@@ -390,6 +390,23 @@ def test_compose_ingestor_exports_metrics_to_prometheus(compose: dict[str, Any])
     assert command[command.index("--metrics-port") + 1] == "9464"
     # Prometheus scrapes it from another container.
     assert ingestor["environment"].get("MARKET_METRICS_HOST") == "0.0.0.0"
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration (``30s``, ``1m30s``, ``1h``) in seconds."""
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?", duration)
+    assert parts and duration, f"not a compose duration: {duration!r}"
+    h, m, sec, ms = (int(x) if x else 0 for x in parts.groups())
+    return 3600 * h + 60 * m + sec + ms / 1000
+
+
+def test_compose_ingestor_stop_outlasts_its_final_flush(compose: dict[str, Any]) -> None:
+    """A stop may spend ``[shutdown] flush_timeout_s`` saving what the process holds: Docker must not send
+    SIGKILL before that (its default grace is 10 s)."""
+    assert _seconds("1m30s") == 90 and _seconds("30s") == 30 and _seconds("500ms") == 0.5
+    grace = compose["services"]["ingestor"].get("stop_grace_period")
+    assert grace is not None, "the ingestor needs a stop_grace_period (Docker's default 10 s is too short)"
+    assert _seconds(str(grace)) > IngestSettings().shutdown_flush_s, grace
 
 
 def test_compose_images_are_pinned(compose: dict[str, Any]) -> None:
@@ -487,7 +504,10 @@ def test_dashboard_panels_query_the_provisioned_datasource(dashboard: dict[str, 
                    "market_backpressure_events_total", "market_subscriber_count",
                    "histogram_quantile(0.99, sum by (le, stage) (rate(market_fanout_latency_us_bucket",
                    "market_e2e_latency_us_bucket", "market_published_total", "market_redis_errors_total",
-                   "market_spill_records", "market_consumer_lag"):
+                   "market_spill_records", "market_consumer_lag", "market_redis_oom", "market_writer_retrying",
+                   "sum by (reason) (rate(market_writer_rejected_total",
+                   "increase(market_writer_dead_lettered_total", "market_spill_full",
+                   "rate(market_subscriber_handler_seconds_total", "market_subscriber_lag"):
         assert needle in joined, f"the dashboard shows no {needle}"
 
 

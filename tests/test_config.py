@@ -317,6 +317,12 @@ BAD_TABLES = [
     ("[shutdown]\nflush_timeout_s = 0", "shutdown.flush_timeout_s: 0.0 is out of range"),
     ('[shutdown]\nredis_timeout_s = "soon"', "shutdown.redis_timeout_s: expected a number"),
     ("[shutdown]\nflush_timeout_s = 5\nredis_timeout_s = 6", "must not exceed shutdown.flush_timeout_s"),
+    # [writer]
+    ("writer = 5000", "[writer] must be a table"),
+    ("[writer]\ncapacit = 5000", "[writer]: unknown setting(s) capacit"),
+    ('[writer]\ncapacity = "big"', "writer.capacity: expected an integer, got 'big'"),
+    ("[writer]\ncapacity = 0", "writer.capacity: 0 is out of range 1..10000000"),
+    ("[writer]\ncapacity = 10000001", "writer.capacity: 10000001 is out of range"),
     # [queue]
     ('[queue]\npolicy = "fifo"', "unknown queue policy 'fifo'"),
     ("[queue]\ncapacity = 0", "queue capacity: 0 is out of range"),
@@ -423,6 +429,12 @@ def test_repair_table(tmp_path: Path) -> None:
     assert r.page == RepairSettings().page
     partial = load(path=toml_file(tmp_path, "[repair]\nmax_gap = 7\n", "p.toml")).repair
     assert partial == RepairSettings(max_gap=7)
+
+
+def test_writer_table(tmp_path: Path) -> None:
+    assert load().writer_capacity == 200_000
+    assert load(path=toml_file(tmp_path, "[writer]\n")).writer_capacity == 200_000
+    assert load(path=toml_file(tmp_path, "[writer]\ncapacity = 5000\n", "w.toml")).writer_capacity == 5000
 
 
 def test_shutdown_table(tmp_path: Path) -> None:

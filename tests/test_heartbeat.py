@@ -7,6 +7,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,6 +18,8 @@ import redis.asyncio as aioredis
 import ingestor.heartbeat as hb_module
 from consumer_sdk.errors import ConfigError
 from distributor.ingress import IngressQueue, Policy
+from distributor.spill import SpillLog
+from distributor.writer import StreamWriter
 from ingestor.config import IngestSettings
 from ingestor.heartbeat import (
     HeartbeatState,
@@ -29,8 +32,10 @@ from ingestor.heartbeat import (
     public_url,
 )
 from ingestor.lifecycle import Lifecycle, SessionState
+from ingestor.metrics import IngestorCollector
 from ingestor.service import Ingestor
 from ops.redis_server import RedisServer, restart
+from ops.status import Level, evaluate
 
 UNIT = 5.0  # seconds: the bound on every wait on Redis below
 T0 = 1_800_000_000.0
@@ -242,6 +247,50 @@ def test_writer_failing_and_spilling() -> None:
     assert doc["writer"]["last_write_age_s"] == 0.0
     doc = build_heartbeat(fake_ingestor(writer=w), T0 + 11, state=st)
     assert doc["writer"]["last_write_age_s"] == 10.0, "no batch since"
+
+
+async def test_a_full_spill_log_shows_in_the_heartbeat_the_metrics_and_the_status(tmp_path: Path) -> None:
+    """A real spill log at its cap (Redis never answering: the writer task is not run), memory full: the
+    writer's stats, the heartbeat's writer section, the exporter and ``market status`` all say it is full."""
+    spill = SpillLog(tmp_path / "spill", max_bytes=8 << 10)
+    writer = StreamWriter(aioredis.Redis(host="127.0.0.1", port=1), prefix="hb", capacity=10, spill=spill)
+    trade = {"v": 1, "venue": "binance", "symbol": "BTCUSDT", "channel": "trade", "ts_event": 1, "ts_recv": 1,
+             "trade_id": 1, "price": "1.0", "qty": "1.0", "side": "buy"}
+    seq = 0
+    while writer.submit([{**trade, "seq": seq + i} for i in range(1, 11)]):  # type: ignore[misc]
+        seq += 10
+        assert seq < 10_000, "an 8 KB spill log never filled"
+    assert writer.submit([{**trade, "seq": seq + 1}]) is False  # type: ignore[list-item]
+    try:
+        stats = writer.stats()
+        assert stats.spill_full and "cap of 8192 bytes" in stats.spill_full_reason
+        assert stats.spill_full_events == 1 and stats.spill_refused == 2 and stats.spilled == seq - 10
+        assert (stats.spill_write_failures, stats.spill_corrupt, stats.spill_torn) == (0, 0, 0)
+
+        ing = fake_ingestor(writer=writer)
+        doc = build_heartbeat(ing, T0 + 1, state=state_at())
+        w = doc["writer"]
+        assert w["spill_full"] is True and w["spill_full_reason"] == stats.spill_full_reason
+        assert (w["spill_full_events"], w["spill_refused"], w["spill_write_failures"]) == (1, 2, 0)
+        assert (w["spill_corrupt"], w["spill_torn"]) == (0, 0)
+        stage = evaluate([{**doc, "alive": True}], [], T0 + 1).stage("redis")
+        assert stage.level is Level.FAIL
+        assert stage.cause.startswith(f"spill log full ({stats.spill_full_reason}), the ingress decides"), stage
+
+        real = Ingestor(IngestSettings(url="ws://127.0.0.1:1", prefix="hb"))
+        real.writer = writer
+        metrics = {s.name: s.value for m in IngestorCollector(real).collect() for s in m.samples}
+        assert metrics["market_spill_full"] == 1
+        assert metrics["market_spill_refused_total"] == 2
+        assert metrics["market_spill_write_failures_total"] == 0 and metrics["market_spill_corrupt_total"] == 0
+
+        # Room again (the log drained): no longer full, the counts stay.
+        while len(spill):
+            spill.consume(len(spill.peek(1000)))
+        assert not writer.stats().spill_full and writer.stats().spill_full_events == 1
+        assert build_heartbeat(ing, T0 + 2, state=state_at())["writer"]["spill_full"] is False
+    finally:
+        spill.close()
 
 
 def test_fanout_is_read_from_the_hot_path_when_there_is_one() -> None:

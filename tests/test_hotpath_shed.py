@@ -47,7 +47,7 @@ async def test_shed_releases_the_publisher_and_counts_what_the_blocker_missed() 
 
         async with asyncio.timeout(5):
             while not await caught_up():
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # poll
         st = sub.stats()
         assert st.matched == 464 and st.dropped > 0 and st.delivered == len(got)
         assert got == sorted(got)  # order kept
@@ -74,7 +74,7 @@ async def test_shed_releases_the_publisher_from_a_thread_blocker_that_hangs() ->
             assert hot.publish(ticks(10))
             async with asyncio.timeout(5):
                 while sub.stats().delivered == 0:  # its first call has begun: it hangs there
-                    await asyncio.sleep(0.001)
+                    await asyncio.sleep(0.001)  # poll
             published = 10
             while hot.publish(ticks(10, start=published + 1)):
                 published += 10
@@ -94,7 +94,7 @@ async def test_shed_releases_the_publisher_from_a_thread_blocker_that_hangs() ->
             gate.set()
             async with asyncio.timeout(5):
                 while sub.stats().pending or len(got) != sub.stats().delivered:
-                    await asyncio.sleep(0.001)
+                    await asyncio.sleep(0.001)  # poll
             st = sub.stats()
             assert st.matched == published == st.delivered + st.dropped and got == sorted(got)
             assert got[-1] == published  # lapped like drop_oldest: it ends with the newest

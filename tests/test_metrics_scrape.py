@@ -80,7 +80,7 @@ async def _scrape(redis_url: str) -> dict[str, Any]:
                     while ing.writer is None or ing.writer.stats().appended < 50:
                         if task.done():
                             task.result()
-                        await asyncio.sleep(0.05)
+                        await asyncio.sleep(0.05)  # poll
                 status, ctype, text = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
             finally:
                 task.cancel()

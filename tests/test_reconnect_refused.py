@@ -43,7 +43,7 @@ async def _wait(predicate: object, timeout: float, what: str) -> None:
     try:
         async with asyncio.timeout(timeout):
             while not await predicate():
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # poll
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}") from None
 

@@ -23,7 +23,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from consumer_sdk.tick import is_gap_marker
 from distributor.ingress import Policy
 from distributor.spill import MAGIC, SpillLog
+from distributor.writer import StreamWriter
 from ingestor.config import IngestSettings
+from ingestor.repair import GapRepairer, RepairSettings
 from ingestor.service import Ingestor, plan_spill_recovery
 from ingestor.session import SessionSettings
 from ops.redis_server import restart, start_redis
@@ -35,7 +37,7 @@ FAST = SessionSettings(ping_interval=1.0, ping_timeout=2.0, open_timeout=2.0, ba
 async def wait_for(predicate: Any, timeout: float) -> None:
     async with asyncio.timeout(timeout):
         while not await predicate():
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # poll
 
 
 async def venue_last_trade(sim: Simulator, symbol: str) -> int:
@@ -79,7 +81,8 @@ def ingest_settings(sim: Simulator, prefix: str, spill_dir: str, **kw: Any) -> I
 
 @pytest.mark.slow
 async def test_redis_down_10s_with_aof_loses_and_duplicates_nothing(tmp_path: Path) -> None:
-    """2k ticks/s; Redis (AOF on) stopped for 10 s and started again: the writer spills, then drains in order."""
+    """2k events/s; Redis (AOF on) stopped until the writer's memory (2000) is full and 10k more ticks wait in
+    the spill log (about 10 s of this feed), then started again: the writer drains memory and the log in order."""
     with start_redis(appendonly=True) as server:
         client = aioredis.Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=1)
         async with Simulator(SimulatorConfig(symbols=("BTCUSDT", "ETHUSDT"), rate=2000.0)) as sim:
@@ -94,10 +97,15 @@ async def test_redis_down_10s_with_aof_loses_and_duplicates_nothing(tmp_path: Pa
                 await wait_for(flowing, 20)
                 server.stop()
                 peak_buffered = 0
-                for _ in range(100):  # Redis is down for 10 s while the venue keeps trading
-                    await asyncio.sleep(0.1)
+
+                async def spilled_10k() -> bool:  # Redis stays down while the venue keeps trading
+                    nonlocal peak_buffered
                     assert ing.writer is not None
-                    peak_buffered = max(peak_buffered, ing.writer.stats().buffered)
+                    held = ing.writer.stats()
+                    peak_buffered = max(peak_buffered, held.buffered)
+                    return held.spilled >= 10_000
+
+                await wait_for(spilled_10k, 90)
                 restart(server, appendonly=True)
                 assert ing.writer is not None
                 stats = ing.writer.stats()
@@ -142,7 +150,13 @@ async def test_sigkill_and_restart_backfills_the_downtime(redis_url: str, aredis
         first.send_signal(signal.SIGKILL)
         await first.wait()
         before = await aredis.xlen(key)
-        await asyncio.sleep(2)  # the ingestor stays dead for 2 s while the venue trades on
+        top = await aredis.xrevrange(key, count=1)
+        stored_top = int(top[0][0].split(b"-")[1])
+
+        async def traded_on() -> bool:  # the ingestor stays dead while the venue makes 1000 more trades
+            return await venue_last_trade(sim, "BTCUSDT") >= stored_top + 1000
+
+        await wait_for(traded_on, 30)
         second = await _run_cli_ingest(sim, redis_url, prefix, tmp_path / "spill", tmp_path / "two.log")
         try:
             ids = await complete(aredis, key, sim, "BTCUSDT", timeout=30)
@@ -616,3 +630,76 @@ async def test_a_stop_during_an_outage_puts_memory_in_front_of_the_spill(tmp_pat
                         await task
         finally:
             await client.aclose()
+
+
+# -- a stop or a start meeting a Redis that takes part of what it is given ----------------------------------------
+def _trade(symbol: str, seq: int) -> Any:
+    return {"v": 1, "venue": "binance", "symbol": symbol, "channel": "trade", "seq": seq,
+            "ts_event": (1_700_000_000_000 + seq) * 1000, "ts_recv": (1_700_000_000_000 + seq) * 1000 + 5,
+            "trade_id": seq, "price": "1.5", "qty": "2", "side": "buy"}
+
+
+async def _refuse_one_stream(redis: aioredis.Redis, prefix: str, symbol: str) -> None:
+    """A key of another type at ``symbol``'s trade stream and at the dead-letter stream: Redis stores the other
+    streams and refuses this one's ticks for as long as the keys stay (they can go to neither place)."""
+    await redis.set(f"{prefix}:binance:{symbol}:trade", b"not a stream")
+    await redis.set(f"{prefix}:deadletter", b"not a stream either")
+
+
+async def test_a_stop_saves_to_the_spill_log_only_what_redis_did_not_take(
+    aredis: aioredis.Redis, prefix: str, tmp_path: Path
+) -> None:
+    """Redis stores BTCUSDT and refuses ETHUSDT (a key of another type there, and at the dead-letter stream):
+    the stop's flush counts BTCUSDT as stored and puts only ETHUSDT's ticks in the spill log."""
+    await _refuse_one_stream(aredis, prefix, "ETHUSDT")
+    ing = Ingestor(IngestSettings(url="ws://127.0.0.1:1", prefix=prefix, spill_dir=str(tmp_path / "spill")))
+    spill = SpillLog(tmp_path / "spill")
+    ing.writer = StreamWriter(aredis, prefix=prefix, spill=spill)
+    ticks = [_trade(sym, seq) for seq in range(1, 51) for sym in ("BTCUSDT", "ETHUSDT")]
+    assert ing.writer.submit(ticks)
+    try:
+        report = await ing._flush_on_exit()
+        assert (report.to_redis, report.to_spill, report.unsaved) == (50, 50, 0), report
+        assert "Redis: dead-letter stream" in report.error and "WRONGTYPE" in report.error, report
+        saved = [orjson.loads(raw) for raw in spill.scan()]
+    finally:
+        spill.close()
+    assert [(t["symbol"], t["seq"]) for t in saved] == [("ETHUSDT", s) for s in range(1, 51)]
+    stored = [orjson.loads(f[b"d"])["seq"] for _, f in await aredis.xrange(f"{prefix}:binance:BTCUSDT:trade")]
+    assert stored == list(range(1, 51))
+
+
+async def test_a_start_puts_in_front_of_the_spill_log_only_the_repairs_redis_did_not_take(
+    aredis: aioredis.Redis, prefix: str, tmp_path: Path
+) -> None:
+    """Redis holds ids up to 5 of two streams and the spill log 10 on: the start fills 6..9 of each (marked:
+    repair is off) before the log drains.  Redis takes BTCUSDT's and refuses ETHUSDT's: only ETHUSDT's goes to
+    a front segment of the log, ahead of its records."""
+    await _refuse_one_stream(aredis, prefix, "ETHUSDT")
+    pipe = aredis.pipeline(transaction=False)
+    for seq in range(1, 6):
+        t = _trade("BTCUSDT", seq)
+        pipe.xadd(f"{prefix}:binance:BTCUSDT:trade", {"d": orjson.dumps(t)}, id=f"{t['ts_event'] // 1000}-{seq}")
+    await pipe.execute()
+    spill = SpillLog(tmp_path / "spill")
+    spill.append([orjson.dumps(_trade(sym, 10)) for sym in ("BTCUSDT", "ETHUSDT")])
+    stored = {("binance", "BTCUSDT", "trade"): 5, ("binance", "ETHUSDT", "trade"): 5}
+    ing = Ingestor(IngestSettings(url="ws://127.0.0.1:1", prefix=prefix, spill_dir=str(tmp_path / "spill"),
+                                  repair=RepairSettings(enabled=False)))
+    ing._spill_holes = plan_spill_recovery(stored, [(seg, orjson.loads(raw)) for seg, raw in spill.scan_segments()])[1]
+    assert len(ing._spill_holes) == 2
+    ing.writer = StreamWriter(aredis, prefix=prefix, spill=spill)
+    ing.repairer = GapRepairer(None, ing.ingress, ing.sequencer, RepairSettings(enabled=False))
+    try:
+        async with asyncio.timeout(30):
+            await ing._fill_spill_holes()
+        assert ing._start_pending == []
+        in_log = [orjson.loads(raw) for raw in spill.scan()]
+    finally:
+        spill.close()
+    marker = in_log[0]
+    assert is_gap_marker(marker) and marker["symbol"] == "ETHUSDT", in_log
+    assert (marker["gap_first"], marker["gap_last"]) == (6, 9)
+    assert [(t["symbol"], t["seq"]) for t in in_log[1:]] == [("BTCUSDT", 10), ("ETHUSDT", 10)], "nothing else added"
+    top = orjson.loads((await aredis.xrevrange(f"{prefix}:binance:BTCUSDT:trade", count=1))[0][1][b"d"])
+    assert is_gap_marker(top) and (top["gap_first"], top["gap_last"]) == (6, 9), "BTCUSDT's went to Redis"

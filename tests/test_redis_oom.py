@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -43,13 +43,20 @@ from distributor.writer import (
     settle,
 )
 from ingestor.config import IngestSettings
-from ingestor.heartbeat import HeartbeatState, Identity, build_heartbeat, heartbeat_loop
+from ingestor.heartbeat import (
+    HeartbeatState,
+    Identity,
+    build_heartbeat,
+    heartbeat_key,
+    heartbeat_loop,
+    heartbeat_set_key,
+)
 from ingestor.metrics import IngestorCollector
 from ingestor.service import Ingestor
 from ingestor.session import SessionSettings
 from ops.redis_server import RedisServer
 from ops.simulator import Simulator, SimulatorConfig
-from ops.status import Level, collect, evaluate
+from ops.status import Level, collect, dead_key, evaluate
 
 UNIT = 1.0  # seconds; every wait below is a small multiple of it
 T0_MS = 1_700_000_000_000
@@ -96,7 +103,17 @@ async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -
     try:
         async with asyncio.timeout(timeout):
             while not condition():
-                await asyncio.sleep(UNIT / 100)
+                await asyncio.sleep(UNIT / 100)  # poll
+    except TimeoutError:
+        pytest.fail(f"{what}: not within {timeout} s")
+
+
+async def wait_until_async(condition: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    """Poll ``condition`` (a read of Redis) until it holds; fail naming ``what`` after ``timeout``."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not await condition():
+                await asyncio.sleep(UNIT / 20)  # poll
     except TimeoutError:
         pytest.fail(f"{what}: not within {timeout} s")
 
@@ -110,14 +127,18 @@ def interleaved(first: int, last: int, symbols: tuple[str, ...]) -> list[Tick]:
     return [make_tick(s, T0_MS + s, sym) for s in range(first, last + 1) for sym in symbols]
 
 
-def heartbeat_of(writer: StreamWriter, now: float, state: HeartbeatState) -> dict[str, Any]:
-    """The heartbeat of an ingestor whose only running part is ``writer``."""
-    ing = SimpleNamespace(
+def heartbeat_of_ingestor(writer: StreamWriter) -> Any:
+    """An ingestor whose only running part is ``writer``, as the heartbeat reads it."""
+    return SimpleNamespace(
         settings=IngestSettings(url="ws://127.0.0.1:1", redis_url="redis://127.0.0.1:1/0", prefix="oom"),
         sessions=[], ingress=IngressQueue(100, Policy.BLOCK), writer=writer, hotpath=None, sequencer=None,
         repairer=None, _handlers=[],
     )
-    return build_heartbeat(ing, now, state=state)  # type: ignore[arg-type]
+
+
+def heartbeat_of(writer: StreamWriter, now: float, state: HeartbeatState) -> dict[str, Any]:
+    """The heartbeat of an ingestor whose only running part is ``writer``."""
+    return build_heartbeat(heartbeat_of_ingestor(writer), now, state=state)
 
 
 def samples(metrics: list[Metric], name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -264,9 +285,17 @@ async def test_oom_refuses_everything_then_each_tick_is_stored_once_in_order(
     before, during, after = interleaved(1, 50, SYMBOLS), interleaved(51, 250, SYMBOLS), interleaved(251, 300, SYMBOLS)
     keys = [key_of("oom", t) for t in before[: len(SYMBOLS)]]
     state = HeartbeatState(Identity(host="h", pid=1, start_id="oom", started_at=time.time()))
+    # The ingestor's heartbeat goes to the same Redis, as with one Redis for everything; and an id whose
+    # heartbeat expired before the memory ran out, so the status must note its death under OOM.
+    beating = HeartbeatState(Identity(host="h", pid=1, start_id="beat", started_at=time.time()))
+    await client.sadd(heartbeat_set_key("oom"), "h-2-gone")
     try:
         async with asyncio.TaskGroup() as tg:
             task = tg.create_task(writer.run())
+            beat = tg.create_task(heartbeat_loop(
+                heartbeat_of_ingestor(writer), client, prefix="oom", interval=0.1, ttl=1.0,
+                state=beating,
+            ))
             assert writer.submit(before)
             async with asyncio.timeout(5 * UNIT):
                 await writer.drain()
@@ -275,6 +304,20 @@ async def test_oom_refuses_everything_then_each_tick_is_stored_once_in_order(
             for i in range(0, len(during), 30):
                 assert writer.submit(during[i:i + 30])
             await wait_until(lambda: writer.failing == "oom" and writer.errors >= 2, 5 * UNIT, "OOM seen")
+
+            async def beat_stored_under_oom() -> bool:
+                raw = await client.get(heartbeat_key("oom", beating.identity.id))
+                return raw is not None and orjson.loads(raw)["writer"]["oom"] is True
+
+            await wait_until_async(beat_stored_under_oom, 5 * UNIT, "a heartbeat stored while Redis is out of memory")
+            async with asyncio.timeout(5 * UNIT):
+                report = evaluate(*(await collect(client, "oom")), time.time())
+            assert report.stage("redis").level is Level.FAIL, report.stage("redis")
+            assert report.stage("redis").cause.startswith(OOM_TEXT), report.stage("redis")
+            assert report.stage("ingestor").reason == (
+                "ingestor FAIL: ingestor h-2-gone stopped reporting (heartbeat expired); 1 other(s) reporting"
+            ), "the live one reports; the dead one is named, its time of death not recorded under OOM"
+            assert not await client.hexists(dead_key("oom"), "h-2-gone")
             stored = writer.appended
             lengths = [await client.xlen(k) for k in keys]
             errors = writer.errors
@@ -309,6 +352,7 @@ async def test_oom_refuses_everything_then_each_tick_is_stored_once_in_order(
             async with asyncio.timeout(10 * UNIT):
                 await writer.drain()
             task.cancel()
+            beat.cancel()
 
         everything = before + during + after
         for key in keys:
@@ -451,17 +495,15 @@ def task_stacks() -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-async def test_drill_redis_at_maxmemory_under_load(
-    private_redis: RedisServer, aredis: aioredis.Redis, prefix: str, tmp_path: Path
-) -> None:
+async def test_drill_redis_at_maxmemory_under_load(private_redis: RedisServer, prefix: str, tmp_path: Path) -> None:
     """~10k trades/s; Redis (noeviction) set below what it uses for DRILL_S seconds, then lifted.
 
     While it lasts the refusal shows in the metrics (market_redis_oom 1, market_redis_up 1) and in
     ``market status`` (redis FAIL, out of memory), and nothing is acknowledged as stored; afterwards
-    every venue trade id is in Redis exactly once, in order, with no hole and no gap marker.  The
-    writer's Redis is a private server; the heartbeats go to the shared one (as when heartbeats and
-    streams live on different servers), so the status can be read while the writer's Redis refuses
-    every write.  Every wait is bounded and names what it waited for.
+    every venue trade id is in Redis exactly once, in order, with no hole and no gap marker.  One
+    private server holds everything, the streams and the heartbeats, as in a deployment with one Redis:
+    the heartbeat's writes are flagged to pass the limit, so the status read from that Redis says out of
+    memory rather than "ingestor stopped reporting".  Every wait is bounded and names what it waited for.
     """
     symbols = ("BTCUSDT", "ETHUSDT")
     # Generous client timeouts: on a loaded machine a slow reply must not pass for an unreachable Redis.
@@ -469,10 +511,10 @@ async def test_drill_redis_at_maxmemory_under_load(
     figures: dict[str, Any] = {}
     phase = "starting"
 
-    async def status_redis() -> Any:
+    async def status() -> Any:
         async with asyncio.timeout(10):
-            heartbeats, groups = await collect(aredis, prefix)
-        return evaluate(heartbeats, groups, time.time()).stage("redis")
+            heartbeats, groups = await collect(client, prefix)
+        return evaluate(heartbeats, groups, time.time())
 
     async with Simulator(SimulatorConfig(symbols=symbols, rate=DRILL_RATE)) as sim:
         settings = IngestSettings(
@@ -482,7 +524,7 @@ async def test_drill_redis_at_maxmemory_under_load(
         ing = Ingestor(settings, redis=client)
         tasks = [
             asyncio.create_task(ing.run(), name="ingestor"),
-            asyncio.create_task(heartbeat_loop(ing, aredis, prefix=prefix, interval=0.2, ttl=1.0), name="heartbeat"),
+            asyncio.create_task(heartbeat_loop(ing, client, prefix=prefix, interval=0.2, ttl=1.0), name="heartbeat"),
         ]
 
         def check() -> None:
@@ -495,7 +537,7 @@ async def test_drill_redis_at_maxmemory_under_load(
             async with asyncio.timeout(60):
                 while ing.writer is None or ing.writer.appended < 5_000:
                     check()
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.05)  # poll
             writer = ing.writer
             trades_before = sum([await venue_last_trade(sim, sym) for sym in symbols])
             phase = "Redis at its limit, the refusal seen"
@@ -505,7 +547,7 @@ async def test_drill_redis_at_maxmemory_under_load(
             async with asyncio.timeout(10):
                 while writer.failing != "oom":
                     check()
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.05)  # poll
             figures["detected_after_s"] = round(time.monotonic() - began, 2)
             stored_at_refusal = writer.appended
             seen_in_status = seen_in_metrics = False
@@ -521,12 +563,15 @@ async def test_drill_redis_at_maxmemory_under_load(
                 oom, up = samples(metrics, "market_redis_oom"), samples(metrics, "market_redis_up")
                 if oom == {(): 1.0} and up == {(): 1.0}:
                     seen_in_metrics = True
-                stage = await status_redis()
-                if stage.level is Level.FAIL and stage.cause.startswith(OOM_TEXT):
+                report = await status()
+                stage = report.stage("redis")
+                # Read from the Redis that is out of memory: the ingestor still reports, and says why.
+                if (report.stage("ingestor").level is Level.OK and stage.level is Level.FAIL
+                        and stage.cause.startswith(OOM_TEXT)):
                     seen_in_status = True
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2)  # poll
             assert seen_in_metrics, "market_redis_oom 1 while Redis refused"
-            assert seen_in_status, "market status: redis FAIL, out of memory, while Redis refused"
+            assert seen_in_status, "market status, read from that Redis: ingestor OK, redis FAIL out of memory"
             held = writer.stats()
             figures.update(held_at_lift=held.buffered + held.spilled, spilled_at_lift=held.spilled,
                            peak_held=peak_held, rejected=dict(held.rejected_by_reason), errors=held.errors)
@@ -548,7 +593,7 @@ async def test_drill_redis_at_maxmemory_under_load(
                         top = await client.xrevrange(key, count=1)
                         if top and int(top[0][0].split(b"-")[1]) >= target:
                             break
-                        await asyncio.sleep(0.1)
+                        await asyncio.sleep(0.1)  # poll
                     ticks = [orjson.loads(f[b"d"]) for _, f in await client.xrange(key)]
                 assert not [t for t in ticks if is_gap_marker(t)], "no hole, marked or not"
                 ids[sym] = [t["trade_id"] for t in ticks]
@@ -559,9 +604,9 @@ async def test_drill_redis_at_maxmemory_under_load(
             figures["duplicates"] = writer.duplicates
             phase = "market status no longer failing on redis"
             async with asyncio.timeout(20):
-                while (await status_redis()).level is Level.FAIL:
+                while (await status()).stage("redis").level is Level.FAIL:
                     check()
-                    await asyncio.sleep(0.2)
+                    await asyncio.sleep(0.2)  # poll
         except TimeoutError:
             pytest.fail(f"{phase}: not within its bound\n{task_stacks()}")
         finally:

@@ -407,7 +407,7 @@ async def test_follow_from_now_from_a_time_and_across_keys(rc: aioredis.Redis, p
     # The live tail has resolved "$" once it issued its first XREAD.
     async with asyncio.timeout(5 * UNIT):
         while reads < 3:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # poll
     await add(rc, btc, [(BASE_MS + 11, 11)])
     await add(rc, eth, [(BASE_MS + 12, 2)])
     await add(rc, btc, [(BASE_MS + 13, 12)])

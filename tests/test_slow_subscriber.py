@@ -52,7 +52,7 @@ async def until(condition: Callable[[], bool], timeout: float = UNIT) -> None:
     """Let other tasks run until ``condition()`` holds; fail after ``timeout``."""
     async with asyncio.timeout(timeout):
         while not condition():
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # poll
 
 
 class Ticker:
@@ -87,7 +87,7 @@ class SlowSync:
     def __call__(self, t: Tick) -> None:
         on_loop = threading.current_thread() is threading.main_thread()
         self.calls.append((t["seq"], self.ticker.n, len(self.fast.seqs), on_loop))
-        time.sleep(0.001)
+        time.sleep(0.001)  # slow handler
 
 
 def thread_ended(sub: Subscription) -> Callable[[], bool]:
@@ -114,7 +114,7 @@ class Venue:
                 if due > self.sent:
                     self.sock.sendall(b"".join(b"%d\n" % s for s in range(self.sent + 1, due + 1)))
                     self.sent = due
-                time.sleep(0.0005)  # the pace of the feed, not a wait for anything
+                time.sleep(0.0005)  # pace: the feed's, not a wait for anything
 
 
 async def read_feed(sock: socket.socket, ingress: IngressQueue[Tick], total: int) -> None:
@@ -491,7 +491,7 @@ async def test_the_slowest_is_named_by_its_own_time_not_by_its_lag() -> None:
     waiting = hot.subscribe(Fast(), "sim:*:*", name="waited", max_lag=512)
 
     def slow(t: Tick) -> None:
-        time.sleep(0.002)
+        time.sleep(0.002)  # slow handler
 
     worker = hot.subscribe(slow, "sim:*:*", name="worked", execution="thread", max_lag=512)
     async with asyncio.TaskGroup() as tg:

@@ -253,6 +253,31 @@ def test_redis_out_of_memory_is_fail_while_it_lasts() -> None:
     )
 
 
+def test_a_full_spill_log_is_fail_and_leaves_it_to_the_ingress() -> None:
+    reason = "spill log reached its cap of 1048576 bytes"
+    doc = writer_now(connected=False, failing="unreachable", buffered=5000, spilled=3400, spill_full=True,
+                     spill_full_reason=reason, spill_full_events=1, spill_refused=12)
+    stage = judge(doc).stage("redis")
+    assert stage.reason == (
+        f"redis FAIL: spill log full ({reason}), the ingress decides; 5000 buffered, 3400 ticks spilled to disk; "
+        "Redis unreachable; Redis at redis://redis:6379/0"
+    )
+    # It wins over what keeps Redis from taking the ticks: that is named after it.
+    oom = judge(writer_now(failing="oom", oom=True, spill_full=True, spill_full_reason="disk full: No space left"))
+    assert oom.stage("redis").cause.startswith("spill log full (disk full: No space left), the ingress decides; ")
+    assert "Redis refuses writes (oom)" in oom.stage("redis").cause
+    # Room again: the stage goes back to what the writer does.
+    assert judge(writer_now(spilled=3400, spill_full=False, spill_full_events=1)).stage("redis").level is Level.WARN
+
+
+def test_an_ingestor_whose_death_redis_could_not_date_is_still_dead() -> None:
+    """Redis out of memory refuses to record when a reader first found the heartbeat expired."""
+    report = judge(healthy(), {"id": "host-9-dead", "alive": False, "dead_for_s": None})
+    assert report.stage("ingestor").reason == (
+        "ingestor FAIL: ingestor host-9-dead stopped reporting (heartbeat expired); 1 other(s) reporting"
+    )
+
+
 def test_other_refusals_name_their_class() -> None:
     stage = judge(writer_now(failing="readonly", failing_for_s=3.0, buffered=500)).stage("redis")
     assert stage.reason == (
@@ -377,20 +402,31 @@ def test_exports() -> None:
 
 
 # ================================================================================================ I/O: collect
+async def server_time(redis: aioredis.Redis) -> float:
+    sec, usec = await redis.time()
+    return float(sec) + usec / 1e6
+
+
 async def test_collect_reads_heartbeats_and_prunes_the_long_dead(aredis: aioredis.Redis, prefix: str) -> None:
     members = heartbeat_set_key(prefix)
     await aredis.set(heartbeat_key(prefix, "live-1-a"), orjson.dumps(healthy(id="live-1-a")), px=5000)
     await aredis.set(heartbeat_key(prefix, "bad-1-b"), b"{not json", px=5000)
     await aredis.sadd(members, "live-1-a", "bad-1-b", "dead-1-c")
+    before = await server_time(aredis)
     heartbeats, groups = await collect(aredis, prefix)
+    after = await server_time(aredis)
     by_id = {h["id"]: h for h in heartbeats}
     assert by_id["live-1-a"]["alive"] is True and by_id["live-1-a"]["ingress"]["capacity"] == 1000
     assert by_id["bad-1-b"]["error"].startswith("not JSON")
-    assert by_id["dead-1-c"]["alive"] is False and by_id["dead-1-c"]["dead_for_s"] < 5
+    assert by_id["dead-1-c"]["alive"] is False and by_id["dead-1-c"]["dead_for_s"] == 0.0, "first found dead now"
     assert groups == []
-    assert await aredis.hexists(dead_key(prefix), "dead-1-c")
-    # Still reported dead on the next look; forgotten once dead for longer than prune_after.
-    assert any(h.get("alive") is False for h in await read_heartbeats(aredis, prefix))
+    first_seen = float(await aredis.hget(dead_key(prefix), "dead-1-c"))
+    assert before <= first_seen <= after, "the time this read first found it dead, by the server's clock"
+    # Still reported dead on the next look, counted from that first time; forgotten once dead for longer
+    # than prune_after.
+    again = {h["id"]: h for h in await read_heartbeats(aredis, prefix)}
+    assert again["dead-1-c"]["alive"] is False
+    assert await aredis.hget(dead_key(prefix), "dead-1-c") == repr(first_seen).encode(), "not reset by a later look"
     assert all(h.get("alive") is not False for h in await read_heartbeats(aredis, prefix, prune_after=-1))
     assert not await aredis.sismember(members, "dead-1-c") and not await aredis.hexists(dead_key(prefix), "dead-1-c")
 
@@ -466,7 +502,7 @@ async def wait_status(redis: aioredis.Redis, prefix: str, check: Callable[[Statu
                 last = evaluate(heartbeats, groups, time.time())
                 if check(last):
                     return last
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # poll
     except TimeoutError:
         shown = render(last) if last is not None else "(nothing read)"
         pytest.fail(f"{what}: not seen within {timeout} s; last status:\n{shown}")
@@ -525,7 +561,7 @@ async def test_drill_redis_down_for_the_writer(aredis: aioredis.Redis, prefix: s
 
 
 async def slow_handler(tick: Any) -> None:
-    await asyncio.sleep(0.02)  # a subscriber that takes 20 ms per tick
+    await asyncio.sleep(0.02)  # slow handler: a subscriber that takes 20 ms per tick
 
 
 async def test_drill_slow_subscriber_drops(aredis: aioredis.Redis, prefix: str) -> None:

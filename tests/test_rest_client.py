@@ -20,7 +20,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
-import psutil
 import pytest
 import redis.asyncio as aioredis
 
@@ -575,12 +574,11 @@ async def test_drill_a_trickling_rest_does_not_stall_the_stream(
                 while not await aredis.xlen(key):
                     assert child.returncode is None, log_path.read_text()[-2000:]
                     await asyncio.sleep(0.05)  # poll
-            proc = psutil.Process(child.pid)
-            rss_start = proc.memory_info().rss
+            rss_start = rss(child.pid)
             first = sim.market.history(SYMBOL).trade_id_range[1]
             await asyncio.sleep(30.0)  # the window: the venue's pace sets it, no condition ends it
             end = sim.market.history(SYMBOL).trade_id_range[1]
-            rss_end = proc.memory_info().rss
+            rss_end = rss(child.pid)
             stored = await stored_ids(aredis, key, first, end)
             fraction = len(stored) / (end - first)
             print(f"drill: {len(stored)} of {end - first} trades stored by the window's end ({fraction:.1%}); "
@@ -605,6 +603,12 @@ async def test_drill_a_trickling_rest_does_not_stall_the_stream(
     assert "Traceback" not in log, log[-3000:]
     assert '"level":"error"' not in log, log[-3000:]
     assert rss_end - rss_start < 64 * 2**20
+
+
+def rss(pid: int) -> int:
+    """The resident set size of process ``pid`` in bytes, from ``/proc`` (Linux)."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 async def stored_ids(

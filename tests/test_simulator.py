@@ -951,7 +951,11 @@ async def raw_get(url: str) -> bytes:
 async def test_rest_faults_through_the_control_endpoint(sims: Callable[..., Awaitable[Simulator]]) -> None:
     sim = await sims(rate=2000.0)
     base, path = sim.rest_url, "/api/v3/historicalTrades?symbol=BTCUSDT&limit=5"
-    await wait_until(lambda: sim.stats().ticks_generated["trade"] >= 5)
+    def btc_trades() -> int:
+        first, after = sim.market.history("BTCUSDT").trade_id_range
+        return after - first
+
+    await wait_until(lambda: btc_trades() >= 5)  # the page asked for below is full
     schedule = "400,418,429:30,503,close"
     status, state = await http_get(f"{base}/control/rest_faults?path=historicalTrades&schedule={schedule}")
     assert status == 200

@@ -215,6 +215,8 @@ def group_behind_trim(last_delivered: IdT, lag: int | None, view: StreamView) ->
         return True
     if first <= last_delivered:
         return False  # trimming removes the oldest first: all after the position is still there
+    if view.deleted is False:
+        return False  # nothing was ever removed: a stream whose first seq is not 1 has skipped nothing
     if lag is not None:
         return lag > view.length
     return first[1] > last_delivered[1] + 1

@@ -336,6 +336,13 @@ def test_group_behind_trim() -> None:
     assert group_behind_trim(pos, 0, view(first=None, length=0))  # emptied after the position
     assert group_behind_trim(pos, 5, view(max_deleted=(12, 12)))  # an unread entry deleted
     assert not group_behind_trim(pos, 5, view(max_deleted=(8, 8)))
+    # a group made at 0 on a stream that starts at a venue id far from 1 and never lost an entry: nothing skipped,
+    # whether or not Redis gives a lag for it
+    venue_first = (1_796_541_406_533, 7_618_199)
+    fresh = view(first=venue_first, last=(1_796_541_406_999, 7_618_299), length=101, added=101)
+    assert not group_behind_trim((0, 0), None, fresh)
+    assert not group_behind_trim((0, 0), 101, fresh)
+    assert group_behind_trim((0, 0), None, view(first=venue_first, length=101, added=150))  # 49 trimmed unread
 
 
 def test_lag_estimate() -> None:

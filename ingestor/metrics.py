@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from consumer_sdk.errors import ConfigError
 from consumer_sdk.latency import LatencyHistogram
 from distributor.writer import REJECTION_REASONS
+from ingestor.rest import REFUSAL_KINDS
 
 if TYPE_CHECKING:
     from ingestor.service import Ingestor
@@ -223,6 +224,30 @@ class IngestorCollector(Collector):
             repaired.add_metric([venue, channel], fixed.get(channel, 0))
         yield unrepaired
         yield repaired
+        if rep is not None:
+            rs = rep.stats()
+            refused = CounterMetricFamily(
+                "market_repair_refused", "REST requests and answers gap repair gave up on, by kind",
+                labels=["venue", "kind"],
+            )
+            for kind in REFUSAL_KINDS:
+                refused.add_metric([venue, kind], rs.refused.get(kind, 0))
+            yield refused
+            per_venue = (
+                ("market_repair_hold_expired", "Repairs ended by [repair] hold_s (rest marked, held ticks released)",
+                 rs.hold_expired, CounterMetricFamily),
+                ("market_repair_circuit_opened", "Times the REST circuit breaker opened", rs.breaker_opened,
+                 CounterMetricFamily),
+                ("market_repair_skipped", "Gaps marked at once because the REST circuit breaker was open",
+                 rs.breaker_skipped, CounterMetricFamily),
+                ("market_repair_circuit_open", "1 while the REST circuit breaker is open (gaps marked, not fetched)",
+                 1 if rs.breaker == "open" else 0, GaugeMetricFamily),
+                ("market_repair_held_ticks", "Live ticks held behind a repair now", rs.held_ticks, GaugeMetricFamily),
+            )
+            for name, doc, value, family in per_venue:
+                metric = family(name, doc, labels=["venue"])
+                metric.add_metric([venue], value)
+                yield metric
 
         if writer is not None:
             ws = writer.stats()

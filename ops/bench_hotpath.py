@@ -350,7 +350,7 @@ async def _run_hot(
             if writer is not None:
                 stored = writer
                 drained = drained and await _poll(
-                    lambda: stored.appended + stored.duplicates + stored.rejected >= sent, DRAIN_TIMEOUT_S
+                    lambda: stored.appended + stored.duplicates + stored.dead_lettered >= sent, DRAIN_TIMEOUT_S
                 )
             cpu_s = time.process_time() - cpu0
             wall_s = time.monotonic() - wall0

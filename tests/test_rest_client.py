@@ -576,7 +576,7 @@ async def test_drill_a_trickling_rest_does_not_stall_the_stream(
                     await asyncio.sleep(0.05)  # poll
             rss_start = rss(child.pid)
             first = sim.market.history(SYMBOL).trade_id_range[1]
-            await asyncio.sleep(30.0)  # the window: the venue's pace sets it, no condition ends it
+            await asyncio.sleep(30.0)  # pace: the window is 30 s of the venue's trading, no condition ends it
             end = sim.market.history(SYMBOL).trade_id_range[1]
             rss_end = rss(child.pid)
             stored = await stored_ids(aredis, key, first, end)

@@ -1102,11 +1102,15 @@ class Consumer:
             if verdict == "shared":
                 state.tracker.fill(first, last)
                 continue
+            if verdict == "trimmed":
+                # told once, as trimmed history (here, or by the claim that found the deleted entry), never also as
+                # a venue gap
+                if not any(lo < d < hi for d in batch.deleted):
+                    self._report_trimmed(
+                        state, fmt_id(id_after(id_tuple(before))), id_str(after), marker=("hole", after)
+                    )
+                continue
             reports[index] = (first, last)
-            if verdict == "trimmed" and not any(lo < d < hi for d in batch.deleted):
-                self._report_trimmed(
-                    state, fmt_id(id_after(id_tuple(before))), id_str(after), marker=("hole", after)
-                )
         batch.reports = reports
 
     def _report_trimmed(self, state: _KeyState, first_missing: str, available: str | None, *, marker: Any) -> None:

@@ -267,7 +267,7 @@ class Soak:
         base_env = {**os.environ, "MARKET_REDIS_URL": redis_url, "MARKET_PREFIX": self.prefix,
                     "PYTHONUNBUFFERED": "1"}
         sim = _Proc("simulator", [py, "-m", "ops.soak", "simulator", str(self.sim_port), ",".join(cfg.symbols),
-                                  str(cfg.rate), str(cfg.seed), str(2 * max_age)], base_env,
+                                  str(cfg.rate), str(cfg.seed), str(max_age)], base_env,
                     self.out / "logs" / "simulator.log")
         self.procs["simulator"] = sim
         await sim.start()
@@ -286,8 +286,8 @@ class Soak:
             self.venue_proxies.append(proxy)
             conf = self.out / f"ingestor-{i}.toml"
             spill_cap = "\n[spill]\nmax_mb = 1\n[writer]\ncapacity = 5000\n" if i == 1 else ""
-            # ingestor-0 rotates before the venue's age limit; ingestor-1 outlives it and meets serverShutdown
-            age = max_age if i == 0 else 4 * max_age
+            # ingestor-0 rotates at half the venue's age limit; ingestor-1 outlives it and meets serverShutdown
+            age = max_age / 2 if i == 0 else 4 * max_age
             conf.write_text(
                 f"[session]\nping_interval = 5.0\nping_timeout = 5.0\nstall_timeout = 10.0\nopen_timeout = 5.0\n"
                 f"backoff_cap = 5.0\nhealthy_after = 5.0\nmax_age = {age}\n"

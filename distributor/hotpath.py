@@ -1156,9 +1156,10 @@ class HotPath:
             if sub._hold is not None:
                 ticks, sids, tstamps = sub._hold
                 for i in range(0, len(ticks), self.max_chunk):
-                    j = i + self.max_chunk
-                    sub._taken += len(ticks[i:j])  # a hold holds only ticks it wants
-                    await self._deliver_async(sub, ticks[i:j], sids[i:j], tstamps[i:j])
+                    chunk = ticks[i : i + self.max_chunk]
+                    j = i + len(chunk)
+                    sub._taken += len(chunk)  # a hold holds only ticks it wants
+                    await self._deliver_async(sub, chunk, sids[i:j], tstamps[i:j])
                     if sub.removed is not None:
                         return
                 self._finish_hold(sub)

@@ -58,12 +58,17 @@ its size: about 1 µs per chunk and subscriber on the 2-core development machine
 per-tick mean of a chunk and a recent per-tick mean (EWMA over about 8 chunks) are kept per subscriber.
 An inline handler's chunk *overruns* when it held the loop longer than both ``handler_budget_us`` per
 tick and :data:`MIN_OVERRUN_US` (wall time: a handler that blocks on a sleep or on I/O overruns as
-surely as one that computes).  After an overrun its chunks are cut to :data:`PROBATION_CHUNK` calls; at
-its :data:`OFFLOAD_AFTER`-th overrun within :data:`OFFLOAD_WINDOW` of its chunks it is moved, for good,
-to a thread of its own (logged ``subscriber_offloaded``).  So a slow handler holds the publisher, the
-writer, the socket reader and the other subscribers once, for at most ``max_chunk + (OFFLOAD_AFTER - 1)
-* PROBATION_CHUNK`` of its calls (a 1 ms handler fed a steady 2k ticks/s is moved after about 35 calls:
-its chunks start small), and never again; a trivial inline handler pays no thread hop.  Wall time also
+surely as one that computes).  A new inline subscriber's first chunk is *one call*: within budget, its
+chunks are ``max_chunk`` from then on; over it, :func:`probation_chunk` calls (enough to overrun), so a
+handler slow from its first call holds the loop for one call, not for a full chunk.  After an overrun its
+chunks are cut to
+:func:`probation_chunk` calls (enough to overrun once more if it is still that slow, at most
+:data:`PROBATION_CHUNK`: one call for a 1 ms handler); at its :data:`OFFLOAD_AFTER`-th overrun within
+:data:`OFFLOAD_WINDOW` of its chunks it is moved, for good, to a thread of its own (logged
+``subscriber_offloaded``).  So a slow handler holds the publisher, the writer, the socket reader and the
+other subscribers once, for at most ``max_chunk + (OFFLOAD_AFTER - 1) * PROBATION_CHUNK`` of its calls (a
+1 ms handler is moved after its first :data:`OFFLOAD_AFTER` calls, each holding the loop once for 1 ms),
+and never again; a trivial inline handler pays no thread hop.  Wall time also
 counts what was not the handler's doing (the machine preempting the loop's thread, another thread
 holding the GIL): that is why one overrun, or a few spread out, move nothing.  A handler that blocks
 only now and then (one chunk in five) stays inline, its overruns counted and logged
@@ -150,6 +155,7 @@ __all__ = [
     "SubscriptionStats",
     "offload_due",
     "overran",
+    "probation_chunk",
 ]
 
 DEFAULT_CAPACITY: Final = 65536
@@ -169,7 +175,7 @@ OFFLOAD_AFTER: Final = 4
 #: ... within this many of its chunks
 OFFLOAD_WINDOW: Final = 8
 #: after an overrun, an inline handler's chunks hold at most this many calls until it is moved, or has
-#: gone OFFLOAD_WINDOW chunks without overrunning
+#: gone OFFLOAD_WINDOW chunks without overrunning (fewer when its calls are slow: see :func:`probation_chunk`)
 PROBATION_CHUNK: Final = 16
 #: chunks handed to a thread subscriber and not yet handled: one in its handler, one waiting
 HANDOFF_CHUNKS: Final = 2
@@ -373,7 +379,9 @@ class Subscription:
         self.budget_us = budget_us
         self._budget_ns = int(budget_us * 1000)
         self._worker: _Worker | None = None
-        self._chunk_limit = hot.max_chunk  # PROBATION_CHUNK after an overrun (inline)
+        # Inline: 1 call at first, then max_chunk if that was within budget (a slow handler is found on one
+        # call, not on a full chunk), else probation_chunk() of them, as after an overrun.
+        self._chunk_limit = 1 if execution is Execution.INLINE else hot.max_chunk
         # Routing, written by the publisher when a stream first appears: 1/0 per stream id,
         # the ids it matches (list and set), and whether it matches every stream known so far.
         self._match: list[int] = []
@@ -1096,6 +1104,11 @@ class HotPath:
                 sub._avg_tick_ns = per if chunks == 1 else sub._avg_tick_ns + ((per - sub._avg_tick_ns) >> 3)
                 if (ns > _MIN_OVERRUN_NS or sub._marks) and self._judge(sub, n, ns):
                     return
+                if sub._chunk_limit < self.max_chunk and not sub._marks:  # its first chunk: one call
+                    if per <= sub._budget_ns:
+                        sub._chunk_limit = self.max_chunk
+                        continue  # within budget: the rest of this turn's chunk at once, as it would have had
+                    sub._chunk_limit = probation_chunk(per, self.max_chunk)
             if sub.cursor != self._cursor:
                 await asyncio.sleep(0)  # more to read: let the others have their turn first
 
@@ -1113,7 +1126,7 @@ class HotPath:
         marks.append(sub._chunks)
         if len(marks) > OFFLOAD_AFTER:
             del marks[0]
-        sub._chunk_limit = min(self.max_chunk, PROBATION_CHUNK)
+        sub._chunk_limit = probation_chunk(ns // n, min(self.max_chunk, PROBATION_CHUNK))
         self._overrun_log.log(
             logging.WARNING, "subscriber_overran", subscriber=sub.name, calls=n, handler_us=round(ns / n / 1000, 1),
             budget_us=sub.budget_us, overruns=sub.overruns,
@@ -1491,6 +1504,16 @@ def overran(ns: int, calls: int, budget_ns: int) -> bool:
     longer than the budget times the calls, and than :data:`MIN_OVERRUN_US` (so a one-call chunk hit by a
     collection or a preemption is not taken for a slow handler)."""
     return ns > budget_ns * calls and ns > _MIN_OVERRUN_NS
+
+
+def probation_chunk(per_call_ns: int, cap: int) -> int:
+    """How many calls an inline handler's chunks hold after an overrun, given its latest per-call mean: enough
+    to pass :data:`MIN_OVERRUN_US` once more if it is still that slow (so the next chunk can overrun again and
+    a handler just over its budget is still caught), no more than ``cap``, at least 1.  A 1 ms handler gets
+    1-call chunks: it holds the loop 1 ms at a time until it is moved, not ``cap`` ms."""
+    if per_call_ns <= 0:
+        return cap
+    return max(1, min(cap, _MIN_OVERRUN_NS // per_call_ns + 1))
 
 
 def offload_due(overruns: Sequence[int], chunk: int) -> bool:

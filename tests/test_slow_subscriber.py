@@ -31,6 +31,7 @@ from distributor.hotpath import (
     Subscription,
     offload_due,
     overran,
+    probation_chunk,
 )
 from distributor.ingress import IngressQueue, Policy
 from distributor.service import Distributor
@@ -234,6 +235,42 @@ def test_offload_after_repeated_overruns_within_the_window() -> None:
     assert offload_due([1, 3, 5, 8], 8)  # every other chunk: chunks 1..8, within 8
     assert not offload_due([1, 3, 5, 9], 9)  # 9 chunks: overruns too rare
     assert not offload_due([1, 9, 10, 11], 11) and offload_due([1, 9, 10, 11, 12], 12)  # the last four count
+
+
+def test_probation_chunks_hold_the_loop_about_the_floor() -> None:
+    floor_ns = MIN_OVERRUN_US * 1000
+    assert probation_chunk(1_000_000, PROBATION_CHUNK) == 1  # a 1 ms handler: one call at a time
+    assert probation_chunk(floor_ns, PROBATION_CHUNK) == 2  # two calls pass the floor once more
+    assert probation_chunk(100_000, PROBATION_CHUNK) == 6  # 600 µs: over the floor, so it can overrun again
+    assert probation_chunk(60_000, PROBATION_CHUNK) == 9
+    assert probation_chunk(1_000, PROBATION_CHUNK) == PROBATION_CHUNK  # fast calls: the cap
+    assert probation_chunk(0, 5) == 5 and probation_chunk(-3, 5) == 5  # no measure: the cap
+    for per in (1, 999, 10_000, 60_000, 250_001, 10**9):
+        n = probation_chunk(per, PROBATION_CHUNK)
+        assert 1 <= n <= PROBATION_CHUNK
+        assert n == PROBATION_CHUNK or n * per > floor_ns  # enough calls to overrun again at that speed
+
+
+async def test_a_slow_inline_handler_holds_the_loop_one_call_at_a_time() -> None:
+    """Slow start: 500 ticks wait when it starts, yet its first chunk is one call; on probation a 1 ms
+    handler gets one-call chunks, so the loop runs between every two of its calls until it is moved."""
+    hot = HotPath(capacity=1024)
+    ticker = Ticker()
+    fast = Fast()
+    slow = SlowSync(ticker, fast)
+    sub = hot.subscribe(slow, "sim:*:*", max_lag=512)
+    assert hot.publish([tick(i) for i in range(1, 501)])
+    async with asyncio.TaskGroup() as tg:
+        runner = tg.create_task(ticker.run())
+        hot.start(tg)
+        await until(lambda: sub.execution is Execution.THREAD and len(slow.calls) > OFFLOAD_AFTER + 1, HANG)
+        hot.close()
+        runner.cancel()
+    on_loop = [c for c in slow.calls if c[3]]
+    assert len(on_loop) == OFFLOAD_AFTER  # moved at its OFFLOAD_AFTER-th one-call overrun
+    turns = [c[1] for c in on_loop]
+    assert all(b > a for a, b in zip(turns, turns[1:], strict=False)), f"the loop was held across calls: {turns}"
+    assert [c[0] for c in slow.calls[:OFFLOAD_AFTER]] == list(range(1, OFFLOAD_AFTER + 1))
 
 
 def test_execution_is_checked_at_subscribe() -> None:

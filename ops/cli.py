@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -450,6 +451,51 @@ def soak(
     report = run_async(run_soak(cfg))
     print(f"soak {'passed' if report['passed'] else 'FAILED'}: report in {out}/report.md", file=sys.stderr)
     raise typer.Exit(0 if report["passed"] else 1)
+
+
+# ----------------------------------------------------------------------------------------------
+@app.command()
+def verify(
+    keys: Annotated[
+        list[str] | None, typer.Argument(help="stream keys (default: every trade and agg_trade stream of --prefix)")
+    ] = None,
+    prefix: Annotated[str, typer.Option(help="key prefix whose streams are checked")] = "md",
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document instead of a table")] = False,
+) -> None:
+    """Check stored trade and agg_trade streams: every venue id once, in order, or inside a gap marker.
+
+    Works against any venue (the ids are the venue's own, numbered one by one): the check for a long run on
+    the real venue. Exit status 0 when every stream holds, 1 on a break or when no stream was found, 2 on bad input.
+    """
+    from ingestor.config import validate_prefix
+
+    validate_prefix(prefix)
+    for key in keys or ():
+        if _check_key(key) != prefix:
+            fail(f"{key} is not under --prefix {prefix}")
+    verdicts = run_async(_verify(_redis_url(), prefix, keys or []))
+    if as_json:
+        print(json.dumps({"prefix": prefix, "streams": [v.as_dict() for v in verdicts]}, indent=2))
+    else:
+        print(f"{'stream':<44} {'entries':>9} {'stored':>9} {'marked':>7} {'markers':>7} {'breaks':>6}")
+        for v in verdicts:
+            print(f"{v.key:<44} {v.entries:>9} {v.stored:>9} {v.marked:>7} {v.markers:>7} {v.breaks:>6}")
+            if v.first_break:
+                print(f"  first break: {v.first_break}")
+    if not verdicts:
+        print(f"no trade or agg_trade stream under prefix {prefix!r}", file=sys.stderr)
+    raise typer.Exit(0 if verdicts and not any(v.breaks for v in verdicts) else 1)
+
+
+async def _verify(url: str, prefix: str, keys: list[str]) -> list[Any]:
+    from ingestor.service import connect_redis
+    from ops.verify import verify_streams
+
+    redis = await connect_redis(url)
+    try:
+        return await verify_streams(redis, prefix, keys)
+    finally:
+        await redis.aclose()
 
 
 # ----------------------------------------------------------------------------------------------

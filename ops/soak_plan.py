@@ -163,7 +163,7 @@ class StreamCheck:
         if gap is not None:
             first, last = gap
             if expected is not None and (first > expected or last < expected or seq != last):
-                self._break(entry_id, f"gap marker {first}..{last} where id {expected} was due")
+                self.break_at(entry_id, f"gap marker {first}..{last} where id {expected} was due")
             if expected is None or last >= expected:
                 lo = first if expected is None else max(first, expected)
                 self.marked += last - lo + 1
@@ -172,7 +172,7 @@ class StreamCheck:
             return
         if expected is not None and seq != expected:
             what = "stored twice or out of order" if seq < expected else f"missing {expected}..{seq - 1}"
-            self._break(entry_id, f"id {seq} where {expected} was due ({what})")
+            self.break_at(entry_id, f"id {seq} where {expected} was due ({what})")
             if seq < expected:
                 return
         self.stored += 1
@@ -183,7 +183,8 @@ class StreamCheck:
         else:
             runs.append([seq, seq])
 
-    def _break(self, entry_id: str, what: str) -> None:
+    def break_at(self, entry_id: str, what: str) -> None:
+        """Count a break at ``entry_id``; the first one is kept, with its stream and entry ID."""
         self.breaks += 1
         if not self.first_break:
             self.first_break = f"{self.key} at entry {entry_id}: {what}"

@@ -84,7 +84,10 @@ TARGETS: Final = (
     Target("consumer_sdk/backoff.py", ("tests/test_backoff_lifecycle.py", "tests/test_mutants_backoff.py")),
     Target("ingestor/backoff.py", ("tests/test_backoff_lifecycle.py", "tests/test_mutants_backoff.py")),
     Target("ingestor/lifecycle.py", ("tests/test_backoff_lifecycle.py", "tests/test_mutants_backoff.py")),
-    Target("distributor/control.py", ("tests/test_control.py", "tests/test_mutants_control.py")),
+    Target("distributor/control/state.py", ("tests/test_control.py", "tests/test_mutants_control.py")),
+    Target("distributor/control/codec.py", ("tests/test_control.py", "tests/test_mutants_control.py")),
+    Target("distributor/control/degrade.py", ("tests/test_control.py", "tests/test_mutants_control.py")),
+    Target("distributor/control/gate.py", ("tests/test_control.py", "tests/test_mutants_control.py")),
     # the record framing and the check at open; tests/test_spill.py drives a real Redis and is not mapped
     Target(
         "distributor/spill.py", ("tests/test_mutants_spill.py",),

@@ -1,18 +1,26 @@
-"""distributor.control: the switch model, its strict parser, the gate and automatic degradation (pure, no I/O).
+"""distributor.control: the switch model (``state``), its strict parser (``codec``), the level rules and
+automatic degradation (``degrade``) and the gate (``gate``); pure, no I/O.
 
 Time is always passed in: ``now`` values below are simulated seconds, nothing sleeps.
 """
 
 from __future__ import annotations
 
+import ast
 import math
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import distributor.control as control
+import distributor.control.codec as control_codec
+import distributor.control.degrade as control_degrade
+import distributor.control.gate as control_gate
+import distributor.control.state as control_state
 from consumer_sdk.errors import ConfigError
+from consumer_sdk.keys import Pattern
 from consumer_sdk.latency import LatencyHistogram
 from consumer_sdk.tick import Tick, is_gap_marker, make_gap_marker
 from distributor.control import (
@@ -28,6 +36,7 @@ from distributor.control import (
     parse_state,
     parse_target,
 )
+from distributor.control.degrade import effective_level, filters, sheds, stream_rule
 
 T0 = 1000.0
 
@@ -77,6 +86,36 @@ def test_exports() -> None:
     ])
     for name in control.__all__:
         assert hasattr(control, name)
+    assert sorted(control_state.__all__) == sorted([
+        "LEVELS", "Auto", "ControlState", "Critical", "Degrade", "Level", "Limit", "LimitPolicy", "OnResume", "Pause",
+        "checked_burst", "checked_rate", "parse_target",
+    ])
+    assert sorted(control_codec.__all__) == sorted(["MAX_WHO", "SCHEMA", "dump_state", "parse_state", "state_to_dict"])
+    assert sorted(control_degrade.__all__) == sorted([
+        "AutoDegrade", "AutoDegradeConfig", "AutoStep", "WindowPercentile", "effective_level", "filters", "sheds",
+        "stream_rule",
+    ])
+    assert sorted(control_gate.__all__) == sorted([
+        "DEFAULT_CONFLATE_INTERVAL", "PAUSE_REASON", "ControlGate", "GateStats",
+    ])
+    # the package re-exports each public name from the one module that defines it
+    for name in control.__all__:
+        homes = [m for m in (control_state, control_codec, control_degrade, control_gate) if name in m.__all__]
+        assert len(homes) == 1 and getattr(control, name) is getattr(homes[0], name), name
+
+
+def test_modules_import_only_the_ones_below_them() -> None:
+    """No circle inside the package: state imports none of its siblings, codec and degrade only state, the gate
+    state and degrade (the package's ``__init__`` re-exports them all)."""
+    allowed = {"state": set(), "codec": {"state"}, "degrade": {"state"}, "gate": {"state", "degrade"}}
+    root = Path(control.__file__).parent
+    assert sorted(p.stem for p in root.glob("*.py")) == sorted(["__init__", *allowed])
+    for name, below in allowed.items():
+        tree = ast.parse((root / f"{name}.py").read_text(encoding="utf-8"))
+        modules = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        siblings = {m.removeprefix("distributor.control.") for m in modules if m.startswith("distributor.control")}
+        assert siblings == below, name
 
 
 # -- no switch in force ------------------------------------------------------------------------------------------
@@ -383,6 +422,41 @@ def test_drain_returns_everything_held() -> None:
     gate.filter([book("BTCUSDT", 1), book("BTCUSDT", 2), trade("ETHUSDT", 1), trade("ETHUSDT", 2)], T0)
     assert sorted(seqs(gate.drain())) == [2, 2]
     assert gate.held == 0
+
+
+# -- the level rules -----------------------------------------------------------------------------------------------
+
+
+def test_the_operator_level_holds_unless_auto_is_on_and_more_degraded() -> None:
+    for operator in Level:
+        for auto in Level:
+            assert effective_level(operator, False, auto) is operator
+            expected = auto if auto.rank > operator.rank else operator
+            assert effective_level(operator, True, auto) is expected
+
+
+def test_shed_and_filtering_start_at_their_levels() -> None:
+    assert [sheds(x) for x in Level] == [False, True, True, True]
+    assert [filters(x) for x in Level] == [False, False, True, True]
+
+
+@pytest.mark.parametrize("channel", ["trade", "agg_trade"])
+@pytest.mark.parametrize("level", list(Level))
+def test_no_level_touches_an_event_channel(channel: str, level: Level) -> None:
+    assert stream_rule(level, channel, f"binance:BTCUSDT:{channel}", ()) == (False, False)
+
+
+@pytest.mark.parametrize("channel", ["book_ticker", "kline_1m", "kline_1d"])
+def test_state_channels_are_conflated_then_dropped_unless_critical(channel: str) -> None:
+    name = f"binance:BTCUSDT:{channel}"
+    critical = [Pattern(f"binance:BTCUSDT:{channel}")]
+    other = [Pattern("binance:ETHUSDT:*")]
+    assert stream_rule(Level.NORMAL, channel, name, ()) == (False, False)
+    assert stream_rule(Level.SHED, channel, name, ()) == (False, False)
+    assert stream_rule(Level.CONFLATE, channel, name, ()) == (True, False)
+    assert stream_rule(Level.ESSENTIAL, channel, name, ()) == (True, True)
+    assert stream_rule(Level.ESSENTIAL, channel, name, other) == (True, True)
+    assert stream_rule(Level.ESSENTIAL, channel, name, [*other, *critical]) == (True, False)
 
 
 # -- automatic degradation -----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ the slow handler (a task ticking on the loop, the other subscriber's deliveries)
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import threading
 import time
@@ -269,7 +270,7 @@ async def test_a_slow_inline_handler_holds_the_loop_one_call_at_a_time() -> None
     on_loop = [c for c in slow.calls if c[3]]
     assert len(on_loop) == OFFLOAD_AFTER  # moved at its OFFLOAD_AFTER-th one-call overrun
     turns = [c[1] for c in on_loop]
-    assert all(b > a for a, b in zip(turns, turns[1:], strict=False)), f"the loop was held across calls: {turns}"
+    assert all(b > a for a, b in itertools.pairwise(turns)), f"the loop was held across calls: {turns}"
     assert [c[0] for c in slow.calls[:OFFLOAD_AFTER]] == list(range(1, OFFLOAD_AFTER + 1))
 
 

@@ -20,19 +20,11 @@ from consumer_sdk.errors import ConfigError, TransientError
 from consumer_sdk.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram
 from distributor.hotpath import HOT_SAMPLE_EVERY
 from ingestor.metrics import histogram_family
-from ops.bench_report import (
-    SUBSCRIBERS,
-    find_peak,
-    growing,
-    parse_metrics,
-    progress_bar,
-    queue_slope,
-    render_markdown,
-    run_bench,
-    stage_stats,
-    window_hist,
-    write_report,
-)
+from ops.bench.analysis import find_peak, growing, queue_slope, stage_stats
+from ops.bench.profiles import SUBSCRIBERS
+from ops.bench.render import progress_bar, render_markdown
+from ops.bench.report import run_bench, write_report
+from ops.bench.scrape import parse_metrics, window_hist
 from ops.redis_server import free_port
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None

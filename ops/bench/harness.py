@@ -104,12 +104,14 @@ class Harness:
 
     # -- progress
     def tick(self, label: str | None = None) -> None:
+        """Report progress: ``label`` (else the phase so far) and the share of the planned time gone."""
         if label is not None:
             self.phase = label
         if self.progress is not None:
             self.progress(self.phase, min(0.99, (time.monotonic() - self.t0) / self.planned_s))
 
     async def sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, reporting progress every :data:`SAMPLE_S`."""
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
             await asyncio.sleep(min(left, SAMPLE_S))
@@ -117,16 +119,20 @@ class Harness:
 
     # -- reading the children
     async def scrape(self) -> Scrape:
+        """The ingestor's ``/metrics``, parsed; :class:`TransientError` when it does not answer."""
         return parse_metrics((await http_get(self.metrics_port, "/metrics")).decode("utf-8", "replace"))
 
     async def sim_state(self) -> dict[str, Any]:
+        """The simulator's ``/control/state`` (``stats.frames_sent``, ``stats.ticks_total``, ...)."""
         state: dict[str, Any] = orjson.loads(await http_get(self.sim_port, "/control/state"))
         return state
 
     async def set_rate(self, rate: float) -> None:
+        """Set the simulator's rate (ticks/s; 0 stops it sending)."""
         await http_get(self.sim_port, f"/control/rate?value={rate:g}")
 
     def cpu(self) -> dict[str, float | None]:
+        """CPU seconds so far of each child, this process (``bench``), Redis and the whole machine."""
         out: dict[str, float | None] = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         out["bench"] = cpu_seconds(os.getpid())
         out["redis-server"] = cpu_seconds(self.redis_pid) if self.redis_pid else None
@@ -134,6 +140,7 @@ class Harness:
         return out
 
     async def edge(self) -> Edge:
+        """Everything one edge of a window needs, read now (see :meth:`read_counts` for the order)."""
         consumed, ing, sim = await self.read_counts()
         return Edge(time.monotonic(), ing, sim, self.cpu(), consumed, self.received_before)
 
@@ -147,6 +154,8 @@ class Harness:
 
     # -- start
     async def start(self, env: dict[str, str], workdir: Path, children: list[Child]) -> None:
+        """Start the simulator, then the ingestor with :attr:`subscribers` probes; each appended to
+        ``children`` as it starts (so the caller stops it), each waited for until it answers."""
         self.tick("starting the simulator")
         symbols = ",".join(SYMBOLS)
         sim = await spawn("simulator", [
@@ -160,6 +169,8 @@ class Harness:
 
     async def start_ingestor(self, env: dict[str, str], workdir: Path, children: list[Child],
                              subscribers: int, spill: str = "spill") -> None:
+        """Start an ingestor on the simulator with ``subscribers`` co-located :data:`PROBE` subscribers and
+        its spill log in ``workdir/spill``; waited for until it is connected (:class:`ConfigError` if not)."""
         self.tick("starting the ingestor")
         symbols = ",".join(SYMBOLS)
         config = workdir / "bench.toml"

@@ -519,7 +519,8 @@ def bench(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from ops.bench_report import progress_bar, run_bench
+    from ops.bench.render import progress_bar
+    from ops.bench.report import run_bench
 
     report = run_async(run_bench(quick=quick, out_dir=out, redis_url=_redis_url(), seed=seed, progress=progress_bar()))
     if as_json:
@@ -559,7 +560,7 @@ def bench_hotpath(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON line")] = False,
 ) -> None:
     """The hot path alone: ingress -> fan-out -> subscriber callbacks; latency percentiles and accounting."""
-    from ops.bench_hotpath import run_hotpath_bench
+    from ops.bench.hotpath import run_hotpath_bench
 
     if rate <= 0 or duration <= 0 or subscribers < 1 or not 0 <= slow_subscribers <= subscribers:
         fail("--rate and --duration must be positive, 1 <= --subscribers, 0 <= --slow-subscribers <= --subscribers")
@@ -579,7 +580,7 @@ def bench_ingest(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON line")] = False,
 ) -> None:
     """The ingestor's path (parse -> ingress -> hot path -> Redis) at full speed, latency timing off/sampled/every."""
-    from ops.bench_ingest import run_ingest_bench
+    from ops.bench.ingest import run_ingest_bench
 
     result = run_async(run_ingest_bench(_bench_redis(ticks, 1), ticks=ticks, rounds=rounds, subscribers=subscribers))
     if as_json:
@@ -602,7 +603,7 @@ AsJson = Annotated[bool, typer.Option("--json", help="one JSON line")]
 @bench_app.command("writer")
 def bench_writer(ticks: Ticks = 500_000, streams: Streams = 100, as_json: AsJson = False) -> None:
     """Our Redis writer against the naive per-tick XADD pipeline, same ticks, same run."""
-    from ops.bench_writer import run_writer_bench
+    from ops.bench.writer import run_writer_bench
 
     _print_json(run_async(run_writer_bench(_bench_redis(ticks, streams), ticks=ticks, streams=streams)), as_json)
 
@@ -610,7 +611,7 @@ def bench_writer(ticks: Ticks = 500_000, streams: Streams = 100, as_json: AsJson
 @bench_app.command("reader")
 def bench_reader(ticks: Ticks = 500_000, streams: Streams = 100, as_json: AsJson = False) -> None:
     """The consumer SDK: XREADGROUP + decode + dedupe + handler + XACK."""
-    from ops.bench_writer import run_reader_bench
+    from ops.bench.writer import run_reader_bench
 
     _print_json(run_async(run_reader_bench(_bench_redis(ticks, streams), ticks=ticks, streams=streams)), as_json)
 

@@ -20,19 +20,20 @@ from consumer_sdk.errors import ConfigError, TransientError
 from consumer_sdk.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram
 from distributor.hotpath import HOT_SAMPLE_EVERY
 from ingestor.metrics import histogram_family
-from ops.bench_report import (
-    SUBSCRIBERS,
+from ops.bench.analysis import (
+    Edge,
+    analyse_step,
+    final_tally,
     find_peak,
     growing,
-    parse_metrics,
-    progress_bar,
     queue_slope,
-    render_markdown,
-    run_bench,
     stage_stats,
-    window_hist,
-    write_report,
+    summarize_peak,
 )
+from ops.bench.profiles import SUBSCRIBERS
+from ops.bench.render import progress_bar, render_markdown
+from ops.bench.report import run_bench, write_report
+from ops.bench.scrape import Scrape, parse_metrics, window_hist
 from ops.redis_server import free_port
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -104,6 +105,80 @@ def test_peak_is_the_highest_clean_step_within_the_target() -> None:
     peak = find_peak(steps, 2000)
     assert peak is not None and peak["rate"] == 10_000
     assert find_peak([_step(1000, saturated=True, p99=10)], 2000) is None
+
+
+def _edge(t: float, *, sent: int, received: int, accepted: int, published: int, consumed: int,
+          dropped: int = 0, queued: int = 0, reconnects: int = 0, cpu_s: float = 0.0) -> Edge:
+    counters = {
+        "market_frames_received_total": received, "market_ticks_accepted_total": accepted,
+        "market_published_total": published, "market_ingress_len": queued, "broker_reconnect_total": reconnects,
+        "market_writer_flushes_total": published // 100,
+    }
+    values = {(name, frozenset()): float(v) for name, v in counters.items()}
+    values[("market_dropped_total", frozenset({("stage", "ingress")}))] = float(dropped)
+    sim = {"stats": {"frames_sent": sent, "ticks_total": sent}}
+    cpu: dict[str, float | None] = {"simulator": cpu_s, "ingestor": 2 * cpu_s, "bench": cpu_s, "machine": 5 * cpu_s,
+                                    "redis-server": None}
+    return Edge(t, Scrape(values, {}), sim, cpu, consumed)
+
+
+def test_a_clean_window_adds_up_and_is_not_saturated() -> None:
+    a = _edge(100.0, sent=0, received=0, accepted=0, published=0, consumed=0)
+    b = _edge(110.0, sent=10_000, received=10_000, accepted=10_000, published=10_000, consumed=10_000, cpu_s=1.0)
+    samples = [[100.0 + t, 0.0, 0.0, 0.0, 0.0] for t in range(10)]
+    e2e = LatencyHistogram()
+    e2e.observe(800)
+    step = analyse_step(1000, a, b, e2e, samples)
+    assert not step["saturated"] and step["saturation"] == []
+    assert step["throughput"]["published_per_s"] == 1000.0 and step["throughput"]["delivered_ratio"] == 1.0
+    assert step["tallies"]["adds_up"] and step["tallies"]["unaccounted"] == 0
+    assert step["latency"]["redis_e2e"]["count"] == 1 and step["latency"]["ingest"]["count"] == 0
+    assert step["writer"] == {"flushes_per_s": 10.0, "ticks_per_flush": 100.0}
+    assert step["cpu"]["ingestor"] == 0.2 and step["cpu"]["redis-server"] is None
+    assert step["cpu"]["others"] == pytest.approx(0.1)  # machine 0.5 - ours 0.4
+
+
+def test_drops_reconnects_and_lag_saturate_a_window() -> None:
+    a = _edge(0.0, sent=0, received=0, accepted=0, published=0, consumed=0)
+    b = _edge(10.0, sent=500_000, received=500_000, accepted=500_000, published=400_000, consumed=100_000,
+              dropped=50, reconnects=1)
+    lag = [[float(t), 0.0, 0.0, 0.0, 30_000.0 * t] for t in range(10)]
+    step = analyse_step(50_000, a, b, LatencyHistogram(), lag)
+    reasons = "; ".join(step["saturation"])
+    assert step["saturated"]
+    assert "50 ticks dropped at the ingress" in reasons
+    assert "the venue connection was lost 1 times" in reasons
+    assert "the consumer fell behind (300000 ticks unread at the end)" in reasons
+    # Without a consumer (the ingest-only phase), its lag is no sign of saturation.
+    alone = analyse_step(50_000, a, b, LatencyHistogram(), lag, consuming=False)
+    assert not any("consumer" in r for r in alone["saturation"])
+
+
+def test_final_tally_is_exact_after_a_drain() -> None:
+    e = _edge(0.0, sent=1_003, received=1_003, accepted=1_000, published=990, consumed=990, dropped=10)
+    tally = final_tally(True, e, consumer_duplicates=0, consumer_gaps=0, consumer_trimmed=0, consumer_error=None)
+    assert tally["sent_equals_received"] and tally["accepted_equals_outcomes"] and tally["consumed_equals_published"]
+    assert tally["other_frames"] == tally["replies"] == 3
+    assert tally["published_not_accepted"] == 0
+    short = final_tally(False, _edge(0.0, sent=5, received=4, accepted=4, published=3, consumed=2),
+                        consumer_duplicates=1, consumer_gaps=2, consumer_trimmed=3, consumer_error="boom")
+    assert not short["sent_equals_received"] and not short["accepted_equals_outcomes"]
+    assert not short["consumed_equals_published"]
+    assert (short["consumer_duplicates"], short["consumer_gaps"], short["consumer_trimmed"],
+            short["consumer_error"]) == (1, 2, 3, "boom")
+
+
+def test_peak_ingest_is_the_highest_step_before_the_first_saturated_one() -> None:
+    ok = {**_step(60_000, saturated=False, p99=0), "throughput": {"published_per_s": 59_871.26}, "saturation": []}
+    bad = {**_step(100_000, saturated=True, p99=0), "throughput": {"published_per_s": 80_000.0},
+           "saturation": ["the ingress queue grew (900/s)"]}
+    later = {"rate": 150_000, "status": "not run", "reason": "a lower rate saturated"}
+    peak = summarize_peak([60_000, 100_000, 150_000], [ok, bad, later])
+    assert peak["peak_rate"] == 60_000 and peak["peak_ingest_per_s"] == 59_871.3
+    assert peak["limit_rate"] == 100_000 and peak["limit"] == ["the ingress queue grew (900/s)"]
+    assert peak["steps"] == [ok, bad, later] and peak["subscribers"] == 0 and peak["consumer"] is False
+    none = summarize_peak([100_000], [bad])
+    assert none["peak_rate"] is None and none["peak_ingest_per_s"] == 0.0
 
 
 def test_progress_bar_is_one_line() -> None:

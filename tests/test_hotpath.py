@@ -18,8 +18,8 @@ from consumer_sdk.keys import Pattern
 from consumer_sdk.tick import Tick
 from distributor import hotpath as hotpath_module
 from distributor.hotpath import HotPath, HotPathStats, SubscriberPolicy, Subscription, SubscriptionStats
-from ops.bench_hotpath import main as bench_main
-from ops.bench_hotpath import run_hotpath_bench
+from ops.bench.hotpath import main as bench_main
+from ops.bench.hotpath import run_hotpath_bench
 
 UNIT = 2.0  # seconds: the bound on every wait below; nothing here should come near it
 CHANNELS = ("trade", "agg_trade", "book_ticker")

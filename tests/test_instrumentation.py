@@ -23,7 +23,7 @@ from ingestor.config import load_settings
 from ingestor.sequencer import Sequencer
 from ingestor.service import Ingestor
 from ingestor.session import VenueSession
-from ops.bench_ingest import MODES, make_frames, run_ingest_bench
+from ops.bench.ingest import MODES, make_frames, run_ingest_bench
 
 UNIT = 2.0
 

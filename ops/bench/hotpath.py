@@ -48,14 +48,13 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import random
 import sys
 import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final, cast
+from dataclasses import dataclass
+from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
@@ -63,197 +62,34 @@ from redis.exceptions import RedisError
 
 from consumer_sdk.errors import ConfigError
 from consumer_sdk.keys import Pattern
-from consumer_sdk.latency import LatencyHistogram
 from consumer_sdk.tick import Tick
 from distributor.hotpath import DEFAULT_CAPACITY, Execution, HotPath, Subscription
 from distributor.ingress import IngressQueue, Policy
 from distributor.writer import Retention, StreamWriter
+from ops.bench.hotpath_load import (
+    CHANNELS,
+    MAX_BATCH,
+    STAMP,
+    VENUE,
+    FineAckHistogram,
+    FineHistogram,
+    SlowHandler,
+    SlowSyncHandler,
+    bench_patterns,
+    build_ticks,
+    distribute,
+    fast_handler,
+    generate,
+)
 
 __all__ = ["MAX_TICKS", "bench_patterns", "main", "run_hotpath_bench"]
 
 MAX_TICKS: Final = 5_000_000  # pre-built ticks, about 0.5 kB each
-CHANNELS: Final = ("trade", "agg_trade", "book_ticker")
-VENUE: Final = "sim"
-STAMP: Final = "_bench_t"  # the bench's own field: perf_counter_ns when the tick was put into the ingress
-FINE_US: Final = 100_000  # the fine histogram counts 1 µs buckets up to 100 ms, then one overflow bucket
 INGRESS_CAPACITY: Final = 100_000
-MAX_BATCH: Final = 5000
-PACE_S: Final = 0.0005  # the generator's sleep between batches (the event loop rounds it up to 1 ms)
 DRAIN_TIMEOUT_S: Final = 10.0
 SLOW_SYNC: Final = "slow-sync"  # the drill's slow synchronous subscriber
 MAX_SLOW_HANDLER_MS: Final = 1000.0
 REDIS_MAXLEN: Final = 10_000  # per stream, in the drill's own prefix
-
-
-@dataclass
-class _Fine:
-    """A 1 µs-resolution latency histogram, cheap enough for a callback (one index, one increment)."""
-
-    counts: list[int] = field(default_factory=lambda: [0] * (FINE_US + 1))
-    over_max: int = 0
-
-    def total(self) -> int:
-        return sum(self.counts)
-
-    def percentile(self, q: float) -> float:
-        total = self.total()
-        if not total:
-            return 0.0
-        rank = max(1, -(-int(q * total * 1_000_000) // 1_000_000))  # nearest rank, ceil(q * total)
-        acc = 0
-        for us, c in enumerate(self.counts):
-            acc += c
-            if acc >= rank:
-                return float(us if us < FINE_US else self.over_max)
-        return float(self.over_max)
-
-    def max(self) -> float:
-        if self.counts[FINE_US]:
-            return float(self.over_max)
-        for us in range(FINE_US - 1, -1, -1):
-            if self.counts[us]:
-                return float(us)
-        return 0.0
-
-    def merge(self, other: _Fine) -> None:
-        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
-        self.over_max = max(self.over_max, other.over_max)
-
-    def summary(self, prefix: str = "") -> dict[str, float]:
-        return {
-            f"{prefix}p50_us": self.percentile(0.50),
-            f"{prefix}p99_us": self.percentile(0.99),
-            f"{prefix}p999_us": self.percentile(0.999),
-            f"{prefix}max_us": self.max(),
-        }
-
-
-def _fast_handler(fine: _Fine) -> Callable[[Tick], None]:
-    counts = fine.counts
-    clock = time.perf_counter_ns
-
-    def on_tick(tick: dict[str, Any]) -> None:
-        us = (clock() - tick[STAMP]) // 1000
-        if us < FINE_US:
-            counts[us] += 1
-        else:
-            counts[FINE_US] += 1
-            if us > fine.over_max:
-                fine.over_max = us
-
-    return cast(Callable[[Tick], None], on_tick)  # a tick is a dict; this one reads the bench's own field
-
-
-class _Slow:
-    """An async handler that cannot keep up: it sleeps 1 ms every ``every`` ticks, until ``draining``."""
-
-    def __init__(self, every: int) -> None:
-        self.every = every
-        self.n = 0
-        self.draining = False
-
-    async def __call__(self, tick: Tick) -> None:
-        self.n += 1
-        if not self.draining and self.n % self.every == 0:
-            await asyncio.sleep(0.001)
-
-
-class _SlowSync:
-    """A synchronous handler that blocks ``ms`` per tick (the thread sleeps), until ``draining``."""
-
-    def __init__(self, ms: float) -> None:
-        self.seconds = ms / 1000
-        self.n = 0
-        self.draining = False
-
-    def __call__(self, tick: Tick) -> None:
-        self.n += 1
-        if not self.draining:
-            time.sleep(self.seconds)
-
-
-def bench_patterns(index: int, symbols: int, slow: bool) -> list[str]:
-    """The patterns of subscriber ``index``: slow ones take everything; fast ones a mix of
-    everything, one channel, a tenth of the symbols (glob) and one stream (literal)."""
-    if slow:
-        return [f"{VENUE}:*:*"]
-    kind = index % 4
-    if kind == 0:
-        return [f"{VENUE}:*:*"]
-    if kind == 1:
-        return [f"{VENUE}:*:trade"]
-    if kind == 2:
-        return [f"{VENUE}:S{index % 10}*:*"]
-    return [f"{VENUE}:S{index % symbols:04d}:book_ticker"]
-
-
-def _build(total: int, symbols: int, seed: int) -> tuple[list[dict[str, Any]], list[int], list[str]]:
-    """``total`` ticks over ``symbols`` x 3 channels, seq contiguous per stream, seeded."""
-    rng = random.Random(seed)
-    streams = [(f"S{i:04d}", ch) for i in range(symbols) for ch in CHANNELS]
-    names = [f"{VENUE}:{sym}:{ch}" for sym, ch in streams]
-    which = rng.choices(range(len(streams)), k=total)
-    seqs = [0] * len(streams)
-    prices = [f"{100 + i / 100:.2f}" for i in range(64)]
-    ticks: list[dict[str, Any]] = []
-    append = ticks.append
-    for n, sid in enumerate(which):
-        sym, ch = streams[sid]
-        seq = seqs[sid] = seqs[sid] + 1
-        append({
-            "v": 1, "venue": VENUE, "symbol": sym, "channel": ch, "seq": seq, "ts_event": 0, "ts_recv": 0,
-            "trade_id": seq, "price": prices[n & 63], "qty": "1.000", "side": "buy", STAMP: 0,
-        })
-    return ticks, which, names
-
-
-async def _generate(
-    ingress: IngressQueue[Tick], ticks: list[dict[str, Any]], rate: float, duration: float, *, wall: bool = False,
-) -> tuple[int, float]:
-    """Put ticks at ``rate``/s until ``duration`` has passed; returns (sent, seconds).
-
-    ``wall``: also stamp ``ts_recv`` (µs since the epoch, once per batch) for the writer's latency."""
-    clock, stamp_clock, wall_clock = time.monotonic, time.perf_counter_ns, time.time_ns
-    offer, put = ingress.offer, ingress.put
-    limit = len(ticks)
-    sent = 0
-    t0 = clock()
-    end = t0 + duration
-    while True:
-        now = clock()
-        if now >= end:
-            break
-        due = min(limit, int((now - t0) * rate) + 1)
-        while sent < due:
-            # Put what fits, then stamp it: the batch is ready in the ingress now, and nothing
-            # downstream can run before this task yields.  A full ingress (block) is waited for.
-            i = sent
-            while sent < due and offer(ticks[sent]):  # type: ignore[arg-type]
-                sent += 1
-            stamp = stamp_clock()
-            last = sent + 1 if sent < due else sent
-            for k in range(i, last):
-                ticks[k][STAMP] = stamp
-            if wall:
-                recv = wall_clock() // 1000
-                for k in range(i, last):
-                    ticks[k]["ts_recv"] = recv
-            if sent < due:
-                await put(ticks[sent])  # type: ignore[arg-type]
-                sent += 1
-        await asyncio.sleep(PACE_S)
-    return sent, clock() - t0
-
-
-async def _distribute_hot(ingress: IngressQueue[Tick], hot: HotPath, writer: StreamWriter | None = None) -> None:
-    """The distributor's order: the hot path first, then the writer (when there is one)."""
-    while True:
-        batch = await ingress.get_batch(MAX_BATCH)
-        if not hot.publish(batch):
-            await hot.wait_room()
-        if writer is not None:
-            while not writer.submit(batch):
-                await writer.wait_room()
 
 
 async def _poll(condition: Callable[[], bool], limit_s: float) -> bool:
@@ -267,31 +103,11 @@ async def _poll(condition: Callable[[], bool], limit_s: float) -> bool:
         await asyncio.sleep(0.005)
 
 
-class _FineAck(LatencyHistogram):
-    """The writer's acknowledgement histogram, also counted at 1 µs resolution (its own buckets are a
-    quarter octave wide: too coarse to see a 10% move)."""
-
-    __slots__ = ("fine",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fine = _Fine()
-
-    def observe(self, us: int) -> None:
-        super().observe(us)
-        fine = self.fine
-        if 0 <= us < FINE_US:
-            fine.counts[us] += 1
-        else:
-            fine.counts[FINE_US] += 1
-            fine.over_max = max(fine.over_max, us)
-
-
 @dataclass
 class _Round:
     figures: dict[str, Any]
-    fine: _Fine
-    redis: _Fine | None
+    fine: FineHistogram
+    redis: FineHistogram | None
 
 
 async def _run_hot(
@@ -301,29 +117,29 @@ async def _run_hot(
 ) -> _Round:
     hot = HotPath(capacity=capacity)
     ingress: IngressQueue[Tick] = IngressQueue(INGRESS_CAPACITY, Policy.BLOCK)
-    fine = _Fine()
+    fine = FineHistogram()
     slow_every = max(1, int(rate // 4000))
     subs: list[tuple[Subscription, bool]] = []
-    slows: list[_Slow | _SlowSync] = []
+    slows: list[SlowHandler | SlowSyncHandler] = []
     for k in range(subscribers):
         is_slow = k < slow_subscribers
         handler: Callable[[Tick], Awaitable[None] | None]
         if is_slow:
-            slow = _Slow(slow_every)
+            slow = SlowHandler(slow_every)
             slows.append(slow)
             handler = slow
         else:
-            handler = _fast_handler(fine)
+            handler = fast_handler(fine)
         name = f"{'slow' if is_slow else 'fast'}{k}"
         subs.append((hot.subscribe(handler, bench_patterns(k, symbols, is_slow), max_lag=max_lag, name=name,
                                    execution=None if is_slow else fast_execution), is_slow))
     sync_sub: Subscription | None = None
     if slow_handler_ms > 0:
-        sync_slow = _SlowSync(slow_handler_ms)
+        sync_slow = SlowSyncHandler(slow_handler_ms)
         slows.append(sync_slow)
         sync_sub = hot.subscribe(sync_slow, f"{VENUE}:*:*", max_lag=max_lag, name=SLOW_SYNC, policy="drop_oldest")
     prefix = f"bench-h{uuid.uuid4().hex[:10]}"
-    ack = _FineAck()
+    ack = FineAckHistogram()
     writer = None if redis is None else StreamWriter(
         redis, prefix=prefix, retention=Retention(maxlen=REDIS_MAXLEN), sample_every=1, ack_latency=ack,
     )
@@ -334,10 +150,10 @@ async def _run_hot(
     try:
         async with asyncio.TaskGroup() as tg:
             hot.start(tg)
-            tasks = [tg.create_task(_distribute_hot(ingress, hot, writer), name="bench-distributor")]
+            tasks = [tg.create_task(distribute(ingress, hot, writer), name="bench-distributor")]
             if writer is not None:
                 tasks.append(tg.create_task(writer.run(), name="bench-writer"))
-            sent, gen_s = await _generate(ingress, ticks, rate, duration, wall=writer is not None)
+            sent, gen_s = await generate(ingress, ticks, rate, duration, wall=writer is not None)
             slowest = hot.stats().slowest  # as the feed ends: draining, the slow handlers stop being slow
             sync_handler_us = sync_sub.stats().handler_us if sync_sub is not None else 0.0
             for laggard in slows:
@@ -411,7 +227,7 @@ async def _run_baseline(
 ) -> dict[str, Any]:
     """The same load through one asyncio.Queue per subscriber (filtering in the fan-out loop)."""
     ingress: IngressQueue[Tick] = IngressQueue(INGRESS_CAPACITY, Policy.BLOCK)
-    fine = _Fine()
+    fine = FineHistogram()
     slow_every = max(1, int(rate // 4000))
     queues: list[tuple[asyncio.Queue[Tick], list[Pattern], dict[tuple[str, str], bool]]] = []
     handlers: list[Callable[[Tick], Awaitable[None] | None]] = []
@@ -420,7 +236,7 @@ async def _run_baseline(
     for k in range(subscribers):
         is_slow = k < slow_subscribers
         queues.append((asyncio.Queue(max_lag), [Pattern(p) for p in bench_patterns(k, symbols, is_slow)], {}))
-        handlers.append(_Slow(slow_every) if is_slow else _fast_handler(fine))
+        handlers.append(SlowHandler(slow_every) if is_slow else fast_handler(fine))
         slow_flags.append(is_slow)
 
     async def fan_out() -> None:
@@ -450,7 +266,7 @@ async def _run_baseline(
     async with asyncio.TaskGroup() as tg:
         tasks = [tg.create_task(fan_out())]
         tasks += [tg.create_task(consume(q, h)) for (q, _, _), h in zip(queues, handlers, strict=True)]
-        sent, _ = await _generate(ingress, ticks, rate, duration)
+        sent, _ = await generate(ingress, ticks, rate, duration)
         cpu_s = time.process_time() - cpu0
         for t in tasks:
             t.cancel()
@@ -466,8 +282,8 @@ _SUMMED: Final = (
 
 def _merge_rounds(rounds: Sequence[_Round], prefix: str) -> dict[str, Any]:
     """One side of the drill: counts summed over its rounds, percentiles from the merged histograms."""
-    fine = _Fine()
-    redis_fine: _Fine | None = _Fine() if rounds[0].redis is not None else None
+    fine = FineHistogram()
+    redis_fine: FineHistogram | None = FineHistogram() if rounds[0].redis is not None else None
     for r in rounds:
         fine.merge(r.fine)
         if redis_fine is not None and r.redis is not None:
@@ -619,7 +435,7 @@ async def run_hotpath_bench(
     runs_s = 2 * duration if drill else duration + (base_s if baseline else 0.0)
     runs = 2 * rounds if drill else 2
 
-    ticks, which, names = _build(total, symbols, seed)
+    ticks, which, names = build_ticks(total, symbols, seed)
     # The pre-built ticks live for the whole run: keep the collector from walking the list holding them.
     gc.freeze()
     deadline = runs_s + runs * 4 * DRAIN_TIMEOUT_S + 30.0  # a bound on the whole run: it never hangs
@@ -635,8 +451,8 @@ async def run_hotpath_bench(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ops.bench_hotpath``: the bench with every knob, one JSON line on stdout."""
-    parser = argparse.ArgumentParser(prog="python -m ops.bench_hotpath", description=__doc__.split("\n")[0])
+    """``python -m ops.bench.hotpath``: the bench with every knob, one JSON line on stdout."""
+    parser = argparse.ArgumentParser(prog="python -m ops.bench.hotpath", description=__doc__.split("\n")[0])
     parser.add_argument("--rate", type=float, default=50_000, help="ticks per second offered to the ingress")
     parser.add_argument("--subscribers", type=int, default=16, help="co-located subscribers")
     parser.add_argument("--slow-subscribers", type=int, default=1, help="of which deliberately slow (async)")

@@ -1,4 +1,4 @@
-"""Co-located subscribers for load tests: attach with ``market ingest --subscriber ops.bench_probe:noop``."""
+"""Co-located subscribers for load tests: attach with ``market ingest --subscriber ops.bench.probe:noop``."""
 
 from __future__ import annotations
 

@@ -8,11 +8,15 @@ separate stream fields.  Both start from empty streams; the result is one flat d
 
 ``run_reader_bench``: the same ticks read back through :class:`consumer_sdk.Consumer`
 (``XREADGROUP``, decode, dedupe by seq, handler call, ``XACK``) until every one arrived.
+
+``measure_flush``: what one writer flush costs by the number of streams it touches, next to a bare
+``PING`` (the floor of the whole-path bench's Redis stage).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -22,8 +26,9 @@ import redis.asyncio as aioredis
 from consumer_sdk.consumer import Consumer
 from consumer_sdk.tick import Tick
 from distributor.writer import Retention, StreamWriter
+from ops.bench.profiles import RETENTION_MAXLEN
 
-__all__ = ["make_ticks", "run_reader_bench", "run_writer_bench"]
+__all__ = ["make_ticks", "measure_flush", "run_reader_bench", "run_writer_bench"]
 
 T0_US = 1_764_000_000_000_000
 
@@ -137,3 +142,42 @@ async def run_reader_bench(
         "ticks_per_s": round(ticks / elapsed), "received": received, "duplicates": stats.duplicates,
         "gaps": stats.gaps, "pending_after": pending,
     }
+
+
+async def measure_flush(redis_url: str, *, repeats: int = 30) -> dict[str, Any]:
+    """Where the Redis stage's time goes: how long one writer flush (one round trip, one script call for
+    every stream it touches) takes by the number of streams it touches, next to a bare PING round trip."""
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
+    prefix = f"bench-f{uuid.uuid4().hex[:10]}"
+    out: dict[str, Any] = {"repeats": repeats, "flush_p50_us": {}, "flush_p90_us": {}}
+    try:
+        writer = StreamWriter(client, prefix=prefix, retention=Retention(maxlen=RETENTION_MAXLEN))
+        sizes = (1, 5, 20, 60)
+        ticks = make_ticks(60 * (1 + repeats * len(sizes)), 60)
+        await writer.append(ticks[:60])  # streams and script in place
+        at = 60
+        for n in sizes:
+            times = []
+            for _ in range(repeats):
+                batch = ticks[at : at + 60][:n]  # one tick on each of n streams
+                at += 60
+                started = time.perf_counter()
+                await writer.append(batch)
+                times.append((time.perf_counter() - started) * 1e6)
+            times.sort()
+            out["flush_p50_us"][str(n)] = round(times[len(times) // 2])
+            out["flush_p90_us"][str(n)] = round(times[int(len(times) * 0.9)])
+        pings = []
+        for _ in range(repeats * 4):
+            started = time.perf_counter()
+            await client.ping()
+            pings.append((time.perf_counter() - started) * 1e6)
+        pings.sort()
+        out["ping_p50_us"] = round(pings[len(pings) // 2])
+    finally:
+        with contextlib.suppress(OSError, aioredis.RedisError):
+            keys = [k async for k in client.scan_iter(f"{prefix}:*", count=1000)]
+            if keys:
+                await client.delete(*keys)
+        await client.aclose()
+    return out

@@ -46,8 +46,8 @@ from distributor.service import Distributor
 from distributor.writer import Retention, StreamWriter
 from ingestor.sequencer import Sequencer
 from ingestor.session import VenueSession
-from ops.bench_probe import noop
-from ops.bench_report import CHANNELS, SYMBOLS
+from ops.bench.probe import noop
+from ops.bench.profiles import CHANNELS, SYMBOLS
 
 __all__ = ["MODES", "TARGET_COST_PCT", "make_frames", "run_ingest_bench"]
 

@@ -1,0 +1,95 @@
+"""``ops.bench``'s shape: imports flow one way through its layers, and no module grows past ~600 lines unsaid.
+
+Read from the source with :mod:`ast` (imports inside functions count too), so a lazy import cannot hide a
+circle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ops" / "bench"
+
+#: module -> layer; a module imports only from lower layers
+LAYERS = {
+    "profiles": 0,
+    "probe": 0,
+    "scrape": 1,
+    "processes": 1,
+    "hotpath_load": 1,
+    "writer": 1,
+    "ingest": 1,
+    "analysis": 2,
+    "render": 2,
+    "hotpath": 2,
+    "plots": 3,
+    "harness": 3,
+    "stages": 4,
+    "report": 5,
+}
+#: the pure layer: none of these reaches processes, children or Redis through another bench module
+PURE = {"profiles", "scrape", "analysis", "render", "plots"}
+MAX_LINES = 600
+
+
+def _modules() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(PACKAGE.glob("*.py")) if p.stem != "__init__"}
+
+
+def _bench_imports(path: Path) -> set[str]:
+    """The ``ops.bench`` modules ``path`` imports, anywhere in it."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            if name.startswith("ops.bench."):
+                out.add(name.split(".")[2])
+    return out & set(_modules())
+
+
+def test_every_module_has_a_layer() -> None:
+    assert set(_modules()) == set(LAYERS)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_imports_go_down_the_layers(name: str) -> None:
+    imported = _bench_imports(_modules()[name])
+    upward = sorted(m for m in imported if LAYERS[m] >= LAYERS[name])
+    assert not upward, f"ops.bench.{name} (layer {LAYERS[name]}) imports {upward} from its layer or above"
+    if name in PURE:
+        assert imported <= PURE, f"ops.bench.{name} is pure but imports {sorted(imported - PURE)}"
+
+
+def test_the_package_imports_none_of_its_modules() -> None:
+    assert _bench_imports(PACKAGE / "__init__.py") == set()
+
+
+def test_no_circle() -> None:
+    graph = {name: _bench_imports(path) for name, path in _modules().items()}
+    done: set[str] = set()
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        assert name not in trail, "import circle: " + " -> ".join((*trail, name))
+        if name in done:
+            return
+        for dep in sorted(graph[name]):
+            visit(dep, (*trail, name))
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_long_modules_say_why(name: str) -> None:
+    text = _modules()[name].read_text(encoding="utf-8")
+    lines = text.count("\n")
+    assert lines <= MAX_LINES or text.startswith("# size:"), f"ops.bench.{name}: {lines} lines and no '# size:'"

@@ -68,11 +68,11 @@ import orjson
 import redis.asyncio as aioredis
 
 from consumer_sdk.consumer import Consumer
-from consumer_sdk.errors import ConfigError, MarketError, TransientError
-from consumer_sdk.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram, bucket_bounds
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.errors import ConfigError, MarketError, TransientError
+from consumer_sdk.core.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram, bucket_bounds
+from consumer_sdk.core.tick import Tick
+from consumer_sdk.core.urls import redact_url, validate_redis_url
 from distributor.hotpath import HOT_SAMPLE_EVERY
-from ingestor.config import redact_url, validate_redis_url
 
 __all__ = [
     "CHANNELS",
@@ -1694,7 +1694,7 @@ def _now() -> str:
 
 async def _redis_info(url: str) -> dict[str, Any]:
     """INFO server of the Redis at ``url``; :class:`TransientError` with one line when it does not answer."""
-    from ingestor.service import connect_redis
+    from consumer_sdk.core.redis import connect_redis
 
     client = await connect_redis(url)
     try:

@@ -72,7 +72,7 @@ class Target:
 
 
 TARGETS: Final = (
-    Target("consumer_sdk/sequencing.py", ("tests/test_sequencing.py", "tests/test_mutants_sequencing.py")),
+    Target("consumer_sdk/core/sequencing.py", ("tests/test_sequencing.py", "tests/test_mutants_sequencing.py")),
     Target("ingestor/sequencer.py", ("tests/test_sequencing.py", "tests/test_mutants_sequencing.py")),
     Target(
         "ingestor/binance.py",
@@ -81,8 +81,7 @@ TARGETS: Final = (
     # the frame parser only: the connection class around it is I/O, covered by tests/test_wsframes.py
     Target("ingestor/wsframes.py", ("tests/test_wsframes.py", "tests/test_mutants_wsframes.py"), ("read_frames",)),
     Target("distributor/ingress.py", ("tests/test_ingress.py", "tests/test_mutants_ingress.py")),
-    Target("consumer_sdk/backoff.py", ("tests/test_backoff_lifecycle.py", "tests/test_mutants_backoff.py")),
-    Target("ingestor/backoff.py", ("tests/test_backoff_lifecycle.py", "tests/test_mutants_backoff.py")),
+    Target("consumer_sdk/core/backoff.py", ("tests/test_backoff_lifecycle.py", "tests/test_mutants_backoff.py")),
     Target("ingestor/lifecycle.py", ("tests/test_backoff_lifecycle.py", "tests/test_mutants_backoff.py")),
     Target("distributor/control/state.py", ("tests/test_control.py", "tests/test_mutants_control.py")),
     Target("distributor/control/codec.py", ("tests/test_control.py", "tests/test_mutants_control.py")),

@@ -1,4 +1,4 @@
-"""ingestor.backoff, ingestor.lifecycle and ingestor.subscriptions: pure code, fed by hand.
+"""consumer_sdk.core.backoff, ingestor.lifecycle and ingestor.subscriptions: pure code, fed by hand.
 
 Expected values are written out here from the documented behaviour (full jitter under a growing,
 capped ceiling; the lifecycle picture; Binance's 1024-streams-a-connection limit), never read
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from consumer_sdk.errors import ConfigError
-from ingestor.backoff import Backoff
+from consumer_sdk.core.backoff import Backoff
+from consumer_sdk.core.errors import ConfigError
 from ingestor.lifecycle import Failure, Lifecycle, SessionState, classify_failure, classify_status
 from ingestor.subscriptions import plan_connections, subscribe_requests
 

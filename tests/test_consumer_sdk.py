@@ -37,24 +37,6 @@ from consumer_sdk import (
     encode_tick,
     follow,
 )
-from consumer_sdk._redis import (
-    ErrorKind,
-    StreamView,
-    backoff_delays,
-    blocking_client,
-    classify,
-    effective_socket_timeout,
-    field_name,
-    field_value,
-    id_after,
-    id_before,
-    id_str,
-    iter_read_reply,
-    pack_xack,
-    raw_stream_client,
-    translate,
-    xack_many,
-)
 from consumer_sdk.consumer import (
     _DELETED,
     _DELIVER,
@@ -72,7 +54,25 @@ from consumer_sdk.consumer import (
     hole_verdict,
     lag_estimate,
 )
-from consumer_sdk.sequencing import Verdict
+from consumer_sdk.core.backoff import backoff_delays
+from consumer_sdk.core.redis import (
+    ErrorKind,
+    StreamView,
+    blocking_client,
+    classify,
+    effective_socket_timeout,
+    field_name,
+    field_value,
+    id_after,
+    id_before,
+    id_str,
+    iter_read_reply,
+    pack_xack,
+    raw_stream_client,
+    translate,
+    xack_many,
+)
+from consumer_sdk.core.sequencing import Verdict
 from ops.redis_server import RedisServer, find_redis_server, restart, start_redis
 
 REDIS_URL = os.environ.get("MARKET_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import gc
 import os
-import random
 import socket
 import subprocess
 import time
@@ -54,7 +53,6 @@ from consumer_sdk.consumer import (
     hole_verdict,
     lag_estimate,
 )
-from consumer_sdk.core.backoff import backoff_delays
 from consumer_sdk.core.redis import (
     ErrorKind,
     StreamView,
@@ -351,14 +349,6 @@ def test_lag_estimate() -> None:
     assert lag_estimate({"lag": None, "last-delivered-id": b"10-10"}, stream) == 0
     assert lag_estimate({"lag": None, "last-delivered-id": b"3-3"}, stream) == 4
     assert lag_estimate({"last-delivered-id": b"3-3"}, None) == 0
-
-
-def test_backoff_is_capped_jittered_and_growing() -> None:
-    delays = backoff_delays(initial=0.05, factor=2.0, cap=2.0, rng=random.Random(1))
-    seq = [next(delays) for _ in range(20)]
-    assert all(0.025 <= d <= 2.0 for d in seq)
-    assert seq[0] <= 0.05 and max(seq[-5:]) > 1.0
-    assert len({round(d, 6) for d in seq[-5:]}) > 1  # jittered, not a constant
 
 
 def test_id_neighbours() -> None:

@@ -97,10 +97,9 @@ def pause(pattern: str, who: str = "t@h") -> Callable[[ControlState], ControlSta
 
 def test_exports() -> None:
     assert sorted(cp.__all__) == sorted([
-        "AUDIT_MAXLEN", "POLL_INTERVAL", "AuditEntry", "Change", "StateFollower", "StoredState", "audit_key",
-        "changed_channel", "default_who", "read_audit", "read_state", "reset_state", "run_auto_degrade",
-        "state_key", "update_state", "watch_control",
-    ])
+        "AUDIT_MAXLEN", "POLL_INTERVAL", "AuditEntry", "Change", "StateFollower", "StoredState", "default_who",
+        "read_audit", "read_state", "reset_state", "run_auto_degrade", "update_state", "watch_control",
+    ])  # the key names (control_state_key, ...) are consumer_sdk.core.keys': tests/test_core_imports.py
 
 
 # -- the pure follower -------------------------------------------------------------------------------------------

@@ -341,18 +341,18 @@ def choose(mutants: Sequence[Mutant], n: int, seed: str, changed: set[str]) -> l
     return (first + rest)[:n]
 
 
-def resolve(names: Sequence[str]) -> list[Target]:
-    """Targets named by path (``ingestor/sequencer.py``), dotted module or unique file stem."""
+def resolve(names: Sequence[str], targets: Sequence[Target] = TARGETS) -> list[Target]:
+    """Those of ``targets`` named by path (``ingestor/sequencer.py``), dotted module or unique file stem."""
     if not names:
-        return list(TARGETS)
+        return list(targets)
     out: list[Target] = []
     for name in names:
         found = [
-            t for t in TARGETS
+            t for t in targets
             if name in (t.path, t.module, t.path.removesuffix(".py")) or name == Path(t.path).stem
         ]
         if len(found) != 1:
-            known = ", ".join(t.path for t in TARGETS)
+            known = ", ".join(t.path for t in targets)
             what = "is ambiguous" if found else "is not a pure core module"
             raise UsageError(f"{name!r} {what}: choose among {known}")
         if found[0] not in out:

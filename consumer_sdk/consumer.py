@@ -8,7 +8,7 @@
 How a read goes: one ``XREADGROUP`` over every matched stream without ``BLOCK`` (a backlog comes
 back at once) and, only when that finds nothing, one with ``BLOCK``; the reply is taken as the
 server sent it (no dict per entry) and reduced to entry IDs and tick fields; per stream, the
-entries are decoded and classified by a :class:`~consumer_sdk.sequencing.SeqTracker` (no I/O, no
+entries are decoded and classified by a :class:`~consumer_sdk.core.sequencing.SeqTracker` (no I/O, no
 await); new ticks go to the handler in order; then one ``XACK`` per stream, all written at once,
 for everything the handler returned from, plus duplicates and invalid entries.  Nothing is
 acknowledged before the handler returned for it: at-least-once.
@@ -48,20 +48,20 @@ Delivery rules:
   processed; or ``start_id`` is a time or seq older than what the stream holds:
   ``on_trimmed(key, first_missing_id, first_available_id)`` is called before anything after the
   loss is handed over (``first_available_id`` is ``None`` when unknown).  Without ``on_trimmed``,
-  :meth:`Consumer.run` raises :class:`~consumer_sdk.errors.TrimmedError` instead, once per loss per
+  :meth:`Consumer.run` raises :class:`~consumer_sdk.core.errors.TrimmedError` instead, once per loss per
   ``Consumer``; calling ``run()`` again continues past it.  (Redis moves ``max-deleted-entry-id``
   only on ``XDEL``, not when trimming, hence the ``lag`` count.)  Where Redis cannot give a ``lag``
   (nil after some deletions) the start check falls back on a jump in seq between the group's position
   and the oldest entry held.  A venue gap that trimming overtook is reported as trimmed.
-- The server must be Redis 7.0+ or Valkey 7.2+ (:mod:`consumer_sdk.server`): the first set-up
-  checks it and :meth:`Consumer.run` raises :class:`~consumer_sdk.errors.ConfigError` on an older one.
+- The server must be Redis 7.0+ or Valkey 7.2+ (:mod:`consumer_sdk.core.server`): the first set-up
+  checks it and :meth:`Consumer.run` raises :class:`~consumer_sdk.core.errors.ConfigError` on an older one.
 - ``NOGROUP`` (Redis restarted without persistence, stream or group deleted): the group is created
   again at ``0`` (everything in a re-created stream is new to the group), logged and counted.  A
   stream named literally is re-created empty (``MKSTREAM``) so the group can wait on it; a stream
   found by a glob that no longer exists is dropped until a rescan finds it again.
 - Connection errors: retried forever with capped, jittered backoff (50 ms growing to 2 s), counted
   in ``reconnects``; afterwards the consumer re-reads its own pending entries.  Errors that retrying
-  cannot fix (a key that is not a stream, authentication) raise :mod:`consumer_sdk.errors`.
+  cannot fix (a key that is not a stream, authentication) raise :mod:`consumer_sdk.core.errors`.
 - Blocking reads: a client made from a URL gets a socket timeout of ``block_ms`` + 10 s; a given
   client whose socket timeout is shorter than the block is used through a dedicated pool with the
   same settings and a longer timeout.
@@ -85,7 +85,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -93,13 +93,16 @@ import orjson
 import redis.exceptions as rexc
 from redis.asyncio import Redis
 
-from consumer_sdk._aio import reraise_if_cancelling
-from consumer_sdk._log import Throttle, get_logger, log_event
-from consumer_sdk._redis import (
+from consumer_sdk.core.aio import reraise_if_cancelling
+from consumer_sdk.core.backoff import backoff_delays
+from consumer_sdk.core.errors import ConfigError, InvalidTick, TransientError, TrimmedError
+from consumer_sdk.core.handler import Handler
+from consumer_sdk.core.keys import DEFAULT_PREFIX, Pattern
+from consumer_sdk.core.log import Throttle, get_logger, log_event
+from consumer_sdk.core.redis import (
     ErrorKind,
     IdT,
     StreamView,
-    backoff_delays,
     blocking_client,
     classify,
     field_name,
@@ -115,18 +118,15 @@ from consumer_sdk._redis import (
     translate,
     xack_many,
 )
-from consumer_sdk.errors import ConfigError, InvalidTick, TransientError, TrimmedError
-from consumer_sdk.keys import DEFAULT_PREFIX, Pattern
+from consumer_sdk.core.sequencing import SeqTracker, Verdict, is_contiguous_channel
+from consumer_sdk.core.server import require_supported
+from consumer_sdk.core.tick import SCHEMA_VERSION, Tick, decode_tick
 from consumer_sdk.replay import Bound, parse_bound, resolve_bound, start_trimmed
-from consumer_sdk.sequencing import SeqTracker, Verdict, is_contiguous_channel
-from consumer_sdk.server import require_supported
-from consumer_sdk.tick import SCHEMA_VERSION, Tick, decode_tick
 
 __all__ = [
     "Consumer",
     "ConsumerStats",
     "GapHook",
-    "Handler",
     "InvalidHook",
     "TrimmedHook",
     "group_behind_trim",
@@ -136,8 +136,6 @@ __all__ = [
 
 log = get_logger("consumer")
 
-Handler: TypeAlias = Callable[[Tick], Awaitable[None] | None]
-"""What gets each tick: a plain function or a coroutine function (decided once, at start)."""
 InvalidHook: TypeAlias = Callable[[str, str, Exception], None]
 GapHook: TypeAlias = Callable[[str, int, int], None]
 TrimmedHook: TypeAlias = Callable[[str, str, str | None], None]
@@ -626,9 +624,9 @@ class Consumer:
         """Hand every new tick to ``handler`` until :meth:`stop` or cancellation.
 
         Raises whatever ``handler`` (or a hook) raises, after acking what was handled before it;
-        :class:`~consumer_sdk.errors.TrimmedError` when history was trimmed and no ``on_trimmed``
-        was given; :class:`~consumer_sdk.errors.ConfigError` or
-        :class:`~consumer_sdk.errors.MarketError` for Redis errors that retrying cannot fix.
+        :class:`~consumer_sdk.core.errors.TrimmedError` when history was trimmed and no ``on_trimmed``
+        was given; :class:`~consumer_sdk.core.errors.ConfigError` or
+        :class:`~consumer_sdk.core.errors.MarketError` for Redis errors that retrying cannot fix.
         Connection errors never end it.
         """
         async for _ in self._loop(handler, _is_async(handler), None):
@@ -796,7 +794,7 @@ class Consumer:
     async def _setup(self, client: Redis) -> None:
         """Find the streams, make sure the group exists on each, check for trimmed history.
 
-        The first set-up also checks the server is one this SDK supports (:mod:`consumer_sdk.server`):
+        The first set-up also checks the server is one this SDK supports (:mod:`consumer_sdk.core.server`):
         :class:`ConfigError` otherwise, which ends :meth:`run`.
         """
         if not self._server_checked:
@@ -935,7 +933,7 @@ class Consumer:
     ) -> list[tuple[str, list[Any]]]:
         """Rescan globs and claim idle entries when they are due; returns the claimed entries' acks.
 
-        ``reader`` is ``client`` as made by :func:`~consumer_sdk._redis.raw_stream_client`.
+        ``reader`` is ``client`` as made by :func:`~consumer_sdk.core.redis.raw_stream_client`.
         """
         now = asyncio.get_running_loop().time()
         if now >= self._next_rescan:
@@ -983,7 +981,7 @@ class Consumer:
         return max(1, min(self._block_ms, int((due - now) * 1000)))
 
     async def _read(self, client: Redis) -> list[_Flat]:
-        """One read over every active stream; ``client`` is a :func:`~consumer_sdk._redis.raw_stream_client`.
+        """One read over every active stream; ``client`` is a :func:`~consumer_sdk.core.redis.raw_stream_client`.
 
         What the streams hold already is read without ``BLOCK`` (a backlog comes as one large reply);
         only when there is nothing does the read block.

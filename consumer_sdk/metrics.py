@@ -23,9 +23,9 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from consumer_sdk._log import Throttle, get_logger
 from consumer_sdk.consumer import Consumer
-from consumer_sdk.errors import MarketError
+from consumer_sdk.core.errors import MarketError
+from consumer_sdk.core.log import Throttle, get_logger
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric

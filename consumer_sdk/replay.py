@@ -6,7 +6,7 @@ or ``-``/``+`` for an open end.  :func:`resolve_bound` turns one into an ``XRANG
 given stream; a ``seq:N`` bound is found by binary search over the millisecond part of the
 IDs (both the ms and the seq part increase in entry order), in ``O(log(time span))`` round trips.
 
-Trimmed history is an explicit :class:`~consumer_sdk.errors.TrimmedError`, never a silently
+Trimmed history is an explicit :class:`~consumer_sdk.core.errors.TrimmedError`, never a silently
 shorter answer.  ``XINFO STREAM`` (Redis 7.0+, the supported floor) tells whether entries were ever removed
 (``entries-added`` above ``length``, or ``max-deleted-entry-id`` for ``XDEL``; note that Redis
 moves ``max-deleted-entry-id`` only on ``XDEL``, not when trimming); a start older than the
@@ -29,15 +29,16 @@ from typing import Any, Final, Literal
 import redis.exceptions as rexc
 from redis.asyncio import Redis
 
-from consumer_sdk._aio import reraise_if_cancelling
-from consumer_sdk._log import Throttle, get_logger
-from consumer_sdk._redis import (
+from consumer_sdk.core.aio import reraise_if_cancelling
+from consumer_sdk.core.backoff import backoff_delays
+from consumer_sdk.core.errors import ConfigError, InvalidTick, TrimmedError
+from consumer_sdk.core.log import Throttle, get_logger
+from consumer_sdk.core.redis import (
     MAX_SEQ,
     Entry,
     ErrorKind,
     IdT,
     StreamView,
-    backoff_delays,
     blocking_client,
     classify,
     fmt_id,
@@ -50,8 +51,7 @@ from consumer_sdk._redis import (
     translate,
     xinfo_stream,
 )
-from consumer_sdk.errors import ConfigError, InvalidTick, TrimmedError
-from consumer_sdk.tick import Tick, decode_tick
+from consumer_sdk.core.tick import Tick, decode_tick
 
 __all__ = [
     "Bound",

@@ -36,7 +36,7 @@ and counts ``missed = matched(head) - (delivered + dropped) - matched_in(head - 
 the last term counted over the ring's stream-id list at C speed; nothing per tick is kept
 for this, and the subscribers that keep up pay nothing for it.
 
-Latency: ``HotPath.latency`` (a :class:`~consumer_sdk.latency.LatencyHistogram`, µs) counts, for
+Latency: ``HotPath.latency`` (a :class:`~consumer_sdk.core.latency.LatencyHistogram`, µs) counts, for
 every delivery to every subscriber, the time from the publish stamp of the tick's batch (one
 ``perf_counter_ns`` read per batch, kept in the stamps list) to the moment its handler call has
 returned.  A synchronous subscriber's delivery loop walks its chunk one publish batch at a time (the
@@ -126,12 +126,12 @@ from itertools import compress
 from operator import itemgetter
 from typing import Final, cast
 
-from consumer_sdk._log import Throttle, get_logger, log_event
-from consumer_sdk.consumer import Handler
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.keys import Pattern, StreamName
-from consumer_sdk.latency import LatencyHistogram, bucket_of, check_sample_every
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.handler import Handler
+from consumer_sdk.core.keys import Pattern, StreamName
+from consumer_sdk.core.latency import LatencyHistogram, bucket_of, check_sample_every
+from consumer_sdk.core.log import Throttle, get_logger, log_event
+from consumer_sdk.core.tick import Tick
 from distributor.registry import parse_stream
 
 __all__ = [

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Generic, TypeVar
 
-from consumer_sdk.errors import ConfigError
+from consumer_sdk.core.errors import ConfigError
 
 __all__ = ["IngressQueue", "IngressStats", "Policy"]
 

@@ -23,8 +23,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.keys import Pattern, StreamName
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.keys import Pattern, StreamName
 
 __all__ = ["Changes", "ChannelRegistry", "parse_stream"]
 

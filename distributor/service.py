@@ -18,8 +18,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from consumer_sdk._log import Throttle, get_logger
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.log import Throttle, get_logger
+from consumer_sdk.core.tick import Tick
 from distributor.control import ControlGate
 from distributor.hotpath import HotPath
 from distributor.ingress import IngressQueue

@@ -55,8 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
 
-from consumer_sdk._log import get_logger, log_event
-from consumer_sdk.errors import ConfigError
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.log import get_logger, log_event
 
 __all__ = [
     "FIRST_SEGMENT",

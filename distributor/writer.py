@@ -38,29 +38,15 @@ from typing import Any, Final
 import orjson
 import redis.asyncio as aioredis
 from redis.crc import key_slot
-from redis.exceptions import (
-    AskError,
-    AuthenticationError,
-    BusyLoadingError,
-    ClusterDownError,
-    MasterDownError,
-    NoPermissionError,
-    NoScriptError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    RedisError,
-    ResponseError,
-    TryAgainError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from consumer_sdk._aio import reraise_if_cancelling
-from consumer_sdk._log import Throttle, get_logger, log_event
-from consumer_sdk.backoff import Backoff
-from consumer_sdk.keys import DEFAULT_PREFIX
-from consumer_sdk.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram, check_sample_every
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.aio import reraise_if_cancelling
+from consumer_sdk.core.backoff import Backoff
+from consumer_sdk.core.keys import DEFAULT_PREFIX
+from consumer_sdk.core.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram, check_sample_every
+from consumer_sdk.core.log import Throttle, get_logger, log_event
+from consumer_sdk.core.redis import classify_redis
+from consumer_sdk.core.tick import Tick
 from distributor.spill import RETRY_FULL_S, SpillFull, SpillLog
 
 __all__ = [
@@ -111,57 +97,34 @@ _OTHER: Final = ErrorClass("other")
 _UNREACHABLE: Final = ErrorClass("unreachable")
 _WRONGTYPE: Final = ErrorClass("wrongtype", Action.DEAD_LETTER, whole_stream=True)
 _BAD_ID: Final = ErrorClass("bad_id", Action.DEAD_LETTER)
-#: redis-py's exception classes, most specific first (it strips the reply's prefix from their message)
-_BY_EXCEPTION: Final[tuple[tuple[type[BaseException], ErrorClass], ...]] = (
-    (OutOfMemoryError, ErrorClass("oom")),
-    (ReadOnlyError, ErrorClass("readonly")),
-    (BusyLoadingError, ErrorClass("loading")),  # a ConnectionError to redis-py, a reply to us
-    (NoScriptError, ErrorClass("noscript")),
-    (MasterDownError, ErrorClass("masterdown")),  # a ClusterDownError
-    (ClusterDownError, ErrorClass("clusterdown")),
-    (TryAgainError, ErrorClass("tryagain")),
-    (AskError, ErrorClass("moved")),  # MovedError is an AskError
-    (NoPermissionError, ErrorClass("noperm")),
-    (AuthenticationError, ErrorClass("auth")),  # a ConnectionError
-    (RedisConnectionError, _UNREACHABLE),
-    (RedisTimeoutError, _UNREACHABLE),
-    (OSError, _UNREACHABLE),
-)
-#: the first word of an error reply (what the script returns, and what redis-py leaves in the text
-#: of a plain ResponseError)
-_BY_PREFIX: Final[Mapping[str, ErrorClass]] = {
-    "OOM": ErrorClass("oom"),
-    "READONLY": ErrorClass("readonly"),
-    "LOADING": ErrorClass("loading"),
-    "BUSY": ErrorClass("busy"),
-    "NOSCRIPT": ErrorClass("noscript"),
-    "MASTERDOWN": ErrorClass("masterdown"),
-    "CLUSTERDOWN": ErrorClass("clusterdown"),
-    "TRYAGAIN": ErrorClass("tryagain"),
-    "MOVED": ErrorClass("moved"),
-    "ASK": ErrorClass("moved"),
-    "MISCONF": ErrorClass("misconf"),
-    "NOREPLICAS": ErrorClass("noreplicas"),
-    "NOPERM": ErrorClass("noperm"),
-    "NOAUTH": ErrorClass("auth"),
-    "WRONGPASS": ErrorClass("auth"),
-    "WRONGTYPE": _WRONGTYPE,
+#: what the writer does for each reason of the one classifier (:func:`consumer_sdk.core.redis.classify_redis`);
+#: a reason not here (``nogroup``, ``transient``: never met on a write) is ``other``
+_BY_REASON: Final[Mapping[str, ErrorClass]] = {
+    **{
+        reason: ErrorClass(reason)
+        for reason in (
+            "oom", "readonly", "loading", "busy", "noscript", "masterdown", "clusterdown", "tryagain", "moved",
+            "misconf", "noreplicas", "noperm", "auth",
+        )
+    },
+    _UNREACHABLE.reason: _UNREACHABLE,
+    _WRONGTYPE.reason: _WRONGTYPE,
+    _BAD_ID.reason: _BAD_ID,
+    _OTHER.reason: _OTHER,
 }
-#: ``ERR`` replies naming an entry ID that XADD can never accept
-_BAD_ID_TEXTS: Final = ("The ID specified in XADD", "Invalid stream ID")
-_CLASSES: Final = (*(c for _, c in _BY_EXCEPTION), *_BY_PREFIX.values(), _BAD_ID, _OTHER)
 #: every ``reason`` :func:`classify_error` can give (bounded: a metric label)
-REASONS: Final = tuple(sorted({c.reason for c in _CLASSES}))
+REASONS: Final = tuple(sorted(_BY_REASON))
 #: the reasons Redis refuses a write for (all but ``unreachable``: no answer is no refusal)
 REJECTION_REASONS: Final = tuple(r for r in REASONS if r != _UNREACHABLE.reason)
 #: the reasons whose ticks go to the dead-letter stream
-DEAD_LETTER_REASONS: Final = frozenset(c.reason for c in _CLASSES if c.action is Action.DEAD_LETTER)
+DEAD_LETTER_REASONS: Final = frozenset(c.reason for c in _BY_REASON.values() if c.action is Action.DEAD_LETTER)
 
 
 def classify_error(error: BaseException | str) -> ErrorClass:
     """The class of an error the writer met: an exception, or the text of an error reply.
 
-    Pure; by redis-py's exception class first, then by the reply's first word.
+    Pure; the reason is the one classifier's (:func:`consumer_sdk.core.redis.classify_redis`), what the
+    writer does about it is its own, whatever the classifier's kind:
 
     ============================================  =============  ================================
     error (exception class / reply prefix)        reason         what the writer does
@@ -187,25 +150,13 @@ def classify_error(error: BaseException | str) -> ErrorClass:
     ============================================  =============  ================================
 
     Retrying is always safe, since the script skips what a stream already holds; only an error
-    that names a key or a tick Redis can never accept diverts ticks from their stream.  An error
-    this table does not know is retried (and logged, counted and alerted on as ``other``): a
-    defect that cannot heal then holds the writer back, visibly, rather than losing ticks.
+    that names a key or a tick Redis can never accept diverts ticks from their stream.  So the
+    classifier's FATAL errors (OOM, ACLs, ...) are held and retried too, not given up on: a reader
+    loses nothing by stopping, the writer would lose ticks.  An error this table does not know is
+    retried (and logged, counted and alerted on as ``other``): a defect that cannot heal then holds
+    the writer back, visibly, rather than losing ticks.
     """
-    if not isinstance(error, str):
-        for cls, found in _BY_EXCEPTION:
-            if isinstance(error, cls):
-                return found
-        if not isinstance(error, ResponseError):
-            return _OTHER
-        error = str(error)
-    word, _, rest = error.partition(" ")
-    by_word = _BY_PREFIX.get(word)
-    if by_word is not None:
-        return by_word
-    text = rest if word == "ERR" else error  # redis-py strips "ERR " from a ResponseError's text
-    if text.startswith(_BAD_ID_TEXTS):
-        return _BAD_ID
-    return _OTHER
+    return _BY_REASON.get(classify_redis(error).reason, _OTHER)
 
 
 def error_text(exc: BaseException) -> str:

@@ -3,7 +3,7 @@
 :func:`parse_frame` takes one WebSocket text frame (raw payload or combined-stream
 wrapped ``{"stream": ..., "data": ...}``) and the receive time, and returns
 
-- a tick (``dict``, see :mod:`consumer_sdk.tick`) for ``trade``, ``aggTrade``,
+- a tick (``dict``, see :mod:`consumer_sdk.core.tick`) for ``trade``, ``aggTrade``,
   ``bookTicker`` and ``kline`` events;
 - a :class:`Reply` for answers to our requests (``{"result": ..., "id": ...}``
   or ``{"error": ..., "id": ...}``);
@@ -27,7 +27,7 @@ from typing import Any, Final
 
 import orjson
 
-from consumer_sdk.tick import SCHEMA_VERSION, Tick
+from consumer_sdk.core.tick import SCHEMA_VERSION, Tick
 
 __all__ = [
     "BINANCE_CHANNELS",

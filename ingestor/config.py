@@ -1,8 +1,8 @@
 """Ingestor settings: flags, then ``MARKET_*`` environment variables, then a TOML file, then defaults.
 
 :func:`load_settings` is pure apart from reading the TOML file; every problem is a
-:class:`~consumer_sdk.errors.ConfigError` with one line naming it.  Secrets in
-URLs never appear in messages: :func:`redact_url` masks them.
+:class:`~consumer_sdk.core.errors.ConfigError` with one line naming it.  Secrets in
+URLs never appear in messages: :func:`consumer_sdk.core.urls.redact_url` masks them.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.keys import DEFAULT_PREFIX, Pattern
-from consumer_sdk.latency import DEFAULT_SAMPLE_EVERY
-from consumer_sdk.tick import is_valid_channel
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.keys import DEFAULT_PREFIX, Pattern, check_prefix
+from consumer_sdk.core.latency import DEFAULT_SAMPLE_EVERY
+from consumer_sdk.core.tick import is_valid_channel
+from consumer_sdk.core.urls import DEFAULT_REDIS_URL, validate_redis_url
 from distributor.hotpath import SubscriberPolicy
 from distributor.ingress import Policy
 from distributor.writer import Retention
@@ -26,21 +27,16 @@ from ingestor.repair import RepairSettings
 from ingestor.session import DEFAULT_STALE_AFTER, SessionSettings
 
 __all__ = [
-    "DEFAULT_REDIS_URL",
     "IngestSettings",
     "SubscriberSpec",
     "default_rest_url",
     "load_settings",
-    "redact_url",
-    "validate_redis_url",
 ]
 
-DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
 DEFAULT_WS_URL: Final = "wss://stream.binance.com:9443"
 BINANCE_REST: Final = "https://api.binance.com"
 SUBSCRIBER_POLICIES: Final = tuple(p.value for p in SubscriberPolicy)
 _SYMBOL = re.compile(r"^[A-Z0-9_]{1,40}$")
-_PREFIX = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +80,7 @@ class IngestSettings:
     on_demand: tuple[str, ...] = ()
     #: how long a stream nobody wants stays subscribed before it is released
     release_grace_s: float = 30.0
-    #: per-tick latency stages observe one tick in this many (0: latency not measured; see consumer_sdk.latency)
+    #: per-tick latency stages observe one tick in this many (0: latency not measured; see consumer_sdk.core.latency)
     latency_sample: int = DEFAULT_SAMPLE_EVERY
     #: on SIGTERM/SIGINT, how long saving what the process holds may take in all (``[shutdown] flush_timeout_s``);
     #: below the usual supervisors' 30 s before SIGKILL
@@ -98,34 +94,6 @@ class IngestSettings:
         return "binance"
 
 
-def redact_url(url: str) -> str:
-    """``redis://user:secret@host:6379/0`` -> ``redis://user:***@host:6379/0``."""
-    try:
-        parts = urlsplit(url)
-        has_password = parts.password is not None
-    except ValueError:
-        return "<unparseable URL>"
-    if not has_password:
-        return url
-    user = parts.username or ""
-    # Keep the host part exactly as written (IPv6 brackets, a port even if invalid): only the secret goes.
-    hostport = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, f"{user}:***@{hostport}", parts.path, parts.query, parts.fragment))
-
-
-def validate_redis_url(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-        _ = parts.port
-    except ValueError:
-        raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: bad host or port") from None
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: scheme must be redis://, rediss:// or unix://")
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: no host")
-    return url
-
-
 def _validate_ws_url(url: str) -> str:
     try:
         parts = urlsplit(url)
@@ -135,12 +103,6 @@ def _validate_ws_url(url: str) -> str:
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise ConfigError(f"invalid venue URL {url!r}: expected ws://host:port or wss://host:port")
     return url.rstrip("/")
-
-
-def validate_prefix(prefix: str) -> str:
-    if not _PREFIX.match(prefix):
-        raise ConfigError(f"invalid stream prefix {prefix!r}: letters, digits, '_', '.', '-' only")
-    return prefix
 
 
 def default_spill_dir(prefix: str) -> str:
@@ -403,9 +365,7 @@ def load_settings(
             raise ConfigError(
                 f"unknown channel {c!r}: expected trade, agg_trade, book_ticker or kline_<interval> (e.g. kline_1m)"
             )
-    prefix = str(merged.get("prefix", DEFAULT_PREFIX))
-    if not _PREFIX.match(prefix):
-        raise ConfigError(f"invalid stream prefix {prefix!r}")
+    prefix = check_prefix(str(merged.get("prefix", DEFAULT_PREFIX)))
     subscriber_flags = tuple(flags.get("subscribers") or ())
     streams_table = toml.get("streams", {})
     if not isinstance(streams_table, dict):

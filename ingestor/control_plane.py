@@ -32,9 +32,10 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError, WatchError
 
-from consumer_sdk._log import Throttle, get_logger, log_event
-from consumer_sdk._redis import backoff_delays
-from consumer_sdk.errors import ConfigError, TransientError
+from consumer_sdk.core.backoff import backoff_delays
+from consumer_sdk.core.errors import ConfigError, TransientError
+from consumer_sdk.core.keys import control_audit_key, control_changed_channel, control_state_key
+from consumer_sdk.core.log import Throttle, get_logger, log_event
 from distributor.control import AutoStep, ControlGate, ControlState, dump_state, parse_state
 
 __all__ = [
@@ -44,14 +45,11 @@ __all__ = [
     "Change",
     "StateFollower",
     "StoredState",
-    "audit_key",
-    "changed_channel",
     "default_who",
     "read_audit",
     "read_state",
     "reset_state",
     "run_auto_degrade",
-    "state_key",
     "update_state",
     "watch_control",
 ]
@@ -61,18 +59,6 @@ POLL_INTERVAL: Final = 0.5
 MAX_ATTEMPTS: Final = 200
 
 log = get_logger("control")
-
-
-def state_key(prefix: str) -> str:
-    return f"{prefix}:_ctl:state"
-
-
-def audit_key(prefix: str) -> str:
-    return f"{prefix}:_ctl:audit"
-
-
-def changed_channel(prefix: str) -> str:
-    return f"{prefix}:_ctl:changed"
 
 
 def default_who() -> str:
@@ -111,14 +97,14 @@ def _text(value: object) -> str:
 def _wrongtype(prefix: str, exc: ResponseError) -> str | None:
     text = str(exc)
     if text.startswith("WRONGTYPE"):
-        return f"control state: {state_key(prefix)} is not a string key ({text})"
+        return f"control state: {control_state_key(prefix)} is not a string key ({text})"
     return None
 
 
 async def read_state(redis: aioredis.Redis, prefix: str) -> StoredState:
     """The stored state, checked; a missing key is the empty state (nothing in force)."""
     try:
-        raw = _bytes(await redis.get(state_key(prefix)))
+        raw = _bytes(await redis.get(control_state_key(prefix)))
     except ResponseError as exc:
         error = _wrongtype(prefix, exc)
         if error is None:
@@ -145,7 +131,7 @@ class AuditEntry:
 
 async def read_audit(redis: aioredis.Redis, prefix: str, count: int = 20) -> list[AuditEntry]:
     """The newest ``count`` audit entries, newest first."""
-    rows: Any = await redis.xrevrange(audit_key(prefix), "+", "-", count=count)
+    rows: Any = await redis.xrevrange(control_audit_key(prefix), "+", "-", count=count)
     out: list[AuditEntry] = []
     for entry_id, fields in rows or ():
         f = {_text(k): _text(v) for k, v in (fields or {}).items()}
@@ -194,7 +180,7 @@ async def update_state(
 
     A malformed stored state is not overwritten: :class:`ConfigError` (``market ctl reset`` replaces it).
     """
-    key = state_key(prefix)
+    key = control_state_key(prefix)
     async with redis.pipeline(transaction=True) as pipe:
         for _ in range(MAX_ATTEMPTS):
             try:
@@ -237,7 +223,7 @@ async def reset_state(
     redis: aioredis.Redis, prefix: str, *, who: str, clock: Callable[[], float] = time.time
 ) -> Change:
     """Replace whatever is stored, malformed or not, with the empty state (nothing in force)."""
-    key = state_key(prefix)
+    key = control_state_key(prefix)
     async with redis.pipeline(transaction=True) as pipe:
         for _ in range(MAX_ATTEMPTS):
             try:
@@ -285,8 +271,8 @@ async def _announce(
     }
     try:
         pipe = redis.pipeline(transaction=False)
-        pipe.xadd(audit_key(prefix), fields, maxlen=AUDIT_MAXLEN, approximate=True)  # type: ignore[arg-type]
-        pipe.publish(changed_channel(prefix), str(state.version))
+        pipe.xadd(control_audit_key(prefix), fields, maxlen=AUDIT_MAXLEN, approximate=True)  # type: ignore[arg-type]
+        pipe.publish(control_changed_channel(prefix), str(state.version))
         await pipe.execute()
     except (RedisError, OSError) as exc:
         raise TransientError(
@@ -360,7 +346,7 @@ async def watch_control(
     the reason a stored record is rejected (once per distinct record), and the last good state stays in
     force.  Redis errors are logged and retried with capped, jittered backoff; only cancellation ends it.
     """
-    key, channel = state_key(prefix), changed_channel(prefix)
+    key, channel = control_state_key(prefix), control_changed_channel(prefix)
     follower = StateFollower(on_state, on_invalid)
     throttle = Throttle(log, interval=10.0)
     backoff: Iterator[float] | None = None

@@ -66,14 +66,15 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 from redis.exceptions import RedisError
 
-from consumer_sdk._aio import reraise_if_cancelling
-from consumer_sdk._log import Throttle, get_logger, log_event
-from consumer_sdk.errors import ConfigError
+from consumer_sdk.core.aio import reraise_if_cancelling
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.keys import heartbeat_key, heartbeat_set_key
+from consumer_sdk.core.log import Throttle, get_logger, log_event
+from consumer_sdk.core.urls import public_url
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -111,30 +112,6 @@ _LIVE_STATES: Final = frozenset({"live", "rotating"})
 _BEAT_SET: Final = "#!lua flags=allow-oom\nreturn redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])"
 _BEAT_ADD: Final = "#!lua flags=allow-oom\nreturn redis.call('SADD', KEYS[1], ARGV[1])"
 _HOST_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
-
-
-def heartbeat_key(prefix: str, ingestor_id: str) -> str:
-    """``<prefix>:_hb:ingestor:<id>``: one ingestor's latest heartbeat (a string, JSON, with an expiry)."""
-    return f"{prefix}:_hb:ingestor:{ingestor_id}"
-
-
-def heartbeat_set_key(prefix: str) -> str:
-    """``<prefix>:_hb:ingestors``: the set of ingestor ids that have reported."""
-    return f"{prefix}:_hb:ingestors"
-
-
-def public_url(url: str) -> str:
-    """The URL with no password, query or fragment (where tokens would travel)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.netloc.rpartition("@")[2]
-        user = parts.username
-    except ValueError:
-        return "<unparseable URL>"
-    netloc = f"{user}@{host}" if user else host
-    if parts.password is not None:
-        netloc = f"{user or ''}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 @functools.cache

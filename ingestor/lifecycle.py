@@ -62,7 +62,11 @@ class Lifecycle:
 class Failure:
     """What to do about an error: ``fatal`` stops the session with ``message``; otherwise retry,
     after ``retry_after`` seconds when the venue said so, else after the backoff delay.  ``alarm``
-    asks for the retry to be logged at error level (something a person should know about now)."""
+    asks for the retry to be logged at error level (something a person should know about now).
+
+    ``fatal`` is the venue connection's side of the project's one split (:mod:`consumer_sdk.core.errors`:
+    a :class:`~consumer_sdk.core.errors.Fatal` error, retrying will not help; otherwise a
+    :class:`~consumer_sdk.core.errors.Retryable` one)."""
 
     message: str
     fatal: bool = False

@@ -1,7 +1,7 @@
 """Prometheus exposition for an ingestor process.
 
 Nothing on the hot path touches prometheus-client: the owner tasks keep plain
-integer counters and :class:`~consumer_sdk.latency.LatencyHistogram` buckets, and
+integer counters and :class:`~consumer_sdk.core.latency.LatencyHistogram` buckets, and
 this collector reads them when Prometheus scrapes (from the exporter's thread;
 reads need no lock).
 """
@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.latency import LatencyHistogram
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.latency import LatencyHistogram
 from distributor.writer import REJECTION_REASONS
 from ingestor.rest import REFUSAL_KINDS
 

@@ -6,7 +6,7 @@ missing ids from the venue's REST API (``historicalTrades`` / ``aggTrades`` with
 Then the fetched and the held ticks go into the ingress merged in ``seq`` order, so they reach
 Redis in order and nothing newer was stored first.  Whatever could not be fetched (older than
 the venue keeps, too large, REST failing or refused, the hold's time up) is published as an explicit
-gap marker (:func:`consumer_sdk.tick.make_gap_marker`) where the ids are missing: never silence.
+gap marker (:func:`consumer_sdk.core.tick.make_gap_marker`) where the ids are missing: never silence.
 
 Bounds, since a repair holds its stream's live ticks:
 
@@ -39,11 +39,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from consumer_sdk._aio import reraise_if_cancelling
-from consumer_sdk._log import get_logger, log_event
-from consumer_sdk.tick import Tick, make_gap_marker
+from consumer_sdk.core.aio import reraise_if_cancelling
+from consumer_sdk.core.backoff import Backoff
+from consumer_sdk.core.log import get_logger, log_event
+from consumer_sdk.core.tick import Tick, make_gap_marker
 from distributor.ingress import IngressQueue
-from ingestor.backoff import Backoff
 from ingestor.rest import (
     RestRefused,
     RestRetryable,

@@ -16,9 +16,9 @@ bounds memory exactly (a compressed body could expand a thousandfold inside one 
 Every failure is one of these, raised at the boundary (httpx's own errors never escape)::
 
     RestError (MarketError)    kind, status, retry_after, elapsed_s
-    ├── RestRetryable          asking again may succeed: deadline, transport (connection refused,
+    ├── RestRetryable          (also a Retryable) asking again may succeed: deadline, transport (connection refused,
     │                          reset or closed), http_status 408/418/429/5xx (with Retry-After)
-    └── RestRefused            this answer will not change soon: http_status (other 4xx),
+    └── RestRefused            (also a Fatal) this answer will not change soon: http_status (other 4xx),
                                redirect, too_large, encoding, bad_json, bad_row, wrong_symbol
 
 :data:`REFUSAL_KINDS` names the kinds; the client counts each (:class:`RestStats`).
@@ -38,8 +38,8 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
-from consumer_sdk.errors import MarketError
-from consumer_sdk.tick import SCHEMA_VERSION, Tick
+from consumer_sdk.core.errors import Fatal, MarketError, Retryable
+from consumer_sdk.core.tick import SCHEMA_VERSION, Tick
 from ingestor.lifecycle import parse_retry_after
 
 __all__ = [
@@ -78,9 +78,8 @@ _DECIMAL: Final = re.compile(r"[0-9]{1,24}(?:\.[0-9]{1,24})?")
 
 
 class RestError(MarketError):
-    """A REST request that gave no usable answer; ``kind`` is one of :data:`REFUSAL_KINDS`."""
-
-    retryable = False
+    """A REST request that gave no usable answer; ``kind`` is one of :data:`REFUSAL_KINDS`.  Always one of
+    the two below: ``retryable`` tells which (the project's one split, :mod:`consumer_sdk.core.errors`)."""
 
     def __init__(
         self, message: str, *, kind: RefusalKind, status: int | None = None, retry_after: float | None = None,
@@ -95,13 +94,11 @@ class RestError(MarketError):
         self.elapsed_s = elapsed_s
 
 
-class RestRetryable(RestError):
+class RestRetryable(RestError, Retryable):
     """Asking again may succeed: after ``retry_after`` seconds when the venue named them."""
 
-    retryable = True
 
-
-class RestRefused(RestError):
+class RestRefused(RestError, Fatal):
     """Asking again soon would get the same answer: the caller gives up on this request."""
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from consumer_sdk.sequencing import SeqTracker, Verdict, is_contiguous_channel
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.sequencing import SeqTracker, Verdict, is_contiguous_channel
+from consumer_sdk.core.tick import Tick
 
 __all__ = ["GapReport", "SequenceStats", "Sequencer"]
 

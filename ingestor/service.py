@@ -24,15 +24,16 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from consumer_sdk._log import get_logger, log_event
-from consumer_sdk.backoff import Backoff
-from consumer_sdk.consumer import Handler
-from consumer_sdk.errors import ConfigError, InvalidTick, MarketError, TransientError
-from consumer_sdk.keys import Pattern, parse_entry_id, stream_key
-from consumer_sdk.latency import LatencyHistogram
-from consumer_sdk.sequencing import is_contiguous_channel
-from consumer_sdk.server import require_supported
-from consumer_sdk.tick import Tick, decode_tick, is_gap_marker
+from consumer_sdk.core.backoff import Backoff
+from consumer_sdk.core.errors import ConfigError, InvalidTick, MarketError
+from consumer_sdk.core.handler import Handler
+from consumer_sdk.core.keys import Pattern, parse_entry_id, stream_key
+from consumer_sdk.core.latency import LatencyHistogram
+from consumer_sdk.core.log import get_logger, log_event
+from consumer_sdk.core.redis import connect_redis
+from consumer_sdk.core.sequencing import is_contiguous_channel
+from consumer_sdk.core.tick import Tick, decode_tick, is_gap_marker
+from consumer_sdk.core.urls import redact_url
 from distributor.control import ControlGate, ControlState, WindowPercentile
 from distributor.hotpath import HOT_SAMPLE_EVERY, HotPath, Subscription
 from distributor.ingress import IngressQueue
@@ -41,7 +42,7 @@ from distributor.service import BatchHandler, Distributor
 from distributor.spill import SpillLog
 from distributor.writer import StreamWriter, WriteRefused
 from ingestor.binance import channel_to_stream
-from ingestor.config import IngestSettings, redact_url
+from ingestor.config import IngestSettings
 from ingestor.control_plane import run_auto_degrade, watch_control
 from ingestor.heartbeat import heartbeat_loop
 from ingestor.repair import REPAIRABLE, GapRepairer, merge_repair
@@ -55,7 +56,6 @@ __all__ = [
     "SpillHole",
     "StopReport",
     "UnsavedAtStop",
-    "connect_redis",
     "plan_spill_recovery",
     "plan_stop_flush",
 ]
@@ -193,24 +193,6 @@ def load_handler(target: str) -> Handler:
     if not callable(obj):
         raise ConfigError(f"subscriber {target!r}: {attr!r} is not callable")
     return cast(Handler, obj)
-
-
-async def connect_redis(url: str, *, socket_timeout: float = 10.0) -> aioredis.Redis:
-    """A client for ``url`` that has answered PING; :class:`TransientError` naming the (redacted) URL if not,
-    :class:`ConfigError` when the server is older than the supported floor (:mod:`consumer_sdk.server`)."""
-    client = aioredis.Redis.from_url(
-        url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30
-    )
-    try:
-        await client.ping()
-        await require_supported(client, redact_url(url))
-    except (RedisError, OSError) as exc:
-        await client.aclose()
-        raise TransientError(f"Redis unreachable at {redact_url(url)}: {exc}") from None
-    except ConfigError:
-        await client.aclose()
-        raise
-    return client
 
 
 class Ingestor:

@@ -2,7 +2,7 @@
 
 The adapter is thin: frames go through :func:`ingestor.binance.parse_frame` and the
 :class:`~ingestor.sequencer.Sequencer` (pure), then into the ingress queue.  Decisions live
-in pure modules: :mod:`ingestor.lifecycle` (states, error policy), :mod:`ingestor.backoff`
+in pure modules: :mod:`ingestor.lifecycle` (states, error policy), :mod:`consumer_sdk.core.backoff`
 (delays), :mod:`ingestor.subscriptions` (requests).
 
 - **Reconnect**: every failure leads to a capped, fully jittered delay that resets only after
@@ -37,14 +37,14 @@ import orjson
 import websockets
 from websockets.asyncio.client import connect
 
-from consumer_sdk._aio import reraise_if_cancelling
-from consumer_sdk._log import Throttle, get_logger, log_event
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram, check_sample_every
-from consumer_sdk.sequencing import Verdict
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.aio import reraise_if_cancelling
+from consumer_sdk.core.backoff import Backoff
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram, check_sample_every
+from consumer_sdk.core.log import Throttle, get_logger, log_event
+from consumer_sdk.core.sequencing import Verdict
+from consumer_sdk.core.tick import Tick
 from distributor.ingress import IngressQueue
-from ingestor.backoff import Backoff
 from ingestor.binance import MalformedFrame, Reply, ServerShutdown, parse_frame, stream_to_channel
 from ingestor.lifecycle import Failure, Lifecycle, SessionState, classify_failure
 from ingestor.repair import GapRepairer

@@ -18,7 +18,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from consumer_sdk.errors import ConfigError, MarketError, TransientError
+from consumer_sdk.core.errors import ConfigError, MarketError, TransientError
 from ops.ctl import app as ctl_app
 
 __all__ = ["app", "main"]
@@ -101,7 +101,7 @@ def _stuck_shutdown(grace: float = SHUTDOWN_GRACE_S) -> None:
 
 
 def _redis_url() -> str:
-    from ingestor.config import DEFAULT_REDIS_URL, validate_redis_url
+    from consumer_sdk.core.urls import DEFAULT_REDIS_URL, validate_redis_url
 
     return validate_redis_url(os.environ.get("MARKET_REDIS_URL", DEFAULT_REDIS_URL))
 
@@ -162,8 +162,9 @@ def ingest(
 
 
 async def _ingest(settings: Any) -> None:
+    from consumer_sdk.core.redis import connect_redis
     from ingestor.metrics import serve_metrics
-    from ingestor.service import Ingestor, UnsavedAtStop, connect_redis
+    from ingestor.service import Ingestor, UnsavedAtStop
 
     redis = await connect_redis(settings.redis_url)
     try:
@@ -260,12 +261,11 @@ def tail(
 
 def _check_key(key: str) -> str:
     """``key`` is ``<prefix>:<venue>:<SYMBOL>:<channel>`` with a valid prefix (any, not only ``md``); its prefix."""
-    from consumer_sdk.keys import parse_key
-    from ingestor.config import validate_prefix
+    from consumer_sdk.core.keys import check_prefix, parse_key
 
     prefix = key.split(":", 1)[0]
     try:
-        validate_prefix(prefix)
+        check_prefix(prefix)
     except ConfigError:
         raise ConfigError(f"not a stream key of the form <prefix>:<venue>:<SYMBOL>:<channel>: {key!r}") from None
     parse_key(key, prefix=prefix)
@@ -281,8 +281,8 @@ def _emit(key: str, entry_id: str, tick: Any) -> None:
 
 async def _tail(url: str, keys: list[str], group: str | None, start: str, prefix: str) -> None:
     from consumer_sdk.consumer import Consumer
+    from consumer_sdk.core.redis import connect_redis
     from consumer_sdk.replay import follow
-    from ingestor.service import connect_redis
 
     redis = await connect_redis(url)
     try:
@@ -322,17 +322,17 @@ def replay(
     lo = parse_bound(start, end=False)
     hi = parse_bound(end, end=True)
     if to_prefix is not None:
-        from ingestor.config import validate_prefix
+        from consumer_sdk.core.keys import check_prefix
 
-        validate_prefix(to_prefix)
+        check_prefix(to_prefix)
         run_async(_republish(_redis_url(), key, lo, hi, to_prefix, progress or sys.stderr.isatty()))
         return
     run_async(_replay(_redis_url(), key, lo, hi, format_, progress or sys.stderr.isatty()), graceful_term=False)
 
 
 async def _republish(url: str, key: str, lo: Any, hi: Any, prefix: str, show_progress: bool) -> None:
+    from consumer_sdk.core.redis import connect_redis
     from consumer_sdk.replay import republish
-    from ingestor.service import connect_redis
 
     def report(done: int, total: int | None) -> None:
         if show_progress:
@@ -352,9 +352,9 @@ async def _replay(url: str, key: str, lo: Any, hi: Any, fmt: str, show_progress:
 
     import orjson
 
+    from consumer_sdk.core.redis import connect_redis
+    from consumer_sdk.core.tick import BASE_FIELDS, channel_fields
     from consumer_sdk.replay import read_range
-    from consumer_sdk.tick import BASE_FIELDS, channel_fields
-    from ingestor.service import connect_redis
 
     redis = await connect_redis(url)
     out = sys.stdout
@@ -467,9 +467,9 @@ def verify(
     Works against any venue (the ids are the venue's own, numbered one by one): the check for a long run on
     the real venue. Exit status 0 when every stream holds, 1 on a break or when no stream was found, 2 on bad input.
     """
-    from ingestor.config import validate_prefix
+    from consumer_sdk.core.keys import check_prefix
 
-    validate_prefix(prefix)
+    check_prefix(prefix)
     for key in keys or ():
         if _check_key(key) != prefix:
             fail(f"{key} is not under --prefix {prefix}")
@@ -488,7 +488,7 @@ def verify(
 
 
 async def _verify(url: str, prefix: str, keys: list[str]) -> list[Any]:
-    from ingestor.service import connect_redis
+    from consumer_sdk.core.redis import connect_redis
     from ops.verify import verify_streams
 
     redis = await connect_redis(url)
@@ -618,7 +618,7 @@ def bench_reader(ticks: Ticks = 500_000, streams: Streams = 100, as_json: AsJson
 
 def _bench_redis(ticks: int, streams: int) -> str:
     """Check the sizes and that Redis answers; the Redis URL to bench against."""
-    from ingestor.service import connect_redis
+    from consumer_sdk.core.redis import connect_redis
 
     if ticks < streams or streams < 1:
         fail("--ticks must be at least --streams, and --streams at least 1")

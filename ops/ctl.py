@@ -6,7 +6,7 @@ audit stream ``<prefix>:_ctl:audit`` with who made it (``user@host``, or ``--who
 Repeating a change that is already in force changes nothing.
 
 Bad input (an unknown level, an invalid pattern, a rate that is not a positive number) and an
-unreachable Redis raise :class:`~consumer_sdk.errors.ConfigError` / ``TransientError``: the ``market``
+unreachable Redis raise :class:`~consumer_sdk.core.errors.ConfigError` / ``TransientError``: the ``market``
 command prints one line and exits 2.  ``show`` exits 1 when the stored record is malformed.
 """
 
@@ -15,18 +15,17 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import orjson
 import typer
 
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.keys import DEFAULT_PREFIX
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.keys import DEFAULT_PREFIX, check_prefix
 from distributor.control import ControlState, Level, LimitPolicy, parse_target, state_to_dict
 
 if TYPE_CHECKING:  # Redis is imported when a command runs: `market --help` and other commands stay quick
@@ -37,7 +36,6 @@ if TYPE_CHECKING:  # Redis is imported when a command runs: `market --help` and 
 __all__ = ["app"]
 
 T = TypeVar("T")
-_PREFIX: Final = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 app = typer.Typer(
     name="ctl",
@@ -55,20 +53,17 @@ Who = Annotated[str | None, typer.Option("--who", help="who makes the change, fo
 
 
 def _prefix() -> str:
-    prefix = os.environ.get("MARKET_PREFIX", DEFAULT_PREFIX)
-    if not _PREFIX.match(prefix):
-        raise ConfigError(f"invalid stream prefix {prefix!r} (MARKET_PREFIX)")
-    return prefix
+    return check_prefix(os.environ.get("MARKET_PREFIX", DEFAULT_PREFIX), "MARKET_PREFIX")
 
 
 def _redis_url() -> str:
-    from ingestor.config import DEFAULT_REDIS_URL, validate_redis_url
+    from consumer_sdk.core.urls import DEFAULT_REDIS_URL, validate_redis_url
 
     return validate_redis_url(os.environ.get("MARKET_REDIS_URL", DEFAULT_REDIS_URL))
 
 
 async def _with_redis(job: Callable[[aioredis.Redis], Coroutine[Any, Any, T]]) -> T:
-    from ingestor.service import connect_redis
+    from consumer_sdk.core.redis import connect_redis
 
     redis = await connect_redis(_redis_url())
     try:
@@ -262,11 +257,12 @@ def reset(who: Who = None) -> None:
 @app.command()
 def show(json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False) -> None:
     """Every switch in force, who set it and when.  Exit 1 when the stored record is malformed."""
-    from ingestor.control_plane import read_state, state_key
+    from consumer_sdk.core.keys import control_state_key
+    from ingestor.control_plane import read_state
 
     prefix = _prefix()
     stored = _run(lambda redis: read_state(redis, prefix))
-    key = state_key(prefix)
+    key = control_state_key(prefix)
     if json:
         doc: dict[str, Any] = {"key": key, "valid": stored.valid}
         if stored.state is not None:

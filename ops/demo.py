@@ -23,10 +23,10 @@ from typing import IO, Any
 import redis.asyncio as aioredis
 
 from consumer_sdk.consumer import Consumer
-from consumer_sdk.keys import DEFAULT_PREFIX, stream_key
-from consumer_sdk.latency import LatencyHistogram
-from consumer_sdk.tick import Tick
-from ingestor.config import redact_url
+from consumer_sdk.core.keys import DEFAULT_PREFIX, stream_key
+from consumer_sdk.core.latency import LatencyHistogram
+from consumer_sdk.core.tick import Tick
+from consumer_sdk.core.urls import redact_url
 from ops.redis_server import free_port, redis_answers, start_redis
 
 __all__ = ["run_demo"]

@@ -72,7 +72,7 @@ class Target:
 
 
 TARGETS: Final = (
-    Target("consumer_sdk/sequencing.py", ("tests/test_sequencing.py", "tests/test_mutants_sequencing.py")),
+    Target("consumer_sdk/core/sequencing.py", ("tests/test_sequencing.py", "tests/test_mutants_sequencing.py")),
     Target("ingestor/sequencer.py", ("tests/test_sequencing.py", "tests/test_mutants_sequencing.py")),
     Target(
         "ingestor/binance.py",
@@ -81,8 +81,7 @@ TARGETS: Final = (
     # the frame parser only: the connection class around it is I/O, covered by tests/test_wsframes.py
     Target("ingestor/wsframes.py", ("tests/test_wsframes.py", "tests/test_mutants_wsframes.py"), ("read_frames",)),
     Target("distributor/ingress.py", ("tests/test_ingress.py", "tests/test_mutants_ingress.py")),
-    Target("consumer_sdk/backoff.py", ("tests/test_backoff_lifecycle.py", "tests/test_mutants_backoff.py")),
-    Target("ingestor/backoff.py", ("tests/test_backoff_lifecycle.py", "tests/test_mutants_backoff.py")),
+    Target("consumer_sdk/core/backoff.py", ("tests/test_backoff_lifecycle.py", "tests/test_mutants_backoff.py")),
     Target("ingestor/lifecycle.py", ("tests/test_backoff_lifecycle.py", "tests/test_mutants_backoff.py")),
     Target("distributor/control/state.py", ("tests/test_control.py", "tests/test_mutants_control.py")),
     Target("distributor/control/codec.py", ("tests/test_control.py", "tests/test_mutants_control.py")),
@@ -342,18 +341,18 @@ def choose(mutants: Sequence[Mutant], n: int, seed: str, changed: set[str]) -> l
     return (first + rest)[:n]
 
 
-def resolve(names: Sequence[str]) -> list[Target]:
-    """Targets named by path (``ingestor/sequencer.py``), dotted module or unique file stem."""
+def resolve(names: Sequence[str], targets: Sequence[Target] = TARGETS) -> list[Target]:
+    """Those of ``targets`` named by path (``ingestor/sequencer.py``), dotted module or unique file stem."""
     if not names:
-        return list(TARGETS)
+        return list(targets)
     out: list[Target] = []
     for name in names:
         found = [
-            t for t in TARGETS
+            t for t in targets
             if name in (t.path, t.module, t.path.removesuffix(".py")) or name == Path(t.path).stem
         ]
         if len(found) != 1:
-            known = ", ".join(t.path for t in TARGETS)
+            known = ", ".join(t.path for t in targets)
             what = "is ambiguous" if found else "is not a pure core module"
             raise UsageError(f"{name!r} {what}: choose among {known}")
         if found[0] not in out:

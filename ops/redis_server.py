@@ -1,7 +1,7 @@
 """Find a supported Redis for commands that need one, or start a private server.
 
 Used by ``market demo``, ``ops/dev.sh`` and the test suite.  A server binary is looked for, in this
-order, and the first one at or above the supported floor (:mod:`consumer_sdk.server`: Redis 7.0,
+order, and the first one at or above the supported floor (:mod:`consumer_sdk.core.server`: Redis 7.0,
 Valkey 7.2) is taken; older ones are passed over and named if nothing else is found:
 
 1. ``$MARKET_REDIS_SERVER`` (a path), for running the suite against a chosen server;
@@ -36,8 +36,8 @@ from pathlib import Path
 
 import redis
 
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.server import ServerVersion, check_supported
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.server import ServerVersion, check_supported
 
 __all__ = [
     "RedisServer",
@@ -257,7 +257,7 @@ def _ensure(url: str) -> int:
     if redis_answers(url):
         client = redis.Redis.from_url(url, socket_timeout=2)
         try:
-            from consumer_sdk.server import parse_server_info
+            from consumer_sdk.core.server import parse_server_info
 
             check_supported(parse_server_info(client.info("server")), url)
         finally:

@@ -38,7 +38,7 @@ from typing import Any, Final
 import orjson
 import redis.asyncio as aioredis
 
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.tick import Tick
 from ops.faultproxy import FaultProxy
 from ops.redis_server import RedisServer, free_port, restart, start_redis
 from ops.soak_plan import (

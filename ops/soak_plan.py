@@ -4,7 +4,7 @@ Nothing here touches a process, a socket or the clock; :mod:`ops.soak` runs what
 
 - :func:`parse_faults` reads ``--faults``: ``all`` (every kind at its default rate), or
   ``kind[=N/h],...`` (``N`` times an hour), or ``none``.  Unknown kinds and malformed rates are a
-  :class:`~consumer_sdk.errors.ConfigError` naming them.
+  :class:`~consumer_sdk.core.errors.ConfigError` naming them.
 - :func:`plan` lays the faults out over a run, seeded: the same seed and arguments give the same
   schedule.  Faults never overlap (each gets its own slot, so its recovery can be timed), every
   kind asked for happens at least once, and a warm-up and a cool-down stay quiet.
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from consumer_sdk.errors import ConfigError
+from consumer_sdk.core.errors import ConfigError
 
 __all__ = [
     "FAULT_KINDS",

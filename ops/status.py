@@ -26,7 +26,6 @@ down, no stage can be read: ``market status`` then exits 2 naming Redis, and the
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,9 +36,9 @@ import orjson
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from consumer_sdk.consumer import lag_estimate
-from consumer_sdk.errors import ConfigError, TransientError
+from consumer_sdk.core.errors import TransientError
+from consumer_sdk.core.keys import check_prefix, heartbeat_key, heartbeat_set_key
 from distributor.writer import DEAD_LETTER_REASONS
-from ingestor.heartbeat import heartbeat_key, heartbeat_set_key
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -99,7 +98,6 @@ DEAD_PRUNE_S: Final = 600.0
 MAX_STREAMS: Final = 10_000
 MAX_INGESTORS: Final = 1_000
 
-_PREFIX: Final = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 STAGES: Final = ("ingestor", "connection", "ingress", "fanout", "redis", "consumers")
 _PIPE_CHUNK: Final = 500
 
@@ -516,9 +514,7 @@ def evaluate(heartbeats: Sequence[Mapping[str, Any]], consumer_groups: Sequence[
 
 def parse_prefix(text: str) -> str:
     """The key prefix, checked as the ingestor checks it; :class:`ConfigError` naming it otherwise."""
-    if not _PREFIX.match(text):
-        raise ConfigError(f"invalid stream prefix {text!r}: 1 to 64 letters, digits, '_', '.' or '-'")
-    return text
+    return check_prefix(text)
 
 
 # -- I/O ---------------------------------------------------------------------------------------------
@@ -714,11 +710,11 @@ def render(report: StatusReport, json: bool = False) -> str:
 async def run_status(url: str, prefix: str, *, json: bool = False, deadline_s: float = 10.0) -> int:
     """The ``market status`` command: print the report and return its exit status.
 
-    Raises :class:`~consumer_sdk.errors.ConfigError` for a bad prefix or URL and
-    :class:`~consumer_sdk.errors.TransientError` (one line naming Redis) when Redis cannot be read.
+    Raises :class:`~consumer_sdk.core.errors.ConfigError` for a bad prefix or URL and
+    :class:`~consumer_sdk.core.errors.TransientError` (one line naming Redis) when Redis cannot be read.
     """
-    from ingestor.config import redact_url, validate_redis_url
-    from ingestor.service import connect_redis
+    from consumer_sdk.core.redis import connect_redis
+    from consumer_sdk.core.urls import redact_url, validate_redis_url
 
     parse_prefix(prefix)
     validate_redis_url(url)

@@ -1,4 +1,4 @@
-"""ingestor.backoff, ingestor.lifecycle and ingestor.subscriptions: pure code, fed by hand.
+"""consumer_sdk.core.backoff, ingestor.lifecycle and ingestor.subscriptions: pure code, fed by hand.
 
 Expected values are written out here from the documented behaviour (full jitter under a growing,
 capped ceiling; the lifecycle picture; Binance's 1024-streams-a-connection limit), never read
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from consumer_sdk.errors import ConfigError
-from ingestor.backoff import Backoff
+from consumer_sdk.core.backoff import Backoff, backoff_delays
+from consumer_sdk.core.errors import ConfigError
 from ingestor.lifecycle import Failure, Lifecycle, SessionState, classify_failure, classify_status
 from ingestor.subscriptions import plan_connections, subscribe_requests
 
@@ -93,6 +93,14 @@ def test_thousands_of_failures_in_a_row_stay_capped() -> None:
     assert b.ceiling() == 30.0
     b.reset()
     assert b.ceiling() == 0.1
+
+
+def test_backoff_delays_are_capped_jittered_and_growing() -> None:
+    delays = backoff_delays(initial=0.05, factor=2.0, cap=2.0, rng=random.Random(1))
+    seq = [next(delays) for _ in range(20)]
+    assert all(0.025 <= d <= 2.0 for d in seq)
+    assert seq[0] <= 0.05 and max(seq[-5:]) > 1.0
+    assert len({round(d, 6) for d in seq[-5:]}) > 1  # jittered, not a constant
 
 
 def test_cap_below_base_caps_the_first_delay_too() -> None:

@@ -16,8 +16,8 @@ import redis
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
-from consumer_sdk.errors import ConfigError, TransientError
-from consumer_sdk.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram
+from consumer_sdk.core.errors import ConfigError, TransientError
+from consumer_sdk.core.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram
 from distributor.hotpath import HOT_SAMPLE_EVERY
 from ingestor.metrics import histogram_family
 from ops.bench.analysis import (

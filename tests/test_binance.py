@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer_sdk.tick import BASE_FIELDS, channel_fields, decode_tick, encode_tick
+from consumer_sdk.core.tick import BASE_FIELDS, channel_fields, decode_tick, encode_tick
 from ingestor.binance import (
     MalformedFrame,
     Reply,

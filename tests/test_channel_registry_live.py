@@ -9,7 +9,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.tick import Tick
 from distributor.ingress import Policy
 from ingestor.config import IngestSettings
 from ingestor.service import Ingestor

@@ -11,17 +11,10 @@ from typing import Any
 
 import pytest
 
-from consumer_sdk.errors import ConfigError
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.urls import DEFAULT_REDIS_URL, redact_url, validate_redis_url
 from distributor.ingress import Policy
-from ingestor.config import (
-    DEFAULT_REDIS_URL,
-    IngestSettings,
-    SubscriberSpec,
-    default_rest_url,
-    load_settings,
-    redact_url,
-    validate_redis_url,
-)
+from ingestor.config import IngestSettings, SubscriberSpec, default_rest_url, load_settings
 from ingestor.repair import RepairSettings
 from ingestor.session import SessionSettings
 

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import gc
 import os
-import random
 import socket
 import subprocess
 import time
@@ -37,24 +36,6 @@ from consumer_sdk import (
     encode_tick,
     follow,
 )
-from consumer_sdk._redis import (
-    ErrorKind,
-    StreamView,
-    backoff_delays,
-    blocking_client,
-    classify,
-    effective_socket_timeout,
-    field_name,
-    field_value,
-    id_after,
-    id_before,
-    id_str,
-    iter_read_reply,
-    pack_xack,
-    raw_stream_client,
-    translate,
-    xack_many,
-)
 from consumer_sdk.consumer import (
     _DELETED,
     _DELIVER,
@@ -72,7 +53,24 @@ from consumer_sdk.consumer import (
     hole_verdict,
     lag_estimate,
 )
-from consumer_sdk.sequencing import Verdict
+from consumer_sdk.core.redis import (
+    ErrorKind,
+    StreamView,
+    blocking_client,
+    classify,
+    effective_socket_timeout,
+    field_name,
+    field_value,
+    id_after,
+    id_before,
+    id_str,
+    iter_read_reply,
+    pack_xack,
+    raw_stream_client,
+    translate,
+    xack_many,
+)
+from consumer_sdk.core.sequencing import Verdict
 from ops.redis_server import RedisServer, find_redis_server, restart, start_redis
 
 REDIS_URL = os.environ.get("MARKET_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -351,14 +349,6 @@ def test_lag_estimate() -> None:
     assert lag_estimate({"lag": None, "last-delivered-id": b"10-10"}, stream) == 0
     assert lag_estimate({"lag": None, "last-delivered-id": b"3-3"}, stream) == 4
     assert lag_estimate({"last-delivered-id": b"3-3"}, None) == 0
-
-
-def test_backoff_is_capped_jittered_and_growing() -> None:
-    delays = backoff_delays(initial=0.05, factor=2.0, cap=2.0, rng=random.Random(1))
-    seq = [next(delays) for _ in range(20)]
-    assert all(0.025 <= d <= 2.0 for d in seq)
-    assert seq[0] <= 0.05 and max(seq[-5:]) > 1.0
-    assert len({round(d, 6) for d in seq[-5:]}) > 1  # jittered, not a constant
 
 
 def test_id_neighbours() -> None:

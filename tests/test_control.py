@@ -19,10 +19,10 @@ import distributor.control.codec as control_codec
 import distributor.control.degrade as control_degrade
 import distributor.control.gate as control_gate
 import distributor.control.state as control_state
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.keys import Pattern
-from consumer_sdk.latency import LatencyHistogram
-from consumer_sdk.tick import Tick, is_gap_marker, make_gap_marker
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.keys import Pattern
+from consumer_sdk.core.latency import LatencyHistogram
+from consumer_sdk.core.tick import Tick, is_gap_marker, make_gap_marker
 from distributor.control import (
     AutoDegrade,
     AutoDegradeConfig,

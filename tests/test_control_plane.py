@@ -29,8 +29,9 @@ from redis.backoff import NoBackoff
 from typer.testing import CliRunner
 
 import ingestor.control_plane as cp
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.tick import decode_tick
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.keys import control_audit_key, control_changed_channel, control_state_key
+from consumer_sdk.core.tick import decode_tick
 from distributor.control import AutoDegradeConfig, AutoStep, ControlGate, ControlState, Level, dump_state
 from ingestor.control_plane import (
     StateFollower,
@@ -38,7 +39,6 @@ from ingestor.control_plane import (
     read_state,
     reset_state,
     run_auto_degrade,
-    state_key,
     update_state,
     watch_control,
 )
@@ -97,10 +97,9 @@ def pause(pattern: str, who: str = "t@h") -> Callable[[ControlState], ControlSta
 
 def test_exports() -> None:
     assert sorted(cp.__all__) == sorted([
-        "AUDIT_MAXLEN", "POLL_INTERVAL", "AuditEntry", "Change", "StateFollower", "StoredState", "audit_key",
-        "changed_channel", "default_who", "read_audit", "read_state", "reset_state", "run_auto_degrade",
-        "state_key", "update_state", "watch_control",
-    ])
+        "AUDIT_MAXLEN", "POLL_INTERVAL", "AuditEntry", "Change", "StateFollower", "StoredState", "default_who",
+        "read_audit", "read_state", "reset_state", "run_auto_degrade", "update_state", "watch_control",
+    ])  # the key names (control_state_key, ...) are consumer_sdk.core.keys': tests/test_core_imports.py
 
 
 # -- the pure follower -------------------------------------------------------------------------------------------
@@ -162,7 +161,7 @@ async def test_missed_notice_is_applied_by_the_periodic_re_read(aredis: aioredis
     async with watching(aredis, prefix) as rec:
         await rec.until(lambda: len(rec.states) == 1)
         state = ControlState(version=7).with_level("essential")
-        await aredis.set(state_key(prefix), dump_state(state))
+        await aredis.set(control_state_key(prefix), dump_state(state))
         await rec.until(lambda: rec.current == state)
         assert rec.states == [ControlState(), state]
 
@@ -172,11 +171,11 @@ async def test_same_state_is_applied_once(aredis: aioredis.Redis, prefix: str) -
         change = await update_state(aredis, prefix, pause("binance:*:trade"), who="t@h", action="pause")
         await rec.until(lambda: rec.current == change.after)
         n = len(rec.states)
-        await aredis.publish(cp.changed_channel(prefix), "again")
+        await aredis.publish(control_changed_channel(prefix), "again")
         await update_state(aredis, prefix, pause("binance:*:trade"), who="t@h", action="pause")  # a no-op
         # many re-reads later (the poll runs every 10 ms), still one application per state
         marker = ControlState(version=99)
-        await aredis.set(state_key(prefix), dump_state(marker))
+        await aredis.set(control_state_key(prefix), dump_state(marker))
         await rec.until(lambda: rec.current == marker)
         assert len(rec.states) == n + 1
 
@@ -198,8 +197,8 @@ async def test_malformed_record_is_rejected_and_the_last_good_state_kept(
         good = (await update_state(aredis, prefix, pause("binance:BTCUSDT:trade"), who="t@h", action="pause")).after
         await rec.until(lambda: rec.current == good)
         applied = len(rec.states)
-        await aredis.set(state_key(prefix), b'{"version": 9, "degrade": {"level": "panic"}}')
-        await aredis.publish(cp.changed_channel(prefix), "9")
+        await aredis.set(control_state_key(prefix), b'{"version": 9, "degrade": {"level": "panic"}}')
+        await aredis.publish(control_changed_channel(prefix), "9")
         await rec.until(lambda: len(rec.invalid) == 1)
         assert "unknown degrade level 'panic'" in rec.invalid[0]
         assert rec.current == good and len(rec.states) == applied
@@ -216,7 +215,7 @@ async def test_malformed_record_is_rejected_and_the_last_good_state_kept(
 
 
 async def test_key_of_another_type_is_rejected(aredis: aioredis.Redis, prefix: str) -> None:
-    await aredis.hset(state_key(prefix), "level", "shed")
+    await aredis.hset(control_state_key(prefix), "level", "shed")
     async with watching(aredis, prefix) as rec:
         await rec.until(lambda: len(rec.invalid) == 1)
         assert "not a string key" in rec.invalid[0]
@@ -233,7 +232,7 @@ async def test_deleting_the_key_clears_every_switch(aredis: aioredis.Redis, pref
     async with watching(aredis, prefix) as rec:
         change = await update_state(aredis, prefix, pause("binance:*:trade"), who="t@h", action="pause")
         await rec.until(lambda: rec.current == change.after)
-        await aredis.delete(state_key(prefix))
+        await aredis.delete(control_state_key(prefix))
         await rec.until(lambda: rec.current == ControlState())
 
 
@@ -260,7 +259,7 @@ async def test_watcher_rides_out_a_redis_restart(durable_redis: RedisServer, pre
             yield 0.01
 
     async def subscribers() -> int:
-        counts: Any = await writer.pubsub_numsub(cp.changed_channel(prefix))
+        counts: Any = await writer.pubsub_numsub(control_changed_channel(prefix))
         return int(counts[0][1])
 
     try:
@@ -331,7 +330,7 @@ async def test_audit_records_who_when_and_what(aredis: aioredis.Redis, prefix: s
         ("alice@desk", "pause", "binance:BTCUSDT:trade", {"unsubscribe": False}, 1),
     ]  # the no-op left no trace
     assert all(int(before * 1000) <= e.at_ms <= int(after * 1000) + 1 for e in entries)
-    info = await aredis.xinfo_stream(cp.audit_key(prefix))
+    info = await aredis.xinfo_stream(control_audit_key(prefix))
     assert info["length"] == 2
     state = (await read_state(aredis, prefix)).state
     assert state is not None and state.pauses[0].who == "alice@desk" and state.limits[0].who == "bob@box"
@@ -441,7 +440,7 @@ def test_ctl_show_flags_a_malformed_record(ctl: Callable[..., Any], redis_url: s
 
     client = sync_redis.Redis.from_url(redis_url)
     try:
-        client.set(state_key(prefix), b'{"pauses": {"binance:BTCUSDT:trade": {"unsubscribe": "yes"}}}')
+        client.set(control_state_key(prefix), b'{"pauses": {"binance:BTCUSDT:trade": {"unsubscribe": "yes"}}}')
     finally:
         client.close()
     r = ctl("show")
@@ -523,7 +522,7 @@ def test_market_ctl_show_malformed_exits_1(redis_url: str, prefix: str) -> None:
 
     client = sync_redis.Redis.from_url(redis_url)
     try:
-        client.set(state_key(prefix), b"not json")
+        client.set(control_state_key(prefix), b"not json")
     finally:
         client.close()
     proc = market("ctl", "show", env={"MARKET_REDIS_URL": redis_url, "MARKET_PREFIX": prefix})

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from consumer_sdk.tick import Tick, is_gap_marker
+from consumer_sdk.core.tick import Tick, is_gap_marker
 from distributor.ingress import Policy
 from ingestor.config import IngestSettings
 from ingestor.service import Ingestor

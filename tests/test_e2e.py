@@ -23,8 +23,8 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from consumer_sdk.keys import parse_entry_id
-from consumer_sdk.tick import BASE_FIELDS, channel_fields, decode_tick
+from consumer_sdk.core.keys import parse_entry_id
+from consumer_sdk.core.tick import BASE_FIELDS, channel_fields, decode_tick
 from ingestor.config import load_settings
 from ingestor.service import Ingestor
 from ops.redis_server import free_port

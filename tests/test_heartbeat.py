@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 import ingestor.heartbeat as hb_module
-from consumer_sdk.errors import ConfigError
+from consumer_sdk.core.errors import ConfigError
 from distributor.ingress import IngressQueue, Policy
 from distributor.spill import SpillLog
 from distributor.writer import StreamWriter

@@ -13,9 +13,9 @@ from typing import Any, cast
 
 import pytest
 
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.keys import Pattern
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.keys import Pattern
+from consumer_sdk.core.tick import Tick
 from distributor import hotpath as hotpath_module
 from distributor.hotpath import HotPath, HotPathStats, SubscriberPolicy, Subscription, SubscriptionStats
 from ops.bench.hotpath import main as bench_main

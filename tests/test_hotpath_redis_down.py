@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from consumer_sdk.tick import Tick, decode_tick
+from consumer_sdk.core.tick import Tick, decode_tick
 from ingestor.config import IngestSettings
 from ingestor.service import Ingestor
 from ops.redis_server import RedisServer, restart, start_redis

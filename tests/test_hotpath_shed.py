@@ -7,7 +7,7 @@ import asyncio
 import threading
 from typing import Any
 
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.tick import Tick
 from distributor.hotpath import HotPath
 
 

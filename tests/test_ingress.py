@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from consumer_sdk.errors import ConfigError
+from consumer_sdk.core.errors import ConfigError
 from distributor.ingress import IngressQueue, IngressStats, Policy
 
 UNIT = 1.0  # seconds: the bound on every wait below; nothing here should come near it

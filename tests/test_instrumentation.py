@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram, bucket_of, check_sample_every
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram, bucket_of, check_sample_every
+from consumer_sdk.core.tick import Tick
 from distributor.hotpath import HotPath
 from distributor.ingress import IngressQueue, Policy
 from distributor.writer import StreamWriter

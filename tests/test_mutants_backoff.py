@@ -1,13 +1,18 @@
 """Reconnect policy edges that mutation testing showed unchecked (docs/testing.md, "Mutation testing").
 
+The delay schedule's floor and the readers' default schedule, drawn at the ends of their ranges.
+
 Which handshake statuses mean what, at their exact boundaries, the messages logged for each, and a
 refusal after the session was live (retried, with an alarm) against one before (fatal).
 """
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
+from consumer_sdk.core.backoff import Backoff, backoff_delays
 from ingestor.lifecycle import REFUSALS, Failure, classify_failure, classify_status
 
 
@@ -53,3 +58,53 @@ def test_classify_failure_passes_on_whether_the_session_was_live() -> None:
     assert classify_failure(HandshakeRefused(404, "1"), been_live=True) == classify_status(404, "1", been_live=True)
     assert classify_failure(HandshakeRefused(404, "1")).fatal
     assert not classify_failure(HandshakeRefused(404, "1"), been_live=True).fatal
+
+
+# -- the schedule itself (consumer_sdk.core.backoff) ----------------------------------------------------------
+
+
+class Top(random.Random):
+    """A generator that always draws the top of the range: each delay is its ceiling."""
+
+    def random(self) -> float:
+        return 1.0
+
+
+class Bottom(random.Random):
+    """A generator that always draws the bottom of the range: each delay is the floor of its ceiling."""
+
+    def random(self) -> float:
+        return 0.0
+
+
+def test_full_jitter_is_the_default() -> None:
+    assert Backoff().floor == 0.0
+    assert Backoff(base=2.0, rng=Bottom()).next_delay() == 0.0
+
+
+def test_a_floor_keeps_that_share_of_each_ceiling() -> None:
+    b = Backoff(base=2.0, cap=8.0, rng=Bottom(), floor=0.5)
+    assert [b.next_delay() for _ in range(4)] == [1.0, 2.0, 4.0, 4.0]
+    b = Backoff(base=2.0, cap=8.0, rng=Top(), floor=0.5)
+    assert [b.next_delay() for _ in range(4)] == [2.0, 4.0, 8.0, 8.0]
+    spread = Backoff(base=2.0, cap=2.0, rng=random.Random(3), floor=0.25)
+    delays = [spread.next_delay() for _ in range(500)]
+    assert all(0.5 <= d <= 2.0 for d in delays) and min(delays) < 0.6
+
+
+def test_backoff_delays_default_schedule() -> None:
+    """From 0.05 s, times 1.8 each time, capped at 2 s; each at least half its ceiling."""
+    top = backoff_delays(rng=Top())
+    assert [next(top) for _ in range(9)] == pytest.approx(
+        [0.05, 0.09, 0.162, 0.2916, 0.52488, 0.944784, 1.7006112, 2.0, 2.0]
+    )
+    bottom = backoff_delays(rng=Bottom())
+    assert [next(bottom) for _ in range(3)] == pytest.approx([0.025, 0.045, 0.081])
+
+
+def test_backoff_delays_use_the_generator_given() -> None:
+    a = backoff_delays(rng=random.Random(9))
+    b = backoff_delays(rng=random.Random(9))
+    assert [next(a) for _ in range(10)] == [next(b) for _ in range(10)]
+    unseeded = backoff_delays()
+    assert all(0.025 <= next(unseeded) <= 2.0 for _ in range(50))

@@ -12,9 +12,9 @@ from typing import Any
 import orjson
 import pytest
 
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.latency import LatencyHistogram
-from consumer_sdk.tick import Tick, is_gap_marker, make_gap_marker
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.latency import LatencyHistogram
+from consumer_sdk.core.tick import Tick, is_gap_marker, make_gap_marker
 from distributor.control import (
     MAX_WHO,
     AutoDegrade,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from consumer_sdk.errors import ConfigError
+from consumer_sdk.core.errors import ConfigError
 from distributor.ingress import IngressQueue, Policy
 
 

@@ -93,8 +93,10 @@ def test_modules_are_named_by_path_dotted_name_or_unique_stem() -> None:
         "ingestor/sequencer.py", "distributor/ingress.py", "ingestor/wsframes.py",
     ]
     assert resolve([]) == list(TARGETS)
+    assert [t.path for t in resolve(["backoff"])] == ["consumer_sdk/core/backoff.py"]
+    two = (mutate.Target("ingestor/backoff.py", ()), mutate.Target("consumer_sdk/core/backoff.py", ()))
     with pytest.raises(mutate.UsageError, match="'backoff' is ambiguous"):
-        resolve(["backoff"])
+        resolve(["backoff"], two)
     with pytest.raises(mutate.UsageError, match=re.escape("'ingestor/service.py' is not a pure core module")):
         resolve(["ingestor/service.py"])
 

@@ -11,8 +11,8 @@ from itertools import permutations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer_sdk.sequencing import SeqTracker, Verdict
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.sequencing import SeqTracker, Verdict
+from consumer_sdk.core.tick import Tick
 from ingestor.sequencer import GapReport, Sequencer
 
 OK, GAP, DUP, LATE = Verdict.OK, Verdict.GAP, Verdict.DUPLICATE, Verdict.LATE

@@ -16,7 +16,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from consumer_sdk.tick import is_gap_marker
+from consumer_sdk.core.tick import is_gap_marker
 from ingestor.lifecycle import REFUSALS, classify_status
 from ops.faultproxy import FaultProxy
 from ops.simulator import Simulator, SimulatorConfig

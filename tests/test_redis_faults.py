@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from consumer_sdk.tick import is_gap_marker
+from consumer_sdk.core.tick import is_gap_marker
 from distributor.ingress import Policy
 from distributor.spill import MAGIC, SpillLog
 from distributor.writer import StreamWriter
@@ -197,7 +197,7 @@ async def test_two_ingestors_on_the_same_feed_store_each_tick_once(aredis: aiore
 def test_spill_dir_held_by_another_ingestor_is_refused(tmp_path: Path) -> None:
     import fcntl
 
-    from consumer_sdk.errors import ConfigError
+    from consumer_sdk.core.errors import ConfigError
 
     spill = tmp_path / "spill"
     spill.mkdir()

@@ -28,8 +28,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import distributor.writer as writer_module
-from consumer_sdk.keys import parse_entry_id, stream_key
-from consumer_sdk.tick import Tick, is_gap_marker
+from consumer_sdk.core.keys import parse_entry_id, stream_key
+from consumer_sdk.core.tick import Tick, is_gap_marker
 from distributor.ingress import IngressQueue, Policy
 from distributor.writer import (
     REASONS,

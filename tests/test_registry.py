@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.keys import StreamName
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.keys import StreamName
 from distributor import registry as registry_module
 from distributor.registry import Changes, ChannelRegistry, parse_stream
 

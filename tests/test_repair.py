@@ -24,9 +24,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.sequencing import Verdict
-from consumer_sdk.tick import Tick, decode_tick, is_gap_marker, make_gap_marker
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.sequencing import Verdict
+from consumer_sdk.core.tick import Tick, decode_tick, is_gap_marker, make_gap_marker
 from distributor.ingress import IngressQueue, Policy
 from ingestor.binance import parse_frame
 from ingestor.config import load_settings

@@ -34,7 +34,7 @@ from consumer_sdk import (
     republish,
     resolve_bound,
 )
-from consumer_sdk._redis import MAX_SEQ, StreamView
+from consumer_sdk.core.redis import MAX_SEQ, StreamView
 from consumer_sdk.replay import start_trimmed, trimmed_between
 
 REDIS_URL = os.environ.get("MARKET_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -23,8 +23,8 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from consumer_sdk.sequencing import Verdict
-from consumer_sdk.tick import Tick, decode_tick, is_gap_marker
+from consumer_sdk.core.sequencing import Verdict
+from consumer_sdk.core.tick import Tick, decode_tick, is_gap_marker
 from distributor.ingress import IngressQueue, Policy
 from ingestor.repair import BreakerState, CircuitBreaker, GapRepairer, RepairSettings
 from ingestor.rest import (

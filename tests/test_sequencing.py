@@ -1,4 +1,4 @@
-"""consumer_sdk.sequencing (SeqTracker, Verdict) and ingestor.sequencer (Sequencer, GapReport)."""
+"""consumer_sdk.core.sequencing (SeqTracker, Verdict) and ingestor.sequencer (Sequencer, GapReport)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer_sdk.sequencing import SeqTracker, Verdict, is_contiguous_channel
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.sequencing import SeqTracker, Verdict, is_contiguous_channel
+from consumer_sdk.core.tick import Tick
 from ingestor.binance import parse_frame
 from ingestor.sequencer import GapReport, Sequencer, SequenceStats
 

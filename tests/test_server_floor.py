@@ -17,8 +17,8 @@ import redis
 import redis.asyncio as aioredis
 
 from consumer_sdk import Consumer
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.server import MIN_REDIS, MIN_VALKEY, ServerVersion, check_supported, parse_server_info
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.server import MIN_REDIS, MIN_VALKEY, ServerVersion, check_supported, parse_server_info
 from ops.redis_server import (
     RedisServer,
     binary_version,

@@ -23,7 +23,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from consumer_sdk.tick import is_gap_marker
+from consumer_sdk.core.tick import is_gap_marker
 from distributor.ingress import Policy
 from ingestor.config import IngestSettings
 from ingestor.lifecycle import SessionState

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.tick import Tick
 from distributor.hotpath import (
     MIN_OVERRUN_US,
     OFFLOAD_AFTER,

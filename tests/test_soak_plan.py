@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer_sdk.errors import ConfigError
+from consumer_sdk.core.errors import ConfigError
 from ops.soak_plan import (
     COOLDOWN_S,
     FAULT_KINDS,

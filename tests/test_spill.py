@@ -21,8 +21,8 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.tick import Tick, make_gap_marker
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.tick import Tick, make_gap_marker
 from distributor.spill import (
     FIRST_SEGMENT,
     MAGIC,

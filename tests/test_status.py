@@ -26,10 +26,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ops.status as status_module
-from consumer_sdk.errors import ConfigError
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.keys import heartbeat_key, heartbeat_set_key
 from distributor.ingress import Policy
 from ingestor.config import IngestSettings
-from ingestor.heartbeat import heartbeat_key, heartbeat_loop, heartbeat_set_key
+from ingestor.heartbeat import heartbeat_loop
 from ingestor.service import Ingestor
 from ingestor.session import SessionSettings
 from ops.redis_server import RedisServer, free_port, restart

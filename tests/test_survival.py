@@ -28,7 +28,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from consumer_sdk.tick import is_gap_marker
+from consumer_sdk.core.tick import is_gap_marker
 from distributor.ingress import Policy
 from distributor.spill import MAGIC, SpillLog, parse_records
 from ingestor.config import IngestSettings

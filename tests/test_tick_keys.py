@@ -1,4 +1,4 @@
-"""consumer_sdk.keys and consumer_sdk.tick: stream keys, entry IDs, patterns, the tick's wire form."""
+"""consumer_sdk.core.keys and consumer_sdk.core.tick: stream keys, entry IDs, patterns, the tick's wire form."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer_sdk.errors import ConfigError, InvalidTick
-from consumer_sdk.keys import (
+from consumer_sdk.core.errors import ConfigError, InvalidTick
+from consumer_sdk.core.keys import (
     DEFAULT_PREFIX,
     Pattern,
     StreamName,
@@ -19,7 +19,7 @@ from consumer_sdk.keys import (
     parse_key,
     stream_key,
 )
-from consumer_sdk.tick import (
+from consumer_sdk.core.tick import (
     BASE_FIELDS,
     SCHEMA_VERSION,
     Tick,

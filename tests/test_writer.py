@@ -16,8 +16,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from consumer_sdk.keys import parse_entry_id, stream_key
-from consumer_sdk.tick import Tick, decode_tick
+from consumer_sdk.core.keys import parse_entry_id, stream_key
+from consumer_sdk.core.tick import Tick, decode_tick
 from distributor.writer import Retention, StreamWriter, dead_letter_key
 from ops.redis_server import RedisServer, restart
 

@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import orjson
 
-from consumer_sdk.errors import ConfigError
+from consumer_sdk.core.errors import ConfigError
 from distributor.control.state import (
     Auto,
     ControlState,

@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.keys import Pattern
-from consumer_sdk.latency import LatencyHistogram
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.keys import Pattern
+from consumer_sdk.core.latency import LatencyHistogram
 from distributor.control.state import LEVELS, Level
 
 __all__ = [

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Final
 
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.keys import Pattern
-from consumer_sdk.tick import Tick, make_gap_marker
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.keys import Pattern
+from consumer_sdk.core.tick import Tick, make_gap_marker
 from distributor.control.degrade import (
     AutoDegrade,
     AutoDegradeConfig,

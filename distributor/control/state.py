@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.keys import Pattern
-from consumer_sdk.tick import FIXED_CHANNELS, KLINE_INTERVALS
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.keys import Pattern
+from consumer_sdk.core.tick import FIXED_CHANNELS, KLINE_INTERVALS
 
 __all__ = [
     "LEVELS",

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from consumer_sdk.latency import LatencyHistogram
+from consumer_sdk.core.latency import LatencyHistogram
 from ops.bench.profiles import GROWTH_SHARE, REFERENCE_RATE, SUBSCRIBERS, TARGETS, UNDER_DELIVERY
 from ops.bench.scrape import Scrape, window_hist
 

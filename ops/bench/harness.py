@@ -23,9 +23,9 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from consumer_sdk.errors import ConfigError, TransientError
-from consumer_sdk.latency import LatencyHistogram
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.errors import ConfigError, TransientError
+from consumer_sdk.core.latency import LatencyHistogram
+from consumer_sdk.core.tick import Tick
 from ops.bench.analysis import Edge
 from ops.bench.processes import Child, cpu_seconds, free_port, http_get, machine_busy_seconds, spawn
 from ops.bench.profiles import (

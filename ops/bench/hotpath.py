@@ -60,9 +60,9 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from consumer_sdk.errors import ConfigError
-from consumer_sdk.keys import Pattern
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.keys import Pattern
+from consumer_sdk.core.tick import Tick
 from distributor.hotpath import DEFAULT_CAPACITY, Execution, HotPath, Subscription
 from distributor.ingress import IngressQueue, Policy
 from distributor.writer import Retention, StreamWriter

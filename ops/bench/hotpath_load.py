@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
-from consumer_sdk.latency import LatencyHistogram
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.latency import LatencyHistogram
+from consumer_sdk.core.tick import Tick
 from distributor.hotpath import HotPath
 from distributor.ingress import IngressQueue
 from distributor.writer import StreamWriter

@@ -13,7 +13,7 @@ After one round that is not counted (the first pays for allocating what the othe
 modes, in rounds that alternate (so drift on a shared machine hits all of them alike):
 
 - ``off``: ``latency_sample = 0``, the hot path untimed: no latency is measured at all;
-- ``sampled``: the default (one tick in :data:`~consumer_sdk.latency.DEFAULT_SAMPLE_EVERY` at the per-tick
+- ``sampled``: the default (one tick in :data:`~consumer_sdk.core.latency.DEFAULT_SAMPLE_EVERY` at the per-tick
   stages, the hot path timed per publish batch);
 - ``every``: ``latency_sample = 1``: every tick timed at the per-tick stages.
 
@@ -38,8 +38,8 @@ from typing import Any, Final
 import orjson
 import redis.asyncio as aioredis
 
-from consumer_sdk.errors import ConfigError, MarketError
-from consumer_sdk.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram
+from consumer_sdk.core.errors import ConfigError, MarketError
+from consumer_sdk.core.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram
 from distributor.hotpath import HOT_SAMPLE_EVERY, HotPath
 from distributor.ingress import IngressQueue, Policy
 from distributor.service import Distributor
@@ -167,9 +167,9 @@ async def run_ingest_bench(
 
     ``summary["cost_pct"]`` is the throughput the default (sampled) instrumentation costs against none,
     ``summary["met"]`` whether it is within :data:`TARGET_COST_PCT`.  Raises :class:`ConfigError` on a bad
-    argument, :class:`~consumer_sdk.errors.TransientError` when Redis does not answer.
+    argument, :class:`~consumer_sdk.core.errors.TransientError` when Redis does not answer.
     """
-    from ingestor.service import connect_redis
+    from consumer_sdk.core.redis import connect_redis
 
     if not 1_000 <= ticks <= 5_000_000:
         raise ConfigError(f"ticks must be between 1000 and 5000000, got {ticks}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.tick import Tick
 
 __all__ = ["count", "noop"]
 

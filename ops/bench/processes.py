@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO, Any, Final
 
-from consumer_sdk.errors import ConfigError, TransientError
+from consumer_sdk.core.errors import ConfigError, TransientError
 from ops.bench.profiles import HTTP_TIMEOUT_S, STOP_TIMEOUT_S
 
 __all__ = [

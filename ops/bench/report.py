@@ -57,10 +57,10 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from consumer_sdk.errors import ConfigError, MarketError
-from consumer_sdk.latency import DEFAULT_SAMPLE_EVERY
+from consumer_sdk.core.errors import ConfigError, MarketError
+from consumer_sdk.core.latency import DEFAULT_SAMPLE_EVERY
+from consumer_sdk.core.urls import redact_url, validate_redis_url
 from distributor.hotpath import HOT_SAMPLE_EVERY
-from ingestor.config import redact_url, validate_redis_url
 from ops.bench.analysis import summarize
 from ops.bench.harness import Harness
 from ops.bench.hotpath import run_hotpath_bench
@@ -108,7 +108,7 @@ def _now() -> str:
 
 async def _redis_info(url: str) -> dict[str, Any]:
     """INFO server of the Redis at ``url``; :class:`TransientError` with one line when it does not answer."""
-    from ingestor.service import connect_redis
+    from consumer_sdk.core.redis import connect_redis
 
     client = await connect_redis(url)
     try:

@@ -1,7 +1,7 @@
 """Reading the ingestor's ``/metrics`` page: Prometheus text -> samples and latency histograms.
 
 Pure: text in, a :class:`Scrape` out; the HTTP read itself is :func:`ops.bench.processes.http_get`.
-A histogram in :class:`~consumer_sdk.latency.LatencyHistogram`'s layout is rebuilt bucket for bucket,
+A histogram in :class:`~consumer_sdk.core.latency.LatencyHistogram`'s layout is rebuilt bucket for bucket,
 so two scrapes can be subtracted (:func:`window_hist`) and a window's percentiles cover that window
 only.  Cost: one regex match per line of the page.
 """
@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from consumer_sdk.latency import LatencyHistogram, bucket_bounds
+from consumer_sdk.core.latency import LatencyHistogram, bucket_bounds
 
 __all__ = ["Scrape", "parse_metrics", "window_hist"]
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from consumer_sdk.consumer import Consumer
-from consumer_sdk.errors import MarketError
-from consumer_sdk.latency import LatencyHistogram
+from consumer_sdk.core.errors import MarketError
+from consumer_sdk.core.latency import LatencyHistogram
 from ops.bench.analysis import analyse_step, final_tally, summarize_peak
 from ops.bench.harness import Harness
 from ops.bench.processes import Child, memory_kib

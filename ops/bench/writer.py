@@ -24,7 +24,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from consumer_sdk.consumer import Consumer
-from consumer_sdk.tick import Tick
+from consumer_sdk.core.tick import Tick
 from distributor.writer import Retention, StreamWriter
 from ops.bench.profiles import RETENTION_MAXLEN
 

@@ -2,7 +2,7 @@
 
 ::
 
-    MarketError (consumer_sdk.errors)
+    MarketError (consumer_sdk.core.errors)
     └── SimulatorError
         └── SimulatorConfigError   a setting that cannot work (also a ConfigError, a ValueError)
             └── CaptureError       a replay file that cannot be read or parsed
@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from consumer_sdk.errors import ConfigError, MarketError
+from consumer_sdk.core.errors import ConfigError, MarketError
 
 __all__ = ["CaptureError", "SimulatorConfigError", "SimulatorError"]
 

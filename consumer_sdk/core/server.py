@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from consumer_sdk.errors import ConfigError
+from consumer_sdk.core.errors import ConfigError
 
 __all__ = ["MIN_REDIS", "MIN_VALKEY", "ServerVersion", "check_supported", "parse_server_info", "require_supported"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from consumer_sdk.errors import ConfigError
+from consumer_sdk.core.errors import ConfigError
 
 __all__ = ["BUCKETS", "DEFAULT_SAMPLE_EVERY", "LatencyHistogram", "bucket_bounds", "bucket_of", "check_sample_every"]
 

@@ -1,8 +1,10 @@
-"""Stream keys, entry IDs and the one pattern syntax used everywhere.
+"""Stream keys, entry IDs, the one pattern syntax and the one prefix rule used everywhere.
 
 Key: ``<prefix>:<venue>:<SYMBOL>:<channel>``, e.g. ``md:binance:BTCUSDT:trade``.
 Entry ID: ``<ms>-<seq>``: venue event time in ms (non-decreasing per stream) and the tick's seq.
 Pattern: ``venue:SYMBOL:channel`` with shell-style globs in any part, e.g. ``binance:*:kline_*``.
+Prefix: 1 to 64 letters, digits, ``_``, ``.`` or ``-`` (:data:`PREFIX_RE`, :func:`check_prefix`).
+Under a prefix, besides the streams: ``_hb`` (ingestor heartbeats) and ``_ctl`` (the control plane).
 """
 
 from __future__ import annotations
@@ -12,19 +14,28 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from consumer_sdk.errors import ConfigError
+from consumer_sdk.core.errors import ConfigError
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "PREFIX_RE",
     "Pattern",
     "StreamName",
+    "check_prefix",
+    "control_audit_key",
+    "control_changed_channel",
+    "control_state_key",
     "entry_id",
+    "heartbeat_key",
+    "heartbeat_set_key",
     "parse_entry_id",
     "parse_key",
     "stream_key",
 ]
 
 DEFAULT_PREFIX: Final = "md"
+#: what a key prefix may be
+PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _PART = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _GLOB_PART = re.compile(r"^[A-Za-z0-9_.\-*?\[\]!]+$")
 
@@ -42,6 +53,15 @@ class StreamName:
 
     def __str__(self) -> str:
         return f"{self.venue}:{self.symbol}:{self.channel}"
+
+
+def check_prefix(prefix: str, source: str = "") -> str:
+    """``prefix`` itself when it matches :data:`PREFIX_RE`; a :class:`ConfigError` naming it (and ``source``,
+    where it came from, e.g. ``MARKET_PREFIX``) otherwise."""
+    if not PREFIX_RE.match(prefix):
+        where = f" ({source})" if source else ""
+        raise ConfigError(f"invalid stream prefix {prefix!r}{where}: 1 to 64 letters, digits, '_', '.' or '-'")
+    return prefix
 
 
 def stream_key(venue: str, symbol: str, channel: str, prefix: str = DEFAULT_PREFIX) -> str:
@@ -108,3 +128,31 @@ class Pattern:
 
     def __hash__(self) -> int:
         return hash(self.text)
+
+
+# ---------------------------------------------------------------- keys beside the streams
+
+
+def heartbeat_key(prefix: str, ingestor_id: str) -> str:
+    """``<prefix>:_hb:ingestor:<id>``: one ingestor's latest heartbeat (a string, JSON, with an expiry)."""
+    return f"{prefix}:_hb:ingestor:{ingestor_id}"
+
+
+def heartbeat_set_key(prefix: str) -> str:
+    """``<prefix>:_hb:ingestors``: the set of ingestor ids that have reported."""
+    return f"{prefix}:_hb:ingestors"
+
+
+def control_state_key(prefix: str) -> str:
+    """``<prefix>:_ctl:state``: the desired control state, JSON with its version (one key: one slot)."""
+    return f"{prefix}:_ctl:state"
+
+
+def control_audit_key(prefix: str) -> str:
+    """``<prefix>:_ctl:audit``: the stream of control changes, one entry per change."""
+    return f"{prefix}:_ctl:audit"
+
+
+def control_changed_channel(prefix: str) -> str:
+    """``<prefix>:_ctl:changed``: the channel each control change's version is published on."""
+    return f"{prefix}:_ctl:changed"

@@ -1,4 +1,4 @@
-"""Thin helpers around redis-py shared by the consumer and replay modules (internal).
+"""Thin helpers around redis-py shared by every package.
 
 - :func:`iter_read_reply` flattens the four shapes redis-py returns for XREAD/XREADGROUP
   (RESP2 or RESP3, legacy or unified responses) into ``(key, entries)`` pairs.
@@ -6,8 +6,10 @@
   (no dict built per entry); :func:`field_value` finds a field in such an entry.
 - :func:`xack_many` acknowledges entries of several streams in one write, packed ahead.
 - :func:`blocking_client` gives a client whose socket timeout outlasts a ``BLOCK``.
-- :func:`classify` and :func:`translate` map redis exceptions onto :mod:`consumer_sdk.errors`.
-- :func:`backoff_delays` is the capped, jittered reconnect schedule.
+- :func:`classify_redis` is the one classifier of Redis errors (a reason and a kind), shared by the
+  writer, the consumer and replay; :func:`classify` and :func:`translate` map redis exceptions onto
+  :mod:`consumer_sdk.core.errors` for a reader.
+- :func:`connect_redis` gives a client that has answered ``PING`` on a supported server.
 - Entry IDs are compared as ``(ms, seq)`` tuples; :func:`id_before` and :func:`id_after`
   give the neighbouring IDs for exclusive ranges.
 """
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import enum
 import inspect
-import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias, cast
@@ -24,7 +25,9 @@ from typing import Any, Final, TypeAlias, cast
 import redis.exceptions as rexc
 from redis.asyncio import ConnectionPool, Redis
 
-from consumer_sdk.errors import ConfigError, MarketError, TransientError
+from consumer_sdk.core.errors import ConfigError, MarketError, Retryable, TransientError
+from consumer_sdk.core.server import require_supported
+from consumer_sdk.core.urls import redact_url
 
 _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
 try:
@@ -35,15 +38,18 @@ else:
     _hiredis_pack = cast(Callable[[tuple[Any, ...]], bytes], _pack)
 
 __all__ = [
+    "FAULT_REASONS",
     "MAX_SEQ",
     "Entry",
     "ErrorKind",
     "Fields",
     "IdT",
+    "RedisFault",
     "StreamView",
-    "backoff_delays",
     "blocking_client",
     "classify",
+    "classify_redis",
+    "connect_redis",
     "effective_socket_timeout",
     "field_name",
     "field_value",
@@ -334,35 +340,145 @@ def blocking_client(client: Redis | str, block_ms: int) -> tuple[Redis, bool]:
 
 
 class ErrorKind(enum.Enum):
-    """What a redis exception means for a long-running reader."""
+    """What a Redis error means, the project's one rule (:mod:`consumer_sdk.core.errors`)."""
 
-    TRANSIENT = "transient"  # connection lost, timeout, loading, read-only replica: back off and retry
+    TRANSIENT = "transient"  # Redis away or busy for now: back off and retry, it passes by itself
     NOGROUP = "nogroup"  # the group (or the stream) is gone: recreate the group
-    FATAL = "fatal"  # bad settings, wrong key type, auth: retrying will not help
+    FATAL = "fatal"  # refused until someone acts (memory, ACL, key type, settings): retrying alone will not help
 
 
-_TRANSIENT_CODES: Final = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY ")
+@dataclass(frozen=True, slots=True)
+class RedisFault:
+    """One error met talking to Redis: ``reason``, a bounded label (see :data:`FAULT_REASONS`), and its kind."""
+
+    reason: str
+    kind: ErrorKind
+
+    @property
+    def retryable(self) -> bool:
+        """Whether waiting alone may fix it (:attr:`ErrorKind.TRANSIENT`)."""
+        return self.kind is ErrorKind.TRANSIENT
+
+
+_T, _N, _F = ErrorKind.TRANSIENT, ErrorKind.NOGROUP, ErrorKind.FATAL
+_UNREACHABLE: Final = RedisFault("unreachable", _T)
+_AUTH: Final = RedisFault("auth", _F)
+_NOGROUP: Final = RedisFault("nogroup", _N)
+_BAD_ID: Final = RedisFault("bad_id", _F)
+_OTHER: Final = RedisFault("other", _F)
+#: redis-py's exception classes, most specific first (it strips the reply's first word from their text)
+_BY_EXCEPTION: Final[tuple[tuple[type[BaseException], RedisFault], ...]] = (
+    (rexc.OutOfMemoryError, RedisFault("oom", _F)),
+    (rexc.ReadOnlyError, RedisFault("readonly", _T)),
+    (rexc.BusyLoadingError, RedisFault("loading", _T)),  # a ConnectionError to redis-py, a reply to us
+    (rexc.NoScriptError, RedisFault("noscript", _F)),
+    (rexc.MasterDownError, RedisFault("masterdown", _T)),  # a ClusterDownError
+    (rexc.ClusterDownError, RedisFault("clusterdown", _T)),
+    (rexc.TryAgainError, RedisFault("tryagain", _T)),
+    (rexc.AskError, RedisFault("moved", _F)),  # MovedError is an AskError
+    (rexc.NoPermissionError, RedisFault("noperm", _F)),
+    (rexc.AuthenticationError, _AUTH),  # a ConnectionError
+    (rexc.AuthorizationError, _AUTH),  # a ConnectionError
+    (rexc.ConnectionError, _UNREACHABLE),
+    (rexc.TimeoutError, _UNREACHABLE),
+    (OSError, _UNREACHABLE),
+    (Retryable, RedisFault("transient", _T)),  # ours, e.g. TransientError raised around a Redis call
+)
+#: the first word of an error reply (what a script returns, and what redis-py leaves in the text of a
+#: plain ResponseError)
+_BY_WORD: Final[Mapping[str, RedisFault]] = {
+    "OOM": RedisFault("oom", _F),
+    "READONLY": RedisFault("readonly", _T),
+    "LOADING": RedisFault("loading", _T),
+    "BUSY": RedisFault("busy", _T),
+    "NOSCRIPT": RedisFault("noscript", _F),
+    "MASTERDOWN": RedisFault("masterdown", _T),
+    "CLUSTERDOWN": RedisFault("clusterdown", _T),
+    "TRYAGAIN": RedisFault("tryagain", _T),
+    "MOVED": RedisFault("moved", _F),
+    "ASK": RedisFault("moved", _F),
+    "MISCONF": RedisFault("misconf", _F),
+    "NOREPLICAS": RedisFault("noreplicas", _F),
+    "NOPERM": RedisFault("noperm", _F),
+    "NOAUTH": _AUTH,
+    "WRONGPASS": _AUTH,
+    "WRONGTYPE": RedisFault("wrongtype", _F),
+    "NOGROUP": _NOGROUP,
+    "UNBLOCKED": _NOGROUP,  # the stream was deleted while a read was blocked on it
+}
+#: ``ERR`` replies naming an entry ID that XADD can never accept
+_BAD_ID_TEXTS: Final = ("The ID specified in XADD", "Invalid stream ID")
+#: every ``reason`` :func:`classify_redis` can give (bounded: fit for a metric label)
+FAULT_REASONS: Final = tuple(
+    sorted({f.reason for f in (*(f for _, f in _BY_EXCEPTION), *_BY_WORD.values(), _BAD_ID, _OTHER)})
+)
+
+
+def classify_redis(error: BaseException | str) -> RedisFault:
+    """The one classifier of Redis errors: an exception, or the text of an error reply (a script's).
+
+    Pure, O(1); by redis-py's exception class first, then by the reply's first word.
+
+    =============================================  ===========  =========
+    error (exception class / reply's first word)   reason       kind
+    =============================================  ===========  =========
+    ConnectionError, TimeoutError, OSError         unreachable  TRANSIENT
+    ReadOnlyError / ``READONLY``                   readonly     TRANSIENT
+    BusyLoadingError / ``LOADING``                 loading      TRANSIENT
+    ``BUSY`` (a script or function running)        busy         TRANSIENT
+    MasterDownError / ``MASTERDOWN``               masterdown   TRANSIENT
+    ClusterDownError / ``CLUSTERDOWN``             clusterdown  TRANSIENT
+    TryAgainError / ``TRYAGAIN``                   tryagain     TRANSIENT
+    a :class:`~consumer_sdk.core.errors.Retryable`  transient    TRANSIENT
+    ``NOGROUP``, ``UNBLOCKED``                     nogroup      NOGROUP
+    OutOfMemoryError / ``OOM``                     oom          FATAL
+    NoScriptError / ``NOSCRIPT``                   noscript     FATAL
+    MovedError, AskError / ``MOVED``, ``ASK``      moved        FATAL
+    ``MISCONF`` (snapshots failing)                misconf      FATAL
+    ``NOREPLICAS`` (min-replicas-to-write)         noreplicas   FATAL
+    NoPermissionError / ``NOPERM``                 noperm       FATAL
+    AuthenticationError, AuthorizationError /      auth         FATAL
+    ``NOAUTH``, ``WRONGPASS``
+    ``WRONGTYPE`` (the key is not a stream)        wrongtype    FATAL
+    ``ERR The ID specified in XADD ...``,          bad_id       FATAL
+    ``ERR Invalid stream ID ...``
+    anything else                                  other        FATAL
+    =============================================  ===========  =========
+
+    The rule: TRANSIENT is Redis away or busy for a while, which passes without anyone acting; FATAL
+    is a refusal that lasts until someone acts (memory, ACLs, a key of the wrong type, settings).  OOM
+    is FATAL: Redis refuses writes until maxmemory is raised or data goes.  Each caller then acts on
+    its own stakes: a reader (:class:`~consumer_sdk.consumer.Consumer`, replay, ``market tail``)
+    retries TRANSIENT, recreates its group on NOGROUP and raises on FATAL (:func:`translate`),
+    since nothing is lost by stopping: the entries stay in their streams.  The writer
+    (:func:`distributor.writer.classify_error`) holds and spills every tick whatever the kind,
+    except those Redis can never store (``wrongtype``, ``bad_id``: dead-lettered), since dropping
+    ticks is worse than waiting for a person; it reports the reason meanwhile.
+    """
+    if not isinstance(error, str):
+        for cls, found in _BY_EXCEPTION:
+            if isinstance(error, cls):
+                return found
+        if not isinstance(error, rexc.ResponseError):
+            return _OTHER
+        error = str(error)
+    word, _, rest = error.partition(" ")
+    by_word = _BY_WORD.get(word)
+    if by_word is not None:
+        return by_word
+    text = rest if word == "ERR" else error  # redis-py strips "ERR " from a ResponseError's text
+    if text.startswith(_BAD_ID_TEXTS):
+        return _BAD_ID
+    return _OTHER
 
 
 def classify(exc: BaseException) -> ErrorKind:
-    if isinstance(exc, rexc.AuthenticationError | rexc.AuthorizationError | rexc.NoPermissionError):
-        return ErrorKind.FATAL
-    if isinstance(exc, rexc.ConnectionError | rexc.TimeoutError | OSError | rexc.ReadOnlyError | TransientError):
-        return ErrorKind.TRANSIENT
-    if isinstance(exc, rexc.ClusterDownError | rexc.TryAgainError):
-        return ErrorKind.TRANSIENT
-    if isinstance(exc, rexc.ResponseError):
-        text = str(exc)
-        # NOGROUP: no group; UNBLOCKED: the stream was deleted while we were blocked on it.
-        if text.startswith(("NOGROUP", "UNBLOCKED")):
-            return ErrorKind.NOGROUP
-        if text.startswith(_TRANSIENT_CODES):
-            return ErrorKind.TRANSIENT
-    return ErrorKind.FATAL
+    """What a reader does about ``exc``: the kind :func:`classify_redis` gives."""
+    return classify_redis(exc).kind
 
 
 def translate(exc: BaseException, what: str = "redis") -> MarketError:
-    """The :mod:`consumer_sdk.errors` exception for a redis exception (raise it ``from exc``)."""
+    """The :mod:`consumer_sdk.core.errors` exception for a redis exception (raise it ``from exc``)."""
     kind = classify(exc)
     if kind is ErrorKind.TRANSIENT:
         return TransientError(f"{what}: {type(exc).__name__}: {exc}")
@@ -374,14 +490,23 @@ def translate(exc: BaseException, what: str = "redis") -> MarketError:
     return MarketError(f"{what}: {type(exc).__name__}: {text}")
 
 
-def backoff_delays(
-    initial: float = 0.05, factor: float = 1.8, cap: float = 2.0, rng: random.Random | None = None
-) -> Iterator[float]:
-    """Endless reconnect delays: growing by ``factor`` from ``initial`` up to ``cap``, each jittered
-    down by up to half (so many clients restarting at once spread out).  Start a new iterator after
-    a successful operation to reset it."""
-    draw = (rng or random).random
-    delay = initial
-    while True:
-        yield delay * (0.5 + 0.5 * draw())
-        delay = min(cap, delay * factor)
+# ---------------------------------------------------------------- connecting
+
+
+async def connect_redis(url: str, *, socket_timeout: float = 10.0) -> Redis:
+    """A client for ``url`` that has answered PING; :class:`TransientError` naming the (redacted) URL if not,
+    :class:`ConfigError` when the server is older than the supported floor (:mod:`consumer_sdk.core.server`).
+
+    Costs one connection, a ``PING`` and an ``INFO server``; the caller closes the client.
+    """
+    client = Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30)
+    try:
+        await client.ping()
+        await require_supported(client, redact_url(url))
+    except (rexc.RedisError, OSError) as exc:
+        await client.aclose()
+        raise TransientError(f"Redis unreachable at {redact_url(url)}: {exc}") from None
+    except ConfigError:
+        await client.aclose()
+        raise
+    return client

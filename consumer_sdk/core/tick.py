@@ -12,7 +12,7 @@ from typing import Any, Final, Literal, TypedDict, cast
 
 import orjson
 
-from consumer_sdk.errors import InvalidTick
+from consumer_sdk.core.errors import InvalidTick
 
 __all__ = [
     "BASE_FIELDS",

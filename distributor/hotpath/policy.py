@@ -15,8 +15,7 @@ tick and :data:`MIN_OVERRUN_US` (wall time: a handler that blocks on a sleep or 
 surely as one that computes).  A new inline subscriber's first chunk is *one call*: within budget, its
 chunks are ``max_chunk`` from then on; over it, :func:`probation_chunk` calls (enough to overrun), so a
 handler slow from its first call holds the loop for one call, not for a full chunk.  After an overrun its
-chunks are cut to
-:func:`probation_chunk` calls (enough to overrun once more if it is still that slow, at most
+chunks are cut to :func:`probation_chunk` calls (enough to overrun once more if it is still that slow, at most
 :data:`PROBATION_CHUNK`: one call for a 1 ms handler); at its :data:`OFFLOAD_AFTER`-th overrun within
 :data:`OFFLOAD_WINDOW` of its chunks it is moved, for good, to a thread of its own (logged
 ``subscriber_offloaded``).  So a slow handler holds the publisher, the writer, the socket reader and the

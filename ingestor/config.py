@@ -3,6 +3,10 @@
 :func:`load_settings` is pure apart from reading the TOML file; every problem is a
 :class:`~consumer_sdk.core.errors.ConfigError` with one line naming it.  Secrets in
 URLs never appear in messages: :func:`consumer_sdk.core.urls.redact_url` masks them.
+
+Nothing unknown is ignored: a ``MARKET_*`` variable the project does not read
+(:func:`consumer_sdk.core.env.check_environment`) and a key or table of the TOML file that
+:data:`TOML_SCHEMA` does not list (:func:`check_toml`) are refused, naming the nearest known name.
 """
 
 from __future__ import annotations
@@ -10,15 +14,16 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
+from consumer_sdk.core.env import check_environment, nearest
 from consumer_sdk.core.errors import ConfigError
 from consumer_sdk.core.keys import DEFAULT_PREFIX, Pattern, check_prefix
 from consumer_sdk.core.latency import DEFAULT_SAMPLE_EVERY
-from consumer_sdk.core.tick import is_valid_channel
+from consumer_sdk.core.tick import FIXED_CHANNELS, KLINE_INTERVALS, is_valid_channel
 from consumer_sdk.core.urls import DEFAULT_REDIS_URL, validate_redis_url
 from distributor.hotpath import SubscriberPolicy
 from distributor.ingress import Policy
@@ -27,8 +32,10 @@ from ingestor.repair import RepairSettings
 from ingestor.session import DEFAULT_STALE_AFTER, SessionSettings
 
 __all__ = [
+    "TOML_SCHEMA",
     "IngestSettings",
     "SubscriberSpec",
+    "check_toml",
     "default_rest_url",
     "load_settings",
 ]
@@ -212,13 +219,6 @@ def _session(table: Any) -> SessionSettings:
         return SessionSettings()
     if not isinstance(table, dict):
         raise ConfigError("[session] must be a table")
-    known = {
-        "ping_interval", "ping_timeout", "open_timeout", "stall_timeout", "healthy_after", "max_age",
-        "rotation_timeout", "backoff_base", "backoff_cap", "stale_after",
-    }
-    unknown = set(table) - known
-    if unknown:
-        raise ConfigError(f"[session]: unknown setting(s) {', '.join(sorted(unknown))}")
     values: dict[str, Any] = {
         k: _float(v, f"session.{k}", 0.001, 10 * 86400.0) for k, v in table.items() if k != "stale_after"
     }
@@ -263,9 +263,6 @@ def _writer(table: Any) -> int:
         table = {}
     if not isinstance(table, dict):
         raise ConfigError("[writer] must be a table")
-    unknown = set(table) - {"capacity"}
-    if unknown:
-        raise ConfigError(f"[writer]: unknown setting(s) {', '.join(sorted(unknown))}")
     return _int(table.get("capacity", 200_000), "writer.capacity", 1, MAX_WRITER_CAPACITY)
 
 
@@ -275,9 +272,6 @@ def _shutdown(table: Any) -> tuple[float, float]:
         table = {}
     if not isinstance(table, dict):
         raise ConfigError("[shutdown] must be a table")
-    unknown = set(table) - {"flush_timeout_s", "redis_timeout_s"}
-    if unknown:
-        raise ConfigError(f"[shutdown]: unknown setting(s) {', '.join(sorted(unknown))}")
     flush = _float(table.get("flush_timeout_s", 20.0), "shutdown.flush_timeout_s", 1.0, 3600.0)
     try_redis = _float(table.get("redis_timeout_s", min(3.0, flush)), "shutdown.redis_timeout_s", 0.1, 3600.0)
     if try_redis > flush:
@@ -332,12 +326,215 @@ def _subscribers(flag_targets: tuple[str, ...], table: Any) -> tuple[SubscriberS
     return tuple(specs)
 
 
+# ------------------------------------------------------------------------------------------------
+# The TOML file's shape: every table and key a reader above reads, and the kind of its value.
+# A key a reader starts to read must be listed here, or a file that sets it is refused.
+
+#: kinds of TOML values, as messages name them
+_STRING: Final = "a string"
+_INTEGER: Final = "an integer"
+_NUMBER: Final = "a number"
+_BOOLEAN: Final = "true or false"
+_LIST: Final = "a string or a list of strings"
+
+
+@dataclass(frozen=True, slots=True)
+class _Table:
+    """A table of settings: each key and what its value must be."""
+
+    keys: Mapping[str, _Node]
+
+
+@dataclass(frozen=True, slots=True)
+class _Names:
+    """A table whose keys are names (channels), not settings: ``accepts`` says which names are valid,
+    ``choices`` are the names suggested for one that is not; each value is a ``value``."""
+
+    value: _Node
+    accepts: Callable[[str], bool]
+    choices: tuple[str, ...]
+    what: str = "channel"
+
+
+@dataclass(frozen=True, slots=True)
+class _Array:
+    """An array of tables (``[[name]]``)."""
+
+    item: _Table
+
+
+@dataclass(frozen=True, slots=True)
+class _Either:
+    """A value of ``kind`` or a ``table``."""
+
+    kind: str
+    table: _Table
+
+
+_Node = str | _Table | _Names | _Array | _Either
+
+#: every concrete channel name: the fixed ones and one ``kline_<interval>`` per Binance interval
+ALL_CHANNELS: Final = (*FIXED_CHANNELS, *(f"kline_{i}" for i in sorted(KLINE_INTERVALS)))
+#: the keys of ``[session.stale_after]``: a channel, ``kline`` standing for every interval
+STALE_AFTER_KEYS: Final = (*FIXED_CHANNELS, "kline")
+
+
+def is_retention_channel(name: str) -> bool:
+    """A ``[retention.channels]`` key: a channel, or a ``prefix*`` glob matching at least one channel
+    (the only glob :meth:`~distributor.writer.Retention.for_channel` applies)."""
+    if is_valid_channel(name):
+        return True
+    return name.endswith("*") and any(c.startswith(name[:-1]) for c in ALL_CHANNELS)
+
+
+_PER_STREAM_LIMITS: Final = _Table({"maxlen": _INTEGER, "max_age_ms": _INTEGER})
+
+#: the whole TOML file; top-level keys are the ``_ENV`` settings, the rest are tables
+TOML_SCHEMA: Final = _Table({
+    "url": _STRING,
+    "rest_url": _STRING,
+    "symbols": _LIST,
+    "channels": _LIST,
+    "redis_url": _STRING,
+    "prefix": _STRING,
+    "metrics_host": _STRING,
+    "metrics_port": _INTEGER,
+    "queue_capacity": _INTEGER,
+    "queue_policy": _STRING,
+    "spill_dir": _STRING,
+    "latency_sample": _INTEGER,
+    "queue": _Table({"capacity": _INTEGER, "policy": _STRING}),
+    "writer": _Table({"capacity": _INTEGER}),
+    "retention": _Table({
+        "maxlen": _INTEGER,
+        "max_age_ms": _INTEGER,
+        "channels": _Names(
+            _Either(_INTEGER, _PER_STREAM_LIMITS), is_retention_channel, (*ALL_CHANNELS, "kline_*")
+        ),
+    }),
+    "session": _Table({
+        **dict.fromkeys(
+            ("ping_interval", "ping_timeout", "open_timeout", "stall_timeout", "healthy_after", "max_age",
+             "rotation_timeout", "backoff_base", "backoff_cap"),
+            _NUMBER,
+        ),
+        "stale_after": _Names(_NUMBER, STALE_AFTER_KEYS.__contains__, STALE_AFTER_KEYS),
+    }),
+    "repair": _Table({
+        "enabled": _BOOLEAN,
+        "max_gap": _INTEGER,
+        "max_hold": _INTEGER,
+        "deadline_s": _NUMBER,
+        "hold_s": _NUMBER,
+        "rest_timeout_s": _NUMBER,
+        "max_body_mb": _NUMBER,
+        "breaker_failures": _INTEGER,
+        "breaker_cooldown_s": _NUMBER,
+    }),
+    "subscribers": _Array(_Table({
+        "target": _STRING, "patterns": _LIST, "policy": _STRING, "execution": _STRING, "handler_budget_us": _NUMBER,
+    })),
+    "streams": _Table({"on_demand": _LIST, "release_grace_s": _NUMBER}),
+    "spill": _Table({"dir": _STRING, "fsync": _STRING, "max_mb": _INTEGER}),
+    "shutdown": _Table({"flush_timeout_s": _NUMBER, "redis_timeout_s": _NUMBER}),
+})
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    """``retention.channels."kline_*"``, ``subscribers[1].policy``: a key's path as TOML spells it."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + (part if _BARE_KEY.match(part) else f'"{part}"')
+    return out
+
+
+def _where(path: tuple[str | int, ...]) -> str:
+    if not path:
+        return "(top level)"
+    return _dotted(path) if isinstance(path[-1], int) else f"[{_dotted(path)}]"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == _STRING:
+        return isinstance(value, str)
+    if kind == _BOOLEAN:
+        return isinstance(value, bool)
+    if kind == _INTEGER:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _NUMBER:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == _LIST:
+        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    raise AssertionError(kind)
+
+
+def _unknown(what: str, name: str, choices: tuple[str, ...], path: tuple[str | int, ...], source: str) -> ConfigError:
+    close = nearest(name, choices)
+    hint = f"; did you mean {close!r}?" if close else ""
+    return ConfigError(f"unknown {what} {name!r} in {source} {_where(path)}{hint}")
+
+
+def _check(value: Any, node: _Node, path: tuple[str | int, ...], source: str) -> None:
+    if isinstance(node, str):
+        if not _is_kind(value, node):
+            raise ConfigError(f"{_dotted(path)}: expected {node}, got {_show(value)}")
+    elif isinstance(node, _Either):
+        if isinstance(value, dict):
+            _check(value, node.table, path, source)
+        elif not _is_kind(value, node.kind):
+            raise ConfigError(f"{_dotted(path)}: expected {node.kind} or a table, got {_show(value)}")
+    elif isinstance(node, _Table):
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{_dotted(path)}] must be a table")
+        for key, item in value.items():
+            if key not in node.keys:
+                raise _unknown("setting", key, tuple(node.keys), path, source)
+            _check(item, node.keys[key], (*path, key), source)
+    elif isinstance(node, _Names):
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{_dotted(path)}] must be a table of {node.what} = value")
+        for name, item in value.items():
+            if not node.accepts(name):
+                raise _unknown(node.what, name, node.choices, path, source)
+            _check(item, node.value, (*path, name), source)
+    else:
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ConfigError(f"[[{_dotted(path)}]] must be an array of tables")
+        for i, item in enumerate(value):
+            _check(item, node.item, (*path, i), source)
+
+
+def check_toml(doc: Mapping[str, Any], source: str) -> None:
+    """Refuse a TOML document (as :func:`tomllib.load` returns it) that holds a table or key
+    :data:`TOML_SCHEMA` does not list, or a value of the wrong kind: one :class:`ConfigError` for the first
+    problem in file order, e.g. ``unknown setting 'symbolz' in market.toml (top level); did you mean
+    'symbols'?`` or ``session.ping_interval: expected a number, got 'fast'``.  ``source`` names the file.
+    Ranges and the values themselves are the readers' to check.  Cost: one pass over the document."""
+    _check(dict(doc), TOML_SCHEMA, (), source)
+
+
 def load_settings(
     flags: Mapping[str, Any], env: Mapping[str, str], config_path: str | None = None
 ) -> IngestSettings:
-    """Merge flags (``None`` = not given), environment and the TOML file; validate everything."""
+    """Merge flags (``None`` = not given), environment and the TOML file; validate everything, refusing an
+    unknown ``MARKET_*`` variable in ``env`` and an unknown key in the file."""
+    check_environment(env)
     path = config_path or env.get("MARKET_CONFIG")
     toml = read_toml(path) if path else {}
+    if path:
+        check_toml(toml, path)
     merged: dict[str, Any] = {}
     for name, env_name in _ENV.items():
         if flags.get(name) is not None:

@@ -35,6 +35,14 @@ app = typer.Typer(
 app.add_typer(ctl_app, name="ctl")
 
 
+@app.callback()
+def _check_environment() -> None:
+    # Before every command: a misspelt MARKET_* variable (MARKET_REDIS_ULR) is refused, not ignored.
+    from consumer_sdk.core.env import check_environment
+
+    check_environment(os.environ)
+
+
 def fail(message: str) -> NoReturn:
     """One line on stderr, exit status 2."""
     print(f"market: error: {message}", file=sys.stderr)

@@ -54,8 +54,13 @@ def test_defaults_with_nothing_given() -> None:
 
 
 def test_unrelated_environment_is_ignored() -> None:
-    s = load(env={"HOME": "/root", "REDIS_URL": "redis://elsewhere:1/0", "MARKET_UNKNOWN": "x"})
+    s = load(env={"HOME": "/root", "REDIS_URL": "redis://elsewhere:1/0", "market_unknown": "x"})
     assert s == load()
+
+
+def test_an_unknown_market_variable_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"^unknown environment variable MARKET_UNKNOWN$"):
+        load(env={"HOME": "/root", "MARKET_UNKNOWN": "x"})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,8 +288,9 @@ BAD_TABLES = [
     ('[retention.channels.trade]\nmax_age_ms = "1d"', "retention.channels.trade.max_age_ms: expected an integer"),
     # [session]
     ("session = 1", "[session] must be a table"),
-    ("[session]\nping_intervall = 5", "[session]: unknown setting(s) ping_intervall"),
-    ("[session]\nfoo = 1\nbar = 2", "[session]: unknown setting(s) bar, foo"),
+    ("[session]\nping_intervall = 5", "unknown setting 'ping_intervall' in "),
+    ("[session]\nping_intervall = 5", "market.toml [session]; did you mean 'ping_interval'?"),
+    ("[session]\nfoo = 1\nbar = 2", "unknown setting 'foo' in "),
     ('[session]\nping_interval = "fast"', "session.ping_interval: expected a number, got 'fast'"),
     ("[session]\nbackoff_cap = 0", "session.backoff_cap: 0.0 is out of range"),
     ("[session]\nmax_age = 1e9", "session.max_age"),
@@ -306,13 +312,13 @@ BAD_TABLES = [
     ('[[subscribers]]\ntarget = "a.b:c"\npatterns = []', "subscribers[0].patterns: empty"),
     # [shutdown]
     ("shutdown = 5", "[shutdown] must be a table"),
-    ("[shutdown]\nflush_timeout = 5", "[shutdown]: unknown setting(s) flush_timeout"),
+    ("[shutdown]\nflush_timeout = 5", "unknown setting 'flush_timeout' in "),
     ("[shutdown]\nflush_timeout_s = 0", "shutdown.flush_timeout_s: 0.0 is out of range"),
     ('[shutdown]\nredis_timeout_s = "soon"', "shutdown.redis_timeout_s: expected a number"),
     ("[shutdown]\nflush_timeout_s = 5\nredis_timeout_s = 6", "must not exceed shutdown.flush_timeout_s"),
     # [writer]
     ("writer = 5000", "[writer] must be a table"),
-    ("[writer]\ncapacit = 5000", "[writer]: unknown setting(s) capacit"),
+    ("[writer]\ncapacit = 5000", "unknown setting 'capacit' in "),
     ('[writer]\ncapacity = "big"', "writer.capacity: expected an integer, got 'big'"),
     ("[writer]\ncapacity = 0", "writer.capacity: 0 is out of range 1..10000000"),
     ("[writer]\ncapacity = 10000001", "writer.capacity: 10000001 is out of range"),

@@ -1,3 +1,5 @@
+# size: one on-disk format and its only reader and writer: framing, CRCs, torn-tail recovery and the segment ring
+#   change together, and a third of it documents the format.
 """The writer's spill log: a local append-only log on disk for ticks Redis could not take yet.
 
 Layout.  Segment files ``seg-<n>.spill`` in one directory, drained in increasing ``n``.  Each

@@ -1,3 +1,5 @@
+# size: one task's state machine (submit, batch, append script, settle an error, spill, drain); its parts share that
+#   task's buffers and would only pass them around if split.
 """The Redis Streams writer: batched, idempotent, capped appends.
 
 One task owns the writer.  Ticks are handed over with :meth:`StreamWriter.submit`

@@ -1,3 +1,5 @@
+# size: every setting is read and checked here, with the schema of known keys beside the readers, so a setting
+#   cannot be added in one place and forgotten in the other.
 """Ingestor settings: flags, then ``MARKET_*`` environment variables, then a TOML file, then defaults.
 
 :func:`load_settings` is pure apart from reading the TOML file; every problem is a

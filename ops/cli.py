@@ -1,3 +1,4 @@
+# size: one typer application, a short function per command; what each command does lives in its own module.
 """The ``market`` command: one typer application.
 
 Every command turns bad input (a bad flag, an unreadable config, Redis unreachable at

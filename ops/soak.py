@@ -1,3 +1,5 @@
+# size: one harness: its processes, fault injection, checker and report share one run's state; the pure parts are in
+#   soak_plan.py.
 """``market soak``: the whole path as in production, under faults on a seeded schedule, checked throughout.
 
 What runs (every process a real one, every fault a real one):

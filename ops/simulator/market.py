@@ -1,3 +1,5 @@
+# size: one seeded generator per Binance stream kind, pure; they share one clock and one order of random draws (same
+#   seed, same output), which a split would make easy to break.
 """A seeded synthetic Binance spot market: pure code, no I/O, the same output for the same seed.
 
 :class:`SyntheticMarket` turns "the next n events at time t" into Binance spot stream payloads:

@@ -1,3 +1,5 @@
+# size: one pure function per REST endpoint the venue serves, each with the limits and errors Binance documents for
+#   it.
 """Binance spot REST market-data endpoints over the simulator's bounded history: pure code.
 
 Endpoints (GET, query string parameters as Binance names them):

@@ -149,6 +149,7 @@ __all__ = [
     "Execution",
     "Handler",
     "HotPath",
+    "HotPathSnapshot",
     "HotPathStats",
     "SubscriberPolicy",
     "Subscription",
@@ -287,6 +288,17 @@ class HotPathStats:
     offloaded: int = 0  # subscribers moved to a thread for overrunning their budget, since start
     threads: int = 0  # current subscribers whose handler runs on a thread of its own
     overruns: int = 0  # chunks over budget, every subscriber, removed ones included
+
+
+@dataclass(frozen=True, slots=True)
+class HotPathSnapshot:
+    """What observers (heartbeat, metrics) read of the hot path at one instant: :meth:`HotPath.snapshot`."""
+
+    stats: HotPathStats
+    #: every current subscriber, slowest first (as :meth:`HotPath.slowest` ranks them)
+    ranked: tuple[SubscriptionStats, ...]
+    #: publish stamp to handler call (µs), every subscriber, a copy
+    latency: LatencyHistogram
 
 
 def _is_async(handler: Handler) -> bool:
@@ -1364,6 +1376,13 @@ class HotPath:
             waiting_room=self._backlog is not None, max_lag=max_lag,
             slowest=worst.name if worst is not None else None, offloaded=self.offloaded, threads=threads,
             overruns=overruns,
+        )
+
+    def snapshot(self) -> HotPathSnapshot:
+        """:meth:`stats`, every subscriber ranked and a copy of the latency histogram (no I/O; two passes over
+        the subscribers, as :meth:`stats` and :meth:`slowest` each make one)."""
+        return HotPathSnapshot(
+            stats=self.stats(), ranked=tuple(self.slowest(self.max_subscribers)), latency=self.latency.copy()
         )
 
 

@@ -7,52 +7,21 @@ cut off from Redis); ``market status`` (:mod:`ops.status`) reads both and judges
 command touches one key and no transaction spans two, so this runs unchanged on Redis Cluster.  A
 clean stop (cancellation) removes the id and the key: a stopped ingestor is not a dead one.
 
-:func:`build_heartbeat` is pure (no I/O): it reads the ingestor's counters and returns the
-document.  :class:`HeartbeatState` keeps what one snapshot cannot show: who is beating, since when
-a connection has been down, and the counters of the last minutes, so the document carries recent
-counts (drops in the last minute) as well as totals since start.  :func:`heartbeat_loop` is the
-thin I/O part: build, ``SET ... PX``, ``SADD`` (both in scripts flagged ``allow-oom``, so a Redis
-out of memory still takes the beat that says so), sleep; a Redis error never ends it.
-
-The document (schema ``v`` 1), every part read defensively (a part the ingestor does not have yet
-is reported with ``"present": false``):
-
-- ``id`` (``<host>-<pid>-<start id>``), ``host``, ``pid``, ``version``, ``venue``, ``url`` (no
-  secrets), ``redis`` (no secrets), ``prefix``, ``started_at`` and ``ts`` (Unix seconds),
-  ``uptime_s``, ``window_s`` and ``reconnect_window_s`` (the spans of the ``*_recent`` counts);
-- ``connections``: ``total``, ``live``, ``reconnects``, ``reconnects_recent``, ``reconnect_reasons``,
-  ``stale`` (names, at most :data:`MAX_LISTED`), ``stale_count``, ``stalls`` and ``sessions``: per
-  venue connection its ``state``, ``reason``, ``last_error``, ``state_for_s``, ``down_for_s`` (None
-  while live), ``last_frame_age_s`` (None before the first frame), ``streams``, ``reconnects``,
-  ``subscribe_errors``, ``stale``;
-- ``ingress``: ``length``, ``capacity``, ``fill_ratio``, ``policy``, ``dropped``, ``dropped_recent``,
-  ``backpressure_events``, ``backpressure_recent``;
-- ``fanout``: ``present``, ``subscribers``, ``dropped``, ``dropped_recent``, ``errors``,
-  ``errors_recent``, ``disconnected``, ``disconnected_recent``, ``waiting_room``, ``max_lag``,
-  ``capacity``, ``offloaded`` and ``offloaded_recent`` (synchronous subscribers moved off the loop for
-  overrunning their budget), ``threads``, ``overruns`` and ``overruns_recent``, ``slowest`` (at most
-  three, slowest first by their own handler time per tick, then lag: ``name``, ``policy``,
-  ``execution``, ``offloaded``, ``handler_us``, ``handler_max_us``, ``busy_us``, ``overruns``, ``lag``,
-  ``dropped``, ``errors``);
-- ``writer``: ``present``, ``connected`` (Redis answers; a refusal is an answer), ``buffered``,
-  ``capacity``, ``fill_ratio``, ``appended``, ``errors``, ``errors_recent``, ``failing`` (the class of
-  the error holding ticks back now, e.g. ``oom``, ``readonly``, ``unreachable``; ``null`` when writes go
-  through), ``oom`` (Redis refuses writes for lack of memory), ``failing_for_s``, ``rejected`` and
-  ``rejected_recent`` (tick writes Redis refused: each refused attempt counts its ticks),
-  ``rejected_by_reason``, ``dead_lettered`` and ``dead_lettered_recent`` (ticks Redis can never store,
-  kept in ``dead_letter_key``), ``spilled``, ``spill_bytes``, ``spill_full`` and ``spill_full_reason``
-  (the spill log refuses ticks for lack of room: its cap, or a full disk; the ingress policy decides),
-  ``spill_full_events``, ``spill_refused`` (offers the spill log took nothing of),
-  ``spill_write_failures``, ``spill_corrupt``, ``spill_torn``, ``last_flush_us`` (how long the last
-  flush took), ``last_write_age_s``;
-- ``gaps``: ``detected``, ``repaired``, ``unrepaired``, ``unrepaired_recent``, ``ticks_unrepaired``,
-  ``repairing``, ``duplicates``, ``out_of_order``.
+The document is a :class:`consumer_sdk.core.health.Heartbeat` (its fields are described there),
+written by :func:`consumer_sdk.core.health.to_doc`.  :func:`heartbeat_document` is pure (no I/O): it
+turns the ingestor's :class:`~ingestor.snapshot.IngestorSnapshot` into that document.
+:class:`HeartbeatState` keeps what one snapshot cannot show: who is beating, since when a connection
+has been down, and the counters of the last minutes, so the document carries recent counts (drops in
+the last minute) as well as totals since start.  :func:`heartbeat_loop` is the thin I/O part:
+snapshot, build, ``SET ... PX``, ``SADD`` (both in scripts flagged ``allow-oom``, so a Redis out of
+memory still takes the beat that says so), sleep; a Redis error never ends it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import importlib.metadata
 import logging
@@ -61,25 +30,36 @@ import re
 import secrets
 import socket
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
 from redis.exceptions import RedisError
 
 from consumer_sdk.core.aio import reraise_if_cancelling
 from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.health import (
+    MAX_LISTED,
+    SCHEMA,
+    Connections,
+    Fanout,
+    Gaps,
+    Heartbeat,
+    Ingress,
+    Session,
+    Subscriber,
+    Writer,
+    to_doc,
+)
 from consumer_sdk.core.keys import heartbeat_key, heartbeat_set_key
 from consumer_sdk.core.log import Throttle, get_logger, log_event
 from consumer_sdk.core.urls import public_url
+from ingestor.snapshot import IngestorSnapshot
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
-
-    from ingestor.service import Ingestor
 
 __all__ = [
     "HEARTBEAT_SCHEMA",
@@ -88,7 +68,9 @@ __all__ = [
     "RECONNECT_WINDOW_S",
     "HeartbeatState",
     "Identity",
+    "Reporting",
     "build_heartbeat",
+    "heartbeat_document",
     "heartbeat_key",
     "heartbeat_loop",
     "heartbeat_set_key",
@@ -98,13 +80,11 @@ __all__ = [
 
 log = get_logger("heartbeat")
 
-HEARTBEAT_SCHEMA: Final = 1
+HEARTBEAT_SCHEMA: Final = SCHEMA
 #: the span of the ``*_recent`` counts (drops, errors, backpressure, unrepaired gaps), seconds
 RECENT_WINDOW_S: Final = 60.0
 #: the span of ``reconnects_recent``, seconds (a reconnect storm is judged over it)
 RECONNECT_WINDOW_S: Final = 300.0
-#: at most this many names in a list (stale streams, sessions, slowest subscribers)
-MAX_LISTED: Final = 20
 _LIVE_STATES: Final = frozenset({"live", "rotating"})
 # The two writes of a beat, as scripts flagged ``allow-oom``: a Redis out of memory refuses a plain
 # SET or SADD, and the heartbeat would then expire and report the ingestor dead rather than the OOM
@@ -195,131 +175,108 @@ class HeartbeatState:
         self._beats = 0  # documents built so far
 
 
-_states: weakref.WeakKeyDictionary[Any, HeartbeatState] = weakref.WeakKeyDictionary()
+class Reporting(Protocol):
+    """What a heartbeat reads: an ingestor (:class:`ingestor.service.Ingestor`) or a stand-in in a test."""
+
+    @property
+    def heartbeat(self) -> HeartbeatState:
+        """The state its heartbeat keeps between beats (one for as long as it lives)."""
+        ...
+
+    def snapshot(self) -> IngestorSnapshot: ...
 
 
-def heartbeat_state(ingestor: Ingestor) -> HeartbeatState:
-    """The state kept for ``ingestor`` (made on first use; the same identity for as long as it lives)."""
-    state = _states.get(ingestor)
-    if state is None:
-        state = _states[ingestor] = HeartbeatState()
-    return state
-
-
-def _num(obj: Any, name: str, default: int = 0) -> int:
-    value = getattr(obj, name, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        return default
-    return value
-
-
-def _total(value: Any) -> int:
-    """An int, or the sum of a ``{label: int}`` mapping (per-channel counters)."""
-    if isinstance(value, Mapping):
-        return sum(v for v in value.values() if isinstance(v, int))
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _stats(obj: Any) -> Any:
-    fn = getattr(obj, "stats", None)
-    if not callable(fn):
-        return None
-    try:
-        return fn()
-    except Exception:  # a part being built may not be ready to report; the heartbeat goes on without it
-        return None
+def heartbeat_state(ingestor: Reporting) -> HeartbeatState:
+    """The state kept for ``ingestor`` (the same identity for as long as it lives)."""
+    return ingestor.heartbeat
 
 
 def _round(x: float, digits: int = 3) -> float:
     return round(x, digits)
 
 
-def build_heartbeat(ingestor: Ingestor, now: float, *, state: HeartbeatState | None = None) -> dict[str, Any]:
-    """The heartbeat document for ``ingestor`` at ``now`` (Unix seconds); see the module doc."""
-    st = state if state is not None else heartbeat_state(ingestor)
+def build_heartbeat(ingestor: Reporting, now: float, *, state: HeartbeatState | None = None) -> dict[str, Any]:
+    """The heartbeat document of ``ingestor`` at ``now`` (Unix seconds), as JSON-ready dicts."""
+    st = state if state is not None else ingestor.heartbeat
+    return to_doc(heartbeat_document(ingestor.snapshot(), now, st))
+
+
+def heartbeat_document(snap: IngestorSnapshot, now: float, st: HeartbeatState) -> Heartbeat:
+    """The heartbeat for ``snap`` taken at ``now`` (Unix seconds); updates ``st`` (no I/O).
+
+    Cost: one pass over the snapshot's sessions, at most three subscribers, one window sample.
+    """
     ident = st.identity
-    settings = ingestor.settings
-    connections = _connections(ingestor, st, now)
-    ingress = _ingress(ingestor)
-    fanout = _fanout(ingestor)
-    writer = _writer(ingestor, st, now)
-    gaps = _gaps(ingestor)
+    connections = _connections(snap, st, now)
+    ingress = _ingress(snap)
+    fanout = _fanout(snap)
+    writer = _writer(snap, st, now)
+    gaps = _gaps(snap)
 
     st._beats += 1
     window = st._window
     window.observe(now, {
-        "reconnects": connections["reconnects"],
-        "ingress_dropped": ingress["dropped"],
-        "backpressure": ingress["backpressure_events"],
-        "fanout_dropped": fanout.get("dropped", 0),
-        "fanout_errors": fanout.get("errors", 0),
-        "fanout_disconnected": fanout.get("disconnected", 0),
-        "fanout_offloaded": fanout.get("offloaded", 0),
-        "fanout_overruns": fanout.get("overruns", 0),
-        "writer_errors": writer.get("errors", 0),
-        "writer_rejected": writer.get("rejected", 0),
-        "writer_dead_lettered": writer.get("dead_lettered", 0),
-        "gaps_unrepaired": gaps["unrepaired"],
+        "reconnects": connections.reconnects,
+        "ingress_dropped": ingress.dropped,
+        "backpressure": ingress.backpressure_events,
+        "fanout_dropped": fanout.dropped,
+        "fanout_errors": fanout.errors,
+        "fanout_disconnected": fanout.disconnected,
+        "fanout_offloaded": fanout.offloaded,
+        "fanout_overruns": fanout.overruns,
+        "writer_errors": writer.errors,
+        "writer_rejected": writer.rejected,
+        "writer_dead_lettered": writer.dead_lettered or 0,
+        "gaps_unrepaired": gaps.unrepaired,
     })
     span = st.window_s
-    connections["reconnects_recent"] = window.delta("reconnects", st.reconnect_window_s)
-    ingress["dropped_recent"] = window.delta("ingress_dropped", span)
-    ingress["backpressure_recent"] = window.delta("backpressure", span)
-    if fanout["present"]:
-        fanout["dropped_recent"] = window.delta("fanout_dropped", span)
-        fanout["errors_recent"] = window.delta("fanout_errors", span)
-        fanout["disconnected_recent"] = window.delta("fanout_disconnected", span)
-        fanout["offloaded_recent"] = window.delta("fanout_offloaded", span)
-        fanout["overruns_recent"] = window.delta("fanout_overruns", span)
-    if writer["present"]:
-        writer["errors_recent"] = window.delta("writer_errors", span)
-        writer["rejected_recent"] = window.delta("writer_rejected", span)
-        writer["dead_lettered_recent"] = window.delta("writer_dead_lettered", span)
-    gaps["unrepaired_recent"] = window.delta("gaps_unrepaired", span)
+    replace = dataclasses.replace
+    connections = replace(connections, reconnects_recent=window.delta("reconnects", st.reconnect_window_s))
+    ingress = replace(
+        ingress, dropped_recent=window.delta("ingress_dropped", span),
+        backpressure_recent=window.delta("backpressure", span),
+    )
+    if fanout.present:
+        fanout = replace(
+            fanout, dropped_recent=window.delta("fanout_dropped", span),
+            errors_recent=window.delta("fanout_errors", span),
+            disconnected_recent=window.delta("fanout_disconnected", span),
+            offloaded_recent=window.delta("fanout_offloaded", span),
+            overruns_recent=window.delta("fanout_overruns", span),
+        )
+    if writer.present:
+        writer = replace(
+            writer, errors_recent=window.delta("writer_errors", span),
+            rejected_recent=window.delta("writer_rejected", span),
+            dead_lettered_recent=window.delta("writer_dead_lettered", span),
+        )
+    gaps = replace(gaps, unrepaired_recent=window.delta("gaps_unrepaired", span))
 
-    return {
-        "v": HEARTBEAT_SCHEMA,
-        "id": ident.id,
-        "host": ident.host,
-        "pid": ident.pid,
-        "version": _version(),
-        "venue": settings.venue,
-        "url": public_url(settings.url),
-        "redis": public_url(settings.redis_url),
-        "prefix": settings.prefix,
-        "started_at": _round(ident.started_at),
-        "ts": _round(now),
-        "uptime_s": _round(max(0.0, now - ident.started_at), 1),
-        "window_s": span,
-        "reconnect_window_s": st.reconnect_window_s,
-        "connections": connections,
-        "ingress": ingress,
-        "fanout": fanout,
-        "writer": writer,
-        "gaps": gaps,
-    }
+    return Heartbeat(
+        v=HEARTBEAT_SCHEMA, id=ident.id, host=ident.host, pid=ident.pid, version=_version(), venue=snap.venue,
+        url=public_url(snap.url), redis=public_url(snap.redis_url), prefix=snap.prefix,
+        started_at=_round(ident.started_at), ts=_round(now), uptime_s=_round(max(0.0, now - ident.started_at), 1),
+        window_s=span, reconnect_window_s=st.reconnect_window_s, connections=connections, ingress=ingress,
+        fanout=fanout, writer=writer, gaps=gaps,
+    )
 
 
-def _connections(ingestor: Ingestor, st: HeartbeatState, now: float) -> dict[str, Any]:
-    sessions = list(getattr(ingestor, "sessions", ()) or ())
-    listed: list[dict[str, Any]] = []
+def _connections(snap: IngestorSnapshot, st: HeartbeatState, now: float) -> Connections:
+    listed: list[Session] = []
     stale: list[str] = []
     reasons: dict[str, int] = {}
     live = reconnects = stalls = 0
     ids = set()
-    for s in sessions:
-        sid = _num(s, "session_id", id(s))
+    for s in snap.sessions:
+        sid = s.session_id
         ids.add(sid)
-        lifecycle = getattr(s, "lifecycle", None)
-        state_obj = getattr(lifecycle, "state", None) or getattr(s, "state", None)
-        state = str(getattr(state_obj, "value", state_obj) or "unknown")
-        reason = str(getattr(lifecycle, "reason", "") or "")[:300]
-        transitions = _num(lifecycle, "transitions")
+        state = s.state.value
+        reason = s.reason[:300]
         seen = st._seen.get(sid)
         # A connection seen in the first document has existed since the start; a later one since now.
         since_start = seen is None and st._beats == 0
-        if seen is None or seen[0] != state or seen[1] != transitions:
-            seen = (state, transitions, st.identity.started_at if since_start else now)
+        if seen is None or seen[0] != state or seen[1] != s.transitions:
+            seen = (state, s.transitions, st.identity.started_at if since_start else now)
             st._seen[sid] = seen
         if state == "backing_off" and reason:
             st._last_error[sid] = reason
@@ -330,186 +287,98 @@ def _connections(ingestor: Ingestor, st: HeartbeatState, now: float) -> dict[str
         else:
             since = st._down_since.setdefault(sid, st.identity.started_at if since_start else now)
             down_for = _round(max(0.0, now - since), 1)
-        last_us = _num(s, "last_frame_us")
-        n_reconnects = _num(s, "reconnects")
-        reconnects += n_reconnects
-        stalls += _num(s, "stalls")
-        for key, n in (getattr(s, "reconnect_reasons", None) or {}).items():
-            if isinstance(n, int):
-                reasons[str(key)] = reasons.get(str(key), 0) + n
-        s_stale = sorted(str(x) for x in (getattr(s, "stale", None) or ()))
-        stale.extend(s_stale)
-        listed.append({
-            "id": sid,
-            "state": state,
-            "reason": reason,
-            "last_error": st._last_error.get(sid),
-            "state_for_s": _round(max(0.0, now - seen[2]), 1),
-            "down_for_s": down_for,
-            "last_frame_age_s": _round(max(0.0, now - last_us / 1e6)) if last_us else None,
-            "streams": len(getattr(s, "streams", ()) or ()),
-            "reconnects": n_reconnects,
-            "subscribe_errors": _num(s, "subscribe_errors"),
-            "stale": len(s_stale),
-        })
+        reconnects += s.reconnects
+        stalls += s.stalls
+        for key, n in s.reconnect_reasons.items():
+            reasons[key] = reasons.get(key, 0) + n
+        stale.extend(s.stale)
+        listed.append(Session(
+            id=sid, state=state, reason=reason, last_error=st._last_error.get(sid),
+            state_for_s=_round(max(0.0, now - seen[2]), 1), down_for_s=down_for,
+            last_frame_age_s=_round(max(0.0, now - s.last_frame_us / 1e6)) if s.last_frame_us else None,
+            streams=s.streams, reconnects=s.reconnects, subscribe_errors=s.subscribe_errors, stale=len(s.stale),
+        ))
     for table in (st._seen, st._down_since, st._last_error):
         for gone in [k for k in table if k not in ids]:
             del table[gone]
     top = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:5])
-    return {
-        "total": len(sessions),
-        "live": live,
-        "reconnects": reconnects,
-        "reconnect_reasons": top,
-        "stale": sorted(stale)[:MAX_LISTED],
-        "stale_count": len(stale),
-        "stalls": stalls,
-        "sessions": listed[:MAX_LISTED],
-    }
+    return Connections(
+        total=len(snap.sessions), live=live, reconnects=reconnects, reconnect_reasons=top,
+        stale=tuple(sorted(stale)[:MAX_LISTED]), stale_count=len(stale), stalls=stalls,
+        sessions=tuple(listed[:MAX_LISTED]),
+    )
 
 
-def _ingress(ingestor: Ingestor) -> dict[str, Any]:
-    q = _stats(getattr(ingestor, "ingress", None))
-    capacity = max(1, _num(q, "capacity", 1))
-    length = _num(q, "length")
-    policy = getattr(q, "policy", "unknown")
-    return {
-        "length": length,
-        "capacity": capacity,
-        "fill_ratio": _round(length / capacity, 4),
-        "policy": str(getattr(policy, "value", policy)),
-        "dropped": _num(q, "dropped"),
-        "backpressure_events": _num(q, "backpressure_events"),
-    }
+def _ingress(snap: IngestorSnapshot) -> Ingress:
+    q = snap.ingress
+    capacity = max(1, q.capacity)
+    return Ingress(
+        length=q.length, capacity=capacity, fill_ratio=_round(q.length / capacity, 4), policy=q.policy.value,
+        dropped=q.dropped, backpressure_events=q.backpressure_events,
+    )
 
 
-def _fanout(ingestor: Ingestor) -> dict[str, Any]:
-    hot = getattr(ingestor, "hotpath", None)
-    hs = _stats(hot)
-    batch_handlers = len(getattr(ingestor, "_handlers", ()) or ())
-    if hs is None:
-        return {"present": False, "subscribers": 0, "batch_handlers": batch_handlers}
-    slowest: list[dict[str, Any]] = []
-    ranked = getattr(hot, "slowest", None)  # ordered by each one's own handler time per tick, then lag
-    subs = getattr(hot, "subscriptions", None)
-    if not callable(ranked) and callable(subs):  # a hot path that cannot rank: the furthest behind
-        rows_by_lag: list[dict[str, Any]] = []
-        for sub in subs():
-            ss = _stats(sub)
-            if ss is not None:
-                policy = getattr(ss, "policy", "")
-                rows_by_lag.append({
-                    "name": str(getattr(ss, "name", "?"))[:100],
-                    "policy": str(getattr(policy, "value", policy)),
-                    "lag": _num(ss, "lag"),
-                    "dropped": _num(ss, "dropped"),
-                    "errors": _num(ss, "errors"),
-                })
-        rows_by_lag.sort(key=lambda r: (-r["lag"], -r["dropped"], r["name"]))
-        slowest = rows_by_lag[:3]
-    elif callable(ranked):
-        try:
-            rows = ranked(3)
-        except Exception:  # a part being built may not be ready to report; the heartbeat goes on without it
-            rows = []
-        for ss in rows:
-            policy = getattr(ss, "policy", "")
-            execution = getattr(ss, "execution", "")
-            slowest.append({
-                "name": str(getattr(ss, "name", "?"))[:100],
-                "policy": str(getattr(policy, "value", policy)),
-                "execution": str(getattr(execution, "value", execution)),
-                "offloaded": bool(getattr(ss, "offloaded", False)),
-                "handler_us": _round(float(getattr(ss, "handler_us", 0.0)), 1),
-                "handler_max_us": _round(float(getattr(ss, "handler_max_us", 0.0)), 1),
-                "busy_us": _num(ss, "busy_us"),
-                "overruns": _num(ss, "overruns"),
-                "lag": _num(ss, "lag"),
-                "dropped": _num(ss, "dropped"),
-                "errors": _num(ss, "errors"),
-            })
-    return {
-        "present": True,
-        "subscribers": _num(hs, "subscribers"),
-        "batch_handlers": batch_handlers,
-        "capacity": _num(hs, "capacity"),
-        "delivered": _num(hs, "delivered"),
-        "dropped": _num(hs, "dropped"),
-        "errors": _num(hs, "errors"),
-        "disconnected": _num(hs, "disconnected"),
-        "waiting_room": bool(getattr(hs, "waiting_room", False)),
-        "max_lag": _num(hs, "max_lag"),
-        "offloaded": _num(hs, "offloaded"),
-        "threads": _num(hs, "threads"),
-        "overruns": _num(hs, "overruns"),
-        "slowest": slowest,
-    }
+def _fanout(snap: IngestorSnapshot) -> Fanout:
+    hot = snap.hotpath
+    if hot is None:
+        return Fanout(present=False, subscribers=0, batch_handlers=snap.batch_handlers)
+    hs = hot.stats
+    slowest = tuple(  # ordered by each one's own handler time per tick, then lag
+        Subscriber(
+            name=ss.name[:100], policy=ss.policy.value, execution=ss.execution.value, offloaded=ss.offloaded,
+            handler_us=_round(ss.handler_us, 1), handler_max_us=_round(ss.handler_max_us, 1), busy_us=ss.busy_us,
+            overruns=ss.overruns, lag=ss.lag, dropped=ss.dropped, errors=ss.errors,
+        )
+        for ss in hot.ranked[:3]
+    )
+    return Fanout(
+        present=True, subscribers=hs.subscribers, batch_handlers=snap.batch_handlers, capacity=hs.capacity,
+        delivered=hs.delivered, dropped=hs.dropped, errors=hs.errors, disconnected=hs.disconnected,
+        waiting_room=hs.waiting_room, max_lag=hs.max_lag, offloaded=hs.offloaded, threads=hs.threads,
+        overruns=hs.overruns, slowest=slowest,
+    )
 
 
-def _writer(ingestor: Ingestor, st: HeartbeatState, now: float) -> dict[str, Any]:
-    w = getattr(ingestor, "writer", None)
-    ws = _stats(w)
-    if ws is None:
-        return {"present": False}
-    batches = _num(ws, "batches")
-    if st._last_write is None or st._last_write[0] != batches:
-        st._last_write = (batches, now if batches else 0.0)
+def _writer(snap: IngestorSnapshot, st: HeartbeatState, now: float) -> Writer:
+    w = snap.writer
+    if w is None:
+        return Writer(present=False)
+    ws = w.stats
+    if st._last_write is None or st._last_write[0] != ws.batches:
+        st._last_write = (ws.batches, now if ws.batches else 0.0)
     last_at = st._last_write[1]
-    capacity = max(1, _num(ws, "capacity", 1))
-    buffered = _num(ws, "buffered")
-    failing = getattr(ws, "failing", "")
-    failing = str(failing)[:40] if failing else None
-    failing_for = getattr(ws, "failing_for_s", 0.0)
-    by_reason = getattr(ws, "rejected_by_reason", None)
-    return {
-        "present": True,
-        "connected": bool(getattr(ws, "connected", True)),
-        "buffered": buffered,
-        "capacity": capacity,
-        "fill_ratio": _round(buffered / capacity, 4),
-        "appended": _num(ws, "appended"),
-        "errors": _num(ws, "errors"),
-        "retries": _num(ws, "retries"),
-        "failing": failing,
-        "oom": failing == "oom",
-        "failing_for_s": _round(float(failing_for), 1) if failing and isinstance(failing_for, int | float) else None,
-        "rejected": _num(ws, "rejected"),
-        "rejected_by_reason": {
-            str(k)[:40]: v for k, v in sorted((by_reason or {}).items()) if isinstance(v, int) and v
-        } if isinstance(by_reason, Mapping) else {},
-        "dead_lettered": _num(ws, "dead_lettered"),
-        "dead_letter_key": str(getattr(w, "dead_letter_key", "") or "") or None,
-        "spilled": _num(ws, "spilled"),
-        "spill_bytes": _num(ws, "spill_bytes"),
-        "spill_full": getattr(ws, "spill_full", False) is True,
-        "spill_full_reason": str(getattr(ws, "spill_full_reason", "") or "")[:200] or None,
-        "spill_full_events": _num(ws, "spill_full_events"),
-        "spill_refused": _num(ws, "spill_refused"),
-        "spill_write_failures": _num(ws, "spill_write_failures"),
-        "spill_corrupt": _num(ws, "spill_corrupt"),
-        "spill_torn": _num(ws, "spill_torn"),
-        "last_flush_us": _num(ws, "last_flush_us"),
-        "last_write_age_s": _round(max(0.0, now - last_at), 1) if last_at else None,
-    }
+    capacity = max(1, ws.capacity)
+    failing = ws.failing[:40] or None
+    return Writer(
+        present=True, connected=ws.connected, buffered=ws.buffered, capacity=capacity,
+        fill_ratio=_round(ws.buffered / capacity, 4), appended=ws.appended, errors=ws.errors, retries=ws.retries,
+        failing=failing, oom=failing == "oom", failing_for_s=_round(ws.failing_for_s, 1) if failing else None,
+        rejected=ws.rejected,
+        rejected_by_reason={k[:40]: v for k, v in sorted(ws.rejected_by_reason.items()) if v},
+        dead_lettered=ws.dead_lettered, dead_letter_key=w.dead_letter_key or None, spilled=ws.spilled,
+        spill_bytes=ws.spill_bytes, spill_full=ws.spill_full, spill_full_reason=ws.spill_full_reason[:200] or None,
+        spill_full_events=ws.spill_full_events, spill_refused=ws.spill_refused,
+        spill_write_failures=ws.spill_write_failures, spill_corrupt=ws.spill_corrupt, spill_torn=ws.spill_torn,
+        last_flush_us=ws.last_flush_us, last_write_age_s=_round(max(0.0, now - last_at), 1) if last_at else None,
+    )
 
 
-def _gaps(ingestor: Ingestor) -> dict[str, Any]:
-    seq = _stats(getattr(ingestor, "sequencer", None))
-    rep = getattr(ingestor, "repairer", None)
-    return {
-        "detected": _num(seq, "gaps"),
-        "repaired": _num(rep, "gaps_repaired"),
-        "unrepaired": _num(rep, "gaps_unrepaired"),
-        "ticks_unrepaired": _total(getattr(rep, "ticks_unrepaired", 0)),
-        "repairing": len(getattr(rep, "holds", None) or ()),
-        "duplicates": _num(seq, "duplicates"),
-        "out_of_order": _num(seq, "out_of_order"),
-    }
+def _gaps(snap: IngestorSnapshot) -> Gaps:
+    seq, rep = snap.sequence, snap.repair
+    return Gaps(
+        detected=seq.gaps,
+        repaired=rep.gaps_repaired if rep is not None else 0,
+        unrepaired=rep.gaps_unrepaired if rep is not None else 0,
+        ticks_unrepaired=sum(rep.ticks_unrepaired.values()) if rep is not None else 0,
+        repairing=rep.holding if rep is not None else 0,
+        duplicates=seq.duplicates,
+        out_of_order=seq.out_of_order,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- I/O
 async def heartbeat_loop(
-    ingestor: Ingestor,
+    ingestor: Reporting,
     redis: aioredis.Redis,
     *,
     prefix: str,
@@ -528,7 +397,7 @@ async def heartbeat_loop(
         raise ConfigError(f"heartbeat interval must be positive, got {interval}")
     if not ttl > interval:
         raise ConfigError(f"heartbeat ttl ({ttl} s) must be longer than its interval ({interval} s)")
-    st = state if state is not None else heartbeat_state(ingestor)
+    st = state if state is not None else ingestor.heartbeat
     ident = st.identity.id
     key = heartbeat_key(prefix, ident)
     members = heartbeat_set_key(prefix)
@@ -540,10 +409,8 @@ async def heartbeat_loop(
     try:
         while True:
             began = loop.time()
-            doc = build_heartbeat(ingestor, clock(), state=st)
-            doc["interval_s"] = interval
-            doc["ttl_s"] = ttl
-            payload = orjson.dumps(doc)
+            hb = heartbeat_document(ingestor.snapshot(), clock(), st)
+            payload = orjson.dumps(to_doc(dataclasses.replace(hb, interval_s=interval, ttl_s=ttl)))
             try:
                 async with asyncio.timeout(interval):
                     pipe = redis.pipeline(transaction=False)

@@ -2,8 +2,9 @@
 
 Nothing on the hot path touches prometheus-client: the owner tasks keep plain
 integer counters and :class:`~consumer_sdk.core.latency.LatencyHistogram` buckets, and
-this collector reads them when Prometheus scrapes (from the exporter's thread;
-reads need no lock).
+this collector takes the ingestor's :class:`~ingestor.snapshot.IngestorSnapshot`
+when Prometheus scrapes (from the exporter's thread; reads need no lock) and reads
+only that: one instant, no live object.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -21,9 +21,7 @@ from consumer_sdk.core.errors import ConfigError
 from consumer_sdk.core.latency import LatencyHistogram
 from distributor.writer import REJECTION_REASONS
 from ingestor.rest import REFUSAL_KINDS
-
-if TYPE_CHECKING:
-    from ingestor.service import Ingestor
+from ingestor.snapshot import Snapshotting
 
 __all__ = ["IngestorCollector", "histogram_family", "serve_metrics"]
 
@@ -40,19 +38,19 @@ def histogram_family(
 
 
 class IngestorCollector(Collector):
-    def __init__(self, ingestor: Ingestor) -> None:
+    def __init__(self, ingestor: Snapshotting) -> None:
         self._ing = ingestor
 
     def collect(self) -> Iterator[Metric]:
-        ing = self._ing
-        venue = ing.settings.venue
-        writer = ing.writer
-        q = ing.ingress.stats()
+        snap = self._ing.snapshot()
+        venue = snap.venue
+        writer = snap.writer
+        q = snap.ingress
 
         published = CounterMetricFamily(
             "market_published", "Ticks stored in Redis streams", labels=["venue", "channel"]
         )
-        for channel, n in (writer.appended_by_channel.items() if writer else ()):
+        for channel, n in (writer.appended_by_channel.items() if writer is not None else ()):
             published.add_metric([venue, channel], n)
         yield published
 
@@ -67,13 +65,13 @@ class IngestorCollector(Collector):
         )
         bp.add_metric([q.policy.value], q.backpressure_events)
         yield bp
-        hot = ing.hotpath
+        hot = snap.hotpath
+        hs = hot.stats if hot is not None else None
         yield GaugeMetricFamily(
             "market_subscriber_count", "Co-located subscribers attached to the hot path",
-            value=hot.subscriber_count,
+            value=hs.subscribers if hs is not None else 0,
         )
-        hs = hot.stats()
-        for policy, n in sorted(hs.dropped_by_policy.items()):
+        for policy, n in sorted(hs.dropped_by_policy.items() if hs is not None else ()):
             dropped.add_metric(["hotpath", str(policy)], n)
         # Per co-located subscriber (a configured, small set): its own handler time, overruns and lag.
         spent = CounterMetricFamily(
@@ -92,7 +90,7 @@ class IngestorCollector(Collector):
             "market_subscriber_on_thread", "1 when the subscriber's handler runs on a thread of its own",
             labels=["subscriber"],
         )
-        for ss in hot.slowest(hot.max_subscribers):
+        for ss in hot.ranked if hot is not None else ():
             spent.add_metric([ss.name], ss.handler_total_us / 1e6)
             over.add_metric([ss.name], ss.overruns)
             behind.add_metric([ss.name], ss.lag)
@@ -103,9 +101,9 @@ class IngestorCollector(Collector):
         yield on_thread
         yield CounterMetricFamily(
             "market_subscriber_offloaded", "Synchronous subscribers moved off the event loop for overrunning their "
-            "budget", value=hs.offloaded,
+            "budget", value=hs.offloaded if hs is not None else 0,
         )
-        cs = ing.control.stats()
+        cs = snap.control
         dropped.add_metric(["control", "pause"], cs.paused_dropped)
         dropped.add_metric(["control", "limit_drop"], cs.limited_dropped)
         dropped.add_metric(["control", "limit_conflate"], cs.limited_conflated)
@@ -131,21 +129,20 @@ class IngestorCollector(Collector):
             steps.add_metric([direction], n)
         yield steps
         yield CounterMetricFamily(
-            "market_control_rejected", "Stored control states rejected as malformed", value=ing.control_rejected
+            "market_control_rejected", "Stored control states rejected as malformed", value=snap.control_rejected
         )
 
-        st = ing.stats()
+        sessions = snap.sessions
         reconnects = CounterMetricFamily(
             "broker_reconnect", "Venue WebSocket reconnects", labels=["venue"]
         )
-        reconnects.add_metric([venue], st.reconnects)
+        reconnects.add_metric([venue], sum(x.reconnects for x in sessions))
         yield reconnects
         up = GaugeMetricFamily(
             "market_connection_up", "Venue connections in the live state", labels=["venue"]
         )
-        up.add_metric([venue], st.connections_live)
+        up.add_metric([venue], sum(1 for x in sessions if x.state.value == "live"))
         yield up
-        sessions = list(ing.sessions)
         configured = GaugeMetricFamily(
             "market_connections", "Venue connections the ingestor keeps (live or not)", labels=["venue"]
         )
@@ -153,7 +150,7 @@ class IngestorCollector(Collector):
         yield configured
         by_reason: dict[str, int] = {}
         for sess in sessions:
-            for reason, n in list(sess.reconnect_reasons.items()):
+            for reason, n in sess.reconnect_reasons.items():
                 by_reason[reason] = by_reason.get(reason, 0) + n
         reasons = CounterMetricFamily(
             "market_reconnect_reasons", "Venue WebSocket reconnects by the failure that caused them",
@@ -176,18 +173,18 @@ class IngestorCollector(Collector):
             age.add_metric([venue], max(0.0, max(ages)))
         yield age
         received = CounterMetricFamily("market_frames_received", "Venue frames received", labels=["venue"])
-        received.add_metric([venue], st.frames)
+        received.add_metric([venue], sum(x.frames for x in sessions))
         yield received
         accepted = CounterMetricFamily(
             "market_ticks_accepted", "Ticks accepted by the sequencer into the ingress", labels=["venue"]
         )
-        accepted.add_metric([venue], st.ticks)
+        accepted.add_metric([venue], sum(x.ticks for x in sessions))
         yield accepted
         frames = CounterMetricFamily(
             "market_frames_skipped", "Venue frames skipped", labels=["venue", "reason"]
         )
-        frames.add_metric([venue, "malformed"], st.malformed)
-        frames.add_metric([venue, "unsupported"], st.unsupported)
+        frames.add_metric([venue, "malformed"], sum(x.malformed for x in sessions))
+        frames.add_metric([venue, "unsupported"], sum(x.unsupported for x in sessions))
         yield frames
 
         gaps = CounterMetricFamily("market_gap", "Gaps in venue sequence ids", labels=["venue", "channel"])
@@ -195,23 +192,17 @@ class IngestorCollector(Collector):
         ooo = CounterMetricFamily(
             "market_out_of_order", "Ticks that arrived after a newer one", labels=["venue", "channel"]
         )
-        per: dict[str, list[int]] = {}
-        for (_, _, channel), tracker in ing.sequencer.trackers():
-            acc = per.setdefault(channel, [0, 0, 0])
-            acc[0] += tracker.gaps
-            acc[1] += tracker.duplicates
-            acc[2] += tracker.late
-        for channel in ing.settings.channels:
-            g, d, o = per.get(channel, (0, 0, 0))
-            gaps.add_metric([venue, channel], g)
-            dups.add_metric([venue, channel], d)
-            ooo.add_metric([venue, channel], o)
+        for channel in snap.channels:
+            per = snap.sequence_by_channel.get(channel)
+            gaps.add_metric([venue, channel], per.gaps if per is not None else 0)
+            dups.add_metric([venue, channel], per.duplicates if per is not None else 0)
+            ooo.add_metric([venue, channel], per.out_of_order if per is not None else 0)
         yield gaps
         yield dups
         yield ooo
-        rep = ing.repairer
-        lost = dict(rep.ticks_unrepaired) if rep is not None else {}
-        fixed = dict(rep.ticks_repaired) if rep is not None else {}
+        rs = snap.repair
+        lost = dict(rs.ticks_unrepaired) if rs is not None else {}
+        fixed = dict(rs.ticks_repaired) if rs is not None else {}
         unrepaired = CounterMetricFamily(
             "market_gap_unrepaired", "Venue ids lost: missing after gap repair, stored as gap markers",
             labels=["venue", "channel"],
@@ -219,13 +210,12 @@ class IngestorCollector(Collector):
         repaired = CounterMetricFamily(
             "market_gap_repaired", "Venue ids fetched over REST to close gaps", labels=["venue", "channel"]
         )
-        for channel in sorted(set(ing.settings.channels) | set(lost) | set(fixed)):
+        for channel in sorted(set(snap.channels) | set(lost) | set(fixed)):
             unrepaired.add_metric([venue, channel], lost.get(channel, 0))
             repaired.add_metric([venue, channel], fixed.get(channel, 0))
         yield unrepaired
         yield repaired
-        if rep is not None:
-            rs = rep.stats()
+        if rs is not None:
             refused = CounterMetricFamily(
                 "market_repair_refused", "REST requests and answers gap repair gave up on, by kind",
                 labels=["venue", "kind"],
@@ -250,7 +240,7 @@ class IngestorCollector(Collector):
                 yield metric
 
         if writer is not None:
-            ws = writer.stats()
+            ws = writer.stats
             yield GaugeMetricFamily("market_writer_buffered", "Ticks waiting for Redis", value=ws.buffered)
             yield CounterMetricFamily("market_redis_errors", "Failed Redis writes", value=ws.errors)
             yield CounterMetricFamily(
@@ -314,20 +304,20 @@ class IngestorCollector(Collector):
 
         yield histogram_family(
             "market_ingest_latency_us", "Frame received to tick in ingress (µs)", {"venue": venue},
-            ing.ingest_latency,
+            snap.ingest_latency,
         )
         yield histogram_family(
             "market_fanout_latency_us", "Frame received to delivery (µs), by stage", {"stage": "redis"},
-            writer.ack_latency if writer else LatencyHistogram(),
+            writer.ack_latency if writer is not None else LatencyHistogram(),
         )
         yield histogram_family(
             "market_e2e_latency_us", "Ingress to co-located subscriber callback (µs)",
-            {"path": "hotpath"}, hot.latency,
+            {"path": "hotpath"}, hot.latency if hot is not None else LatencyHistogram(),
         )
         yield GaugeMetricFamily("market_threads", "Threads in this process", value=threading.active_count())
 
 
-def serve_metrics(ingestor: Ingestor, host: str, port: int) -> CollectorRegistry:
+def serve_metrics(ingestor: Snapshotting, host: str, port: int) -> CollectorRegistry:
     """Start the exporter thread; a port in use is a :class:`ConfigError`."""
     registry = CollectorRegistry()
     registry.register(IngestorCollector(ingestor))

@@ -1,3 +1,5 @@
+# size: the ingestor's composition root: it builds every stage and owns their tasks and the order they start and
+#   stop in (the Redis repair at start, the flush at stop); each stage's own logic lives in its own module.
 """The ingestor process: venue sessions -> sequencer -> ingress -> distributor -> Redis.
 
 Everything runs on one event loop in one thread, in one :class:`asyncio.TaskGroup`
@@ -44,10 +46,11 @@ from distributor.writer import StreamWriter, WriteRefused
 from ingestor.binance import channel_to_stream
 from ingestor.config import IngestSettings
 from ingestor.control_plane import run_auto_degrade, watch_control
-from ingestor.heartbeat import heartbeat_loop
+from ingestor.heartbeat import HeartbeatState, heartbeat_loop
 from ingestor.repair import REPAIRABLE, GapRepairer, merge_repair
 from ingestor.sequencer import GapReport, Sequencer
 from ingestor.session import VenueSession
+from ingestor.snapshot import ChannelSequence, IngestorSnapshot
 from ingestor.subscriptions import plan_connections
 
 __all__ = [
@@ -236,6 +239,8 @@ class Ingestor:
         self._start_pending: list[Tick] = []
         #: set when a stop flushed what the process held (see :meth:`run`)
         self.stop_report: StopReport | None = None
+        #: what its heartbeat remembers between beats, its identity included (see :mod:`ingestor.heartbeat`)
+        self.heartbeat = HeartbeatState()
 
     def streams(self) -> list[tuple[str, str, str]]:
         """(symbol, channel, venue stream name) for everything configured."""
@@ -643,6 +648,32 @@ class Ingestor:
                 errors.append(f"spill log: {spill.full_reason}")
         return StopReport(
             to_redis, to_spill, unsaved, held, "; ".join(errors), round(time.monotonic() - began, 3)
+        )
+
+    def snapshot(self) -> IngestorSnapshot:
+        """Every part's state and counters now, frozen: what the heartbeat and the metrics read.
+
+        No I/O; safe from the metrics exporter's thread as the parts' own ``stats()`` are (plain reads).
+        Cost: a pass over the sessions, the subscribers and the sequencer's streams, three histogram copies.
+        """
+        s = self.settings
+        per: dict[str, list[int]] = {}
+        for (_, _, channel), tracker in self.sequencer.trackers():
+            acc = per.setdefault(channel, [0, 0, 0])
+            acc[0] += tracker.gaps
+            acc[1] += tracker.duplicates
+            acc[2] += tracker.late
+        writer, repairer = self.writer, self.repairer
+        return IngestorSnapshot(
+            venue=s.venue, url=s.url, redis_url=s.redis_url, prefix=s.prefix, channels=tuple(s.channels),
+            sessions=tuple(session.snapshot() for session in list(self.sessions)),
+            ingress=self.ingress.stats(), hotpath=self.hotpath.snapshot(), batch_handlers=len(self._handlers),
+            writer=writer.snapshot() if writer is not None else None,
+            sequence=self.sequencer.stats(),
+            sequence_by_channel={channel: ChannelSequence(*acc) for channel, acc in per.items()},
+            repair=repairer.stats() if repairer is not None else None,
+            control=self.control.stats(), control_rejected=self.control_rejected,
+            ingest_latency=self.ingest_latency.copy(),
         )
 
     def stats(self) -> IngestorStats:

@@ -49,6 +49,7 @@ from ingestor.binance import MalformedFrame, Reply, ServerShutdown, parse_frame,
 from ingestor.lifecycle import Failure, Lifecycle, SessionState, classify_failure
 from ingestor.repair import GapRepairer
 from ingestor.sequencer import Sequencer
+from ingestor.snapshot import SessionSnapshot
 from ingestor.subscriptions import subscribe_requests
 from ingestor.wsframes import Chunk, FeedConnection
 
@@ -531,6 +532,17 @@ class VenueSession:
     @staticmethod
     def _stream_name(ident: tuple[str, str, str]) -> str:
         return f"{ident[0]}:{ident[1]}:{ident[2]}"
+
+    def snapshot(self) -> SessionSnapshot:
+        """The session's state and counters now (no I/O; copies its reconnect reasons and stale names)."""
+        life = self.lifecycle
+        return SessionSnapshot(
+            session_id=self.session_id, state=life.state, reason=life.reason, transitions=life.transitions,
+            streams=len(self.streams), last_frame_us=self.last_frame_us, reconnects=self.reconnects,
+            reconnect_reasons=dict(self.reconnect_reasons), stalls=self.stalls, stale=tuple(sorted(self.stale)),
+            subscribe_errors=self.subscribe_errors, frames=self.frames, ticks=self.ticks, malformed=self.malformed,
+            unsupported=self.unsupported,
+        )
 
 
 def _map_error(exc: BaseException) -> BaseException:

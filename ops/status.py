@@ -1,10 +1,13 @@
+# size: one judgement per stage (ingestor, connection, queue, fan-out, Redis, consumers), each a pure function of
+#   the typed documents, and their rendering: one table of rules that a split would scatter.
 """``market status``: is every stage of the feed healthy, and if not, which one and why.
 
 Stages, in data-path order, each judged ``ok``, ``warn`` or ``fail`` with one line naming the stage
 and the cause (``unknown`` when nothing reports on it):
 
 - ``ingestor``: are ingestors reporting?  An id in ``<prefix>:_hb:ingestors`` whose heartbeat key
-  expired names an ingestor that stopped reporting (killed, frozen, cut off from Redis);
+  expired names an ingestor that stopped reporting (killed, frozen, cut off from Redis); a heartbeat
+  with a field of the wrong type is ``warn``, naming the field (the stages are judged all the same);
 - ``connection``: the venue WebSockets (state, how long down, last frame, reconnect storms, stale
   streams, gaps that could not be repaired);
 - ``ingress``: the bounded queue between the connections and the distributor (fill, drops, backpressure);
@@ -12,8 +15,9 @@ and the cause (``unknown`` when nothing reports on it):
 - ``redis``: the stream writer (failing writes, ticks spilled to disk, a spill log full, buffer filling);
 - ``consumers``: consumer groups on the streams (lag in entries, per group and stream).
 
-:func:`evaluate` is pure: heartbeats (as :mod:`ingestor.heartbeat` writes them) and consumer-group
-rows in, a :class:`StatusReport` out.  :func:`collect` is the I/O: it reads the heartbeats and
+:func:`evaluate` is pure: heartbeats (as :mod:`ingestor.heartbeat` writes them, read through the one
+typed definition :func:`consumer_sdk.core.health.from_doc`) and consumer-group rows in, a
+:class:`StatusReport` out.  :func:`collect` is the I/O: it reads the heartbeats and
 runs ``XINFO GROUPS`` over the streams ``<prefix>:*:*:*`` (``SCAN``, bounded).  :func:`render`
 turns a report into one screen of text or one JSON object; :func:`run_status` is the command.
 
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final
@@ -37,6 +41,7 @@ from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from consumer_sdk.consumer import lag_estimate
 from consumer_sdk.core.errors import TransientError
+from consumer_sdk.core.health import Heartbeat, Parsed, from_doc
 from consumer_sdk.core.keys import check_prefix, heartbeat_key, heartbeat_set_key
 from distributor.writer import DEAD_LETTER_REASONS
 
@@ -179,7 +184,8 @@ class StatusReport:
         }
 
 
-# -- reading heartbeats defensively (they come from outside: never trust their shape) ----------------
+# -- reading status rows defensively (they come from outside: never trust their shape) ---------------
+# (a heartbeat itself is read by :func:`consumer_sdk.core.health.from_doc`)
 def _get(doc: Any, *path: str) -> Any:
     for part in path:
         if not isinstance(doc, Mapping):
@@ -231,180 +237,166 @@ _Verdict = tuple[Level, str]
 
 
 # -- per-ingestor judgements (pure) ------------------------------------------------------------------
-def _connection(hb: Mapping[str, Any]) -> _Verdict:
-    venue = _str(hb, "venue", default="venue")
-    sessions = [s for s in (_get(hb, "connections", "sessions") or []) if isinstance(s, Mapping)]
-    total = _int(hb, "connections", "total") or len(sessions)
-    live = _int(hb, "connections", "live")
+def _connection(hb: Heartbeat) -> _Verdict:
+    venue = hb.venue or "venue"
+    c = hb.connections
+    sessions = c.sessions
+    total = c.total or len(sessions)
     findings: list[_Verdict] = []
     for s in sessions:
-        state = _str(s, "state", default="unknown")
-        sid = _get(s, "id")
-        name = f"{venue} session {sid}"
+        state = s.state
+        name = f"{venue} session {s.id}"
         if state == "closed":
-            why = _str(s, "last_error") or _str(s, "reason") or "stopped"
+            why = s.last_error or s.reason or "stopped"
             findings.append((Level.FAIL, f"{name} closed ({_short(why)})"))
             continue
-        down = _float(s, "down_for_s")
+        down = s.down_for_s
         if state not in ("live", "rotating") or down is not None:
             down = down or 0.0
-            why = _str(s, "last_error") or _str(s, "reason")
-            refused = _int(s, "subscribe_errors")
+            why = s.last_error or s.reason
+            refused = s.subscribe_errors
             if state == "subscribing" and refused:
                 why = f"the venue refused {refused} subscribe request(s)"
             cause = f"{name} {state} for {_secs(down)}" + (f" ({_short(why)})" if why else "")
             findings.append((Level.FAIL if down >= CONNECTION_DOWN_FAIL_S else Level.WARN, cause))
             continue
-        quiet = _float(s, "last_frame_age_s")
-        if quiet is not None and quiet >= CONNECTION_QUIET_WARN_S and _get(s, "streams") != 0:
+        quiet = s.last_frame_age_s
+        if quiet is not None and quiet >= CONNECTION_QUIET_WARN_S and s.streams != 0:
             findings.append((Level.WARN, f"{name} live but no frame for {_secs(quiet)}"))
-    recent = _int(hb, "connections", "reconnects_recent")
+    recent = c.reconnects_recent
     if recent > RECONNECT_STORM:
-        window = _float(hb, "reconnect_window_s") or 300.0
-        reasons = _get(hb, "connections", "reconnect_reasons")
-        top = next(iter(reasons), "") if isinstance(reasons, Mapping) and reasons else ""
+        window = hb.reconnect_window_s or 300.0
+        top = next(iter(c.reconnect_reasons), "")
         findings.append((
             Level.WARN,
             f"reconnect storm: {recent} reconnects in the last {_secs(window)}" + (f" (mostly {top})" if top else ""),
         ))
-    stale_n = _int(hb, "connections", "stale_count")
+    stale_n = c.stale_count
     if stale_n:
-        names = [str(x) for x in (_get(hb, "connections", "stale") or [])][:3]
+        names = list(c.stale[:3])
         more = f" and {stale_n - len(names)} more" if stale_n > len(names) else ""
         findings.append((Level.WARN, f"{stale_n} stream(s) stale, no new seq: {', '.join(names)}{more}"))
-    unrepaired = _int(hb, "gaps", "unrepaired_recent")
+    unrepaired = hb.gaps.unrepaired_recent
     if unrepaired:
         findings.append((
             Level.WARN,
-            f"{unrepaired} gap(s) could not be repaired in the last {_secs(_float(hb, 'window_s') or 60.0)} "
-            f"({_int(hb, 'gaps', 'ticks_unrepaired')} ids marked missing since start)",
+            f"{unrepaired} gap(s) could not be repaired in the last {_secs(hb.window_s or 60.0)} "
+            f"({hb.gaps.ticks_unrepaired} ids marked missing since start)",
         ))
     if findings:
         return _worst(findings)
     if not total:
         return Level.WARN, f"no {venue} connection yet"
-    ages = [a for a in (_float(s, "last_frame_age_s") for s in sessions) if a is not None]
+    ages = [s.last_frame_age_s for s in sessions if s.last_frame_age_s is not None]
     last = f", last frame {_secs(min(ages))} ago" if ages else ""
-    return Level.OK, f"{live}/{total} {venue} connection(s) live{last}"
+    return Level.OK, f"{c.live}/{total} {venue} connection(s) live{last}"
 
 
-def _ingress(hb: Mapping[str, Any]) -> _Verdict:
-    policy = _str(hb, "ingress", "policy", default="?")
-    fill = _float(hb, "ingress", "fill_ratio") or 0.0
-    length, capacity = _int(hb, "ingress", "length"), _int(hb, "ingress", "capacity")
-    dropped = _int(hb, "ingress", "dropped_recent")
-    window = _secs(_float(hb, "window_s") or 60.0)
-    if dropped:
-        return Level.FAIL, f"{dropped} ticks dropped in the last {window} ({policy}; queue {_pct(fill)} full)"
+def _ingress(hb: Heartbeat) -> _Verdict:
+    q = hb.ingress
+    policy = q.policy or "?"
+    fill = q.fill_ratio
+    window = _secs(hb.window_s or 60.0)
+    if q.dropped_recent:
+        return Level.FAIL, f"{q.dropped_recent} ticks dropped in the last {window} ({policy}; queue {_pct(fill)} full)"
     if fill >= INGRESS_FILL_FAIL:
         what = "venue reads paused" if policy == "block" else "dropping ticks"
         return Level.FAIL, f"queue full ({policy}): {what}"
     if fill >= INGRESS_FILL_WARN:
         return Level.WARN, f"queue {_pct(fill)} full ({policy})"
-    bp = _int(hb, "ingress", "backpressure_recent")
-    if bp:
-        return Level.WARN, f"queue became full {bp} time(s) in the last {window} ({policy})"
-    return Level.OK, f"queue {_pct(fill)} full ({length}/{capacity}, {policy})"
+    if q.backpressure_recent:
+        return Level.WARN, f"queue became full {q.backpressure_recent} time(s) in the last {window} ({policy})"
+    return Level.OK, f"queue {_pct(fill)} full ({q.length}/{q.capacity}, {policy})"
 
 
-def _fanout(hb: Mapping[str, Any]) -> _Verdict:
-    fan = _get(hb, "fanout")
-    if not isinstance(fan, Mapping) or not fan.get("present"):
-        handlers = _int(fan, "batch_handlers")
+def _fanout(hb: Heartbeat) -> _Verdict:
+    fan = hb.fanout
+    if not fan.present:
+        handlers = fan.batch_handlers
         return Level.OK, "no hot path in this ingestor" + (f" ({handlers} batch handler(s))" if handlers else "")
-    subs = _int(fan, "subscribers")
-    window = _secs(_float(hb, "window_s") or 60.0)
-    slowest = [s for s in (_get(fan, "slowest") or []) if isinstance(s, Mapping)]
-    worst = slowest[0] if slowest else None
+    window = _secs(hb.window_s or 60.0)
+    worst = fan.slowest[0] if fan.slowest else None
     who = ""
     if worst is not None:  # named by its own handler time per tick, not by the time others waited behind it
-        spent = _float(worst, "handler_us")
-        where = _str(worst, "execution")
+        spent = worst.handler_us
+        where = worst.execution
         own = f", {spent:.0f} µs a tick" + (f" ({where})" if where else "") if spent is not None else ""
-        who = f" (slowest: {_str(worst, 'name')}, {_str(worst, 'policy')}{own}, {_int(worst, 'lag')} behind)"
+        who = f" (slowest: {worst.name}, {worst.policy}{own}, {worst.lag} behind)"
     findings: list[_Verdict] = []
-    disconnected = _int(fan, "disconnected_recent")
-    if disconnected:
-        findings.append((Level.FAIL, f"{disconnected} subscriber(s) disconnected in the last {window}"))
-    dropped = _int(fan, "dropped_recent")
-    if dropped:
-        findings.append((Level.WARN, f"{dropped} ticks dropped for slow subscribers in the last {window}{who}"))
-    errors = _int(fan, "errors_recent")
-    if errors:
-        findings.append((Level.WARN, f"{errors} subscriber handler error(s) in the last {window}"))
-    if fan.get("waiting_room") is True:
+    if fan.disconnected_recent:
+        findings.append((Level.FAIL, f"{fan.disconnected_recent} subscriber(s) disconnected in the last {window}"))
+    if fan.dropped_recent:
+        findings.append((
+            Level.WARN, f"{fan.dropped_recent} ticks dropped for slow subscribers in the last {window}{who}"
+        ))
+    if fan.errors_recent:
+        findings.append((Level.WARN, f"{fan.errors_recent} subscriber handler error(s) in the last {window}"))
+    if fan.waiting_room:
         findings.append((Level.WARN, f"publisher waiting for a block subscriber{who}"))
-    offloaded = _int(fan, "offloaded_recent")
-    if offloaded:
-        findings.append((Level.WARN, f"{offloaded} synchronous subscriber(s) moved off the event loop in the last "
-                         f"{window}: handler over its budget{who if not findings else ''}"))
+    if fan.offloaded_recent:
+        findings.append((Level.WARN, f"{fan.offloaded_recent} synchronous subscriber(s) moved off the event loop in "
+                         f"the last {window}: handler over its budget{who if not findings else ''}"))
     if findings:
         return _worst(findings)
-    if not subs:
+    if not fan.subscribers:
         return Level.OK, "no co-located subscribers"
-    return Level.OK, f"{subs} subscriber(s), max lag {_int(fan, 'max_lag')}"
+    return Level.OK, f"{fan.subscribers} subscriber(s), max lag {fan.max_lag}"
 
 
-def _redis(hb: Mapping[str, Any]) -> _Verdict:
-    w = _get(hb, "writer")
-    if not isinstance(w, Mapping) or not w.get("present"):
+def _redis(hb: Heartbeat) -> _Verdict:
+    w = hb.writer
+    if not w.present:
         return Level.UNKNOWN, "writer not started"
-    spilled, buffered = _int(w, "spilled"), _int(w, "buffered")
-    errors = _int(w, "errors_recent")
-    window = _secs(_float(hb, "window_s") or 60.0)
-    target = _str(hb, "redis")
+    spilled, buffered = w.spilled, w.buffered
+    errors = w.errors_recent
+    window = _secs(hb.window_s or 60.0)
+    target = hb.redis
     at = f" to {target}" if target else ""
     held = f"{buffered} buffered" + (f", {spilled} ticks spilled to disk" if spilled else "")
-    if w.get("spill_full") is True:
+    failing = w.failing or ""
+    if w.spill_full:
         # Memory and the spill log hold all they can: new ticks wait in the ingress, whose policy decides
         # (block: the venue goes unread; drop_*: ticks are dropped).
-        why = _short(_str(w, "spill_full_reason") or "no room", 80)
-        failing = _str(w, "failing")
-        behind = ("Redis unreachable" if w.get("connected") is False
+        why = _short(w.spill_full_reason or "no room", 80)
+        behind = ("Redis unreachable" if not w.connected
                   else f"Redis refuses writes ({_short(failing, 40)})" if failing else "")
         return Level.FAIL, (f"spill log full ({why}), the ingress decides; {held}"
                             + (f"; {behind}" if behind else "") + (f"; Redis at {target}" if target else ""))
-    if w.get("connected") is False:
+    if not w.connected:
         parts = [f"writes failing ({errors} errors in the last {window})"]
         if spilled:
             parts.append(f"{spilled} ticks spilled to disk")
         parts.append(f"{buffered} buffered")
         return Level.FAIL, ", ".join(parts) + (f"; Redis at {target}" if target else "")
-    failing = _str(w, "failing")
-    since = _float(w, "failing_for_s")
+    since = w.failing_for_s
     lasting = f" for {_secs(since)}" if since is not None else ""
-    if w.get("oom") is True or failing == "oom":
+    if w.oom or failing == "oom":
         return Level.FAIL, (f"Redis out of memory: raise maxmemory or lower retention (writes refused{lasting}; "
                             f"nothing lost: {held}){f'; Redis at {target}' if target else ''}")
     if failing:
         return Level.FAIL, (f"Redis refuses writes ({_short(failing, 40)}){lasting}: retrying, nothing lost: {held}"
                             f"{f'; Redis at {target}' if target else ''}")
-    dead = _int(w, "dead_lettered_recent")
+    dead = w.dead_lettered_recent
     if dead:
-        reasons = _get(w, "rejected_by_reason")
-        why = ", ".join(
-            str(k) for k in (reasons if isinstance(reasons, Mapping) else {}) if str(k) in DEAD_LETTER_REASONS
-        )
-        where = _str(w, "dead_letter_key") or "the dead-letter stream"
+        why = ", ".join(k for k in w.rejected_by_reason if k in DEAD_LETTER_REASONS)
+        where = w.dead_letter_key or "the dead-letter stream"
         return Level.FAIL, (f"{dead} ticks Redis can never store{f' ({why})' if why else ''} went to {where} "
                             f"in the last {window}")
-    rejected = _int(w, "rejected_recent")
-    if rejected and "dead_lettered" not in w:  # a heartbeat from before the dead-letter stream: dropped
+    rejected = w.rejected_recent
+    if rejected and w.dead_lettered is None:  # a heartbeat from before the dead-letter stream: dropped
         return Level.FAIL, f"{rejected} ticks rejected by Redis in the last {window} (not stored)"
     if spilled:
         return Level.WARN, f"draining the spill log: {spilled} ticks on disk wait for Redis"
-    fill = _float(w, "fill_ratio") or 0.0
-    if fill >= WRITER_FILL_WARN:
-        return Level.WARN, f"writer buffer {_pct(fill)} full: Redis slower than the feed"
+    if w.fill_ratio >= WRITER_FILL_WARN:
+        return Level.WARN, f"writer buffer {_pct(w.fill_ratio)} full: Redis slower than the feed"
     if errors:
         refused = f", {rejected} tick writes refused and retried" if rejected else ""
         return Level.WARN, f"{errors} write error(s) in the last {window}{refused}, recovered"
-    flush = _int(w, "last_flush_us")
-    if flush >= WRITER_SLOW_FLUSH_US:
-        return Level.WARN, f"slow writes: last flush took {flush / 1e6:.1f} s"
-    age = _float(w, "last_write_age_s")
+    if w.last_flush_us >= WRITER_SLOW_FLUSH_US:
+        return Level.WARN, f"slow writes: last flush took {w.last_flush_us / 1e6:.1f} s"
+    age = w.last_write_age_s
     last = f", last write {_secs(age)} ago" if age is not None else ""
-    return Level.OK, f"writing{at}: {_int(w, 'appended')} ticks stored, {buffered} buffered{last}"
+    return Level.OK, f"writing{at}: {w.appended} ticks stored, {buffered} buffered{last}"
 
 
 def _worst(findings: Sequence[_Verdict]) -> _Verdict:
@@ -415,10 +407,12 @@ def _worst(findings: Sequence[_Verdict]) -> _Verdict:
     return level, cause
 
 
-_JUDGES: Final = {"connection": _connection, "ingress": _ingress, "fanout": _fanout, "redis": _redis}
+_JUDGES: Final[Mapping[str, Callable[[Heartbeat], _Verdict]]] = {
+    "connection": _connection, "ingress": _ingress, "fanout": _fanout, "redis": _redis,
+}
 
 
-def _ingestor_stage(alive: Sequence[Mapping[str, Any]], dead: Sequence[Mapping[str, Any]],
+def _ingestor_stage(alive: Sequence[Parsed], dead: Sequence[Mapping[str, Any]],
                     broken: Sequence[Mapping[str, Any]]) -> StageStatus:
     if dead:
         ids = [_str(d, "id", default="?") for d in dead]
@@ -435,9 +429,13 @@ def _ingestor_stage(alive: Sequence[Mapping[str, Any]], dead: Sequence[Mapping[s
     if broken:
         return StageStatus("ingestor", Level.WARN, f"unreadable heartbeat from {_str(broken[0], 'id')}: "
                                                    f"{_str(broken[0], 'error')}")
-    first = alive[0]
-    desc = (f"{_str(first, 'id')} ({_str(first, 'venue')}, up {_secs(_float(first, 'uptime_s') or 0.0)}, "
-            f"{_str(first, 'version', default='?')})")
+    odd = next((p for p in alive if p.malformed), None)
+    if odd is not None:  # judged all the same, each such field taken at its default
+        more = f" (and {len(odd.malformed) - 1} more)" if len(odd.malformed) > 1 else ""
+        return StageStatus("ingestor", Level.WARN, f"malformed heartbeat from {odd.heartbeat.id or '?'}: "
+                                                   f"{odd.malformed[0]}{more}")
+    first = alive[0].heartbeat
+    desc = f"{first.id} ({first.venue}, up {_secs(first.uptime_s or 0.0)}, {first.version or '?'})"
     more = f" and {len(alive) - 1} more" if len(alive) > 1 else ""
     return StageStatus("ingestor", Level.OK, f"{len(alive)} reporting: {desc}{more}")
 
@@ -469,7 +467,7 @@ def evaluate(heartbeats: Sequence[Mapping[str, Any]], consumer_groups: Sequence[
     A heartbeat with ``"alive": false`` stands for an ingestor whose key expired; one with an ``error``
     for a key that could not be read.  Rows of ``consumer_groups`` carry ``stream``, ``group`` and ``lag``.
     """
-    alive: list[Mapping[str, Any]] = []
+    alive: list[Parsed] = []
     dead: list[Mapping[str, Any]] = []
     broken: list[Mapping[str, Any]] = []
     for hb in heartbeats:
@@ -480,8 +478,8 @@ def evaluate(heartbeats: Sequence[Mapping[str, Any]], consumer_groups: Sequence[
         elif hb.get("error"):
             broken.append(hb)
         else:
-            alive.append(hb)
-    alive.sort(key=lambda h: _str(h, "id"))
+            alive.append(from_doc(hb))
+    alive.sort(key=lambda p: p.heartbeat.id)
     try:
         stages = [_ingestor_stage(alive, dead, broken)]
     except Exception as exc:  # an odd heartbeat must not turn into a traceback
@@ -491,12 +489,12 @@ def evaluate(heartbeats: Sequence[Mapping[str, Any]], consumer_groups: Sequence[
             stages.append(StageStatus(name, Level.UNKNOWN, "no ingestor is reporting"))
             continue
         verdicts = []
-        for hb in alive:
+        for parsed in alive:
             try:
-                level, cause = judge(hb)
-            except Exception as exc:  # an odd heartbeat must not turn into a traceback
+                level, cause = judge(parsed.heartbeat)
+            except Exception as exc:  # a judge's own fault must not turn into a traceback
                 level, cause = Level.UNKNOWN, f"cannot judge: {type(exc).__name__}: {exc}"
-            verdicts.append((level, cause, _str(hb, "id", default="?")))
+            verdicts.append((level, cause, parsed.heartbeat.id or "?"))
         verdicts.sort(key=lambda v: -v[0].rank)
         level, cause, who = verdicts[0]
         if len(alive) > 1:
@@ -509,7 +507,7 @@ def evaluate(heartbeats: Sequence[Mapping[str, Any]], consumer_groups: Sequence[
         stages.append(_consumers(consumer_groups))
     except Exception as exc:
         stages.append(StageStatus("consumers", Level.UNKNOWN, f"cannot judge: {type(exc).__name__}: {exc}"))
-    return StatusReport(tuple(stages), now, tuple(_str(h, "id") for h in alive))
+    return StatusReport(tuple(stages), now, tuple(p.heartbeat.id for p in alive))
 
 
 def parse_prefix(text: str) -> str:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import logging
 import os
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -16,15 +17,21 @@ import pytest
 import redis.asyncio as aioredis
 
 import ingestor.heartbeat as hb_module
+import ingestor.metrics as metrics_module
 from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.health import from_doc, to_doc
+from consumer_sdk.core.latency import LatencyHistogram
+from distributor.control import ControlGate
+from distributor.hotpath import HotPathSnapshot, HotPathStats, SubscriberPolicy, SubscriptionStats
 from distributor.ingress import IngressQueue, Policy
 from distributor.spill import SpillLog
-from distributor.writer import StreamWriter
+from distributor.writer import StreamWriter, WriterSnapshot, WriterStats
 from ingestor.config import IngestSettings
 from ingestor.heartbeat import (
     HeartbeatState,
     Identity,
     build_heartbeat,
+    heartbeat_document,
     heartbeat_key,
     heartbeat_loop,
     heartbeat_set_key,
@@ -33,7 +40,10 @@ from ingestor.heartbeat import (
 )
 from ingestor.lifecycle import Lifecycle, SessionState
 from ingestor.metrics import IngestorCollector
+from ingestor.repair import RepairStats
+from ingestor.sequencer import SequenceStats
 from ingestor.service import Ingestor
+from ingestor.snapshot import IngestorSnapshot, SessionSnapshot
 from ops.redis_server import RedisServer, restart
 from ops.status import Level, evaluate
 
@@ -74,7 +84,38 @@ def records() -> Iterator[Records]:
     logger.setLevel(old)
 
 
-# -- fakes: only what the heartbeat reads ---------------------------------------------------------------------
+# -- stand-ins: parts that report snapshots as the real ones do ------------------------------------------------
+@dataclass
+class FakeSession:
+    session_id: int
+    lifecycle: Lifecycle
+    streams: list[str]
+    reconnects: int = 0
+    stalls: int = 0
+    reconnect_reasons: dict[str, int] = field(default_factory=dict)
+    stale: set[str] = field(default_factory=set)
+    last_frame_us: int = 0
+
+    def snapshot(self) -> SessionSnapshot:
+        life = self.lifecycle
+        return SessionSnapshot(
+            session_id=self.session_id, state=life.state, reason=life.reason, transitions=life.transitions,
+            streams=len(self.streams), last_frame_us=self.last_frame_us, reconnects=self.reconnects,
+            reconnect_reasons=dict(self.reconnect_reasons), stalls=self.stalls, stale=tuple(sorted(self.stale)),
+            subscribe_errors=0, frames=0, ticks=0, malformed=0, unsupported=0,
+        )
+
+
+@dataclass
+class Fixed:
+    """A part whose snapshot does not change."""
+
+    value: Any
+
+    def snapshot(self) -> Any:
+        return self.value
+
+
 def fake_session(sid: int, state: SessionState = SessionState.LIVE, *, last_frame: float | None = T0,
                  reconnects: int = 0, reasons: dict[str, int] | None = None, stale: set[str] | None = None) -> Any:
     life = Lifecycle()  # connecting
@@ -83,31 +124,58 @@ def fake_session(sid: int, state: SessionState = SessionState.LIVE, *, last_fram
         life.to(SessionState.LIVE, "subscribed")
     elif state is not SessionState.CONNECTING:
         life.to(state, "start")
-    return SimpleNamespace(
-        session_id=sid, lifecycle=life, streams=["btcusdt@trade"], reconnects=reconnects, stalls=0,
+    return FakeSession(
+        session_id=sid, lifecycle=life, streams=["btcusdt@trade"], reconnects=reconnects,
         reconnect_reasons=reasons or {}, stale=stale or set(),
         last_frame_us=int(last_frame * 1e6) if last_frame else 0,
     )
 
 
+class FakeIngestor:
+    """What the heartbeat reads of an ingestor: its snapshot, from these parts."""
+
+    def __init__(self, *, settings: IngestSettings, sessions: list[Any], ingress: IngressQueue[Any], writer: Any,
+                 hotpath: Any) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.ingress = ingress
+        self.writer = writer
+        self.hotpath = hotpath
+        self.heartbeat = HeartbeatState()
+
+    def snapshot(self) -> IngestorSnapshot:
+        s = self.settings
+        return IngestorSnapshot(
+            venue=s.venue, url=s.url, redis_url=s.redis_url, prefix=s.prefix, channels=tuple(s.channels),
+            sessions=tuple(x.snapshot() for x in self.sessions), ingress=self.ingress.stats(),
+            hotpath=self.hotpath.snapshot() if self.hotpath is not None else None, batch_handlers=0,
+            writer=self.writer.snapshot() if self.writer is not None else None,
+            sequence=SequenceStats(accepted=0, gaps=3, gap_ticks=0, duplicates=2, out_of_order=1),
+            sequence_by_channel={},
+            repair=RepairStats(
+                gaps_repaired=2, gaps_unrepaired=1, ticks_repaired={}, ticks_unrepaired={"trade": 40}, holding=0,
+                held_ticks=0, held_overflow=0, hold_expired=0, refused={}, breaker="closed", breaker_opened=0,
+                breaker_skipped=0,
+            ),
+            control=ControlGate().stats(), control_rejected=0, ingest_latency=LatencyHistogram(),
+        )
+
+
 def fake_ingestor(*, sessions: list[Any] | None = None, capacity: int = 100, policy: Policy = Policy.BLOCK,
-                  writer: Any = None, hotpath: Any = None, url: str = "wss://stream.binance.com:9443") -> Any:
-    return SimpleNamespace(
+                  writer: Any = None, hotpath: Any = None, url: str = "wss://stream.binance.com:9443") -> FakeIngestor:
+    return FakeIngestor(
         settings=IngestSettings(url=url, redis_url="redis://app:s3cret@redis:6379/0", prefix="md"),
         sessions=sessions if sessions is not None else [fake_session(1)],
-        ingress=IngressQueue(capacity, policy),
-        writer=writer,
-        hotpath=hotpath,
-        sequencer=SimpleNamespace(stats=lambda: SimpleNamespace(gaps=3, duplicates=2, out_of_order=1)),
-        repairer=SimpleNamespace(gaps_repaired=2, gaps_unrepaired=1, ticks_unrepaired={"trade": 40}, holds={}),
-        _handlers=[],
+        ingress=IngressQueue(capacity, policy), writer=writer, hotpath=hotpath,
     )
 
 
-def fake_writer(**kw: Any) -> Any:
+def fake_writer(**kw: Any) -> Fixed:
     stats = {"buffered": 0, "capacity": 1000, "appended": 10, "errors": 0, "retries": 0, "rejected": 0,
              "batches": 1, "spilled": 0, "spill_bytes": 0, "last_flush_us": 200, "connected": True, **kw}
-    return SimpleNamespace(stats=lambda: SimpleNamespace(**stats))
+    rest = {"duplicates": 0, "failing": "", "failing_for_s": 0.0, "rejected_by_reason": {}, "dead_lettered": 0,
+            "spill_drained": 0}
+    return Fixed(WriterSnapshot(WriterStats(**{**rest, **stats}), {}, "md:deadletter", LatencyHistogram()))
 
 
 def state_at(now: float = T0) -> HeartbeatState:
@@ -294,34 +362,104 @@ async def test_a_full_spill_log_shows_in_the_heartbeat_the_metrics_and_the_statu
 
 
 def test_fanout_is_read_from_the_hot_path_when_there_is_one() -> None:
-    sub = SimpleNamespace(stats=lambda: SimpleNamespace(name="strategy", policy=SimpleNamespace(value="drop_oldest"),
-                                                        lag=900, dropped=50, errors=0))
-    hot = SimpleNamespace(
-        stats=lambda: SimpleNamespace(subscribers=1, capacity=1024, delivered=10, dropped=50, errors=0,
-                                      disconnected=0, waiting_room=False, max_lag=900),
-        subscriptions=lambda: (sub,),
-    )
+    sub = SubscriptionStats(name="strategy", policy=SubscriberPolicy.DROP_OLDEST, patterns=("binance:*:*",),
+                            matched=60, delivered=10, dropped=50, pending=0, errors=0, drop_events=1, lag=900,
+                            removed=None, handler_us=12.34, handler_max_us=80.0, busy_us=0, overruns=2)
+    stats = HotPathStats(published=60, capacity=1024, streams=1, subscribers=1, delivered=10, dropped=50, errors=0,
+                         dropped_by_policy={"drop_oldest": 50}, disconnected=0, removed=0, blocked=0,
+                         waiting_room=False, max_lag=900, slowest="strategy")
+    hot = Fixed(HotPathSnapshot(stats, (sub,), LatencyHistogram()))
     doc = build_heartbeat(fake_ingestor(hotpath=hot), T0 + 1, state=state_at())
     fan = doc["fanout"]
     assert fan["present"] and fan["subscribers"] == 1 and fan["dropped_recent"] == 50
-    assert fan["slowest"] == [{"name": "strategy", "policy": "drop_oldest", "lag": 900, "dropped": 50, "errors": 0}]
+    assert fan["slowest"] == [{
+        "name": "strategy", "policy": "drop_oldest", "execution": "inline", "offloaded": False, "handler_us": 12.3,
+        "handler_max_us": 80.0, "busy_us": 0, "overruns": 2, "lag": 900, "dropped": 50, "errors": 0,
+    }]
 
 
-def test_parts_that_fail_to_report_are_left_out() -> None:
-    def broken() -> Any:
-        raise RuntimeError("not ready")
-
-    ing = fake_ingestor(writer=SimpleNamespace(stats=broken), hotpath=SimpleNamespace(stats=broken))
-    ing.sessions = [SimpleNamespace()]  # nothing a session normally has
+def test_parts_not_built_yet_are_reported_absent() -> None:
+    ing = fake_ingestor(writer=None, hotpath=None, sessions=[fake_session(1, SessionState.CONNECTING, last_frame=None)])
     doc = build_heartbeat(ing, T0, state=state_at())
     assert doc["writer"] == {"present": False} and doc["fanout"]["present"] is False
-    assert doc["connections"]["sessions"][0]["state"] == "unknown"
+    row = doc["connections"]["sessions"][0]
+    assert (row["state"], row["last_frame_age_s"], row["down_for_s"]) == ("connecting", None, 0.0)
+
+
+def test_the_document_keeps_its_shape_and_reads_back_whole() -> None:
+    """Every field, in the order the contract shows; what the heartbeat writes, the status reads back as is."""
+    ing = fake_ingestor(writer=fake_writer(), sessions=[fake_session(1), fake_session(2, SessionState.BACKING_OFF)])
+    hot = HotPathSnapshot(
+        HotPathStats(published=0, capacity=1024, streams=0, subscribers=0, delivered=0, dropped=0, errors=0,
+                     dropped_by_policy={}, disconnected=0, removed=0, blocked=0, waiting_room=False, max_lag=0),
+        (), LatencyHistogram(),
+    )
+    ing.hotpath = Fixed(hot)
+    doc = build_heartbeat(ing, T0 + 3, state=state_at())
+    assert list(doc) == [
+        "v", "id", "host", "pid", "version", "venue", "url", "redis", "prefix", "started_at", "ts", "uptime_s",
+        "window_s", "reconnect_window_s", "connections", "ingress", "fanout", "writer", "gaps",
+    ]
+    assert list(doc["connections"]) == [
+        "total", "live", "reconnects", "reconnect_reasons", "stale", "stale_count", "stalls", "sessions",
+        "reconnects_recent",
+    ]
+    assert list(doc["connections"]["sessions"][1]) == [
+        "id", "state", "reason", "last_error", "state_for_s", "down_for_s", "last_frame_age_s", "streams",
+        "reconnects", "subscribe_errors", "stale",
+    ]
+    assert list(doc["ingress"]) == [
+        "length", "capacity", "fill_ratio", "policy", "dropped", "backpressure_events", "dropped_recent",
+        "backpressure_recent",
+    ]
+    assert list(doc["fanout"]) == [
+        "present", "subscribers", "batch_handlers", "capacity", "delivered", "dropped", "errors", "disconnected",
+        "waiting_room", "max_lag", "offloaded", "threads", "overruns", "slowest", "dropped_recent", "errors_recent",
+        "disconnected_recent", "offloaded_recent", "overruns_recent",
+    ]
+    assert list(doc["writer"]) == [
+        "present", "connected", "buffered", "capacity", "fill_ratio", "appended", "errors", "retries", "failing",
+        "oom", "failing_for_s", "rejected", "rejected_by_reason", "dead_lettered", "dead_letter_key", "spilled",
+        "spill_bytes", "spill_full", "spill_full_reason", "spill_full_events", "spill_refused",
+        "spill_write_failures", "spill_corrupt", "spill_torn", "last_flush_us", "last_write_age_s", "errors_recent",
+        "rejected_recent", "dead_lettered_recent",
+    ]
+    assert list(doc["gaps"]) == [
+        "detected", "repaired", "unrepaired", "ticks_unrepaired", "repairing", "duplicates", "out_of_order",
+        "unrepaired_recent",
+    ]
+    parsed = from_doc(orjson.loads(orjson.dumps(doc)))
+    assert parsed.problems == ()
+    assert to_doc(parsed.heartbeat) == doc
+    assert parsed.heartbeat == heartbeat_document(ing.snapshot(), T0 + 3, state_at())
+
+
+def test_a_real_ingestor_reports_through_its_snapshot() -> None:
+    """Before ``run()``: the heartbeat, the metrics and the status read one snapshot of a real ingestor."""
+    ing = Ingestor(IngestSettings(url="ws://127.0.0.1:1", symbols=("BTCUSDT",), prefix="md"))
+    snap = ing.snapshot()
+    assert snap.writer is None and snap.repair is None and snap.sessions == () and snap.hotpath is not None
+    doc = build_heartbeat(ing, T0 + 1)
+    assert from_doc(doc).problems == ()
+    names = {s.name for m in IngestorCollector(fake_ingestor(writer=fake_writer())).collect() for s in m.samples}
+    assert {"market_redis_up", "market_ingress_len", "market_subscriber_count"} <= names, "a stand-in is enough"
+
+
+def test_the_heartbeat_neither_imports_the_service_nor_keeps_global_state() -> None:
+    """No circle with :mod:`ingestor.service` (not even for type checking); the state lives on the ingestor, and
+    the metrics read a snapshot as the heartbeat does."""
+    for module in (hb_module, metrics_module):
+        tree = ast.parse(Path(module.__file__ or "").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "ingestor.service" not in imported and "weakref" not in imported, (module.__name__, imported)
 
 
 def test_exports() -> None:
     assert set(hb_module.__all__) == {
         "HEARTBEAT_SCHEMA", "MAX_LISTED", "RECENT_WINDOW_S", "RECONNECT_WINDOW_S", "HeartbeatState", "Identity",
-        "build_heartbeat", "heartbeat_key", "heartbeat_loop", "heartbeat_set_key", "heartbeat_state", "public_url",
+        "Reporting", "build_heartbeat", "heartbeat_document", "heartbeat_key", "heartbeat_loop", "heartbeat_set_key",
+        "heartbeat_state", "public_url",
     }
     assert heartbeat_key("md", "h-1-a") == "md:_hb:ingestor:h-1-a"
     assert heartbeat_set_key("md") == "md:_hb:ingestors"

@@ -231,7 +231,8 @@ def test_public_names() -> None:
         "DEFAULT_CAPACITY", "DEFAULT_HANDLER_BUDGET_US", "DEFAULT_MAX_CHUNK", "DEFAULT_MAX_STREAMS",
         "DEFAULT_MAX_SUBSCRIBERS", "HANDOFF_CHUNKS", "HOT_SAMPLE_EVERY", "MIN_OVERRUN_US", "OFFLOAD_AFTER",
         "OFFLOAD_WINDOW", "PROBATION_CHUNK", "Execution", "Handler", "offload_due", "overran",
-        "probation_chunk", "HotPath", "HotPathStats", "SubscriberPolicy", "Subscription", "SubscriptionStats",
+        "probation_chunk", "HotPath", "HotPathSnapshot", "HotPathStats", "SubscriberPolicy", "Subscription",
+        "SubscriptionStats",
     }
 
 

@@ -16,7 +16,6 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -29,7 +28,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import distributor.writer as writer_module
 from consumer_sdk.core.keys import parse_entry_id, stream_key
+from consumer_sdk.core.latency import LatencyHistogram
 from consumer_sdk.core.tick import Tick, is_gap_marker
+from distributor.control import ControlGate
 from distributor.ingress import IngressQueue, Policy
 from distributor.writer import (
     REASONS,
@@ -52,8 +53,10 @@ from ingestor.heartbeat import (
     heartbeat_set_key,
 )
 from ingestor.metrics import IngestorCollector
+from ingestor.sequencer import Sequencer
 from ingestor.service import Ingestor
 from ingestor.session import SessionSettings
+from ingestor.snapshot import IngestorSnapshot
 from ops.redis_server import RedisServer
 from ops.simulator import Simulator, SimulatorConfig
 from ops.status import Level, collect, dead_key, evaluate
@@ -127,13 +130,28 @@ def interleaved(first: int, last: int, symbols: tuple[str, ...]) -> list[Tick]:
     return [make_tick(s, T0_MS + s, sym) for s in range(first, last + 1) for sym in symbols]
 
 
-def heartbeat_of_ingestor(writer: StreamWriter) -> Any:
+class WriterOnly:
+    """An ingestor whose only running part is ``writer``, as the heartbeat reads it (its snapshot)."""
+
+    def __init__(self, writer: StreamWriter) -> None:
+        self.settings = IngestSettings(url="ws://127.0.0.1:1", redis_url="redis://127.0.0.1:1/0", prefix="oom")
+        self.writer = writer
+        self.ingress: IngressQueue[Tick] = IngressQueue(100, Policy.BLOCK)
+        self.heartbeat = HeartbeatState()
+
+    def snapshot(self) -> IngestorSnapshot:
+        s = self.settings
+        return IngestorSnapshot(
+            venue=s.venue, url=s.url, redis_url=s.redis_url, prefix=s.prefix, channels=tuple(s.channels), sessions=(),
+            ingress=self.ingress.stats(), hotpath=None, batch_handlers=0, writer=self.writer.snapshot(),
+            sequence=Sequencer().stats(), sequence_by_channel={}, repair=None, control=ControlGate().stats(),
+            control_rejected=0, ingest_latency=LatencyHistogram(),
+        )
+
+
+def heartbeat_of_ingestor(writer: StreamWriter) -> WriterOnly:
     """An ingestor whose only running part is ``writer``, as the heartbeat reads it."""
-    return SimpleNamespace(
-        settings=IngestSettings(url="ws://127.0.0.1:1", redis_url="redis://127.0.0.1:1/0", prefix="oom"),
-        sessions=[], ingress=IngressQueue(100, Policy.BLOCK), writer=writer, hotpath=None, sequencer=None,
-        repairer=None, _handlers=[],
-    )
+    return WriterOnly(writer)
 
 
 def heartbeat_of(writer: StreamWriter, now: float, state: HeartbeatState) -> dict[str, Any]:

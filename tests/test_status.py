@@ -356,6 +356,21 @@ def test_unreadable_heartbeats_never_raise() -> None:
     assert report.exit_code == 1
 
 
+def test_a_malformed_heartbeat_names_the_field_and_is_judged_all_the_same() -> None:
+    report = judge(healthy(**{"writer.connected": "no", "ingress.fill_ratio": 0.85}))
+    assert report.stage("ingestor").reason == (
+        "ingestor WARN: malformed heartbeat from host-1-abc: writer.connected: expected true or false, found a string"
+    )
+    assert report.stage("ingress").reason == "ingress WARN: queue 85% full (block)", "the rest is judged"
+    assert report.stage("redis").level is Level.OK, "the field at its default: connected"
+    two = judge(healthy(**{"writer.connected": "no", "connections.stale": "abc"})).stage("ingestor")
+    assert two.cause == ("malformed heartbeat from host-1-abc: connections.stale: expected a list of strings, "
+                         "found a string (and 1 more)")
+    # A heartbeat of an older version lacks fields: not malformed (healthy() lacks many).
+    assert judge(healthy()).stage("ingestor").level is Level.OK
+    assert judge(healthy(**{"writer.oom": None})).stage("ingestor").level is Level.OK, "null: as if missing"
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=5),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=4),

@@ -19,6 +19,8 @@ module             what it holds
 ``aio``            asyncio helpers
 ``handler``        what a tick is handed to
 ``server``         the supported Redis and Valkey versions
+``health``         the heartbeat document: its one typed definition, written and read back
+``untrusted``      reading untrusted JSON field by field, naming each field missing or wrong
 =================  ==========================================================================================
 """
 

@@ -41,7 +41,7 @@ from distributor.hotpath.policy import (
     overran,
     probation_chunk,
 )
-from distributor.hotpath.stats import HOT_SAMPLE_EVERY, HotPathStats, SubscriptionStats
+from distributor.hotpath.stats import HOT_SAMPLE_EVERY, HotPathSnapshot, HotPathStats, SubscriptionStats
 from distributor.hotpath.subscription import Subscription
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "Execution",
     "Handler",
     "HotPath",
+    "HotPathSnapshot",
     "HotPathStats",
     "SubscriberPolicy",
     "Subscription",

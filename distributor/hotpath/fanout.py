@@ -25,7 +25,7 @@ from distributor.hotpath.policy import (
     check_budget,
 )
 from distributor.hotpath.serving import Serving
-from distributor.hotpath.stats import HotPathStats, SubscriptionStats, slowness
+from distributor.hotpath.stats import HotPathSnapshot, HotPathStats, SubscriptionStats, slowness
 from distributor.hotpath.subscription import Subscription, default_name, is_async, parse_patterns
 
 __all__ = ["HotPath"]
@@ -248,3 +248,9 @@ class HotPath(Serving):
             overruns=overruns,
         )
 
+    def snapshot(self) -> HotPathSnapshot:
+        """:meth:`stats`, every subscriber ranked and a copy of the latency histogram (no I/O; two passes over
+        the subscribers, as :meth:`stats` and :meth:`slowest` each make one)."""
+        return HotPathSnapshot(
+            stats=self.stats(), ranked=tuple(self.slowest(self.max_subscribers)), latency=self.latency.copy()
+        )

@@ -28,10 +28,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from consumer_sdk.core.latency import bucket_of
+from consumer_sdk.core.latency import LatencyHistogram, bucket_of
 from distributor.hotpath.policy import DEFAULT_HANDLER_BUDGET_US, Execution, SubscriberPolicy
 
-__all__ = ["HOT_SAMPLE_EVERY", "LUT", "LUT_SIZE", "HotPathStats", "SubscriptionStats", "slowness"]
+__all__ = [
+    "HOT_SAMPLE_EVERY", "LUT", "LUT_SIZE", "HotPathSnapshot", "HotPathStats", "SubscriptionStats", "slowness",
+]
 
 #: the ingestor times one chunk in this many of each subscriber (a chunk is timed as a whole, so it needs
 #: fewer samples than the per-tick stages; see the module doc)
@@ -87,6 +89,17 @@ class HotPathStats:
     offloaded: int = 0  # subscribers moved to a thread for overrunning their budget, since start
     threads: int = 0  # current subscribers whose handler runs on a thread of its own
     overruns: int = 0  # chunks over budget, every subscriber, removed ones included
+
+
+@dataclass(frozen=True, slots=True)
+class HotPathSnapshot:
+    """What observers (heartbeat, metrics) read of the hot path at one instant: :meth:`HotPath.snapshot`."""
+
+    stats: HotPathStats
+    #: every current subscriber, slowest first (as :meth:`HotPath.slowest` ranks them)
+    ranked: tuple[SubscriptionStats, ...]
+    #: publish stamp to handler call (µs), every subscriber, a copy
+    latency: LatencyHistogram
 
 
 def slowness(st: SubscriptionStats) -> tuple[float, int, str]:

@@ -61,6 +61,7 @@ from consumer_sdk.backoff import Backoff
 from consumer_sdk.keys import DEFAULT_PREFIX
 from consumer_sdk.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram, check_sample_every
 from consumer_sdk.tick import Tick
+from distributor.sink import StreamSink
 from distributor.spill import RETRY_FULL_S, SpillFull, SpillLog
 
 __all__ = [
@@ -356,8 +357,8 @@ class WriterStats:
     spill_torn: int = 0
 
 
-class StreamWriter:
-    """Owns a bounded buffer of ticks and the task that appends them to Redis."""
+class StreamWriter(StreamSink):
+    """Owns a bounded buffer of ticks and the task that appends them to Redis (a :class:`StreamSink`)."""
 
     def __init__(
         self,

@@ -1,12 +1,11 @@
 """One venue session: a WebSocket kept alive for as long as the ingestor runs.
 
-The adapter is thin: each socket read's frames go through the :class:`~ingestor.pipeline.IngestPipeline`
-(pure: the venue's parser, the :class:`~ingestor.sequencer.Sequencer`), then into the ingress queue.
-Decisions live in pure modules: :mod:`ingestor.pipeline` (frames -> ticks, gaps, replies),
-:mod:`ingestor.lifecycle` (states, error policy), :mod:`ingestor.backoff` (delays).  What is
-venue-specific (URL path, stream names, subscribe messages, parser) comes from a
-:class:`~ingestor.venue.Venue` (Binance spot by default); connections come from a
-:class:`~ingestor.venue.Connector` (the ``websockets`` library by default, an in-memory fake in tests).
+The adapter is thin: each socket read's frames go through the pure
+:class:`~ingestor.pipeline.IngestPipeline` (the venue's parser, the sequencer), then into the ingress
+queue.  Decisions live in pure modules: :mod:`ingestor.pipeline`, :mod:`ingestor.lifecycle` (states,
+error policy), :mod:`ingestor.backoff` (delays).  What is venue-specific (URL path, stream names,
+subscribe messages, parser) comes from a :class:`~ingestor.venue.Venue` (Binance spot by default),
+connections from a :class:`~ingestor.venue.Connector` (``websockets``; an in-memory fake in tests).
 The session keeps the I/O: connect, subscribe, rotate, the watchdog, the repair hand-off, and the
 ingress ``offer``/``put`` (backpressure) with the ingest latency samples.
 
@@ -87,8 +86,8 @@ class _Link:
     """One WebSocket connection and what belongs to it."""
 
     __slots__ = (
-        "conn_id", "countdown", "last_frame", "live", "next_send", "opened", "pending", "retries", "shutdown",
-        "unsubscribing", "ws",
+        "busy", "closing", "conn_id", "countdown", "last_frame", "live", "next_send", "opened", "pending", "retries",
+        "shutdown", "unsubscribing", "ws",
     )
 
     def __init__(self, ws: FeedLink | None, sample_every: int) -> None:
@@ -96,6 +95,9 @@ class _Link:
         self.ws = ws
         #: ticks stored on this link until the next ingest latency sample
         self.countdown = sample_every
+        #: the reader is taking what it read (not waiting for the socket); it is to end once done
+        self.busy = False
+        self.closing = False
         self.opened = time.monotonic()
         self.last_frame = self.opened
         self.live = asyncio.Event()
@@ -112,13 +114,8 @@ class _Fatal(Exception):
 
 
 class VenueSession:
-    """A connection carrying a list of venue streams, kept alive for as long as it runs.
-
-    ``streams`` are the venue's stream names (:meth:`Venue.stream_name`).  ``venue`` says what they
-    are and how to ask for them (Binance spot by default), ``connector`` how to reach it (the
-    ``websockets`` library by default).  Its counters of frames and ticks are its pipeline's
-    (:attr:`pipeline`, :meth:`IngestPipeline.stats`).
-    """
+    """A connection carrying a list of ``venue`` streams (its stream names), kept alive for as long as
+    it runs; ``connector`` opens its connections.  Its frame and tick counters are its :attr:`pipeline`'s."""
 
     def __init__(
         self,
@@ -169,6 +166,8 @@ class VenueSession:
         self._links: set[_Link] = set()
         #: the link of frames fed through :meth:`ingest` (no connection)
         self._detached: _Link | None = None
+        #: held by the link putting ticks into the ingress (see :meth:`_store`)
+        self._storing = asyncio.Lock()
 
     @property
     def state(self) -> SessionState:
@@ -337,6 +336,12 @@ class VenueSession:
             self._link = None
         for task in list(link.retries):
             task.cancel()
+        link.closing = True
+        me = asyncio.current_task()
+        if link.busy and not (me is not None and me.cancelling()):
+            # The reader is storing what it read (waiting for room in the ingress): the sequencer took
+            # those ticks already, so let it finish (it then ends by itself), within a bound.
+            await asyncio.wait([reader], timeout=self.settings.rotation_timeout)
         reader.cancel()
         # asyncio.wait, not `await reader`: a cancellation of *this* task must propagate, not be
         # mistaken for the reader's own.
@@ -438,14 +443,11 @@ class VenueSession:
 
     # -- the read loop: the hot part ----------------------------------------------------------
     async def ingest(self, ts: int, frames: Sequence[bytes]) -> str | None:
-        """Take one socket read's ``frames``, received at ``ts`` (µs since the epoch), as the read loop
-        does on a connection: through the pipeline, the repair hand-off and into the ingress (waiting
-        for room under the ``block`` policy), with the latency samples; None, or why a connection
-        carrying them would have to end (a bug, logged).
+        """One socket read's ``frames``, received at ``ts`` (µs), as the read loop takes them on a connection
+        (pipeline, repair hand-off, ingress, latency samples); None, or why a connection would end.
 
-        For feeding recorded or generated frames through the real path without a connection
-        (``market bench ingest``).  Replies and shutdown notices among them meet no connection: a
-        reply is counted as unexpected.  Call it from one task at a time.
+        For feeding recorded or generated frames through the real path with no connection (``market bench
+        ingest``): a reply among them is unexpected.  One task at a time.
         """
         link = self._detached
         if link is None:
@@ -468,10 +470,14 @@ class VenueSession:
         try:
             async for chunks in link.ws.chunks():
                 link.last_frame = monotonic()
+                link.busy = True
                 for ts, frames in chunks:
                     ended = await ingest(link, ts, frames)
                     if ended is not None:
                         return ended
+                link.busy = False
+                if link.closing:
+                    return "replaced"
         except websockets.ConnectionClosed as exc:
             return f"connection closed: {exc}"
         except Exception as exc:  # nothing from the venue may kill the session
@@ -502,13 +508,12 @@ class VenueSession:
                 # Everything before the tick is in: the repairer holds it (and repairs the hole), or a gap
                 # marker goes in front of it; with no repairer it goes alone.
                 repairer = self._repairer
+                marker = None
                 if repairer is not None:
                     marker = repairer.start(event.tick, event.gap)
                     if marker is None:
                         continue  # held: the repair releases it after what it fetched
-                    if not self._ingress.offer(marker):
-                        await self._ingress.put(marker)
-                await self._store(link, ts, (event.tick,))
+                await self._store(link, ts, (event.tick,), marker)
             elif isinstance(event, Reply):
                 self._on_reply(link, event)
             elif isinstance(event, ServerShutdown):
@@ -523,28 +528,34 @@ class VenueSession:
                 log.error("read_loop_error", exc_info=event.error)
                 return f"read loop error: {event.error!r}"
 
-    async def _store(self, link: _Link, ts: int, ticks: Sequence[Tick]) -> None:
-        """Into the ingress, in order (waiting for room under ``block``); one tick in ``sample_every``
-        (counted per link) has its ingest latency observed once it is in.  Cost per tick: one ``offer``."""
+    async def _store(self, link: _Link, ts: int, ticks: Sequence[Tick], marker: Tick | None = None) -> None:
+        """Into the ingress, ``marker`` first, in order (waiting for room under ``block``); one tick in
+        ``sample_every`` (counted per link) has its ingest latency observed once it is in.  One call at a
+        time per session, in the order the pipeline accepted the ticks: while one link waits for room,
+        the other of a rotation cannot put newer ticks first.  Cost: one lock a call, one ``offer`` a tick.
+        """
         ingress = self._ingress
         offer = ingress.offer
         every = self.sample_every
-        if not every:
+        async with self._storing:
+            if marker is not None and not offer(marker):
+                await ingress.put(marker)
+            if not every:
+                for t in ticks:
+                    if not offer(t):
+                        await ingress.put(t)
+                return
+            observe = self._latency.observe
+            now_us = time.time_ns
+            countdown = link.countdown
             for t in ticks:
                 if not offer(t):
                     await ingress.put(t)
-            return
-        observe = self._latency.observe
-        now_us = time.time_ns
-        countdown = link.countdown
-        for t in ticks:
-            if not offer(t):
-                await ingress.put(t)
-            countdown -= 1
-            if not countdown:
-                countdown = every
-                observe(now_us() // 1000 - ts)
-        link.countdown = countdown
+                countdown -= 1
+                if not countdown:
+                    countdown = every
+                    observe(now_us() // 1000 - ts)
+            link.countdown = countdown
 
     # -- watchdog -----------------------------------------------------------------------------
     async def _watchdog(self) -> None:

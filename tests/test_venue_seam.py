@@ -85,7 +85,7 @@ async def take(ingress: IngressQueue[Tick], n: int) -> list[Tick]:
     return out
 
 
-class Venue:
+class Rig:
     """A session on a fake connector, and what it feeds."""
 
     def __init__(self, streams: list[str], *, capacity: int = 1000, repair: Any = False,
@@ -110,7 +110,7 @@ class Venue:
 
 
 @asynccontextmanager
-async def running(venue: Venue) -> AsyncIterator[asyncio.Task[None]]:
+async def running(venue: Rig) -> AsyncIterator[asyncio.Task[None]]:
     tasks = [asyncio.create_task(venue.session.run())]
     if venue.repairer is not None:
         tasks.append(asyncio.create_task(venue.repairer.run()))
@@ -124,7 +124,7 @@ async def running(venue: Venue) -> AsyncIterator[asyncio.Task[None]]:
 
 # -- connect, subscribe, read ------------------------------------------------------------------------------------
 async def test_the_session_subscribes_with_the_venues_messages_and_stores_what_it_reads() -> None:
-    v = Venue(["btcusdt@trade", "ethusdt@bookTicker"])
+    v = Rig(["btcusdt@trade", "ethusdt@bookTicker"])
     async with running(v):
         link = await v.live(0)
         assert link.url == "ws://venue.test/stream"
@@ -143,7 +143,7 @@ async def test_the_session_subscribes_with_the_venues_messages_and_stores_what_i
 
 
 async def test_a_malformed_frame_is_counted_and_the_connection_goes_on() -> None:
-    v = Venue(["btcusdt@trade"])
+    v = Rig(["btcusdt@trade"])
     async with running(v):
         link = await v.live(0)
         link.feed([trade(1), b'{"stream":"btcusdt@trade","data":{"e":"trade","s":"BTCUSDT"}}', trade(2)])
@@ -152,7 +152,7 @@ async def test_a_malformed_frame_is_counted_and_the_connection_goes_on() -> None
 
 
 async def test_a_full_ingress_under_block_stops_the_reading_until_there_is_room() -> None:
-    v = Venue(["btcusdt@trade"], capacity=2)
+    v = Rig(["btcusdt@trade"], capacity=2)
     async with running(v):
         link = await v.live(0)
         link.feed([trade(i) for i in range(1, 7)])
@@ -163,7 +163,7 @@ async def test_a_full_ingress_under_block_stops_the_reading_until_there_is_room(
 
 # -- reconnects ---------------------------------------------------------------------------------------------------
 async def test_a_venue_close_reconnects_resubscribes_and_the_overlap_is_dropped() -> None:
-    v = Venue(["btcusdt@trade"])
+    v = Rig(["btcusdt@trade"])
     async with running(v):
         first = await v.live(0)
         first.feed([trade(1), trade(2)])
@@ -179,7 +179,7 @@ async def test_a_venue_close_reconnects_resubscribes_and_the_overlap_is_dropped(
 
 
 async def test_a_refused_handshake_before_the_url_ever_worked_stops_the_session() -> None:
-    v = Venue(["btcusdt@trade"])
+    v = Rig(["btcusdt@trade"])
     v.connector.fail_next(
         ConnectionRefusedError(111, "Connection refused"),
         HandshakeRefused("server rejected WebSocket connection: HTTP 404", 404, None),
@@ -192,7 +192,7 @@ async def test_a_refused_handshake_before_the_url_ever_worked_stops_the_session(
 
 
 async def test_the_same_refusal_once_live_is_an_outage_and_retried() -> None:
-    v = Venue(["btcusdt@trade"])
+    v = Rig(["btcusdt@trade"])
     async with running(v):
         first = await v.live(0)
         v.connector.fail_next(HandshakeRefused("server rejected WebSocket connection: HTTP 404", 404, None))
@@ -202,7 +202,7 @@ async def test_the_same_refusal_once_live_is_an_outage_and_retried() -> None:
 
 
 async def test_a_shutdown_notice_rotates_make_before_break() -> None:
-    v = Venue(["btcusdt@trade"])
+    v = Rig(["btcusdt@trade"])
     async with running(v):
         old = await v.live(0)
         old.feed([trade(1), trade(2), b'{"e":"serverShutdown","E":1700000000000}'])
@@ -214,8 +214,24 @@ async def test_a_shutdown_notice_rotates_make_before_break() -> None:
         assert v.session.rotations == 1 and v.session.reconnects == 0
 
 
+async def test_a_rotation_while_the_ingress_is_full_loses_none_of_the_old_connections_ticks() -> None:
+    """The old connection is waiting for room with ticks the sequencer took: it finishes them before it
+    is closed, and the new connection's newer ticks go in after them."""
+    v = Rig(["btcusdt@trade"], capacity=2)
+    async with running(v):
+        old = await v.live(0)
+        old.feed([b'{"e":"serverShutdown","E":1700000000000}'])
+        old.feed([trade(i) for i in range(1, 7)])
+        new = await v.connector.link(1)
+        await until(lambda: len(v.ingress) == 2 and v.session.ticks == 6, "the old connection waiting for room")
+        new.feed([trade(i) for i in range(1, 9)])
+        assert describe(await take(v.ingress, 8)) == [1, 2, 3, 4, 5, 6, 7, 8]
+        await until(lambda: old.closed == "us" and v.session.state is SessionState.LIVE, "the rotation done")
+        assert v.session.rotations == 1 and v.session.rejected == 6
+
+
 async def test_streams_added_and_removed_while_live() -> None:
-    v = Venue(["btcusdt@trade"])
+    v = Rig(["btcusdt@trade"])
     async with running(v):
         link = await v.live(0)
         v.session.add_streams(["ethusdt@trade"])
@@ -240,7 +256,7 @@ async def test_a_refused_subscription_is_asked_again() -> None:
             return [orjson.dumps({"error": {"code": 2, "msg": "Invalid request"}, "id": req["id"]})]
         return answer_ok(message)
 
-    v = Venue(["btcusdt@trade"], answer=answer)
+    v = Rig(["btcusdt@trade"], answer=answer)
     async with running(v):
         link = await v.live(0)
         assert [orjson.loads(m)["id"] for m in link.sent] == [1, 2]
@@ -249,7 +265,7 @@ async def test_a_refused_subscription_is_asked_again() -> None:
 
 # -- gaps and the repairer ----------------------------------------------------------------------------------------
 async def test_an_unrepaired_gap_is_marked_after_the_ticks_before_it() -> None:
-    v = Venue(["btcusdt@trade"], repair=None)  # a repairer without REST: every gap is marked
+    v = Rig(["btcusdt@trade"], repair=None)  # a repairer without REST: every gap is marked
     async with running(v):
         link = await v.live(0)
         link.feed([trade(1), trade(2), trade(6), trade(7)])
@@ -277,7 +293,7 @@ class Rows:
 
 async def test_a_gap_is_held_repaired_and_released_in_order_with_the_later_ticks() -> None:
     rest = Rows(range(3, 6))
-    v = Venue(["btcusdt@trade", "ethusdt@trade"], repair=rest)
+    v = Rig(["btcusdt@trade", "ethusdt@trade"], repair=rest)
     async with running(v):
         link = await v.live(0)
         link.feed([trade(1), trade(2), trade(6), trade(1, "ETHUSDT"), trade(7), trade(8)])
@@ -291,7 +307,7 @@ async def test_a_gap_is_held_repaired_and_released_in_order_with_the_later_ticks
 
 # -- the public entry without a connection (market bench ingest) ---------------------------------------------------
 async def test_ingest_takes_frames_through_the_real_path_without_a_connection() -> None:
-    v = Venue([])
+    v = Rig([])
     assert await v.session.ingest(TS, [trade(1), trade(2), b'{"result":null,"id":9}', trade(2), trade(3)]) is None
     assert describe(await take(v.ingress, 3)) == [1, 2, 3]
     assert v.session.unexpected_replies == 1 and v.session.ticks == 3 and v.latency.count == 3
@@ -306,7 +322,7 @@ async def test_the_distributor_hands_batches_to_its_sink_and_waits_when_it_is_fu
     ingress: IngressQueue[Tick] = IngressQueue(100, Policy.BLOCK)
     sink = MemorySink(capacity=3)
     distributor = Distributor(ingress, sink, max_batch=2)
-    v = Venue([])
+    v = Rig([])
     v.ingress = ingress
     task = asyncio.create_task(distributor.run())
     try:

@@ -322,8 +322,6 @@ async def test_the_distributor_hands_batches_to_its_sink_and_waits_when_it_is_fu
     ingress: IngressQueue[Tick] = IngressQueue(100, Policy.BLOCK)
     sink = MemorySink(capacity=3)
     distributor = Distributor(ingress, sink, max_batch=2)
-    v = Rig([])
-    v.ingress = ingress
     task = asyncio.create_task(distributor.run())
     try:
         session = VenueSession(ws_base="ws://venue.test", streams=[], ingress=ingress, sequencer=Sequencer(),

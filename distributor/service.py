@@ -23,7 +23,7 @@ from consumer_sdk.core.tick import Tick
 from distributor.control import ControlGate
 from distributor.hotpath import HotPath
 from distributor.ingress import IngressQueue
-from distributor.writer import StreamWriter
+from distributor.sink import StreamSink
 
 __all__ = ["BatchHandler", "Distributor"]
 
@@ -35,7 +35,7 @@ class Distributor:
     def __init__(
         self,
         ingress: IngressQueue[Tick],
-        writer: StreamWriter,
+        writer: StreamSink,
         *,
         max_batch: int = 20000,
         handlers: Sequence[BatchHandler] = (),

@@ -49,6 +49,7 @@ from consumer_sdk.core.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram, ch
 from consumer_sdk.core.log import Throttle, get_logger, log_event
 from consumer_sdk.core.redis import classify_redis
 from consumer_sdk.core.tick import Tick
+from distributor.sink import StreamSink
 from distributor.spill import RETRY_FULL_S, SpillFull, SpillLog
 
 __all__ = [
@@ -323,8 +324,8 @@ class WriterSnapshot:
     ack_latency: LatencyHistogram
 
 
-class StreamWriter:
-    """Owns a bounded buffer of ticks and the task that appends them to Redis."""
+class StreamWriter(StreamSink):
+    """Owns a bounded buffer of ticks and the task that appends them to Redis (a :class:`StreamSink`)."""
 
     def __init__(
         self,

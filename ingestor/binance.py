@@ -10,6 +10,9 @@ wrapped ``{"stream": ..., "data": ...}``) and the receive time, and returns
 - a :class:`ServerShutdown` when the venue announces a planned close;
 - ``None`` for events this project does not carry (``depthUpdate`` ...).
 
+:class:`BinanceSpot` is Binance spot as a :class:`~ingestor.venue.Venue`: these functions, its
+stream names, its SUBSCRIBE/UNSUBSCRIBE messages and its REST calls, for the session and the pipeline.
+
 A frame that is not valid JSON or lacks a field its event type requires raises
 :class:`MalformedFrame`; the caller counts and skips it.  Prices and quantities
 are copied as the venue's strings; times become microseconds.
@@ -22,15 +25,19 @@ needs no state to continue.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Final
 
 import orjson
 
 from consumer_sdk.core.tick import SCHEMA_VERSION, Tick
+from ingestor.subscriptions import subscribe_requests
+from ingestor.venue import Heartbeat, MalformedFrame, Reply, RestCall, ServerShutdown, VenueRequest
 
 __all__ = [
     "BINANCE_CHANNELS",
+    "BINANCE_SPOT",
+    "BinanceSpot",
     "MalformedFrame",
     "Reply",
     "ServerShutdown",
@@ -45,26 +52,6 @@ _V: Final = SCHEMA_VERSION
 #: our channel name -> Binance stream suffix (klines: ``kline_<i>`` -> ``kline_<i>``)
 BINANCE_CHANNELS: Final = {"trade": "trade", "agg_trade": "aggTrade", "book_ticker": "bookTicker"}
 _SUFFIX_TO_CHANNEL: Final = {v: k for k, v in BINANCE_CHANNELS.items()}
-
-
-class MalformedFrame(ValueError):
-    """A frame that is not JSON, or lacks a field its event type requires."""
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """The venue's answer to a request we sent: ``result`` on success, ``error`` otherwise."""
-
-    id: Any
-    result: Any = None
-    error: Any = None
-
-
-@dataclass(frozen=True, slots=True)
-class ServerShutdown:
-    """The venue will close this connection soon (planned maintenance or rotation)."""
-
-    event_time_us: int
 
 
 def channel_to_stream(symbol: str, channel: str) -> str:
@@ -169,3 +156,55 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
     if e == "serverShutdown":
         return ServerShutdown(_int(d.get("E", 0)) * 1000)
     return None
+
+
+#: REST paths of the ids a gap can be backfilled with, by channel
+_BACKFILL: Final = {"trade": "/api/v3/historicalTrades", "agg_trade": "/api/v3/aggTrades"}
+
+
+def _requests(method: str, streams: Sequence[str], first_id: int, per_request: int) -> list[VenueRequest]:
+    return [
+        VenueRequest(req["id"], req["params"], orjson.dumps(req).decode())
+        for req in subscribe_requests(streams, first_id, per_request=per_request, method=method)
+    ]
+
+
+class BinanceSpot:
+    """Binance spot (``stream.binance.com``, ``api.binance.com``) as a :class:`~ingestor.venue.Venue`.
+
+    Combined streams on ``/stream``; ``{"method": "SUBSCRIBE", "params": [...], "id": n}`` messages,
+    answered ``{"result": null, "id": n}``; the venue's WebSocket pings answered by the library.
+    Stateless: one instance (:data:`BINANCE_SPOT`) serves every session.
+    """
+
+    __slots__ = ()
+
+    name: Final = VENUE
+    ws_path: Final = "/stream"
+    heartbeat: Final = Heartbeat.WS_PING
+
+    #: the module's function itself, not a method wrapping it: it runs once per frame
+    parse_frame = staticmethod(parse_frame)
+
+    def stream_name(self, symbol: str, channel: str) -> str:
+        return channel_to_stream(symbol, channel)
+
+    def split_stream(self, stream: str) -> tuple[str, str]:
+        return stream_to_channel(stream)
+
+    def subscribe_requests(self, streams: Sequence[str], first_id: int, per_request: int) -> list[VenueRequest]:
+        return _requests("SUBSCRIBE", streams, first_id, per_request)
+
+    def unsubscribe_requests(self, streams: Sequence[str], first_id: int, per_request: int) -> list[VenueRequest]:
+        return _requests("UNSUBSCRIBE", streams, first_id, per_request)
+
+    def backfill_call(self, channel: str, symbol: str, from_id: int, limit: int) -> RestCall | None:
+        path = _BACKFILL.get(channel)
+        return None if path is None else RestCall(path, {"symbol": symbol, "fromId": from_id, "limit": limit})
+
+    def snapshot_call(self, symbol: str, limit: int) -> RestCall:
+        return RestCall("/api/v3/depth", {"symbol": symbol, "limit": limit})
+
+
+#: the Binance spot venue (stateless, shared)
+BINANCE_SPOT: Final = BinanceSpot()

@@ -3,8 +3,10 @@
 Every tick's ``seq`` comes from the venue (trade id, aggregate id, book update id, kline event
 time): the sequencer checks it per ``(venue, symbol, channel)``.  Duplicates and late
 (out-of-order) ticks are rejected; jumps in trade and aggregate trade ids are accepted and
-reported as gaps (:attr:`Sequencer.last_gap`), for the repairer.  :meth:`Sequencer.seed`
-continues a stream after what is already stored, so a restart rejects what it stored before.
+reported as gaps: :meth:`Sequencer.check` returns the hole itself (a :class:`GapReport`) in place of the
+``GAP`` verdict, for the repairer; :meth:`Sequencer.accept` returns the verdict and keeps the hole in
+:attr:`Sequencer.last_gap`.  :meth:`Sequencer.seed` continues a stream after what is already stored,
+so a restart rejects what it stored before.
 """
 
 from __future__ import annotations
@@ -61,8 +63,12 @@ class Sequencer:
         elif tracker.last is None or last_seq > tracker.last:
             tracker.last = last_seq
 
-    def accept(self, tick: Tick) -> Verdict:
-        """Check the tick's ``seq``; the tick goes on only when the verdict is accepted."""
+    def check(self, tick: Tick) -> Verdict | GapReport:
+        """Check the tick's ``seq``: ``OK``, the hole it revealed (a :class:`GapReport`: accepted, in place
+        of ``GAP``), or ``DUPLICATE``/``LATE`` (rejected).  The tick goes on unless rejected.
+
+        Cost: two dict lookups; a :class:`GapReport` is built only for a hole.
+        """
         ident = (tick["venue"], tick["symbol"], tick["channel"])
         tracker = self._trackers.get(ident)
         if tracker is None:
@@ -70,7 +76,16 @@ class Sequencer:
         last = tracker.last
         verdict = tracker.observe(tick["seq"])
         if verdict is Verdict.GAP and last is not None:
-            self.last_gap = GapReport(*ident, last + 1, tick["seq"] - 1)
+            return GapReport(*ident, last + 1, tick["seq"] - 1)
+        return verdict
+
+    def accept(self, tick: Tick) -> Verdict:
+        """Check the tick's ``seq``; the tick goes on only when the verdict is accepted.  A ``GAP``
+        verdict's hole is left in :attr:`last_gap` (:meth:`check` returns it instead)."""
+        verdict = self.check(tick)
+        if isinstance(verdict, GapReport):
+            self.last_gap = verdict
+            return Verdict.GAP
         return verdict
 
     def forget_holes(self, ident: tuple[str, str, str], first: int, last: int) -> None:

@@ -1,9 +1,15 @@
+# size: one connection's whole life (connect, subscribe, read, rotate make-before-break, the watchdog, the repair
+#   hand-off) shares the session's state; the decisions it takes are pure functions in pipeline.py and lifecycle.py.
 """One venue session: a WebSocket kept alive for as long as the ingestor runs.
 
-The adapter is thin: frames go through :func:`ingestor.binance.parse_frame` and the
-:class:`~ingestor.sequencer.Sequencer` (pure), then into the ingress queue.  Decisions live
-in pure modules: :mod:`ingestor.lifecycle` (states, error policy), :mod:`consumer_sdk.core.backoff`
-(delays), :mod:`ingestor.subscriptions` (requests).
+The adapter is thin: each socket read's frames go through the pure
+:class:`~ingestor.pipeline.IngestPipeline` (the venue's parser, the sequencer), then into the ingress
+queue.  Decisions live in pure modules: :mod:`ingestor.pipeline`, :mod:`ingestor.lifecycle` (states,
+error policy), :mod:`consumer_sdk.core.backoff` (delays).  What is venue-specific (URL path, stream names,
+subscribe messages, parser) comes from a :class:`~ingestor.venue.Venue` (Binance spot by default),
+connections from a :class:`~ingestor.venue.Connector` (``websockets``; an in-memory fake in tests).
+The session keeps the I/O: connect, subscribe, rotate, the watchdog, the repair hand-off, and the
+ingress ``offer``/``put`` (backpressure) with the ingest latency samples.
 
 - **Reconnect**: every failure leads to a capped, fully jittered delay that resets only after
   a connection stayed live for ``healthy_after`` seconds; the venue's ``Retry-After`` wins; a
@@ -12,8 +18,8 @@ in pure modules: :mod:`ingestor.lifecycle` (states, error policy), :mod:`consume
   our own every ``ping_interval``; no pong within ``ping_timeout`` drops the connection.  A
   watchdog on the monotonic clock drops a connection that delivered nothing for ``stall_timeout``
   and reports each stream whose seq has not moved for its channel's ``stale_after`` threshold.
-- **Subscribe**: requests paced under the venue's 5 messages a second; replies are checked,
-  and what failed is retried.
+- **Subscribe**: requests paced under ``requests_per_s`` (Binance allows 5 messages a second);
+  replies are checked, and what failed is retried.
 - **Rotation** (make-before-break): before ``max_age`` or on a ``serverShutdown`` event a new
   connection is opened and subscribed while the old one still delivers; the old one is closed
   only once the new one is live.  The overlap is deduplicated by the sequencer.
@@ -29,29 +35,27 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
-import orjson
 import websockets
-from websockets.asyncio.client import connect
 
 from consumer_sdk.core.aio import reraise_if_cancelling
 from consumer_sdk.core.backoff import Backoff
 from consumer_sdk.core.errors import ConfigError
 from consumer_sdk.core.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram, check_sample_every
 from consumer_sdk.core.log import Throttle, get_logger, log_event
-from consumer_sdk.core.sequencing import Verdict
 from consumer_sdk.core.tick import Tick
 from distributor.ingress import IngressQueue
-from ingestor.binance import MalformedFrame, Reply, ServerShutdown, parse_frame, stream_to_channel
+from ingestor.binance import BINANCE_SPOT
 from ingestor.lifecycle import Failure, Lifecycle, SessionState, classify_failure
+from ingestor.pipeline import BadFrame, GapFound, IngestPipeline, LoopError
 from ingestor.repair import GapRepairer
 from ingestor.sequencer import Sequencer
 from ingestor.snapshot import SessionSnapshot
-from ingestor.subscriptions import subscribe_requests
-from ingestor.wsframes import Chunk, FeedConnection
+from ingestor.venue import Connector, FeedLink, Heartbeat, Reply, ServerShutdown, Venue
+from ingestor.wsframes import WebSocketConnector
 
 __all__ = ["SessionSettings", "SessionState", "VenueSession"]
 
@@ -85,13 +89,18 @@ class _Link:
     """One WebSocket connection and what belongs to it."""
 
     __slots__ = (
-        "conn_id", "last_frame", "live", "next_send", "opened", "pending", "retries", "shutdown", "unsubscribing",
-        "ws",
+        "busy", "closing", "conn_id", "countdown", "last_frame", "live", "next_send", "opened", "pending", "retries",
+        "shutdown", "unsubscribing", "ws",
     )
 
-    def __init__(self, ws: FeedConnection | None) -> None:
+    def __init__(self, ws: FeedLink | None, sample_every: int) -> None:
         self.conn_id = next(_ids)
         self.ws = ws
+        #: ticks stored on this link until the next ingest latency sample
+        self.countdown = sample_every
+        #: the reader is taking what it read (not waiting for the socket); it is to end once done
+        self.busy = False
+        self.closing = False
         self.opened = time.monotonic()
         self.last_frame = self.opened
         self.live = asyncio.Event()
@@ -108,7 +117,8 @@ class _Fatal(Exception):
 
 
 class VenueSession:
-    """A connection carrying a fixed list of venue streams, kept alive for as long as it runs."""
+    """A connection carrying a list of ``venue`` streams (its stream names), kept alive for as long as
+    it runs; ``connector`` opens its connections.  Its frame and tick counters are its :attr:`pipeline`'s."""
 
     def __init__(
         self,
@@ -121,29 +131,29 @@ class VenueSession:
         repairer: GapRepairer | None = None,
         settings: SessionSettings | None = None,
         backoff: Backoff | None = None,
-        venue: str = "binance",
+        venue: Venue = BINANCE_SPOT,
+        connector: Connector | None = None,
         sample_every: int = DEFAULT_SAMPLE_EVERY,
     ) -> None:
+        if venue.heartbeat is not Heartbeat.WS_PING:
+            raise ConfigError(f"venue {venue.name}: heartbeat style {venue.heartbeat} is not supported")
         self.session_id = next(_ids)
-        self.url = ws_base.rstrip("/") + "/stream"
+        self.url = ws_base.rstrip("/") + venue.ws_path
         self.streams = streams
         self.venue = venue
+        self._connector: Connector = connector if connector is not None else WebSocketConnector()
         self._ingress = ingress
         self._sequencer = sequencer
         self._latency = ingest_latency
         #: ingest latency is observed on one tick in this many (0: not measured)
         self.sample_every = check_sample_every(sample_every)
         self._repairer = repairer
+        self.pipeline = IngestPipeline(venue, sequencer, repairer.holds if repairer is not None else None)
         self.settings = s = settings or SessionSettings()
         self._backoff = backoff or Backoff(base=s.backoff_base, cap=s.backoff_cap)
         self._throttle = Throttle(log)
         self._next_request = 1
         self.lifecycle = Lifecycle()
-        self.frames = 0
-        self.ticks = 0
-        self.malformed = 0
-        self.unsupported = 0
-        self.rejected = 0
         self.connects = 0
         self.reconnects = 0
         #: the session has been live with this URL: a handshake refusal is an outage from now on, not a wrong URL
@@ -154,19 +164,47 @@ class VenueSession:
         self.stalls = 0
         self.reconnect_reasons: dict[str, int] = {}
         self.stale: set[str] = set()
-        self.last_frame_us = 0
         self._progress: dict[tuple[str, str, str], tuple[int | None, float]] = {}
         self._link: _Link | None = None
         self._links: set[_Link] = set()
+        #: the link of frames fed through :meth:`ingest` (no connection)
+        self._detached: _Link | None = None
+        #: held by the link putting ticks into the ingress (see :meth:`_store`)
+        self._storing = asyncio.Lock()
 
     @property
     def state(self) -> SessionState:
         return self.lifecycle.state
 
+    # -- the pipeline's counters, read as the session's ---------------------------------------
+    @property
+    def frames(self) -> int:
+        return self.pipeline.frames
+
+    @property
+    def ticks(self) -> int:
+        return self.pipeline.ticks
+
+    @property
+    def malformed(self) -> int:
+        return self.pipeline.malformed
+
+    @property
+    def unsupported(self) -> int:
+        return self.pipeline.unsupported
+
+    @property
+    def rejected(self) -> int:
+        return self.pipeline.rejected
+
+    @property
+    def last_frame_us(self) -> int:
+        return self.pipeline.last_frame_us
+
     def _to(self, state: SessionState, reason: str, **fields: Any) -> None:
         previous = self.lifecycle.to(state, reason)
         log_event(
-            log, logging.INFO, "session_state", session=self.session_id, venue=self.venue, state=state.value,
+            log, logging.INFO, "session_state", session=self.session_id, venue=self.venue.name, state=state.value,
             previous=previous.value, reason=reason, **fields,
         )
 
@@ -190,7 +228,7 @@ class VenueSession:
             # Cancelled (the ingestor stops): drop every connection now, without waiting on the venue.
             for live in list(self._links):
                 if live.ws is not None:
-                    live.ws.transport.abort()
+                    live.ws.abort()
 
     async def _run_links(self, tg: asyncio.TaskGroup) -> None:
         link: _Link | None = None
@@ -203,7 +241,7 @@ class VenueSession:
                     raise
                 except Exception as exc:  # any failure to connect is retried, after the backoff
                     reraise_if_cancelling()
-                    await self._back_off(classify_failure(_map_error(exc), been_live=self.been_live), None)
+                    await self._back_off(classify_failure(exc, been_live=self.been_live), None)
                     continue
             reason, rotate = await self._until_done_or_rotation(link, reader)
             if rotate:
@@ -251,11 +289,10 @@ class VenueSession:
         s = self.settings
         if rotating:
             self._to(SessionState.ROTATING, "replacing the connection")
-        ws = cast(FeedConnection, await connect(
-            self.url, open_timeout=s.open_timeout, ping_interval=s.ping_interval, ping_timeout=s.ping_timeout,
-            close_timeout=2, max_size=2**20, max_queue=64, compression=None, create_connection=FeedConnection,
-        ))
-        link = _Link(ws)
+        ws = await self._connector.connect(
+            self.url, open_timeout=s.open_timeout, ping_interval=s.ping_interval, ping_timeout=s.ping_timeout
+        )
+        link = _Link(ws, self.sample_every)
         self._links.add(link)
         self.connects += 1
         if not rotating:
@@ -302,6 +339,12 @@ class VenueSession:
             self._link = None
         for task in list(link.retries):
             task.cancel()
+        link.closing = True
+        me = asyncio.current_task()
+        if link.busy and not (me is not None and me.cancelling()):
+            # The reader is storing what it read (waiting for room in the ingress): the sequencer took
+            # those ticks already, so let it finish (it then ends by itself), within a bound.
+            await asyncio.wait([reader], timeout=self.settings.rotation_timeout)
         reader.cancel()
         # asyncio.wait, not `await reader`: a cancellation of *this* task must propagate, not be
         # mistaken for the reader's own.
@@ -313,9 +356,10 @@ class VenueSession:
                 if link.ws is not None:
                     await link.ws.close()
 
-    async def _subscribe(self, link: _Link, streams: list[str], method: str = "SUBSCRIBE") -> None:
+    async def _subscribe(self, link: _Link, streams: list[str], subscribe: bool = True) -> None:
         s = self.settings
-        requests = subscribe_requests(streams, self._next_request, per_request=s.params_per_request, method=method)
+        make = self.venue.subscribe_requests if subscribe else self.venue.unsubscribe_requests
+        requests = make(streams, self._next_request, s.params_per_request)
         self._next_request += len(requests)
         for req in requests:
             # Pacing under the venue's incoming message limit, shared by every request on this link.
@@ -323,12 +367,12 @@ class VenueSession:
             if wait > 0:
                 await asyncio.sleep(wait)
             link.next_send = time.monotonic() + 1.0 / s.requests_per_s
-            if method == "SUBSCRIBE":
-                link.pending[req["id"]] = req["params"]
+            if subscribe:
+                link.pending[req.id] = req.streams
             else:
-                link.unsubscribing[req["id"]] = req["params"]
+                link.unsubscribing[req.id] = req.streams
             assert link.ws is not None, "a link without a connection is never subscribed"
-            await link.ws.send(orjson.dumps(req).decode())
+            await link.ws.send(req.message)
 
     async def _retry_subscribe(self, link: _Link, streams: list[str]) -> None:
         await asyncio.sleep(1.0)  # the venue refused; ask again after a pause, within the rate limit
@@ -344,7 +388,7 @@ class VenueSession:
         if not new:
             return
         self.streams = [*self.streams, *new]
-        self._send_later(new, "SUBSCRIBE")
+        self._send_later(new, subscribe=True)
 
     def remove_streams(self, streams: list[str]) -> None:
         """Stop carrying these streams: unsubscribed now if connected, and not asked for again."""
@@ -352,20 +396,20 @@ class VenueSession:
         if not gone:
             return
         self.streams = [s for s in self.streams if s not in set(gone)]
-        self._send_later(gone, "UNSUBSCRIBE")
+        self._send_later(gone, subscribe=False)
 
-    def _send_later(self, streams: list[str], method: str) -> None:
+    def _send_later(self, streams: list[str], *, subscribe: bool) -> None:
         link = self._link
         if link is None:
             return  # the next connection subscribes to self.streams
         # Owned by the link: _close cancels it with the connection.
-        task = asyncio.get_running_loop().create_task(self._request(link, streams, method))
+        task = asyncio.get_running_loop().create_task(self._request(link, streams, subscribe))
         link.retries.add(task)
         task.add_done_callback(link.retries.discard)
 
-    async def _request(self, link: _Link, streams: list[str], method: str) -> None:
+    async def _request(self, link: _Link, streams: list[str], subscribe: bool) -> None:
         with contextlib.suppress(websockets.ConnectionClosed):
-            await self._subscribe(link, streams, method)
+            await self._subscribe(link, streams, subscribe)
 
     def _on_reply(self, link: _Link, reply: Reply) -> None:
         if type(reply.id) is int and reply.id in link.unsubscribing:
@@ -378,8 +422,8 @@ class VenueSession:
             # re-created by frames that were in flight when we asked).
             for name in gone:
                 if name not in self.streams:
-                    symbol, channel = stream_to_channel(name)
-                    self._sequencer.release(self.venue, symbol, channel)
+                    symbol, channel = self.venue.split_stream(name)
+                    self._sequencer.release(self.venue.name, symbol, channel)
             return
         streams = link.pending.pop(reply.id, None) if type(reply.id) is int else None
         if streams is None:
@@ -401,89 +445,120 @@ class VenueSession:
             link.live.set()
 
     # -- the read loop: the hot part ----------------------------------------------------------
-    async def consume(self, batches: AsyncIterable[Sequence[bytes]]) -> str:
-        """Run the read loop over ``batches`` of raw venue frames until they end; why it ended.
+    async def ingest(self, ts: int, frames: Sequence[bytes]) -> str | None:
+        """One socket read's ``frames``, received at ``ts`` (µs), as the read loop takes them on a connection
+        (pipeline, repair hand-off, ingress, latency samples); None, or why a connection would end.
 
-        What the live loop runs on each open connection, without the connection: for feeding
-        recorded or generated frames through the real path (``market bench ingest``).  Each batch
-        stands for one socket read: its frames are stamped received when the loop takes it.
+        For feeding recorded or generated frames through the real path with no connection (``market bench
+        ingest``): a reply among them is unexpected.  One task at a time.
         """
+        link = self._detached
+        if link is None:
+            link = self._detached = _Link(None, self.sample_every)
+        return await self._ingest(link, ts, frames)
 
-        async def chunks() -> AsyncIterator[list[Chunk]]:
-            async for batch in batches:
-                yield [(time.time_ns() // 1000, list(batch))]
+    async def consume(self, batches: AsyncIterable[Sequence[bytes]]) -> str:
+        """:meth:`ingest` each of ``batches`` (stamped received when taken) until they end; why it ended
+        (``"connection closed by venue"`` when they all went through)."""
+        async for batch in batches:
+            ended = await self.ingest(time.time_ns() // 1000, batch)
+            if ended is not None:
+                return ended
+        return "connection closed by venue"
 
-        return await self._read(_Link(None), chunks())
-
-    async def _read(self, link: _Link, source: AsyncIterator[list[Chunk]] | None = None) -> str:
-        ingress = self._ingress
-        sequencer = self._sequencer
-        accept = sequencer.accept
-        observe = self._latency.observe
-        every = self.sample_every
-        countdown = every
-        now_us = time.time_ns
+    async def _read(self, link: _Link) -> str:
+        assert link.ws is not None
+        ingest = self._ingest
         monotonic = time.monotonic
-        ok_max = Verdict.GAP
-        gap = Verdict.GAP
-        repairer = self._repairer
-        holds = repairer.holds if repairer is not None else {}
-        if source is None:
-            assert link.ws is not None
-            source = link.ws.chunks()
         try:
-            async for chunks in source:
+            async for chunks in link.ws.chunks():
                 link.last_frame = monotonic()
+                link.busy = True
                 for ts, frames in chunks:
-                    self.frames += len(frames)
-                    self.last_frame_us = ts
-                    for raw in frames:
-                        try:
-                            r = parse_frame(raw, ts)
-                        except MalformedFrame as exc:
-                            self.malformed += 1
-                            self._throttle.log(
-                                logging.WARNING, "malformed_frame", session=self.session_id,
-                                error=str(exc)[:200], sample=str(raw)[:200],
-                            )
-                            continue
-                        if type(r) is dict:
-                            verdict = accept(r)
-                            if verdict > ok_max:
-                                self.rejected += 1
-                                continue
-                            self.ticks += 1
-                            if holds and repairer is not None and repairer.hold(
-                                (r["venue"], r["symbol"], r["channel"]), r
-                            ):
-                                continue
-                            if verdict is gap and repairer is not None and sequencer.last_gap is not None:
-                                marker = repairer.start(r, sequencer.last_gap)
-                                if marker is None:
-                                    continue
-                                if not ingress.offer(marker):
-                                    await ingress.put(marker)
-                            if not ingress.offer(r):
-                                await ingress.put(r)
-                            if every:
-                                countdown -= 1
-                                if not countdown:
-                                    countdown = every
-                                    observe(now_us() // 1000 - ts)
-                        elif r is None:
-                            self.unsupported += 1
-                        elif isinstance(r, Reply):
-                            self._on_reply(link, r)
-                        elif isinstance(r, ServerShutdown):
-                            log_event(log, logging.INFO, "server_shutdown_notice", session=self.session_id,
-                                      conn_id=link.conn_id)
-                            link.shutdown.set()
+                    ended = await ingest(link, ts, frames)
+                    if ended is not None:
+                        return ended
+                link.busy = False
+                if link.closing:
+                    return "replaced"
         except websockets.ConnectionClosed as exc:
             return f"connection closed: {exc}"
         except Exception as exc:  # nothing from the venue may kill the session
             log.exception("read_loop_error")
             return f"read loop error: {exc!r}"
         return "connection closed by venue"
+
+    async def _ingest(self, link: _Link, ts: int, frames: Sequence[bytes]) -> str | None:
+        """One read's frames: the pipeline's ticks into the ingress, its events acted on in the order they came;
+        None, or why the connection must end."""
+        process = self.pipeline.process
+        start = 0
+        while True:
+            out = process(ts, frames, start)
+            if out.held:
+                # To the repairer's hold: the pipeline saw these streams held, and nothing ran since.
+                assert self._repairer is not None, "the pipeline holds ticks only for a repairer"
+                hold = self._repairer.hold
+                for t in out.held:
+                    hold((t["venue"], t["symbol"], t["channel"]), t)
+            if out.ticks:
+                await self._store(link, ts, out.ticks)
+            event = out.event
+            if event is None:
+                return None
+            start = out.resume
+            if type(event) is GapFound:
+                # Everything before the tick is in: the repairer holds it (and repairs the hole), or a gap
+                # marker goes in front of it; with no repairer it goes alone.
+                repairer = self._repairer
+                marker = None
+                if repairer is not None:
+                    marker = repairer.start(event.tick, event.gap)
+                    if marker is None:
+                        continue  # held: the repair releases it after what it fetched
+                await self._store(link, ts, (event.tick,), marker)
+            elif isinstance(event, Reply):
+                self._on_reply(link, event)
+            elif isinstance(event, ServerShutdown):
+                log_event(log, logging.INFO, "server_shutdown_notice", session=self.session_id, conn_id=link.conn_id)
+                link.shutdown.set()
+            elif isinstance(event, BadFrame):
+                self._throttle.log(
+                    logging.WARNING, "malformed_frame", session=self.session_id,
+                    error=event.error[:200], sample=str(event.raw)[:200],
+                )
+            elif isinstance(event, LoopError):
+                log.error("read_loop_error", exc_info=event.error)
+                return f"read loop error: {event.error!r}"
+
+    async def _store(self, link: _Link, ts: int, ticks: Sequence[Tick], marker: Tick | None = None) -> None:
+        """Into the ingress, ``marker`` first, in order (waiting for room under ``block``); one tick in
+        ``sample_every`` (counted per link) has its ingest latency observed once it is in.  One call at a
+        time per session, in the order the pipeline accepted the ticks: while one link waits for room,
+        the other of a rotation cannot put newer ticks first.  Cost: one lock a call, one ``offer`` a tick.
+        """
+        ingress = self._ingress
+        offer = ingress.offer
+        every = self.sample_every
+        async with self._storing:
+            if marker is not None and not offer(marker):
+                await ingress.put(marker)
+            if not every:
+                for t in ticks:
+                    if not offer(t):
+                        await ingress.put(t)
+                return
+            observe = self._latency.observe
+            now_us = time.time_ns
+            countdown = link.countdown
+            for t in ticks:
+                if not offer(t):
+                    await ingress.put(t)
+                countdown -= 1
+                if not countdown:
+                    countdown = every
+                    observe(now_us() // 1000 - ts)
+            link.countdown = countdown
 
     # -- watchdog -----------------------------------------------------------------------------
     async def _watchdog(self) -> None:
@@ -498,8 +573,8 @@ class VenueSession:
                 names = self.streams
                 idents = []
                 for name in names:
-                    symbol, channel = stream_to_channel(name)
-                    idents.append((self.venue, symbol, channel))
+                    symbol, channel = self.venue.split_stream(name)
+                    idents.append((self.venue.name, symbol, channel))
                 for gone in set(self._progress) - set(idents):
                     del self._progress[gone]
                     self.stale.discard(self._stream_name(gone))
@@ -512,7 +587,7 @@ class VenueSession:
                 )
                 link.last_frame = now
                 if link.ws is not None:
-                    link.ws.transport.abort()  # the reader sees the connection closed and the loop reconnects
+                    link.ws.abort()  # the reader sees the connection closed and the loop reconnects
             for ident in idents:
                 seq = self._sequencer.last_seq(*ident)
                 last, since = self._progress.get(ident, (None, now))
@@ -543,20 +618,3 @@ class VenueSession:
             subscribe_errors=self.subscribe_errors, frames=self.frames, ticks=self.ticks, malformed=self.malformed,
             unsupported=self.unsupported,
         )
-
-
-def _map_error(exc: BaseException) -> BaseException:
-    """Library errors -> something :func:`classify_failure` understands (status and Retry-After)."""
-    if isinstance(exc, websockets.InvalidURI):
-        return _StatusError(f"invalid venue URL: {exc}", 400, None)
-    if isinstance(exc, websockets.InvalidStatus):
-        response = exc.response
-        return _StatusError(str(exc), response.status_code, response.headers.get("Retry-After"))
-    return exc
-
-
-class _StatusError(Exception):
-    def __init__(self, message: str, status: int, retry_after: str | None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after

@@ -25,6 +25,8 @@ The switch happens at the frame boundary: the library is given the HTTP response
 after it, frames the server sent at once, go to our reader), so its frame parser never sees a byte.
 If the handshake fails, everything goes to the library, which reports the failure as usual; a
 connection that is not switched (:attr:`FeedConnection.fast` False) is read through ``recv()``.
+
+:class:`WebSocketConnector` opens these connections: the real :class:`~ingestor.venue.Connector`.
 """
 
 from __future__ import annotations
@@ -32,20 +34,28 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Final
+from typing import Any, Final, cast
 
-from websockets.asyncio.client import ClientConnection
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ProtocolError
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import CLOSED, OPEN
 
-__all__ = ["DEFAULT_MAX_PENDING", "Chunk", "FeedConnection", "FrameError", "read_frames"]
+from ingestor.venue import Chunk
+
+__all__ = [
+    "DEFAULT_MAX_PENDING",
+    "Chunk",
+    "FeedConnection",
+    "FrameError",
+    "HandshakeRefused",
+    "WebSocketConnector",
+    "read_frames",
+]
 
 #: frames waiting for the reader before the socket is paused
 DEFAULT_MAX_PENDING: Final = 16_384
-
-#: frames received in one socket read and the time they arrived (µs since the epoch)
-Chunk = tuple[int, list[bytes]]
 
 _CONTROL: Final = (Opcode.CLOSE, Opcode.PING, Opcode.PONG)
 _MAX_HEAD: Final = 1 << 16  # an HTTP response head longer than this goes to the library as it is
@@ -249,6 +259,10 @@ class FeedConnection(ClientConnection):
             finally:
                 self._waiter = None
 
+    def abort(self) -> None:
+        """Drop the connection now (no closing handshake): the reader sees it closed."""
+        self.transport.abort()
+
     async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Close as the library does; first undo our own pause, or the venue's close frame could not be read."""
         if self._paused_reading:
@@ -301,3 +315,38 @@ class FeedConnection(ClientConnection):
             self.close_deadline = self.loop.time() + self.close_timeout
         for event in events:
             self.process_event(event)
+
+
+class HandshakeRefused(Exception):
+    """The venue refused the WebSocket handshake (or the URL is not one): ``status`` is the HTTP status
+    (400 for a URL that is not a WebSocket URL), ``retry_after`` its ``Retry-After`` header, if any."""
+
+    def __init__(self, message: str, status: int, retry_after: str | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class WebSocketConnector:
+    """Opens :class:`FeedConnection` s with the ``websockets`` library (the real
+    :class:`~ingestor.venue.Connector`): no compression, messages up to 1 MiB, at most 64 queued by the
+    library before the switch, 2 s for the closing handshake.  A refused handshake raises
+    :class:`HandshakeRefused`; anything else (DNS, TCP, TLS, a timeout) raises as the library does.
+    """
+
+    __slots__ = ()
+
+    async def connect(
+        self, url: str, *, open_timeout: float, ping_interval: float | None, ping_timeout: float | None
+    ) -> FeedConnection:
+        try:
+            ws = await connect(
+                url, open_timeout=open_timeout, ping_interval=ping_interval, ping_timeout=ping_timeout,
+                close_timeout=2, max_size=2**20, max_queue=64, compression=None, create_connection=FeedConnection,
+            )
+        except websockets.InvalidURI as exc:
+            raise HandshakeRefused(f"invalid venue URL: {exc}", 400, None) from exc
+        except websockets.InvalidStatus as exc:
+            response = exc.response
+            raise HandshakeRefused(str(exc), response.status_code, response.headers.get("Retry-After")) from exc
+        return cast(FeedConnection, ws)

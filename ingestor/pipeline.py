@@ -1,0 +1,194 @@
+"""The ingest pipeline: one socket read's frames -> the ticks to store and what the caller must act on.
+
+Pure and synchronous: no I/O, no awaits, no clock.  :meth:`IngestPipeline.process` parses each frame
+with the venue's :meth:`~ingestor.venue.Venue.parse_frame`, checks each tick's ``seq`` with the
+:class:`~ingestor.sequencer.Sequencer`, and returns, in an :class:`Ingested`:
+
+- ``ticks``: the accepted ticks to store, in the order received;
+- ``held``: accepted ticks of streams under repair (the repairer's hold, passed in as ``holding``):
+  they go to the repairer, which releases them in order once the hole before them is filled or marked;
+- ``event``: the frame the caller must act on before the rest, where processing stopped: a
+  :class:`GapFound` (the tick that revealed a hole in a stream's ids, and the hole), a
+  :class:`~ingestor.venue.Reply`, a :class:`~ingestor.venue.ServerShutdown`, a :class:`BadFrame`
+  (malformed: to log) or a :class:`LoopError` (an unexpected exception: the connection ends);
+- ``resume``: where to go on, ``process(ts, frames, resume)``, once the event is dealt with.
+
+It stops at an event so the caller acts on it in the order the venue sent it: every tick before a
+gap is stored before its repair starts (the repair's output then follows them), and a reply is
+handled between the frames around it, as they came.  Events are rare (a gap, a reply at subscribe
+time), so the common call processes the whole read at once.  Duplicates and late ticks are counted
+and dropped; events this project does not carry are counted.
+
+The session (:mod:`ingestor.session`) owns the I/O around it: the socket, the repair task, the ingress
+queue's ``offer``/``put`` (backpressure), and the latency samples.  ``market bench ingest`` feeds
+frames through the session's :meth:`~ingestor.session.VenueSession.ingest`, which runs this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from itertools import islice
+
+from consumer_sdk.core.sequencing import Verdict
+from consumer_sdk.core.tick import Tick
+from ingestor.sequencer import GapReport, Sequencer
+from ingestor.venue import MalformedFrame, Reply, ServerShutdown, Venue
+
+__all__ = [
+    "BadFrame",
+    "Event",
+    "GapFound",
+    "IngestPipeline",
+    "Ingested",
+    "LoopError",
+    "PipelineStats",
+]
+
+Ident = tuple[str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class GapFound:
+    """``tick`` (accepted, not in ``ticks``) revealed the hole ``gap`` in its stream's ids: the caller
+    starts a repair (the tick is then held) or stores a gap marker and then the tick."""
+
+    gap: GapReport
+    tick: Tick
+
+
+@dataclass(frozen=True, slots=True)
+class BadFrame:
+    """A frame the venue's parser refused (counted in ``malformed``): why, and the frame."""
+
+    error: str
+    raw: bytes | str
+
+
+@dataclass(frozen=True, slots=True)
+class LoopError:
+    """An exception no frame should cause (a bug): the caller ends the connection and reconnects."""
+
+    error: Exception
+
+
+#: what processing stopped at
+Event = GapFound | Reply | ServerShutdown | BadFrame | LoopError
+
+
+@dataclass(frozen=True, slots=True)
+class Ingested:
+    """What :meth:`IngestPipeline.process` made of ``frames[start:resume]`` (see the module doc)."""
+
+    ticks: list[Tick]
+    held: list[Tick]
+    event: Event | None
+    resume: int
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineStats:
+    """Counters since start: frames received, ticks accepted (stored or held), ticks rejected
+    (duplicate or late), frames malformed, events not carried; when the last frame arrived (µs)."""
+
+    frames: int
+    ticks: int
+    rejected: int
+    malformed: int
+    unsupported: int
+    last_frame_us: int
+
+
+class IngestPipeline:
+    """Frames -> ticks for one session (see the module doc).  One owner: the session's readers (on one
+    event loop, never inside :meth:`process` at once).
+
+    ``holding`` holds the ``(venue, symbol, channel)`` of the streams under repair now (the repairer's
+    ``holds``; only read, and the same object for the pipeline's life); without it no tick is held.
+    """
+
+    __slots__ = ("_check", "_holding", "_parse", "frames", "last_frame_us", "malformed", "rejected", "ticks",
+                 "unsupported", "venue")
+
+    def __init__(self, venue: Venue, sequencer: Sequencer, holding: Collection[Ident] | None = None) -> None:
+        self.venue = venue
+        self._parse = venue.parse_frame
+        self._check = sequencer.check
+        self._holding: Collection[Ident] = holding if holding is not None else {}
+        self.frames = 0
+        self.ticks = 0
+        self.rejected = 0
+        self.malformed = 0
+        self.unsupported = 0
+        self.last_frame_us = 0
+
+    def stats(self) -> PipelineStats:
+        return PipelineStats(
+            frames=self.frames, ticks=self.ticks, rejected=self.rejected, malformed=self.malformed,
+            unsupported=self.unsupported, last_frame_us=self.last_frame_us,
+        )
+
+    def process(self, ts: int, frames: Sequence[bytes | str], start: int = 0) -> Ingested:
+        """``frames[start:]``, received at ``ts`` (µs since the epoch, one socket read), up to and including
+        the first frame that needs the caller (``event``); never raises.
+
+        The frames are counted once, on the call with ``start == 0``.  Cost: per frame, one parse and one
+        sequencer check; per call, two lists and the result.
+        """
+        if not start:
+            self.frames += len(frames)
+            self.last_frame_us = ts
+        parse = self._parse
+        check = self._check
+        holding = self._holding
+        # `holding` is empty almost always: then no tick needs its ident built
+        hold_any = bool(holding)
+        ok = Verdict.OK
+        ticks: list[Tick] = []
+        held: list[Tick] = []
+        store = ticks.append
+        event: Event | None = None
+        accepted = rejected = unsupported = 0
+        resume = len(frames)
+        i = start
+        try:
+            for i, raw in enumerate(islice(frames, start, None) if start else frames, start):
+                try:
+                    r = parse(raw, ts)
+                except MalformedFrame as exc:
+                    self.malformed += 1
+                    event = BadFrame(str(exc), raw)
+                    resume = i + 1
+                    break
+                if type(r) is dict:
+                    verdict = check(r)
+                    if verdict is ok:
+                        accepted += 1
+                        if hold_any and (r["venue"], r["symbol"], r["channel"]) in holding:
+                            held.append(r)
+                        else:
+                            store(r)
+                    elif type(verdict) is GapReport:
+                        accepted += 1
+                        if hold_any and (r["venue"], r["symbol"], r["channel"]) in holding:
+                            held.append(r)  # a hole among held ticks: the repairer marks it when it releases them
+                        else:
+                            event = GapFound(verdict, r)
+                            resume = i + 1
+                            break
+                    else:
+                        rejected += 1
+                elif r is None:
+                    unsupported += 1
+                elif isinstance(r, Reply | ServerShutdown):
+                    event = r
+                    resume = i + 1
+                    break
+        except Exception as exc:  # nothing the venue sends may escape: the caller ends the connection
+            event = LoopError(exc)
+            resume = i + 1
+        finally:
+            self.ticks += accepted
+            self.rejected += rejected
+            self.unsupported += unsupported
+        return Ingested(ticks, held, event, resume)

@@ -241,7 +241,10 @@ def audit_fields(
         "target": target, "detail": orjson.dumps(dict(detail)).decode(), "before": str(before), "after": str(after),
         "reason": reason,
     }
-    parse_audit("0-0", [(k.encode(), v.encode()) for k, v in {"server_ms": "0", **fields}.items()])
+    try:
+        parse_audit("0-0", [(k.encode(), v.encode()) for k, v in {"server_ms": "0", **fields}.items()])
+    except ConfigError as exc:
+        raise ConfigError(f"audit record: {exc}") from None
     return fields
 
 

@@ -1,13 +1,18 @@
 """``market ctl``: runtime switches, applied live by every ingestor on the same Redis and prefix.
 
 TARGET is a ``venue:SYMBOL:channel`` pattern with globs in any part (``binance:BTCUSDT:trade``,
-``binance:*:kline_*``).  Every change is one atomic update of ``<prefix>:_ctl:state``, recorded in the
-audit stream ``<prefix>:_ctl:audit`` with who made it (``user@host``, or ``--who``) and when.
-Repeating a change that is already in force changes nothing.
+``binance:*:kline_*``).  Every change is one atomic update of ``<prefix>:_ctl:state`` together with its
+record in the audit stream ``<prefix>:_ctl:audit`` (one server-side script call: no change without its
+record): who made it (the OS user, or ``--actor`` / ``MARKET_ACTOR``), from which host, as which Redis
+user, when (the server's clock and the operator's), the command and its arguments, the control version
+before and after, and ``--reason``.  ``history`` shows the newest records.  Repeating a change that is
+already in force changes nothing and records nothing.
 
-Bad input (an unknown level, an invalid pattern, a rate that is not a positive number) and an
+Bad input (an unknown level, an invalid pattern, a rate that is not a positive number, a ``--reason``
+over :data:`~ingestor.control_plane.MAX_REASON` characters or with a control character) and an
 unreachable Redis raise :class:`~consumer_sdk.core.errors.ConfigError` / ``TransientError``: the ``market``
-command prints one line and exits 2.  ``show`` exits 1 when the stored record is malformed.
+command prints one line and exits 2.  ``show`` exits 1 when the stored record is malformed, ``history``
+when a record it shows is corrupt (shown as such, with its id).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from distributor.control import ControlState, Level, LimitPolicy, parse_target, 
 if TYPE_CHECKING:  # Redis is imported when a command runs: `market --help` and other commands stay quick
     import redis.asyncio as aioredis
 
-    from ingestor.control_plane import Change, StoredState
+    from ingestor.control_plane import AuditEntry, Change, CorruptAuditEntry, StoredState
 
 __all__ = ["app"]
 
@@ -46,7 +51,11 @@ app = typer.Typer(
 )
 
 Target = Annotated[str, typer.Argument(help="venue:SYMBOL:channel pattern, globs allowed (binance:*:kline_*)")]
-Who = Annotated[str | None, typer.Option("--who", help="who makes the change, for the audit (default: user@host)")]
+Who = Annotated[
+    str | None,
+    typer.Option("--actor", "--who", help="who makes the change, for the audit (default: $MARKET_ACTOR, the OS user)"),
+]
+Reason = Annotated[str | None, typer.Option("--reason", help="why, for the audit (at most 1000 characters)")]
 
 
 # ---------------------------------------------------------------------------------------------- plumbing
@@ -87,19 +96,20 @@ def _when(at: float) -> str:
 
 def _change(
     mutate: Callable[[ControlState, str, float], ControlState], *, action: str, target: str,
-    detail: dict[str, Any], who: str | None, done: str, already: str,
+    detail: dict[str, Any], who: str | None, reason: str | None, done: str, already: str,
 ) -> None:
-    """Apply one change and print what happened."""
+    """Apply one change, with its audit record, and print what happened."""
     from ingestor.control_plane import update_state
 
-    by = _who(who)
+    actor, by = _who(who)
+    why = _reason(reason)
     prefix = _prefix()
     at = time.time()
 
     async def job(redis: aioredis.Redis) -> Change:
         return await update_state(
-            redis, prefix, lambda s: mutate(s, by, at), who=by, action=action, target=target, detail=detail,
-            clock=lambda: at,
+            redis, prefix, lambda s: mutate(s, by, at), who=actor, action=action, target=target, detail=detail,
+            reason=why, clock=lambda: at,
         )
 
     change = _run(job)
@@ -109,14 +119,24 @@ def _change(
         print(f"{already} (version {change.after.version}): nothing changed")
 
 
-def _who(who: str | None) -> str:
+def _who(who: str | None) -> tuple[str, str]:
+    """``(actor, stamp)``: who the audit record names (``--actor``, else ``$MARKET_ACTOR``, else the OS user)
+    and what the switch is stamped with (the actor when given, else ``user@host`` as before)."""
     from distributor.control import MAX_WHO
-    from ingestor.control_plane import default_who
+    from ingestor.control_plane import check_text, default_who, os_user
 
-    by = who.strip() if who and who.strip() else default_who()
-    if len(by) > MAX_WHO:
-        raise ConfigError(f"--who: at most {MAX_WHO} characters, got {len(by)}")
-    return by
+    given, source = (who, "--actor/--who") if who and who.strip() else (os.environ.get("MARKET_ACTOR"), "MARKET_ACTOR")
+    if given and given.strip():
+        actor = check_text(source, given.strip(), MAX_WHO)
+        return actor, actor
+    source = "the OS user name (give --actor)"
+    return check_text(source, os_user(), MAX_WHO), check_text(source, default_who(), MAX_WHO)
+
+
+def _reason(reason: str | None) -> str:
+    from ingestor.control_plane import MAX_REASON, check_text
+
+    return check_text("--reason", reason.strip(), MAX_REASON) if reason else ""
 
 
 def _rate(text: str) -> float:
@@ -139,23 +159,24 @@ def pause(
         bool, typer.Option("--unsubscribe", help="also drop the venue subscription while paused")
     ] = False,
     who: Who = None,
+    reason: Reason = None,
 ) -> None:
     """Drop the ticks of matching streams until `resume` (counted; trade gaps marked on resume)."""
     pattern = parse_target(target).text
     _change(
         lambda s, by, at: s.with_pause(pattern, unsubscribe=unsubscribe, who=by, at=at),
-        action="pause", target=pattern, detail={"unsubscribe": unsubscribe}, who=who,
+        action="pause", target=pattern, detail={"unsubscribe": unsubscribe}, who=who, reason=reason,
         done=f"paused {pattern}" + (" (and unsubscribed)" if unsubscribe else ""),
         already=f"{pattern} is already paused",
     )
 
 
 @app.command()
-def resume(target: Target, who: Who = None) -> None:
+def resume(target: Target, who: Who = None, reason: Reason = None) -> None:
     """Lift the pause set on exactly this pattern."""
     pattern = parse_target(target).text
     _change(
-        lambda s, by, at: s.without_pause(pattern), action="resume", target=pattern, detail={}, who=who,
+        lambda s, by, at: s.without_pause(pattern), action="resume", target=pattern, detail={}, who=who, reason=reason,
         done=f"resumed {pattern}", already=f"no pause is set on {pattern}",
     )
 
@@ -167,6 +188,7 @@ def limit(
     policy: Annotated[str, typer.Option(help="conflate (keep the latest excess tick) or drop")] = "conflate",
     burst: Annotated[float | None, typer.Option(help="bucket depth in ticks (default: one second's worth)")] = None,
     who: Who = None,
+    reason: Reason = None,
 ) -> None:
     """Rate-limit each matching stream with a token bucket."""
     pattern = parse_target(target).text
@@ -177,17 +199,18 @@ def limit(
     _change(
         lambda s, by, at: s.with_limit(pattern, value, pol, burst=burst, who=by, at=at),
         action="limit", target=pattern, detail={"rate": value, "policy": pol.value, "burst": burst}, who=who,
+        reason=reason,
         done=f"limited {pattern} to {value:g}/s ({pol.value})",
         already=f"{pattern} is already limited to {value:g}/s ({pol.value})",
     )
 
 
 @app.command()
-def unlimit(target: Target, who: Who = None) -> None:
+def unlimit(target: Target, who: Who = None, reason: Reason = None) -> None:
     """Lift the limit set on exactly this pattern."""
     pattern = parse_target(target).text
     _change(
-        lambda s, by, at: s.without_limit(pattern), action="unlimit", target=pattern, detail={}, who=who,
+        lambda s, by, at: s.without_limit(pattern), action="unlimit", target=pattern, detail={}, who=who, reason=reason,
         done=f"unlimited {pattern}", already=f"no limit is set on {pattern}",
     )
 
@@ -196,12 +219,13 @@ def unlimit(target: Target, who: Who = None) -> None:
 def degrade(
     level: Annotated[str, typer.Argument(help="normal, shed, conflate or essential")],
     who: Who = None,
+    reason: Reason = None,
 ) -> None:
     """Set the degrade level: normal, shed (slow subscribers drop oldest), conflate, essential."""
     lvl = Level.parse(level)
     _change(
         lambda s, by, at: s.with_level(lvl, who=by, at=at), action="degrade", target="",
-        detail={"level": lvl.value}, who=who, done=f"degrade level {lvl.value}",
+        detail={"level": lvl.value}, who=who, reason=reason, done=f"degrade level {lvl.value}",
         already=f"degrade level is already {lvl.value}",
     )
 
@@ -211,6 +235,7 @@ def critical(
     targets: Annotated[list[str] | None, typer.Argument(help="the patterns `essential` keeps whole")] = None,
     clear: Annotated[bool, typer.Option("--clear", help="set no critical patterns")] = False,
     who: Who = None,
+    reason: Reason = None,
 ) -> None:
     """Set the critical stream patterns (replacing the previous set)."""
     if not targets and not clear:
@@ -221,7 +246,7 @@ def critical(
     shown = ", ".join(patterns) or "none"
     _change(
         lambda s, by, at: s.with_critical(patterns, who=by, at=at), action="critical", target=" ".join(patterns),
-        detail={"patterns": patterns}, who=who, done=f"critical patterns: {shown}",
+        detail={"patterns": patterns}, who=who, reason=reason, done=f"critical patterns: {shown}",
         already=f"critical patterns are already: {shown}",
     )
 
@@ -230,6 +255,7 @@ def critical(
 def auto(
     switch: Annotated[str, typer.Argument(help="on or off")],
     who: Who = None,
+    reason: Reason = None,
 ) -> None:
     """Switch automatic degradation (from ingress fill and e2e p99) on or off."""
     value = switch.strip().lower()
@@ -238,19 +264,20 @@ def auto(
     enabled = value == "on"
     _change(
         lambda s, by, at: s.with_auto(enabled, who=by, at=at), action="auto", target="",
-        detail={"enabled": enabled}, who=who, done=f"automatic degradation {value}",
+        detail={"enabled": enabled}, who=who, reason=reason, done=f"automatic degradation {value}",
         already=f"automatic degradation is already {value}",
     )
 
 
 @app.command()
-def reset(who: Who = None) -> None:
+def reset(who: Who = None, reason: Reason = None) -> None:
     """Clear every switch (also replaces a malformed stored record)."""
     from ingestor.control_plane import reset_state
 
-    by = _who(who)
+    actor, by = _who(who)
+    why = _reason(reason)
     prefix = _prefix()
-    change = _run(lambda redis: reset_state(redis, prefix, who=by))
+    change = _run(lambda redis: reset_state(redis, prefix, who=actor, reason=why))
     print(f"every switch cleared (version {change.after.version}, by {by})")
 
 
@@ -314,23 +341,83 @@ def render(key: str, stored: StoredState) -> list[str]:
 
 @app.command()
 def history(
-    count: Annotated[int, typer.Option("-n", "--count", help="how many entries, newest first")] = 20,
-    json: Annotated[bool, typer.Option("--json", help="JSON lines")] = False,
+    limit: Annotated[int, typer.Option("--limit", "-n", "--count", help="how many records, newest first")] = 20,
+    json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
 ) -> None:
-    """The audit trail: who changed what, and when."""
-    if count < 1:
-        raise ConfigError(f"--count must be at least 1, got {count}")
-    from ingestor.control_plane import read_audit
+    """The audit trail, newest first: who changed what, from which host, as which Redis user, and when.
+    Exit 1 when a record shown is corrupt (it is shown as such, with its id)."""
+    from ingestor.control_plane import AUDIT_MAXLEN, AuditEntry, read_audit
 
+    if not 1 <= limit <= AUDIT_MAXLEN:
+        raise ConfigError(f"--limit: 1 to {AUDIT_MAXLEN}, got {limit}")
     prefix = _prefix()
-    entries = _run(lambda redis: read_audit(redis, prefix, count))
-    for e in entries:
-        if json:
-            sys.stdout.write(orjson.dumps({
-                "id": e.id, "who": e.who, "at_ms": e.at_ms, "action": e.action, "target": e.target,
-                "detail": e.detail, "version": e.version,
-            }).decode() + "\n")
+    records = _run(lambda redis: read_audit(redis, prefix, limit))
+    if json:
+        for r in records:
+            sys.stdout.write(orjson.dumps(record_to_dict(r)).decode() + "\n")
+    else:
+        for line in render_history(records):
+            print(line)
+    corrupt = [r.id for r in records if not isinstance(r, AuditEntry)]
+    if corrupt:
+        shown = ", ".join(corrupt[:10]) + (f" and {len(corrupt) - 10} more" if len(corrupt) > 10 else "")
+        print(f"market: {len(corrupt)} corrupt audit record(s): {shown}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def record_to_dict(record: AuditEntry | CorruptAuditEntry) -> dict[str, Any]:
+    """The JSON form of one record for ``history --json``: ``valid`` says which of the two it is."""
+    from ingestor.control_plane import AuditEntry
+
+    if not isinstance(record, AuditEntry):
+        return {"id": record.id, "valid": False, "error": record.error, "fields": record.fields}
+    return {
+        "id": record.id, "valid": True, "who": record.who, "host": record.host, "redis_user": record.redis_user,
+        "server_ms": record.server_ms, "client_ms": record.client_ms, "action": record.action,
+        "target": record.target, "detail": record.detail, "before": record.before, "after": record.after,
+        "reason": record.reason,
+    }
+
+
+def render_history(records: list[AuditEntry | CorruptAuditEntry]) -> list[str]:
+    """The table ``history`` prints, newest first; a corrupt record is one line naming its id and fault."""
+    from ingestor.control_plane import AuditEntry
+
+    if not records:
+        return ["no audit record"]
+    header = ("ID", "SERVER TIME", "WHO", "HOST", "REDIS USER", "VERSION", "CHANGE", "REASON")
+    rows: list[tuple[str, ...]] = []
+    for r in records:
+        if not isinstance(r, AuditEntry):
+            fields = " ".join(f"{k}={v}" for k, v in r.fields.items())
+            rows.append((r.id, "CORRUPT", f"{r.error}; fields: {fields or '(none)'}"))
+            continue
+        args = " ".join(f"{k}={_arg(v)}" for k, v in r.detail.items() if k != "patterns" and v is not None)
+        change = " ".join(x for x in (r.action, r.target, args) if x)
+        rows.append((
+            r.id, _when_ms(r.server_ms), r.who, r.host, r.redis_user, f"{r.before}->{r.after}", change, r.reason or "-",
+        ))
+    full = [row for row in rows if len(row) == len(header)]
+    widths = [max(len(row[i]) for row in [header, *full]) for i in range(len(header) - 1)]
+    lines = []
+    for row in [header, *rows]:
+        if len(row) == len(header):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
         else:
-            what = " ".join(x for x in (e.action, e.target) if x)
-            extra = " ".join(f"{k}={v}" for k, v in e.detail.items() if k != "patterns" and v is not None)
-            print(f"{_when(e.at_ms / 1000)}  v{e.version}  {e.who}  {what}{'  ' + extra if extra else ''}")
+            lines.append("  ".join(row))
+    return lines
+
+
+def _when_ms(ms: int) -> str:
+    try:
+        return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return f"{ms}ms"
+
+
+def _arg(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)

@@ -97,8 +97,10 @@ def pause(pattern: str, who: str = "t@h") -> Callable[[ControlState], ControlSta
 
 def test_exports() -> None:
     assert sorted(cp.__all__) == sorted([
-        "AUDIT_MAXLEN", "POLL_INTERVAL", "AuditEntry", "Change", "StateFollower", "StoredState", "default_who",
-        "read_audit", "read_state", "reset_state", "run_auto_degrade", "update_state", "watch_control",
+        "AUDIT_ACTIONS", "AUDIT_FIELDS", "AUDIT_LIMITS", "AUDIT_MAXLEN", "MAX_REASON", "POLL_INTERVAL", "AuditEntry",
+        "Change", "CorruptAuditEntry", "StateFollower", "StoredState", "audit_fields", "check_text", "default_who",
+        "os_user", "parse_audit", "read_audit", "read_state", "redis_user", "reset_state", "run_auto_degrade",
+        "update_state", "watch_control",
     ])  # the key names (control_state_key, ...) are consumer_sdk.core.keys': tests/test_core_imports.py
 
 
@@ -329,7 +331,7 @@ async def test_audit_records_who_when_and_what(aredis: aioredis.Redis, prefix: s
         ("bob@box", "limit", "binance:*:book_ticker", {"rate": 5.0, "policy": "drop"}, 2),
         ("alice@desk", "pause", "binance:BTCUSDT:trade", {"unsubscribe": False}, 1),
     ]  # the no-op left no trace
-    assert all(int(before * 1000) <= e.at_ms <= int(after * 1000) + 1 for e in entries)
+    assert all(int(before * 1000) <= e.client_ms <= int(after * 1000) + 1 for e in entries)
     info = await aredis.xinfo_stream(control_audit_key(prefix))
     assert info["length"] == 2
     state = (await read_state(aredis, prefix)).state

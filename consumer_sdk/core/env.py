@@ -38,6 +38,8 @@ KNOWN: Final[Mapping[str, str]] = {
     "MARKET_SPILL_DIR": "the ingestor's spill log directory",
     "MARKET_LATENCY_SAMPLE": "one tick in N timed at the latency stages",
     "MARKET_STATE_DIR": "base of the default spill directory; the demo's and bench's work directory",
+    # market ctl
+    "MARKET_ACTOR": "who `market ctl` records as making a change (default: the OS user)",
     # market soak
     "MARKET_SOAK_SUBSCRIBER_FILE": "where a soak ingestor's subscriber writes its totals",
     # development: ops/dev.sh, .ci/run, ops/redis_server.py and the test suite

@@ -6,6 +6,7 @@ runs a private redis-server on a free port.  Waits are on conditions with bounde
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import gc
@@ -15,6 +16,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,23 +38,21 @@ from consumer_sdk import (
     encode_tick,
     follow,
 )
-from consumer_sdk.consumer import (
-    _DELETED,
-    _DELIVER,
-    _DUPLICATE,
-    _GONE,
-    _INVALID,
-    _classify,
-    _CollectorPause,
-    _flatten,
-    _flatten_reply,
-    _is_async,
-    _KeyState,
-    _rollback,
-    group_behind_trim,
-    hole_verdict,
-    lag_estimate,
+from consumer_sdk.consumer import group_behind_trim, hole_verdict, lag_estimate
+from consumer_sdk.consumer.batch import (
+    DELETED,
+    DELIVER,
+    DUPLICATE,
+    GONE,
+    INVALID,
+    KeyState,
+    flatten,
+    flatten_reply,
+    rollback,
 )
+from consumer_sdk.consumer.batch import classify as classify_batch
+from consumer_sdk.consumer.fetch import CollectorPause
+from consumer_sdk.consumer.reader import _is_async
 from consumer_sdk.core.redis import (
     ErrorKind,
     StreamView,
@@ -252,6 +252,49 @@ def test_public_names_are_exported() -> None:
     assert sorted(consumer_sdk.__all__) == sorted(set(consumer_sdk.__all__))
 
 
+#: consumer_sdk.consumer's modules -> layer; a module imports only from lower layers (pure ones: only pure ones)
+CONSUMER_LAYERS = {"batch": 0, "trim": 0, "fetch": 1, "groups": 1, "claims": 2, "delivery": 2, "reader": 3}
+CONSUMER_PURE = {"batch", "trim"}
+CONSUMER_PACKAGE = Path(consumer_sdk.__file__).parent / "consumer"
+
+
+def _consumer_imports(path: Path) -> set[str]:
+    """The ``consumer_sdk.consumer`` modules ``path`` imports, anywhere in it (read with :mod:`ast`)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        out.update(n.split(".")[2] for n in names if n.startswith("consumer_sdk.consumer."))
+    return out & set(CONSUMER_LAYERS)
+
+
+def test_the_consumer_package_is_layered_without_a_circle_or_an_unexplained_long_module() -> None:
+    modules = {p.stem: p for p in CONSUMER_PACKAGE.glob("*.py") if p.stem != "__init__"}
+    assert set(modules) == set(CONSUMER_LAYERS)
+    for name, path in modules.items():
+        imported = _consumer_imports(path)
+        upward = sorted(m for m in imported if CONSUMER_LAYERS[m] >= CONSUMER_LAYERS[name])
+        assert not upward, f"consumer_sdk.consumer.{name} imports {upward} from its layer or above"
+        if name in CONSUMER_PURE:
+            assert imported <= CONSUMER_PURE, name
+            text = path.read_text(encoding="utf-8")
+            assert "import asyncio" not in text and "redis.asyncio" not in text, f"{name} is pure: no I/O"
+        text = path.read_text(encoding="utf-8")
+        assert text.count("\n") <= 600 or text.startswith("# size:"), f"{name}: over 600 lines and no '# size:'"
+    # the package re-exports today's public names, all defined below it
+    import consumer_sdk.consumer as package
+
+    assert set(package.__all__) == {
+        "Consumer", "ConsumerStats", "GapHook", "InvalidHook", "TrimmedHook", "group_behind_trim", "hole_verdict",
+        "lag_estimate",
+    }
+    assert _consumer_imports(CONSUMER_PACKAGE / "__init__.py") <= {"reader", "trim"}
+
+
 @pytest.mark.parametrize(
     "kw",
     [
@@ -283,7 +326,7 @@ def test_client_source_is_one_of_url_or_client() -> None:
 
 def test_full_keys_and_patterns_name_the_same_streams() -> None:
     c = Consumer(redis_url=REDIS_URL, patterns=["md:binance:BTCUSDT:trade", "binance:btcusdt:trade"], group="g")
-    assert c._literal_keys() == ["md:binance:BTCUSDT:trade"]
+    assert c._groups.literal_keys() == ["md:binance:BTCUSDT:trade"]
     assert c.consumer == f"{socket.gethostname()}-{os.getpid()}"
 
 
@@ -419,8 +462,8 @@ def _entries(*seqs: int | str) -> list[list[Any]]:
     return out
 
 
-def _classified(state: _KeyState, entries: list[list[Any]], claimed: bool) -> Any:
-    return _classify(state, *_flatten(entries, b"d"), claimed)
+def _classified(state: KeyState, entries: list[list[Any]], claimed: bool) -> Any:
+    return classify_batch(state, *flatten(entries, b"d"), claimed)
 
 
 def _kinds(batch: Any) -> list[int]:
@@ -428,9 +471,9 @@ def _kinds(batch: Any) -> list[int]:
 
 
 def test_classify_dedupes_and_finds_holes() -> None:
-    state = _KeyState("md:binance:BTCUSDT:trade", True)
+    state = KeyState("md:binance:BTCUSDT:trade", True)
     batch = _classified(state, _entries(1, 2, 3, 6, 7, "junk", "deleted"), False)
-    assert _kinds(batch) == [_DELIVER] * 5 + [_INVALID, _DELETED]
+    assert _kinds(batch) == [DELIVER] * 5 + [INVALID, DELETED]
     assert [batch.verdict(i) for i in range(5)] == [Verdict.OK, Verdict.OK, Verdict.OK, Verdict.GAP, Verdict.OK]
     assert [t["seq"] for t in batch.ticks[:5]] == [1, 2, 3, 6, 7] and batch.ticks[5:] == [None, None]
     assert [(g[0], g[3], g[4]) for g in batch.gaps] == [(3, 4, 5)]
@@ -439,12 +482,12 @@ def test_classify_dedupes_and_finds_holes() -> None:
     assert state.tracker.last == 7 and state.last_id == f"{BASE_MS + 7}-7".encode()
 
     again = _classified(state, _entries(6, 7, 8), False)
-    assert _kinds(again) == [_DUPLICATE, _DUPLICATE, _DELIVER]
+    assert _kinds(again) == [DUPLICATE, DUPLICATE, DELIVER]
     late = _classified(state, _entries(5), False)
-    assert late.kind(0) == _DELIVER and late.verdict(0) is Verdict.LATE
+    assert late.kind(0) == DELIVER and late.verdict(0) is Verdict.LATE
     # Claimed entries were given to another consumer: never dropped as duplicates.
     claimed = _classified(state, _entries(2), True)
-    assert claimed.kind(0) == _DELIVER and claimed.ticks[0]["seq"] == 2
+    assert claimed.kind(0) == DELIVER and claimed.ticks[0]["seq"] == 2
 
 
 def test_classify_takes_any_entry_shape_and_rejects_what_decode_tick_rejects() -> None:
@@ -468,9 +511,9 @@ def test_classify_takes_any_entry_shape_and_rejects_what_decode_tick_rejects() -
         [b"1-9", [b"d", without(make_tick(9), "venue")]],
         [b"1-10", [b"d", encode_tick(make_tick(3)).decode()]],  # str, as with decode_responses
     ]
-    state = _KeyState("md:binance:BTCUSDT:trade", True)
+    state = KeyState("md:binance:BTCUSDT:trade", True)
     batch = _classified(state, entries, False)
-    assert _kinds(batch) == [_DELIVER, _DELIVER] + [_INVALID] * 7 + [_DELIVER]
+    assert _kinds(batch) == [DELIVER, DELIVER] + [INVALID] * 7 + [DELIVER]
     assert [t["seq"] for t in batch.ticks if t is not None] == [1, 2, 3]
     assert str(batch.odd[2][2]) == "no field 'd'"
     for i in range(3, 9):
@@ -480,38 +523,38 @@ def test_classify_takes_any_entry_shape_and_rejects_what_decode_tick_rejects() -
 
 
 def test_non_contiguous_channels_have_no_gaps_and_older_is_duplicate() -> None:
-    state = _KeyState("md:binance:BTCUSDT:book_ticker", True)
+    state = KeyState("md:binance:BTCUSDT:book_ticker", True)
     batch = _classified(state, _entries(10, 15, 40), False)
     assert not batch.gaps and not batch.odd and all(batch.verdict(i) is Verdict.OK for i in range(3))
     again = _classified(state, _entries(15, 40, 41), False)
-    assert _kinds(again) == [_DUPLICATE, _DUPLICATE, _DELIVER]
+    assert _kinds(again) == [DUPLICATE, DUPLICATE, DELIVER]
 
 
 def test_rollback_forgets_what_was_not_handed_over() -> None:
-    state = _KeyState("md:binance:BTCUSDT:trade", True)
+    state = KeyState("md:binance:BTCUSDT:trade", True)
     _classified(state, _entries(1, 2), False)
     before = (state.tracker.last, state.tracker.holes(), state.last_id)
     batch = _classified(state, _entries(3, 4, 8, 9), False)
     assert state.tracker.holes() == [(5, 7)]
-    _rollback(state, batch, 2)  # 3 and 4 were handed over, 8 raised
+    rollback(state, batch, 2)  # 3 and 4 were handed over, 8 raised
     assert state.tracker.last == 4 and state.tracker.holes() == []
     assert state.last_id == f"{BASE_MS + 4}-4".encode()
-    _rollback(state, batch, 0)
+    rollback(state, batch, 0)
     assert (state.tracker.last, state.tracker.holes(), state.last_id) == before
     redo = _classified(state, _entries(3, 4, 8, 9), False)
-    assert _kinds(redo) == [_DELIVER] * 4
+    assert _kinds(redo) == [DELIVER] * 4
 
 
 def test_rollback_past_entries_that_were_not_accepted() -> None:
-    state = _KeyState("md:binance:BTCUSDT:trade", True)
+    state = KeyState("md:binance:BTCUSDT:trade", True)
     _classified(state, _entries(1, 2, 3), False)
     batch = _classified(state, _entries(2, 4, "junk", 7, 3), False)  # duplicate, in order, invalid, gap, duplicate
-    assert _kinds(batch) == [_DUPLICATE, _DELIVER, _INVALID, _DELIVER, _DUPLICATE]
+    assert _kinds(batch) == [DUPLICATE, DELIVER, INVALID, DELIVER, DUPLICATE]
     assert state.tracker.last == 7 and state.tracker.holes() == [(5, 6)]
-    _rollback(state, batch, 2)  # the invalid entry's hook raised: 7 was never handed over
+    rollback(state, batch, 2)  # the invalid entry's hook raised: 7 was never handed over
     assert state.tracker.last == 4 and state.tracker.holes() == []
     assert state.last_id == f"{BASE_MS + 4}-4".encode()
-    _rollback(state, batch, 4)  # nothing accepted from there on: nothing to forget
+    rollback(state, batch, 4)  # nothing accepted from there on: nothing to forget
     assert state.tracker.last == 4
 
 
@@ -525,7 +568,7 @@ def test_field_value_reads_entries_as_sent_or_as_mappings() -> None:
 
 
 def test_seq_tracker_is_the_shared_one() -> None:
-    assert isinstance(_KeyState("md:a:B:trade", True).tracker, SeqTracker)
+    assert isinstance(KeyState("md:a:B:trade", True).tracker, SeqTracker)
 
 
 def test_flatten_keeps_ids_and_the_field_d_only() -> None:
@@ -537,18 +580,18 @@ def test_flatten_keeps_ids_and_the_field_d_only() -> None:
         [b"1-4", [b"x", b"1"]],
         [b"1-5", {b"d": b"z"}],
     ]
-    ids, values = _flatten(entries, b"d")
+    ids, values = flatten(entries, b"d")
     assert ids == [b"1-1", b"1-2", b"1-3", b"1-4", b"1-5"]
-    assert values == [tick, _GONE, b"y", None, b"z"]
+    assert values == [tick, GONE, b"y", None, b"z"]
     resp2 = [[b"k1", entries[:1]], [b"k2", []]]
     resp3 = {b"k1": entries[:1], b"k2": []}
     for reply in (resp2, resp3):
-        assert _flatten_reply(reply, b"d") == [(b"k1", [b"1-1"], [tick])]  # streams with nothing are left out
-    assert _flatten_reply(None, b"d") == []
+        assert flatten_reply(reply, b"d") == [(b"k1", [b"1-1"], [tick])]  # streams with nothing are left out
+    assert flatten_reply(None, b"d") == []
 
 
 def test_collector_pause_nests_and_leaves_a_disabled_collector_alone() -> None:
-    pause = _CollectorPause()
+    pause = CollectorPause()
     was = gc.isenabled()
     try:
         gc.enable()
@@ -611,13 +654,13 @@ async def test_raw_stream_client_leaves_entries_as_sent(pfx: str, options: dict[
         again = await raw.xreadgroup("g", "c", {key: "0"})
         claimed = await raw.xautoclaim(key, "g", "c2", 0, "0-0")
         dfield = field_name(client)
-        assert [(id_str(k), ids_, values) for k, ids_, values in _flatten_reply(reply, dfield)] == [
+        assert [(id_str(k), ids_, values) for k, ids_, values in flatten_reply(reply, dfield)] == [
             (key, [i if options.get("decode_responses") else i.encode() for i in ids], [
                 encode_tick(make_tick(s)).decode() if options.get("decode_responses") else encode_tick(make_tick(s))
                 for s in (1, 2)
             ])
         ]
-        assert [values for _k, _ids, values in _flatten_reply(again, dfield)] == [[_GONE, _GONE]]
+        assert [values for _k, _ids, values in flatten_reply(again, dfield)] == [[GONE, GONE]]
         assert claimed[1] == [] and [id_str(i) for i in claimed[2]] == ids  # trimmed: dropped from the PEL
         assert isinstance(await client.xreadgroup("g", "c", {key: "0"}), list | dict)  # the client is untouched
     finally:
@@ -658,7 +701,7 @@ async def test_start_at_dollar_skips_history_and_async_handlers_work(rc: aioredi
 
     consumer = consumer_for(pfx, [key], start_id="$")  # a full key works as a pattern
     async with running(consumer, handler):
-        await until(lambda: consumer.stats().keys == 1 and consumer._states[key].cursor == ">")
+        await until(lambda: consumer.stats().keys == 1 and consumer._groups.states[key].cursor == ">")
         await add(rc, key, range(11, 16))
         async with asyncio.timeout(5 * UNIT):
             await done.wait()

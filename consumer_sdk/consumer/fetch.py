@@ -1,0 +1,92 @@
+"""One ``XREADGROUP``, flattened, with Python's cyclic garbage collector paused while a large reply is built.
+
+A reply holds two lists per entry, and collections that start while a large one is being built walk it
+again and again (on a backlog of 500 000 entries, longer than the read itself takes).  So the collector
+is paused, if it was on, while a read without ``BLOCK`` is under way and until its reply is reduced to
+flat lists (:func:`~consumer_sdk.consumer.batch.flatten_reply`); other tasks that run in the meantime
+run with it paused too.  A blocking read never pauses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import threading
+from collections.abc import Iterator
+from typing import Any, Final
+
+from redis.asyncio import Redis
+
+from consumer_sdk.consumer.batch import Flat, flatten_reply
+
+__all__ = ["RECANCEL_S", "CollectorPause", "cancel_until_done", "collector_paused", "read_group"]
+
+
+class CollectorPause:
+    """Keeps Python's cyclic garbage collector off while large replies are read and flattened.
+
+    A reply holds two lists per entry and no reference cycles; collections that start while it is
+    being built walk it again and again as it grows, which costs more than reading it.  Shared by
+    every consumer of the process: the collector is switched off by the first reader in, and back on
+    by the last one out, only if it was on to begin with.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._resume = False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                self._resume = gc.isenabled()
+                gc.disable()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0 and self._resume:
+                    self._resume = False
+                    gc.enable()
+
+
+collector_paused: Final = CollectorPause()
+
+#: How long a cancelled read may run on before it is cancelled again.
+RECANCEL_S: Final = 0.02
+
+
+def cancel_until_done(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task``, and again every :data:`RECANCEL_S` while it runs on.
+
+    On Python 3.11, ``asyncio.wait_for`` (which redis-py sends every command through) drops a
+    cancellation that arrives just as the command was written; the read would then block for its
+    whole ``BLOCK``.
+    """
+    if task.done():
+        return
+    task.cancel()
+    task.get_loop().call_later(RECANCEL_S, cancel_until_done, task)
+
+
+async def read_group(
+    client: Redis, group: str, consumer: str, streams: dict[Any, Any], *, count: int, dfield: Any,
+    block: int | None = None,
+) -> list[Flat]:
+    """One ``XREADGROUP`` of ``streams`` (key -> cursor) by ``client``, a
+    :func:`~consumer_sdk.core.redis.raw_stream_client`; the reply is flattened and dropped before the
+    garbage collector may run again.  A read that does not block comes back at once, however large: the
+    collector is paused for it.
+    """
+    if block is not None:
+        reply = await client.xreadgroup(group, consumer, streams, count=count, block=block)
+        return flatten_reply(reply, dfield)
+    with collector_paused():
+        reply = await client.xreadgroup(group, consumer, streams, count=count)
+        found = flatten_reply(reply, dfield)
+        del reply
+    return found

@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 
 from consumer_sdk.core.aio import reraise_if_cancelling
 from consumer_sdk.core.backoff import backoff_delays
-from consumer_sdk.core.errors import ConfigError, InvalidTick, TrimmedError
+from consumer_sdk.core.errors import ConfigError, TrimmedError
 from consumer_sdk.core.log import Throttle, get_logger
 from consumer_sdk.core.redis import (
     MAX_SEQ,
@@ -51,7 +51,8 @@ from consumer_sdk.core.redis import (
     translate,
     xinfo_stream,
 )
-from consumer_sdk.core.tick import Tick, decode_tick
+from consumer_sdk.core.tick import Tick
+from consumer_sdk.poison import MAX_ENTRY_BYTES, PoisonedEntry, PoisonLog, entry_verdict
 
 __all__ = [
     "Bound",
@@ -67,6 +68,8 @@ __all__ = [
 log = get_logger("replay")
 
 Progress = Callable[[int, int | None], None]
+#: ``on_invalid(key, entry_id, error)``: an entry that is not a tick, skipped
+InvalidReport = Callable[[str, str, PoisonedEntry], None]
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MS: Final = timedelta(milliseconds=1)
@@ -351,14 +354,19 @@ async def read_range(
     *,
     page: int = 1000,
     progress: Progress | None = None,
+    on_invalid: InvalidReport | None = None,
+    max_entry_bytes: int = MAX_ENTRY_BYTES,
 ) -> AsyncIterator[tuple[str, Tick]]:
     """``(entry_id, tick)`` for every entry of ``key`` in ``[start, end]``, in order.
 
     Pages with ``XRANGE`` and exclusive starts.  Raises :class:`TrimmedError` when the start lies
     in history the stream no longer holds (Redis >= 7), or when the range is trimmed while being
-    read; :class:`InvalidTick` for an entry that is not a tick; :class:`TransientError` when Redis
-    is unreachable.  ``progress(done, estimated_total)`` is called after every page; the estimate
-    is the seq span of the range (``None`` when unknown).
+    read; :class:`TransientError` when Redis is unreachable.  An entry that is not a tick (see
+    :mod:`consumer_sdk.poison`; a field ``d`` longer than ``max_entry_bytes`` is not parsed) is passed
+    to ``on_invalid(key, entry_id, error)`` and skipped, or, without ``on_invalid``, raises
+    :class:`~consumer_sdk.poison.PoisonedEntry` (an :class:`~consumer_sdk.core.errors.InvalidTick`)
+    naming the key and the entry ID.  ``progress(done, estimated_total)`` is called after every page;
+    the estimate is the seq span of the range (``None`` when unknown).  Memory: one page of entries.
     """
     sb, eb = _as_bound(start, end=False), _as_bound(end, end=True)
     try:
@@ -367,12 +375,12 @@ async def read_range(
                 raw = fields.get(b"d")
                 if raw is None:
                     raw = fields.get("d")
-                if raw is None:
-                    raise InvalidTick(f"{key} {id_str(eid)}: no field 'd'")
-                try:
-                    tick = decode_tick(raw)
-                except InvalidTick as exc:
-                    raise InvalidTick(f"{key} {id_str(eid)}: {exc}") from None
+                tick = entry_verdict(raw, max_entry_bytes)
+                if isinstance(tick, PoisonedEntry):
+                    if on_invalid is None:
+                        raise PoisonedEntry(f"{key} {id_str(eid)}: {tick}", tick.kind)
+                    on_invalid(key, id_str(eid), tick)
+                    continue
                 yield id_str(eid), tick
     except rexc.RedisError as exc:
         raise translate(exc, f"reading {key}") from exc
@@ -453,6 +461,7 @@ async def follow(
     block_ms: int = 1000,
     count: int = 1000,
     on_invalid: Callable[[str, str, Exception], None] | None = None,
+    max_entry_bytes: int = MAX_ENTRY_BYTES,
 ) -> AsyncIterator[tuple[str, str, Tick]]:
     """``(key, entry_id, tick)`` as entries arrive on ``keys``, with ``XREAD BLOCK`` and no group.
 
@@ -461,8 +470,9 @@ async def follow(
     raises :class:`TrimmedError`.  A client whose socket timeout is shorter than the block is
     given a dedicated connection pool.  Once started, a lost connection is retried with capped,
     jittered backoff from where it stopped; failing to reach Redis at start raises
-    :class:`TransientError`.  Entries that are not ticks are passed to ``on_invalid(key, id, error)``
-    (logged when it is ``None``) and skipped.
+    :class:`TransientError`.  Entries that are not ticks (see :mod:`consumer_sdk.poison`) are passed
+    to ``on_invalid(key, id, error)`` (an :class:`~consumer_sdk.poison.PoisonedEntry`; logged at most
+    once a second per kind when it is ``None``) and skipped.
     """
     if not keys:
         raise ConfigError("follow() needs at least one stream key")
@@ -478,6 +488,7 @@ async def follow(
             raise translate(exc, "follow") from exc
         names: dict[Any, str] = {k.encode(): k for k in keys}
         throttle = Throttle(log, interval=5.0)
+        poison = PoisonLog(log)
         delays = backoff_delays()
         while True:
             try:
@@ -499,15 +510,12 @@ async def follow(
                     raw = fields.get(b"d") if fields else None
                     if raw is None and fields:
                         raw = fields.get("d")
-                    try:
-                        if raw is None:
-                            raise InvalidTick("no field 'd'")
-                        tick = decode_tick(raw)
-                    except InvalidTick as exc:
+                    tick = entry_verdict(raw, max_entry_bytes)
+                    if isinstance(tick, PoisonedEntry):
                         if on_invalid is not None:
-                            on_invalid(key, sid, exc)
+                            on_invalid(key, sid, tick)
                         else:
-                            throttle.log(logging.WARNING, "invalid_tick", key=key, id=sid, error=str(exc))
+                            poison.report(key, sid, tick.kind, str(tick))
                         continue
                     yield key, sid, tick
     finally:

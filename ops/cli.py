@@ -288,6 +288,12 @@ def _emit(key: str, entry_id: str, tick: Any) -> None:
     sys.stdout.flush()
 
 
+def _report_skipped(key: str, entry_id: str, error: Exception) -> None:
+    """One line on stderr for an entry that is not a tick, naming it: ``market: skipped KEY ID: KIND: ERROR``."""
+    kind = getattr(error, "kind", "invalid")
+    print(f"market: skipped {key} {entry_id}: {kind}: {error}", file=sys.stderr, flush=True)
+
+
 async def _tail(url: str, keys: list[str], group: str | None, start: str, prefix: str) -> None:
     from consumer_sdk.consumer import Consumer
     from consumer_sdk.core.redis import connect_redis
@@ -296,11 +302,12 @@ async def _tail(url: str, keys: list[str], group: str | None, start: str, prefix
     redis = await connect_redis(url)
     try:
         if group is None:
-            async for key, entry_id, tick in follow(redis, keys, start=start):
+            async for key, entry_id, tick in follow(redis, keys, start=start, on_invalid=_report_skipped):
                 _emit(key, entry_id, tick)
         else:
             consumer = Consumer(
-                redis_url=url, patterns=keys, group=group, prefix=prefix, start_id="$" if start == "$" else start
+                redis_url=url, patterns=keys, group=group, prefix=prefix, start_id="$" if start == "$" else start,
+                on_invalid=_report_skipped,
             )
             # batch by batch, so each line carries its entry ID; a batch is acknowledged once printed
             async for batch in consumer.batches():
@@ -321,8 +328,24 @@ def replay(
     to_prefix: Annotated[
         str | None, typer.Option(help="copy the range into this key prefix (same IDs) instead of printing it")
     ] = None,
+    skip_invalid: Annotated[
+        bool,
+        typer.Option(
+            "--skip-invalid",
+            help="go on past entries that are not ticks, naming each on stderr; exit status 1 if any was skipped",
+        ),
+    ] = False,
 ) -> None:
-    """History from a stream to stdout, in entry order (exactly what XRANGE returns), or copied to another prefix."""
+    """History from a stream to stdout, in entry order (exactly what XRANGE returns), or copied to another prefix.
+
+    An entry that is not a tick (no field d, d not JSON or not a tick, d over 64 KiB) stops the replay with
+    one line naming its entry ID, exit status 2; with --skip-invalid each is named on stderr
+    ("market: skipped KEY ID: KIND: ERROR") and the replay goes on.  --to-prefix copies entries byte for byte,
+    valid or not.
+
+    Exit status: 0 every entry printed; 1 done, but entries that are not ticks were skipped (--skip-invalid);
+    2 bad input, Redis unreachable, history trimmed, or an entry that is not a tick without --skip-invalid.
+    """
     from consumer_sdk.replay import parse_bound
 
     _check_key(key)
@@ -333,10 +356,18 @@ def replay(
     if to_prefix is not None:
         from consumer_sdk.core.keys import check_prefix
 
+        if skip_invalid:
+            fail("--skip-invalid does not go with --to-prefix, which copies every entry byte for byte")
         check_prefix(to_prefix)
         run_async(_republish(_redis_url(), key, lo, hi, to_prefix, progress or sys.stderr.isatty()))
         return
-    run_async(_replay(_redis_url(), key, lo, hi, format_, progress or sys.stderr.isatty()), graceful_term=False)
+    skipped = run_async(
+        _replay(_redis_url(), key, lo, hi, format_, progress or sys.stderr.isatty(), skip_invalid),
+        graceful_term=False,
+    )
+    if skipped:
+        print(f"market: replay of {key} skipped {skipped} entries that are not ticks", file=sys.stderr)
+        raise typer.Exit(1)
 
 
 async def _republish(url: str, key: str, lo: Any, hi: Any, prefix: str, show_progress: bool) -> None:
@@ -356,7 +387,8 @@ async def _republish(url: str, key: str, lo: Any, hi: Any, prefix: str, show_pro
     print(f"\ncopied {n} entries of {key} into prefix {prefix!r}", file=sys.stderr)
 
 
-async def _replay(url: str, key: str, lo: Any, hi: Any, fmt: str, show_progress: bool) -> None:
+async def _replay(url: str, key: str, lo: Any, hi: Any, fmt: str, show_progress: bool, skip_invalid: bool) -> int:
+    """Print the range; returns how many entries that are not ticks were skipped (only with ``skip_invalid``)."""
     import csv
 
     import orjson
@@ -368,6 +400,14 @@ async def _replay(url: str, key: str, lo: Any, hi: Any, fmt: str, show_progress:
     redis = await connect_redis(url)
     out = sys.stdout
     writer: Any = None
+    skipped = 0
+
+    def skip(key: str, entry_id: str, error: Exception) -> None:
+        nonlocal skipped
+        skipped += 1
+        if show_progress:
+            print(file=sys.stderr)
+        _report_skipped(key, entry_id, error)
 
     def report(done: int, total: int | None) -> None:
         if show_progress:
@@ -375,7 +415,9 @@ async def _replay(url: str, key: str, lo: Any, hi: Any, fmt: str, show_progress:
             print(f"\rreplay {key}: {done} entries{pct}", end="", file=sys.stderr, flush=True)
 
     try:
-        async for entry_id, tick in read_range(redis, key, lo, hi, progress=report):
+        async for entry_id, tick in read_range(
+            redis, key, lo, hi, progress=report, on_invalid=skip if skip_invalid else None
+        ):
             if fmt == "jsonl":
                 out.buffer.write(orjson.dumps({"key": key, "id": entry_id, "tick": tick}) + b"\n")
             else:
@@ -389,6 +431,7 @@ async def _replay(url: str, key: str, lo: Any, hi: Any, fmt: str, show_progress:
             print(file=sys.stderr)
     finally:
         await redis.aclose()
+    return skipped
 
 
 # ----------------------------------------------------------------------------------------------

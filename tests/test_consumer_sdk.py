@@ -845,18 +845,26 @@ async def test_invalid_entries_are_counted_reported_and_acked(rc: aioredis.Redis
     await rc.xadd(key, {"other": b"1"}, id=f"{BASE_MS + 1}-101")
     await rc.xadd(key, {"d": b'{"v": 99, "seq": 3}'}, id=f"{BASE_MS + 1}-102")
     await add(rc, key, [2], ms=lambda s: BASE_MS + 5)
-    bad: list[tuple[str, str, str]] = []
+    bad: list[tuple[str, str, str, bool, str]] = []
     collector = Collector()
     consumer = consumer_for(
-        pfx, ["binance:BTCUSDT:trade"], on_invalid=lambda k, i, e: bad.append((k, i, type(e).__name__))
+        pfx, ["binance:BTCUSDT:trade"],
+        on_invalid=lambda k, i, e: bad.append(
+            (k, i, type(e).__name__, isinstance(e, InvalidTick), getattr(e, "kind", ""))
+        ),
     )
     async with running(consumer, collector):
         await collector.wait_for(2)
         await until(lambda: consumer.stats().acked == 5)
     assert collector.seqs == [1, 2]
     assert [b[1] for b in bad] == [f"{BASE_MS + 1}-{n}" for n in (100, 101, 102)]
-    assert {b[0] for b in bad} == {key} and {b[2] for b in bad} == {"InvalidTick"}
+    # an InvalidTick that tells its kind
+    assert {b[0] for b in bad} == {key} and {b[2:4] for b in bad} == {("PoisonedEntry", True)}
+    assert [b[4] for b in bad] == ["not_json", "no_field", "not_a_tick"]
     assert consumer.stats().invalid == 3
+    assert consumer.stats().poisoned == {
+        "no_field": 1, "too_large": 0, "not_json": 1, "not_a_tick": 1, "future_id": 0
+    }
     assert (await rc.xpending(key, "g"))["pending"] == 0
 
 

@@ -13,10 +13,10 @@ from typing import Any, Final, TypeAlias
 
 import orjson
 
-from consumer_sdk.core.errors import InvalidTick
 from consumer_sdk.core.redis import IdT, field_value, id_tuple, iter_read_reply
 from consumer_sdk.core.sequencing import SeqTracker, Verdict, is_contiguous_channel
-from consumer_sdk.core.tick import SCHEMA_VERSION, Tick, decode_tick
+from consumer_sdk.core.tick import SCHEMA_VERSION
+from consumer_sdk.poison import MAX_ENTRY_BYTES, PoisonedEntry, entry_verdict, first_future
 
 __all__ = [
     "DELETED",
@@ -28,7 +28,6 @@ __all__ = [
     "Flat",
     "KeyState",
     "Odd",
-    "check",
     "classify",
     "flatten",
     "flatten_reply",
@@ -45,8 +44,8 @@ _GAP: Final = Verdict.GAP
 _LATE: Final = Verdict.LATE
 _DUP: Final = Verdict.DUPLICATE
 
-#: An entry that is not simply the next tick in order: (kind, verdict, the error of an invalid entry).
-Odd: TypeAlias = tuple[int, Verdict | None, InvalidTick | None]
+#: An entry that is not simply the next tick in order: (kind, verdict, what is wrong with an invalid entry).
+Odd: TypeAlias = tuple[int, Verdict | None, PoisonedEntry | None]
 #: One stream's entries read: (key as returned, entry IDs, values of the field d), see :func:`flatten`.
 Flat: TypeAlias = tuple[Any, list[Any], list[Any]]
 
@@ -78,7 +77,8 @@ class Batch:
     ``ids`` and ``ticks`` have one item per entry, in order; ``ticks[i]`` is the tick to hand over,
     or ``None`` for an entry that is not to be handed over.  Entries that are not simply the next
     tick in order (a gap, a late or claimed tick, a duplicate, an invalid or a deleted entry) are
-    listed in ``odd`` by index.
+    listed in ``odd`` by index; ``future`` lists the entries handed over whose ID lies beyond the
+    horizon :func:`classify` was given (see :mod:`consumer_sdk.poison`).
     """
 
     ids: list[Any]
@@ -88,6 +88,7 @@ class Batch:
     pre_last: int | None  # the tracker's last seq before this batch
     pre_last_id: Any
     deleted: list[IdT]  # pending entries whose content is gone (reported on their own)
+    future: list[int]  # ticks handed over despite an entry ID far in the future
     reports: dict[int, tuple[int, int]] | None = None  # index -> hole to report before it
     done: int = 0  # entries dealt with, from the first: what may be acked
 
@@ -135,22 +136,24 @@ def flatten_reply(reply: Any, dfield: Any) -> list[Flat]:
     return [(key, *flatten(entries, dfield)) for key, entries in iter_read_reply(reply) if entries]
 
 
-def check(raw: Any) -> Tick | InvalidTick:
-    """:func:`decode_tick`'s verdict on a field value (``None``: no such field), the error returned."""
-    if raw is None:
-        return InvalidTick("no field 'd'")
-    try:
-        return decode_tick(raw)
-    except InvalidTick as exc:
-        return exc
-
-
-def classify(state: KeyState, ids: list[Any], values: list[Any], claimed: bool) -> Batch:
+def classify(
+    state: KeyState,
+    ids: list[Any],
+    values: list[Any],
+    claimed: bool,
+    *,
+    max_bytes: int = MAX_ENTRY_BYTES,
+    horizon_ms: int | None = None,
+) -> Batch:
     """Decode and sequence-check one stream's entries (pure; updates the stream's tracker).
 
     ``ids`` and ``values`` as :func:`flatten` gives them.  This is the per-entry cost of a read, so
-    the common case is checked inline: a tick that passes :func:`decode_tick`'s checks and has the
-    next seq in order.  Anything else takes the long way, with the same outcome.
+    the common case is checked inline: a tick no longer than ``max_bytes`` that passes
+    :func:`~consumer_sdk.core.tick.decode_tick`'s checks and has the next seq in order.  Anything else
+    takes the long way through :func:`~consumer_sdk.poison.entry_verdict`, with the same outcome.  An
+    entry that is not a tick never reaches the tracker: it moves neither dedupe nor gaps.  Entries whose
+    ID lies beyond ``horizon_ms`` (epoch ms; ``None``: no check) are listed in ``Batch.future``; the
+    check costs one ID parse per batch (IDs increase within a read).
     """
     tracker = state.tracker
     contiguous = tracker.contiguous
@@ -167,6 +170,8 @@ def classify(state: KeyState, ids: list[Any], values: list[Any], claimed: bool) 
     in_order = 0
     for index, raw in enumerate(values):
         try:
+            if len(raw) > max_bytes:
+                raise ValueError
             tick = loads(raw)
             seq = tick["seq"]
             v = tick["v"]
@@ -182,14 +187,14 @@ def classify(state: KeyState, ids: list[Any], values: list[Any], claimed: bool) 
                 or type(tick["ts_recv"]) is not int
             ):
                 raise ValueError
-        except (ValueError, TypeError, KeyError):  # orjson.JSONDecodeError is a ValueError
+        except (ValueError, TypeError, KeyError):  # orjson.JSONDecodeError is a ValueError; len(None) a TypeError
             if raw is GONE:  # listed as pending, but its content was deleted (trimmed)
                 odd[index] = (DELETED, None, None)
                 deleted.append(id_tuple(ids[index]))
                 add_tick(None)
                 continue
-            checked = check(raw)
-            if isinstance(checked, InvalidTick):
+            checked = entry_verdict(raw, max_bytes)
+            if isinstance(checked, PoisonedEntry):
                 odd[index] = (INVALID, None, checked)
                 add_tick(None)
                 continue
@@ -224,7 +229,12 @@ def classify(state: KeyState, ids: list[Any], values: list[Any], claimed: bool) 
     pre_last_id = state.last_id
     if last_index >= 0:
         state.last_id = ids[last_index]
-    return Batch(ids, ticks, odd, gaps, pre_last, pre_last_id, deleted)
+    future: list[int] = []
+    if horizon_ms is not None:
+        start = first_future(ids, horizon_ms)
+        if start is not None:
+            future = [i for i in range(start, len(ids)) if ticks[i] is not None]
+    return Batch(ids, ticks, odd, gaps, pre_last, pre_last_id, deleted, future)
 
 
 def rollback(state: KeyState, batch: Batch, index: int) -> None:

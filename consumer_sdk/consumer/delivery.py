@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -21,10 +22,11 @@ from consumer_sdk.consumer.batch import DELIVER, DUPLICATE, INVALID, Batch, Flat
 from consumer_sdk.consumer.trim import hole_verdict
 from consumer_sdk.core.errors import TrimmedError
 from consumer_sdk.core.handler import Handler
-from consumer_sdk.core.log import Throttle, get_logger, log_event
-from consumer_sdk.core.redis import fmt_id, id_after, id_str, id_tuple, stream_view, xack_many
+from consumer_sdk.core.log import get_logger, log_event
+from consumer_sdk.core.redis import field_value, fmt_id, id_after, id_str, id_tuple, stream_view, xack_many
 from consumer_sdk.core.sequencing import Verdict
 from consumer_sdk.core.tick import Tick
+from consumer_sdk.poison import FUTURE_ID_MS, MAX_ENTRY_BYTES, PoisonedEntry, PoisonLog, entry_verdict
 
 __all__ = ["Acks", "Delivery", "GapHook", "InvalidHook", "TrimmedHook"]
 
@@ -38,10 +40,19 @@ Acks: TypeAlias = list[tuple[str, list[Any]]]
 
 _GAP = Verdict.GAP
 _LATE = Verdict.LATE
+#: entries that are not ticks stepped over, one ``XRANGE`` each, looking for a tick in a hole in seq
+HOLE_PROBES = 100
 
 
 class Delivery:
-    """Hands batches to a handler for the group ``group``, calls the hooks, counts (see the attributes)."""
+    """Hands batches to a handler for the group ``group``, calls the hooks, counts (see the attributes).
+
+    Entries that are not ticks (see :mod:`consumer_sdk.poison`; ``d`` longer than ``max_bytes`` is not
+    read) are acked, counted by kind in ``poison.counts`` and passed to ``on_invalid``, or logged at
+    most once a second per kind when there is none; ticks whose entry ID lies far in the future are
+    handed over, counted and logged the same way.  ``dfield`` is the field name as the client returns
+    it (``b"d"``, or ``"d"`` with ``decode_responses``).
+    """
 
     def __init__(
         self,
@@ -50,12 +61,15 @@ class Delivery:
         on_invalid: InvalidHook | None,
         on_gap: GapHook | None,
         on_trimmed: TrimmedHook | None,
+        max_bytes: int = MAX_ENTRY_BYTES,
     ) -> None:
         self.group = group
         self._on_invalid = on_invalid
         self._on_gap = on_gap
         self._on_trimmed = on_trimmed
-        self._throttle = Throttle(log, interval=5.0)
+        self._max_bytes = max_bytes
+        self.dfield: Any = b"d"
+        self.poison = PoisonLog(log, group=group)
         self.delivered = 0
         self.acked = 0
         self.duplicates = 0
@@ -83,12 +97,13 @@ class Delivery:
         what was not handed over.
         """
         acks: Acks = []
+        horizon = int(time.time() * 1000) + FUTURE_ID_MS  # entry IDs are wall-clock milliseconds
         try:
             for rkey, ids, values in streams:
                 state = by_name.get(rkey)
                 if state is None or not ids:
                     continue
-                batch = classify(state, ids, values, claimed)
+                batch = classify(state, ids, values, claimed, max_bytes=self._max_bytes, horizon_ms=horizon)
                 if batch.gaps:
                     try:
                         await self._check_holes(client, state, batch)
@@ -99,6 +114,12 @@ class Delivery:
                     await self._deliver(state, batch, handler, is_async)
                 finally:
                     acks.append((state.key, ids if batch.done == len(ids) else ids[: batch.done]))
+                    for index in batch.future:
+                        if index < batch.done:
+                            self.poison.report(
+                                state.key, id_str(ids[index]), "future_id",
+                                f"entry ID more than {FUTURE_ID_MS // 3_600_000} h ahead of this clock",
+                            )
                 if collect is not None:
                     key = state.key
                     pairs = zip(batch.ids, batch.ticks, strict=True)
@@ -147,7 +168,7 @@ class Delivery:
             if isinstance(rows, Exception):
                 raise rows
             lo, hi = id_tuple(before), id_tuple(after)
-            verdict = hole_verdict(bool(rows), lo, hi, view)
+            verdict = hole_verdict(await self._holds_a_tick(client, key, rows, after), lo, hi, view)
             if verdict == "shared":
                 state.tracker.fill(first, last)
                 continue
@@ -159,6 +180,22 @@ class Delivery:
                 continue
             reports[index] = (first, last)
         batch.reports = reports
+
+    async def _holds_a_tick(self, client: Redis, key: str, rows: Any, after: Any) -> bool:
+        """Whether a hole in seq holds a tick, ``rows`` being its first entry (``XRANGE ... COUNT 1``).
+
+        Entries in it that are not ticks hide no tick from this consumer: they are stepped over one
+        ``XRANGE ... COUNT 1`` each (one entry in memory at a time, however large), at most
+        :data:`HOLE_PROBES`; a hole fuller than that of them is taken as holding ticks (not reported).
+        """
+        for _ in range(HOLE_PROBES):
+            if not rows:
+                return False
+            eid, fields = rows[0]
+            if not isinstance(entry_verdict(field_value(fields, self.dfield), self._max_bytes), PoisonedEntry):
+                return True
+            rows = await client.xrange(key, "(" + id_str(eid), "(" + id_str(after), count=1)
+        return True
 
     async def _deliver(self, state: KeyState, batch: Batch, handler: Handler, is_async: bool) -> None:
         """Hand one stream's batch to the handler in order; ``batch.done`` tells how many to ack.
@@ -222,11 +259,10 @@ class Delivery:
                     assert error is not None
                     self.invalid += 1
                     if self._on_invalid is not None:
+                        self.poison.count(error.kind)
                         self._on_invalid(state.key, id_str(eid), error)
                     else:
-                        self._throttle.log(
-                            logging.WARNING, "invalid_tick", key=state.key, id=id_str(eid), error=str(error)
-                        )
+                        self.poison.report(state.key, id_str(eid), error.kind, str(error))
                 else:  # DELETED
                     available = id_str(batch.ids[index]) if index < total else None
                     self.report_trimmed(state, id_str(eid), available, ("pending", eid))

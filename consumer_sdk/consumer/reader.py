@@ -40,6 +40,7 @@ from consumer_sdk.core.log import Throttle, get_logger
 from consumer_sdk.core.redis import ErrorKind, blocking_client, classify, field_name, raw_stream_client, translate
 from consumer_sdk.core.server import require_supported
 from consumer_sdk.core.tick import Tick
+from consumer_sdk.poison import MAX_ENTRY_BYTES
 
 __all__ = ["Consumer", "ConsumerStats", "GapHook", "InvalidHook", "TrimmedHook"]
 
@@ -56,12 +57,16 @@ class ConsumerStats:
     gaps: int  # holes in seq reported
     gap_ticks: int  # seqs missing in those holes
     late: int  # ticks that filled a hole after a later one was handed over
-    invalid: int  # entries that are not ticks (acked, passed to on_invalid)
+    invalid: int  # entries that are not ticks (acked, passed to on_invalid or logged)
     nogroup_recoveries: int  # groups created again after NOGROUP
     reconnects: int  # connection errors retried
     claimed: int  # entries taken over from idle consumers with XAUTOCLAIM
     trimmed: int  # losses to trimming reported (on_trimmed or TrimmedError)
     keys: int  # streams being read now
+    #: entries by kind (:data:`consumer_sdk.poison.POISON_KINDS`, every kind present): ``no_field``,
+    #: ``too_large``, ``not_json``, ``not_a_tick`` (together ``invalid``), and ``future_id``: ticks handed
+    #: over whose entry ID lies more than a day ahead of this clock
+    poisoned: dict[str, int]
 
 
 def _is_async(handler: Handler) -> bool:
@@ -84,8 +89,10 @@ class Consumer:
     read waits; ``start_id`` where groups created at the start begin (``"$"``: new ticks only,
     ``"0"``: all history held, or any :func:`~consumer_sdk.replay.parse_bound` start: an entry ID,
     epoch ms, an ISO-8601 time, ``seq:N``); ``rescan_s`` how often globs are expanded again; ``claim_idle_ms``
-    how long an entry may sit with another consumer before it is claimed (``None``: never).
-    Hooks: ``on_invalid(key, entry_id, error)``, ``on_gap(key, first_missing, last_missing)``,
+    how long an entry may sit with another consumer before it is claimed (``None``: never);
+    ``max_entry_bytes`` the longest field ``d`` read as a tick (longer ones are acked unread as
+    ``too_large``, see :mod:`consumer_sdk.poison`).  Hooks: ``on_invalid(key, entry_id, error)``,
+    ``on_gap(key, first_missing, last_missing)``,
     ``on_trimmed(key, first_missing_id, first_available_id)`` (see :mod:`consumer_sdk.consumer`).
     """
 
@@ -106,6 +113,7 @@ class Consumer:
         on_invalid: InvalidHook | None = None,
         on_gap: GapHook | None = None,
         on_trimmed: TrimmedHook | None = None,
+        max_entry_bytes: int = MAX_ENTRY_BYTES,
     ) -> None:
         if (redis_url is None) == (redis is None):
             raise ConfigError("give exactly one of redis_url (a URL or a client) and redis (a client)")
@@ -123,7 +131,11 @@ class Consumer:
             raise ConfigError(f"rescan_s must be > 0, not {rescan_s}")
         if claim_idle_ms is not None and claim_idle_ms < 1:
             raise ConfigError(f"claim_idle_ms must be >= 1 or None, not {claim_idle_ms}")
-        self._delivery = Delivery(group=group, on_invalid=on_invalid, on_gap=on_gap, on_trimmed=on_trimmed)
+        if max_entry_bytes < 1:
+            raise ConfigError(f"max_entry_bytes must be >= 1, not {max_entry_bytes}")
+        self._delivery = Delivery(
+            group=group, on_invalid=on_invalid, on_gap=on_gap, on_trimmed=on_trimmed, max_bytes=max_entry_bytes
+        )
         self._groups = Groups(
             patterns=patterns, prefix=prefix, group=group, start_id=start_id, report=self._delivery.report_trimmed
         )
@@ -170,6 +182,7 @@ class Consumer:
             claimed=self._claimed,
             trimmed=d.trimmed,
             keys=len(self._groups.active()),
+            poisoned=dict(d.poison.counts),
         )
 
     def stop(self) -> None:
@@ -264,7 +277,7 @@ class Consumer:
             self._client, self._owned = self._make_client()
         client = self._client
         reader = raw_stream_client(client)  # reads entries without a dict per entry
-        self._dfield = field_name(client)
+        self._dfield = self._delivery.dfield = field_name(client)
         delays = backoff_delays()
         need_setup, need_recover, failures = True, False, 0
         deferred: Acks = []

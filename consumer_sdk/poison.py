@@ -22,11 +22,12 @@ they agree on what is a tick.  Kinds, in :data:`POISON_KINDS`:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from consumer_sdk.core.errors import InvalidTick
-from consumer_sdk.core.log import Throttle
+from consumer_sdk.core.log import log_event
 from consumer_sdk.core.tick import Tick, decode_tick
 
 __all__ = [
@@ -103,17 +104,29 @@ def first_future(ids: Sequence[Any], horizon_ms: int) -> int | None:
 
 
 class PoisonLog:
-    """Counts entries by kind (:attr:`counts`, every kind present) and logs each at most once a second per kind.
+    """Counts entries by kind (:attr:`counts`, every kind present) and logs each at most once per ``interval``
+    seconds per kind.
 
     A line names the stream, the entry ID, the kind and the error (event ``invalid_tick``; ``future_id``
     for an entry handed over despite its ID), with ``suppressed`` telling how many of that kind went
-    unlogged since the last line.
+    unlogged since the last line; ``context`` fields (the group, say) are added to every line.  ``clock``
+    is a monotonic clock in seconds.  Costs a dict update per entry, a log line at most once per interval.
     """
 
-    def __init__(self, logger: logging.Logger, *, interval: float = 1.0, **context: Any) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        **context: Any,
+    ) -> None:
         self._logger = logger
+        self._interval = interval
+        self._clock = clock
         self._context = context
-        self._throttles = {kind: Throttle(logger, interval=interval) for kind in POISON_KINDS}
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = dict.fromkeys(POISON_KINDS, 0)
         self.counts: dict[str, int] = dict.fromkeys(POISON_KINDS, 0)
 
     def count(self, kind: str) -> None:
@@ -123,7 +136,13 @@ class PoisonLog:
     def report(self, key: str, entry_id: str, kind: str, error: str) -> None:
         """Count one entry of ``kind`` and log it unless one of that kind was logged within the interval."""
         self.counts[kind] += 1
-        event = "future_id" if kind == "future_id" else "invalid_tick"
+        now = self._clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self._interval:
+            self._suppressed[kind] += 1
+            return
+        self._last[kind] = now
         fields = {**self._context, "key": key, "id": entry_id, "kind": kind, "error": _short(error)}
-        self._throttles[kind].log(logging.WARNING, event, **fields)
-
+        if self._suppressed[kind]:
+            fields["suppressed"], self._suppressed[kind] = self._suppressed[kind], 0
+        log_event(self._logger, logging.WARNING, "future_id" if kind == "future_id" else "invalid_tick", **fields)

@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from consumer_sdk import (
     Bound,
     ConfigError,
+    InvalidTick,
     Tick,
     TransientError,
     TrimmedError,
@@ -35,6 +36,7 @@ from consumer_sdk import (
     resolve_bound,
 )
 from consumer_sdk.core.redis import MAX_SEQ, StreamView
+from consumer_sdk.poison import PoisonedEntry
 from consumer_sdk.replay import start_trimmed, trimmed_between
 
 REDIS_URL = os.environ.get("MARKET_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -320,6 +322,26 @@ async def test_paging_reports_progress(rc: aioredis.Redis, pfx: str) -> None:
     assert calls == [(25, 80), (50, 80), (75, 80), (80, 80)]
     with pytest.raises(ConfigError):
         await collect(read_range(rc, key, "-", "+", page=0))
+
+
+async def test_entries_that_are_not_ticks_stop_the_range_or_are_skipped_across_pages(
+    rc: aioredis.Redis, pfx: str
+) -> None:
+    key = f"{pfx}:binance:BTCUSDT:trade"
+    await add(rc, key, [(BASE_MS + s, s) for s in range(1, 4)])
+    await rc.xadd(key, {"d": b"{broken"}, id=f"{BASE_MS + 3}-100")
+    await rc.xadd(key, {"x": b"1"}, id=f"{BASE_MS + 3}-101")
+    await rc.xadd(key, {"d": b"0" * 70_000}, id=f"{BASE_MS + 3}-102")  # over the 64 KiB cap: never parsed
+    await add(rc, key, [(BASE_MS + s, s) for s in range(4, 6)])
+    with pytest.raises(PoisonedEntry) as caught:
+        await collect(read_range(rc, key, "-", "+", page=2))
+    assert str(caught.value).startswith(f"{key} {BASE_MS + 3}-100: not JSON") and caught.value.kind == "not_json"
+    assert isinstance(caught.value, InvalidTick)
+    bad: list[tuple[str, str, str]] = []
+    got = await collect(read_range(rc, key, "-", "+", page=2, on_invalid=lambda k, i, e: bad.append((k, i, e.kind))))
+    assert [(i, t["seq"]) for i, t in got] == [(f"{BASE_MS + s}-{s}", s) for s in range(1, 6)]
+    assert bad == [(key, f"{BASE_MS + 3}-{n}", kind) for n, kind in ((100, "not_json"), (101, "no_field"),
+                                                                     (102, "too_large"))]
 
 
 async def test_trimmed_start_is_an_error(rc: aioredis.Redis, pfx: str) -> None:

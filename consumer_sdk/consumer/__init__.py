@@ -37,6 +37,13 @@ Delivery rules:
   reported; otherwise ``on_gap(key, first_missing, last_missing)`` is called just before the tick
   after the hole is handed over.  With several consumers in a group, a hole partly held by another
   consumer and partly missing is not reported (the ingestor counts venue gaps itself).
+- Entries that are not ticks (no field ``d``, ``d`` not JSON, JSON but not a tick, ``d`` longer than
+  ``max_entry_bytes``, which is never parsed; :mod:`consumer_sdk.poison`): acked, never handed over,
+  counted by kind in ``ConsumerStats.poisoned`` (and in ``invalid``), passed to
+  ``on_invalid(key, entry_id, error)`` (``error.kind`` names the kind) or, without it, logged at most
+  once a second per kind naming the stream and the entry ID.  They never reach the dedupe or gap state,
+  and a hole in seq that holds only such entries is a gap.  A tick whose entry ID lies more than a day
+  ahead of this clock is handed over and counted and logged as ``future_id``.
 - Handler errors: the entry that raised and the rest of its batch are not acked; the error
   propagates out of :meth:`Consumer.run`.  Call ``run()`` again to retry them (this consumer's
   memory makes sure what was handled before is not handed again).
@@ -70,8 +77,8 @@ Streams found by a glob after the start are read from their beginning (``0``): e
 stream that appeared after the consumer started is new.  ``start_id`` applies to groups created
 at the start.  Handlers are plain functions or coroutine functions, told apart once per ``run()``
 (a plain function returning an awaitable has it awaited).  Logs go through ``market.consumer``
-with events ``redis_retry``, ``group_recreated``, ``stream_gone``, ``streams_found``, ``trimmed``
-and ``invalid_tick`` (the noisy ones throttled).  In Redis Cluster, one ``XREADGROUP`` cannot span
+with events ``redis_retry``, ``group_recreated``, ``stream_gone``, ``streams_found``, ``trimmed``,
+``invalid_tick`` and ``future_id`` (the noisy ones throttled).  In Redis Cluster, one ``XREADGROUP`` cannot span
 slots: use one ``Consumer`` per stream (or per hash tag).
 
 Layout, imports going one way (down this list): :mod:`~consumer_sdk.consumer.batch` (per-entry

@@ -3,7 +3,8 @@
 :class:`Delivery` holds what a consumer counts and the hooks it calls; :class:`~consumer_sdk.consumer.reader.Consumer`
 gives it each read (or claim) and acks what it returns.  Per entry it costs what
 :func:`~consumer_sdk.consumer.batch.classify` costs plus the handler call; per hole in seq, one pipelined
-``XRANGE ... COUNT 1`` with one ``XINFO STREAM`` per stream.
+``XRANGE ... COUNT 1`` with one ``XINFO STREAM`` per stream, and one more ``XRANGE ... COUNT 1`` for each
+entry in the hole that is not a tick (at most :data:`HOLE_PROBES`).
 """
 
 from __future__ import annotations

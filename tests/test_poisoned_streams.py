@@ -403,7 +403,7 @@ async def main():
     task = asyncio.create_task(consumer.run(lambda t: seqs.append(t["seq"])))
     async with asyncio.timeout(60):
         while consumer.stats().acked < int(sys.argv[4]):
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # poll
     consumer.stop()
     await task
     print(orjson.dumps({"seqs": seqs, "poisoned": consumer.stats().poisoned}).decode())

@@ -31,7 +31,7 @@ from ingestor.service import Ingestor
 from ops.redis_server import free_port
 from ops.simulator import Simulator, SimulatorConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONTRACT_COUNTERS = (
     "market_published_total", "market_dropped_total", "broker_reconnect_total", "market_backpressure_events_total",
     "market_gap_total", "market_duplicate_total", "market_out_of_order_total",

@@ -55,7 +55,7 @@ from ops.simulator.rest import (
     parse_rest_schedule,
 )
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "binance-spot-2021-10-12.jsonl"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "binance-spot-2021-10-12.jsonl"
 
 UNIT = 1.0  # every timeout below is a multiple of this; raise it on a slow machine
 T0 = 1_699_999_980_000  # an epoch millisecond on a whole minute

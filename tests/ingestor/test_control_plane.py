@@ -101,7 +101,7 @@ def test_exports() -> None:
         "Change", "CorruptAuditEntry", "StateFollower", "StoredState", "audit_fields", "check_text", "default_who",
         "os_user", "parse_audit", "read_audit", "read_state", "redis_user", "reset_state", "run_auto_degrade",
         "update_state", "watch_control",
-    ])  # the key names (control_state_key, ...) are consumer_sdk.core.keys': tests/test_core_imports.py
+    ])  # the key names (control_state_key, ...) are consumer_sdk.core.keys': tests/consumer_sdk/test_core_imports.py
 
 
 # -- the pure follower -------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from ingestor.binance import (
     stream_to_channel,
 )
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SPOT = FIXTURES / "binance-spot-2021-10-12.jsonl"
 COINM = FIXTURES / "binance-coinm-2021-07-22.jsonl"
 

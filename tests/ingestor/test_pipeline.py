@@ -17,7 +17,7 @@ from ingestor.sequencer import GapReport, Sequencer
 from ingestor.venue import Reply, ServerShutdown
 
 TS = 1_700_000_000_000_000
-FIXTURE = Path(__file__).parent / "fixtures" / "binance-spot-2021-10-12.jsonl"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "binance-spot-2021-10-12.jsonl"
 
 
 def trade(tid: int, symbol: str = "BTCUSDT") -> bytes:

@@ -19,7 +19,7 @@ import yaml
 from ingestor.config import IngestSettings
 from ops.status import STAGES
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
 PROM_DIR = ROOT / "ops" / "prometheus"
 GRAFANA_DIR = ROOT / "ops" / "grafana"

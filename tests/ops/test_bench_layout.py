@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "ops" / "bench"
+PACKAGE = Path(__file__).resolve().parents[2] / "ops" / "bench"
 
 #: module -> layer; a module imports only from lower layers
 LAYERS = {

@@ -14,7 +14,7 @@ import pytest
 from ops import mutate
 from ops.mutate import EQUIVALENT_FILE, TARGETS, Mutant, choose, describe, load_equivalents, resolve
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_equivalent_list_parses_and_names_only_mapped_modules_and_functions() -> None:

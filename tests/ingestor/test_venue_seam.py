@@ -2,7 +2,7 @@
 (:mod:`ingestor.memory`), and the store behind the distributor (:mod:`distributor.memory`).
 
 The session's real connect, subscribe, read, rotate, back-off and repair hand-off run here without a
-socket; tests/test_session_faults.py and tests/test_survival.py drive the same code over real sockets.
+socket; tests/ingestor/test_session_faults.py and tests/test_survival.py drive the same code over real sockets.
 """
 
 from __future__ import annotations

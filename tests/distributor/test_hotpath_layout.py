@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "distributor" / "hotpath"
+PACKAGE = Path(__file__).resolve().parents[2] / "distributor" / "hotpath"
 NAME = "distributor.hotpath"
 
 #: module -> layer; a module imports only from lower layers

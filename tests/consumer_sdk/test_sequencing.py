@@ -230,7 +230,7 @@ def test_kline_continues_after_seed() -> None:
 
 def load_capture(name: str) -> list[tuple[dict[str, Any], Tick]]:
     """``(raw data, parsed tick)`` for every tick-bearing frame of a capture."""
-    path = Path(__file__).resolve().parent / "fixtures" / name
+    path = Path(__file__).resolve().parents[1] / "fixtures" / name
     out = []
     for line in path.read_text().splitlines():
         rec = orjson.loads(line)

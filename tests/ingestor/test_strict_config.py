@@ -32,7 +32,7 @@ from ingestor.config import (
     load_settings,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def load_text(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> IngestSettings:

@@ -2,7 +2,7 @@
 """The ``market`` command: one typer application.
 
 Every command turns bad input (a bad flag, an unreadable config, Redis unreachable at
-start, a port in use) into one line on stderr and exit status 2, never a traceback.
+start, a port in use, a command Redis refuses) into one line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from redis.exceptions import RedisError
 
 from consumer_sdk.core.errors import ConfigError, MarketError, TransientError
 from ops.ctl import app as ctl_app
@@ -690,6 +691,12 @@ def main(argv: list[str] | None = None) -> None:
         rc = app(args=argv, prog_name="market", standalone_mode=False)
     except (ConfigError, TransientError, MarketError) as exc:
         fail(str(exc))
+    except RedisError as exc:
+        # Redis refused a command once connected (e.g. an ACL user without the right to run it).
+        from consumer_sdk.core.urls import DEFAULT_REDIS_URL, redact_url
+
+        where = redact_url(os.environ.get("MARKET_REDIS_URL", DEFAULT_REDIS_URL))
+        fail(f"Redis at {where}: {type(exc).__name__}: {exc}")
     except BrokenPipeError:
         # The reader went away (e.g. `market replay ... | head`): not an error.
         with contextlib.suppress(OSError):

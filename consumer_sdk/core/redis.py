@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import enum
 import inspect
+import os
+import ssl
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias, cast
+from urllib.parse import parse_qs, urlsplit
 
 import redis.exceptions as rexc
 from redis.asyncio import ConnectionPool, Redis
 
 from consumer_sdk.core.errors import ConfigError, MarketError, Retryable, TransientError
 from consumer_sdk.core.server import require_supported
-from consumer_sdk.core.urls import redact_url
+from consumer_sdk.core.urls import TLS_FILE_OPTIONS, redact_url
 
 _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
 try:
@@ -495,18 +498,43 @@ def translate(exc: BaseException, what: str = "redis") -> MarketError:
 
 async def connect_redis(url: str, *, socket_timeout: float = 10.0) -> Redis:
     """A client for ``url`` that has answered PING; :class:`TransientError` naming the (redacted) URL if not,
-    :class:`ConfigError` when the server is older than the supported floor (:mod:`consumer_sdk.core.server`).
+    :class:`ConfigError` when the server is older than the supported floor (:mod:`consumer_sdk.core.server`),
+    when a TLS file the URL names (:data:`~consumer_sdk.core.urls.TLS_FILE_OPTIONS`) cannot be read, when
+    the TLS handshake fails (a certificate the CA given does not verify, ...) and when Redis refuses the
+    user or password: retrying fixes none of these.
 
     Costs one connection, a ``PING`` and an ``INFO server``; the caller closes the client.
     """
+    where = redact_url(url)
+    _check_tls_files(url, where)
     client = Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30)
     try:
         await client.ping()
-        await require_supported(client, redact_url(url))
+        await require_supported(client, where)
+    except rexc.AuthenticationError as exc:
+        await client.aclose()
+        raise ConfigError(f"Redis at {where} refused the credentials: {exc}") from None
     except (rexc.RedisError, OSError) as exc:
         await client.aclose()
-        raise TransientError(f"Redis unreachable at {redact_url(url)}: {exc}") from None
+        if isinstance(exc.__cause__, ssl.SSLError):
+            hint = ""
+            if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+                hint = " (the server's certificate does not verify against the CA in ssl_ca_certs, or the system's)"
+            raise ConfigError(f"TLS with Redis at {where} failed: {exc}{hint}") from None
+        raise TransientError(f"Redis unreachable at {where}: {exc}") from None
     except ConfigError:
         await client.aclose()
         raise
     return client
+
+
+def _check_tls_files(url: str, where: str) -> None:
+    """:class:`ConfigError` naming the option when a TLS file the URL names is not a readable file."""
+    query = urlsplit(url).query
+    if not query:
+        return
+    options = parse_qs(query)
+    for name in TLS_FILE_OPTIONS:
+        path = options.get(name, [""])[0]  # redis-py takes the first
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            raise ConfigError(f"invalid Redis URL {where!r}: {name}: no readable file at {path!r}")

@@ -1,18 +1,23 @@
 """Redis URLs: the default, the check, and the one redactor that keeps secrets out of logs and documents.
 
-Pure; every function is O(length of the URL).
+Pure; every function is O(length of the URL), the check of the query's options O(options x the names
+redis-py's connection takes).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+from consumer_sdk.core.env import nearest
 from consumer_sdk.core.errors import ConfigError
 
-__all__ = ["DEFAULT_REDIS_URL", "public_url", "redact_url", "validate_redis_url"]
+__all__ = ["DEFAULT_REDIS_URL", "TLS_FILE_OPTIONS", "public_url", "redact_url", "validate_redis_url"]
 
 DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
+#: the URL options that name a file the TLS handshake reads (``rediss://...?ssl_ca_certs=/path/ca.pem``)
+TLS_FILE_OPTIONS: Final = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 _UNPARSEABLE: Final = "<unparseable URL>"
 
 
@@ -58,4 +63,37 @@ def validate_redis_url(url: str) -> str:
         raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: scheme must be redis://, rediss:// or unix://")
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: no host")
+    _check_options(url, parts.scheme, parts.query)
     return url
+
+
+def _check_options(url: str, scheme: str, query: str) -> None:
+    """:class:`ConfigError` for a query option redis-py's connection does not take (it would fail, with a
+    traceback, at the first command), naming the nearest one it takes; for an ``ssl_*`` option on a URL
+    that is not ``rediss://``; and for a value redis-py cannot read (``socket_timeout=soon``)."""
+    if not query:
+        return
+    from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection, parse_url
+
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: {exc}") from None
+    cls = {"rediss": SSLConnection, "unix": UnixDomainSocketConnection}.get(scheme, Connection)
+    known = {"max_connections"}  # the pool's own; every other option goes to the connection
+    for base in cls.__mro__:
+        init = base.__dict__.get("__init__")
+        if init is not None:
+            known.update(
+                n
+                for n, p in inspect.signature(init).parameters.items()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"
+            )
+    for name in parse_qs(query):
+        if name in known:
+            continue
+        if name.startswith("ssl_") and name in inspect.signature(SSLConnection.__init__).parameters:
+            raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: {name} needs TLS, a rediss:// URL")
+        close = nearest(name, known)
+        hint = f"; did you mean {close}?" if close else ""
+        raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: unknown option {name!r}{hint}")

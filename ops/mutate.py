@@ -72,21 +72,56 @@ class Target:
 
 
 TARGETS: Final = (
-    Target("consumer_sdk/core/sequencing.py", ("tests/consumer_sdk/test_sequencing.py", "tests/consumer_sdk/test_mutants_sequencing.py")),
-    Target("ingestor/sequencer.py", ("tests/consumer_sdk/test_sequencing.py", "tests/consumer_sdk/test_mutants_sequencing.py")),
+    Target(
+        "consumer_sdk/core/sequencing.py",
+        ("tests/consumer_sdk/test_sequencing.py", "tests/consumer_sdk/test_mutants_sequencing.py"),
+    ),
+    Target(
+        "ingestor/sequencer.py",
+        ("tests/consumer_sdk/test_sequencing.py", "tests/consumer_sdk/test_mutants_sequencing.py"),
+    ),
     Target(
         "ingestor/binance.py",
-        ("tests/ingestor/test_binance.py", "tests/consumer_sdk/test_sequencing.py", "tests/ingestor/test_mutants_binance.py"),
+        (
+            "tests/ingestor/test_binance.py",
+            "tests/consumer_sdk/test_sequencing.py",
+            "tests/ingestor/test_mutants_binance.py",
+        ),
     ),
     # the frame parser only: the connection class around it is I/O, covered by tests/ingestor/test_wsframes.py
-    Target("ingestor/wsframes.py", ("tests/ingestor/test_wsframes.py", "tests/ingestor/test_mutants_wsframes.py"), ("read_frames",)),
-    Target("distributor/ingress.py", ("tests/distributor/test_ingress.py", "tests/distributor/test_mutants_ingress.py")),
-    Target("consumer_sdk/core/backoff.py", ("tests/ingestor/test_backoff_lifecycle.py", "tests/consumer_sdk/test_mutants_backoff.py")),
-    Target("ingestor/lifecycle.py", ("tests/ingestor/test_backoff_lifecycle.py", "tests/consumer_sdk/test_mutants_backoff.py")),
-    Target("distributor/control/state.py", ("tests/distributor/test_control.py", "tests/distributor/test_mutants_control.py")),
-    Target("distributor/control/codec.py", ("tests/distributor/test_control.py", "tests/distributor/test_mutants_control.py")),
-    Target("distributor/control/degrade.py", ("tests/distributor/test_control.py", "tests/distributor/test_mutants_control.py")),
-    Target("distributor/control/gate.py", ("tests/distributor/test_control.py", "tests/distributor/test_mutants_control.py")),
+    Target(
+        "ingestor/wsframes.py",
+        ("tests/ingestor/test_wsframes.py", "tests/ingestor/test_mutants_wsframes.py"),
+        ("read_frames",),
+    ),
+    Target(
+        "distributor/ingress.py",
+        ("tests/distributor/test_ingress.py", "tests/distributor/test_mutants_ingress.py"),
+    ),
+    Target(
+        "consumer_sdk/core/backoff.py",
+        ("tests/ingestor/test_backoff_lifecycle.py", "tests/consumer_sdk/test_mutants_backoff.py"),
+    ),
+    Target(
+        "ingestor/lifecycle.py",
+        ("tests/ingestor/test_backoff_lifecycle.py", "tests/consumer_sdk/test_mutants_backoff.py"),
+    ),
+    Target(
+        "distributor/control/state.py",
+        ("tests/distributor/test_control.py", "tests/distributor/test_mutants_control.py"),
+    ),
+    Target(
+        "distributor/control/codec.py",
+        ("tests/distributor/test_control.py", "tests/distributor/test_mutants_control.py"),
+    ),
+    Target(
+        "distributor/control/degrade.py",
+        ("tests/distributor/test_control.py", "tests/distributor/test_mutants_control.py"),
+    ),
+    Target(
+        "distributor/control/gate.py",
+        ("tests/distributor/test_control.py", "tests/distributor/test_mutants_control.py"),
+    ),
     # the record framing and the check at open; tests/distributor/test_spill.py drives a real Redis and is not mapped
     Target(
         "distributor/spill.py", ("tests/distributor/test_mutants_spill.py",),

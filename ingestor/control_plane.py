@@ -482,7 +482,10 @@ async def _write(
         if "WRONGTYPE" in text:
             raise ConfigError(f"{audit} is not a stream, so no change can be audited; nothing changed. "
                               f"Look at it, then delete it ({text})") from None
-        raise ConfigError(f"Redis refused the change and its audit record; nothing changed: {text}") from None
+        user = fields.get("redis_user", "default")
+        raise ConfigError(
+            f"Redis refused the change and its audit record (Redis user {user}); nothing changed: {text}"
+        ) from None
     except (RedisError, OSError) as exc:
         raise TransientError(
             f"Redis failed during the change (version {state.version}): it was applied with its audit record, "

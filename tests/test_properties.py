@@ -527,6 +527,14 @@ def test_pipeline_on_any_delivery_order(delivery: Delivery) -> None:
                 assert next(reported) == GapReport("binance", *stream, prev + 1, seq - 1)
             prev = seq
         assert next(reported, None) is None
+        if got:
+            # So every id the venue made, from the first accepted (or the one after the seed) to the last, is
+            # accepted once, inside a reported hole, or inside a hole among held ticks (the repairer's to mark).
+            low = got[0][0] if seed is None else seed + 1
+            in_gaps = [n for g in gaps[stream] for n in range(g.first, g.last + 1)]
+            among_held = [n for (a, _), (b, how) in pairwise([(low - 1, ""), *got]) if how == "held"
+                          for n in range(a + 1, b)]
+            assert sorted([*want, *in_gaps, *among_held]) == list(range(low, got[-1][0] + 1))
     frames_total = sum(len(r) for r in delivery.reads)
     garbage = frames_total - sum(len(v) for v in delivered.values())
     stats = pipeline.stats()

@@ -15,7 +15,11 @@ stream names, its SUBSCRIBE/UNSUBSCRIBE messages and its REST calls, for the ses
 
 A frame that is not valid JSON or lacks a field its event type requires raises
 :class:`MalformedFrame`; the caller counts and skips it.  Prices and quantities
-are copied as the venue's strings; times become microseconds.
+are copied as the venue's strings; times become microseconds.  So is a frame whose
+values could not be stored as they are: a price that is no plain decimal string (NaN,
+a sign, spaces, more than 24 digits on either side of the point), an id or a time
+(in µs) past int64, a symbol that is not 1 to 64 letters, digits, ``_``, ``.`` or
+``-`` (it names the stream key), a kline interval Binance does not have.
 
 ``seq`` is the venue's own monotonic id: trade id, aggregate id, book update id.  Klines carry
 no id; their ``seq`` is the event time in milliseconds (``E``), which strictly increases per
@@ -25,12 +29,13 @@ needs no state to continue.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Final
 
 import orjson
 
-from consumer_sdk.core.tick import SCHEMA_VERSION, Tick
+from consumer_sdk.core.tick import SCHEMA_VERSION, Tick, is_valid_channel
 from ingestor.subscriptions import subscribe_requests
 from ingestor.venue import Heartbeat, MalformedFrame, Reply, RestCall, ServerShutdown, VenueRequest
 
@@ -71,15 +76,37 @@ def stream_to_channel(stream: str) -> tuple[str, str]:
         raise ValueError(f"not a stream this project carries: {stream!r}") from None
 
 
-def _int(value: Any) -> int:
+#: the largest id a tick carries, and the largest time in ms (its µs must fit too): int64
+_MAX_ID: Final = 2**63 - 1
+_MAX_MS: Final = _MAX_ID // 1000
+#: a decimal string as Binance writes one: digits, an optional fraction, an optional exponent
+_DECIMAL: Final = re.compile(r"[0-9]{1,24}(?:\.[0-9]{0,24})?(?:[eE][-+]?[0-9]{1,3})?").fullmatch
+#: a symbol that is one part of a stream key
+_SYMBOL: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}").fullmatch
+
+
+def _int(value: Any, top: int = _MAX_ID) -> int:
     if type(value) is not int or value < 0:
         raise MalformedFrame(f"expected a non-negative integer, got {value!r}")
+    if value > top:
+        raise MalformedFrame(f"integer out of range (at most {top}), got {value!r}")
     return value
 
 
+def _ms(value: Any) -> int:
+    """A time in ms whose µs fit int64."""
+    return _int(value, _MAX_MS)
+
+
 def _str(value: Any) -> str:
-    if type(value) is not str:
+    if type(value) is not str or not _DECIMAL(value):
         raise MalformedFrame(f"expected a decimal string, got {value!r}")
+    return value
+
+
+def _symbol(value: Any) -> str:
+    if type(value) is not str or not _SYMBOL(value):
+        raise MalformedFrame(f"expected a symbol, got {value!r}")
     return value
 
 
@@ -111,8 +138,8 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
     if e == "trade":
         t = _int(d["t"])
         trade: dict[str, Any] = {
-            "v": _V, "venue": VENUE, "symbol": _str(d["s"]), "channel": "trade", "seq": t,
-            "ts_event": _int(d["T"]) * 1000, "ts_recv": ts_recv,
+            "v": _V, "venue": VENUE, "symbol": _symbol(d["s"]), "channel": "trade", "seq": t,
+            "ts_event": _ms(d["T"]) * 1000, "ts_recv": ts_recv,
             "trade_id": t, "price": _str(d["p"]), "qty": _str(d["q"]),
             "side": "sell" if _bool(d["m"]) else "buy",
         }
@@ -120,8 +147,8 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
     if e == "aggTrade":
         a = _int(d["a"])
         agg: dict[str, Any] = {
-            "v": _V, "venue": VENUE, "symbol": _str(d["s"]), "channel": "agg_trade", "seq": a,
-            "ts_event": _int(d["T"]) * 1000, "ts_recv": ts_recv,
+            "v": _V, "venue": VENUE, "symbol": _symbol(d["s"]), "channel": "agg_trade", "seq": a,
+            "ts_event": _ms(d["T"]) * 1000, "ts_recv": ts_recv,
             "trade_id": a, "price": _str(d["p"]), "qty": _str(d["q"]),
             "side": "sell" if _bool(d["m"]) else "buy",
             "first_trade_id": _int(d["f"]), "last_trade_id": _int(d["l"]),
@@ -132,20 +159,23 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
         # Spot bookTicker carries no time; futures carry E (event) and T (transaction).
         ev = d.get("E")
         book: dict[str, Any] = {
-            "v": _V, "venue": VENUE, "symbol": _str(d["s"]), "channel": "book_ticker", "seq": u,
-            "ts_event": ts_recv if ev is None else _int(ev) * 1000, "ts_recv": ts_recv,
+            "v": _V, "venue": VENUE, "symbol": _symbol(d["s"]), "channel": "book_ticker", "seq": u,
+            "ts_event": ts_recv if ev is None else _ms(ev) * 1000, "ts_recv": ts_recv,
             "bid_px": _str(d["b"]), "bid_qty": _str(d["B"]),
             "ask_px": _str(d["a"]), "ask_qty": _str(d["A"]), "update_id": u,
         }
         return book  # type: ignore[return-value]
     if e == "kline":
         k = d["k"]
-        interval = _str(k["i"])
-        event_ms = _int(d["E"])
+        interval = k["i"]
+        channel = "kline_" + interval if type(interval) is str else ""
+        if not is_valid_channel(channel):
+            raise MalformedFrame(f"expected a kline interval, got {interval!r}")
+        event_ms = _ms(d["E"])
         kline: dict[str, Any] = {
-            "v": _V, "venue": VENUE, "symbol": _str(d["s"]), "channel": "kline_" + interval, "seq": event_ms,
+            "v": _V, "venue": VENUE, "symbol": _symbol(d["s"]), "channel": channel, "seq": event_ms,
             "ts_event": event_ms * 1000, "ts_recv": ts_recv,
-            "open_time": _int(k["t"]) * 1000, "close_time": _int(k["T"]) * 1000,
+            "open_time": _ms(k["t"]) * 1000, "close_time": _ms(k["T"]) * 1000,
             "open": _str(k["o"]), "high": _str(k["h"]), "low": _str(k["l"]), "close": _str(k["c"]),
             "volume": _str(k["v"]), "quote_volume": _str(k["q"]), "trades": _int(k["n"]),
             "closed": _bool(k["x"]),
@@ -154,7 +184,7 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
     if "id" in d and ("result" in d or "error" in d):
         return Reply(id=d["id"], result=d.get("result"), error=d.get("error"))
     if e == "serverShutdown":
-        return ServerShutdown(_int(d.get("E", 0)) * 1000)
+        return ServerShutdown(_ms(d.get("E", 0)) * 1000)
     return None
 
 

@@ -47,7 +47,7 @@ PROPS: Final = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-FIXTURES: Final = Path(__file__).resolve().parent / "fixtures"
+FIXTURES: Final = Path(__file__).resolve().parents[1] / "fixtures"
 TS: Final = 1_700_000_000_000_000
 INT64_MAX: Final = 2**63 - 1
 

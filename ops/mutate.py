@@ -86,6 +86,7 @@ TARGETS: Final = (
             "tests/ingestor/test_binance.py",
             "tests/consumer_sdk/test_sequencing.py",
             "tests/ingestor/test_mutants_binance.py",
+            "tests/ingestor/test_mutants_binance_venue.py",
         ),
     ),
     # the frame parser only: the connection class around it is I/O, covered by tests/ingestor/test_wsframes.py

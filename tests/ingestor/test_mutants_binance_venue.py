@@ -1,0 +1,82 @@
+"""Binance spot as a Venue, and the parser's range and shape checks, held to exact values (docs/testing.md,
+"Mutation testing"): the stream names, subscribe messages and REST calls the session and the repairer send, and the
+error each refused field gets (it ends up in the logs, one line each)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from ingestor.binance import BINANCE_SPOT, MalformedFrame, parse_frame
+from ingestor.venue import RestCall, VenueRequest
+
+TS = 1_700_000_000_000_000
+MAX_ID = 2**63 - 1
+MAX_MS = MAX_ID // 1000
+
+
+def trade(**over: Any) -> bytes:
+    return orjson.dumps({"e": "trade", "s": "BTCUSDT", "t": 1, "T": 1, "p": "1", "q": "2", "m": False, **over})
+
+
+def refusal(raw: bytes) -> str:
+    with pytest.raises(MalformedFrame) as info:
+        parse_frame(raw, TS)
+    return str(info.value)
+
+
+def test_stream_names_both_ways() -> None:
+    assert BINANCE_SPOT.stream_name("BTCUSDT", "trade") == "btcusdt@trade"
+    assert BINANCE_SPOT.stream_name("ETHUSDT", "kline_1m") == "ethusdt@kline_1m"
+    assert BINANCE_SPOT.split_stream("btcusdt@aggTrade") == ("BTCUSDT", "agg_trade")
+    assert BINANCE_SPOT.split_stream("ethusdt@kline_1m") == ("ETHUSDT", "kline_1m")
+    assert (BINANCE_SPOT.name, BINANCE_SPOT.ws_path) == ("binance", "/stream")
+
+
+def test_subscribe_and_unsubscribe_messages_are_exactly_binances() -> None:
+    got = BINANCE_SPOT.subscribe_requests(["btcusdt@trade", "ethusdt@trade", "solusdt@trade"], 7, 2)
+    assert got == [
+        VenueRequest(7, ["btcusdt@trade", "ethusdt@trade"],
+                     '{"method":"SUBSCRIBE","params":["btcusdt@trade","ethusdt@trade"],"id":7}'),
+        VenueRequest(8, ["solusdt@trade"], '{"method":"SUBSCRIBE","params":["solusdt@trade"],"id":8}'),
+    ]
+    [one] = BINANCE_SPOT.unsubscribe_requests(["btcusdt@trade"], 3, 200)
+    assert one == VenueRequest(3, ["btcusdt@trade"], '{"method":"UNSUBSCRIBE","params":["btcusdt@trade"],"id":3}')
+    assert BINANCE_SPOT.subscribe_requests([], 1, 200) == []
+
+
+def test_rest_calls_are_exactly_binances() -> None:
+    assert BINANCE_SPOT.backfill_call("trade", "BTCUSDT", 42, 1000) == RestCall(
+        "/api/v3/historicalTrades", {"symbol": "BTCUSDT", "fromId": 42, "limit": 1000})
+    assert BINANCE_SPOT.backfill_call("agg_trade", "ETHUSDT", 0, 500) == RestCall(
+        "/api/v3/aggTrades", {"symbol": "ETHUSDT", "fromId": 0, "limit": 500})
+    assert BINANCE_SPOT.backfill_call("book_ticker", "BTCUSDT", 1, 10) is None  # no history to fetch
+    assert BINANCE_SPOT.snapshot_call("BTCUSDT", 1000) == RestCall(
+        "/api/v3/depth", {"symbol": "BTCUSDT", "limit": 1000})
+
+
+def test_ids_reach_int64_and_no_further() -> None:
+    tick = parse_frame(trade(t=MAX_ID), TS)
+    assert isinstance(tick, dict) and tick["seq"] == MAX_ID
+    assert refusal(trade(t=MAX_ID + 1)) == f"integer out of range (at most {MAX_ID}), got {MAX_ID + 1}"
+
+
+def test_times_in_ms_must_fit_int64_as_microseconds() -> None:
+    tick = parse_frame(trade(T=MAX_MS), TS)
+    assert isinstance(tick, dict) and tick["ts_event"] == MAX_MS * 1000
+    assert refusal(trade(T=MAX_MS + 1)) == f"integer out of range (at most {MAX_MS}), got {MAX_MS + 1}"
+
+
+@pytest.mark.parametrize("bad", [5, "", "BTC:USDT", "A" * 65, None])
+def test_a_symbol_that_is_not_one_key_part_is_named(bad: Any) -> None:
+    assert refusal(trade(s=bad)) == f"expected a symbol, got {bad!r}"
+
+
+@pytest.mark.parametrize("bad", [5, None, "x:y"])
+def test_a_kline_interval_that_is_not_a_channel_is_named(bad: Any) -> None:
+    raw = orjson.dumps({"e": "kline", "E": 1, "s": "BTCUSDT", "k": {
+        "t": 0, "T": 59_999, "s": "BTCUSDT", "i": bad, "o": "1", "c": "1", "h": "1", "l": "1", "v": "1", "n": 1,
+        "x": False, "q": "1"}})
+    assert refusal(raw) == f"expected a kline interval, got {bad!r}"

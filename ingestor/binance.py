@@ -15,11 +15,17 @@ stream names, its SUBSCRIBE/UNSUBSCRIBE messages and its REST calls, for the ses
 
 A frame that is not valid JSON or lacks a field its event type requires raises
 :class:`MalformedFrame`; the caller counts and skips it.  Prices and quantities
-are copied as the venue's strings; times become microseconds.  So is a frame whose
-values could not be stored as they are: a price that is no plain decimal string (NaN,
-a sign, spaces, more than 24 digits on either side of the point), an id or a time
-(in µs) past int64, a symbol that is not 1 to 64 letters, digits, ``_``, ``.`` or
-``-`` (it names the stream key), a kline interval Binance does not have.
+are copied as the venue's strings; times become microseconds.
+
+Nothing a tick may not hold gets through, each refusal named by its ``kind`` (:data:`PARSE_REFUSALS`):
+``invalid_utf8`` (bytes that are not UTF-8), ``too_deep`` (JSON nested deeper than orjson's limit of
+1024), ``bad_number`` (a ``NaN`` or ``Infinity`` literal, a number beyond a double, an id beyond int64, a
+price or quantity that is not a plain decimal of at most 20 integer and 18 fraction digits: ``"NaN"``,
+``"1e5"`` (Binance never writes an exponent), 100k digits), ``bad_value`` (a zero or negative price or
+quantity, a negative id or time), and ``malformed`` for the rest (not JSON, a field missing or of the
+wrong type; a symbol that is not 1 to 64 letters, digits, ``_``, ``.`` or ``-``, since it names the stream
+key; a kline interval Binance does not have).  Prices and quantities of trades and book tickers and a kline's
+prices must be above zero; a kline's volumes may be zero.
 
 ``seq`` is the venue's own monotonic id: trade id, aggregate id, book update id.  Klines carry
 no id; their ``seq`` is the event time in milliseconds (``E``), which strictly increases per
@@ -42,6 +48,7 @@ from ingestor.venue import Heartbeat, MalformedFrame, Reply, RestCall, ServerShu
 __all__ = [
     "BINANCE_CHANNELS",
     "BINANCE_SPOT",
+    "PARSE_REFUSALS",
     "BinanceSpot",
     "MalformedFrame",
     "Reply",
@@ -76,32 +83,41 @@ def stream_to_channel(stream: str) -> tuple[str, str]:
         raise ValueError(f"not a stream this project carries: {stream!r}") from None
 
 
-#: the largest id a tick carries, and the largest time in ms (its µs must fit too): int64
-_MAX_ID: Final = 2**63 - 1
-_MAX_MS: Final = _MAX_ID // 1000
-#: a decimal string as Binance writes one: digits, an optional fraction, an optional exponent
-_DECIMAL: Final = re.compile(r"[0-9]{1,24}(?:\.[0-9]{0,24})?(?:[eE][-+]?[0-9]{1,3})?").fullmatch
+#: the kinds of :class:`MalformedFrame` :func:`parse_frame` raises (see the module doc)
+PARSE_REFUSALS: Final = ("malformed", "invalid_utf8", "too_deep", "bad_number", "bad_value")
+
+_INT64_MAX: Final = (1 << 63) - 1
+#: the latest time in ms whose µs still fit an int64
+_MS_MAX: Final = _INT64_MAX // 1000
+#: a plain decimal above zero, at most 20 integer and 18 fraction digits: the hot path's one check per value
+_POSITIVE: Final = re.compile(r"(?=[0-9.]*[1-9])[0-9]{1,20}(?:\.[0-9]{0,18})?").fullmatch
+_NON_NEGATIVE: Final = re.compile(r"[0-9]{1,20}(?:\.[0-9]{0,18})?").fullmatch
+#: a decimal with a sign (only asked once the value was refused: zero or negative, or not a decimal at all)
+_SIGNED: Final = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{0,18})?").fullmatch
 #: a symbol that is one part of a stream key
 _SYMBOL: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}").fullmatch
 
 
-def _int(value: Any, top: int = _MAX_ID) -> int:
-    if type(value) is not int or value < 0:
-        raise MalformedFrame(f"expected a non-negative integer, got {value!r}")
-    if value > top:
-        raise MalformedFrame(f"integer out of range (at most {top}), got {value!r}")
+def _int(value: Any, limit: int = _INT64_MAX) -> int:
+    if type(value) is not int or not 0 <= value <= limit:
+        raise _refused_int(value, limit)
     return value
+
+
+def _refused_int(value: Any, limit: int) -> MalformedFrame:
+    if type(value) is int and value > limit:
+        return MalformedFrame(f"integer out of range (at most {limit}), got {value!r}", "bad_number")
+    kind = "malformed"
+    if type(value) is int:
+        kind = "bad_value"  # below zero
+    elif type(value) is float and not value < _INT64_MAX:
+        kind = "bad_number"  # orjson reads an integer beyond 64 bits as a double
+    return MalformedFrame(f"expected a non-negative integer, got {value!r}", kind)
 
 
 def _ms(value: Any) -> int:
-    """A time in ms whose µs fit int64."""
-    return _int(value, _MAX_MS)
-
-
-def _str(value: Any) -> str:
-    if type(value) is not str or not _DECIMAL(value):
-        raise MalformedFrame(f"expected a decimal string, got {value!r}")
-    return value
+    """A time in ms whose µs fit an int64."""
+    return _int(value, _MS_MAX)
 
 
 def _symbol(value: Any) -> str:
@@ -110,10 +126,47 @@ def _symbol(value: Any) -> str:
     return value
 
 
+def _refused_decimal(value: Any, what: str) -> MalformedFrame:
+    if type(value) is not str:
+        return MalformedFrame(f"expected a decimal string, got {value!r}")
+    if _SIGNED(value) is not None:
+        return MalformedFrame(f"expected {what} decimal, got {value!r}", "bad_value")
+    return MalformedFrame(f"expected {what} plain decimal, got {value[:40]!r} ({len(value)} chars)", "bad_number")
+
+
+def _pos(value: Any) -> str:
+    """A price or quantity: a plain decimal string above zero."""
+    if type(value) is str and _POSITIVE(value) is not None:
+        return value
+    raise _refused_decimal(value, "a positive")
+
+
+def _nonneg(value: Any) -> str:
+    """A volume: a plain decimal string, zero or more."""
+    if type(value) is str and _NON_NEGATIVE(value) is not None:
+        return value
+    raise _refused_decimal(value, "a non-negative")
+
+
 def _bool(value: Any) -> bool:
     if type(value) is not bool:
         raise MalformedFrame(f"expected a boolean, got {value!r}")
     return value
+
+
+def _not_json(raw: str | bytes, exc: orjson.JSONDecodeError) -> MalformedFrame:
+    """The refusal of a frame orjson could not read, by what it said (the rare path)."""
+    msg = str(exc)
+    if "UTF-8" in msg:
+        kind = "invalid_utf8"
+    elif "depth" in msg or "recursion" in msg:
+        kind = "too_deep"
+    elif "number" in msg:
+        kind = "bad_number"
+    else:
+        at = raw[exc.pos : exc.pos + 9] if isinstance(raw, str) else raw[exc.pos : exc.pos + 9].decode("latin-1")
+        kind = "bad_number" if at.startswith(("NaN", "Infinity", "-Infinity")) else "malformed"
+    return MalformedFrame(f"not JSON: {msg[:200]}", kind)
 
 
 def parse_frame(raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerShutdown | None:
@@ -121,7 +174,7 @@ def parse_frame(raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerShutdown
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise MalformedFrame(f"not JSON: {exc}") from None
+        raise _not_json(raw, exc) from None
     if type(obj) is not dict:
         raise MalformedFrame("not a JSON object")
     data = obj.get("data")
@@ -140,7 +193,7 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
         trade: dict[str, Any] = {
             "v": _V, "venue": VENUE, "symbol": _symbol(d["s"]), "channel": "trade", "seq": t,
             "ts_event": _ms(d["T"]) * 1000, "ts_recv": ts_recv,
-            "trade_id": t, "price": _str(d["p"]), "qty": _str(d["q"]),
+            "trade_id": t, "price": _pos(d["p"]), "qty": _pos(d["q"]),
             "side": "sell" if _bool(d["m"]) else "buy",
         }
         return trade  # type: ignore[return-value]
@@ -149,7 +202,7 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
         agg: dict[str, Any] = {
             "v": _V, "venue": VENUE, "symbol": _symbol(d["s"]), "channel": "agg_trade", "seq": a,
             "ts_event": _ms(d["T"]) * 1000, "ts_recv": ts_recv,
-            "trade_id": a, "price": _str(d["p"]), "qty": _str(d["q"]),
+            "trade_id": a, "price": _pos(d["p"]), "qty": _pos(d["q"]),
             "side": "sell" if _bool(d["m"]) else "buy",
             "first_trade_id": _int(d["f"]), "last_trade_id": _int(d["l"]),
         }
@@ -161,8 +214,8 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
         book: dict[str, Any] = {
             "v": _V, "venue": VENUE, "symbol": _symbol(d["s"]), "channel": "book_ticker", "seq": u,
             "ts_event": ts_recv if ev is None else _ms(ev) * 1000, "ts_recv": ts_recv,
-            "bid_px": _str(d["b"]), "bid_qty": _str(d["B"]),
-            "ask_px": _str(d["a"]), "ask_qty": _str(d["A"]), "update_id": u,
+            "bid_px": _pos(d["b"]), "bid_qty": _pos(d["B"]),
+            "ask_px": _pos(d["a"]), "ask_qty": _pos(d["A"]), "update_id": u,
         }
         return book  # type: ignore[return-value]
     if e == "kline":
@@ -176,8 +229,8 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
             "v": _V, "venue": VENUE, "symbol": _symbol(d["s"]), "channel": channel, "seq": event_ms,
             "ts_event": event_ms * 1000, "ts_recv": ts_recv,
             "open_time": _ms(k["t"]) * 1000, "close_time": _ms(k["T"]) * 1000,
-            "open": _str(k["o"]), "high": _str(k["h"]), "low": _str(k["l"]), "close": _str(k["c"]),
-            "volume": _str(k["v"]), "quote_volume": _str(k["q"]), "trades": _int(k["n"]),
+            "open": _pos(k["o"]), "high": _pos(k["h"]), "low": _pos(k["l"]), "close": _pos(k["c"]),
+            "volume": _nonneg(k["v"]), "quote_volume": _nonneg(k["q"]), "trades": _int(k["n"]),
             "closed": _bool(k["x"]),
         }
         return kline  # type: ignore[return-value]

@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from consumer_sdk.core.errors import ConfigError
 from consumer_sdk.core.latency import LatencyHistogram
 from distributor.writer import REJECTION_REASONS
+from ingestor.pipeline import SKIP_REASONS
 from ingestor.rest import REFUSAL_KINDS
 from ingestor.snapshot import Snapshotting
 
@@ -181,10 +182,17 @@ class IngestorCollector(Collector):
         accepted.add_metric([venue], sum(x.ticks for x in sessions))
         yield accepted
         frames = CounterMetricFamily(
-            "market_frames_skipped", "Venue frames skipped", labels=["venue", "reason"]
+            "market_frames_skipped",
+            "Venue frames skipped, by reason: events not carried (unsupported) and what was refused, by kind "
+            "(docs/hostile-input.md)",
+            labels=["venue", "reason"],
         )
-        frames.add_metric([venue, "malformed"], sum(x.malformed for x in sessions))
-        frames.add_metric([venue, "unsupported"], sum(x.unsupported for x in sessions))
+        for reason in SKIP_REASONS:
+            if reason == "unsupported":
+                n = sum(x.unsupported for x in sessions)
+            else:
+                n = sum(x.refused.get(reason, 0) for x in sessions)
+            frames.add_metric([venue, reason], n)
         yield frames
 
         gaps = CounterMetricFamily("market_gap", "Gaps in venue sequence ids", labels=["venue", "channel"])

@@ -10,7 +10,7 @@ with the venue's :meth:`~ingestor.venue.Venue.parse_frame`, checks each tick's `
 - ``event``: the frame the caller must act on before the rest, where processing stopped: a
   :class:`GapFound` (the tick that revealed a hole in a stream's ids, and the hole), a
   :class:`~ingestor.venue.Reply`, a :class:`~ingestor.venue.ServerShutdown`, a :class:`BadFrame`
-  (malformed: to log) or a :class:`LoopError` (an unexpected exception: the connection ends);
+  (a frame refused, with its kind: to log) or a :class:`LoopError` (an unexpected exception: the connection ends);
 - ``resume``: where to go on, ``process(ts, frames, resume)``, once the event is dealt with.
 
 It stops at an event so the caller acts on it in the order the venue sent it: every tick before a
@@ -19,6 +19,14 @@ handled between the frames around it, as they came.  Events are rare (a gap, a r
 time), so the common call processes the whole read at once.  Duplicates and late ticks are counted
 and dropped; events this project does not carry are counted.
 
+Refused, counted by kind in :attr:`IngestPipeline.refused` and never stored (a :class:`BadFrame` each):
+what the venue's parser refuses (its kinds, for Binance :data:`ingestor.binance.PARSE_REFUSALS`), a tick of a
+stream not subscribed (``unsubscribed``: a channel not carried for a symbol that is; ``unknown_symbol``: a
+symbol no stream carries; checked when the caller passes ``carried``), and a tick whose id jumps ahead of
+its stream's last by more than ``max_jump`` (``id_jump``: no real gap is that wide, and taking it would make
+every later id of the venue a duplicate; the stream goes on after its last id as if it never came).
+:data:`SKIP_REASONS` lists every reason a frame is skipped, with those the connection counts.
+
 The session (:mod:`ingestor.session`) owns the I/O around it: the socket, the repair task, the ingress
 queue's ``offer``/``put`` (backpressure), and the latency samples.  ``market bench ingest`` feeds
 frames through the session's :meth:`~ingestor.session.VenueSession.ingest`, which runs this.
@@ -26,9 +34,9 @@ frames through the session's :meth:`~ingestor.session.VenueSession.ingest`, whic
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
-from itertools import islice
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
 
 from consumer_sdk.core.sequencing import Verdict
 from consumer_sdk.core.tick import Tick
@@ -36,6 +44,9 @@ from ingestor.sequencer import GapReport, Sequencer
 from ingestor.venue import MalformedFrame, Reply, ServerShutdown, Venue
 
 __all__ = [
+    "CONNECTION_REFUSALS",
+    "MAX_ID_JUMP",
+    "SKIP_REASONS",
     "BadFrame",
     "Event",
     "GapFound",
@@ -46,6 +57,22 @@ __all__ = [
 ]
 
 Ident = tuple[str, str, str]
+
+#: an id this far ahead of its stream's last is refused (``id_jump``): 2^40, a million years of a busy
+#: Binance symbol's trades (BTCUSDT made about 5e9 in its first seven years), yet far below int64
+MAX_ID_JUMP: Final = 1 << 40
+
+#: what the connection refuses before any frame reaches the pipeline (:mod:`ingestor.wsframes`,
+#: :mod:`ingestor.session`): a message over the size limit, a binary message, pings beyond the rate
+#: answered, a frame the protocol forbids, our pings left unanswered (the connection is dropped)
+CONNECTION_REFUSALS: Final = ("too_large", "binary", "ping_flood", "protocol", "no_pong")
+
+#: every reason a venue frame is skipped (``market_frames_skipped``): events not carried, what the Binance
+#: parser refuses, what the pipeline refuses, what the connection refuses
+SKIP_REASONS: Final = (
+    "unsupported", "malformed", "invalid_utf8", "too_deep", "bad_number", "bad_value", "unsubscribed",
+    "unknown_symbol", "id_jump", *CONNECTION_REFUSALS,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +86,12 @@ class GapFound:
 
 @dataclass(frozen=True, slots=True)
 class BadFrame:
-    """A frame the venue's parser refused (counted in ``malformed``): why, and the frame."""
+    """A frame refused (counted in :attr:`IngestPipeline.refused` under ``kind``; in ``malformed`` too when the
+    venue's parser refused it): why, the frame, and the kind."""
 
     error: str
     raw: bytes | str
+    kind: str = "malformed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +118,8 @@ class Ingested:
 @dataclass(frozen=True, slots=True)
 class PipelineStats:
     """Counters since start: frames received, ticks accepted (stored or held), ticks rejected
-    (duplicate or late), frames malformed, events not carried; when the last frame arrived (µs)."""
+    (duplicate or late), frames malformed, events not carried; when the last frame arrived (µs); frames
+    refused by kind (a copy)."""
 
     frames: int
     ticks: int
@@ -97,6 +127,7 @@ class PipelineStats:
     malformed: int
     unsupported: int
     last_frame_us: int
+    refused: Mapping[str, int] = field(default_factory=dict)
 
 
 class IngestPipeline:
@@ -105,35 +136,47 @@ class IngestPipeline:
 
     ``holding`` holds the ``(venue, symbol, channel)`` of the streams under repair now (the repairer's
     ``holds``; only read, and the same object for the pipeline's life); without it no tick is held.
+    ``max_jump``: how far ahead of its stream's last id a tick's id may be (see the module doc).
     """
 
-    __slots__ = ("_check", "_holding", "_parse", "frames", "last_frame_us", "malformed", "rejected", "ticks",
-                 "unsupported", "venue")
+    __slots__ = ("_check", "_holding", "_max_jump", "_parse", "_sequencer", "frames", "last_frame_us", "malformed",
+                 "refused", "rejected", "ticks", "unsupported", "venue")
 
-    def __init__(self, venue: Venue, sequencer: Sequencer, holding: Collection[Ident] | None = None) -> None:
+    def __init__(
+        self, venue: Venue, sequencer: Sequencer, holding: Collection[Ident] | None = None, *,
+        max_jump: int = MAX_ID_JUMP,
+    ) -> None:
         self.venue = venue
         self._parse = venue.parse_frame
+        self._sequencer = sequencer
         self._check = sequencer.check
         self._holding: Collection[Ident] = holding if holding is not None else {}
+        self._max_jump = max_jump
         self.frames = 0
         self.ticks = 0
         self.rejected = 0
         self.malformed = 0
         self.unsupported = 0
         self.last_frame_us = 0
+        #: frames refused, by kind (see the module doc)
+        self.refused: dict[str, int] = {}
 
     def stats(self) -> PipelineStats:
         return PipelineStats(
             frames=self.frames, ticks=self.ticks, rejected=self.rejected, malformed=self.malformed,
-            unsupported=self.unsupported, last_frame_us=self.last_frame_us,
+            unsupported=self.unsupported, last_frame_us=self.last_frame_us, refused=dict(self.refused),
         )
 
-    def process(self, ts: int, frames: Sequence[bytes | str], start: int = 0) -> Ingested:
+    def process(
+        self, ts: int, frames: Sequence[bytes | str], start: int = 0,
+        carried: Mapping[str, Collection[str]] | None = None,
+    ) -> Ingested:
         """``frames[start:]``, received at ``ts`` (µs since the epoch, one socket read), up to and including
         the first frame that needs the caller (``event``); never raises.
 
-        The frames are counted once, on the call with ``start == 0``.  Cost: per frame, one parse and one
-        sequencer check; per call, two lists and the result.
+        ``carried``: the channels subscribed, by symbol; a tick of another stream is refused (None: every
+        stream is taken).  The frames are counted once, on the call with ``start == 0``.  Cost: per frame,
+        one parse and one sequencer check (with ``carried``, two lookups more); per call, two lists and the result.
         """
         if not start:
             self.frames += len(frames)
@@ -152,15 +195,25 @@ class IngestPipeline:
         resume = len(frames)
         i = start
         try:
-            for i, raw in enumerate(islice(frames, start, None) if start else frames, start):
+            # by index after an event: skipping `start` frames of an iterator would make a flood quadratic
+            for i, raw in enumerate(frames) if not start else ((j, frames[j]) for j in range(start, len(frames))):
                 try:
                     r = parse(raw, ts)
                 except MalformedFrame as exc:
                     self.malformed += 1
-                    event = BadFrame(str(exc), raw)
+                    event = self._refuse(exc.kind, str(exc), raw)
                     resume = i + 1
                     break
                 if type(r) is dict:
+                    if carried is not None:
+                        channels = carried.get(r["symbol"])
+                        if channels is None or r["channel"] not in channels:
+                            event = self._refuse(
+                                "unknown_symbol" if channels is None else "unsubscribed",
+                                f"{r['symbol']} {r['channel']} is not subscribed", raw,
+                            )
+                            resume = i + 1
+                            break
                     verdict = check(r)
                     if verdict is ok:
                         accepted += 1
@@ -169,6 +222,13 @@ class IngestPipeline:
                         else:
                             store(r)
                     elif type(verdict) is GapReport:
+                        if verdict.last - verdict.first >= self._max_jump:
+                            self._sequencer.retract(verdict)
+                            event = self._refuse(
+                                "id_jump", f"id {r['seq']} jumps {verdict.last - verdict.first + 1} ids ahead", raw
+                            )
+                            resume = i + 1
+                            break
                         accepted += 1
                         if hold_any and (r["venue"], r["symbol"], r["channel"]) in holding:
                             held.append(r)  # a hole among held ticks: the repairer marks it when it releases them
@@ -192,3 +252,8 @@ class IngestPipeline:
             self.rejected += rejected
             self.unsupported += unsupported
         return Ingested(ticks, held, event, resume)
+
+    def _refuse(self, kind: str, error: str, raw: bytes | str) -> BadFrame:
+        refused = self.refused
+        refused[kind] = refused.get(kind, 0) + 1
+        return BadFrame(error, raw, kind)

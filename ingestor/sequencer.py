@@ -94,6 +94,18 @@ class Sequencer:
         if tracker is not None:
             tracker.fill(first, last)
 
+    def retract(self, gap: GapReport) -> None:
+        """Take back the tick :meth:`check` just accepted with ``gap`` (the caller refused it after all): its stream
+        goes on after ``gap.first - 1``, the hole and the tick are no longer counted."""
+        tracker = self._trackers.get((gap.venue, gap.symbol, gap.channel))
+        if tracker is None or tracker.last != gap.last + 1:
+            return
+        tracker.fill(gap.first, gap.last)
+        tracker.last = gap.first - 1
+        tracker.accepted -= 1
+        tracker.gaps -= 1
+        tracker.gap_ticks -= gap.last - gap.first + 1
+
     def release(self, venue: str, symbol: str, channel: str) -> None:
         """Forget a stream's state (it was unsubscribed); a later seed or tick starts it again."""
         self._trackers.pop((venue, symbol, channel), None)

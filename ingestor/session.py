@@ -25,7 +25,11 @@ ingress ``offer``/``put`` (backpressure) with the ingest latency samples.
   only once the new one is live.  The overlap is deduplicated by the sequencer.
 
 Nothing the venue sends can raise out of the read loop: malformed frames, unknown events
-and replies to requests we never sent are counted and logged at most once a second.
+and replies to requests we never sent are counted and logged at most once a second.  Every frame
+refused (by the venue's parser, the pipeline, or the connection: see :data:`ingestor.pipeline.SKIP_REASONS`)
+is counted by kind in the pipeline's ``refused`` and logged (``frame_refused``) at most once a second per
+kind; frames read off a connection must be of a stream this session subscribed.  Which refusals end the
+connection and which keep it: docs/hostile-input.md.
 """
 
 from __future__ import annotations
@@ -152,6 +156,11 @@ class VenueSession:
         self.settings = s = settings or SessionSettings()
         self._backoff = backoff or Backoff(base=s.backoff_base, cap=s.backoff_cap)
         self._throttle = Throttle(log)
+        #: one throttle per kind of refusal: a flood of one kind never hides another
+        self._refusal_logs: dict[str, Throttle] = {}
+        #: the channels subscribed (or being subscribed), by symbol: a tick read of any other stream is refused
+        self._carried: dict[str, set[str]] = {}
+        self._carry(streams)
         self._next_request = 1
         self.lifecycle = Lifecycle()
         self.connects = 0
@@ -200,6 +209,29 @@ class VenueSession:
     @property
     def last_frame_us(self) -> int:
         return self.pipeline.last_frame_us
+
+    @property
+    def refused(self) -> dict[str, int]:
+        """Frames refused by kind, the connections' refusals included (the pipeline's counter, live)."""
+        return self.pipeline.refused
+
+    def _carry(self, streams: Sequence[str]) -> None:
+        for name in streams:
+            symbol, channel = self.venue.split_stream(name)
+            self._carried.setdefault(symbol, set()).add(channel)
+
+    def _on_refused(self, kind: str, detail: str, sample: bytes | str = b"") -> None:
+        """A refusal the connection saw (the pipeline counts its own): counted with them, and logged."""
+        refused = self.pipeline.refused
+        refused[kind] = refused.get(kind, 0) + 1
+        self._log_refusal(kind, detail, sample)
+
+    def _log_refusal(self, kind: str, detail: str, sample: bytes | str) -> None:
+        throttle = self._refusal_logs.get(kind)
+        if throttle is None:
+            throttle = self._refusal_logs[kind] = Throttle(log)
+        throttle.log(logging.WARNING, "frame_refused", session=self.session_id, kind=kind, error=detail[:200],
+                     sample=str(sample[:200]))
 
     def _to(self, state: SessionState, reason: str, **fields: Any) -> None:
         previous = self.lifecycle.to(state, reason)
@@ -292,6 +324,15 @@ class VenueSession:
         ws = await self._connector.connect(
             self.url, open_timeout=s.open_timeout, ping_interval=s.ping_interval, ping_timeout=s.ping_timeout
         )
+        seen = getattr(ws, "refused", None)
+        if isinstance(seen, dict):  # a connection that counts what it refuses: from now on with the session
+            for kind, n in seen.items():
+                self._on_refused(kind, f"{n} before the session took the connection")
+            ws.on_refused = self._on_refused  # type: ignore[attr-defined]
+        if not rotating:
+            # A new connection subscribes exactly these (the old one is gone): streams given up meanwhile too.
+            self._carried = {}
+            self._carry(self.streams)
         link = _Link(ws, self.sample_every)
         self._links.add(link)
         self.connects += 1
@@ -388,6 +429,7 @@ class VenueSession:
         if not new:
             return
         self.streams = [*self.streams, *new]
+        self._carry(new)
         self._send_later(new, subscribe=True)
 
     def remove_streams(self, streams: list[str]) -> None:
@@ -424,6 +466,11 @@ class VenueSession:
                 if name not in self.streams:
                     symbol, channel = self.venue.split_stream(name)
                     self._sequencer.release(self.venue.name, symbol, channel)
+                    channels = self._carried.get(symbol)
+                    if channels is not None:
+                        channels.discard(channel)
+                        if not channels:
+                            del self._carried[symbol]
             return
         streams = link.pending.pop(reply.id, None) if type(reply.id) is int else None
         if streams is None:
@@ -482,6 +529,9 @@ class VenueSession:
                 if link.closing:
                     return "replaced"
         except websockets.ConnectionClosed as exc:
+            sent = exc.sent
+            if sent is not None and sent.code == 1011 and "keepalive" in sent.reason:
+                self._on_refused("no_pong", f"no pong within ping_timeout ({self.settings.ping_timeout} s)")
             return f"connection closed: {exc}"
         except Exception as exc:  # nothing from the venue may kill the session
             log.exception("read_loop_error")
@@ -492,9 +542,12 @@ class VenueSession:
         """One read's frames: the pipeline's ticks into the ingress, its events acted on in the order they came;
         None, or why the connection must end."""
         process = self.pipeline.process
+        # Frames read off a connection are of a stream subscribed; frames fed with no connection (a bench, a
+        # test) are checked only against the streams the session was given, if any.
+        carried = self._carried if link.ws is not None or self.streams else None
         start = 0
         while True:
-            out = process(ts, frames, start)
+            out = process(ts, frames, start, carried)
             if out.held:
                 # To the repairer's hold: the pipeline saw these streams held, and nothing ran since.
                 assert self._repairer is not None, "the pipeline holds ticks only for a repairer"
@@ -523,10 +576,7 @@ class VenueSession:
                 log_event(log, logging.INFO, "server_shutdown_notice", session=self.session_id, conn_id=link.conn_id)
                 link.shutdown.set()
             elif isinstance(event, BadFrame):
-                self._throttle.log(
-                    logging.WARNING, "malformed_frame", session=self.session_id,
-                    error=event.error[:200], sample=str(event.raw)[:200],
-                )
+                self._log_refusal(event.kind, event.error, event.raw)
             elif isinstance(event, LoopError):
                 log.error("read_loop_error", exc_info=event.error)
                 return f"read loop error: {event.error!r}"
@@ -616,5 +666,5 @@ class VenueSession:
             streams=len(self.streams), last_frame_us=self.last_frame_us, reconnects=self.reconnects,
             reconnect_reasons=dict(self.reconnect_reasons), stalls=self.stalls, stale=tuple(sorted(self.stale)),
             subscribe_errors=self.subscribe_errors, frames=self.frames, ticks=self.ticks, malformed=self.malformed,
-            unsupported=self.unsupported,
+            unsupported=self.unsupported, refused=dict(self.pipeline.refused),
         )

@@ -11,7 +11,7 @@ the sessions, the subscribers and the streams, and copies three latency histogra
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from consumer_sdk.core.latency import LatencyHistogram
@@ -50,6 +50,8 @@ class SessionSnapshot:
     ticks: int
     malformed: int
     unsupported: int
+    #: frames refused by kind (:data:`ingestor.pipeline.SKIP_REASONS`), the connections' refusals included
+    refused: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,15 @@ Chunk = tuple[int, list[bytes]]
 
 
 class MalformedFrame(ValueError):
-    """A frame that is not JSON, or lacks a field its event type requires."""
+    """A frame that is not JSON, lacks a field its event type requires, or carries a value no tick may hold.
+
+    ``kind`` names what was wrong, one of a small fixed set the venue's parser documents (``malformed`` when
+    nothing more precise applies): the ``reason`` label the frame is counted under.
+    """
+
+    def __init__(self, message: str, kind: str = "malformed") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True, slots=True)

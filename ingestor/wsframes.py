@@ -13,7 +13,14 @@ high rates, so :class:`FeedConnection` takes over the reading of frames once the
   handshake carried out by the library;
 - anything the venue should not send (a masked frame, reserved bits, an unknown opcode, a control frame
   over 125 bytes or fragmented, a message over ``max_size``) fails the connection through the library,
-  with the close code its own parser would use;
+  with the close code its own parser would use; a message over ``max_size`` is refused from its header, so
+  none of its payload is kept;
+- a venue sends text: on a :class:`VenueConnection` (what :class:`WebSocketConnector` opens) a binary
+  message is dropped (a fragmented one fails the connection, 1003); a plain :class:`FeedConnection` hands
+  binary messages over as data.  Of the venue's pings at most :data:`MAX_PINGS_PER_S` a second are answered, the rest dropped (RFC 6455 lets an
+  endpoint answer only the latest ping), so a ping flood costs no more than a few pongs;
+- each of these is counted in :attr:`FeedConnection.refused` by kind (``too_large``, ``binary``,
+  ``ping_flood``, ``protocol``) and reported to :attr:`FeedConnection.on_refused` when set;
 - a reader that falls behind pauses the socket (at most ``max_pending`` frames wait; reading resumes
   when the reader takes them), so memory stays bounded.  A pause stops the venue's pongs too: a reader
   stuck for longer than the keepalive timeout ends the connection (1011), as with the library's own
@@ -33,7 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, cast
 
 import websockets
@@ -46,10 +53,12 @@ from ingestor.venue import Chunk
 
 __all__ = [
     "DEFAULT_MAX_PENDING",
+    "MAX_PINGS_PER_S",
     "Chunk",
     "FeedConnection",
     "FrameError",
     "HandshakeRefused",
+    "VenueConnection",
     "WebSocketConnector",
     "read_frames",
 ]
@@ -57,26 +66,34 @@ __all__ = [
 #: frames waiting for the reader before the socket is paused
 DEFAULT_MAX_PENDING: Final = 16_384
 
+#: the venue's pings answered in one second; the rest are dropped (counted ``ping_flood``)
+MAX_PINGS_PER_S: Final = 10
+
 _CONTROL: Final = (Opcode.CLOSE, Opcode.PING, Opcode.PONG)
+#: the kind a frame error is counted under, by its close code
+_ERROR_KINDS: Final[dict[int, str]] = {CloseCode.MESSAGE_TOO_BIG: "too_large", CloseCode.UNSUPPORTED_DATA: "binary"}
 _MAX_HEAD: Final = 1 << 16  # an HTTP response head longer than this goes to the library as it is
 
 
 class FrameError(Exception):
-    """A frame the venue must not send; ``code`` is the WebSocket close code to fail the connection with."""
+    """A frame the venue must not send; ``code`` is the WebSocket close code to fail the connection with,
+    ``kind`` what it is counted as (``too_large``, ``binary`` or ``protocol``)."""
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
         self.code = code
+        self.kind = _ERROR_KINDS.get(code, "protocol")
 
 
 def read_frames(
     buf: bytes | bytearray, pos: int, max_size: int, data: list[bytes], control: list[tuple[int, bytes]],
-    partial: list[bytes] | None,
+    partial: list[bytes] | None, binary: list[bytes] | None = None,
 ) -> tuple[int, list[bytes] | None, bool]:
     """Cut the whole frames of ``buf`` from ``pos`` (server frames: unmasked).
 
     Appends complete messages to ``data`` and control frames to ``control`` as ``(opcode, payload)``;
     ``partial`` holds the fragments of a message still being received.  Stops after a close frame.
+    With ``binary``, binary messages go there instead of ``data``, and a fragmented one is refused (1003).
     Returns ``(where the first incomplete frame starts, partial, whether a close frame was read)``.
     Raises :class:`FrameError` on a frame the protocol forbids.
     """
@@ -113,7 +130,11 @@ def read_frames(
         if opcode == 1 or opcode == 2:
             if partial is not None:
                 raise FrameError(CloseCode.PROTOCOL_ERROR, "expected a continuation frame")
-            if b0 & 0x80:
+            if opcode == 2 and binary is not None:
+                if not b0 & 0x80:
+                    raise FrameError(CloseCode.UNSUPPORTED_DATA, "fragmented binary message")
+                binary.append(payload)
+            elif b0 & 0x80:
                 data.append(payload)
             else:
                 partial = [payload]
@@ -143,6 +164,8 @@ class FeedConnection(ClientConnection):
     (see the module doc); pass it to ``connect(create_connection=...)`` and read with :meth:`chunks`."""
 
     max_pending = DEFAULT_MAX_PENDING
+    #: binary messages are handed over as data (True) or dropped and counted (False)
+    binary_data = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -159,6 +182,12 @@ class FeedConnection(ClientConnection):
         self._waiter: asyncio.Future[None] | None = None
         limit = self.protocol.max_message_size
         self._limit = limit if limit is not None else 1 << 62
+        #: what the venue sent that was refused, by kind (see the module doc)
+        self.refused: dict[str, int] = {}
+        #: called with the kind and a description of each refusal, once set (the session's counter and log)
+        self.on_refused: Callable[[str, str], None] | None = None
+        self._ping_second = 0.0
+        self._pings = 0
 
     # -- the transport's callbacks ---------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -194,13 +223,18 @@ class FeedConnection(ClientConnection):
             src = data
         frames: list[bytes] = []
         control: list[tuple[int, bytes]] = []
+        binary: list[bytes] | None = None if self.binary_data else []
         try:
-            pos, self._partial, closed = read_frames(src, 0, self._limit, frames, control, self._partial)
+            pos, self._partial, closed = read_frames(src, 0, self._limit, frames, control, self._partial, binary)
         except FrameError as exc:
             if frames and open_:  # the whole frames before the bad one are the venue's data: hand them over
                 self._deliver(frames)
+            self._refuse(exc.kind, str(exc))
             self._fail(exc.code, str(exc))
             return
+        if binary:
+            for payload in binary:
+                self._refuse("binary", f"binary message of {len(payload)} bytes dropped")
         if src is buf:
             del buf[:pos]
         elif pos < len(data):
@@ -211,6 +245,8 @@ class FeedConnection(ClientConnection):
             for opcode, payload in control:
                 if not open_ and opcode != Opcode.CLOSE:
                     continue  # closing: only the venue's close frame matters now
+                if opcode == Opcode.PING and self._ping_flood():
+                    continue
                 try:
                     self.protocol.recv_frame(Frame(Opcode(opcode), payload))
                 except ProtocolError as exc:
@@ -271,6 +307,23 @@ class FeedConnection(ClientConnection):
         await super().close(code, reason)
 
     # -- private -------------------------------------------------------------------------------------------------
+    def _refuse(self, kind: str, detail: str) -> None:
+        self.refused[kind] = self.refused.get(kind, 0) + 1
+        if self.on_refused is not None:
+            self.on_refused(kind, detail)
+
+    def _ping_flood(self) -> bool:
+        """Whether this ping is one too many this second (then it is counted, and left unanswered)."""
+        now = time.monotonic()
+        if now - self._ping_second >= 1.0:
+            self._ping_second = now
+            self._pings = 0
+        self._pings += 1
+        if self._pings <= MAX_PINGS_PER_S:
+            return False
+        self._refuse("ping_flood", f"more than {MAX_PINGS_PER_S} pings in a second")
+        return True
+
     def _deliver(self, frames: list[bytes]) -> None:
         self._chunks.append((time.time_ns() // 1000, frames))
         self._pending += len(frames)
@@ -317,6 +370,12 @@ class FeedConnection(ClientConnection):
             self.process_event(event)
 
 
+class VenueConnection(FeedConnection):
+    """A venue's connection: it sends text, so a binary message is dropped and counted (see the module doc)."""
+
+    binary_data = False
+
+
 class HandshakeRefused(Exception):
     """The venue refused the WebSocket handshake (or the URL is not one): ``status`` is the HTTP status
     (400 for a URL that is not a WebSocket URL), ``retry_after`` its ``Retry-After`` header, if any."""
@@ -328,9 +387,9 @@ class HandshakeRefused(Exception):
 
 
 class WebSocketConnector:
-    """Opens :class:`FeedConnection` s with the ``websockets`` library (the real
+    """Opens :class:`VenueConnection` s with the ``websockets`` library (the real
     :class:`~ingestor.venue.Connector`): no compression, messages up to 1 MiB, at most 64 queued by the
-    library before the switch, 2 s for the closing handshake.  A refused handshake raises
+    library before the switch, 2 s for the closing handshake, binary messages dropped.  A refused handshake raises
     :class:`HandshakeRefused`; anything else (DNS, TCP, TLS, a timeout) raises as the library does.
     """
 
@@ -342,7 +401,7 @@ class WebSocketConnector:
         try:
             ws = await connect(
                 url, open_timeout=open_timeout, ping_interval=ping_interval, ping_timeout=ping_timeout,
-                close_timeout=2, max_size=2**20, max_queue=64, compression=None, create_connection=FeedConnection,
+                close_timeout=2, max_size=2**20, max_queue=64, compression=None, create_connection=VenueConnection,
             )
         except websockets.InvalidURI as exc:
             raise HandshakeRefused(f"invalid venue URL: {exc}", 400, None) from exc

@@ -222,10 +222,10 @@ class IngestPipeline:
                         else:
                             store(r)
                     elif type(verdict) is GapReport:
-                        if verdict.last - verdict.first >= self._max_jump:
+                        if r["seq"] - verdict.first + 1 > self._max_jump:  # the id minus the stream's last
                             self._sequencer.retract(verdict)
                             event = self._refuse(
-                                "id_jump", f"id {r['seq']} jumps {verdict.last - verdict.first + 1} ids ahead", raw
+                                "id_jump", f"id {r['seq']} is {r['seq'] - verdict.first + 1} ahead of the last", raw
                             )
                             resume = i + 1
                             break

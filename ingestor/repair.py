@@ -41,7 +41,7 @@ from typing import Any
 
 from consumer_sdk.core.aio import reraise_if_cancelling
 from consumer_sdk.core.backoff import Backoff
-from consumer_sdk.core.log import get_logger, log_event
+from consumer_sdk.core.log import Throttle, get_logger, log_event
 from consumer_sdk.core.tick import Tick, make_gap_marker
 from distributor.ingress import IngressQueue
 from ingestor.rest import (
@@ -243,6 +243,8 @@ class GapRepairer:
         self.hold_expired = 0
         #: REST failures and refused answers by kind
         self.refused: dict[str, int] = {}
+        #: one log throttle per kind of refusal (``rest_refused``: at most a line a second per kind)
+        self._refusal_logs: dict[str, Throttle] = {}
         self.breaker = CircuitBreaker(s.breaker_failures, s.breaker_cooldown_s)
 
     async def aclose(self) -> None:
@@ -310,8 +312,14 @@ class GapRepairer:
         self.gaps_unrepaired += 1
         self.ticks_unrepaired[channel] = self.ticks_unrepaired.get(channel, 0) + n
 
-    def _refuse(self, kind: str) -> None:
+    def _refuse(self, kind: str, error: str, retry_in_s: float | None = None) -> None:
+        """Count a REST failure or refused answer by kind and log it (``rest_refused``), at most once a second
+        per kind; ``retry_in_s``: when the request is tried again (None: it is not)."""
         self.refused[kind] = self.refused.get(kind, 0) + 1
+        throttle = self._refusal_logs.get(kind)
+        if throttle is None:
+            throttle = self._refusal_logs[kind] = Throttle(log)
+        throttle.log(logging.WARNING, "rest_refused", kind=kind, error=error[:200], retry_in_s=retry_in_s)
 
     def _allow(self, now: float) -> bool:
         """The breaker's word, logged when it lets a trial through after its cool-down."""
@@ -392,19 +400,19 @@ class GapRepairer:
                         check_page(ticks, next_id, s.page)
                         check_against(ticks, held)
                     except RestRetryable as exc:
-                        self._refuse(exc.kind)
                         delay = exc.retry_after if exc.retry_after is not None else backoff.next_delay()
                         if time.monotonic() + delay >= end:
+                            self._refuse(exc.kind, str(exc))
                             failed = True
                             reason = f"REST failing: {exc}"
                             if exc.retry_after is not None:
                                 reason += f" (the venue asks to wait {delay:g} s, past the repair's end)"
                             break
-                        log_event(log, logging.WARNING, "repair_retry", error=str(exc)[:200], delay_s=delay)
+                        self._refuse(exc.kind, str(exc), delay)
                         await asyncio.sleep(delay)
                         continue
                     except RestRefused as exc:
-                        self._refuse(exc.kind)
+                        self._refuse(exc.kind, str(exc))
                         failed = True
                         if exc.kind == "wrong_symbol":
                             fetched = []  # earlier pages came from the same mix-up
@@ -418,7 +426,7 @@ class GapRepairer:
                     next_id = ticks[-1]["seq"] + 1
         except TimeoutError:
             if in_flight:
-                self._refuse("deadline")
+                self._refuse("deadline", f"no answer within {limit:g} s")
             failed = True
             if until is not None and limit < s.deadline_s:
                 self.hold_expired += 1

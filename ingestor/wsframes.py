@@ -17,8 +17,9 @@ high rates, so :class:`FeedConnection` takes over the reading of frames once the
   none of its payload is kept;
 - a venue sends text: on a :class:`VenueConnection` (what :class:`WebSocketConnector` opens) a binary
   message is dropped (a fragmented one fails the connection, 1003); a plain :class:`FeedConnection` hands
-  binary messages over as data.  Of the venue's pings at most :data:`MAX_PINGS_PER_S` a second are answered, the rest dropped (RFC 6455 lets an
-  endpoint answer only the latest ping), so a ping flood costs no more than a few pongs;
+  binary messages over as data.  Of the venue's pings at most :data:`MAX_PINGS_PER_S` a second are
+  answered, the rest dropped (RFC 6455 lets an endpoint answer only the latest ping), so a ping flood
+  costs no more than a few pongs;
 - each of these is counted in :attr:`FeedConnection.refused` by kind (``too_large``, ``binary``,
   ``ping_flood``, ``protocol``) and reported to :attr:`FeedConnection.on_refused` when set;
 - a reader that falls behind pauses the socket (at most ``max_pending`` frames wait; reading resumes

@@ -31,8 +31,10 @@ REST (same port, GET)
 Control endpoint (same port, GET; answers the state as JSON)
     ``/control/state``; ``/control/close_all[?abort=true]``; ``/control/stall?seconds=S``;
     ``/control/refuse?seconds=S``; ``/control/faults?malformed=F&duplicate=F&out_of_order=F``;
-    ``/control/rest_faults?path=P&schedule=ITEMS``; ``/control/clear``. The same faults are
-    methods of :class:`Simulator` and settings of :class:`SimulatorConfig` applied from the start:
+    ``/control/rest_faults?path=P&schedule=ITEMS``; ``/control/hostile?kind=K&count=N`` (frames a venue
+    should never send, put into every connection's live stream: :mod:`.hostile`); ``/control/clear``. The
+    same faults are methods of :class:`Simulator` and settings of :class:`SimulatorConfig` applied from the
+    start:
 
     - close_all: every connection gets a close frame (1001), or with ``abort`` the TCP connection
       is dropped without one;

@@ -14,6 +14,8 @@ All are GET requests on the simulator's port (websockets answers GET only):
 ``/control/clear``                              end stall and refusal, all fractions to 0, no
                                                 REST fault left scheduled
 ``/control/rate?value=N``                       generate N ticks a second in total from now on
+``/control/hostile?kind=K[&count=N]``           put N frames of a hostile kind into every
+``[&seconds=S][&jump=J]``                       connection's live stream (see :mod:`.hostile`)
 ``/control/rest_faults?path=P&schedule=ITEMS``  the next requests to REST path P (``*``: any;
                                                 the default) get ITEMS instead of their answer,
                                                 one each: ``400``, ``418``, ``429:30`` (with
@@ -36,16 +38,18 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from .errors import SimulatorConfigError
+from .hostile import HostileRequest, parse_hostile
 from .rest import ALL_PATHS, RestFault, parse_rest_path, parse_rest_schedule
 
 __all__ = ["CONTROL_PREFIX", "ControlCommand", "parse_control"]
 
 CONTROL_PREFIX: Final = "/control/"
 
-Action = Literal["state", "close_all", "stall", "refuse", "faults", "clear", "rate", "rest_faults"]
+Action = Literal["state", "close_all", "stall", "refuse", "faults", "clear", "rate", "rest_faults", "hostile"]
 _ACTIONS: Final[tuple[Action, ...]] = (
-    "state", "close_all", "stall", "refuse", "faults", "clear", "rate", "rest_faults",
+    "state", "close_all", "stall", "refuse", "faults", "clear", "rate", "rest_faults", "hostile",
 )
+_HOSTILE_PARAMS: Final = ("kind", "count", "seconds", "jump")
 _RATE_NAMES: Final = ("malformed", "duplicate", "out_of_order")
 
 
@@ -60,6 +64,8 @@ class ControlCommand:
     #: rest_faults: the REST path and the faults its next requests get
     path: str = ""
     rest_faults: tuple[RestFault, ...] = ()
+    #: hostile: what to send
+    hostile: HostileRequest | None = None
 
 
 def _last(query: Mapping[str, Sequence[str]], name: str) -> str | None:
@@ -96,6 +102,14 @@ def parse_control(path: str, query: Mapping[str, Sequence[str]]) -> ControlComma
         except SimulatorConfigError as exc:
             return str(exc)
         return ControlCommand(action, path=path, rest_faults=faults)
+    if action == "hostile":
+        unknown = set(query) - set(_HOSTILE_PARAMS)
+        if unknown:
+            return f"unknown parameter {sorted(unknown)[0]!r}; expected " + ", ".join(_HOSTILE_PARAMS)
+        hostile = parse_hostile(*(_last(query, name) for name in _HOSTILE_PARAMS))
+        if isinstance(hostile, str):
+            return hostile
+        return ControlCommand(action, hostile=hostile)
     if action == "rate":
         value = _number(query, "value")
         if isinstance(value, str):

@@ -588,6 +588,12 @@ class SyntheticMarket:
     def history(self, symbol: str) -> SymbolHistory:
         return self._by_symbol[symbol].history
 
+    def last_trade_id(self, symbol: str) -> int:
+        """The id of ``symbol``'s last trade handed out by :meth:`step` (one below its first before any)."""
+        state = self._by_symbol[symbol]
+        waiting = sum(1 for kind, _, _ in state.pending if kind == "trade")
+        return state.next_trade - 1 - waiting
+
     def streams(self) -> tuple[str, ...]:
         """Every stream this market produces."""
         return tuple(name for s in self.symbols for name in stream_names(s, self.kline_intervals))

@@ -40,12 +40,14 @@ import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from .config import SimulatorConfig
 from .control import CONTROL_PREFIX, ControlCommand, parse_control
 from .errors import SimulatorConfigError
+from .hostile import HOSTILE_KINDS, HostileRequest, hostile_frames, ping_flood
 from .market import MarketEvent, SyntheticMarket, scheduled_ticks
 from .protocol import (
     FaultInjector,
@@ -208,6 +210,9 @@ class Simulator:
         self._rate_closes = 0
         self._rate = float(cfg.rate)
         self._rate_epoch = 0
+        self._hostile_sent = dict.fromkeys(HOSTILE_KINDS, 0)
+        self._no_pong_until = 0.0
+        self._pongs_withheld = 0
 
     # -- lifecycle --
 
@@ -346,6 +351,9 @@ class Simulator:
             "refuse_remaining": max(0.0, self._refuse_until - now),
             "rates": asdict(self._faults.rates),
             "rest_faults": self._rest_faults.state(),
+            "hostile_sent": dict(self._hostile_sent),
+            "withholding_pongs": now < self._no_pong_until,
+            "pongs_withheld": self._pongs_withheld,
             "stats": stats,
         }
 
@@ -432,12 +440,71 @@ class Simulator:
         self._rest_faults.schedule(path, faults)
         log.info("fault rest", extra={"fields": {"path": path, "schedule": ",".join(map(str, faults))}})
 
+    def hostile(self, request: HostileRequest) -> int:
+        """Put ``request.count`` hostile frames of ``request.kind`` into the live stream of every connection now,
+        after what it was sent so far (``no_pong``: withhold pongs for ``request.seconds``); see :mod:`.hostile`.
+        Returns how many connections got them."""
+        kind = request.kind
+        log.info("fault hostile", extra={"fields": {"kind": kind, "count": request.count}})
+        if kind == "no_pong":
+            self._no_pong_until = max(self._no_pong_until, self._now() + request.seconds)
+            self._hostile_sent[kind] += 1
+            return len(self._conns)
+        hit = 0
+        now_ms = self._clock_ms()
+        for conn in list(self._conns):
+            if conn.ws.state is not State.OPEN or conn.close_code is not None:
+                continue
+            if kind == "ping_flood":
+                data = ping_flood(request.count)
+            else:
+                symbol = self._symbol_of(conn)
+                if symbol is None:
+                    continue
+                one = hostile_frames(
+                    kind, symbol=symbol, subscribed=conn.subs.streams, combined=conn.subs.combined,
+                    last_trade_id=self.market.last_trade_id(symbol), now_ms=now_ms, jump=request.jump,
+                )
+                data = b"".join(one * request.count)
+            if conn.out:
+                self._flush(conn)
+            # Straight to the socket: a 50 MB frame must reach the client, not trip the slow-consumer close.
+            conn.ws.transport.write(data)
+            self._frames_sent += request.count
+            self._bytes_sent += len(data)
+            self._hostile_sent[kind] += request.count
+            hit += 1
+        return hit
+
+    def _symbol_of(self, conn: _Connection) -> str | None:
+        symbols = self.market.symbols
+        for name in conn.subs.streams:
+            symbol = name.partition("@")[0].upper()
+            if symbol in symbols:
+                return symbol
+        return None
+
+    def _withhold_pongs(self, conn: _Connection) -> None:
+        """From now on the connection's pongs are not sent while a ``no_pong`` fault is in force."""
+        protocol = conn.ws.protocol
+        send_frame = protocol.send_frame
+
+        def send(frame: Frame) -> None:
+            if frame.opcode is Opcode.PONG and self._now() < self._no_pong_until:
+                self._pongs_withheld += 1
+                return
+            send_frame(frame)
+
+        protocol.send_frame = send  # type: ignore[method-assign]
+
     def clear_faults(self) -> None:
-        """End a stall and a refusal, set every fault fraction to 0, and drop every REST fault schedule."""
+        """End a stall, a refusal and withheld pongs, set every fault fraction to 0, and drop every REST fault
+        schedule."""
         if self._stall_handle is not None:
             self._stall_handle.cancel()
         self._end_stall()
         self._refuse_until = 0.0
+        self._no_pong_until = 0.0
         self._faults.rates = FaultRates()
         self._rest_faults.clear()
 
@@ -468,6 +535,9 @@ class Simulator:
             self.set_rate(command.seconds)
         elif command.action == "rest_faults":
             self.set_rest_faults(command.path, command.rest_faults)
+        elif command.action == "hostile":
+            assert command.hostile is not None, "parse_control gives every hostile command its request"
+            self.hostile(command.hostile)
 
     # -- HTTP: REST, control, handshake checks --
 
@@ -544,6 +614,7 @@ class Simulator:
 
     def _register(self, conn: _Connection) -> None:
         self._conns.add(conn)
+        self._withhold_pongs(conn)
         self._subscribe(conn, tuple(conn.subs.streams))
         if self.stalled:
             conn.ws.transport.pause_reading()

@@ -74,7 +74,9 @@ READ_CHUNK: Final = 65_536
 #: default body cap: a 1000-row page of ``historicalTrades`` is about 140 KB, of ``aggTrades`` about 110 KB
 MAX_BODY: Final = 4 << 20
 _SNIPPET: Final = 200
-_DECIMAL: Final = re.compile(r"[0-9]{1,24}(?:\.[0-9]{1,24})?")
+#: a price or quantity: a plain decimal above zero within the live parser's bounds (:mod:`ingestor.binance`)
+_DECIMAL: Final = re.compile(r"(?=[0-9.]*[1-9])[0-9]{1,20}(?:\.[0-9]{0,18})?")
+_INT64_MAX: Final = (1 << 63) - 1
 
 
 class RestError(MarketError):
@@ -118,15 +120,15 @@ def _bad(message: str) -> RestRefused:
 
 def _id(row: Mapping[str, Any], name: str) -> int:
     value = row.get(name)
-    if type(value) is not int or value < 0:
-        raise _bad(f"row field {name!r}: expected a non-negative integer, got {value!r}")
+    if type(value) is not int or not 0 <= value <= _INT64_MAX:
+        raise _bad(f"row field {name!r}: expected a non-negative integer within int64, got {str(value)[:40]}")
     return value
 
 
 def _decimal(row: Mapping[str, Any], name: str) -> str:
     value = row.get(name)
     if type(value) is not str or not _DECIMAL.fullmatch(value):
-        raise _bad(f"row field {name!r}: expected a decimal string, got {value!r}")
+        raise _bad(f"row field {name!r}: expected a positive decimal string, got {str(value)[:40]!r}")
     return value
 
 

@@ -50,7 +50,7 @@ WAIT = 2.0
 
 def trade_values(tid: int) -> dict[str, Any]:
     return {
-        "id": tid, "price": f"{60000 + tid % 97}.{tid % 100:02d}000000", "qty": f"0.{tid % 1000:03d}00000",
+        "id": tid, "price": f"{60000 + tid % 97}.{tid % 100:02d}000000", "qty": f"0.{tid % 1000:03d}00001",
         "time": T0_MS + tid * 3, "buyer_maker": tid % 3 == 0,
     }
 
@@ -145,7 +145,8 @@ def without_recv(t: Any) -> dict[str, Any]:
     return {k: x for k, x in t.items() if k != "ts_recv"}
 
 
-decimal_text = st.from_regex(r"\A(0|[1-9][0-9]{0,7})\.[0-9]{1,8}\Z")
+#: a price or quantity: above zero (zero is refused by both paths alike)
+decimal_text = st.from_regex(r"\A(0|[1-9][0-9]{0,7})\.[0-9]{1,8}\Z").filter(lambda text: text.strip("0.") != "")
 epoch_ms = st.integers(min_value=1_500_000_000_000, max_value=4_000_000_000_000)
 
 

@@ -159,14 +159,17 @@ def _not_json(raw: str | bytes, exc: orjson.JSONDecodeError) -> MalformedFrame:
     msg = str(exc)
     if "UTF-8" in msg:
         kind = "invalid_utf8"
-    elif "depth" in msg or "recursion" in msg:
+    elif "depth" in msg:  # orjson: "depth limit exceeded"
         kind = "too_deep"
     elif "number" in msg:
         kind = "bad_number"
-    else:
-        at = raw[exc.pos : exc.pos + 9] if isinstance(raw, str) else raw[exc.pos : exc.pos + 9].decode("latin-1")
-        kind = "bad_number" if at.startswith(("NaN", "Infinity", "-Infinity")) else "malformed"
-    return MalformedFrame(f"not JSON: {msg[:200]}", kind)
+    else:  # a NaN or Infinity literal (for -Infinity orjson points after the sign)
+        if isinstance(raw, str):
+            literal = raw.startswith(("NaN", "Infinity"), exc.pos)
+        else:
+            literal = raw.startswith((b"NaN", b"Infinity"), exc.pos)
+        kind = "bad_number" if literal else "malformed"
+    return MalformedFrame(f"not JSON: {msg}", kind)  # orjson's messages are one short line
 
 
 def parse_frame(raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerShutdown | None:

@@ -284,7 +284,7 @@ REFUSED = {
     "a number beyond a double": (frame(TRADE).replace(b"12345", b"9" * 100_000), "bad_number"),
     "an id beyond 64 bits": (frame(TRADE).replace(b"12345", str(1 << 64).encode()), "bad_number"),
     "an id beyond int64": (frame({**TRADE, "t": 1 << 63}), "bad_number"),
-    "a time whose µs overflow int64": (frame({**TRADE, "T": (1 << 63) // 1000 + 1}), "bad_number"),
+    "a time whose microseconds overflow int64": (frame({**TRADE, "T": (1 << 63) // 1000 + 1}), "bad_number"),
     "a price of 100k digits": (frame({**TRADE, "p": "1" * 100_000}), "bad_number"),
     "a quantity of 19 fraction digits": (frame({**TRADE, "q": "0." + "1" * 19}), "bad_number"),
     "a NaN string": (frame({**TRADE, "p": "NaN"}), "bad_number"),

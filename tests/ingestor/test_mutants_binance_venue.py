@@ -80,3 +80,46 @@ def test_a_kline_interval_that_is_not_a_channel_is_named(bad: Any) -> None:
         "t": 0, "T": 59_999, "s": "BTCUSDT", "i": bad, "o": "1", "c": "1", "h": "1", "l": "1", "v": "1", "n": 1,
         "x": False, "q": "1"}})
     assert refusal(raw) == f"expected a kline interval, got {bad!r}"
+
+
+def refused(raw: str | bytes) -> MalformedFrame:
+    with pytest.raises(MalformedFrame) as info:
+        parse_frame(raw, TS)
+    return info.value
+
+
+@pytest.mark.parametrize("as_text", [False, True])
+@pytest.mark.parametrize(("literal", "kind"), [("NaN", "bad_number"), ("Infinity", "bad_number"),
+                                                ("-Infinity", "bad_number"), ("nope", "malformed")])
+def test_json_that_orjson_refuses_is_named_by_kind(literal: str, kind: str, as_text: bool) -> None:
+    text = '{"e":"trade","s":"BTCUSDT","t":1,"T":1,"p":' + literal + ',"q":"2","m":false}'
+    exc = refused(text if as_text else text.encode())
+    assert exc.kind == kind and str(exc).startswith("not JSON: ")
+
+
+def test_json_too_deep_and_not_utf8_are_named_by_kind() -> None:
+    deep = refused(b"[" * 100_000 + b"]" * 100_000)
+    assert (deep.kind, str(deep)) == ("too_deep", "not JSON: depth limit exceeded: line 1 column 1026 (char 1025)")
+    assert refused(b'{"e":"\xff"}').kind == "invalid_utf8"
+    assert refused(b"1" * 5000).kind == "bad_number"
+
+
+@pytest.mark.parametrize(("bad", "kind"), [("7", "malformed"), (-1, "bad_value"), (2.0**64, "bad_number"),
+                                            (1.5, "malformed"), (MAX_ID + 1, "bad_number")])
+def test_a_refused_id_is_counted_by_kind(bad: Any, kind: str) -> None:
+    assert refused(trade(t=bad)).kind == kind
+
+
+def test_a_refused_price_or_volume_names_what_was_expected() -> None:
+    negative = refused(trade(p="-1"))
+    assert (negative.kind, str(negative)) == ("bad_value", "expected a positive decimal, got '-1'")
+    zero = refused(trade(q="0.0"))
+    assert (zero.kind, str(zero)) == ("bad_value", "expected a positive decimal, got '0.0'")
+    long = "1" * 100
+    huge = refused(trade(p=long))
+    assert (huge.kind, str(huge)) == ("bad_number", f"expected a positive plain decimal, got {long[:40]!r} (100 chars)")
+    kline = {"e": "kline", "E": 1, "s": "BTCUSDT", "k": {
+        "t": 0, "T": 59_999, "s": "BTCUSDT", "i": "1m", "o": "1", "c": "1", "h": "1", "l": "1", "v": "-2", "n": 1,
+        "x": False, "q": "1"}}
+    volume = refused(orjson.dumps(kline))
+    assert (volume.kind, str(volume)) == ("bad_value", "expected a non-negative decimal, got '-2'")

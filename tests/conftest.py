@@ -16,8 +16,16 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck, settings
 
 from ops.redis_server import RedisServer, redis_answers, start_redis
+
+# Property tests: the same examples on every run (a failure reproduces as it is), no example database on disk, and
+# no timing checks (a busy 2-core machine is slow, not wrong). A test's own @settings changes only what it names.
+settings.register_profile(
+    "market", derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("market")
 
 REDIS_URL = os.environ.get("MARKET_REDIS_URL", "redis://127.0.0.1:6379/0")
 #: a test that uses any of these fixtures talks to a Redis server: it is marked ``redis``

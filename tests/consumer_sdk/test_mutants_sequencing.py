@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from consumer_sdk.core.sequencing import SeqTracker, Verdict
 from consumer_sdk.core.tick import Tick
-from ingestor.sequencer import GapReport, Sequencer
+from ingestor.sequencer import GapReport, Sequencer, SequenceStats
 
 OK, GAP, DUP, LATE = Verdict.OK, Verdict.GAP, Verdict.DUPLICATE, Verdict.LATE
 STREAM = ("binance", "BTCUSDT", "trade")
@@ -165,3 +165,30 @@ def test_trackers_lists_every_stream_with_its_tracker() -> None:
     seq.seed("binance", "ETHUSDT", "trade", 4)
     got = {ident: t.last for ident, t in seq.trackers()}
     assert got == {STREAM: 10, ("binance", "ETHUSDT", "trade"): 4}
+
+
+# -- Sequencer.retract ---------------------------------------------------------------------------------------------
+
+
+def test_retract_takes_back_the_tick_that_revealed_a_hole_and_the_hole() -> None:
+    seq = Sequencer()
+    assert [seq.check(trade(s)) for s in (8, 9, 10)] == [OK, OK, OK]
+    gap = seq.check(trade(1_000_000))
+    assert gap == GapReport(*STREAM, 11, 999_999)
+    seq.retract(gap)
+    assert seq.last_seq(*STREAM) == 10
+    assert seq.stats() == SequenceStats(accepted=3, gaps=0, gap_ticks=0, duplicates=0, out_of_order=0)
+    assert seq.check(trade(11)) is OK  # the stream goes on after 10, with no hole left to fill
+    assert seq.check(trade(13)) == GapReport(*STREAM, 12, 12)
+
+
+def test_retract_of_anything_but_the_last_accepted_jump_changes_nothing() -> None:
+    seq = Sequencer()
+    assert seq.check(trade(10)) is OK
+    gap = seq.check(trade(20))
+    assert isinstance(gap, GapReport)
+    assert seq.check(trade(21)) is OK  # the jump is no longer the stream's last tick
+    before = seq.stats()
+    seq.retract(gap)
+    seq.retract(GapReport("binance", "ETHUSDT", "trade", 1, 2))  # a stream it never saw
+    assert (seq.stats(), seq.last_seq(*STREAM)) == (before, 21)

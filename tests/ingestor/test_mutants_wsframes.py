@@ -152,3 +152,23 @@ def test_an_incomplete_64_bit_length_after_pos_waits_for_the_rest() -> None:
     data: list[bytes] = []
     pos, partial_out, closed = read_frames(lead + partial, len(lead), 100, data, [], None)
     assert (pos, data, partial_out, closed) == (len(lead), [], None, False)
+
+
+def test_binary_messages_go_to_their_own_list_when_one_is_given() -> None:
+    buf = wire(Frame(Opcode.BINARY, b"\x00\x01"), Frame(Opcode.TEXT, b"{}"), Frame(Opcode.BINARY, b"zz"))
+    data: list[bytes] = []
+    control: list[tuple[int, bytes]] = []
+    binary: list[bytes] = []
+    pos, partial, closed = read_frames(buf, 0, 1000, data, control, None, binary)
+    assert (data, binary, control, pos, partial, closed) == ([b"{}"], [b"\x00\x01", b"zz"], [], len(buf), None, False)
+    # without a list for them, a binary message is a message like any other (fragments included)
+    assert read(buf, 1000)[0] == [b"\x00\x01", b"{}", b"zz"]
+
+
+def test_a_fragmented_binary_message_is_refused_with_1003_when_binary_is_kept_apart() -> None:
+    buf = wire(Frame(Opcode.BINARY, b"ab", fin=False), Frame(Opcode.CONT, b"cd"))
+    with pytest.raises(FrameError) as info:
+        read_frames(buf, 0, 1000, [], [], None, [])
+    assert (info.value.code, str(info.value), info.value.kind) == (
+        CloseCode.UNSUPPORTED_DATA, "fragmented binary message", "binary")
+    assert read(buf, 1000)[0] == [b"abcd"]  # not kept apart: reassembled as usual

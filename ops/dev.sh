@@ -37,6 +37,13 @@ case "$cmd" in
     exec "$venv/bin/market" demo "$@"
     ;;
   test)
+    # The TLS tests need a server built with TLS, which the bundled Valkey is not: Debian's, where we may install it.
+    if ! env -u MARKET_REDIS_SERVER "$venv/bin/python" -m ops.redis_server --find-tls >/dev/null 2>&1; then
+      if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+          redis-server >/dev/null) || true
+      fi
+    fi
     if [ "${MARKET_TEST_SERVER:-}" = bundled ]; then
       exports=$("$venv/bin/python" -m ops.redis_server --bundled)
       eval "$exports"

@@ -44,11 +44,13 @@ __all__ = [
     "binary_version",
     "bundled_redis_server",
     "find_redis_server",
+    "find_tls_server",
     "free_port",
     "old_redis_server",
     "parse_version_line",
     "redis_answers",
     "start_redis",
+    "tls_capable",
 ]
 
 
@@ -144,6 +146,53 @@ def _find() -> tuple[str | None, list[str]]:
             continue
         return binary, passed_over
     return None, passed_over
+
+
+def tls_capable(binary: str, timeout: float = 5.0) -> bool:
+    """Whether ``binary`` serves TLS: it is started on a free port with a throwaway certificate (``trustme``, a
+    test dependency) and must accept a connection there within ``timeout``.  Some builds have no TLS (the
+    bundled Valkey exits at start); the TLS tests need one that has.  Cost: one server start, under a second."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    with tempfile.TemporaryDirectory(prefix="market-tls-") as directory:
+        files = {name: os.path.join(directory, name) for name in ("ca.pem", "cert.pem", "key.pem")}
+        ca.cert_pem.write_to_path(files["ca.pem"])
+        cert.cert_chain_pems[0].write_to_path(files["cert.pem"])
+        cert.private_key_pem.write_to_path(files["key.pem"])
+        port = free_port()
+        proc = subprocess.Popen(
+            [binary, "--port", "0", "--tls-port", str(port), "--tls-cert-file", files["cert.pem"],
+             "--tls-key-file", files["key.pem"], "--tls-ca-cert-file", files["ca.pem"], "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", directory],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and proc.poll() is None:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return True
+                time.sleep(0.05)  # poll: the server is starting
+            return False
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def find_tls_server() -> str | None:
+    """The first supported server binary (in :func:`find_redis_server`'s order) built with TLS, or None."""
+    for binary in dict.fromkeys(_candidates()):
+        found = binary_version(binary)
+        if found is None:
+            continue
+        try:
+            check_supported(found)
+        except ConfigError:
+            continue
+        if tls_capable(binary):
+            return binary
+    return None
 
 
 def _require_binary() -> str:
@@ -298,8 +347,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ops.redis_server", description=__doc__.split("\n")[0])
     parser.add_argument("--bundled", action="store_true", help="start the bundled server on a free port")
     parser.add_argument("--find", action="store_true", help="print the server binary that would be used")
+    parser.add_argument("--find-tls", action="store_true", help="print the first supported server built with TLS")
     args = parser.parse_args(argv)
     try:
+        if args.find_tls:
+            tls = find_tls_server()
+            if tls is None:
+                print("error: no supported Redis or Valkey server built with TLS was found", file=sys.stderr)
+                return 2
+            print(tls)
+            return 0
         if args.find:
             print(_require_binary())
             return 0

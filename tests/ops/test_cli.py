@@ -102,3 +102,17 @@ def test_metrics_port_in_use(redis_url: str) -> None:
 )
 def test_other_commands_bad_input(args: tuple[str, ...], needle: str) -> None:
     assert_one_line_error(market(*args), needle)
+
+
+def test_find_tls_names_a_server_built_with_tls_or_says_there_is_none() -> None:
+    """The bundled Valkey has no TLS; the TLS tests and ``ops/dev.sh test`` look for a server that has."""
+    from ops.redis_server import bundled_redis_server, tls_capable
+
+    bundled = bundled_redis_server()
+    assert bundled is not None and not tls_capable(bundled)
+    only_bundled = subprocess.run(
+        [sys.executable, "-m", "ops.redis_server", "--find-tls"], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "MARKET_REDIS_SERVER": bundled},
+    )
+    assert (only_bundled.returncode, only_bundled.stdout) == (2, "")
+    assert only_bundled.stderr == "error: no supported Redis or Valkey server built with TLS was found\n"

@@ -410,7 +410,8 @@ async def heartbeat_loop(
         while True:
             began = loop.time()
             hb = heartbeat_document(ingestor.snapshot(), clock(), st)
-            payload = orjson.dumps(to_doc(dataclasses.replace(hb, interval_s=interval, ttl_s=ttl)))
+            hb = dataclasses.replace(hb, interval_s=interval, ttl_s=ttl, tasks=len(asyncio.all_tasks()))
+            payload = orjson.dumps(to_doc(hb))
             try:
                 async with asyncio.timeout(interval):
                     pipe = redis.pipeline(transaction=False)

@@ -16,8 +16,11 @@ What runs (every process a real one, every fault a real one):
 
 The checker reads every stream as it grows and holds it to the invariant of
 :class:`ops.soak_plan.StreamCheck`; at the end every consumer-handled run is compared with what was
-stored.  Resources (RSS, threads, open fds of every process; Redis memory; ingress and spill;
-reconnects) are sampled every ``sample_s`` seconds and tested for growth over the second half.
+stored.  Resources (RSS, threads, open fds and asyncio tasks of every process; Redis memory; ingress
+and spill; reconnects) and each ingestor's latency per stage (p50 and p99 of frame -> ingress, frame ->
+co-located subscriber, frame -> Redis acknowledged, over each sampling interval, from its metrics
+endpoint) are sampled every ``sample_s`` seconds; the per-process series are tested for growth over
+the second half.
 The report (``report.json``, ``report.md``, plots) is written at the end, also after Ctrl-C, and
 refreshed every minute while the run lasts.
 """
@@ -40,6 +43,7 @@ from typing import Any, Final
 import orjson
 import redis.asyncio as aioredis
 
+from consumer_sdk.core.latency import LatencyHistogram
 from consumer_sdk.core.tick import Tick
 from ops.faultproxy import FaultProxy
 from ops.redis_server import RedisServer, free_port, restart, start_redis
@@ -53,7 +57,7 @@ from ops.soak_plan import (
     recovery_summary,
 )
 
-__all__ = ["SoakConfig", "co_located", "run_soak"]
+__all__ = ["SoakConfig", "co_located", "latency_fields", "run_soak", "scrape_latency", "simulator_history"]
 
 GROUP: Final = "soak"
 CHECKED_CHANNELS: Final = ("trade", "agg_trade")
@@ -106,9 +110,28 @@ def co_located(tick: Tick) -> None:
 # --------------------------------------------------------------------------- child roles
 
 
-async def _consumer_main(redis_url: str, prefix: str, name: str, out: str, channels: Sequence[str]) -> None:
+async def _report_tasks(path: str, every: float = 2.0) -> None:
+    """Write this process's asyncio task count to ``path`` every ``every`` seconds (the sampler reads it)."""
+    while True:
+        _write_stats(path, len(asyncio.all_tasks()))
+        await asyncio.sleep(every)
+
+
+def _write_stats(path: str, tasks: int) -> None:
+    """A few bytes on a local disk, replaced whole: cheap enough to do on the loop every few seconds."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(orjson.dumps({"tasks": tasks, "pid": os.getpid()}))
+    os.replace(tmp, path)
+
+
+async def _consumer_main(
+    redis_url: str, prefix: str, name: str, out: str, channels: Sequence[str], stats: str,
+) -> None:
     """One consumer of the group: every batch's seq runs go to ``out`` (one write) before its acks."""
     from consumer_sdk import Consumer
+
+    reporter = asyncio.create_task(_report_tasks(stats))
 
     patterns = [f"binance:*:{c}" for c in channels]
     consumer = Consumer(redis_url=redis_url, patterns=patterns, group=GROUP, consumer=name, prefix=prefix,
@@ -134,15 +157,31 @@ async def _consumer_main(redis_url: str, prefix: str, name: str, out: str, chann
                 os.write(fd, b"".join(lines))  # before the next read acknowledges this batch
     finally:
         os.close(fd)
+        reporter.cancel()
 
 
-async def _simulator_main(port: int, symbols: Sequence[str], rate: float, seed: int, max_age: float) -> None:
+def simulator_history(rate: float, symbols: int) -> int:
+    """Trades (and aggregate trades) the soak's venue keeps per symbol for REST: ten minutes of the whole rate,
+    at least 100,000, so every outage the schedule makes is repairable."""
+    return max(100_000, int(rate * 600 / max(1, symbols)))
+
+
+async def _simulator_main(
+    port: int, symbols: Sequence[str], rate: float, seed: int, max_age: float, stats: str,
+) -> None:
     from ops.simulator import Simulator, SimulatorConfig
 
+    # The history is allocated in full at start: the venue's memory is flat from its first second, so a
+    # slope in the report is the product's, not the test venue's rings filling.
     config = SimulatorConfig(port=port, symbols=tuple(symbols), rate=rate, seed=seed, id_base=0,
-                             max_connection_age=max_age, shutdown_notice=min(10.0, max_age / 4), history=2_000_000)
-    async with Simulator(config) as sim:
-        await sim.serve_forever()
+                             max_connection_age=max_age, shutdown_notice=min(10.0, max_age / 4),
+                             history=simulator_history(rate, len(symbols)), preallocate_history=True)
+    reporter = asyncio.create_task(_report_tasks(stats))
+    try:
+        async with Simulator(config) as sim:
+            await sim.serve_forever()
+    finally:
+        reporter.cancel()
 
 
 # --------------------------------------------------------------------------- the harness
@@ -195,6 +234,67 @@ class _Proc:
         return p.returncode
 
 
+#: the series held to the growth test (Redis grows by design until each stream reaches its MAXLEN: it is held
+#: to maxmemory instead)
+GROWTH_SUFFIXES: Final = (".rss_mb", ".threads", ".fds", ".tasks")
+#: the ingestor's latency histograms the sampler reads, by the name of their stage in the report
+LATENCY_METRICS: Final = {
+    "ingest": ("market_ingest_latency_us", None),
+    "redis": ("market_fanout_latency_us", ("stage", "redis")),
+    "hotpath": ("market_e2e_latency_us", ("path", "hotpath")),
+}
+
+
+def scrape_latency(text: str) -> dict[str, LatencyHistogram]:
+    """The latency histograms of :data:`LATENCY_METRICS` in a Prometheus text page (the stages found)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {metric: (stage, label) for stage, (metric, label) in LATENCY_METRICS.items()}
+    buckets: dict[str, list[int]] = {}
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in wanted:
+            continue
+        stage, label = wanted[family.name]
+        for sample in family.samples:
+            if label is not None and sample.labels.get(label[0]) != label[1]:
+                continue
+            if sample.name.endswith("_bucket"):
+                buckets.setdefault(stage, []).append(int(sample.value))
+            elif sample.name.endswith("_sum"):
+                sums[stage] = sample.value
+    return {stage: LatencyHistogram.from_buckets(b, sums.get(stage, 0.0)) for stage, b in buckets.items()}
+
+
+def latency_fields(
+    name: str, now: dict[str, LatencyHistogram], before: dict[str, LatencyHistogram],
+) -> dict[str, float]:
+    """``<name>.<stage>_p50_us`` and ``_p99_us`` of what each stage observed between ``before`` and ``now``
+    (all of ``now`` when the process restarted in between, its counts having gone down); none for a stage
+    that observed nothing."""
+    out: dict[str, float] = {}
+    for stage, hist in now.items():
+        prev = before.get(stage)
+        window = hist
+        if prev is not None and all(a >= b for a, b in zip(hist.counts, prev.counts, strict=True)):
+            window = hist.since(prev)
+        if window.count:
+            out[f"{name}.{stage}_p50_us"] = window.percentile(0.50)
+            out[f"{name}.{stage}_p99_us"] = window.percentile(0.99)
+    return out
+
+
+def _read_tasks(path: Path, pid: int) -> int | None:
+    """The task count a soak child wrote to ``path``, when it is the live process's (``pid``)."""
+    try:
+        doc = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(doc, dict) or doc.get("pid") != pid or not isinstance(doc.get("tasks"), int):
+        return None
+    return int(doc["tasks"])
+
+
 def _proc_stats(pid: int) -> dict[str, float]:
     out: dict[str, float] = {}
     try:
@@ -236,10 +336,17 @@ class Soak:
         self.sim_port = 0
         self._pending_recovery: list[tuple[dict[str, Any], dict[str, int]]] = []
         self.stopped_early = False
+        #: each ingestor's Prometheus port, and its latency histograms at the last sample (for windowed percentiles)
+        self.metrics_ports: dict[str, int] = {}
+        self._latency_seen: dict[str, dict[str, LatencyHistogram]] = {}
 
     # -- helpers ------------------------------------------------------------------------------
     def t(self) -> float:
         return time.monotonic() - self.started
+
+    def stats_path(self, name: str) -> Path:
+        """Where the soak's own child ``name`` writes its asyncio task count."""
+        return self.out / "stats" / f"{name}.json"
 
     @property
     def rest_url(self) -> str:
@@ -268,8 +375,10 @@ class Soak:
         max_age = cfg.max_age_s or max(60.0, min(600.0, cfg.duration / 6))
         base_env = {**os.environ, "MARKET_REDIS_URL": redis_url, "MARKET_PREFIX": self.prefix,
                     "PYTHONUNBUFFERED": "1"}
+        (self.out / "stats").mkdir(parents=True, exist_ok=True)
         sim = _Proc("simulator", [py, "-m", "ops.soak", "simulator", str(self.sim_port), ",".join(cfg.symbols),
-                                  str(cfg.rate), str(cfg.seed), str(max_age)], base_env,
+                                  str(cfg.rate), str(cfg.seed), str(max_age), str(self.stats_path("simulator"))],
+                    base_env,
                     self.out / "logs" / "simulator.log")
         self.procs["simulator"] = sim
         await sim.start()
@@ -296,10 +405,12 @@ class Soak:
                 f"[retention]\nmaxlen = 500000\n{spill_cap}"
             )
             env = {**base_env, "MARKET_SOAK_SUBSCRIBER_FILE": str(self.out / f"subscriber-{i}.json")}
+            self.metrics_ports[f"ingestor-{i}"] = metrics_port = free_port()
             self.procs[f"ingestor-{i}"] = _Proc(
                 f"ingestor-{i}",
                 [py, "-m", "ops.cli", "ingest", "--url", proxy.url, "--rest-url", self.rest_url,
-                 "--symbols", ",".join(cfg.symbols), "--channels", ",".join(cfg.channels), "--metrics-port", "0",
+                 "--symbols", ",".join(cfg.symbols), "--channels", ",".join(cfg.channels),
+                 "--metrics-port", str(metrics_port),
                  "--config", str(conf), "--spill-dir", str(self.out / f"spill-{i}"),
                  "--subscriber", "ops.soak:co_located"],
                 env, self.out / "logs" / f"ingestor-{i}.log",
@@ -309,7 +420,8 @@ class Soak:
             self.procs[f"consumer-{i}"] = _Proc(
                 f"consumer-{i}",
                 [py, "-m", "ops.soak", "consumer", redis_url, self.prefix, f"c{i}",
-                 str(self.out / f"consumer-{i}.runs"), ",".join(c for c in cfg.channels if c in CHECKED_CHANNELS)],
+                 str(self.out / f"consumer-{i}.runs"), ",".join(c for c in cfg.channels if c in CHECKED_CHANNELS),
+                 str(self.stats_path(f"consumer-{i}"))],
                 base_env, self.out / "logs" / f"consumer-{i}.log",
             )
             await self.procs[f"consumer-{i}"].start()
@@ -351,10 +463,17 @@ class Soak:
 
     async def _sample(self) -> dict[str, Any]:
         row: dict[str, Any] = {"t": round(self.t(), 1)}
+        by_pid: dict[int, str] = {}
         for name, p in self.procs.items():
             if p.pid is not None:
+                by_pid[p.pid] = name
                 for k, v in _proc_stats(p.pid).items():
                     row[f"{name}.{k}"] = v
+                tasks = _read_tasks(self.stats_path(name), p.pid)
+                if tasks is not None:
+                    row[f"{name}.tasks"] = tasks
+        for name, port in self.metrics_ports.items():
+            row.update(await asyncio.to_thread(self._latency_sample, name, port))
         if self.redis_server is not None and self.redis_server.process.poll() is None:
             direct: Any = aioredis.Redis.from_url(self.redis_server.url, socket_timeout=2)
             try:
@@ -365,13 +484,28 @@ class Soak:
                     if raw is None:
                         continue
                     doc = orjson.loads(raw)
-                    name = str(doc.get("ingestor", {}).get("id", hb_key.decode()[-6:]))[-6:]
+                    name = str(doc.get("id") or hb_key.decode())[-6:]
                     row.update(_hb_fields(name, doc))
+                    owner = by_pid.get(doc.get("pid"))
+                    if owner is not None and isinstance(doc.get("tasks"), int):
+                        row[f"{owner}.tasks"] = doc["tasks"]
             except Exception:  # a sample is best effort while Redis restarts
                 pass
             finally:
                 await direct.aclose()
         return row
+
+    def _latency_sample(self, name: str, port: int) -> dict[str, float]:
+        """p50 and p99 of each latency stage of ingestor ``name`` since the last sample (its metrics endpoint)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2.0) as r:
+                text = r.read().decode()
+        except OSError:
+            return {}
+        now = scrape_latency(text)
+        before = self._latency_seen.get(name, {})
+        self._latency_seen[name] = now
+        return latency_fields(name, now, before)
 
     async def _sampler(self, stop: asyncio.Event) -> None:
         last_report = time.monotonic()
@@ -657,7 +791,7 @@ class Soak:
                 if k == "t" or not isinstance(v, (int, float)):
                     continue
                 # Redis grows by design until each stream reaches its MAXLEN: it is held to maxmemory instead
-                if k.endswith((".rss_mb", ".threads", ".fds", ".tasks")):
+                if k.endswith(GROWTH_SUFFIXES):
                     series.setdefault(k, []).append((row["t"], float(v)))
         floors = {".rss_mb": 20.0, ".threads": 3.0, ".fds": 8.0, ".tasks": 10.0}
         out = {}
@@ -698,8 +832,7 @@ def _hb_fields(name: str, doc: dict[str, Any]) -> dict[str, float]:
         if isinstance(node, (int, float)) and not isinstance(node, bool):
             out[f"hb-{name}.{path}"] = float(node)
 
-    for path in ("ingress.len", "ingress.length", "writer.buffered", "writer.spilled", "connections.reconnects",
-                 "hotpath.p99_us", "latency.ingest_p99_us", "latency.redis_p99_us", "process.tasks"):
+    for path in ("ingress.length", "writer.buffered", "writer.spilled", "connections.reconnects"):
         num(path)
     return out
 
@@ -767,7 +900,9 @@ def _plots(out: Path, samples: list[dict[str, Any]]) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    groups = {"rss_mb": "RSS (MB)", "threads": "threads", "fds": "open fds"}
+    groups = {"rss_mb": "RSS (MB)", "threads": "threads", "fds": "open fds", "tasks": "asyncio tasks",
+              "ingest_p99_us": "frame -> ingress p99 (µs)", "hotpath_p99_us": "frame -> co-located p99 (µs)",
+              "redis_p99_us": "frame -> Redis acknowledged p99 (µs)"}
     fig, axes = plt.subplots(len(groups) + 1, 1, figsize=(10, 3 * (len(groups) + 1)), sharex=True)
     for ax, (suffix, title) in zip(axes, groups.items(), strict=False):
         names = sorted({k for row in samples for k in row if k.endswith("." + suffix)})
@@ -792,13 +927,13 @@ async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
 def _main(argv: list[str]) -> None:
     role = argv[0] if argv else ""
     if role == "consumer":
-        redis_url, prefix, name, out, channels = argv[1:6]
+        redis_url, prefix, name, out, channels, stats = argv[1:7]
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_consumer_main(redis_url, prefix, name, out, channels.split(",")))
+            asyncio.run(_consumer_main(redis_url, prefix, name, out, channels.split(","), stats))
     elif role == "simulator":
-        port, symbols, rate, seed, max_age = argv[1:6]
+        port, symbols, rate, seed, max_age, stats = argv[1:7]
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_simulator_main(int(port), symbols.split(","), float(rate), int(seed), float(max_age)))
+            asyncio.run(_simulator_main(int(port), symbols.split(","), float(rate), int(seed), float(max_age), stats))
     else:
         print("usage: python -m ops.soak consumer|simulator ... (started by `market soak`)", file=sys.stderr)
         raise SystemExit(2)

@@ -258,6 +258,8 @@ class Heartbeat:
     #: the publisher's beat interval and the key's expiry (written by the loop that publishes it)
     interval_s: float | None = None
     ttl_s: float | None = None
+    #: the process's asyncio tasks when the loop that publishes it wrote it; None when not reported
+    tasks: int | None = None
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -274,6 +276,8 @@ def to_doc(hb: Heartbeat) -> dict[str, Any]:
         doc["interval_s"] = hb.interval_s
     if hb.ttl_s is not None:
         doc["ttl_s"] = hb.ttl_s
+    if hb.tasks is not None:
+        doc["tasks"] = hb.tasks
     return doc
 
 
@@ -382,6 +386,7 @@ def from_doc(doc: object) -> Parsed:
         connections=_connections(r.section("connections")), ingress=_ingress(r.section("ingress")),
         fanout=_fanout(r.section("fanout")), writer=_writer(r.section("writer")), gaps=_gaps(r.section("gaps")),
         interval_s=_optional_float(doc, "interval_s", r), ttl_s=_optional_float(doc, "ttl_s", r),
+        tasks=r.integer_or_none("tasks") if "tasks" in doc else None,
     )
     return Parsed(hb, tuple(problems))
 

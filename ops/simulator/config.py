@@ -61,6 +61,9 @@ class SimulatorConfig:
     kline_update_ms: int = 1000
     #: trades and aggregate trades kept per symbol for REST (and closed klines per interval)
     history: int = 200_000
+    #: allocate that history in full at start, so the simulator's memory is flat from its first second
+    #: (for long runs that watch memory; off by default: 80 bytes a row and symbol)
+    preallocate_history: bool = False
     #: bursts: every ``burst_every`` seconds the rate is multiplied for the last ``burst_duration``
     #: seconds of the period (``burst_every`` 0 or a multiplier of 1 switch bursts off)
     burst_every: float = 0.0
@@ -139,6 +142,8 @@ class SimulatorConfig:
             raise SimulatorConfigError(f"kline_update_ms must be an integer >= 1, got {self.kline_update_ms!r}")
         if not isinstance(self.history, int) or self.history < 1:
             raise SimulatorConfigError(f"history must be an integer >= 1, got {self.history!r}")
+        if not isinstance(self.preallocate_history, bool):
+            raise SimulatorConfigError(f"preallocate_history must be true or false, got {self.preallocate_history!r}")
         _non_negative("burst_every", self.burst_every)
         _positive("burst_duration", self.burst_duration)
         _positive("burst_multiplier", self.burst_multiplier)

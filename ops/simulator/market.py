@@ -181,11 +181,14 @@ class SymbolSpec:
 class _Ring:
     """Fixed-capacity ring of integer rows, addressed by absolute index (0 = first row ever pushed)."""
 
-    __slots__ = ("_cap", "_cols", "total")
+    __slots__ = ("_cap", "_cols", "_grow", "total")
 
-    def __init__(self, ncols: int, capacity: int) -> None:
+    def __init__(self, ncols: int, capacity: int, *, preallocate: bool = False) -> None:
         self._cap = capacity
-        self._cols = tuple(array("q") for _ in range(ncols))
+        #: grown row by row up to the capacity, or allocated in full now (memory flat from the start)
+        self._grow = not preallocate
+        zeros = bytes(8 * capacity) if preallocate else b""
+        self._cols = tuple(array("q", zeros) for _ in range(ncols))
         self.total = 0
 
     @property
@@ -195,7 +198,7 @@ class _Ring:
 
     def push(self, row: tuple[int, ...]) -> None:
         total = self.total
-        if total < self._cap:
+        if self._grow and total < self._cap:
             for col, value in zip(self._cols, row, strict=True):
                 col.append(value)
         else:
@@ -231,11 +234,14 @@ class SymbolHistory:
     ``(id, price, qty, first_id, last_id, time_ms, buyer_is_maker)``; amounts in 1e-8 units.
     """
 
-    def __init__(self, *, first_trade_id: int, first_agg_id: int, capacity: int, kline_intervals: Sequence[str]):
+    def __init__(
+        self, *, first_trade_id: int, first_agg_id: int, capacity: int, kline_intervals: Sequence[str],
+        preallocate: bool = False,
+    ) -> None:
         self.first_trade_id = first_trade_id
         self.first_agg_id = first_agg_id
-        self._trades = _Ring(4, capacity)  # price, qty, time, maker
-        self._aggs = _Ring(6, capacity)  # price, qty, first, last, time, maker
+        self._trades = _Ring(4, capacity, preallocate=preallocate)  # price, qty, time, maker
+        self._aggs = _Ring(6, capacity, preallocate=preallocate)  # price, qty, first, last, time, maker
         self._closed: dict[str, deque[KlineRecord]] = {i: deque(maxlen=capacity) for i in kline_intervals}
         self._open: dict[str, Callable[[], KlineRecord]] = {}
 
@@ -400,6 +406,7 @@ class _SymbolState:
         history: int,
         kline_update_ms: int,
         id_base: int = 0,
+        preallocate: bool = False,
     ) -> None:
         self.spec = spec = SymbolSpec.for_symbol(symbol)
         self.symbol = symbol
@@ -427,6 +434,7 @@ class _SymbolState:
             first_agg_id=self.next_agg,
             capacity=history,
             kline_intervals=kline_intervals,
+            preallocate=preallocate,
         )
 
     def take(self, n: int, now_ms: int, out: list[MarketEvent]) -> None:
@@ -559,6 +567,7 @@ class SyntheticMarket:
         weights: Sequence[float] | None = None,
         kline_update_ms: int = 1000,
         id_base: int = 0,
+        preallocate: bool = False,
     ) -> None:
         if not symbols:
             raise ValueError("a market needs at least one symbol")
@@ -572,7 +581,7 @@ class SyntheticMarket:
         self.symbols = tuple(symbols)
         self.kline_intervals = tuple(kline_intervals)
         self._states = [
-            _SymbolState(s, seed, kline_intervals, history, kline_update_ms, id_base) for s in symbols
+            _SymbolState(s, seed, kline_intervals, history, kline_update_ms, id_base, preallocate) for s in symbols
         ]
         self._by_symbol = {st.symbol: st for st in self._states}
         self._weights = [max(1, round(w * 1_000_000)) for w in weights]

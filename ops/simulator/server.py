@@ -172,6 +172,7 @@ class Simulator:
             seed=cfg.seed,
             kline_intervals=cfg.kline_intervals,
             history=cfg.history,
+            preallocate=cfg.preallocate_history,
             weights=cfg.weights if cfg.replay is None else None,
             kline_update_ms=cfg.kline_update_ms,
             id_base=cfg.id_base if cfg.id_base is not None else self._clock_ms() * 1000,

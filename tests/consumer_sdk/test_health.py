@@ -62,7 +62,7 @@ def full() -> Heartbeat:
         ),
         gaps=Gaps(detected=3, repaired=2, unrepaired=1, ticks_unrepaired=40, repairing=1, duplicates=2,
                   out_of_order=1, unrepaired_recent=1),
-        interval_s=1.0, ttl_s=5.0,
+        interval_s=1.0, ttl_s=5.0, tasks=17,
     )
 
 
@@ -81,7 +81,7 @@ def test_parts_that_are_not_there_are_written_short_and_read_back() -> None:
     doc = to_doc(hb)
     assert doc["fanout"] == {"present": False, "subscribers": 0, "batch_handlers": 2}
     assert doc["writer"] == {"present": False}
-    assert "interval_s" not in doc and "ttl_s" not in doc, "written only by the loop that publishes"
+    assert not {"interval_s", "ttl_s", "tasks"} & set(doc), "written only by the loop that publishes"
     parsed = from_doc(doc)
     assert parsed.heartbeat == hb
     assert not [p for p in parsed.problems if p.path.startswith(("fanout", "writer"))], parsed.problems
@@ -111,6 +111,7 @@ def test_wrong_types_are_named_field_by_field_and_defaulted() -> None:
     doc["connections"]["sessions"] = [None, {**doc["connections"]["sessions"][1], "state": 5, "down_for_s": "soon"}]
     doc["connections"]["stale"] = ["binance:BTCUSDT:trade", 7]
     doc["window_s"] = "x"
+    doc["tasks"] = 1.5
     doc["ingress"]["capacity"] = True  # a boolean is no integer
     parsed = from_doc(doc)
     assert [str(p) for p in parsed.problems] == [
@@ -123,10 +124,11 @@ def test_wrong_types_are_named_field_by_field_and_defaulted() -> None:
         "writer.connected: expected true or false, found a string",
         "writer.buffered: expected an integer, found a string",
         "writer.rejected_by_reason.oom: expected an integer, found a string",
+        "tasks: expected an integer, found a number",
     ]
     assert parsed.malformed == parsed.problems
     hb = parsed.heartbeat
-    assert hb.window_s is None and hb.ingress.capacity == 0
+    assert hb.window_s is None and hb.ingress.capacity == 0 and hb.tasks is None
     assert (hb.writer.connected, hb.writer.buffered) == (True, 0), "each at its default"
     assert hb.writer.rejected_by_reason == {"oom": 0, "readonly": 3}, "the key is kept: readers name it"
     assert hb.connections.stale == ("binance:BTCUSDT:trade",)

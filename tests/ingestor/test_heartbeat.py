@@ -477,6 +477,8 @@ async def test_loop_writes_the_key_with_an_expiry_and_removes_it_on_stop(aredis:
         assert await aredis.smembers(heartbeat_set_key(prefix)) == {st.identity.id.encode()}
         doc = orjson.loads(await aredis.get(key))
         assert doc["id"] == st.identity.id and doc["interval_s"] == 0.05 and doc["ttl_s"] == 2.0
+        # the loop's own task and this test's are among the process's tasks it reports
+        assert doc["tasks"] == len(asyncio.all_tasks()) and doc["tasks"] >= 2
         first = doc["ts"]
         await until(lambda: _ts(aredis, key, first))  # it keeps beating
     finally:

@@ -179,6 +179,7 @@ def test_config_defaults_and_validation() -> None:
         {"fault_duplicate": 1.5},
         {"weights": (1.0,)},
         {"history": 0},
+        {"preallocate_history": 1},
         {"burst_every": 1.0, "burst_duration": 2.0},
     ]
     for settings in bad:
@@ -354,6 +355,21 @@ def test_history_is_bounded_and_answers_by_id_and_time() -> None:
     assert aggs and all(T0 + 90 <= a[5] <= T0 + 95 for a in aggs)
     ids = [a[0] for a in aggs]
     assert ids == list(range(ids[0], ids[0] + len(ids)))
+
+
+@pytest.mark.parametrize("steps", [5, 10, 37])
+def test_a_preallocated_history_answers_as_a_grown_one_and_holds_its_size(steps: int) -> None:
+    grown = SyntheticMarket(["BTCUSDT"], history=100)
+    full = SyntheticMarket(["BTCUSDT"], history=100, preallocate=True)
+    for i in range(steps):
+        assert grown.step(10, T0 + i) == full.step(10, T0 + i)
+    a, b = grown.history("BTCUSDT"), full.history("BTCUSDT")
+    assert (a.trade_id_range, a.agg_id_range) == (b.trade_id_range, b.agg_id_range)
+    assert a.trades(from_id=None, limit=1000) == b.trades(from_id=None, limit=1000)
+    assert a.agg_trades(limit=1000) == b.agg_trades(limit=1000)
+    assert a.agg_trades(start_ms=T0 + 2, end_ms=T0 + 4, limit=1000) == b.agg_trades(
+        start_ms=T0 + 2, end_ms=T0 + 4, limit=1000)
+    assert all(len(col) == 100 for col in b._trades._cols + b._aggs._cols)  # allocated once, never grown
 
 
 def test_rest_api_shapes_and_errors() -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from consumer_sdk.core.latency import LatencyHistogram
+from ops.soak import _read_tasks, latency_fields, scrape_latency, simulator_history
 from ops.soak_plan import FAULT_KINDS
 
 
@@ -60,3 +62,79 @@ def test_five_minutes_every_fault_kind_no_invariant_break(tmp_path: Path) -> Non
     assert sum(p["scheduled_kills"] for p in kills.values()) >= 2
     assert all(p["unexpected"] == [] for p in kills.values())
     assert (out / "report.md").read_text().startswith("# Soak report")
+    sampled = {k for row in report["samples"] for k in row}
+    for name in ("simulator", "ingestor-0", "ingestor-1", "consumer-0", "consumer-1"):
+        assert {f"{name}.{r}" for r in ("rss_mb", "threads", "fds", "tasks")} <= sampled, name
+        assert f"{name}.tasks" in report["growth"], name
+    for name in ("ingestor-0", "ingestor-1"):
+        assert {f"{name}.{stage}_p99_us" for stage in ("ingest", "redis", "hotpath")} <= sampled, name
+
+
+# -- the sampler's pure parts ----------------------------------------------------------------------------------
+def _page(**stages: LatencyHistogram) -> str:
+    """A metrics page as the ingestor serves it, with the stages given."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import HistogramMetricFamily
+    from prometheus_client.registry import Collector
+
+    names = {"ingest": ("market_ingest_latency_us", {"venue": "binance"}),
+             "redis": ("market_fanout_latency_us", {"stage": "redis"}),
+             "hotpath": ("market_e2e_latency_us", {"path": "hotpath"})}
+
+    class Page(Collector):
+        def collect(self):  # type: ignore[no-untyped-def]
+            for stage, hist in stages.items():
+                metric, labels = names[stage]
+                fam = HistogramMetricFamily(metric, "x", labels=list(labels))
+                bounds = ["+Inf" if b == float("inf") else str(b) for b in hist.upper_bounds()]
+                fam.add_metric(list(labels.values()), list(zip(bounds, hist.cumulative(), strict=True)),
+                               float(hist.sum_us))
+                yield fam
+            other = HistogramMetricFamily("market_fanout_latency_us", "x", labels=["stage"])  # another label: skipped
+            yield other
+
+    reg = CollectorRegistry()
+    reg.register(Page())
+    return generate_latest(reg).decode()
+
+
+def _hist(*values: int) -> LatencyHistogram:
+    h = LatencyHistogram()
+    for v in values:
+        h.observe(v)
+    return h
+
+
+def test_latency_is_read_per_stage_and_taken_over_the_interval() -> None:
+    first = scrape_latency(_page(ingest=_hist(*[100] * 99, 5000), redis=_hist(*[1000] * 100)))
+    assert set(first) == {"ingest", "redis"}
+    assert first["ingest"].count == 100 and first["redis"].count == 100
+    fields = latency_fields("ingestor-0", first, {})
+    assert fields["ingestor-0.ingest_p50_us"] <= 127 and fields["ingestor-0.ingest_p99_us"] <= 127
+    assert 1000 <= fields["ingestor-0.redis_p99_us"] <= 1279
+    # the next interval: only what was observed after the first page counts
+    later = _hist(*[100] * 99, 5000, *[9000] * 100)
+    second = scrape_latency(_page(ingest=later, redis=_hist(*[1000] * 100)))
+    fields = latency_fields("ingestor-0", second, first)
+    assert fields["ingestor-0.ingest_p50_us"] >= 9000, "the earlier fast ticks are not in this interval"
+    assert "ingestor-0.redis_p50_us" not in fields, "a stage that observed nothing in the interval has no figure"
+    # a restarted ingestor's counts go down: its whole histogram is the interval
+    fields = latency_fields("ingestor-0", scrape_latency(_page(ingest=_hist(200, 200))), second)
+    assert 200 <= fields["ingestor-0.ingest_p50_us"] < 256, "the whole restarted histogram, not the old one"
+
+
+def test_task_counts_are_read_only_from_the_live_process(tmp_path: Path) -> None:
+    path = tmp_path / "stats.json"
+    assert _read_tasks(path, 7) is None
+    path.write_text(json.dumps({"tasks": 12, "pid": 7}))
+    assert _read_tasks(path, 7) == 12
+    assert _read_tasks(path, 8) is None, "written by an earlier process of that name"
+    for bad in ("{", json.dumps([1]), json.dumps({"tasks": "12", "pid": 7})):
+        path.write_text(bad)
+        assert _read_tasks(path, 7) is None
+
+
+def test_the_venue_keeps_ten_minutes_of_the_rate_and_at_least_100k_rows() -> None:
+    assert simulator_history(400, 2) == 120_000
+    assert simulator_history(100, 2) == 100_000
+    assert simulator_history(10_000, 4) == 1_500_000

@@ -748,12 +748,19 @@ def test_a_storm_of_200_symbols_never_spends_more_than_the_share_in_any_minute()
     assert pacer.stats(now).spent <= 3000
 
 
+def earliest(grants: list[tuple[float, int]], now: float, weight: int, budget: int, window: float) -> float:
+    """By brute force: the first moment from ``now`` on when ``weight`` more keeps the window within ``budget``
+    (only ``now`` and the moments a grant leaves the window can be it)."""
+    moments = sorted({now} | {t + window for t, _ in grants if t + window > now})
+    return next(m for m in moments if sum(w for t, w in grants if m < t + window) + weight <= budget)
+
+
 @settings(max_examples=200)
 @given(
     steps=st.lists(st.tuples(st.floats(0, 20), st.sampled_from([5, 25, 50, 250])), min_size=1, max_size=120),
     share=st.sampled_from([0.1, 0.5, 1.0]),
 )
-def test_any_sequence_of_requests_keeps_every_window_within_budget(
+def test_any_sequence_of_requests_keeps_every_window_within_budget_and_waits_no_longer_than_needed(
     steps: list[tuple[float, int]], share: float
 ) -> None:
     pacer = SnapshotPacer(weight_per_minute=6000, share=share)
@@ -762,6 +769,7 @@ def test_any_sequence_of_requests_keeps_every_window_within_budget(
     for dt, weight in steps:
         now += dt
         allowed = pacer.next_allowed(now, weight)
+        assert allowed == earliest(grants, now, weight, pacer.budget, 60.0)
         if pacer.acquire(now, weight):
             assert allowed == now
             grants.append((now, weight))
@@ -771,6 +779,13 @@ def test_any_sequence_of_requests_keeps_every_window_within_budget(
             grants.append((allowed, weight))
             now = allowed
     assert window_peak(grants, 60.0) <= pacer.budget == int(6000 * share)
+
+
+def test_a_failure_with_retry_after_waits_at_least_that_long() -> None:
+    pacer = SnapshotPacer(backoff_base=1.0, rng=random.Random(1))
+    assert pacer.on_failure("BTCUSDT", 5.0, status=503, retry_after=30.0) == 35.0
+    assert pacer.next_allowed(6.0, 5, "BTCUSDT") == 35.0 and pacer.next_allowed(6.0, 5, "ETHUSDT") == 6.0
+    assert pacer.stats(6.0).halted_until == 0.0  # a 503 holds that symbol back, not every request
 
 
 def test_retry_after_of_a_429_stops_every_symbol_until_then() -> None:

@@ -305,15 +305,18 @@ def test_optional_fields_and_a_non_object() -> None:
 
 
 def test_snapshot_replies_are_checked() -> None:
-    body = {"lastUpdateId": 10, "symbol": "BTCUSD_PERP", "E": 5, "bids": [["1.5", "2"]], "asks": [["1.6", "3"]]}
-    assert parse_depth_snapshot(body, "BTCUSD_PERP").last_update_id == 10
-    for change, kind in [
+    body: dict[str, Any] = {
+        "lastUpdateId": 10, "symbol": "BTCUSD_PERP", "E": 5, "bids": [["1.5", "2"]], "asks": [["1.6", "3"]]
+    }
+    changes: list[tuple[dict[str, Any], str]] = [
         ({"symbol": "ETHUSD_PERP"}, "malformed"),  # another symbol's book
         ({"bids": [["1.5", "0"]]}, "bad_value"),  # a book holds no empty level
         ({"lastUpdateId": -1}, "bad_value"),
         ({"lastUpdateId": "10"}, "malformed"),
         ({"asks": None}, "malformed"),
-    ]:
+    ]
+    assert parse_depth_snapshot(body, "BTCUSD_PERP").last_update_id == 10
+    for change, kind in changes:
         with pytest.raises(MalformedFrame) as refused:
             parse_depth_snapshot({**body, **change}, "BTCUSD_PERP")
         assert refused.value.kind == kind, change
@@ -841,4 +844,4 @@ def test_snapshot_policy_by_count_and_by_aligned_venue_time() -> None:
     assert not SnapshotPolicy().due(10**9, 0, 10**12)
     for bad in ({"every_updates": 0}, {"every_s": 0}, {"every_s": -1.0}):
         with pytest.raises(ValueError):
-            SnapshotPolicy(**bad)  # type: ignore[arg-type]
+            SnapshotPolicy(**bad)

@@ -26,7 +26,8 @@ field       ``kind: "diff"``                                   ``kind: "snapshot
 A diff of the spot capture in tests/fixtures: ``{"v":1,"venue":"binance","symbol":"NKNUSDT","channel":"depth",
 "seq":499869757,"ts_event":1633998512668000,"ts_recv":1633998512663777,"kind":"diff","first":499869755,
 "bids":[["0.35200000","1290.00000000"],["0.34730000","106.00000000"],["0.34690000","14009.00000000"]],"asks":[]}``
-(277 bytes); the snapshot it follows, 609 bids and 1000 asks, is 48.6 KB.
+(277 bytes); the snapshot it follows, 609 bids and 1000 asks, is 48.6 KB, within the 64 KiB a consumer reads
+of one entry (:data:`consumer_sdk.poison.MAX_ENTRY_BYTES`), which a deeper book of such strings would pass.
 
 The rules a stream keeps, and :class:`Rebuilder` checks:
 
@@ -42,9 +43,14 @@ The rules a stream keeps, and :class:`Rebuilder` checks:
   (Binance futures, OKX): the first diff after a snapshot at ``S`` has ``pu == S`` or ``first <= S``, every
   later one ``pu == previous seq``.  A diff that does not follow is a break (:class:`BookBreak`): the book
   is lost until the next snapshot.
-- A writer never stores a diff whose ``seq`` is not above the stream's last (a diff already inside the
-  snapshot, such as a futures diff whose ``u`` equals ``lastUpdateId``), and brings a resync snapshot that is
-  not newer than the last stored ``seq`` forward with the diffs it holds before storing it.
+- A writer stores no diff whose ``seq`` is not above the stream's last.  It applies such a diff to its book
+  before storing the snapshot it ends at: Binance futures' first diff may end at ``lastUpdateId`` itself, and
+  the venue's rule applies it (in the COIN-M capture of tests/fixtures, 5 of 10 symbols start so, and at 2 of
+  them that diff changes a level of the REST book).  A resync snapshot that is not newer than the last stored
+  ``seq`` is brought forward with the diffs the writer holds before it is stored.
+- A snapshot's ``ts_event`` is the venue's time of the book where it gives one (futures REST ``E``), else the
+  event time of the diff it is stored with or before; the writer holds entry IDs' ms non-decreasing as on
+  every channel.
 
 To get the book at a ``seq`` or a time, a reader finds the newest snapshot at or before it (``XREVRANGE key
 <end> - COUNT <n>``, newest first, until an entry of ``kind`` ``"snapshot"``; :func:`consumer_sdk.replay.

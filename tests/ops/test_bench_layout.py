@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "ops" / "bench"
 #: module -> layer; a module imports only from lower layers
 LAYERS = {
     "profiles": 0,
+    "book": 0,
     "probe": 0,
     "scrape": 1,
     "processes": 1,
@@ -32,7 +33,7 @@ LAYERS = {
     "report": 5,
 }
 #: the pure layer: none of these reaches processes, children or Redis through another bench module
-PURE = {"profiles", "scrape", "analysis", "render", "plots"}
+PURE = {"book", "profiles", "scrape", "analysis", "render", "plots"}
 
 
 def _modules() -> dict[str, Path]:

@@ -89,8 +89,8 @@ TARGETS: Final = (
             "tests/ingestor/test_mutants_binance_venue.py",
         ),
     ),
-    Target("ingestor/depth.py", ("tests/ingestor/test_depth.py",)),
-    Target("ingestor/depth_pacer.py", ("tests/ingestor/test_depth.py",)),
+    Target("ingestor/depth.py", ("tests/ingestor/test_depth.py", "tests/ingestor/test_mutants_depth.py")),
+    Target("ingestor/depth_pacer.py", ("tests/ingestor/test_depth.py", "tests/ingestor/test_mutants_depth.py")),
     # the frame parser only: the connection class around it is I/O, covered by tests/ingestor/test_wsframes.py
     Target(
         "ingestor/wsframes.py",

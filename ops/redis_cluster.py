@@ -223,13 +223,15 @@ class ClusterNode:
         return f"ClusterNode({self.host}:{self.port}, id={self.id[:8]}, {'running' if self.alive else 'down'})"
 
 
-def _spawn(binary: str, port: int, bus_port: int, directory: str, node_timeout_ms: int) -> subprocess.Popen[bytes]:
+def _spawn(
+    binary: str, port: int, bus_port: int, directory: str, node_timeout_ms: int, server_args: Sequence[str]
+) -> subprocess.Popen[bytes]:
     args = [
         binary, "--port", str(port), "--bind", ClusterNode.host, "--cluster-enabled", "yes",
         "--cluster-config-file", "nodes.conf", "--cluster-port", str(bus_port),
         "--cluster-node-timeout", str(node_timeout_ms), "--cluster-replica-validity-factor", "0",
         "--repl-diskless-sync-delay", "0", "--appendonly", "no", "--save", "", "--dir", directory, "--daemonize", "no",
-        "--logfile", os.path.join(directory, "node.log"), "--loglevel", "notice",
+        "--logfile", os.path.join(directory, "node.log"), "--loglevel", "notice", *server_args,
     ]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
@@ -254,6 +256,8 @@ class LocalCluster:
     binary: str
     directory: str
     node_timeout_ms: int
+    #: more ``--name value`` arguments every node is started with
+    server_args: tuple[str, ...] = ()
 
     # -- addresses
     @property
@@ -385,7 +389,7 @@ class LocalCluster:
         if node.server.process.stderr is not None:
             node.server.process.stderr.close()
         node.server.process = _spawn(self.binary, node.port, node.bus_port, node.server.directory,
-                                     self.node_timeout_ms)
+                                     self.node_timeout_ms, self.server_args)
         node.killed = False
         wait_until_answering(node.server, timeout)
         self.wait_settled(timeout)
@@ -494,6 +498,7 @@ def start_cluster(
     *,
     binary: str | None = None,
     node_timeout_ms: int = 1000,
+    server_args: Sequence[str] = (),
     timeout: float = 60.0,
 ) -> Iterator[LocalCluster]:
     """Run a cluster of ``masters`` masters with ``replicas`` replicas each until the block exits (see the module's
@@ -502,7 +507,8 @@ def start_cluster(
     ``binary`` runs that server instead of the one :func:`ops.redis_server.find_redis_server` picks (Redis 7.0+ or
     Valkey 7.2+: ``--cluster-port`` and ``CLUSTER ADDSLOTSRANGE``); :class:`ConfigError` when there is none.
     ``node_timeout_ms`` is ``cluster-node-timeout``: how long a master may be silent before it is failed over (a
-    failover takes about twice that).  ``timeout`` bounds each wait while forming.
+    failover takes about twice that).  ``server_args`` are more ``--name value`` arguments for every node (a drill's
+    ``--min-replicas-to-write 1``, say), after the harness's own.  ``timeout`` bounds each wait while forming.
     """
     if replicas < 0:
         raise ValueError(f"replicas must be >= 0, not {replicas}")
@@ -513,12 +519,13 @@ def start_cluster(
     directory = tempfile.mkdtemp(prefix="market-cluster-")
     total = masters * (1 + replicas)
     ports = _free_ports(2 * total)
-    cluster = LocalCluster([], masters, replicas, binary, directory, node_timeout_ms)
+    cluster = LocalCluster([], masters, replicas, binary, directory, node_timeout_ms, tuple(server_args))
     try:
         for port, bus_port in zip(ports[:total], ports[total:], strict=True):
             home = os.path.join(directory, str(port))
             os.mkdir(home)
-            server = RedisServer(_spawn(binary, port, bus_port, home, node_timeout_ms), port, home, binary)
+            process = _spawn(binary, port, bus_port, home, node_timeout_ms, cluster.server_args)
+            server = RedisServer(process, port, home, binary)
             cluster.nodes.append(ClusterNode(server, bus_port))
         for n in cluster.nodes:
             wait_until_answering(n.server, timeout)

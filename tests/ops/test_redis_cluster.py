@@ -235,11 +235,12 @@ def _errorstat(node: ClusterNode, code: str) -> int:
     return int(stat["count"]) if isinstance(stat, dict) else 0
 
 
-def test_every_node_is_stopped_when_the_block_raises() -> None:
+def test_every_node_takes_the_extra_arguments_and_is_stopped_when_the_block_raises() -> None:
     seen: list[LocalCluster] = []
-    with pytest.raises(ZeroDivisionError), start_cluster(1, 1) as cluster:
+    with pytest.raises(ZeroDivisionError), start_cluster(1, 1, server_args=("--maxmemory", "64mb")) as cluster:
         seen.append(cluster)
         assert [n.alive for n in cluster.nodes] == [True, True]
+        assert [n.ask("CONFIG", "GET", "maxmemory") for n in cluster.nodes] == [{"maxmemory": str(64 << 20)}] * 2
         assert cluster.replicas_of(cluster.nodes[0]) == [cluster.nodes[1]]
         _ = 1 / 0
     assert_stopped(seen[0])

@@ -26,15 +26,17 @@ the delay a new master waits before it calls the cluster ok.
 
 Every wait polls a condition under a deadline (:class:`TimeoutError` naming what was last seen) and stops early,
 with the node's log, if a node that should run has exited.  "Settled" (:meth:`LocalCluster.settle_problem` says
-why not) means, for every running node: ``cluster_state:ok`` with all 16384 slots ok, every other running node
-known and not flagged failing, the same owner for every slot as every other running node sees it, and, for a
-replica, its link to its master up.
+why not) means, for every running node (neither killed nor frozen): ``cluster_state:ok`` with all 16384 slots
+ok, every other running node known and not flagged failing, the same owner for every slot as every other running
+node sees it, and, for a replica, its link to its master up.
 
 :class:`LocalCluster` kills a node with SIGKILL (:meth:`~LocalCluster.kill`, or the master of a slot with
-:meth:`~LocalCluster.kill_master`), waits for a replica's promotion (:meth:`~LocalCluster.wait_promoted`) and starts
+:meth:`~LocalCluster.kill_master`), waits for a replica's promotion (:meth:`~LocalCluster.wait_promoted`), starts
 a killed node again on its ports and directory (:meth:`~LocalCluster.restart`: it rejoins, as a replica when its
-slots moved on).  Its methods block (subprocesses and a synchronous client); from a running event loop whose tasks
-must go on meanwhile, call them through ``asyncio.to_thread``.  One owner: the code that started the cluster.
+slots moved on), and freezes a node with SIGSTOP until :meth:`~LocalCluster.thaw` (:meth:`~LocalCluster.freeze`: a
+replica cut from its master this way makes the writes a failover loses).  Its methods block (subprocesses and a
+synchronous client); from a running event loop whose tasks must go on meanwhile, call them through
+``asyncio.to_thread``.  One owner: the code that started the cluster.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Final
 
 import redis
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
+from redis.retry import Retry
 
 from consumer_sdk.core.errors import ConfigError
 from ops.redis_server import RedisServer, find_redis_server, free_port, wait_until_answering
@@ -167,6 +171,8 @@ class ClusterNode:
     id: str = ""
     #: killed by :meth:`LocalCluster.kill` and not restarted since
     killed: bool = False
+    #: stopped with SIGSTOP by :meth:`LocalCluster.freeze` and not thawed since (its process lives, answers nothing)
+    frozen: bool = False
     #: what it served when it was last killed as a master: its slot ranges and its replicas' ids
     slots_at_kill: tuple[tuple[int, int], ...] = ()
     replicas_at_kill: frozenset[str] = frozenset()
@@ -186,7 +192,13 @@ class ClusterNode:
 
     @property
     def alive(self) -> bool:
+        """Its process has not exited (it may be frozen)."""
         return self.server.process.poll() is None
+
+    @property
+    def running(self) -> bool:
+        """Alive and not frozen: it answers."""
+        return not self.frozen and self.alive
 
     @property
     def log_path(self) -> Path:
@@ -203,7 +215,8 @@ class ClusterNode:
         """One command to this node alone, its reply decoded (``INFO`` parsed as redis-py parses it)."""
         if self._client is None:
             self._client = redis.Redis(host=self.host, port=self.port, socket_timeout=_ASK_TIMEOUT_S,
-                                       socket_connect_timeout=_ASK_TIMEOUT_S, decode_responses=True)
+                                       socket_connect_timeout=_ASK_TIMEOUT_S, decode_responses=True,
+                                       retry=Retry(NoBackoff(), 0))  # the waits poll again themselves
         return self._client.execute_command(*args)  # type: ignore[no-untyped-call]
 
     def views(self) -> list[NodeView]:
@@ -220,7 +233,8 @@ class ClusterNode:
             client.close()
 
     def __repr__(self) -> str:
-        return f"ClusterNode({self.host}:{self.port}, id={self.id[:8]}, {'running' if self.alive else 'down'})"
+        state = "frozen" if self.frozen and self.alive else "running" if self.alive else "down"
+        return f"ClusterNode({self.host}:{self.port}, id={self.id[:8]}, {state})"
 
 
 def _spawn(
@@ -262,7 +276,8 @@ class LocalCluster:
     # -- addresses
     @property
     def running(self) -> list[ClusterNode]:
-        return [n for n in self.nodes if n.alive]
+        """The nodes that answer: neither killed nor frozen."""
+        return [n for n in self.nodes if n.running]
 
     @property
     def url(self) -> str:
@@ -323,7 +338,7 @@ class LocalCluster:
     def replicas_of(self, master: ClusterNode) -> list[ClusterNode]:
         """The running replicas of ``master``, as the cluster sees them now."""
         found = [self.node(v.id) for v in self.views() if v.master_id == master.id]
-        return [n for n in found if n.alive]
+        return [n for n in found if n.running]
 
     # -- faults
     def kill(self, node: ClusterNode) -> ClusterNode:
@@ -338,7 +353,7 @@ class LocalCluster:
             node.masters_at_kill = len({i for _, _, i in slot_owners(seen)})
         else:
             node.slots_at_kill, node.replicas_at_kill, node.masters_at_kill = (), frozenset(), 0
-        node.killed = True
+        node.killed, node.frozen = True, False
         node.close()
         node.server.process.send_signal(signal.SIGKILL)
         node.server.process.wait(10)
@@ -355,6 +370,27 @@ class LocalCluster:
         elif node not in self.current_masters():
             raise ValueError(f"{node!r} is not a master serving slots")
         return self.kill(node)
+
+    def freeze(self, node: ClusterNode) -> None:
+        """SIGSTOP ``node``: its process and its sockets live on, it answers nothing (a hung server, or a network
+        that stopped delivering).  The harness queries it no more until :meth:`thaw`; the cluster fails it after
+        ``node_timeout_ms``.  The kernel still takes in what peers send it, so a frozen replica by itself loses no
+        replication stream; once its master has dropped the link (``master.ask("CLIENT", "KILL", "TYPE",
+        "replica")``), what the master takes exists on the master alone until the replica is thawed and catches
+        up: lost if the master dies meanwhile."""
+        if not node.running:
+            raise RuntimeError(f"{node!r} is not running")
+        node.close()
+        node.server.process.send_signal(signal.SIGSTOP)
+        node.frozen = True
+
+    def thaw(self, node: ClusterNode) -> None:
+        """SIGCONT a frozen node (it carries on where it stopped; :meth:`wait_settled` to see it rejoin)."""
+        if not node.frozen:
+            raise RuntimeError(f"{node!r} is not frozen")
+        node.frozen = False
+        if node.alive:
+            node.server.process.send_signal(signal.SIGCONT)
 
     def wait_promoted(self, killed: ClusterNode, timeout: float = 60.0) -> ClusterNode:
         """Wait until one replica of the killed master serves every slot it served and the cluster is settled;
@@ -434,7 +470,8 @@ class LocalCluster:
 
     def _poll(self, problem: Callable[[], str | None], timeout: float, what: str) -> None:
         """Return once ``problem()`` is None; :class:`TimeoutError` after ``timeout`` s, :class:`RuntimeError` at
-        once when a node that was not killed has exited (with the end of its log)."""
+        once when a node that was not killed has exited (with the end of its log).  A step costs what ``problem``
+        costs: a command to a node that hangs is bounded by the client's timeout (5 s), not retried."""
         deadline = time.monotonic() + timeout
         while True:
             for n in self.nodes:
@@ -448,9 +485,11 @@ class LocalCluster:
             time.sleep(_POLL_S)  # poll: a cluster converges by gossip, which sends no notice to wait on
 
     def stop(self) -> None:
-        """Stop every node (SIGTERM, SIGKILL after 5 s) and reap it."""
+        """Stop every node (SIGTERM, SIGKILL after 5 s; a frozen one is thawed first) and reap it."""
         for n in self.nodes:
             n.close()
+            if n.frozen:
+                self.thaw(n)
             n.server.stop()
 
     # -- forming

@@ -269,3 +269,25 @@ def test_a_node_that_dies_unasked_is_named_with_its_log() -> None:
             cluster.wait_settled(HANG_S)
         tail = replica.log_tail()
         assert tail and tail in str(raised.value)
+
+
+def test_a_frozen_replica_cut_from_its_master_acknowledges_nothing_until_thawed() -> None:
+    """What a failover can lose, made on purpose: the master takes a write its replica does not have."""
+    with start_cluster(1, 1) as cluster:
+        master, replica = cluster.nodes
+        assert master.ask("SET", "k", "before") is True
+        assert master.ask("WAIT", 1, 10_000) == 1
+        cluster.freeze(replica)
+        assert master.ask("CLIENT", "KILL", "TYPE", "replica") == 1  # the link is gone; frozen, it cannot come back
+        assert replica.alive and not replica.running and cluster.running == [master]
+        assert master.ask("SET", "k", "while frozen") is True
+        assert master.ask("WAIT", 1, 200) == 0  # no replica has it: a failover now would lose it
+        with pytest.raises(RuntimeError, match="not running"):
+            cluster.freeze(replica)
+        cluster.thaw(replica)
+        cluster.wait_settled(HANG_S)
+        assert master.ask("WAIT", 1, 10_000) == 1
+        assert replica.ask("READONLY") is True  # this connection may read from a replica
+        assert replica.ask("GET", "k") == "while frozen"
+        cluster.freeze(replica)  # left frozen: stopping thaws it first
+    assert_stopped(cluster)

@@ -84,9 +84,12 @@ def _refusal(value: object, scale: int) -> BookError:
     if type(value) is not str:
         return BookError(f"expected a decimal string, got {_kind(value)} {value!r:.40}")
     if _PLAIN(value) is not None:
-        if len(value.partition(".")[2].rstrip("0")) > scale:
+        whole, _, frac = value.partition(".")
+        if len(frac.rstrip("0")) > scale:
             return BookError(f"more than {scale} significant decimals: {value[:40]!r}")
-        return BookError(f"too many digits (at most 20 before the point): {value[:40]!r} ({len(value)} chars)")
+        if len(whole) > 20:
+            return BookError(f"too many digits (at most 20 before the point): {value[:40]!r} ({len(value)} chars)")
+        return BookError(f"too many digits (at most {scale + 40} after the point): {value[:40]!r} ({len(value)} chars)")
     return BookError(f"not a plain decimal: {value[:40]!r}")
 
 
@@ -183,8 +186,7 @@ class Book:
         out: _Parsed = []
         field = "level"
         try:
-            for level in levels:
-                field = "level"
+            for level in levels:  # ``field`` is "level" here: the pair, or the iterable failing to give one
                 if (type(level) is not list and type(level) is not tuple) or len(level) != 2:
                     raise BookError(f"expected a (price, size) pair, got {_kind(level)} {level!r:.60}")
                 price, size = level
@@ -204,6 +206,7 @@ class Book:
                     raise BookError(f"a snapshot level of size zero: {size!r} at price {price!r}")
                 else:
                     out.append((key * sign, None))
+                field = "level"
         except BookError as exc:
             raise BookError(f"{side}[{len(out)}] {field}: {exc}") from None
         except TypeError:

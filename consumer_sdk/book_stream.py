@@ -234,13 +234,16 @@ def _bad(message: str) -> InvalidBookEntry:
     return InvalidBookEntry(f"not a depth entry: {message}")
 
 
-def _int_field(obj: Mapping[str, Any], name: str, limit: int = _INT64_MAX, *, required: bool = True) -> int | None:
+def _int_field(obj: Mapping[str, Any], name: str, limit: int = _INT64_MAX) -> int:
     value = obj.get(name)
-    if value is None and not required and name not in obj:
-        return None
     if type(value) is not int or not 0 <= value <= limit:
         raise _bad(f"{name!r}: expected an integer from 0 to {limit}, got {value!r:.40}")
     return value
+
+
+def _optional_id(obj: Mapping[str, Any], name: str) -> int | None:
+    """The update id in field ``name``; None when there is no such field (a field of null is refused)."""
+    return _int_field(obj, name, _MAX_SEQ) if name in obj else None
 
 
 def _levels(obj: Mapping[str, Any], name: str) -> tuple[Level, ...]:
@@ -282,7 +285,6 @@ def decode(raw: bytes | str | Mapping[str, Any], entry_id: bytes | str | None = 
     seq = _int_field(obj, "seq", _MAX_SEQ)
     ts_event = _int_field(obj, "ts_event")
     ts_recv = _int_field(obj, "ts_recv")
-    assert seq is not None and ts_event is not None and ts_recv is not None
     ms = ts_event // 1000
     if entry_id is not None:
         text = entry_id.decode(errors="replace") if isinstance(entry_id, bytes) else entry_id
@@ -293,8 +295,8 @@ def decode(raw: bytes | str | Mapping[str, Any], entry_id: bytes | str | None = 
     kind = obj.get("kind")
     bids, asks = _levels(obj, "bids"), _levels(obj, "asks")
     if kind == "diff":
-        first = _int_field(obj, "first", _MAX_SEQ, required=False)
-        pu = _int_field(obj, "pu", _MAX_SEQ, required=False)
+        first = _optional_id(obj, "first")
+        pu = _optional_id(obj, "pu")
         if first is None and pu is None:
             raise _bad("a diff names neither its first update id ('first') nor the previous one ('pu')")
         if first is not None and first > seq:
@@ -413,7 +415,8 @@ class Rebuilder:
             return "it has no 'pu' in a stream whose diffs follow by 'pu'"
         if pu == last or (self._after_snapshot and first is not None and first <= last):
             return ""
-        return f"pu {pu} is not {last}" + (" and first is above it" if self._after_snapshot else "")
+        straddle = " and first is above it" if self._after_snapshot and first is not None else ""
+        return f"pu {pu} is not {last}{straddle}"
 
 
 def rebuild(

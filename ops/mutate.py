@@ -125,6 +125,22 @@ TARGETS: Final = (
         "distributor/control/gate.py",
         ("tests/distributor/test_control.py", "tests/distributor/test_mutants_control.py"),
     ),
+    Target(
+        "consumer_sdk/book.py",
+        (
+            "tests/consumer_sdk/test_book.py",
+            "tests/consumer_sdk/test_book_stream.py",
+            "tests/consumer_sdk/test_mutants_book.py",
+        ),
+    ),
+    Target(
+        "consumer_sdk/book_stream.py",
+        (
+            "tests/consumer_sdk/test_book.py",
+            "tests/consumer_sdk/test_book_stream.py",
+            "tests/consumer_sdk/test_mutants_book.py",
+        ),
+    ),
     # the record framing and the check at open; tests/distributor/test_spill.py drives a real Redis and is not mapped
     Target(
         "distributor/spill.py", ("tests/distributor/test_mutants_spill.py",),

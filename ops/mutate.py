@@ -1,3 +1,5 @@
+# size: one runner: the target map, the sampling, the mutmut driver and the report share one run's state; the map grows
+#   with every pure module brought under mutation testing.
 """Mutation testing of the pure core: ``python -m ops.mutate [MODULE ...] [--sample N] [--time-box S] [--check]``.
 
 Each pure core module is mapped to the few fast test files that exercise it (no Redis, no network);

@@ -213,7 +213,7 @@ async def book_at(
     bound = parse_bound(at, end=True) if isinstance(at, str) else at
     if page < 1:
         raise ConfigError(f"page must be >= 1, not {page}")
-    wanted = bound.text or bound.kind
+    wanted = "the end" if bound.kind == "open" else bound.text
     try:
         end = await resolve_bound(redis, key, bound)
         snapshot_id, oldest = await _newest_snapshot(redis, key, end, max_entry_bytes)

@@ -7,7 +7,7 @@ then the asks above the bids with the best of each in the middle, around a line 
            price            size
     ask    0.35290000   1290.00000000
     ask    0.35280000     10.00000000
-    ------ spread 0.00070000 ------
+    ------ spread 0.00070000 ------  (609 bids, 1000 asks)
     bid    0.35210000    672.00000000
     bid    0.35200000   1144.00000000
 
@@ -54,14 +54,36 @@ def _header(key: str, seq: int | None, ts_event_us: int | None, now_us: int, not
     return "  ".join(parts)
 
 
+def _aligned(values: list[str]) -> list[str]:
+    """Decimal strings lined up on their points (``"100.5"`` over ``"100.55"``), all of one width."""
+    parts = [v.partition(".") for v in values]
+    wi = max((len(i) for i, _, _ in parts), default=0)
+    wf = max((len(d) + len(f) for _, d, f in parts), default=0)
+    return [f"{i:>{wi}}{d + f:<{wf}}" for i, d, f in parts]
+
+
+def _decimals(price: str) -> int:
+    return len(price.partition(".")[2])
+
+
+def _spread_text(units: int, scale: int, decimals: int) -> str:
+    """``units`` (a spread in ``10**-scale``) written with ``decimals`` decimals: those of the prices it is between,
+    so nothing but zeros is cut."""
+    text = format_units(units, scale)
+    if decimals >= scale:
+        return text
+    whole, _, frac = text.partition(".")
+    return f"{whole}.{frac[:decimals]}" if decimals else whole
+
+
 def render_ladder(
     key: str, book: Book | None, *, levels: int, now_us: int, seq: int | None = None, ts_event_us: int | None = None,
     note: str = "",
 ) -> str:
-    """The ladder of ``book``'s best ``levels`` a side (no trailing newline).  ``seq`` defaults to the book's
-    update id; ``ts_event_us`` (the venue's time of the book, µs) and ``now_us`` give the age; ``note`` (what the
-    last entry did, or why there is no book) ends the header.  Without a book: the header and ``no book``.
-    Cost: O(levels)."""
+    """The ladder of ``book``'s best ``levels`` a side (no trailing newline), prices and sizes lined up on their
+    decimal points.  ``seq`` defaults to the book's update id; ``ts_event_us`` (the venue's time of the book, µs)
+    and ``now_us`` give the age; ``note`` (what the last entry did, or why there is no book) ends the header.
+    Without a book: the header and ``no book``.  Cost: O(levels)."""
     if levels < 1:
         raise ValueError(f"levels: expected at least 1, got {levels}")
     if book is None:
@@ -69,20 +91,23 @@ def render_ladder(
     bids, asks = book.top(levels)
     seq = book.update_id if seq is None else seq
     rows: list[tuple[str, Level]] = [("ask", level) for level in reversed(asks)] + [("bid", level) for level in bids]
-    pw = max([len("price"), *(len(p) for _, (p, _s) in rows)])
-    sw = max([len("size"), *(len(s) for _, (_p, s) in rows)])
+    prices = _aligned([p for _, (p, _s) in rows])
+    sizes = _aligned([s for _, (_p, s) in rows])
+    pw = max([len("price"), *map(len, prices)])
+    sw = max([len("size"), *map(len, sizes)])
     spread = book.spread()
     if spread is None:
         middle = "no bids" if not bids and asks else "no asks" if bids and not asks else "empty book"
-    elif spread <= 0:
-        middle = f"CROSSED by {format_units(-spread, book.scale)}"
     else:
-        middle = f"spread {format_units(spread, book.scale)}"
+        decimals = max(_decimals(bids[0][0]), _decimals(asks[0][0]))
+        middle = (f"CROSSED by {_spread_text(-spread, book.scale, decimals)}" if spread <= 0
+                  else f"spread {_spread_text(spread, book.scale, decimals)}")
     nb, na = book.depth()
     lines = [_header(key, seq, ts_event_us, now_us, note), f"{'':3}  {'price':>{pw}}  {'size':>{sw}}"]
-    lines += [f"{side}  {p:>{pw}}  {s:>{sw}}" for side, (p, s) in rows if side == "ask"]
+    body = [f"{side}  {p:>{pw}}  {s:>{sw}}".rstrip() for (side, _), p, s in zip(rows, prices, sizes, strict=True)]
+    lines += body[: len(asks)]
     lines.append(f"------ {middle} ------  ({nb} bids, {na} asks)")
-    lines += [f"{side}  {p:>{pw}}  {s:>{sw}}" for side, (p, s) in rows if side == "bid"]
+    lines += body[len(asks):]
     return "\n".join(lines)
 
 

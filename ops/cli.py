@@ -364,6 +364,8 @@ def replay(
     if at is not None:
         _replay_book(key, at, format_, levels, (start, end, to_prefix, skip_invalid))
         return
+    if levels is not None:
+        fail("--levels goes with --at")
     if format_ not in ("jsonl", "csv"):
         fail(f"--format must be jsonl or csv, got {format_!r}")
     lo = parse_bound(start, end=False)

@@ -328,6 +328,31 @@ async def test_a_deleted_stream_is_reset_and_started_again(depth_captures: list[
         await updates.aclose()
 
 
+async def test_a_stream_that_went_back_below_the_reader_is_reset(depth_captures: list[Any], aredis: aioredis.Redis,
+                                                                prefix: str) -> None:
+    cap = longest(depth_captures)
+    w = capture_entries(cap)
+    key = f"{prefix}:binance:{cap.symbol}:depth"
+    await xadd(aredis, key, w, 0, 6)
+    updates = follow_books(aredis, [key], block_ms=100)
+    try:
+        assert same((await next_update(updates)).book, w.books[5])
+        # replaced in one step by a stream that ends below where the reader is: it never sees the key missing
+        async with aredis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            for i in range(3):
+                pipe.xadd(key, {"d": w.raw[i]}, id=w.ids[i])
+            await pipe.execute()
+        assert (await next_update(updates)).event == "reset"
+        restarted = await next_update(updates)
+        assert restarted.event == "start" and restarted.entry_id == w.ids[2] and same(restarted.book, w.books[2])
+        await xadd(aredis, key, w, 3, 4)
+        diff = await next_update(updates)
+        assert diff.event == "diff" and same(diff.book, w.books[3])
+    finally:
+        await updates.aclose()
+
+
 async def test_the_live_reader_survives_a_redis_restart_without_its_data(
     depth_captures: list[Any], private_redis: RedisServer
 ) -> None:

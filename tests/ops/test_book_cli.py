@@ -43,20 +43,20 @@ def test_the_ladder_puts_the_asks_above_the_bids_with_the_best_in_the_middle() -
         "md:binance:BTCUSDT:depth  seq 100  age 1.5 s  diff",
         "      price   size",
         "ask  100.75  10.25",
-        "ask  100.60      3",
-        "------ spread 0.10000000 ------  (3 bids, 3 asks)",
-        "bid  100.50    1.5",
-        "bid  100.40     22",
+        "ask  100.60   3",
+        "------ spread 0.10 ------  (3 bids, 3 asks)",
+        "bid  100.50   1.5",
+        "bid  100.40  22",
     ]
 
 
 def test_the_ladder_shows_what_is_missing_or_wrong() -> None:
     book = small_book()
-    assert "spread 0.10000000" in render_ladder("k", book, levels=10, now_us=0)
+    assert "spread 0.10 " in render_ladder("k", book, levels=10, now_us=0)
     assert len(render_ladder("k", book, levels=10, now_us=0).splitlines()) == 2 + 3 + 1 + 3
     book.apply_diff([["100.80", "1"]], [], 101)
     crossed = render_ladder("k", book, levels=1, now_us=0)
-    assert "CROSSED by 0.20000000" in crossed and "seq 101" in crossed
+    assert "CROSSED by 0.20 " in crossed and "seq 101" in crossed
     book.apply_diff([], [["100.60", "0"], ["100.75", "0"], ["101.00", "0"]], 102)
     assert "no asks" in render_ladder("k", book, levels=3, now_us=0)
     empty = Book()
@@ -67,6 +67,22 @@ def test_the_ladder_shows_what_is_missing_or_wrong() -> None:
     assert render_ladder("k", None, levels=3, now_us=0).endswith("no book: waiting for a snapshot")
     with pytest.raises(ValueError, match="levels"):
         render_ladder("k", book, levels=0, now_us=0)
+
+
+def test_prices_and_sizes_line_up_on_their_points_and_the_spread_keeps_the_prices_decimals() -> None:
+    book = Book()
+    book.apply_snapshot(7, [["29450.1", "0.5"], ["29449", "12"]], [["29450.35", "1.25"], ["29452", "3"]])
+    assert render_ladder("k", book, levels=2, now_us=0).splitlines()[1:] == [
+        "        price   size",
+        "ask  29452      3",
+        "ask  29450.35   1.25",
+        "------ spread 0.25 ------  (2 bids, 2 asks)",
+        "bid  29450.1    0.5",
+        "bid  29449     12",
+    ]
+    whole = Book(0)
+    whole.apply_snapshot(1, [["100", "1"]], [["103", "1"]])
+    assert "spread 3 " in render_ladder("k", whole, levels=1, now_us=0)
 
 
 @pytest.mark.parametrize(
@@ -165,8 +181,8 @@ def test_replay_at_prints_the_book_as_it_was_then(client: redis.Redis, prefix: s
     assert ladder.returncode == 0, ladder.stderr
     assert ladder.stdout.splitlines()[2:] == [
         "ask  100.75  10.25",
-        "------ spread 0.20000000 ------  (4 bids, 2 asks)",
-        "bid  100.55      4",
+        "------ spread 0.20 ------  (4 bids, 2 asks)",
+        "bid  100.55   4",
     ]
     # without --at the depth stream replays as entries, as any stream
     entries = market("replay", key)
@@ -183,10 +199,10 @@ def test_book_once_prints_the_current_book(client: redis.Redis, prefix: str) -> 
     assert lines[0].startswith(f"{key}  seq 101  age ") and CLEAR not in proc.stdout
     assert lines[2:] == [
         "ask  100.75  10.25",
-        "ask  100.60      3",
-        "------ spread 0.05000000 ------  (4 bids, 3 asks)",
-        "bid  100.55      4",
-        "bid  100.50    1.5",
+        "ask  100.60   3",
+        "------ spread 0.05 ------  (4 bids, 3 asks)",
+        "bid  100.55   4",
+        "bid  100.50   1.5",
     ]
 
 
@@ -207,10 +223,11 @@ def test_book_and_replay_at_refuse_bad_keys_and_missing_streams(client: redis.Re
     assert_one_line_error(market("replay", key, "--at", "seq:101", "--format", "csv"), "jsonl or ladder")
     assert_one_line_error(market("replay", key, "--at", "seq:101", "--start", "seq:100"), "does not go with")
     assert_one_line_error(market("replay", key, "--at", "soon"), "bad range bound")
+    assert_one_line_error(market("replay", key, "--levels", "3"), "--levels goes with --at")
     assert_one_line_error(market("replay", key, "--at", "seq:99"), "no book", "no snapshot at or before")
     client.xtrim(key, minid=w.ids[101], approximate=False)
     assert_one_line_error(market("replay", key, "--at", "seq:101"), "trimmed")
-    assert_one_line_error(market("book", key, "--once"), "trimmed")
+    assert_one_line_error(market("book", key, "--once"), "entries from the end", "trimmed")
 
 
 class Blocks:

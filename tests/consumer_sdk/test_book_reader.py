@@ -353,6 +353,35 @@ async def test_a_stream_that_went_back_below_the_reader_is_reset(depth_captures:
         await updates.aclose()
 
 
+async def test_a_block_longer_than_the_clients_socket_timeout_is_not_an_error(
+    depth_captures: list[Any], redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cap = longest(depth_captures)
+    w = capture_entries(cap)
+    key = f"{prefix}:binance:{cap.symbol}:depth"
+    name = f"{prefix}-reader"
+    short = aioredis.Redis.from_url(redis_url, socket_timeout=0.2, client_name=name)
+    try:
+        await xadd(short, key, w, 0, 2)
+        updates = follow_books(short, [key], block_ms=2000)
+        try:
+            assert same((await next_update(updates)).book, w.books[1])
+            waiting = asyncio.ensure_future(next_update(updates))
+            # until the reader has been blocked over a second (Redis counts idle in whole seconds): 5 socket timeouts
+            async with asyncio.timeout(WAIT_S):
+                while not any(c.get("name") == name and c.get("cmd") == "xread" and int(c.get("idle", 0)) >= 2
+                              for c in await short.client_list()):
+                    await asyncio.sleep(0.05)
+            await xadd(short, key, w, 2, 3)
+            diff = await waiting
+            assert diff.event == "diff" and same(diff.book, w.books[2])
+        finally:
+            await updates.aclose()
+    finally:
+        await short.aclose()
+    assert not [r for r in caplog.records if "follow_books_retry" in r.getMessage()]
+
+
 async def test_the_live_reader_survives_a_redis_restart_without_its_data(
     depth_captures: list[Any], private_redis: RedisServer
 ) -> None:

@@ -278,3 +278,41 @@ def test_book_follows_the_stream_a_block_per_update(client: redis.Redis, prefix:
         assert proc.stderr is not None and proc.stdout is not None
         proc.stderr.close()
         proc.stdout.close()
+
+
+def test_book_on_a_terminal_redraws_in_place(client: redis.Redis, prefix: str) -> None:
+    import pty
+
+    key = f"{prefix}:binance:BTCUSDT:depth"
+    w = Writer(client, key)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "book", key, "--levels", "1"], stdout=follower,
+                            stderr=subprocess.PIPE, env=os.environ.copy())
+    os.close(follower)
+    selector = selectors.DefaultSelector()
+    selector.register(leader, selectors.EVENT_READ)
+    seen = b""
+
+    def until(needle: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + WAIT_S
+        while needle not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{needle!r} not drawn within {WAIT_S} s; got {seen!r}"
+            if selector.select(left):
+                seen += os.read(leader, 65536)
+
+    try:
+        until(b"start")
+        w.diff([["100.55", "4"]], [])
+        until(b"seq 101")
+        frames = seen.decode().replace("\r\n", "\n").split(CLEAR)
+        assert frames[0] == "" and len(frames) == 3  # each frame starts by going home and clearing the screen
+        assert "seq 100" in frames[1] and "seq 101" in frames[2] and "100.55" in frames[2]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        selector.close()
+        os.close(leader)
+        assert proc.stderr is not None
+        proc.stderr.close()

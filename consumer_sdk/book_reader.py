@@ -88,7 +88,7 @@ log = get_logger("book_reader")
 MAX_DEPTH_ENTRY_BYTES: Final = 2 * 1024 * 1024
 #: the ``XREVRANGE`` page sizes of the walk back to a snapshot: small first, as one is usually near
 _WALK_PAGES: Final = (16, 128, 1000)
-#: a prefilter of the walk back: every snapshot's field ``d`` holds these bytes (a diff may too; it is decoded)
+#: a prefilter of the walk back: a snapshot written by ``encode_tick`` holds these bytes (a diff that does is decoded)
 _SNAPSHOT_MARK: Final = b'"snapshot"'
 
 BookEvent: TypeAlias = Literal["start", "snapshot", "diff", "waiting", "break", "ignored", "reset"]

@@ -3,8 +3,9 @@
 Light on purpose: it depends on redis and orjson only, never on the ingestor.  The shared kernel (tick
 model, keys, errors, sequencing, latency, backoff, logging, Redis helpers) is :mod:`consumer_sdk.core`,
 which the ingestor and the distributor import too; this module re-exports the public part of it and of
-the consumer and replay modules.  Names are resolved on first use, so importing :mod:`consumer_sdk.core`
-(as the ingestor and the ``market`` command do) does not load the consumer.
+the consumer, replay and order-book reader (:mod:`consumer_sdk.book_reader`) modules.  Names are resolved on
+first use, so importing :mod:`consumer_sdk.core` (as the ingestor and the ``market`` command do) does not load
+the consumer.
 """
 
 from __future__ import annotations
@@ -13,6 +14,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from consumer_sdk.book_reader import (
+        MAX_DEPTH_ENTRY_BYTES,
+        BookAt,
+        BookUpdate,
+        LiveBook,
+        NoBook,
+        book_at,
+        follow_books,
+    )
     from consumer_sdk.consumer import Consumer, ConsumerStats, GapHook, InvalidHook, TrimmedHook
     from consumer_sdk.core.errors import (
         ConfigError,
@@ -49,6 +59,10 @@ if TYPE_CHECKING:
 
 #: where each public name lives
 _SOURCES: dict[str, str] = {
+    **dict.fromkeys(
+        ("MAX_DEPTH_ENTRY_BYTES", "BookAt", "BookUpdate", "LiveBook", "NoBook", "book_at", "follow_books"),
+        "consumer_sdk.book_reader",
+    ),
     **dict.fromkeys(("Consumer", "ConsumerStats", "GapHook", "InvalidHook", "TrimmedHook"), "consumer_sdk.consumer"),
     **dict.fromkeys(
         ("ConfigError", "Fatal", "InvalidTick", "MarketError", "Retryable", "TransientError", "TrimmedError"),
@@ -81,9 +95,12 @@ _SOURCES: dict[str, str] = {
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "MAX_DEPTH_ENTRY_BYTES",
     "SCHEMA_VERSION",
     "AggTradeTick",
+    "BookAt",
     "BookTickerTick",
+    "BookUpdate",
     "Bound",
     "ConfigError",
     "Consumer",
@@ -94,7 +111,9 @@ __all__ = [
     "InvalidHook",
     "InvalidTick",
     "KlineTick",
+    "LiveBook",
     "MarketError",
+    "NoBook",
     "Pattern",
     "Retryable",
     "SeqTracker",
@@ -105,10 +124,12 @@ __all__ = [
     "TrimmedError",
     "TrimmedHook",
     "Verdict",
+    "book_at",
     "decode_tick",
     "encode_tick",
     "entry_id",
     "follow",
+    "follow_books",
     "is_valid_channel",
     "parse_bound",
     "parse_entry_id",

@@ -324,7 +324,7 @@ def replay(
     key: Annotated[str, typer.Argument(help="stream key, e.g. md:binance:BTCUSDT:trade")],
     start: Annotated[str, typer.Option(help="epoch ms, ISO-8601 time, seq:N, or -")] = "-",
     end: Annotated[str, typer.Option(help="epoch ms, ISO-8601 time, seq:N, or +")] = "+",
-    format_: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl",
+    format_: Annotated[str, typer.Option("--format", help="jsonl or csv (with --at: jsonl or ladder)")] = "jsonl",
     progress: Annotated[bool, typer.Option(help="progress on stderr (default: when stderr is a terminal)")] = False,
     to_prefix: Annotated[
         str | None, typer.Option(help="copy the range into this key prefix (same IDs) instead of printing it")
@@ -336,8 +336,19 @@ def replay(
             help="go on past entries that are not ticks, naming each on stderr; exit status 1 if any was skipped",
         ),
     ] = False,
+    at: Annotated[
+        str | None,
+        typer.Option(help="depth streams: print the book as it was at seq:N, an entry ID, epoch ms or ISO time"),
+    ] = None,
+    levels: Annotated[
+        int | None, typer.Option(help="with --at: levels a side (default: all in jsonl, 10 in ladder)")
+    ] = None,
 ) -> None:
     """History from a stream to stdout, in entry order (exactly what XRANGE returns), or copied to another prefix.
+
+    With --at on a depth stream: the order book as it was then (the newest snapshot at or before it and the
+    diffs after), one JSON object (--format jsonl) or a ladder (--format ladder); exit status 2 when trimming
+    took what it needs.
 
     An entry that is not a tick (no field d, d not JSON or not a tick, d over 64 KiB) stops the replay with
     one line naming its entry ID, exit status 2; with --skip-invalid each is named on stderr
@@ -350,6 +361,11 @@ def replay(
     from consumer_sdk.replay import parse_bound
 
     _check_key(key)
+    if at is not None:
+        _replay_book(key, at, format_, levels, (start, end, to_prefix, skip_invalid))
+        return
+    if levels is not None:
+        fail("--levels goes with --at")
     if format_ not in ("jsonl", "csv"):
         fail(f"--format must be jsonl or csv, got {format_!r}")
     lo = parse_bound(start, end=False)
@@ -433,6 +449,102 @@ async def _replay(url: str, key: str, lo: Any, hi: Any, fmt: str, show_progress:
     finally:
         await redis.aclose()
     return skipped
+
+
+def _replay_book(key: str, at: str, fmt: str, levels: int | None, range_flags: tuple[Any, ...]) -> None:
+    """``replay KEY --at X`` on a depth stream: the book as it was at X, as JSON or a ladder."""
+    from consumer_sdk.book_reader import check_depth_key
+    from consumer_sdk.replay import parse_bound
+
+    check_depth_key(key)
+    if range_flags != ("-", "+", None, False):
+        fail("--at prints one book: it does not go with --start, --end, --to-prefix or --skip-invalid")
+    if fmt not in ("jsonl", "ladder"):
+        fail(f"--format with --at must be jsonl or ladder, got {fmt!r}")
+    if levels is not None and levels < 1:
+        fail(f"--levels must be at least 1, got {levels}")
+    run_async(_print_book_at(_redis_url(), key, parse_bound(at, end=True), fmt, levels), graceful_term=False)
+
+
+async def _print_book_at(url: str, key: str, at: Any, fmt: str, levels: int | None) -> None:
+    import time
+
+    import orjson
+
+    from consumer_sdk.book_reader import book_at
+    from consumer_sdk.core.redis import connect_redis
+    from ops.book_view import book_document, render_ladder
+
+    redis = await connect_redis(url)
+    try:
+        await _require_stream(redis, key)
+        got = await book_at(redis, key, at)
+    finally:
+        await redis.aclose()
+    if fmt == "jsonl":
+        doc = book_document(key, got.book, entry_id=got.entry_id, seq=got.seq, ts_event=got.ts_event,
+                            snapshot_id=got.snapshot_id, diffs=got.diffs, levels=levels)
+        sys.stdout.buffer.write(orjson.dumps(doc) + b"\n")
+    else:
+        note = f"at {got.entry_id}, {got.diffs} diffs after the snapshot {got.snapshot_id}"
+        print(render_ladder(key, got.book, levels=levels or 10, now_us=time.time_ns() // 1000, seq=got.seq,
+                            ts_event_us=got.ts_event, note=note))
+    sys.stdout.flush()
+
+
+async def _require_stream(redis: Any, key: str) -> None:
+    """:class:`ConfigError` unless ``key`` holds a stream."""
+    kind = await redis.type(key)
+    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+    if kind == "none":
+        raise ConfigError(f"no such stream: {key}")
+    if kind != "stream":
+        raise ConfigError(f"{key} holds a {kind}, not a stream")
+
+
+# ----------------------------------------------------------------------------------------------
+@app.command()
+def book(
+    key: Annotated[str, typer.Argument(help="depth stream key, e.g. md:binance:BTCUSDT:depth")],
+    levels: Annotated[int, typer.Option(help="levels shown a side")] = 10,
+    once: Annotated[bool, typer.Option("--once", help="print the current book and exit")] = False,
+) -> None:
+    """A live order-book ladder: asks above bids, the best in the middle, spread, seq and age.
+
+    Redrawn in place on a terminal, one block per update otherwise. A break in the stream (a diff missing)
+    shows "no book" until the next snapshot. Exit status 2 for a key that is not a depth stream, a missing
+    stream, or (with --once) no book held.
+    """
+    from consumer_sdk.book_reader import check_depth_key
+
+    _check_key(key)
+    check_depth_key(key)
+    if not 1 <= levels <= 1000:
+        fail(f"--levels must be from 1 to 1000, got {levels}")
+    if once:
+        run_async(_print_book_at(_redis_url(), key, "+", "ladder", levels), graceful_term=False)
+        return
+    run_async(_book(_redis_url(), key, levels, sys.stdout.isatty()), graceful_term=False)
+
+
+async def _book(url: str, key: str, levels: int, tty: bool) -> None:
+    import time
+
+    from consumer_sdk.book_reader import follow_books
+    from consumer_sdk.core.redis import connect_redis
+    from ops.book_view import frame, render_ladder
+
+    redis = await connect_redis(url)
+    try:
+        await _require_stream(redis, key)
+        async for update in follow_books(redis, [key]):
+            note = update.event if not update.detail or update.book is None else f"{update.event} ({update.detail})"
+            ladder = render_ladder(key, update.book, levels=levels, now_us=time.time_ns() // 1000, seq=update.seq,
+                                   ts_event_us=update.ts_event, note=update.detail if update.book is None else note)
+            sys.stdout.write(frame(ladder, tty=tty))
+            sys.stdout.flush()
+    finally:
+        await redis.aclose()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,3 +47,16 @@ def test_consumer_sdk_does_not_import_the_ingestor() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "", f"consumer_sdk pulls in {out.stdout.strip()}"
+
+
+def test_consumer_sdk_exports_the_order_book_reader() -> None:
+    """The book reader is public at the top of the SDK, and importing the SDK does not load it until used."""
+    import consumer_sdk
+    from consumer_sdk import book_reader
+
+    names = ("MAX_DEPTH_ENTRY_BYTES", "BookAt", "BookUpdate", "LiveBook", "NoBook", "book_at", "follow_books")
+    assert set(names) <= set(consumer_sdk.__all__)
+    assert all(getattr(consumer_sdk, n) is getattr(book_reader, n) for n in names)
+    code = "import sys, consumer_sdk; print('consumer_sdk.book_reader' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "False"

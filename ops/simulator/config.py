@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .book import BookConfig
+from .book import MAX_DEPTH, BookConfig
 from .depth_faults import parse_depth_faults
 from .errors import SimulatorConfigError
 from .market import KLINE_INTERVAL_MS
@@ -198,6 +198,10 @@ class SimulatorConfig:
         parse_rest_faults(self.rest_faults)
         if not isinstance(self.depth, bool):
             raise SimulatorConfigError(f"depth must be true or false, got {self.depth!r}")
+        if not isinstance(self.depth_levels, int) or not 1 <= self.depth_levels <= MAX_DEPTH:
+            raise SimulatorConfigError(
+                f"depth_levels must be an integer from 1 to {MAX_DEPTH}, got {self.depth_levels!r}"
+            )
         self.book_config()
         if not isinstance(self.rest_weight_limit, int) or self.rest_weight_limit < 0:
             raise SimulatorConfigError(f"rest_weight_limit must be an integer >= 0, got {self.rest_weight_limit!r}")

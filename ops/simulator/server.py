@@ -2,16 +2,19 @@
 #   the pure modules.
 """The simulator's server: WebSocket streams, REST and the control endpoint on one port.
 
-A thin adapter around the pure parts (:mod:`.market`, :mod:`.protocol`, :mod:`.rest`,
-:mod:`.control`, :mod:`.replay`). One websockets server answers plain HTTP GETs (REST and control)
-from its ``process_request`` hook and upgrades ``/ws...`` and ``/stream...`` to WebSocket.
+A thin adapter around the pure parts (:mod:`.market`, :mod:`.book`, :mod:`.protocol`, :mod:`.rest`,
+:mod:`.weights`, :mod:`.control`, :mod:`.replay`, :mod:`.book_replay`). One websockets server
+answers plain HTTP GETs (REST and control) from its ``process_request`` hook and upgrades ``/ws...``
+and ``/stream...`` to WebSocket.
 
 Data path: a generator task wakes every ``batch_interval`` on the loop's monotonic clock, asks the
-market for the number of ticks the rate implies since start (so the long-run rate is exact and
-never exceeded), serializes each event once with orjson (only if someone subscribes to its stream),
-and writes one buffer per connection per batch straight to the transport as ready-made WebSocket
-text frames: no ``await`` per frame. Compression is off, so a frame is a 2-10 byte header and the
-payload. A connection whose unsent bytes exceed ``max_send_buffer`` is closed (1008, slow consumer).
+market for the number of ticks the rate implies since start (so the long-run rate is exact and never
+exceeded), hands the market's events to the order books (:class:`~.book.DepthBooks`: diffs batched
+per 100 ms boundary and aggregated per second), serializes each event once with orjson (only if
+someone subscribes to its stream), and writes one buffer per connection per batch straight to the
+transport as ready-made WebSocket text frames: no ``await`` per frame. Compression is off, so a
+frame is a 2-10 byte header and the payload. A connection whose unsent bytes exceed
+``max_send_buffer`` is closed (1008, slow consumer).
 
 Each connection is owned by its handler task, which runs a reader (requests, incoming rate limit),
 a keepalive (ping every ``ping_interval``, close 1011 without a pong within ``pong_timeout``) and an

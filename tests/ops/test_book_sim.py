@@ -14,6 +14,7 @@ import itertools
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -164,7 +165,7 @@ async def test_a_client_following_binances_procedure_holds_the_simulators_book(
 ) -> None:
     sim = await sims(rate=3000.0, depth_levels=200)
     book = books_of(sim).book("BTCUSDT")
-    touch = book.best_bid
+    touches: set[tuple[Decimal, Decimal]] = set()
     async with connect(f"{sim.ws_url}/stream?streams={stream}") as ws:
         buffered = [await next_diff(ws, stream)]
         while True:
@@ -183,11 +184,14 @@ async def test_a_client_following_binances_procedure_holds_the_simulators_book(
                 assert set(diff) == {"e", "E", "s", "U", "u", "b", "a"} and diff["s"] == "BTCUSDT"
                 client.apply(diff)
                 applied += 1
+                touch = max(map(Decimal, client.bids)), min(map(Decimal, client.asks))
+                assert touch[0] < touch[1]  # never crossed
+                touches.add(touch)
                 if applied >= intervals and client.last_id == book.prev_u == book.last_id:
                     break  # the simulator has changed nothing since the diff just applied
     assert client.synced
     assert (client.bids, client.asks) == sim_levels(book)
-    assert book.best_bid != touch  # the book's mid moved with the market's bookTicker
+    assert len(touches) > 1  # the book's mid moves with the market's bookTicker
     assert books_of(sim).state()["BTCUSDT"]["dropped"] == 0
 
 
@@ -258,6 +262,11 @@ async def test_the_other_endpoints_count_their_weight_and_clear_forgets_it(
     await http(f"{base}/control/clear?")
     status, headers, _ = await http(f"{base}/api/v3/historicalTrades?symbol=BTCUSDT")
     assert (status, headers["x-mbx-used-weight-1m"]) == (200, "25")
+    status, _, _ = await http(f"{base}/control/rest_faults?path=depth&schedule=503")
+    assert status == 200
+    assert (await http(f"{base}/api/v3/depth?symbol=BTCUSDT"))[0] == 503  # REST faults reach depth too
+    status, headers, _ = await http(f"{base}/api/v3/depth?symbol=BTCUSDT")
+    assert (status, headers["x-mbx-used-weight-1m"]) == (200, "30")  # a fault's answer costs nothing
 
 
 # ---------------------------------------------------------------------------------------------- live: faults
@@ -481,7 +490,7 @@ def test_the_weight_budget_counts_per_client_and_clock_minute() -> None:
 def test_the_depth_settings_are_checked() -> None:
     assert SimulatorConfig().book_config() == BookConfig(interval_ms=100, slow_interval_ms=1000)
     for settings, needle in (
-        ({"depth_levels": 0}, "depth must be"),
+        ({"depth_levels": 0}, "depth_levels must be"),
         ({"depth_faults": "drop@DOGEUSDT"}, "DOGEUSDT is not one of the symbols"),
         ({"depth": False, "depth_faults": "drop"}, "depth books"),
         ({"replay_rest": SPOT_DEPTH}, "needs replay"),

@@ -30,8 +30,8 @@ REST (same port, GET)
     ``/api/v3/historicalTrades``, ``/api/v3/aggTrades``, ``/api/v3/klines``: see :mod:`.rest`;
     ``/api/v3/depth``: see :mod:`.book`. Each request costs Binance's weight against a budget of
     ``rest_weight_limit`` (6000) a clock minute and client address: over it HTTP 429 with
-    ``Retry-After``, and a client that asks again before then is banned (418 with ``Retry-After``);
-    answers carry ``X-MBX-USED-WEIGHT-1M`` (:mod:`.weights`).
+    ``Retry-After`` until the minute ends, and a client that asks twice more before then is banned
+    (418 with ``Retry-After``); answers carry ``X-MBX-USED-WEIGHT-1M`` (:mod:`.weights`).
 
 Order books
     With ``depth`` (on by default) each symbol of the synthetic market has a seeded L2 book

@@ -7,10 +7,11 @@ Pure code: the caller gives the time (epoch ms) and the client's address.
   ``historicalTrades`` 25, ``aggTrades`` 4, ``klines`` 2, ``ping`` and ``time`` 1.
 - :class:`WeightBudget`: ``limit`` weight per clock minute and address, as Binance counts it
   (``exchangeInfo``'s ``REQUEST_WEIGHT`` 6000 per ``MINUTE``).  A request that would pass the limit is not
-  served: HTTP 429 with ``Retry-After`` (seconds to the next minute).  A client that sends any other request
-  before that (in the same minute) has not backed off and is banned: HTTP 418 with ``Retry-After`` until the
-  ban ends, to every request until then (Binance's bans start at 2 minutes).  A refused request costs nothing.
-  Every served request's answer carries ``X-MBX-USED-WEIGHT-1M``.
+  served: HTTP 429 with ``Retry-After`` (seconds to the next minute), and so is every request of that client
+  until the minute is over.  A client that does not back off, sending ``ban_after`` (2) requests after its
+  429 and before its ``Retry-After``, is banned: HTTP 418 with ``Retry-After`` until the ban ends, to every
+  request until then (Binance's bans start at 2 minutes).  A refused request costs no weight.  Every served
+  request's answer carries ``X-MBX-USED-WEIGHT-1M``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def request_weight(
 class _Client:
     minute: int
     used: int = 0
-    warned: bool = False
+    #: requests refused with 429 in this minute
+    limited: int = 0
     banned_until_ms: int = 0
 
 
@@ -69,12 +71,14 @@ class WeightBudget:
     owned by the server's event loop.  Memory: one small record per address seen in the current minute
     (or banned)."""
 
-    __slots__ = ("_clients", "ban_ms", "limit", "refused")
+    __slots__ = ("_clients", "ban_after", "ban_ms", "limit", "refused")
 
-    def __init__(self, limit: int = 6000, *, ban_ms: int = 120_000) -> None:
-        if limit < 0 or ban_ms < 1:
-            raise ValueError(f"a weight budget needs limit >= 0 and ban_ms >= 1, got {limit} and {ban_ms}")
+    def __init__(self, limit: int = 6000, *, ban_after: int = 2, ban_ms: int = 120_000) -> None:
+        if limit < 0 or ban_after < 1 or ban_ms < 1:
+            raise ValueError(f"a weight budget needs limit >= 0, ban_after >= 1 and ban_ms >= 1, got {limit}, "
+                             f"{ban_after} and {ban_ms}")
         self.limit = limit
+        self.ban_after = ban_after
         self.ban_ms = ban_ms
         self._clients: dict[str, _Client] = {}
         #: requests refused: 429s and 418s
@@ -97,14 +101,14 @@ class WeightBudget:
         if record.banned_until_ms > now_ms:
             return self._refuse(418, record.banned_until_ms - now_ms, now_ms)
         if record.minute != minute:
-            record.minute, record.used, record.warned = minute, 0, False
-        if record.warned:  # asked again before the Retry-After of its 429: banned
-            record.banned_until_ms = now_ms + self.ban_ms
-            return self._refuse(418, self.ban_ms, now_ms)
-        if not self.limit or record.used + weight <= self.limit:
+            record.minute, record.used, record.limited = minute, 0, 0
+        if not record.limited and (not self.limit or record.used + weight <= self.limit):
             record.used += weight
             return None
-        record.warned = True
+        if record.limited >= self.ban_after:  # asked again and again before the Retry-After of its 429
+            record.banned_until_ms = now_ms + self.ban_ms
+            return self._refuse(418, self.ban_ms, now_ms)
+        record.limited += 1
         return self._refuse(429, (minute + 1) * _MINUTE_MS - now_ms, now_ms)
 
     def _refuse(self, status: int, wait_ms: int, now_ms: int) -> RestResponse:

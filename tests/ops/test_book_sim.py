@@ -236,8 +236,10 @@ async def test_depth_weight_over_the_budget_gets_429_with_retry_after_then_a_418
         used.append(int(headers["x-mbx-used-weight-1m"]))
     assert used == [5, 30, 80]
     assert (status, headers["retry-after"]) == (429, "15")
-    status, headers, body = await http(f"{url}&limit=5")
-    assert (status, headers["retry-after"], body["code"]) == (418, "120", -1003)  # asked again after the 429: banned
+    status, headers, body = await http(f"{url}&limit=5")  # it would fit, but the minute's budget is spent
+    assert (status, headers["retry-after"], body["code"]) == (429, "15", -1003)
+    status, headers, body = await http(f"{url}&limit=5")  # not backing off: banned
+    assert (status, headers["retry-after"], body["code"]) == (418, "120", -1003)
     assert str(T0 + 45_000 + 120_000) in body["msg"]
     now[0] += 60_000  # a new minute, still banned: every path
     status, headers, _ = await http(f"{sim.rest_url}/api/v3/ping?")
@@ -246,7 +248,7 @@ async def test_depth_weight_over_the_budget_gets_429_with_retry_after_then_a_418
     status, headers, _ = await http(f"{url}&limit=1000")
     assert (status, headers["x-mbx-used-weight-1m"]) == (200, "50")
     status, _, state = await http(f"{sim.rest_url}/control/state?")
-    assert state["rest_weight"]["refused"] == {"429": 1, "418": 2}
+    assert state["rest_weight"]["refused"] == {"429": 2, "418": 2}
 
 
 async def test_the_other_endpoints_count_their_weight_and_clear_forgets_it(
@@ -473,14 +475,17 @@ def test_the_weight_budget_counts_per_client_and_clock_minute() -> None:
     assert refused is not None and refused.status == 429 and dict(refused.headers) == {"Retry-After": "1"}
     assert budget.used("a", T0) == 60  # a refused request costs nothing
     assert budget.charge("a", 1, T0 + 60_000) is None and budget.used("a", T0 + 60_000) == 1  # backed off: served
-    assert budget.charge("a", 100, T0 + 60_001) is not None
-    ban = budget.charge("a", 1, T0 + 60_002)  # asked again before the minute was over, though it fits
+    refused = budget.charge("a", 100, T0 + 60_001)
+    assert refused is not None and refused.status == 429 and dict(refused.headers) == {"Retry-After": "60"}
+    again = budget.charge("a", 1, T0 + 60_002)  # it fits, but the minute's budget is spent for this client
+    assert again is not None and again.status == 429
+    ban = budget.charge("a", 1, T0 + 60_003)  # the second request before its Retry-After: banned
     assert ban is not None and ban.status == 418 and dict(ban.headers) == {"Retry-After": "90"}
-    assert f"banned until {T0 + 150_002}".encode() in ban.body
-    assert budget.charge("a", 1, T0 + 150_001) is not None  # banned until T0 + 150_002
-    assert budget.charge("a", 1, T0 + 150_002) is None
-    assert budget.charge("b", 100, T0 + 150_002) is None
-    assert budget.refused == {429: 2, 418: 2}
+    assert f"banned until {T0 + 150_003}".encode() in ban.body
+    assert budget.charge("a", 1, T0 + 150_002) is not None
+    assert budget.charge("a", 1, T0 + 150_003) is None
+    assert budget.charge("b", 100, T0 + 150_003) is None
+    assert budget.refused == {429: 3, 418: 2}
     unlimited = WeightBudget(0)
     assert unlimited.charge("a", 10**9, T0) is None and unlimited.used("a", T0) == 10**9
     with pytest.raises(ValueError):

@@ -715,7 +715,13 @@ def bench_book(
         fail(f"{frames}: not a capture workload: {exc}")
     result = run(synthetic_workload(updates, depth, seed))
     result["capture"] = run(capture)
-    _print_json(result, as_json)
+    if as_json:
+        _print_json(result, True)
+        return
+    for one in (result, result["capture"]):
+        print(f"{one['source']}: {one['updates_per_s']} updates/s against {one['baseline_updates_per_s']} "
+              f"(x{one['ratio']}); p50 {one['p50_us']} µs, p99 {one['p99_us']} µs (baseline {one['baseline_p50_us']}, "
+              f"{one['baseline_p99_us']}); books equal: {one['equal']}")
 
 
 def _bench_redis(ticks: int, streams: int) -> str:

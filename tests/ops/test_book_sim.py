@@ -532,6 +532,13 @@ def test_market_bench_book_prints_one_json_line() -> None:
         assert run["updates_per_s"] > 0 and run["baseline_updates_per_s"] > 0 and run["ratio"] > 0
         assert run["p50_us"] <= run["p99_us"]
     assert (result["source"], result["capture"]["source"]) == ("synthetic", "capture:NKNUSDT")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "bench", "book", "--updates", "300", "--depth", "40"],
+        capture_output=True, text=True, timeout=120,
+    )
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and [line.split(":")[0] for line in lines] == ["synthetic", "capture"], proc.stdout
+    assert all("updates/s against" in line and line.endswith("books equal: True") for line in lines)
 
 
 @pytest.mark.parametrize(("args", "needle"), [

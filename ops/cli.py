@@ -206,6 +206,17 @@ def simulate(
     replay: Annotated[Path | None, typer.Option(help="play a capture (fixtures' JSONL format)")] = None,
     replay_speed: Annotated[float, typer.Option(help="replay speed factor")] = 1.0,
     replay_loop: Annotated[bool, typer.Option(help="start the capture over at its end")] = False,
+    replay_rest: Annotated[
+        Path | None, typer.Option(help="with --replay: recorded REST depth snapshots (*.depth.jsonl) that answer "
+                                       "/api/v3/depth, the last recorded at or before the capture time played")
+    ] = None,
+    depth: Annotated[
+        bool, typer.Option(help="order books: <sym>@depth@100ms and <sym>@depth diffs and /api/v3/depth")
+    ] = True,
+    depth_levels: Annotated[int, typer.Option(help="order book levels a side at most (1 to 5000)")] = 1000,
+    rest_weight_limit: Annotated[
+        int, typer.Option(help="REST request weight per minute and client (0: none); over it 429, then 418")
+    ] = 6000,
     batch_interval: Annotated[
         float, typer.Option(help="seconds between two sends of what is due (the market is generated in steps)")
     ] = 0.005,
@@ -219,6 +230,10 @@ def simulate(
         str,
         typer.Option(help="fault: what the first REST requests get instead of their answer, in order: "
                           "PATH=STATUS[:RETRY_AFTER]|close,...;PATH=..., e.g. 'historicalTrades=429:2,503,close'"),
+    ] = "",
+    depth_faults: Annotated[
+        str, typer.Option(help="fault: armed at start, e.g. 'drop@BTCUSDT,stale:3' (the next diff not sent; the "
+                               "next snapshot 3 batches old)")
     ] = "",
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
@@ -236,12 +251,15 @@ def simulate(
         fail(f"--port out of range: {port}")
     if replay is not None and not replay.is_file():
         fail(f"--replay: cannot read {str(replay)!r}")
+    if replay_rest is not None and (replay is None or not replay_rest.is_file()):
+        fail(f"--replay-rest: needs --replay and a readable file, got {str(replay_rest)!r}")
     cfg = SimulatorConfig(
         host=host, port=port, symbols=syms, rate=rate, seed=seed, id_base=id_base, replay=replay,
         replay_speed=replay_speed, replay_loop=replay_loop, batch_interval=batch_interval,
         close_every=close_every, stall_for=stall_for, refuse_for=refuse_for,
         fault_malformed=malformed, fault_duplicate=duplicate, fault_out_of_order=out_of_order,
-        rest_faults=rest_faults,
+        rest_faults=rest_faults, replay_rest=replay_rest, depth=depth, depth_levels=depth_levels,
+        rest_weight_limit=rest_weight_limit, depth_faults=depth_faults,
     )
 
     def ready(sim: Any) -> None:
@@ -779,6 +797,43 @@ def bench_reader(ticks: Ticks = 500_000, streams: Streams = 100, as_json: AsJson
     from ops.bench.writer import run_reader_bench
 
     _print_json(run_async(run_reader_bench(_bench_redis(ticks, streams), ticks=ticks, streams=streams)), as_json)
+
+
+@bench_app.command("book")
+def bench_book(
+    updates: Annotated[int, typer.Option(help="diffs applied to each book, per workload")] = 20_000,
+    depth: Annotated[int, typer.Option(help="levels a side of the synthetic workload's snapshot")] = 1000,
+    seed: Annotated[int, typer.Option(help="seed of the synthetic workload")] = 7,
+    frames: Annotated[Path | None, typer.Option(
+        help="capture frames (.jsonl) for the capture workload (default: the repository's spot fixture)")] = None,
+    snapshots: Annotated[Path | None, typer.Option(
+        help="its REST depth snapshots (.depth.jsonl; default: beside --frames)")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """The order book (consumer_sdk.book) against a naive re-sorting book: updates/s, in one run, on a synthetic
+    workload and on a capture's diffs."""
+    from ops.bench.book import bench_book as run
+    from ops.bench.book import capture_workload, synthetic_workload
+
+    if updates < 1 or depth < 1:
+        fail("--updates and --depth must be at least 1")
+    frames = frames or Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "binance-spot-2021-10-12.jsonl"
+    snapshots = snapshots or frames.with_name(frames.name.removesuffix(".jsonl") + ".depth.jsonl")
+    if not frames.is_file() or not snapshots.is_file():
+        fail(f"cannot read the capture workload {str(frames)!r} and {str(snapshots)!r}")
+    try:
+        capture = capture_workload(frames, snapshots, updates)
+    except (ValueError, KeyError, IndexError) as exc:
+        fail(f"{frames}: not a capture workload: {exc}")
+    result = run(synthetic_workload(updates, depth, seed))
+    result["capture"] = run(capture)
+    if as_json:
+        _print_json(result, True)
+        return
+    for one in (result, result["capture"]):
+        print(f"{one['source']}: {one['updates_per_s']} updates/s against {one['baseline_updates_per_s']} "
+              f"(x{one['ratio']}); p50 {one['p50_us']} µs, p99 {one['p99_us']} µs (baseline {one['baseline_p50_us']}, "
+              f"{one['baseline_p99_us']}); books equal: {one['equal']}")
 
 
 def _bench_redis(ticks: int, streams: int) -> str:

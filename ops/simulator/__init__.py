@@ -10,7 +10,8 @@ base, like ``wss://stream.binance.com:9443``) and ``Simulator.rest_url`` (like
 WebSocket
     ``/ws/<stream>[/<stream>...]`` and ``/ws`` send raw payloads; ``/stream?streams=a/b/c`` sends
     combined frames ``{"stream": ..., "data": ...}``. Streams: ``<symbol>@trade``, ``@aggTrade``,
-    ``@bookTicker``, ``@kline_<interval>`` (symbols in lower case). Live requests ``SUBSCRIBE``,
+    ``@bookTicker``, ``@kline_<interval>``, ``@depth@100ms`` and ``@depth`` (1000 ms) (symbols in
+    lower case). Live requests ``SUBSCRIBE``,
     ``UNSUBSCRIBE``, ``LIST_SUBSCRIPTIONS``, ``SET_PROPERTY``/``GET_PROPERTY`` (``combined``) get
     ``{"result": ..., "id": ...}`` or Binance's ``{"error": {"code", "msg"}, "id": ...}``. An invalid
     stream in the URL is refused with HTTP 400.
@@ -26,12 +27,25 @@ Binance's rules, each configurable in :class:`SimulatorConfig`
 
 REST (same port, GET)
     ``/api/v3/ping``, ``/api/v3/time``, ``/api/v3/exchangeInfo``, ``/api/v3/trades``,
-    ``/api/v3/historicalTrades``, ``/api/v3/aggTrades``, ``/api/v3/klines``: see :mod:`.rest`.
+    ``/api/v3/historicalTrades``, ``/api/v3/aggTrades``, ``/api/v3/klines``: see :mod:`.rest`;
+    ``/api/v3/depth``: see :mod:`.book`. Each request costs Binance's weight against a budget of
+    ``rest_weight_limit`` (6000) a clock minute and client address: over it HTTP 429 with
+    ``Retry-After`` until the minute ends, and a client that asks twice more before then is banned
+    (418 with ``Retry-After``); answers carry ``X-MBX-USED-WEIGHT-1M`` (:mod:`.weights`).
+
+Order books
+    With ``depth`` (on by default) each symbol of the synthetic market has a seeded L2 book
+    (:class:`~ops.simulator.book.DepthBooks`, :attr:`Simulator.depth`) whose touch follows the market's
+    ``bookTicker``: its changes go out batched every 100 ms on ``<symbol>@depth@100ms`` and aggregated
+    every 1000 ms on ``<symbol>@depth`` (``depthUpdate`` with ``E``, ``s``, ``U``, ``u``, ``b``, ``a``),
+    and ``/api/v3/depth`` answers its snapshot, so a client following Binance's procedure holds the
+    same book.
 
 Control endpoint (same port, GET; answers the state as JSON)
     ``/control/state``; ``/control/close_all[?abort=true]``; ``/control/stall?seconds=S``;
     ``/control/refuse?seconds=S``; ``/control/faults?malformed=F&duplicate=F&out_of_order=F``;
-    ``/control/rest_faults?path=P&schedule=ITEMS``; ``/control/hostile?kind=K&count=N`` (frames a venue
+    ``/control/rest_faults?path=P&schedule=ITEMS``; ``/control/depth_faults?schedule=ITEMS``;
+    ``/control/hostile?kind=K&count=N`` (frames a venue
     should never send, put into every connection's live stream: :mod:`.hostile`); ``/control/clear``. The
     same faults are methods of :class:`Simulator` and settings of :class:`SimulatorConfig` applied from the
     start:
@@ -47,7 +61,11 @@ Control endpoint (same port, GET; answers the state as JSON)
     - rest_faults: the next requests to a REST path (or to any) get, one each and in order, an
       HTTP error with Binance's error body (``400``, ``418``, ``429:30`` with ``Retry-After: 30``,
       ``503``, ...) or ``close`` (the connection dropped, no answer); then normal answers again.
-      :attr:`Simulator.rest_faults` counts the requests and the faults given per path.
+      :attr:`Simulator.rest_faults` counts the requests and the faults given per path;
+    - depth_faults: ``drop`` (a book's next diff is not sent: a ``U != previous u + 1`` jump on both
+      depth streams) and ``stale:N`` (its next snapshot is N batches old), for one ``@SYMBOL`` or
+      every book (:mod:`.depth_faults`); ``/control/clear`` disarms them and forgets every client's
+      weight and ban.
 
 Synthetic market or replay
     By default a seeded :class:`SyntheticMarket` generates ``rate`` ticks a second in total (trade,
@@ -55,7 +73,11 @@ Synthetic market or replay
     optional bursts. With ``replay=FILE`` the simulator instead plays a capture (one
     ``{"recv_ts": s, "frame": "<combined frame>"}`` per line) at its recorded pace times
     ``replay_speed``, starting when the first connection subscribes to anything; its symbols are
-    the ones the venue lists, and their REST history is empty.
+    the ones the venue lists, and their REST history is empty. Depth frames in the capture are played
+    like any other; with ``replay_rest=FILE`` (recorded REST snapshots, ``*.depth.jsonl``)
+    ``/api/v3/depth`` answers the symbol's snapshot recorded last at or before the capture time being
+    played (the capture's first ``recv_ts`` plus the seconds played times ``replay_speed``), else its
+    first (:mod:`.book_replay`); without it there are no books and ``/api/v3/depth`` is 404.
 """
 
 from __future__ import annotations

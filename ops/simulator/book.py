@@ -1,3 +1,5 @@
+# size: one symbol's book, its faults and the per-market cadence share the update-id bookkeeping that keeps
+#   every diff stream and snapshot consistent; split, the ids would be kept in two places.
 """A synthetic L2 order book per symbol, served as Binance depth streams and REST snapshots: pure code.
 
 :class:`SymbolBook` is one symbol's book in exact integers: prices in whole ticks of the symbol's
@@ -38,6 +40,12 @@ takes the events of ``SyntheticMarket.step`` (the last ``bookTicker`` of each sy
 :meth:`DepthBooks.advance` ``(now_ms)`` flushes every batch boundary passed, returning
 ``("depthUpdate", "<symbol>@depth@100ms", payload)`` events in the market's event shape, and
 :meth:`DepthBooks.answer` answers ``GET /api/v3/depth`` with Binance's limits, weights and errors.
+
+With ``slow_interval_ms`` (Binance's ``<symbol>@depth``, 1000 ms beside ``@depth@100ms``) the same book also
+goes out as one diff per slow interval: every level changed by the batches of that interval, each with its
+final size, ids ``U`` (the interval's first change) to ``u`` (its last), so a client of either stream holds the
+same book as one of the other at the same ``u``.  A slow diff whose interval holds a dropped batch is dropped
+too, so the drop fault shows as a ``U != previous u + 1`` jump on both streams.
 
 Ownership: a book is owned by the one caller that drives it (the simulator's event loop); nothing here
 locks or does I/O.  :func:`ops.simulator.book_bench.bench_books` measures the cost against the market's own step.
@@ -89,7 +97,8 @@ class BookConfig:
     holding a level, at start and on average; ``changes_per_batch``: mean random changes a batch (0 to
     twice that, uniformly); ``history``: batches the ring keeps; ``futures``: diffs carry ``T`` and ``pu``
     and snapshots ``E`` and ``T``; ``max_catch_up``: batches one :meth:`DepthBooks.advance` flushes at
-    most (a clock jump skips the older boundaries, as the generator skips a backlog).
+    most (a clock jump skips the older boundaries, as the generator skips a backlog); ``slow_interval_ms``:
+    0, or the cadence (a multiple of ``interval_ms`` above it) of a second, aggregated diff stream.
     """
 
     interval_ms: int = 100
@@ -99,6 +108,7 @@ class BookConfig:
     history: int = 100
     futures: bool = False
     max_catch_up: int = 50
+    slow_interval_ms: int = 0
 
     def __post_init__(self) -> None:
         for name, low, high in (
@@ -107,6 +117,7 @@ class BookConfig:
             ("changes_per_batch", 0, 100_000),
             ("history", 1, 1_000_000),
             ("max_catch_up", 1, 1_000_000),
+            ("slow_interval_ms", 0, 3_600_000),
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
@@ -115,6 +126,12 @@ class BookConfig:
             raise SimulatorConfigError(f"book fill must be a fraction above 0 and at most 1, got {self.fill!r}")
         if not isinstance(self.futures, bool):
             raise SimulatorConfigError(f"book futures must be true or false, got {self.futures!r}")
+        slow = self.slow_interval_ms
+        if slow and (slow <= self.interval_ms or slow % self.interval_ms):
+            raise SimulatorConfigError(
+                f"book slow_interval_ms must be 0 or a multiple of interval_ms ({self.interval_ms}) above it, "
+                f"got {slow}"
+            )
 
 
 def depth_stream(symbol: str, interval_ms: int) -> str:
@@ -170,9 +187,10 @@ class SymbolBook:
     """
 
     __slots__ = (
-        "_ask_before", "_bid_before", "_drop_next", "_p_delete", "_ring", "_stale_back", "_ticker", "asks",
-        "best_ask", "best_bid", "bids", "config", "dropped", "last_id", "prev_u", "rng", "sent", "stale_served",
-        "step_size", "stream", "symbol", "tick_size",
+        "_ask_before", "_bid_before", "_drop_next", "_p_delete", "_ring", "_slow_asks", "_slow_bids",
+        "_slow_dropped", "_slow_first", "_stale_back", "_ticker", "asks", "best_ask", "best_bid", "bids", "config",
+        "dropped", "last_id", "prev_u", "rng", "sent", "slow_stream", "stale_served", "step_size", "stream",
+        "symbol", "tick_size",
     )  # fmt: skip
 
     def __init__(self, spec: SymbolSpec, *, seed: int = 1, config: BookConfig | None = None, id_base: int = 0):
@@ -181,6 +199,8 @@ class SymbolBook:
         self.tick_size = spec.tick_size
         self.step_size = spec.step_size
         self.stream = depth_stream(spec.symbol, cfg.interval_ms)
+        #: the aggregated stream (None without ``slow_interval_ms``)
+        self.slow_stream = depth_stream(spec.symbol, cfg.slow_interval_ms) if cfg.slow_interval_ms else None
         self.rng = rng = random.Random(f"depth:{seed}:{spec.symbol}")
         #: the id of the last change applied (a snapshot's ``lastUpdateId``), and the ``u`` of the last batch
         self.last_id = self.prev_u = id_base + 400_000_000 + rng.randrange(100_000_000)
@@ -201,6 +221,11 @@ class SymbolBook:
         self._drop_next = False
         self._stale_back = 0
         self._ticker: Mapping[str, Any] | None = None
+        # the slow interval so far: levels changed, its first update id (None: no change yet), a batch dropped
+        self._slow_bids: set[int] = set()
+        self._slow_asks: set[int] = set()
+        self._slow_first: int | None = None
+        self._slow_dropped = False
         #: batches sent, batches dropped by the fault, stale snapshots served
         self.sent = self.dropped = self.stale_served = 0
 
@@ -308,22 +333,43 @@ class SymbolBook:
         bids_before, asks_before = self._bid_before, self._ask_before
         self._bid_before, self._ask_before = {}, {}
         self.prev_u = last
+        if self.slow_stream is not None:
+            self._slow_bids.update(bids_before)
+            self._slow_asks.update(asks_before)
+            if self._slow_first is None:
+                self._slow_first = first
         if self._drop_next:
             self._drop_next = False
             self.dropped += 1
+            self._slow_dropped = True
             self._ring.append(_Batch(first, last, time_ms, bids_before, asks_before, None))
             return None
-        fmt, tick, bids, asks = format_decimal, self.tick_size, self.bids, self.asks
-        b = [[fmt(p * tick), fmt(bids[p]) if p in bids else _ZERO] for p in sorted(bids_before, reverse=True)]
-        a = [[fmt(p * tick), fmt(asks[p]) if p in asks else _ZERO] for p in sorted(asks_before)]
-        if self.config.futures:
-            payload = {"e": DEPTH_EVENT, "E": time_ms, "T": time_ms, "s": self.symbol, "U": first, "u": last,
-                       "pu": prev, "b": b, "a": a}  # fmt: skip
-        else:
-            payload = {"e": DEPTH_EVENT, "E": time_ms, "s": self.symbol, "U": first, "u": last, "b": b, "a": a}
+        payload = self._payload(time_ms, first, last, prev, bids_before, asks_before)
         self._ring.append(_Batch(first, last, time_ms, bids_before, asks_before, payload))
         self.sent += 1
         return payload
+
+    def _payload(
+        self, time_ms: int, first: int, last: int, prev: int, bid_prices: Iterable[int], ask_prices: Iterable[int]
+    ) -> dict[str, Any]:
+        """The ``depthUpdate`` of ids ``first`` to ``last`` changing these levels, at their sizes now."""
+        fmt, tick, bids, asks = format_decimal, self.tick_size, self.bids, self.asks
+        b = [[fmt(p * tick), fmt(bids[p]) if p in bids else _ZERO] for p in sorted(bid_prices, reverse=True)]
+        a = [[fmt(p * tick), fmt(asks[p]) if p in asks else _ZERO] for p in sorted(ask_prices)]
+        if self.config.futures:
+            return {"e": DEPTH_EVENT, "E": time_ms, "T": time_ms, "s": self.symbol, "U": first, "u": last,
+                    "pu": prev, "b": b, "a": a}  # fmt: skip
+        return {"e": DEPTH_EVENT, "E": time_ms, "s": self.symbol, "U": first, "u": last, "b": b, "a": a}
+
+    def flush_slow(self, time_ms: int) -> dict[str, Any] | None:
+        """Close the slow interval at ``time_ms``, right after :meth:`flush` at the same boundary: the diff of
+        every batch since the last slow boundary, or None when nothing changed or one of them was dropped."""
+        first, dropped = self._slow_first, self._slow_dropped
+        bids, asks = self._slow_bids, self._slow_asks
+        self._slow_bids, self._slow_asks, self._slow_first, self._slow_dropped = set(), set(), None, False
+        if first is None or dropped:
+            return None
+        return self._payload(time_ms, first, self.prev_u, first - 1, bids, asks)
 
     def recent(self, after: int = 0) -> list[dict[str, Any]]:
         """The sent diffs the ring still holds whose ``u`` is above ``after``, oldest first."""
@@ -334,6 +380,11 @@ class SymbolBook:
     def drop_next_diff(self) -> None:
         """The next batch with a change is applied and takes its ids but is not sent."""
         self._drop_next = True
+
+    def clear_faults(self) -> None:
+        """Disarm the drop and stale faults if they have not acted yet."""
+        self._drop_next = False
+        self._stale_back = 0
 
     def stale_next_snapshot(self, batches_back: int = 1) -> None:
         """The next snapshot is the book as it was ``batches_back`` (>= 1) batches ago, or as far back as the
@@ -486,8 +537,10 @@ class DepthBooks:
         return self._books[symbol]
 
     def streams(self) -> tuple[str, ...]:
-        """The diff stream of every symbol."""
-        return tuple(b.stream for b in self._books.values())
+        """The diff streams of every symbol (with ``slow_interval_ms``, each symbol's two)."""
+        out = [b.stream for b in self._books.values()]
+        out += [b.slow_stream for b in self._books.values() if b.slow_stream is not None]
+        return tuple(out)
 
     def observe(self, events: Iterable[MarketEvent]) -> None:
         """Hand each symbol's ``bookTicker`` payloads among ``events`` to its book (:meth:`SymbolBook.set_ticker`:
@@ -516,11 +569,17 @@ class DepthBooks:
             count = self.config.max_catch_up
         out: list[MarketEvent] = []
         books = tuple(self._books.values())
+        slow_ms = self.config.slow_interval_ms
         for _ in range(count):
+            slow = slow_ms and due_ms % slow_ms == 0
             for book in books:
                 payload = book.flush(due_ms)
                 if payload is not None:
                     out.append((DEPTH_EVENT, book.stream, payload))
+                if slow:
+                    payload = book.flush_slow(due_ms)
+                    if payload is not None:
+                        out.append((DEPTH_EVENT, book.slow_stream or book.stream, payload))
             due_ms += interval
         self._next_ms = due_ms
         return out
@@ -536,6 +595,11 @@ class DepthBooks:
         """The drop fault on ``symbol``'s book (None: on every book)."""
         for book in self._targets(symbol):
             book.drop_next_diff()
+
+    def clear_faults(self) -> None:
+        """Disarm every book's drop and stale faults not yet used."""
+        for book in self._books.values():
+            book.clear_faults()
 
     def stale_next_snapshot(self, symbol: str | None = None, batches_back: int = 1) -> None:
         """The stale-snapshot fault on ``symbol``'s book (None: on every book)."""

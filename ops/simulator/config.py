@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .book import MAX_DEPTH, BookConfig
+from .depth_faults import parse_depth_faults
 from .errors import SimulatorConfigError
 from .market import KLINE_INTERVAL_MS
 from .rest import parse_rest_faults
@@ -72,8 +74,21 @@ class SimulatorConfig:
     #: how often the generator wakes to produce the ticks the rate implies since start
     batch_interval: float = 0.005
 
+    # Order books of the synthetic market: ``<symbol>@depth@100ms`` and ``<symbol>@depth`` (1000 ms) diffs and
+    # ``GET /api/v3/depth`` (see :mod:`.book`); the touch follows the market's bookTicker.
+    depth: bool = True
+    #: levels a side at most (and the price window, in ticks from the touch, levels sit in)
+    depth_levels: int = 1000
+    #: mean random level changes per 100 ms batch and symbol, beside the touch's own
+    depth_changes: int = 12
+    #: REST request weight per minute and client address (0: no limit); over it 429, then 418 (see :mod:`.weights`)
+    rest_weight_limit: int = 6000
+
     # Replay instead of the synthetic market.
     replay: str | Path | None = None
+    #: recorded REST depth snapshots (``*.depth.jsonl``) that answer ``/api/v3/depth`` in replay: the one of the
+    #: symbol recorded last at or before the capture time played (see :mod:`.book_replay`)
+    replay_rest: str | Path | None = None
     #: 2.0 plays twice as fast as recorded
     replay_speed: float = 1.0
     #: start over at the end of the capture instead of going quiet
@@ -105,6 +120,8 @@ class SimulatorConfig:
     #: REST faults scheduled from the start, ``PATH=ITEM,ITEM;PATH=...`` (see :mod:`.rest`), e.g.
     #: ``"aggTrades=429:1,503,close"``: the first three ``aggTrades`` requests get them, in order
     rest_faults: str = ""
+    #: depth faults armed at start, e.g. ``"drop@BTCUSDT,stale:3"`` (see :mod:`.depth_faults`)
+    depth_faults: str = ""
 
     def __post_init__(self) -> None:
         symbols = self.symbols
@@ -179,3 +196,30 @@ class SimulatorConfig:
                 f"rest_faults must be a schedule like 'aggTrades=429:1,503', got {self.rest_faults!r}"
             )
         parse_rest_faults(self.rest_faults)
+        if not isinstance(self.depth, bool):
+            raise SimulatorConfigError(f"depth must be true or false, got {self.depth!r}")
+        if not isinstance(self.depth_levels, int) or not 1 <= self.depth_levels <= MAX_DEPTH:
+            raise SimulatorConfigError(
+                f"depth_levels must be an integer from 1 to {MAX_DEPTH}, got {self.depth_levels!r}"
+            )
+        self.book_config()
+        if not isinstance(self.rest_weight_limit, int) or self.rest_weight_limit < 0:
+            raise SimulatorConfigError(f"rest_weight_limit must be an integer >= 0, got {self.rest_weight_limit!r}")
+        if not isinstance(self.depth_faults, str):
+            raise SimulatorConfigError(
+                f"depth_faults must be a text like 'drop@BTCUSDT,stale:3', got {self.depth_faults!r}"
+            )
+        faults = parse_depth_faults(self.depth_faults)
+        if faults and (not self.depth or self.replay is not None):
+            raise SimulatorConfigError("depth_faults need the synthetic market's depth books (depth on, no replay)")
+        for fault in faults:
+            if fault.symbol is not None and fault.symbol not in upper:
+                raise SimulatorConfigError(f"depth fault {fault}: {fault.symbol} is not one of the symbols")
+        if self.replay_rest is not None and self.replay is None:
+            raise SimulatorConfigError("replay_rest answers depth requests in replay: it needs replay")
+
+    def book_config(self) -> BookConfig:
+        """The depth books' settings: 100 ms batches, aggregated every 1000 ms for ``@depth``."""
+        return BookConfig(
+            interval_ms=100, slow_interval_ms=1000, depth=self.depth_levels, changes_per_batch=self.depth_changes
+        )

@@ -12,7 +12,8 @@ All are GET requests on the simulator's port (websockets answers GET only):
 ``/control/faults?malformed=F&duplicate=F``     fractions of stream frames to corrupt, duplicate
 ``&out_of_order=F``                             or swap; parameters left out keep their value
 ``/control/clear``                              end stall and refusal, all fractions to 0, no
-                                                REST fault left scheduled
+                                                REST or depth fault left armed, every REST
+                                                client's weight and ban forgotten
 ``/control/rate?value=N``                       generate N ticks a second in total from now on
 ``/control/hostile?kind=K[&count=N]``           put N frames of a hostile kind into every
 ``[&seconds=S][&jump=J]``                       connection's live stream (see :mod:`.hostile`)
@@ -25,6 +26,10 @@ All are GET requests on the simulator's port (websockets answers GET only):
                                                 ``bad_json``, ``other_symbol``; ``ITEM*N``
                                                 repeats one, ``ITEM*`` gives it to every request;
                                                 an empty schedule clears P's
+``/control/depth_faults?schedule=ITEMS``        arm depth faults: ``drop`` (the next diff is not
+                                                sent), ``stale:N`` (the next snapshot is N
+                                                batches old), each ``@SYMBOL`` or for every book
+                                                (see :mod:`.depth_faults`)
 ==============================================  =================================================
 
 Each answers ``200`` with the state as JSON after the change, or ``400`` with ``{"error": msg}``.
@@ -37,6 +42,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from .depth_faults import DepthFault, parse_depth_faults
 from .errors import SimulatorConfigError
 from .hostile import HostileRequest, parse_hostile
 from .rest import ALL_PATHS, RestFault, parse_rest_path, parse_rest_schedule
@@ -45,9 +51,11 @@ __all__ = ["CONTROL_PREFIX", "ControlCommand", "parse_control"]
 
 CONTROL_PREFIX: Final = "/control/"
 
-Action = Literal["state", "close_all", "stall", "refuse", "faults", "clear", "rate", "rest_faults", "hostile"]
+Action = Literal[
+    "state", "close_all", "stall", "refuse", "faults", "clear", "rate", "rest_faults", "hostile", "depth_faults"
+]
 _ACTIONS: Final[tuple[Action, ...]] = (
-    "state", "close_all", "stall", "refuse", "faults", "clear", "rate", "rest_faults", "hostile",
+    "state", "close_all", "stall", "refuse", "faults", "clear", "rate", "rest_faults", "hostile", "depth_faults",
 )
 _HOSTILE_PARAMS: Final = ("kind", "count", "seconds", "jump")
 _RATE_NAMES: Final = ("malformed", "duplicate", "out_of_order")
@@ -66,6 +74,8 @@ class ControlCommand:
     rest_faults: tuple[RestFault, ...] = ()
     #: hostile: what to send
     hostile: HostileRequest | None = None
+    #: depth_faults: the faults to arm
+    depth_faults: tuple[DepthFault, ...] = ()
 
 
 def _last(query: Mapping[str, Sequence[str]], name: str) -> str | None:
@@ -102,6 +112,15 @@ def parse_control(path: str, query: Mapping[str, Sequence[str]]) -> ControlComma
         except SimulatorConfigError as exc:
             return str(exc)
         return ControlCommand(action, path=path, rest_faults=faults)
+    if action == "depth_faults":
+        unknown = set(query) - {"schedule"}
+        if unknown:
+            return f"unknown parameter {sorted(unknown)[0]!r}; expected schedule"
+        try:
+            depth_faults = parse_depth_faults(_last(query, "schedule") or "")
+        except SimulatorConfigError as exc:
+            return str(exc)
+        return ControlCommand(action, depth_faults=depth_faults)
     if action == "hostile":
         unknown = set(query) - set(_HOSTILE_PARAMS)
         if unknown:

@@ -10,6 +10,8 @@ Endpoints (GET, query string parameters as Binance names them):
 - ``/api/v3/historicalTrades?symbol=S[&fromId=ID][&limit=N]``
 - ``/api/v3/aggTrades?symbol=S[&fromId=ID | &startTime=MS][&endTime=MS][&limit=N]``
 - ``/api/v3/klines?symbol=S&interval=I[&startTime=MS][&endTime=MS][&limit=N]``
+- ``/api/v3/depth?symbol=S[&limit=N]`` when the simulator gives :class:`RestApi` an answer for it (its
+  :class:`~ops.simulator.book.DepthBooks`, or a recording in replay)
 
 Answers use Binance's JSON shapes; errors are HTTP 400 with ``{"code": -11xx, "msg": ...}`` as
 Binance words them, and unknown paths are 404. Only what the history still holds is returned:
@@ -411,9 +413,16 @@ def _limit(query: Mapping[str, Sequence[str]]) -> int:
 class RestApi:
     """Answers REST requests from a :class:`SyntheticMarket`'s history; ``clock_ms`` gives server time."""
 
-    def __init__(self, market: SyntheticMarket, clock_ms: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        market: SyntheticMarket,
+        clock_ms: Callable[[], int],
+        answers: Mapping[str, Callable[[Mapping[str, Sequence[str]]], RestResponse]] | None = None,
+    ) -> None:
         self._market = market
         self._clock_ms = clock_ms
+        #: paths answered by another part of the simulator (``/api/v3/depth``: its books or a recording)
+        self._answers = dict(answers or {})
         self._routes: dict[str, Callable[[Mapping[str, Sequence[str]]], Any]] = {
             "/api/v3/ping": lambda q: {},
             "/ping": lambda q: {},
@@ -426,10 +435,13 @@ class RestApi:
         }
 
     def handles(self, path: str) -> bool:
-        return path in self._routes
+        return path in self._routes or path in self._answers
 
     def handle(self, path: str, query: Mapping[str, Sequence[str]]) -> RestResponse:
         """Answer ``GET path?query``; ``query`` as :func:`urllib.parse.parse_qs` returns it."""
+        answer = self._answers.get(path)
+        if answer is not None:
+            return answer(query)
         route = self._routes.get(path)
         if route is None:
             return RestResponse(404, orjson.dumps({"code": -1, "msg": f"Not found: {path}"}))

@@ -2,16 +2,19 @@
 #   the pure modules.
 """The simulator's server: WebSocket streams, REST and the control endpoint on one port.
 
-A thin adapter around the pure parts (:mod:`.market`, :mod:`.protocol`, :mod:`.rest`,
-:mod:`.control`, :mod:`.replay`). One websockets server answers plain HTTP GETs (REST and control)
-from its ``process_request`` hook and upgrades ``/ws...`` and ``/stream...`` to WebSocket.
+A thin adapter around the pure parts (:mod:`.market`, :mod:`.book`, :mod:`.protocol`, :mod:`.rest`,
+:mod:`.weights`, :mod:`.control`, :mod:`.replay`, :mod:`.book_replay`). One websockets server
+answers plain HTTP GETs (REST and control) from its ``process_request`` hook and upgrades ``/ws...``
+and ``/stream...`` to WebSocket.
 
 Data path: a generator task wakes every ``batch_interval`` on the loop's monotonic clock, asks the
-market for the number of ticks the rate implies since start (so the long-run rate is exact and
-never exceeded), serializes each event once with orjson (only if someone subscribes to its stream),
-and writes one buffer per connection per batch straight to the transport as ready-made WebSocket
-text frames: no ``await`` per frame. Compression is off, so a frame is a 2-10 byte header and the
-payload. A connection whose unsent bytes exceed ``max_send_buffer`` is closed (1008, slow consumer).
+market for the number of ticks the rate implies since start (so the long-run rate is exact and never
+exceeded), hands the market's events to the order books (:class:`~.book.DepthBooks`: diffs batched
+per 100 ms boundary and aggregated per second), serializes each event once with orjson (only if
+someone subscribes to its stream), and writes one buffer per connection per batch straight to the
+transport as ready-made WebSocket text frames: no ``await`` per frame. Compression is off, so a
+frame is a 2-10 byte header and the payload. A connection whose unsent bytes exceed
+``max_send_buffer`` is closed (1008, slow consumer).
 
 Each connection is owned by its handler task, which runs a reader (requests, incoming rate limit),
 a keepalive (ping every ``ping_interval``, close 1011 without a pong within ``pong_timeout``) and an
@@ -29,7 +32,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from operator import itemgetter
 from types import TracebackType
@@ -44,8 +47,11 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from .book import DepthBooks
+from .book_replay import DepthReplay, capture_start, load_depth_capture
 from .config import SimulatorConfig
 from .control import CONTROL_PREFIX, ControlCommand, parse_control
+from .depth_faults import DepthFault, apply_depth_faults, parse_depth_faults
 from .errors import SimulatorConfigError
 from .hostile import HOSTILE_KINDS, HostileRequest, hostile_frames, ping_flood
 from .market import MarketEvent, SyntheticMarket, scheduled_ticks
@@ -68,11 +74,13 @@ from .rest import (
     RestApi,
     RestFault,
     RestFaults,
+    RestResponse,
     StreamedAnswer,
     fault_response,
     parse_rest_faults,
     write_streamed,
 )
+from .weights import DEPTH_PATH, USED_WEIGHT_HEADER, WeightBudget, request_weight
 
 __all__ = ["Simulator", "SimulatorStats", "run_simulator"]
 
@@ -167,6 +175,7 @@ class Simulator:
         if cfg.replay is not None:
             self._frames = load_capture(cfg.replay)
             symbols = capture_symbols(self._frames)
+        id_base = cfg.id_base if cfg.id_base is not None else self._clock_ms() * 1000
         self.market = SyntheticMarket(
             symbols,
             seed=cfg.seed,
@@ -175,10 +184,25 @@ class Simulator:
             preallocate=cfg.preallocate_history,
             weights=cfg.weights if cfg.replay is None else None,
             kline_update_ms=cfg.kline_update_ms,
-            id_base=cfg.id_base if cfg.id_base is not None else self._clock_ms() * 1000,
+            id_base=id_base,
         )
         self._catalog = StreamCatalog(symbols)
-        self._rest = RestApi(self.market, self._clock_ms)
+        #: the synthetic market's order books (None in replay, or with ``depth`` off); read, never drive them
+        self.depth: DepthBooks | None = None
+        self._depth_replay: DepthReplay | None = None
+        self._capture_t0 = 0.0  # capture time (s) where replay starts
+        self._replay_started: float | None = None  # loop time the current replay pass started
+        answers: dict[str, Callable[[Mapping[str, Sequence[str]]], RestResponse]] = {}
+        if cfg.replay is None and cfg.depth:
+            self.depth = DepthBooks.for_market(self.market, seed=cfg.seed, config=cfg.book_config(), id_base=id_base)
+            apply_depth_faults(self.depth, parse_depth_faults(cfg.depth_faults))
+            answers[DEPTH_PATH] = self.depth.answer
+        elif cfg.replay is not None and cfg.replay_rest is not None:
+            self._depth_replay = load_depth_capture(cfg.replay_rest)
+            self._capture_t0 = capture_start(cfg.replay)
+            answers[DEPTH_PATH] = self._replayed_depth
+        self._rest = RestApi(self.market, self._clock_ms, answers)
+        self._weights = WeightBudget(cfg.rest_weight_limit)
         self._rest_faults = RestFaults()
         for path, faults in parse_rest_faults(cfg.rest_faults).items():
             self.set_rest_faults(path, faults)
@@ -355,6 +379,8 @@ class Simulator:
             "hostile_sent": dict(self._hostile_sent),
             "withholding_pongs": now < self._no_pong_until,
             "pongs_withheld": self._pongs_withheld,
+            "depth": None if self.depth is None else self.depth.state(),
+            "rest_weight": self._weights.state(self._clock_ms()),
             "stats": stats,
         }
 
@@ -499,8 +525,8 @@ class Simulator:
         protocol.send_frame = send  # type: ignore[method-assign]
 
     def clear_faults(self) -> None:
-        """End a stall, a refusal and withheld pongs, set every fault fraction to 0, and drop every REST fault
-        schedule."""
+        """End a stall, a refusal and withheld pongs, set every fault fraction to 0, drop every REST fault
+        schedule and every depth fault not yet acted, and forget every REST client's weight and ban."""
         if self._stall_handle is not None:
             self._stall_handle.cancel()
         self._end_stall()
@@ -508,6 +534,17 @@ class Simulator:
         self._no_pong_until = 0.0
         self._faults.rates = FaultRates()
         self._rest_faults.clear()
+        self._weights.clear()
+        if self.depth is not None:
+            self.depth.clear_faults()
+
+    def set_depth_faults(self, faults: Iterable[DepthFault]) -> None:
+        """Arm depth faults on the synthetic market's books (see :mod:`.depth_faults`)."""
+        if self.depth is None:
+            raise SimulatorConfigError("no depth books to fault: the simulator replays a capture or has depth off")
+        faults = tuple(faults)
+        apply_depth_faults(self.depth, faults)
+        log.info("fault depth", extra={"fields": {"faults": ",".join(map(str, faults))}})
 
     @property
     def rate(self) -> float:
@@ -539,6 +576,8 @@ class Simulator:
         elif command.action == "hostile":
             assert command.hostile is not None, "parse_control gives every hostile command its request"
             self.hostile(command.hostile)
+        elif command.action == "depth_faults":
+            self.set_depth_faults(command.depth_faults)
 
     # -- HTTP: REST, control, handshake checks --
 
@@ -547,6 +586,28 @@ class Simulator:
         sent (the connection is closed by then).  websockets' ``open_timeout`` bounds how long this lasts."""
         await write_streamed(answer, connection.transport, connection.drain, connection.connection_lost_waiter)
         return _json_response(503, b"")
+
+    def _answer_rest(self, connection: ServerConnection, path: str, query: dict[str, list[str]]) -> Response:
+        """The answer, or 429/418 when the client's request weight is spent; served answers say the weight used."""
+        address = connection.remote_address
+        client = str(address[0]) if isinstance(address, tuple) and address else "?"
+        now_ms = self._clock_ms()
+        refusal = self._weights.charge(client, request_weight(path, query), now_ms)
+        if refusal is not None:
+            log.info("rest weight refused", extra={"fields": {"path": path, "client": client,
+                                                              "status": refusal.status}})
+            return _json_response(refusal.status, refusal.body, refusal.headers)
+        answer = self._rest.handle(path, query)
+        used = (USED_WEIGHT_HEADER, str(self._weights.used(client, now_ms)))
+        return _json_response(answer.status, answer.body, (*answer.headers, used))
+
+    def _replayed_depth(self, query: Mapping[str, Sequence[str]]) -> RestResponse:
+        """``/api/v3/depth`` in replay: the recorded snapshot for the capture time being played."""
+        assert self._depth_replay is not None, "only routed when a recording is loaded"
+        at = self._capture_t0
+        if self._replay_started is not None:
+            at += (self._now() - self._replay_started) * self.config.replay_speed
+        return self._depth_replay.answer(query, at)
 
     def _process_request(
         self, connection: ServerConnection, request: Request
@@ -579,8 +640,7 @@ class Simulator:
                         return _json_response(hostile.status, hostile.body, hostile.headers)
                     answer = fault_response(fault, self._clock_ms())
                     return _json_response(answer.status, answer.body, answer.headers)
-            answer = self._rest.handle(parts.path, parse_qs(parts.query, keep_blank_values=True))
-            return _json_response(answer.status, answer.body, answer.headers)
+            return self._answer_rest(connection, parts.path, parse_qs(parts.query, keep_blank_values=True))
         if isinstance(target, str):
             return _json_response(400, orjson.dumps({"code": 2, "msg": f"Invalid request: {target}"}))
         if self._now() < self._refuse_until:
@@ -763,6 +823,7 @@ class Simulator:
             "burst_multiplier": cfg.burst_multiplier,
         }
         multiplier = max(1.0, cfg.burst_multiplier if cfg.burst_every > 0 else 1.0)
+        books = self.depth
         epoch = -1
         start = next_wake = loop.time()
         emitted = max_batch = 0
@@ -779,22 +840,28 @@ class Simulator:
             await asyncio.sleep(max(0.0, delay))
             due = scheduled_ticks(loop.time() - start, self._rate, **bursts)
             n = due - emitted
-            if n <= 0:
-                continue
-            if n > max_batch:
-                # Overloaded: skip the backlog rather than bursting far above the rate.
-                emitted = due - max_batch
-                n = max_batch
-            events = self.market.step(n, self._clock_ms())
-            emitted += n
-            self._publish(events)
+            now_ms = self._clock_ms()
+            if n > 0:
+                if n > max_batch:
+                    # Overloaded: skip the backlog rather than bursting far above the rate.
+                    emitted = due - max_batch
+                    n = max_batch
+                events = self.market.step(n, now_ms)
+                emitted += n
+                self._publish(events)
+                if books is not None:
+                    books.observe(events)
+            if books is not None:
+                diffs = books.advance(now_ms)  # empty but at a batch boundary (every 100 ms)
+                if diffs:
+                    self._publish(diffs)
 
     async def _replay(self, frames: list[ReplayFrame]) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
         await self._subscribed.wait()
         while True:
-            start = loop.time()
+            start = self._replay_started = loop.time()
             index = 0
             while index < len(frames):
                 due = frames_due(frames, index, loop.time() - start, cfg.replay_speed)

@@ -175,7 +175,8 @@ async def _simulator_main(
     # slope in the report is the product's, not the test venue's rings filling.
     config = SimulatorConfig(port=port, symbols=tuple(symbols), rate=rate, seed=seed, id_base=0,
                              max_connection_age=max_age, shutdown_notice=min(10.0, max_age / 4),
-                             history=simulator_history(rate, len(symbols)), preallocate_history=True)
+                             history=simulator_history(rate, len(symbols)), preallocate_history=True,
+                             depth=False)  # the soak's ingestors carry no order books yet
     reporter = asyncio.create_task(_report_tasks(stats))
     try:
         async with Simulator(config) as sim:

@@ -160,7 +160,7 @@ class Harness:
         symbols = ",".join(SYMBOLS)
         sim = await spawn("simulator", [
             "simulate", "--port", str(self.sim_port), "--symbols", symbols, "--rate", "1", "--seed", str(self.seed),
-            "--id-base", "0", "--log-level", "warning", "--batch-interval", f"{SIM_BATCH_S:g}",
+            "--id-base", "0", "--log-level", "warning", "--batch-interval", f"{SIM_BATCH_S:g}", "--no-depth",
         ], env, workdir)
         children.append(sim)
         await self._wait(sim, lambda: self.sim_state())

@@ -47,7 +47,7 @@ from consumer_sdk.core.backoff import Backoff
 from consumer_sdk.core.keys import DEFAULT_PREFIX
 from consumer_sdk.core.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram, check_sample_every
 from consumer_sdk.core.log import Throttle, get_logger, log_event
-from consumer_sdk.core.redis import classify_redis
+from consumer_sdk.core.redis import classify_redis, is_cluster
 from consumer_sdk.core.tick import Tick
 from distributor.sink import StreamSink
 from distributor.spill import RETRY_FULL_S, SpillFull, SpillLog
@@ -707,8 +707,11 @@ class StreamWriter(StreamSink):
         """Which streams share a script call: all of them on a standalone Redis (up to
         ``MAX_KEYS_PER_CALL``), only those of one hash slot on a Redis Cluster."""
         if self._cluster is None:
-            info = await self._redis.info("cluster")
-            self._cluster = bool(info.get("cluster_enabled"))
+            if is_cluster(self._redis):
+                self._cluster = True  # a cluster client (redis+cluster://): nothing to ask
+            else:
+                info = await self._redis.info("cluster")
+                self._cluster = bool(info.get("cluster_enabled"))
         if not self._cluster:
             return [keys[i : i + MAX_KEYS_PER_CALL] for i in range(0, len(keys), MAX_KEYS_PER_CALL)]
         by_slot: dict[int, list[str]] = {}

@@ -64,7 +64,6 @@ __all__ = [
     "StoredState",
     "audit_fields",
     "check_text",
-    "control_keys",
     "default_who",
     "os_user",
     "parse_audit",

@@ -1,3 +1,5 @@
+# size: the one place the project meets redis-py: entry IDs, replies, errors and making clients (standalone or
+#   cluster); each part is small and the callers want them from one module.
 """Thin helpers around redis-py shared by every package.
 
 - :func:`iter_read_reply` flattens the four shapes redis-py returns for XREAD/XREADGROUP

@@ -83,7 +83,8 @@ with events ``redis_retry``, ``group_recreated``, ``stream_gone``, ``streams_fou
 Redis Cluster (``redis_url="redis+cluster://host:port,..."`` or a cluster client): groups are created per
 stream as on a standalone server; one ``XREADGROUP`` cannot span hash slots, so each read is one
 ``XREADGROUP`` per stream, pipelined (a round trip per node, the nodes at once), never blocking: a read
-that finds nothing waits :data:`~consumer_sdk.consumer.fetch.CLUSTER_IDLE_S` (10 ms) before the next.
+that finds nothing waits :data:`~consumer_sdk.core.redis.CLUSTER_IDLE_S` (10 ms) before the next, so an idle
+consumer of S streams sends about 100 x S commands a second.
 
 Layout, imports going one way (down this list): :mod:`~consumer_sdk.consumer.batch` (per-entry
 classification: dedupe by seq, gaps, disorder, what to ack; pure) and :mod:`~consumer_sdk.consumer.trim`

@@ -453,10 +453,12 @@ class Consumer:
 
     async def _fetch(self, client: Redis, streams: dict[Any, Any], block: int | None = None) -> list[Flat]:
         if self._cluster:
-            found = await read_each(client, self.group, self.consumer, streams, count=self._count, dfield=self._dfield)
-            if not found and block is not None:
-                await self._sleep(min(block / 1000.0, CLUSTER_IDLE_S))  # nothing to wait in across slots
-            return found
+            if block is not None:
+                # the read just before found nothing, and no one command can wait on streams of several slots:
+                # wait a little (or until stopped), and the loop reads again
+                await self._sleep(min(block / 1000.0, CLUSTER_IDLE_S))
+                return []
+            return await read_each(client, self.group, self.consumer, streams, count=self._count, dfield=self._dfield)
         return await read_group(
             client, self.group, self.consumer, streams, count=self._count, dfield=self._dfield, block=block
         )

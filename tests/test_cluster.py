@@ -31,7 +31,7 @@ from consumer_sdk.core.keys import heartbeat_set_key, parse_entry_id, stream_key
 from consumer_sdk.core.redis import connect_redis, is_cluster
 from consumer_sdk.core.tick import Tick
 from consumer_sdk.core.urls import is_cluster_url, parse_cluster_url, redact_url, validate_redis_url
-from distributor.writer import StreamWriter
+from distributor.writer import StreamWriter, WriteRefused
 from ingestor.config import load_settings
 from ingestor.control_plane import control_keys
 from ingestor.service import Ingestor
@@ -418,3 +418,35 @@ async def test_a_master_killed_mid_flow_is_replaced_and_writer_and_consumer_carr
             await asyncio.gather(producing, writing, reading, return_exceptions=True)
             await consumer.aclose()
             await client.aclose()
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+async def test_with_replica_acks_a_batch_no_replica_took_is_held_and_written_again(
+    cluster: LocalCluster, cclient: aioredis.Redis, cprefix: str
+) -> None:
+    key = stream_key("binance", "S00", "trade", prefix=cprefix)
+    master = cluster.master_of_key(key)
+    (replica,) = cluster.replicas_of(master)
+    writer = StreamWriter(cclient, prefix=cprefix, replica_acks=1, replica_wait_ms=200)
+    ticks = [make_tick(s, n, 1_700_000_000_000 + n) for n in range(1, 11) for s in ("S00", "S01", "S02")]
+    assert await writer.append(ticks[:3]) == (3, 0)  # a replica acknowledges: stored
+    await asyncio.to_thread(cluster.freeze, replica)
+    try:
+        with pytest.raises(WriteRefused) as refused:
+            await writer.append(ticks[3:])
+        assert refused.value.error.reason == "noreplicas" and "0 replica(s)" in str(refused.value)
+        held = refused.value.remaining
+        assert held and {t["symbol"] for t in held} <= {
+            s for s in ("S00", "S01", "S02")
+            if cluster.master_of_key(stream_key("binance", s, "trade", prefix=cprefix)) is master
+        }
+        assert [t["seq"] for t in held if t["symbol"] == "S00"] == list(range(2, 11))  # all of it, in order
+        assert writer.replica_shortfalls == 1 and writer.rejected_by_reason["noreplicas"] == len(held)
+    finally:
+        await asyncio.to_thread(cluster.thaw, replica)
+        await asyncio.to_thread(cluster.wait_settled, HANG_S)
+    # the master had taken them: written again, they are duplicates, and now a replica has them
+    assert await writer.append(held) == (0, len(held))
+    rows: Any = await cclient.xrange(key)
+    assert [parse_entry_id(eid)[1] for eid, _ in rows] == list(range(1, 11))

@@ -34,6 +34,7 @@ from consumer_sdk.core.backoff import backoff_delays
 from consumer_sdk.core.errors import ConfigError, TrimmedError
 from consumer_sdk.core.log import Throttle, get_logger
 from consumer_sdk.core.redis import (
+    CLUSTER_IDLE_S,
     MAX_SEQ,
     Entry,
     ErrorKind,
@@ -46,6 +47,7 @@ from consumer_sdk.core.redis import (
     id_before,
     id_str,
     id_tuple,
+    is_cluster,
     iter_read_reply,
     stream_view,
     translate,
@@ -453,6 +455,20 @@ async def _follow_cursor(client: Redis, key: str, start: str) -> str:
     return fmt_id(id_before(id_tuple(resolved)))
 
 
+async def _xread_each(client: Redis, cursors: dict[Any, Any], count: int) -> list[Any]:
+    """``XREAD COUNT count STREAMS key cursor`` per stream, pipelined, never blocking (a Redis Cluster, where
+    one command cannot span hash slots); the replies joined as one ``XREAD`` reply's ``[key, entries]`` pairs.
+    An error reply is raised after every reply was read."""
+    pipe = client.pipeline(transaction=False)
+    for key, cursor in cursors.items():
+        pipe.xread({key: cursor}, count=count)
+    replies: list[Any] = await pipe.execute(raise_on_error=False)
+    error = next((r for r in replies if isinstance(r, BaseException)), None)
+    if error is not None:
+        raise error
+    return [pair for reply in replies for pair in iter_read_reply(reply)]
+
+
 async def follow(
     redis: Redis | str,
     keys: Sequence[str],
@@ -465,14 +481,15 @@ async def follow(
 ) -> AsyncIterator[tuple[str, str, Tick]]:
     """``(key, entry_id, tick)`` as entries arrive on ``keys``, with ``XREAD BLOCK`` and no group.
 
-    ``start`` is ``$`` (only what arrives from now on), ``-``/``0`` (everything held), or any
-    bound :func:`parse_bound` reads (a time, ``seq:N``, an entry ID); a start in trimmed history
-    raises :class:`TrimmedError`.  A client whose socket timeout is shorter than the block is
-    given a dedicated connection pool.  Once started, a lost connection is retried with capped,
-    jittered backoff from where it stopped; failing to reach Redis at start raises
-    :class:`TransientError`.  Entries that are not ticks (see :mod:`consumer_sdk.poison`) are passed
-    to ``on_invalid(key, id, error)`` (an :class:`~consumer_sdk.poison.PoisonedEntry`; logged at most
-    once a second per kind when it is ``None``) and skipped.
+    ``start`` is ``$`` (only what arrives from now on), ``-``/``0`` (everything held), or any bound
+    :func:`parse_bound` reads (a time, ``seq:N``, an entry ID); a start in trimmed history raises
+    :class:`TrimmedError`. On a Redis Cluster each stream is read with an ``XREAD`` of its own, pipelined, and a
+    round that finds nothing waits :data:`~consumer_sdk.core.redis.CLUSTER_IDLE_S`. A client whose socket timeout
+    is shorter than the block is given a dedicated connection pool. Once started, a lost connection is retried
+    with capped, jittered backoff from where it stopped; failing to reach Redis at start raises
+    :class:`TransientError`. Entries that are not ticks (see :mod:`consumer_sdk.poison`) are passed to
+    ``on_invalid(key, id, error)`` (an :class:`~consumer_sdk.poison.PoisonedEntry`; logged at most once a second
+    per kind when it is ``None``) and skipped.
     """
     if not keys:
         raise ConfigError("follow() needs at least one stream key")
@@ -487,12 +504,21 @@ async def follow(
         except rexc.RedisError as exc:
             raise translate(exc, "follow") from exc
         names: dict[Any, str] = {k.encode(): k for k in keys}
+        cluster = is_cluster(client)
         throttle = Throttle(log, interval=5.0)
         poison = PoisonLog(log)
         delays = backoff_delays()
         while True:
             try:
-                reply = await client.xread(cursors, count=count, block=block_ms)
+                reply: Any
+                if cluster:
+                    reply = await _xread_each(client, cursors, count)
+                    if not reply:
+                        idle = min(block_ms / 1000.0, CLUSTER_IDLE_S) if block_ms else CLUSTER_IDLE_S
+                        await asyncio.sleep(idle)  # poll: no one command can wait on streams of several slots
+                        continue
+                else:
+                    reply = await client.xread(cursors, count=count, block=block_ms)
             except rexc.RedisError as exc:
                 reraise_if_cancelling()
                 if classify(exc) is not ErrorKind.TRANSIENT:

@@ -8,7 +8,10 @@ previous flush returned, so batches grow with load and a lone tick is not held
 back.  A flush groups the batch by stream, one argument per stream, and runs the
 server-side script (``append.lua``) once for all of them on a standalone Redis, or
 once per hash slot on a Redis Cluster (no call spans two slots), all pipelined in
-one round trip.
+one round trip.  With ``replica_acks`` (0 by default: off), a ``WAIT replica_acks replica_wait_ms`` follows
+each node's calls in the same round trip, and a batch a node could not replicate in time is held and written
+again (what the master took comes back as duplicates) until it has: what a failover can lose is then only what
+was never acknowledged.
 
 The script skips any tick whose ``seq`` the stream already holds, so a retried
 batch, a replay or a second ingestor never stores a tick twice.  An error reply
@@ -47,7 +50,7 @@ from consumer_sdk.core.backoff import Backoff
 from consumer_sdk.core.keys import DEFAULT_PREFIX
 from consumer_sdk.core.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram, check_sample_every
 from consumer_sdk.core.log import Throttle, get_logger, log_event
-from consumer_sdk.core.redis import classify_redis
+from consumer_sdk.core.redis import classify_redis, is_cluster
 from consumer_sdk.core.tick import Tick
 from distributor.sink import StreamSink
 from distributor.spill import RETRY_FULL_S, SpillFull, SpillLog
@@ -101,6 +104,7 @@ _OTHER: Final = ErrorClass("other")
 _UNREACHABLE: Final = ErrorClass("unreachable")
 _WRONGTYPE: Final = ErrorClass("wrongtype", Action.DEAD_LETTER, whole_stream=True)
 _BAD_ID: Final = ErrorClass("bad_id", Action.DEAD_LETTER)
+_NOREPLICAS: Final = ErrorClass("noreplicas")
 #: what the writer does for each reason of the one classifier (:func:`consumer_sdk.core.redis.classify_redis`);
 #: a reason not here (``nogroup``, ``transient``: never met on a write) is ``other``
 _BY_REASON: Final[Mapping[str, ErrorClass]] = {
@@ -338,8 +342,17 @@ class StreamWriter(StreamSink):
         ack_latency: LatencyHistogram | None = None,
         spill: SpillLog | None = None,
         sample_every: int = DEFAULT_SAMPLE_EVERY,
+        replica_acks: int = 0,
+        replica_wait_ms: int = 1000,
     ) -> None:
+        if replica_acks < 0 or replica_wait_ms < 1:
+            raise ValueError(f"replica_acks must be >= 0 and replica_wait_ms >= 1: {replica_acks}, {replica_wait_ms}")
         self._redis = redis
+        #: ``WAIT replica_acks replica_wait_ms`` after each node's script calls, in the same round trip (0: none)
+        self.replica_acks = replica_acks
+        self.replica_wait_ms = replica_wait_ms
+        #: batches (per node) whose ``WAIT`` came back with fewer replicas than asked: held and written again
+        self.replica_shortfalls = 0
         self._prefix = prefix
         self._retention = retention or Retention()
         self._max_batch = max_batch
@@ -594,7 +607,7 @@ class StreamWriter(StreamSink):
             self._sha = str(await self._redis.script_load(APPEND_SCRIPT))
         loop = asyncio.get_running_loop()
         started = loop.time()
-        results = await self._run_scripts(groups)
+        results, short = await self._run_scripts(groups)
         self.last_flush_us = int((loop.time() - started) * 1e6)
         added = dups = 0
         stops: dict[str, Stop] | None = None
@@ -616,9 +629,13 @@ class StreamWriter(StreamSink):
                     by_channel[channel] = by_channel.get(channel, 0) + n
                 dups += d
                 if res[2] is None:
-                    continue
-                text = res[2].decode(errors="replace") if isinstance(res[2], bytes) else str(res[2])
-                stop = Stop(n + d, classify_error(text), text)
+                    if key not in short:
+                        continue
+                    # stored on the master, not yet on enough replicas: held, and written again (as duplicates)
+                    stop = Stop(0, _NOREPLICAS, short[key])
+                else:
+                    text = res[2].decode(errors="replace") if isinstance(res[2], bytes) else str(res[2])
+                    stop = Stop(n + d, classify_error(text), text)
             if stops is None:
                 stops = {}
             stops[key] = stop
@@ -707,8 +724,11 @@ class StreamWriter(StreamSink):
         """Which streams share a script call: all of them on a standalone Redis (up to
         ``MAX_KEYS_PER_CALL``), only those of one hash slot on a Redis Cluster."""
         if self._cluster is None:
-            info = await self._redis.info("cluster")
-            self._cluster = bool(info.get("cluster_enabled"))
+            if is_cluster(self._redis):
+                self._cluster = True  # a cluster client (redis+cluster://): nothing to ask
+            else:
+                info = await self._redis.info("cluster")
+                self._cluster = bool(info.get("cluster_enabled"))
         if not self._cluster:
             return [keys[i : i + MAX_KEYS_PER_CALL] for i in range(0, len(keys), MAX_KEYS_PER_CALL)]
         by_slot: dict[int, list[str]] = {}
@@ -716,22 +736,26 @@ class StreamWriter(StreamSink):
             by_slot.setdefault(key_slot(key.encode()), []).append(key)
         return list(by_slot.values())
 
-    async def _run_scripts(self, groups: dict[str, list[bytes]]) -> list[Any]:
+    async def _run_scripts(self, groups: dict[str, list[bytes]]) -> tuple[list[Any], dict[str, str]]:
         """One pipelined round trip; returns per stream ``[added, duplicates, error or None]``, or the
-        exception that refused its whole call.  Calls refused with ``NOSCRIPT`` are sent once more
-        after loading the script (the others are not repeated)."""
+        exception that refused its whole call, and the streams whose ``WAIT`` (with ``replica_acks``) came
+        back short, with why.  Calls refused with ``NOSCRIPT`` are sent once more after loading the script
+        (the others are not repeated)."""
         plan = await self._calls(list(groups))
         replies: list[Any] = [None] * len(plan)
         todo = list(range(len(plan)))
+        short: dict[str, str] = {}
         for reload in (True, False):
             pipe = self._redis.pipeline(transaction=False)
             for c in todo:
                 keys = plan[c]
                 blob = b"".join(chain.from_iterable(groups[k] for k in keys))
                 pipe.execute_command("EVALSHA", self._sha, len(keys), *keys, blob)
+            waits = self._queue_waits(pipe, [plan[c] for c in todo])
             got: list[Any] = await pipe.execute(raise_on_error=False)
+            short.update(self._shortfalls(waits, got[len(todo) :]))
             again = []
-            for c, r in zip(todo, got, strict=True):
+            for c, r in zip(todo, got, strict=False):
                 if reload and isinstance(r, NoScriptError):
                     again.append(c)
                 else:
@@ -747,7 +771,37 @@ class StreamWriter(StreamSink):
                 results += [r] * len(keys)
             else:
                 results += [r[3 * i : 3 * i + 3] for i in range(len(keys))]
-        return [results[i] for i in self._order(plan, groups)]
+        return [results[i] for i in self._order(plan, groups)], short
+
+    def _queue_waits(self, pipe: Any, calls: list[list[str]]) -> list[list[str]]:
+        """With ``replica_acks``: queue one ``WAIT`` after the script calls, per node on a Redis Cluster (each
+        node's commands run in order on one connection, so its ``WAIT`` covers its calls); the streams each
+        ``WAIT`` answers for.  Nothing without ``replica_acks`` (the default): no command, no cost."""
+        if not self.replica_acks or not calls:
+            return []
+        wait = ("WAIT", self.replica_acks, self.replica_wait_ms)
+        if not self._cluster:
+            pipe.execute_command(*wait)
+            return [[k for keys in calls for k in keys]]
+        by_node: dict[str, tuple[Any, list[str]]] = {}
+        cluster: Any = self._redis
+        for keys in calls:
+            node = cluster.get_node_from_key(keys[0])
+            by_node.setdefault(node.name, (node, []))[1].extend(keys)
+        for node, _ in by_node.values():
+            pipe.execute_command(*wait, target_nodes=node)
+        return [keys for _, keys in by_node.values()]
+
+    def _shortfalls(self, waits: list[list[str]], replies: list[Any]) -> dict[str, str]:
+        """The streams whose ``WAIT`` counted fewer replicas than ``replica_acks`` (or failed), with why."""
+        out: dict[str, str] = {}
+        for keys, reply in zip(waits, replies, strict=True):
+            if isinstance(reply, Exception) or int(reply) < self.replica_acks:
+                got = error_text(reply) if isinstance(reply, Exception) else f"{int(reply)} replica(s)"
+                self.replica_shortfalls += 1
+                why = f"NOREPLICAS WAIT {self.replica_acks} {self.replica_wait_ms}: {got}"
+                out.update(dict.fromkeys(keys, why))
+        return out
 
     @staticmethod
     def _order(plan: list[list[str]], groups: dict[str, list[bytes]]) -> list[int]:

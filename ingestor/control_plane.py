@@ -8,8 +8,9 @@ Under one prefix (``md`` by default):
 - ``<prefix>:_ctl:state``: the desired :class:`~distributor.control.ControlState` as JSON, with its
   version.  Every change is a compare-and-set: read, compute, then one script call that writes only if
   the key still holds what was read (else read again), so two ``market ctl`` calls at once never lose
-  each other's change.  That script spans the state key and the audit stream, two hash slots on a Redis
-  Cluster: ``market ctl`` needs a standalone server (the ingestors' watchers read one key, anywhere).
+  each other's change.  That script spans the state key and the audit stream: on a Redis Cluster both
+  carry the hash tag ``{<prefix>}`` so they share a slot, ``<prefix>:_ctl:{<prefix>}:state`` and
+  ``<prefix>:_ctl:{<prefix>}:audit`` (:func:`control_keys`); a standalone server keeps the names below.
 - ``<prefix>:_ctl:audit``: a stream (``MAXLEN ~ 10000``), one entry per change, written by the same
   server-side script as the change itself (``_CHANGE_SCRIPT``): no change without its record, no record
   without its change.  Fields (:data:`AUDIT_FIELDS`): ``who`` (the operator), ``host``, ``redis_user``
@@ -46,6 +47,7 @@ from consumer_sdk.core.backoff import backoff_delays
 from consumer_sdk.core.errors import ConfigError, TransientError
 from consumer_sdk.core.keys import control_audit_key, control_changed_channel, control_state_key
 from consumer_sdk.core.log import Throttle, get_logger, log_event
+from consumer_sdk.core.redis import client_kwargs, cluster_raw_client, is_cluster
 from distributor.control import MAX_WHO, AutoStep, ControlGate, ControlState, dump_state, parse_state
 
 __all__ = [
@@ -173,19 +175,30 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _wrongtype(prefix: str, exc: ResponseError) -> str | None:
+def control_keys(redis: object, prefix: str) -> tuple[str, str]:
+    """``(state key, audit stream)`` of the control plane under ``prefix`` for this client: the names of
+    :mod:`consumer_sdk.core.keys` on a standalone server; on a Redis Cluster, where the change script must
+    find both in one hash slot, the same names with the hash tag ``{<prefix>}`` before the last part
+    (``md:_ctl:{md}:state``, ``md:_ctl:{md}:audit``).  The change channel is no key and keeps its name."""
+    if is_cluster(redis):
+        return f"{prefix}:_ctl:{{{prefix}}}:state", f"{prefix}:_ctl:{{{prefix}}}:audit"
+    return control_state_key(prefix), control_audit_key(prefix)
+
+
+def _wrongtype(key: str, exc: ResponseError) -> str | None:
     text = str(exc)
     if text.startswith("WRONGTYPE"):
-        return f"control state: {control_state_key(prefix)} is not a string key ({text})"
+        return f"control state: {key} is not a string key ({text})"
     return None
 
 
 async def read_state(redis: aioredis.Redis, prefix: str) -> StoredState:
     """The stored state, checked; a missing key is the empty state (nothing in force)."""
+    key = control_keys(redis, prefix)[0]
     try:
-        raw = _bytes(await redis.get(control_state_key(prefix)))
+        raw = _bytes(await redis.get(key))
     except ResponseError as exc:
-        error = _wrongtype(prefix, exc)
+        error = _wrongtype(key, exc)
         if error is None:
             raise
         return StoredState(None, error, None)
@@ -310,18 +323,23 @@ async def read_audit(
 ) -> list[AuditEntry | CorruptAuditEntry]:
     """The newest ``count`` audit records, newest first, each parsed or marked corrupt (never an exception
     for what a record holds).  Read ``page`` entries per ``XREVRANGE``; memory is linear in what is read."""
-    raw_client = aioredis.Redis(connection_pool=redis.connection_pool)
+    cluster = is_cluster(redis)
+    raw_client = cluster_raw_client(redis) if cluster else aioredis.Redis(connection_pool=redis.connection_pool)
     raw_client.set_response_callback("XREVRANGE", lambda response, **_: response)
-    key, end = control_audit_key(prefix), "+"
+    key, end = control_keys(redis, prefix)[1], "+"
     out: list[AuditEntry | CorruptAuditEntry] = []
-    while len(out) < count:
-        want = min(page, count - len(out))
-        rows: Any = await raw_client.execute_command("XREVRANGE", key, end, "-", "COUNT", want)  # type: ignore[no-untyped-call]
-        for row in rows or ():
-            out.append(_entry(_text(row[0]), row[1]))
-        if not rows or len(rows) < want:
-            break
-        end = f"({_text(rows[-1][0])}"
+    try:
+        while len(out) < count:
+            want = min(page, count - len(out))
+            rows: Any = await raw_client.execute_command("XREVRANGE", key, end, "-", "COUNT", want)  # type: ignore[no-untyped-call]
+            for row in rows or ():
+                out.append(_entry(_text(row[0]), row[1]))
+            if not rows or len(rows) < want:
+                break
+            end = f"({_text(rows[-1][0])}"
+    finally:
+        if cluster:  # a cluster client of its own (no pool to share)
+            await raw_client.aclose()
     return out
 
 
@@ -332,7 +350,7 @@ async def redis_user(redis: aioredis.Redis) -> str:
     try:
         name: object = await redis.acl_whoami()
     except ResponseError:
-        name = redis.connection_pool.connection_kwargs.get("username") or "default"
+        name = client_kwargs(redis).get("username") or "default"
     except (RedisError, OSError) as exc:
         raise TransientError(f"Redis failed before the change, nothing changed: {exc}") from None
     return _clean_text(_text(name), MAX_WHO) or "default"
@@ -375,7 +393,7 @@ async def update_state(
     A malformed stored state is not overwritten: :class:`ConfigError` (``market ctl reset`` replaces it).
     Cost: two round trips (read, script) per attempt, and one for ``ACL WHOAMI``.
     """
-    key = control_state_key(prefix)
+    key = control_keys(redis, prefix)[0]
 
     def step(raw: bytes | None, wrongtype: str | None) -> tuple[ControlState, ControlState]:
         if wrongtype is not None:
@@ -437,7 +455,7 @@ async def _apply(
     """Read the state key, let ``step`` (given the value, or the WRONGTYPE error of a key of another type)
     say the states before and after, and write the change with its record: retried while another writer
     gets in first.  Nothing is written when ``step`` returns the same state twice or raises."""
-    key = control_state_key(prefix)
+    key = control_keys(redis, prefix)[0]
     user = await redis_user(redis)
     host = _clean_text(host or socket.gethostname(), AUDIT_LIMITS["host"])
     for _ in range(MAX_ATTEMPTS):
@@ -445,7 +463,7 @@ async def _apply(
         try:
             raw = _bytes(await redis.get(key))
         except ResponseError as exc:
-            if _wrongtype(prefix, exc) is None:
+            if _wrongtype(key, exc) is None:
                 raise
             wrongtype = str(exc)  # a key of another type (only a reset replaces it)
         except (RedisError, OSError) as exc:
@@ -469,14 +487,14 @@ async def _write(
     fields: Mapping[str, str], audit_maxlen: int,
 ) -> str | None:
     """Run ``_CHANGE_SCRIPT``: the audit entry's id, or None when the state changed since it was read."""
-    audit = control_audit_key(prefix)
+    key, audit = control_keys(redis, prefix)
     args: list[str | bytes | int] = [
         kind, raw or b"", dump_state(state), audit_maxlen, control_changed_channel(prefix), state.version,
     ]
     for name, value in fields.items():
         args += [name, value]
     try:
-        reply: Any = await redis.register_script(_CHANGE_SCRIPT)(keys=[control_state_key(prefix), audit], args=args)
+        reply: Any = await redis.register_script(_CHANGE_SCRIPT)(keys=[key, audit], args=args)
     except ResponseError as exc:
         text = (str(exc).splitlines() or [type(exc).__name__])[0]
         if "WRONGTYPE" in text:
@@ -560,7 +578,7 @@ async def watch_control(
     the reason a stored record is rejected (once per distinct record), and the last good state stays in
     force.  Redis errors are logged and retried with capped, jittered backoff; only cancellation ends it.
     """
-    key, channel = control_state_key(prefix), control_changed_channel(prefix)
+    key, channel = control_keys(redis, prefix)[0], control_changed_channel(prefix)
     follower = StateFollower(on_state, on_invalid)
     throttle = Throttle(log, interval=10.0)
     backoff: Iterator[float] | None = None
@@ -573,7 +591,7 @@ async def watch_control(
                 try:
                     raw = _bytes(await redis.get(key))
                 except ResponseError as exc:
-                    error = _wrongtype(prefix, exc)
+                    error = _wrongtype(key, exc)
                     if error is None:
                         raise
                     follower.offer_error(error)

@@ -2,11 +2,12 @@
 
 TARGET is a ``venue:SYMBOL:channel`` pattern with globs in any part (``binance:BTCUSDT:trade``,
 ``binance:*:kline_*``).  Every change is one atomic update of ``<prefix>:_ctl:state`` together with its
-record in the audit stream ``<prefix>:_ctl:audit`` (one server-side script call: no change without its
-record): who made it (the OS user, or ``--actor`` / ``MARKET_ACTOR``), from which host, as which Redis
-user, when (the server's clock and the operator's), the command and its arguments, the control version
-before and after, and ``--reason``.  ``history`` shows the newest records.  Repeating a change that is
-already in force changes nothing and records nothing.
+record in the audit stream ``<prefix>:_ctl:audit`` (one server-side script call: no change without its record; on a
+Redis Cluster the two keys carry the hash tag ``{<prefix>}``, ``<prefix>:_ctl:{<prefix>}:state``, so they share a
+slot: :func:`ingestor.control_plane.control_keys`): who made it (the OS user, or ``--actor`` / ``MARKET_ACTOR``),
+from which host, as which Redis user, when (the server's clock and the operator's), the command and its arguments,
+the control version before and after, and ``--reason``. ``history`` shows the newest records. Repeating a change
+that is already in force changes nothing and records nothing.
 
 Bad input (an unknown level, an invalid pattern, a rate that is not a positive number, a ``--reason``
 over :data:`~ingestor.control_plane.MAX_REASON` characters or with a control character) and an
@@ -284,12 +285,14 @@ def reset(who: Who = None, reason: Reason = None) -> None:
 @app.command()
 def show(json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False) -> None:
     """Every switch in force, who set it and when.  Exit 1 when the stored record is malformed."""
-    from consumer_sdk.core.keys import control_state_key
-    from ingestor.control_plane import read_state
+    from ingestor.control_plane import control_keys, read_state
 
     prefix = _prefix()
-    stored = _run(lambda redis: read_state(redis, prefix))
-    key = control_state_key(prefix)
+
+    async def job(redis: aioredis.Redis) -> tuple[Any, str]:
+        return await read_state(redis, prefix), control_keys(redis, prefix)[0]
+
+    stored, key = _run(job)
     if json:
         doc: dict[str, Any] = {"key": key, "valid": stored.valid}
         if stored.state is not None:

@@ -5,6 +5,11 @@ again and again (on a backlog of 500 000 entries, longer than the read itself ta
 is paused, if it was on, while a read without ``BLOCK`` is under way and until its reply is reduced to
 flat lists (:func:`~consumer_sdk.consumer.batch.flatten_reply`); other tasks that run in the meantime
 run with it paused too.  A blocking read never pauses it.
+
+On a Redis Cluster one ``XREADGROUP`` cannot name streams of two hash slots, and stream keys carry no hash
+tag: :func:`read_each` reads every stream with a command of its own, all pipelined (one round trip per
+node, the nodes at once).  A blocking read on many slots has no one command to wait in, so on a cluster a
+read that finds nothing waits :data:`CLUSTER_IDLE_S` (or until stopped) and the consumer reads again.
 """
 
 from __future__ import annotations
@@ -19,8 +24,17 @@ from typing import Any, Final
 from redis.asyncio import Redis
 
 from consumer_sdk.consumer.batch import Flat, flatten_reply
+from consumer_sdk.core.redis import CLUSTER_IDLE_S
 
-__all__ = ["RECANCEL_S", "CollectorPause", "cancel_until_done", "collector_paused", "read_group"]
+__all__ = [
+    "CLUSTER_IDLE_S",
+    "RECANCEL_S",
+    "CollectorPause",
+    "cancel_until_done",
+    "collector_paused",
+    "read_each",
+    "read_group",
+]
 
 
 class CollectorPause:
@@ -89,4 +103,29 @@ async def read_group(
         reply = await client.xreadgroup(group, consumer, streams, count=count)
         found = flatten_reply(reply, dfield)
         del reply
+    return found
+
+
+async def read_each(
+    client: Redis, group: str, consumer: str, streams: dict[Any, Any], *, count: int, dfield: Any
+) -> list[Flat]:
+    """One ``XREADGROUP ... COUNT count STREAMS key cursor`` per stream of ``streams``, pipelined, never
+    blocking (for a Redis Cluster, where one command cannot span slots); ``client`` is a
+    :func:`~consumer_sdk.core.redis.cluster_raw_client`.  An error reply is raised after every reply was
+    read.  The collector is paused as :func:`read_group` pauses it."""
+    with collector_paused():
+        pipe = client.pipeline(transaction=False)
+        for key, cursor in streams.items():
+            pipe.xreadgroup(group, consumer, {key: cursor}, count=count)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        found: list[Flat] = []
+        error: BaseException | None = None
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                error = error or reply
+            elif reply:
+                found += flatten_reply(reply, dfield)
+        del replies
+    if error is not None:
+        raise error
     return found

@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from consumer_sdk.consumer.batch import Flat, KeyState
 from consumer_sdk.consumer.claims import claim_idle
 from consumer_sdk.consumer.delivery import Acks, Delivery, GapHook, InvalidHook, TrimmedHook
-from consumer_sdk.consumer.fetch import cancel_until_done, read_group
+from consumer_sdk.consumer.fetch import CLUSTER_IDLE_S, cancel_until_done, read_each, read_group
 from consumer_sdk.consumer.groups import Groups
 from consumer_sdk.consumer.trim import lag_estimate
 from consumer_sdk.core.aio import reraise_if_cancelling
@@ -37,7 +37,16 @@ from consumer_sdk.core.errors import ConfigError, TransientError
 from consumer_sdk.core.handler import Handler
 from consumer_sdk.core.keys import DEFAULT_PREFIX
 from consumer_sdk.core.log import Throttle, get_logger
-from consumer_sdk.core.redis import ErrorKind, blocking_client, classify, field_name, raw_stream_client, translate
+from consumer_sdk.core.redis import (
+    ErrorKind,
+    blocking_client,
+    classify,
+    cluster_raw_client,
+    field_name,
+    is_cluster,
+    raw_stream_client,
+    translate,
+)
 from consumer_sdk.core.server import require_supported
 from consumer_sdk.core.tick import Tick
 from consumer_sdk.poison import MAX_ENTRY_BYTES
@@ -149,6 +158,7 @@ class Consumer:
 
         self._client: Redis | None = None
         self._owned = False
+        self._cluster = False
         self._dfield: Any = b"d"
         self._running = False
         self._server_checked = False
@@ -276,7 +286,9 @@ class Consumer:
         if self._client is None:
             self._client, self._owned = self._make_client()
         client = self._client
-        reader = raw_stream_client(client)  # reads entries without a dict per entry
+        self._cluster = is_cluster(client)
+        # reads entries without a dict per entry (on a cluster, a client of its own: closed below)
+        reader = cluster_raw_client(client) if self._cluster else raw_stream_client(client)
         self._dfield = self._delivery.dfield = field_name(client)
         delays = backoff_delays()
         need_setup, need_recover, failures = True, False, 0
@@ -333,6 +345,8 @@ class Consumer:
         finally:
             self._running = False
             self._stop.clear()
+            if reader is not client and is_cluster(reader):
+                await reader.aclose()
             if self._owned:
                 await self.aclose()
 
@@ -438,6 +452,13 @@ class Consumer:
             self._read_task = None
 
     async def _fetch(self, client: Redis, streams: dict[Any, Any], block: int | None = None) -> list[Flat]:
+        if self._cluster:
+            if block is not None:
+                # the read just before found nothing, and no one command can wait on streams of several slots:
+                # wait a little (or until stopped), and the loop reads again
+                await self._sleep(min(block / 1000.0, CLUSTER_IDLE_S))
+                return []
+            return await read_each(client, self.group, self.consumer, streams, count=self._count, dfield=self._dfield)
         return await read_group(
             client, self.group, self.consumer, streams, count=self._count, dfield=self._dfield, block=block
         )

@@ -1,3 +1,5 @@
+# size: the one place the project meets redis-py: entry IDs, replies, errors and making clients (standalone or
+#   cluster); each part is small and the callers want them from one module.
 """Thin helpers around redis-py shared by every package.
 
 - :func:`iter_read_reply` flattens the four shapes redis-py returns for XREAD/XREADGROUP
@@ -9,7 +11,10 @@
 - :func:`classify_redis` is the one classifier of Redis errors (a reason and a kind), shared by the
   writer, the consumer and replay; :func:`classify` and :func:`translate` map redis exceptions onto
   :mod:`consumer_sdk.core.errors` for a reader.
-- :func:`connect_redis` gives a client that has answered ``PING`` on a supported server.
+- :func:`connect_redis` gives a client that has answered ``PING`` on a supported server: a
+  :class:`redis.asyncio.cluster.RedisCluster` for a ``redis+cluster://`` URL (:func:`cluster_client`), typed
+  as :class:`~redis.asyncio.Redis` like every other client (the commands the project sends are the same);
+  :func:`is_cluster` tells them apart where the two differ (connection pools, multi-stream reads).
 - Entry IDs are compared as ``(ms, seq)`` tuples; :func:`id_before` and :func:`id_after`
   give the neighbouring IDs for exclusive ranges.
 """
@@ -27,10 +32,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import redis.exceptions as rexc
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from consumer_sdk.core.errors import ConfigError, MarketError, Retryable, TransientError
 from consumer_sdk.core.server import require_supported
-from consumer_sdk.core.urls import TLS_FILE_OPTIONS, redact_url
+from consumer_sdk.core.urls import TLS_FILE_OPTIONS, is_cluster_url, parse_cluster_url, redact_url
 
 _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
 try:
@@ -41,6 +47,7 @@ else:
     _hiredis_pack = cast(Callable[[tuple[Any, ...]], bytes], _pack)
 
 __all__ = [
+    "CLUSTER_IDLE_S",
     "FAULT_REASONS",
     "MAX_SEQ",
     "Entry",
@@ -52,6 +59,9 @@ __all__ = [
     "blocking_client",
     "classify",
     "classify_redis",
+    "client_kwargs",
+    "cluster_client",
+    "cluster_raw_client",
     "connect_redis",
     "effective_socket_timeout",
     "field_name",
@@ -61,6 +71,7 @@ __all__ = [
     "id_before",
     "id_str",
     "id_tuple",
+    "is_cluster",
     "iter_read_reply",
     "pack_xack",
     "raw_stream_client",
@@ -71,6 +82,9 @@ __all__ = [
 ]
 
 MAX_SEQ: Final = 2**64 - 1
+#: On a Redis Cluster, how long a reader whose read found nothing waits before reading again (seconds): one
+#: blocking ``XREAD``/``XREADGROUP`` cannot wait on streams of several hash slots.
+CLUSTER_IDLE_S: Final = 0.01
 DEFAULT_SOCKET_TIMEOUT: Final = 5.0
 # Extra seconds a blocking read's socket timeout allows beyond the BLOCK itself.
 BLOCK_MARGIN_S: Final = 10.0
@@ -174,7 +188,19 @@ def raw_stream_client(client: Redis) -> Redis:
     (RESP2) or a dict of ``key: entries`` (RESP3); :func:`iter_read_reply` takes both.  The new
     client owns nothing: closing ``client`` (or its pool) is all the cleanup there is.
     """
+    if is_cluster(client):
+        raise TypeError("a Redis Cluster client has no pool to share: use cluster_raw_client")
     raw = Redis(connection_pool=client.connection_pool)
+    for command in ("XREADGROUP", "XAUTOCLAIM"):
+        raw.set_response_callback(command, _as_sent)
+    return raw
+
+
+def cluster_raw_client(client: Redis) -> Redis:
+    """For a Redis Cluster client: a new one, on the same nodes and settings, that leaves XREADGROUP and
+    XAUTOCLAIM replies as parsed (see :func:`raw_stream_client`).  A cluster client has no pool to share:
+    this one owns its connections, and the caller closes it (``aclose``)."""
+    raw = _cluster_copy(client, {})
     for command in ("XREADGROUP", "XAUTOCLAIM"):
         raw.set_response_callback(command, _as_sent)
     return raw
@@ -208,8 +234,11 @@ async def xack_many(client: Redis, group: str, acks: Sequence[tuple[str, Sequenc
     The same as a pipeline of ``client.xack(key, group, *ids)``, written as bytes packed here:
     redis-py packs each ID as an argument of its own, in Python, which costs more than the XACK
     itself.  One connection of the client's pool, one write, one reply per stream read in turn.
-    An error reply (a key that is not a stream) is raised once every reply has been read.
+    An error reply (a key that is not a stream) is raised once every reply has been read.  On a Redis
+    Cluster: a pipeline of ``XACK`` (one round trip per node, the nodes at once).
     """
+    if is_cluster(client):
+        return await _xack_cluster(client, group, acks)
     pool: Any = client.connection_pool
     encode: Callable[[Any], bytes] = pool.get_encoder().encode  # the client's encoding of keys and names
     name = encode(group)
@@ -231,9 +260,32 @@ async def xack_many(client: Redis, group: str, acks: Sequence[tuple[str, Sequenc
     return acked
 
 
+async def _xack_cluster(client: Redis, group: str, acks: Sequence[tuple[str, Sequence[bytes | str]]]) -> int:
+    pipe = client.pipeline(transaction=False)
+    for key, ids in acks:
+        pipe.xack(key, group, *ids)
+    replies: list[Any] = await pipe.execute(raise_on_error=False)
+    error = next((r for r in replies if isinstance(r, Exception)), None)
+    if error is not None:
+        raise error
+    return sum(int(r) for r in replies)
+
+
+def client_kwargs(client: Redis) -> Mapping[str, Any]:
+    """The settings of the client's connections (a standalone client's pool's, a cluster client's own)."""
+    if is_cluster(client):
+        return cast(RedisCluster, client).get_connection_kwargs()
+    return cast(Mapping[str, Any], client.connection_pool.connection_kwargs)
+
+
+def is_cluster(client: object) -> bool:
+    """Whether ``client`` is a Redis Cluster client (made by :func:`cluster_client`)."""
+    return isinstance(client, RedisCluster)
+
+
 def field_name(client: Redis) -> bytes | str:
     """The name of the tick field as this client returns it (``b"d"``, or ``"d"`` when decoding)."""
-    return "d" if client.connection_pool.connection_kwargs.get("decode_responses") else b"d"
+    return "d" if client_kwargs(client).get("decode_responses") else b"d"
 
 
 async def xinfo_stream(client: Redis, key: str) -> dict[str, Any] | None:
@@ -294,7 +346,7 @@ def stream_view(info: Mapping[str, Any] | None) -> StreamView:
 
 def effective_socket_timeout(client: Redis) -> float | None:
     """The read timeout of the client's connections (``None``: wait forever)."""
-    kwargs = client.connection_pool.connection_kwargs
+    kwargs = client_kwargs(client)
     if "socket_timeout" in kwargs:
         value = kwargs["socket_timeout"]
         return None if value is None else float(value)
@@ -315,6 +367,9 @@ def blocking_client(client: Redis | str, block_ms: int) -> tuple[Redis, bool]:
     the same connection settings and a longer timeout is built (the caller closes it).
     """
     timeout = blocking_timeout(block_ms)
+    if isinstance(client, str) and is_cluster_url(client):
+        made = cluster_client(client, socket_timeout=timeout, socket_connect_timeout=5.0, health_check_interval=30)
+        return made, True
     if isinstance(client, str):
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
@@ -330,6 +385,8 @@ def blocking_client(client: Redis | str, block_ms: int) -> tuple[Redis, bool]:
     current = effective_socket_timeout(client)
     if current is None or current >= block_ms / 1000.0 + 1.0:
         return client, False
+    if is_cluster(client):
+        return _cluster_copy(client, {"socket_timeout": timeout}), True
     pool = client.connection_pool
     kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _POOL_OWN_KWARGS}
     kwargs["socket_timeout"] = timeout
@@ -337,6 +394,58 @@ def blocking_client(client: Redis | str, block_ms: int) -> tuple[Redis, bool]:
     dedicated = Redis(connection_pool=new_pool)
     dedicated.auto_close_connection_pool = True
     return dedicated, True
+
+
+#: the settings a cluster client takes (the rest of what a URL may carry, it refuses)
+_CLUSTER_TAKES: Final = frozenset(inspect.signature(RedisCluster.__init__).parameters) - {
+    "self", "host", "port", "startup_nodes", "db", "path",
+}
+
+
+def cluster_client(url: str, **settings: Any) -> Redis:
+    """A Redis Cluster client (not yet connected) for a ``redis+cluster://`` URL
+    (:func:`~consumer_sdk.core.urls.parse_cluster_url`): every node named is a start-up node, the URL's
+    login and options apply to every node, ``settings`` win over the options.  It follows ``MOVED`` and
+    ``ASK`` and finds the nodes again after a failover.  :class:`ConfigError` for an option a cluster
+    client does not take.  Typed as :class:`~redis.asyncio.Redis`: the commands the project sends are
+    the same (:func:`is_cluster` tells them apart)."""
+    from redis.asyncio.connection import parse_url
+
+    parsed = parse_cluster_url(url)
+    options: dict[str, Any] = dict(parse_url(parsed.node_url(*parsed.nodes[0])))
+    for name in ("host", "port", "db", "path", "connection_class"):
+        options.pop(name, None)
+    options.update(settings)
+    refused = sorted(set(options) - _CLUSTER_TAKES)
+    if refused:
+        where = redact_url(url)
+        raise ConfigError(f"invalid Redis Cluster URL {where!r}: a cluster client does not take {refused[0]!r}")
+    nodes = [ClusterNode(host, port) for host, port in parsed.nodes]
+    return cast(Redis, RedisCluster(startup_nodes=nodes, ssl=parsed.tls, **options))
+
+
+#: connection settings of a cluster client that a copy of it takes as they are
+_COPIED: Final = (
+    "username", "password", "decode_responses", "encoding", "encoding_errors", "socket_timeout",
+    "socket_connect_timeout", "socket_keepalive", "socket_keepalive_options", "health_check_interval",
+    "client_name", "protocol", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
+    "ssl_check_hostname", "ssl_ca_data", "ssl_ciphers", "ssl_min_version",
+)
+
+
+def _cluster_copy(client: Redis, settings: Mapping[str, Any]) -> Redis:
+    """A new cluster client on ``client``'s known nodes, with its connection settings and ``settings``."""
+    from redis.asyncio.connection import SSLConnection
+
+    cluster = cast(RedisCluster, client)
+    kwargs = cluster.get_connection_kwargs()
+    options: dict[str, Any] = {k: kwargs[k] for k in _COPIED if k in kwargs and kwargs[k] is not None}
+    options["ssl"] = issubclass(cast(type, kwargs.get("connection_class", object)), SSLConnection)
+    options.update(settings)
+    nodes = [ClusterNode(n.host, n.port) for n in cluster.get_nodes()] or [
+        ClusterNode(n.host, n.port) for n in cluster.nodes_manager.startup_nodes.values()
+    ]
+    return cast(Redis, RedisCluster(startup_nodes=nodes, **options))
 
 
 # ---------------------------------------------------------------- errors
@@ -507,10 +616,18 @@ async def connect_redis(url: str, *, socket_timeout: float = 10.0) -> Redis:
     """
     where = redact_url(url)
     _check_tls_files(url, where)
-    client = Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30)
+    settings: dict[str, Any] = {
+        "socket_timeout": socket_timeout, "socket_connect_timeout": 5.0, "health_check_interval": 30,
+    }
+    cluster = is_cluster_url(url)
+    client = cluster_client(url, **settings) if cluster else Redis.from_url(url, **settings)
     try:
+        if cluster:
+            await _initialize_cluster(client, where)
         await client.ping()
         await require_supported(client, where)
+        if not cluster:
+            await _refuse_cluster_node(client, where)
     except rexc.AuthenticationError as exc:
         await client.aclose()
         raise ConfigError(f"Redis at {where} refused the credentials: {exc}") from None
@@ -526,6 +643,32 @@ async def connect_redis(url: str, *, socket_timeout: float = 10.0) -> Redis:
         await client.aclose()
         raise
     return client
+
+
+async def _initialize_cluster(client: Redis, where: str) -> None:
+    """Learn the cluster's nodes and slots; :class:`ConfigError` when the nodes named are no cluster, or the
+    cluster leaves slots uncovered (the error redis-py gives names which)."""
+    try:
+        await cast(RedisCluster, client).initialize()
+    except rexc.RedisClusterException as exc:
+        text = str(exc)
+        if "cluster mode is not enabled" in text.lower():
+            raise ConfigError(f"Redis at {where} is a standalone server, not a cluster: use a redis:// URL") from None
+        if "not covered" in text.lower():
+            raise ConfigError(f"the Redis Cluster at {where} does not serve every hash slot: {text}") from None
+        if isinstance(exc.__cause__, rexc.AuthenticationError | rexc.AuthorizationError):
+            raise ConfigError(f"Redis at {where} refused the credentials: {exc.__cause__}") from None
+        raise TransientError(f"Redis Cluster unreachable at {where}: {text}") from None
+
+
+async def _refuse_cluster_node(client: Redis, where: str) -> None:
+    """:class:`ConfigError` when a plain URL reaches a node of a Redis Cluster (keys in other nodes' slots
+    would be refused with ``MOVED``): the URL must say ``redis+cluster://``.  One ``INFO cluster``."""
+    info = await client.info("cluster")
+    if info.get("cluster_enabled"):
+        raise ConfigError(
+            f"Redis at {where} is a node of a Redis Cluster: name it with redis+cluster://host:port[,host:port...]"
+        )
 
 
 def _check_tls_files(url: str, where: str) -> None:

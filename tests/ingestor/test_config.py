@@ -180,7 +180,7 @@ BAD_FLAGS = [
     ({"rest_url": "ws://venue:9000"}, "invalid REST URL"),
     ({"channels": "trade,trades"}, "unknown channel 'trades'"),
     ({"channels": "kline_7m"}, "unknown channel 'kline_7m'"),
-    ({"channels": "depth"}, "unknown channel 'depth'"),
+    ({"channels": "depth5"}, "unknown channel 'depth5'"),
     ({"channels": " , "}, "channels: empty"),
     ({"symbols": "BTC-USDT"}, "invalid symbol 'BTC-USDT'"),
     ({"symbols": "BTC USDT"}, "invalid symbol"),

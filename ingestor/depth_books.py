@@ -155,7 +155,10 @@ class DepthBooks:
         st = self._symbols.get(diff.symbol)
         if st is None:
             raise UnknownSymbol(diff.symbol)
-        return self._act(st, st.sync.on_diff(diff), ts_recv)
+        decision = st.sync.on_diff(diff)
+        if diff.event_ms > st.last_event_ms:
+            st.last_event_ms = diff.event_ms
+        return self._act(st, decision, ts_recv)
 
     def request(self, symbol: str) -> int:
         """The fetcher is asking for ``symbol``'s snapshot now: the request's id."""
@@ -210,8 +213,13 @@ class DepthBooks:
                     return out
                 if snap.event_ms is not None:
                     st.last_event_ms = snap.event_ms
-                if not decision.diffs and st.book.crossed():
-                    self._act(st, st.sync.on_crossed(), ts_recv)
+                if not decision.diffs:
+                    if st.book.crossed():
+                        self._act(st, st.sync.on_crossed(), ts_recv)
+                    elif st.pending is not None and (st.stored is None or snap.last_update_id > st.stored):
+                        # No diff joins it yet: stored now, before the diff that will, at the venue time of the
+                        # last diff seen (the snapshot holds it)
+                        self._store_snapshot(st, st.pending, snap.last_update_id, st.last_event_ms, ts_recv, out)
                     return out
             for diff in decision.diffs:
                 if not self._apply(st, diff, ts_recv, out):
@@ -222,6 +230,19 @@ class DepthBooks:
         elif action is Action.BUFFERED and st.sync.wants_snapshot and self.on_want is not None:
             self.on_want()
         return []
+
+    def _store_snapshot(self, st: SymbolDepth, reason: str, seq: int, event_ms: int, ts_recv: int,
+                        out: list[Tick]) -> None:
+        out.append(encode_snapshot(
+            st.book, reason, venue=self.venue, symbol=st.symbol, link=self.link, ts_event=event_ms * 1000,
+            ts_recv=ts_recv,
+        ))
+        st.pending = None
+        st.since_snapshot = 0
+        st.snapshot_ms = event_ms
+        st.stored = seq
+        kind = reason.partition(":")[0]
+        self._snapshots[kind] = self._snapshots.get(kind, 0) + 1
 
     def _restart(self, st: SymbolDepth, reason: str, detail: str) -> None:
         """Start ``st`` over for a reason :class:`DepthSync` does not see (the book refused a value): a new
@@ -240,30 +261,21 @@ class DepthBooks:
         if book.crossed():
             self._act(st, st.sync.on_crossed(), ts_recv)
             return False
-        st.last_event_ms = diff.event_ms
         seq = diff.last_id
         if st.stored is not None and seq <= st.stored:
             self._not_stored += 1
             return True
-        ts_event = diff.event_ms * 1000
         reason = st.pending
         if reason is None and self.policy.due(st.since_snapshot + 1, st.snapshot_ms, diff.event_ms):
             reason = "periodic"
         if reason is not None:
-            out.append(encode_snapshot(
-                book, reason, venue=self.venue, symbol=st.symbol, link=self.link, ts_event=ts_event, ts_recv=ts_recv
-            ))
-            st.pending = None
-            st.since_snapshot = 0
-            st.snapshot_ms = diff.event_ms
-            kind = reason.partition(":")[0]
-            self._snapshots[kind] = self._snapshots.get(kind, 0) + 1
-        else:
-            out.append(encode_diff(
-                self.venue, st.symbol, seq=seq, first=diff.first_id, pu=diff.prev_id, ts_event=ts_event,
-                ts_recv=ts_recv, bids=diff.bids, asks=diff.asks,
-            ))
-            st.since_snapshot += 1
-            self.diffs_stored += 1
+            self._store_snapshot(st, reason, seq, diff.event_ms, ts_recv, out)
+            return True
+        out.append(encode_diff(
+            self.venue, st.symbol, seq=seq, first=diff.first_id, pu=diff.prev_id, ts_event=diff.event_ms * 1000,
+            ts_recv=ts_recv, bids=diff.bids, asks=diff.asks,
+        ))
+        st.since_snapshot += 1
+        self.diffs_stored += 1
         st.stored = seq
         return True

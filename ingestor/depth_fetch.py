@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from consumer_sdk.core.aio import reraise_if_cancelling
 from consumer_sdk.core.log import Throttle, get_logger
 from consumer_sdk.core.tick import Tick
 from ingestor.depth import DepthRule, parse_depth_snapshot
@@ -57,7 +58,8 @@ class DepthFetcher:
         books.on_want = self.wake.set
         self.requests = 0
         self.answered = 0
-        #: requests that gave no usable book, by kind (:data:`ingestor.rest.REFUSAL_KINDS`, ``bad_snapshot``)
+        #: requests that gave no usable book, by kind (:data:`ingestor.rest.REFUSAL_KINDS`, ``bad_snapshot``: a reply
+    #: that is no book; ``error``: an exception no reply should cause)
         self.failures: dict[str, int] = {}
         self._throttles: dict[str, Throttle] = {}
         self._outstanding: set[str] = set()
@@ -112,6 +114,12 @@ class DepthFetcher:
             except MalformedFrame as exc:
                 self.pacer.on_failure(symbol, time.monotonic())
                 self._failed(symbol, request, "bad_snapshot", str(exc))
+                return
+            except Exception as exc:  # nothing a reply holds may end the ingestor: counted, asked again
+                reraise_if_cancelling()
+                log.exception("book_snapshot_error")
+                self.pacer.on_failure(symbol, time.monotonic())
+                self._failed(symbol, request, "error", repr(exc))
                 return
             self.answered += 1
             self.pacer.on_success(symbol)

@@ -20,6 +20,7 @@ import httpx
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, generate_latest
 
 from consumer_sdk.book import Book
 from consumer_sdk.book_stream import BookEntry, decode_all, rebuild
@@ -27,6 +28,7 @@ from consumer_sdk.core.keys import stream_key
 from consumer_sdk.core.tick import Tick
 from ingestor.config import DepthSettings, IngestSettings
 from ingestor.memory import MemoryConnector, MemoryLink
+from ingestor.metrics import IngestorCollector
 from ingestor.rest import VenueRest
 from ingestor.service import Ingestor
 from ingestor.session import SessionSettings
@@ -267,7 +269,9 @@ async def test_the_captured_depth_stream_is_stored_and_rebuilds_to_the_venues_bo
         assert [t["seq"] for t in seen if t["symbol"] == symbol] == [e.seq for e in held[symbol]]
 
 
-async def test_one_diff_missing_resyncs_that_book_only(aredis: aioredis.Redis, prefix: str) -> None:
+async def test_one_diff_missing_resyncs_that_book_only(
+    aredis: aioredis.Redis, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
     diffs = load_diffs()
     venue = VenueModel(load_snapshots(), diffs)
     nkn = [i for i, d in enumerate(diffs) if d.symbol == "NKNUSDT"]
@@ -283,6 +287,12 @@ async def test_one_diff_missing_resyncs_that_book_only(aredis: aioredis.Redis, p
         assert ing.depth is not None and ing.depth.resyncs == {("NKNUSDT", "gap"): 1}
         snap = ing.snapshot().depth
         assert snap is not None and snap.resyncs == {("NKNUSDT", "gap"): 1} and snap.live == len(SYMBOLS)
+        registry = CollectorRegistry()
+        registry.register(IngestorCollector(ing))
+        text = generate_latest(registry).decode()
+        assert 'market_book_resync_total{reason="gap",symbol="NKNUSDT",venue="binance"} 1.0' in text
+        assert text.count("market_book_resync_total{") == 1
+        assert [r.getMessage() for r in caplog.records if r.getMessage() == "book_resync"] == ["book_resync"]
     for symbol in SYMBOLS:
         entries = await stored(aredis, prefix, symbol)
         reasons = check_stream(entries, venue, symbol)

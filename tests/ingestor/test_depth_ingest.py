@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -26,7 +27,12 @@ from consumer_sdk.book import Book
 from consumer_sdk.book_stream import BookEntry, decode_all, rebuild
 from consumer_sdk.core.keys import stream_key
 from consumer_sdk.core.tick import Tick
+from ingestor.binance import BINANCE_SPOT
 from ingestor.config import DepthSettings, IngestSettings
+from ingestor.depth import DepthDiff
+from ingestor.depth_books import DepthBooks
+from ingestor.depth_fetch import DepthFetcher
+from ingestor.depth_pacer import SnapshotPacer
 from ingestor.memory import MemoryConnector, MemoryLink
 from ingestor.metrics import IngestorCollector
 from ingestor.rest import VenueRest
@@ -381,3 +387,61 @@ async def test_a_bad_snapshot_reply_is_counted_and_asked_again(
     for symbol in SYMBOLS:
         reasons = check_stream(await stored(aredis, prefix, symbol), venue, symbol)
         assert not [r for r in reasons if r.startswith("resync")], "the book was not stored before it was in step"
+
+
+async def test_a_restart_continues_each_stream_after_what_redis_holds(aredis: aioredis.Redis, prefix: str) -> None:
+    diffs = load_diffs()
+    venue = VenueModel(load_snapshots(), diffs)
+    half = len(diffs) // 2
+    async with running(aredis, prefix, venue) as run:
+        link = await run.connector.link(0)
+        await until(lambda: run.ingestor.sessions[0].state.value == "live", "the connection is live")
+        await run.feed(link, diffs[:half])
+        await wait_stored(aredis, prefix, last_ids(diffs[:half]))
+    before = {symbol: len(await stored(aredis, prefix, symbol)) for symbol in SYMBOLS}
+    async with running(aredis, prefix, venue) as run:
+        link = await run.connector.link(0)
+        await until(lambda: run.ingestor.sessions[0].state.value == "live", "the connection is live")
+        await run.feed(link, diffs[half:])
+        await wait_stored(aredis, prefix, last_ids(diffs))
+        assert run.ingestor.depth is not None and run.ingestor.depth.resyncs == {}
+    for symbol in SYMBOLS:
+        entries = await stored(aredis, prefix, symbol)
+        reasons = check_stream(entries, venue, symbol)
+        assert entries[before[symbol]].reason == "start", "the new writer's first entry is a start snapshot"
+        assert [r for r in reasons if r != "periodic"] == ["start", "start"], reasons
+
+
+async def test_many_books_wanting_snapshots_at_once_stay_within_the_weight_budget() -> None:
+    """Five books want a snapshot; the budget holds two requests a minute: two go, the rest wait their turn."""
+    symbols = [f"S{i}USDT" for i in range(5)]
+    books = DepthBooks("binance", symbols)
+    answered: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        answered.append(request.url.params["symbol"])
+        body = {"lastUpdateId": 10, "bids": [["1.0", "1"]], "asks": [["2.0", "1"]]}
+        return reply(200, orjson.dumps(body))
+
+    stored_ticks: list[Tick] = []
+
+    async def store(symbol: str, ticks: list[Tick]) -> None:
+        stored_ticks.extend(ticks)
+
+    rest = VenueRest("http://venue.test", transport=httpx.MockTransport(answer))
+    pacer = SnapshotPacer(weight_per_minute=100, share=1.0)  # a 1000-level snapshot weighs 50: two a minute
+    fetcher = DepthFetcher(books, rest, BINANCE_SPOT, store, limit=1000, pacer=pacer)
+    for symbol in symbols:
+        books.on_diff(DepthDiff(symbol, 10, 10, None, 1, (), ()), 0)
+    task = asyncio.create_task(fetcher.run())
+    try:
+        await until(lambda: len(stored_ticks) == 2, "two books loaded")
+        assert fetcher.requests == 2 and len(answered) == 2 and len(books.wanted) == 3
+        now = time.monotonic()
+        assert pacer.stats(now).spent == 100
+        assert all(pacer.next_allowed(now, 50, s) > now + 50 for s in books.wanted), "the rest wait for the window"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await fetcher.aclose()

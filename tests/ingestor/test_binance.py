@@ -369,6 +369,10 @@ def test_parse_frame_depth_reads_depth_updates_and_everything_else_as_parse_fram
     assert parse_frame_depth(frame(TRADE), TS_RECV) == parse_frame(frame(TRADE), TS_RECV)
     with pytest.raises(MalformedFrame):
         parse_frame_depth(frame({**depth, "b": [["0.0024", "1e3"]]}), TS_RECV)
+    with pytest.raises(MalformedFrame, match=r"^missing or bad field 'p'$"):
+        parse_frame_depth(frame(without(TRADE, "p")), TS_RECV)
+    with pytest.raises(MalformedFrame, match=r"^missing field 'U'$"):
+        parse_frame_depth(frame(without(depth, "U")), TS_RECV)
 
 
 @pytest.mark.parametrize("stream", ["btcusdt@depth5", "btcusdt@depth@500ms", "btcusdt@ticker", "btcusdt"])

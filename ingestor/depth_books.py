@@ -27,19 +27,46 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
-from consumer_sdk.book import Book, BookError
+from consumer_sdk.book import Book, BookError, Level
 from consumer_sdk.book_stream import Link, encode_diff, encode_snapshot
 from consumer_sdk.core.tick import Tick
 from ingestor.depth import Action, Decision, DepthDiff, DepthRule, DepthSnapshot, DepthSync, SnapshotPolicy
 
-__all__ = ["BOOK_RESYNC_REASONS", "DepthBooks", "DepthStats", "SymbolDepth", "UnknownSymbol"]
+__all__ = ["BOOK_RESYNC_REASONS", "BookView", "DepthBooks", "DepthStats", "SymbolDepth", "UnknownSymbol"]
 
 #: every reason a symbol's book starts over, as counted: :data:`ingestor.depth.RESYNC_REASONS` and a diff or
 #: snapshot the book refused
 BOOK_RESYNC_REASONS: Final = ("gap", "reconnect", "crossed", "stale_snapshot", "buffer_overflow", "snapshot_error",
                               "bad_level")
+
+
+class BookView(Protocol):
+    """What a subscriber may do with the ingestor's live book: read it (a :class:`~consumer_sdk.book.Book` seen
+    through its reads only, so a type checker refuses a change; ``copy()`` gives a book of one's own)."""
+
+    @property
+    def update_id(self) -> int | None: ...
+
+    @property
+    def scale(self) -> int: ...
+
+    def top(self, n: int) -> tuple[tuple[Level, ...], tuple[Level, ...]]: ...
+
+    def best_bid(self) -> Level | None: ...
+
+    def best_ask(self) -> Level | None: ...
+
+    def spread(self) -> int | None: ...
+
+    def crossed(self) -> bool: ...
+
+    def depth(self) -> tuple[int, int]: ...
+
+    def levels(self) -> tuple[tuple[Level, ...], tuple[Level, ...]]: ...
+
+    def copy(self) -> Book: ...
 
 
 class UnknownSymbol(KeyError):
@@ -117,7 +144,7 @@ class DepthBooks:
     def symbols(self) -> tuple[str, ...]:
         return tuple(self._symbols)
 
-    def book(self, symbol: str) -> Book | None:
+    def book(self, symbol: str) -> BookView | None:
         """The live book of ``symbol`` (the one the ingestor keeps: read it, never change it), or None while it
         is not in step with the venue (before its first snapshot, or during a resync)."""
         st = self._symbols[symbol]

@@ -31,7 +31,6 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from consumer_sdk.book import Book
 from consumer_sdk.core.backoff import Backoff
 from consumer_sdk.core.errors import ConfigError, InvalidTick, MarketError
 from consumer_sdk.core.handler import Handler
@@ -53,7 +52,7 @@ from ingestor.binance import BINANCE_SPOT, channel_to_stream
 from ingestor.config import IngestSettings
 from ingestor.control_plane import run_auto_degrade, watch_control
 from ingestor.depth import DepthRule, SnapshotPolicy
-from ingestor.depth_books import DepthBooks
+from ingestor.depth_books import BookView, DepthBooks
 from ingestor.depth_fetch import DepthFetcher
 from ingestor.depth_pacer import SnapshotPacer
 from ingestor.heartbeat import HeartbeatState, heartbeat_loop
@@ -282,7 +281,7 @@ class Ingestor:
     def _stream(self, symbol: str, channel: str) -> str:
         return channel_to_stream(symbol, channel, self.settings.depth.speed_ms)
 
-    def book(self, symbol: str) -> Book | None:
+    def book(self, symbol: str) -> BookView | None:
         """The live order book of ``symbol`` kept by this ingestor (one per symbol, whatever the number of
         subscribers), or None while it is not in step with the venue (before its first snapshot, during a
         resync).  Not a copy: read it, never change it, and only on the event loop (an inline or async

@@ -31,7 +31,8 @@ def snapshot(last: int, symbol: str = "BTCUSDT") -> DepthSnapshot:
 
 
 def kinds(ticks: list[Tick]) -> list[tuple[str, int]]:
-    return [(t.get("reason") or t["kind"], t["seq"]) for t in ticks]  # type: ignore[misc, attr-defined]
+    entries: list[dict[str, Any]] = ticks  # type: ignore[assignment]  # depth entries, read as plain dicts
+    return [(t.get("reason") or t["kind"], t["seq"]) for t in entries]
 
 
 def synced(books: DepthBooks, symbol: str = "BTCUSDT", at: int = 10) -> list[Tick]:

@@ -23,14 +23,13 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, generate_latest
 
-from consumer_sdk.book import Book
 from consumer_sdk.book_stream import BookEntry, decode_all, rebuild
 from consumer_sdk.core.keys import stream_key
 from consumer_sdk.core.tick import Tick
 from ingestor.binance import BINANCE_SPOT
 from ingestor.config import DepthSettings, IngestSettings
 from ingestor.depth import DepthDiff
-from ingestor.depth_books import DepthBooks
+from ingestor.depth_books import BookView, DepthBooks
 from ingestor.depth_fetch import DepthFetcher
 from ingestor.depth_pacer import SnapshotPacer
 from ingestor.memory import MemoryConnector, MemoryLink
@@ -139,7 +138,7 @@ def reply(status: int, body: bytes, headers: dict[str, str] | None = None) -> ht
                                                                           **(headers or {})})
 
 
-def as_sides(book: Book) -> tuple[Side, Side]:
+def as_sides(book: BookView) -> tuple[Side, Side]:
     bids, asks = book.levels()
     return {Decimal(p): Decimal(q) for p, q in bids}, {Decimal(p): Decimal(q) for p, q in asks}
 
@@ -197,7 +196,7 @@ async def running(aredis: aioredis.Redis, prefix: str, venue: VenueModel) -> Asy
 
 
 async def stored(aredis: aioredis.Redis, prefix: str, symbol: str) -> list[BookEntry]:
-    items = await aredis.xrange(stream_key("binance", symbol, "depth", prefix), "-", "+")
+    items: Any = await aredis.xrange(stream_key("binance", symbol, "depth", prefix), "-", "+")
     return decode_all((entry_id, fields[b"d"]) for entry_id, fields in items)
 
 

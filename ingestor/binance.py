@@ -10,6 +10,11 @@ wrapped ``{"stream": ..., "data": ...}``) and the receive time, and returns
 - a :class:`ServerShutdown` when the venue announces a planned close;
 - ``None`` for events this project does not carry (``depthUpdate`` ...).
 
+:func:`parse_frame_depth` is the same, but reads a ``depthUpdate`` into an :class:`~ingestor.depth.DepthDiff`
+(:func:`ingestor.depth.parse_depth_update`): a pipeline that keeps order books
+(:class:`~ingestor.depth_books.DepthBooks`) parses with it.  The stream of channel ``depth`` is
+``<symbol>@depth@100ms`` (or ``<symbol>@depth``, one update a second, with ``depth_ms=1000``).
+
 :class:`BinanceSpot` is Binance spot as a :class:`~ingestor.venue.Venue`: these functions, its
 stream names, its SUBSCRIBE/UNSUBSCRIBE messages and its REST calls, for the session and the pipeline.
 
@@ -42,12 +47,14 @@ from typing import Any, Final
 import orjson
 
 from consumer_sdk.core.tick import SCHEMA_VERSION, Tick, is_valid_channel
+from ingestor.depth import DepthDiff, parse_depth_update
 from ingestor.subscriptions import subscribe_requests
 from ingestor.venue import Heartbeat, MalformedFrame, Reply, RestCall, ServerShutdown, VenueRequest
 
 __all__ = [
     "BINANCE_CHANNELS",
     "BINANCE_SPOT",
+    "DEPTH_SPEEDS",
     "PARSE_REFUSALS",
     "BinanceSpot",
     "MalformedFrame",
@@ -55,6 +62,7 @@ __all__ = [
     "ServerShutdown",
     "channel_to_stream",
     "parse_frame",
+    "parse_frame_depth",
     "stream_to_channel",
 ]
 
@@ -62,13 +70,18 @@ VENUE: Final = "binance"
 _V: Final = SCHEMA_VERSION
 
 #: our channel name -> Binance stream suffix (klines: ``kline_<i>`` -> ``kline_<i>``)
-BINANCE_CHANNELS: Final = {"trade": "trade", "agg_trade": "aggTrade", "book_ticker": "bookTicker"}
-_SUFFIX_TO_CHANNEL: Final = {v: k for k, v in BINANCE_CHANNELS.items()}
+BINANCE_CHANNELS: Final = {
+    "trade": "trade", "agg_trade": "aggTrade", "book_ticker": "bookTicker", "depth": "depth@100ms",
+}
+#: the diff depth stream's update speeds (ms) -> its suffix
+DEPTH_SPEEDS: Final = {100: "depth@100ms", 1000: "depth"}
+_SUFFIX_TO_CHANNEL: Final = {**{v: k for k, v in BINANCE_CHANNELS.items()}, "depth": "depth"}
 
 
-def channel_to_stream(symbol: str, channel: str) -> str:
-    """``("BTCUSDT", "agg_trade")`` -> ``"btcusdt@aggTrade"``."""
-    suffix = BINANCE_CHANNELS.get(channel, channel)
+def channel_to_stream(symbol: str, channel: str, depth_ms: int = 100) -> str:
+    """``("BTCUSDT", "agg_trade")`` -> ``"btcusdt@aggTrade"``; ``("BTCUSDT", "depth")`` ->
+    ``"btcusdt@depth@100ms"`` (``"btcusdt@depth"`` with ``depth_ms=1000``)."""
+    suffix = DEPTH_SPEEDS[depth_ms] if channel == "depth" else BINANCE_CHANNELS.get(channel, channel)
     return f"{symbol.lower()}@{suffix}"
 
 
@@ -172,8 +185,7 @@ def _not_json(raw: str | bytes, exc: orjson.JSONDecodeError) -> MalformedFrame:
     return MalformedFrame(f"not JSON: {msg}", kind)  # orjson's messages are one short line
 
 
-def parse_frame(raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerShutdown | None:
-    """One frame -> a tick, a reply, a shutdown notice, or ``None`` (an event we do not carry)."""
+def _event(raw: str | bytes) -> dict[str, Any]:
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -181,9 +193,24 @@ def parse_frame(raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerShutdown
     if type(obj) is not dict:
         raise MalformedFrame("not a JSON object")
     data = obj.get("data")
-    if type(data) is not dict:
-        data = obj
+    return data if type(data) is dict else obj
+
+
+def parse_frame(raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerShutdown | None:
+    """One frame -> a tick, a reply, a shutdown notice, or ``None`` (an event we do not carry)."""
+    data = _event(raw)
     try:
+        return _parse_event(data, ts_recv)
+    except (KeyError, TypeError) as exc:
+        raise MalformedFrame(f"missing or bad field {exc}") from None
+
+
+def parse_frame_depth(raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerShutdown | DepthDiff | None:
+    """As :func:`parse_frame`, and a ``depthUpdate`` -> a :class:`~ingestor.depth.DepthDiff`."""
+    data = _event(raw)
+    try:
+        if data.get("e") == "depthUpdate":
+            return parse_depth_update(data)
         return _parse_event(data, ts_recv)
     except (KeyError, TypeError) as exc:
         raise MalformedFrame(f"missing or bad field {exc}") from None
@@ -271,6 +298,8 @@ class BinanceSpot:
 
     #: the module's function itself, not a method wrapping it: it runs once per frame
     parse_frame = staticmethod(parse_frame)
+    #: the same, reading ``depthUpdate`` events too (for a pipeline that keeps order books)
+    parse_frame_depth = staticmethod(parse_frame_depth)
 
     def stream_name(self, symbol: str, channel: str) -> str:
         return channel_to_stream(symbol, channel)

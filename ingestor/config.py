@@ -30,11 +30,13 @@ from consumer_sdk.core.urls import DEFAULT_REDIS_URL, validate_redis_url
 from distributor.hotpath import SubscriberPolicy
 from distributor.ingress import Policy
 from distributor.writer import Retention
+from ingestor.depth_pacer import depth_weight
 from ingestor.repair import RepairSettings
 from ingestor.session import DEFAULT_STALE_AFTER, SessionSettings
 
 __all__ = [
     "TOML_SCHEMA",
+    "DepthSettings",
     "IngestSettings",
     "SubscriberSpec",
     "check_toml",
@@ -62,6 +64,24 @@ class SubscriberSpec:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class DepthSettings:
+    """``[depth]``: the order books (channel ``depth``).  ``limit``: levels a side of each REST snapshot
+    (``/api/v3/depth``, 1 to 5000); ``speed_ms``: the diff stream's speed (100: ``@depth@100ms``, 1000:
+    ``@depth``); a ``periodic`` snapshot entry after ``snapshot_every_updates`` diffs or each
+    ``snapshot_every_s`` seconds of venue time (None: not by that measure); ``max_buffer``: diffs held per
+    symbol while its snapshot is awaited; snapshot requests spend at most ``weight_share`` of the venue's
+    ``weight_per_minute`` REST weight."""
+
+    limit: int = 1000
+    speed_ms: int = 100
+    snapshot_every_updates: int | None = None
+    snapshot_every_s: float | None = 60.0
+    max_buffer: int = 1000
+    weight_share: float = 0.5
+    weight_per_minute: int = 6000
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class IngestSettings:
     url: str = DEFAULT_WS_URL
     rest_url: str = ""
@@ -80,6 +100,7 @@ class IngestSettings:
     subscribers: tuple[SubscriberSpec, ...] = ()
     max_streams_per_connection: int = 1024
     repair: RepairSettings = field(default_factory=RepairSettings)
+    depth: DepthSettings = field(default_factory=DepthSettings)
     session: SessionSettings = field(default_factory=SessionSettings)
     #: where the writer spills ticks Redis cannot take yet ("" disables spilling)
     spill_dir: str = ""
@@ -252,6 +273,39 @@ def _repair(table: Any) -> RepairSettings:
         breaker_failures=_int(table.get("breaker_failures", 3), "repair.breaker_failures", 1, 1000),
         breaker_cooldown_s=_float(table.get("breaker_cooldown_s", 30.0), "repair.breaker_cooldown_s", 0.0, 86400.0),
     )
+
+
+def _depth(table: Any) -> DepthSettings:
+    """``[depth]`` (see :class:`DepthSettings`); ``snapshot_every_updates`` and ``snapshot_every_s`` of 0 turn
+    that measure off."""
+    if table is None:
+        return DepthSettings()
+    if not isinstance(table, dict):
+        raise ConfigError("[depth] must be a table")
+    speed = _int(table.get("speed_ms", 100), "depth.speed_ms", 100, 1000)
+    if speed not in (100, 1000):
+        raise ConfigError(f"depth.speed_ms: expected 100 or 1000, got {speed}")
+    updates = _int(table.get("snapshot_every_updates", 0), "depth.snapshot_every_updates", 0, 10**9)
+    every_s = _float(table.get("snapshot_every_s", 60.0), "depth.snapshot_every_s", 0.0, 86400.0)
+    if 0 < every_s < 0.001:
+        raise ConfigError(f"depth.snapshot_every_s: {every_s} is below a millisecond (0 turns it off)")
+    settings = DepthSettings(
+        limit=_int(table.get("limit", 1000), "depth.limit", 1, 5000),
+        speed_ms=speed,
+        snapshot_every_updates=updates or None,
+        snapshot_every_s=every_s or None,
+        max_buffer=_int(table.get("max_buffer", 1000), "depth.max_buffer", 1, 10**6),
+        weight_share=_float(table.get("weight_share", 0.5), "depth.weight_share", 0.01, 1.0),
+        weight_per_minute=_int(table.get("weight_per_minute", 6000), "depth.weight_per_minute", 1, 10**6),
+    )
+    budget = int(settings.weight_per_minute * settings.weight_share)
+    weight = depth_weight(settings.limit)
+    if weight > budget:
+        raise ConfigError(
+            f"depth: a snapshot of limit {settings.limit} weighs {weight}, more than the budget of {budget} a minute "
+            f"(weight_per_minute x weight_share)"
+        )
+    return settings
 
 
 #: the most ticks ``[writer] capacity`` may hold in memory (about 1 KB each)
@@ -436,6 +490,15 @@ TOML_SCHEMA: Final = _Table({
     "subscribers": _Array(_Table({
         "target": _STRING, "patterns": _LIST, "policy": _STRING, "execution": _STRING, "handler_budget_us": _NUMBER,
     })),
+    "depth": _Table({
+        "limit": _INTEGER,
+        "speed_ms": _INTEGER,
+        "snapshot_every_updates": _INTEGER,
+        "snapshot_every_s": _NUMBER,
+        "max_buffer": _INTEGER,
+        "weight_share": _NUMBER,
+        "weight_per_minute": _INTEGER,
+    }),
     "streams": _Table({"on_demand": _LIST, "release_grace_s": _NUMBER}),
     "spill": _Table({"dir": _STRING, "fsync": _STRING, "max_mb": _INTEGER}),
     "shutdown": _Table({"flush_timeout_s": _NUMBER, "redis_timeout_s": _NUMBER}),
@@ -562,7 +625,8 @@ def load_settings(
     for c in channels:
         if not is_valid_channel(c):
             raise ConfigError(
-                f"unknown channel {c!r}: expected trade, agg_trade, book_ticker or kline_<interval> (e.g. kline_1m)"
+                f"unknown channel {c!r}: expected trade, agg_trade, book_ticker, depth or kline_<interval> "
+                "(e.g. kline_1m)"
             )
     prefix = check_prefix(str(merged.get("prefix", DEFAULT_PREFIX)))
     subscriber_flags = tuple(flags.get("subscribers") or ())
@@ -602,6 +666,7 @@ def load_settings(
         spill_fsync=spill_fsync,
         spill_max_bytes=_int(spill.get("max_mb", 8192), "spill.max_mb", 1, 10**7) << 20,
         repair=_repair(toml.get("repair")),
+        depth=_depth(toml.get("depth")),
         latency_sample=_int(merged.get("latency_sample", DEFAULT_SAMPLE_EVERY), "latency sample", 0, 65536),
         shutdown_flush_s=flush_s,
         shutdown_redis_s=redis_s,

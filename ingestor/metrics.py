@@ -310,6 +310,34 @@ class IngestorCollector(Collector):
                 value=ws.spill_corrupt,
             )
 
+        depth = snap.depth
+        if depth is not None:
+            # A symbol label: the books are kept for the configured symbols only (a small, known set).
+            resync = CounterMetricFamily(
+                "market_book_resync", "Order books started over (fetched again from a REST snapshot), by reason",
+                labels=["venue", "symbol", "reason"],
+            )
+            for (symbol, reason), n in sorted(depth.resyncs.items()):
+                resync.add_metric([venue, symbol, reason], n)
+            yield resync
+            entries = CounterMetricFamily(
+                "market_book_entries", "Order book entries stored, by kind (diff, start, resync, periodic)",
+                labels=["venue", "kind"],
+            )
+            entries.add_metric([venue, "diff"], depth.diffs_stored)
+            for entry_kind, n in sorted(depth.snapshots_stored.items()):
+                entries.add_metric([venue, entry_kind], n)
+            yield entries
+            live = GaugeMetricFamily("market_books_live", "Order books in step with the venue now", labels=["venue"])
+            live.add_metric([venue], depth.live)
+            yield live
+            failed = CounterMetricFamily(
+                "market_book_snapshot_failures", "Order book snapshot requests that gave no usable book, by kind",
+                labels=["venue", "kind"],
+            )
+            for failure, n in sorted(depth.failures.items()):
+                failed.add_metric([venue, failure], n)
+            yield failed
         yield histogram_family(
             "market_ingest_latency_us", "Frame received to tick in ingress (µs)", {"venue": venue},
             snap.ingest_latency,

@@ -27,6 +27,12 @@ its stream's last by more than ``max_jump`` (``id_jump``: no real gap is that wi
 every later id of the venue a duplicate; the stream goes on after its last id as if it never came).
 :data:`SKIP_REASONS` lists every reason a frame is skipped, with those the connection counts.
 
+Order books: given ``depth`` (an :class:`~ingestor.depth_books.DepthBooks`), the pipeline parses with the
+venue's ``parse_frame_depth`` and hands each ``depthUpdate`` diff to it (never to the sequencer: a book's
+continuity is its own procedure); the ``depth`` entries it returns are stored among the ticks, in order.  A
+diff of a symbol no book is kept for is refused (``unknown_symbol``).  Without ``depth`` a ``depthUpdate`` is
+an event not carried, as before.
+
 The session (:mod:`ingestor.session`) owns the I/O around it: the socket, the repair task, the ingress
 queue's ``offer``/``put`` (backpressure), and the latency samples.  ``market bench ingest`` feeds
 frames through the session's :meth:`~ingestor.session.VenueSession.ingest`, which runs this.
@@ -34,12 +40,15 @@ frames through the session's :meth:`~ingestor.session.VenueSession.ingest`, whic
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from consumer_sdk.core.errors import ConfigError
 from consumer_sdk.core.sequencing import Verdict
 from consumer_sdk.core.tick import Tick
+from ingestor.depth import DepthDiff
+from ingestor.depth_books import DepthBooks, UnknownSymbol
 from ingestor.sequencer import GapReport, Sequencer
 from ingestor.venue import MalformedFrame, Reply, ServerShutdown, Venue
 
@@ -139,15 +148,21 @@ class IngestPipeline:
     ``max_jump``: how far ahead of its stream's last id a tick's id may be (see the module doc).
     """
 
-    __slots__ = ("_check", "_holding", "_max_jump", "_parse", "_sequencer", "frames", "last_frame_us", "malformed",
-                 "refused", "rejected", "ticks", "unsupported", "venue")
+    __slots__ = ("_check", "_depth", "_holding", "_max_jump", "_parse", "_sequencer", "frames", "last_frame_us",
+                 "malformed", "refused", "rejected", "ticks", "unsupported", "venue")
 
     def __init__(
         self, venue: Venue, sequencer: Sequencer, holding: Collection[Ident] | None = None, *,
-        max_jump: int = MAX_ID_JUMP,
+        max_jump: int = MAX_ID_JUMP, depth: DepthBooks | None = None,
     ) -> None:
         self.venue = venue
-        self._parse = venue.parse_frame
+        self._parse: Callable[[bytes | str, int], Tick | Reply | ServerShutdown | DepthDiff | None] = venue.parse_frame
+        self._depth = depth
+        if depth is not None:
+            parse_depth = getattr(venue, "parse_frame_depth", None)
+            if parse_depth is None:
+                raise ConfigError(f"venue {venue.name}: order books (channel depth) are not carried")
+            self._parse = parse_depth
         self._sequencer = sequencer
         self._check = sequencer.check
         self._holding: Collection[Ident] = holding if holding is not None else {}
@@ -238,6 +253,29 @@ class IngestPipeline:
                             break
                     else:
                         rejected += 1
+                elif type(r) is DepthDiff:
+                    depth = self._depth
+                    if depth is None:
+                        unsupported += 1
+                        continue
+                    if carried is not None:
+                        channels = carried.get(r.symbol)
+                        if channels is None or "depth" not in channels:
+                            event = self._refuse(
+                                "unknown_symbol" if channels is None else "unsubscribed",
+                                f"{r.symbol} depth is not subscribed", raw,
+                            )
+                            resume = i + 1
+                            break
+                    try:
+                        entries = depth.on_diff(r, ts)
+                    except UnknownSymbol:
+                        event = self._refuse("unknown_symbol", f"no book is kept for {r.symbol}", raw)
+                        resume = i + 1
+                        break
+                    if entries:
+                        accepted += len(entries)
+                        ticks.extend(entries)
                 elif r is None:
                     unsupported += 1
                 elif isinstance(r, Reply | ServerShutdown):

@@ -286,6 +286,7 @@ class VenueRest:
         connect_timeout: float = 1.0,
         max_body: int = MAX_BODY,
         max_connections: int = 4,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not timeout > 0 or not connect_timeout > 0 or max_body < 1:
             raise ValueError("timeout, connect_timeout and max_body must be positive")
@@ -294,6 +295,8 @@ class VenueRest:
         self.connect_timeout = min(connect_timeout, timeout)
         self.max_body = max_body
         self._max_connections = max_connections
+        #: what carries the requests (None: httpx's own, over the network; a test gives an ``httpx.MockTransport``)
+        self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._state: Literal["unopened", "open", "closed"] = "unopened"
         self.stats = RestStats()
@@ -317,6 +320,7 @@ class VenueRest:
                 keepalive_expiry=30.0,
             ),
             follow_redirects=False,
+            transport=self._transport,
         )
         self._state = "open"
         return self._client

@@ -8,6 +8,11 @@ parses, sequences, enqueues), one distributor task (drains the ingress in batche
 and one writer task (appends to Redis).  Each piece of state has exactly one owner
 task, so nothing takes a lock.  The Prometheus exporter runs in its own thread and
 only reads counters.
+
+With the channel ``depth`` the ingestor keeps each symbol's order book (:class:`~ingestor.depth_books.DepthBooks`,
+fed by the sessions' pipelines) and one task asks for the REST snapshots the books want
+(:class:`~ingestor.depth_fetch.DepthFetcher`); the books' entries go through the ingress, the hot path and the
+writer like every tick.  :meth:`Ingestor.book` gives a co-located subscriber the live book of a symbol.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import orjson
@@ -31,7 +36,7 @@ from consumer_sdk.core.errors import ConfigError, InvalidTick, MarketError
 from consumer_sdk.core.handler import Handler
 from consumer_sdk.core.keys import Pattern, parse_entry_id, stream_key
 from consumer_sdk.core.latency import LatencyHistogram
-from consumer_sdk.core.log import get_logger, log_event
+from consumer_sdk.core.log import Throttle, get_logger, log_event
 from consumer_sdk.core.redis import connect_redis
 from consumer_sdk.core.sequencing import is_contiguous_channel
 from consumer_sdk.core.tick import Tick, decode_tick, is_gap_marker
@@ -43,15 +48,21 @@ from distributor.registry import Changes, ChannelRegistry
 from distributor.service import BatchHandler, Distributor
 from distributor.spill import SpillLog
 from distributor.writer import StreamWriter, WriteRefused
-from ingestor.binance import channel_to_stream
+from ingestor.binance import BINANCE_SPOT, channel_to_stream
 from ingestor.config import IngestSettings
 from ingestor.control_plane import run_auto_degrade, watch_control
+from ingestor.depth import DepthRule, SnapshotPolicy
+from ingestor.depth_books import BookView, DepthBooks
+from ingestor.depth_fetch import DepthFetcher
+from ingestor.depth_pacer import SnapshotPacer
 from ingestor.heartbeat import HeartbeatState, heartbeat_loop
 from ingestor.repair import REPAIRABLE, GapRepairer, merge_repair
+from ingestor.rest import VenueRest
 from ingestor.sequencer import GapReport, Sequencer
 from ingestor.session import VenueSession
 from ingestor.snapshot import ChannelSequence, IngestorSnapshot
 from ingestor.subscriptions import plan_connections
+from ingestor.venue import Connector
 
 __all__ = [
     "Ingestor",
@@ -201,9 +212,26 @@ def load_handler(target: str) -> Handler:
 class Ingestor:
     """Build with settings, optionally add batch handlers, then ``await run()``."""
 
-    def __init__(self, settings: IngestSettings, *, redis: aioredis.Redis | None = None) -> None:
+    def __init__(
+        self, settings: IngestSettings, *, redis: aioredis.Redis | None = None, connector: Connector | None = None,
+        depth_rest: VenueRest | None = None,
+    ) -> None:
+        """``connector`` opens the venue connections (None: WebSockets); ``depth_rest`` asks for the order books'
+        snapshots (None: a client on ``settings.rest_url`` bounded by ``[repair]``'s REST settings)."""
         self.settings = settings
         self._redis = redis
+        self._connector = connector
+        self._depth_rest = depth_rest
+        self._resync_logs: dict[str, Throttle] = {}
+        d = settings.depth
+        #: the order books, one per symbol (None: the channel ``depth`` is not configured)
+        self.depth: DepthBooks | None = None
+        if "depth" in settings.channels:
+            self.depth = DepthBooks(
+                settings.venue, settings.symbols, rule=DepthRule.SPOT, max_buffer=d.max_buffer,
+                policy=SnapshotPolicy(d.snapshot_every_updates, d.snapshot_every_s), on_resync=self._on_book_resync,
+            )
+        self.depth_fetcher: DepthFetcher | None = None
         self.sequencer = Sequencer()
         self.ingress: IngressQueue[Tick] = IngressQueue(settings.queue_capacity, settings.queue_policy)
         self.ingest_latency = LatencyHistogram()
@@ -245,10 +273,39 @@ class Ingestor:
     def streams(self) -> list[tuple[str, str, str]]:
         """(symbol, channel, venue stream name) for everything configured."""
         return [
-            (symbol, channel, channel_to_stream(symbol, channel))
+            (symbol, channel, self._stream(symbol, channel))
             for symbol in self.settings.symbols
             for channel in self.settings.channels
         ]
+
+    def _stream(self, symbol: str, channel: str) -> str:
+        return channel_to_stream(symbol, channel, self.settings.depth.speed_ms)
+
+    def book(self, symbol: str) -> BookView | None:
+        """The live order book of ``symbol`` kept by this ingestor (one per symbol, whatever the number of
+        subscribers), or None while it is not in step with the venue (before its first snapshot, during a
+        resync).  Not a copy: read it, never change it, and only on the event loop (an inline or async
+        subscriber); it may already be past the tick being handled.  ``copy()`` it to keep a state.
+        KeyError for a symbol whose book is not kept."""
+        if self.depth is None:
+            raise KeyError(f"{symbol}: the channel depth is not configured")
+        return self.depth.book(symbol)
+
+    def _on_book_resync(self, symbol: str, reason: str, detail: str) -> None:
+        throttle = self._resync_logs.get(reason)
+        if throttle is None:
+            throttle = self._resync_logs[reason] = Throttle(log)
+        throttle.log(logging.WARNING, "book_resync", symbol=symbol, reason=reason, detail=detail[:200])
+
+    async def _store_depth(self, symbol: str, ticks: list[Tick]) -> None:
+        """A snapshot reply's entries, through the session carrying the symbol's book (behind what it stores)."""
+        for session in self.sessions:
+            if symbol in session.depth_symbols():
+                await session.store_depth(ticks)
+                return
+        for t in ticks:
+            if not self.ingress.offer(t):
+                await self.ingress.put(t)
 
     def subscribe(
         self,
@@ -294,7 +351,7 @@ class Ingestor:
         session = VenueSession(
             ws_base=s.url, streams=streams, ingress=self.ingress, sequencer=self.sequencer,
             ingest_latency=self.ingest_latency, repairer=self.repairer, settings=s.session,
-            sample_every=s.latency_sample,
+            sample_every=s.latency_sample, connector=self._connector, depth=self.depth,
         )
         self.sessions.append(session)
         if self._tg is not None:
@@ -306,12 +363,12 @@ class Ingestor:
         room (a new one when all are full); released ones are unsubscribed and their state freed."""
         limit = self.settings.max_streams_per_connection
         for name in changes.unsubscribe:
-            stream = channel_to_stream(name.symbol, name.channel)
+            stream = self._stream(name.symbol, name.channel)
             for session in self.sessions:
                 session.remove_streams([stream])
             self.sequencer.release(name.venue, name.symbol, name.channel)
             log_event(log, logging.INFO, "stream_released", stream=str(name))
-        adds = [channel_to_stream(n.symbol, n.channel) for n in changes.subscribe]
+        adds = [self._stream(n.symbol, n.channel) for n in changes.subscribe]
         while adds:
             roomiest = min(self.sessions, key=lambda x: len(x.streams), default=None)
             if roomiest is None or len(roomiest.streams) >= limit:
@@ -350,6 +407,9 @@ class Ingestor:
             if top:
                 _, seq = parse_entry_id(top[0][0])
                 stored[(s.venue, symbol, channel)] = seq
+                if channel == "depth" and self.depth is not None:
+                    self.depth.seed(symbol, seq)  # a book's entries are above it; the sequencer never sees them
+                    continue
                 self.sequencer.seed(s.venue, symbol, channel, seq)
                 log_event(log, logging.INFO, "stream_resumed", stream=f"{symbol}:{channel}", last_seq=seq)
         return stored
@@ -400,6 +460,9 @@ class Ingestor:
 
         newest, self._spill_holes = plan_spill_recovery(stored, ticks(), spill.cut_after)
         for (venue, symbol, channel), seq in newest.items():
+            if channel == "depth" and self.depth is not None:
+                self.depth.seed(symbol, seq)
+                continue
             self.sequencer.seed(venue, symbol, channel, seq)
 
     async def _fill_spill_holes(self) -> None:
@@ -516,9 +579,15 @@ class Ingestor:
 
             initial = self.registry.tick(time.monotonic()).subscribe
             plan = plan_connections(
-                [channel_to_stream(n.symbol, n.channel) for n in initial], s.max_streams_per_connection
+                [self._stream(n.symbol, n.channel) for n in initial], s.max_streams_per_connection
             )
             self.repairer = GapRepairer(s.repair.client(s.rest_url), self.ingress, self.sequencer, s.repair)
+            if self.depth is not None:
+                d = s.depth
+                self.depth_fetcher = DepthFetcher(
+                    self.depth, self._depth_rest or s.repair.client(s.rest_url), BINANCE_SPOT, self._store_depth,
+                    limit=d.limit, pacer=SnapshotPacer(weight_per_minute=d.weight_per_minute, share=d.weight_share),
+                )
             self.sessions = []
             for group in plan:
                 self._new_session(group)
@@ -531,6 +600,8 @@ class Ingestor:
                 tg.create_task(self._write(), name="writer")
                 tg.create_task(self.distributor.run(), name="distributor")
                 tg.create_task(self.repairer.run(), name="repair")
+                if self.depth_fetcher is not None:
+                    tg.create_task(self.depth_fetcher.run(), name="depth-snapshots")
                 tg.create_task(heartbeat_loop(self, redis, prefix=s.prefix), name="heartbeat")
                 tg.create_task(
                     watch_control(redis, s.prefix, self._on_control, self._on_control_invalid), name="control"
@@ -561,6 +632,8 @@ class Ingestor:
                 await redis.aclose()
             if self.repairer is not None:
                 await self.repairer.aclose()
+            if self.depth_fetcher is not None:
+                await self.depth_fetcher.aclose()
             report = self.stop_report
             if report is not None:
                 log_event(
@@ -664,6 +737,10 @@ class Ingestor:
             acc[1] += tracker.duplicates
             acc[2] += tracker.late
         writer, repairer = self.writer, self.repairer
+        depth = self.depth.stats() if self.depth is not None else None
+        fetcher = self.depth_fetcher
+        if depth is not None and fetcher is not None:
+            depth = replace(depth, requests=fetcher.requests, failures=dict(fetcher.failures))
         return IngestorSnapshot(
             venue=s.venue, url=s.url, redis_url=s.redis_url, prefix=s.prefix, channels=tuple(s.channels),
             sessions=tuple(session.snapshot() for session in list(self.sessions)),
@@ -673,7 +750,7 @@ class Ingestor:
             sequence_by_channel={channel: ChannelSequence(*acc) for channel, acc in per.items()},
             repair=repairer.stats() if repairer is not None else None,
             control=self.control.stats(), control_rejected=self.control_rejected,
-            ingest_latency=self.ingest_latency.copy(),
+            ingest_latency=self.ingest_latency.copy(), depth=depth,
         )
 
     def stats(self) -> IngestorStats:

@@ -20,6 +20,10 @@ ingress ``offer``/``put`` (backpressure) with the ingest latency samples.
   and reports each stream whose seq has not moved for its channel's ``stale_after`` threshold.
 - **Subscribe**: requests paced under ``requests_per_s`` (Binance allows 5 messages a second);
   replies are checked, and what failed is retried.
+- **Order books**: with ``depth`` (:class:`~ingestor.depth_books.DepthBooks`) the pipeline hands every
+  ``depthUpdate`` to the books; when a connection is lost (not rotated) every book it carried starts over
+  (``resync:reconnect``), since the diffs sent meanwhile are gone.  :meth:`VenueSession.store_depth` puts the
+  entries a snapshot reply produced into the ingress behind what the read loop is storing.
 - **Rotation** (make-before-break): before ``max_age`` or on a ``serverShutdown`` event a new
   connection is opened and subscribed while the old one still delivers; the old one is closed
   only once the new one is live.  The overlap is deduplicated by the sequencer.
@@ -53,6 +57,7 @@ from consumer_sdk.core.log import Throttle, get_logger, log_event
 from consumer_sdk.core.tick import Tick
 from distributor.ingress import IngressQueue
 from ingestor.binance import BINANCE_SPOT
+from ingestor.depth_books import DepthBooks
 from ingestor.lifecycle import Failure, Lifecycle, SessionState, classify_failure
 from ingestor.pipeline import BadFrame, GapFound, IngestPipeline, LoopError
 from ingestor.repair import GapRepairer
@@ -138,6 +143,7 @@ class VenueSession:
         venue: Venue = BINANCE_SPOT,
         connector: Connector | None = None,
         sample_every: int = DEFAULT_SAMPLE_EVERY,
+        depth: DepthBooks | None = None,
     ) -> None:
         if venue.heartbeat is not Heartbeat.WS_PING:
             raise ConfigError(f"venue {venue.name}: heartbeat style {venue.heartbeat} is not supported")
@@ -152,7 +158,11 @@ class VenueSession:
         #: ingest latency is observed on one tick in this many (0: not measured)
         self.sample_every = check_sample_every(sample_every)
         self._repairer = repairer
-        self.pipeline = IngestPipeline(venue, sequencer, repairer.holds if repairer is not None else None)
+        #: the order books the pipeline feeds (None: ``depthUpdate`` events are not carried)
+        self.depth = depth
+        self.pipeline = IngestPipeline(
+            venue, sequencer, repairer.holds if repairer is not None else None, depth=depth
+        )
         self.settings = s = settings or SessionSettings()
         self._backoff = backoff or Backoff(base=s.backoff_base, cap=s.backoff_cap)
         self._throttle = Throttle(log)
@@ -294,11 +304,29 @@ class VenueSession:
                 self._to(SessionState.LIVE, f"rotated ({reason})", conn_id=link.conn_id)
                 continue
             await self._close(link, reader)
+            self._books_lost()
             healthy = time.monotonic() - link.opened >= self.settings.healthy_after and link.live.is_set()
             if healthy:
                 self._backoff.reset()
             link = reader = None
             await self._back_off(Failure(reason), healthy)
+
+    def depth_symbols(self) -> list[str]:
+        """The symbols whose order book this session carries."""
+        return [symbol for symbol, channels in self._carried.items() if "depth" in channels]
+
+    def _books_lost(self) -> None:
+        """The connection is gone: what it would have sent meanwhile cannot be joined, every book starts over."""
+        if self.depth is not None:
+            self.depth.on_reconnect(self.depth_symbols())
+
+    async def store_depth(self, ticks: Sequence[Tick]) -> None:
+        """Order book entries (a snapshot reply's) into the ingress, in order, after what a read is storing."""
+        ingress = self._ingress
+        async with self._storing:
+            for t in ticks:
+                if not ingress.offer(t):
+                    await ingress.put(t)
 
     async def _back_off(self, failure: Failure, healthy: bool | None) -> None:
         if failure.fatal:
@@ -638,8 +666,12 @@ class VenueSession:
                 link.last_frame = now
                 if link.ws is not None:
                     link.ws.abort()  # the reader sees the connection closed and the loop reconnects
+            depth = self.depth
             for ident in idents:
-                seq = self._sequencer.last_seq(*ident)
+                if ident[2] == "depth" and depth is not None:
+                    seq = depth.last_update_id(ident[1])
+                else:
+                    seq = self._sequencer.last_seq(*ident)
                 last, since = self._progress.get(ident, (None, now))
                 if seq != last:
                     self._progress[ident] = (seq, now)

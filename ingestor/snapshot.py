@@ -19,6 +19,7 @@ from distributor.control import GateStats
 from distributor.hotpath import HotPathSnapshot
 from distributor.ingress import IngressStats
 from distributor.writer import WriterSnapshot
+from ingestor.depth_books import DepthStats
 from ingestor.lifecycle import SessionState
 from ingestor.repair import RepairStats
 from ingestor.sequencer import SequenceStats
@@ -88,6 +89,8 @@ class IngestorSnapshot:
     control_rejected: int
     #: frame received to tick in the ingress (µs), a copy
     ingest_latency: LatencyHistogram
+    #: the order books (None: the channel ``depth`` is not configured)
+    depth: DepthStats | None = None
 
 
 class Snapshotting(Protocol):

@@ -35,7 +35,7 @@ __all__ = [
 
 SCHEMA_VERSION: Final = 1
 
-FIXED_CHANNELS: Final = ("trade", "agg_trade", "book_ticker")
+FIXED_CHANNELS: Final = ("trade", "agg_trade", "book_ticker", "depth")
 KLINE_INTERVALS: Final = frozenset(
     {"1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w", "1M"}
 )
@@ -46,6 +46,9 @@ CHANNEL_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "trade": _TRADE,
     "agg_trade": (*_TRADE, "first_trade_id", "last_trade_id"),
     "book_ticker": ("bid_px", "bid_qty", "ask_px", "ask_qty", "update_id"),
+    #: an order book's entries (:mod:`consumer_sdk.book_stream`): a diff carries ``kind``, ``first`` and/or ``pu``,
+    #: ``bids``, ``asks``; a snapshot ``kind``, ``reason``, ``link``, ``bids``, ``asks``
+    "depth": ("kind", "first", "pu", "reason", "link", "bids", "asks"),
     "kline": (
         "open_time", "close_time", "open", "high", "low", "close",
         "volume", "quote_volume", "trades", "closed",
@@ -124,14 +127,15 @@ def is_gap_marker(tick: Tick) -> bool:
 
 
 def is_valid_channel(channel: str) -> bool:
-    """``trade``, ``agg_trade``, ``book_ticker`` or ``kline_<interval>`` with a Binance interval."""
+    """``trade``, ``agg_trade``, ``book_ticker``, ``depth`` or ``kline_<interval>`` with a Binance interval."""
     if channel in FIXED_CHANNELS:
         return True
     return channel.startswith("kline_") and channel[6:] in KLINE_INTERVALS
 
 
 def channel_fields(channel: str) -> tuple[str, ...]:
-    """The channel-specific fields of a tick on ``channel`` (after the base fields)."""
+    """The channel-specific fields of a tick on ``channel`` (after the base fields); for ``depth``, every field
+    an entry may carry (each carries those of its ``kind``)."""
     if channel.startswith("kline_"):
         return CHANNEL_FIELDS["kline"]
     try:

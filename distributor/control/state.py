@@ -116,7 +116,7 @@ def parse_target(text: object) -> Pattern:
     if not any(fnmatch.fnmatchcase(c, channel) for c in _ALL_CHANNELS):
         raise ConfigError(
             f"invalid pattern {text!r}: channel {channel!r} matches no channel "
-            "(trade, agg_trade, book_ticker, kline_<interval>)"
+            "(trade, agg_trade, book_ticker, depth, kline_<interval>)"
         )
     return pattern
 

@@ -170,13 +170,13 @@ def test_invalid_patterns_raise(text: str) -> None:
 # -- channels --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("channel", ["trade", "agg_trade", "book_ticker", "kline_1m", "kline_1s", "kline_1h",
+@pytest.mark.parametrize("channel", ["trade", "agg_trade", "book_ticker", "depth", "kline_1m", "kline_1s", "kline_1h",
                                      "kline_1d", "kline_1w", "kline_1M"])
 def test_valid_channels(channel: str) -> None:
     assert is_valid_channel(channel)
 
 
-@pytest.mark.parametrize("channel", ["kline_7m", "kline_", "kline", "depth", "", "Trade", "aggTrade",
+@pytest.mark.parametrize("channel", ["kline_7m", "kline_", "kline", "depth@100ms", "", "Trade", "aggTrade",
                                      "bookTicker", "kline_1min", "trade "])
 def test_invalid_channels(channel: str) -> None:
     assert not is_valid_channel(channel)
@@ -192,8 +192,9 @@ def test_channel_fields() -> None:
              "closed")
     assert channel_fields("kline_1m") == kline
     assert channel_fields("kline_1h") == kline
+    assert channel_fields("depth") == ("kind", "first", "pu", "reason", "link", "bids", "asks")
     with pytest.raises(InvalidTick):
-        channel_fields("depth")
+        channel_fields("depth@100ms")
 
 
 # -- the tick on the wire ------------------------------------------------------------------------------------

@@ -23,8 +23,10 @@ from ingestor.binance import (
     ServerShutdown,
     channel_to_stream,
     parse_frame,
+    parse_frame_depth,
     stream_to_channel,
 )
+from ingestor.depth import DepthDiff
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SPOT = FIXTURES / "binance-spot-2021-10-12.jsonl"
@@ -343,6 +345,7 @@ def test_server_shutdown() -> None:
         ("ETHUSDT", "book_ticker", "ethusdt@bookTicker"),
         ("ETHUSDT", "kline_1m", "ethusdt@kline_1m"),
         ("BTCUSD_PERP", "kline_1h", "btcusd_perp@kline_1h"),
+        ("BTCUSDT", "depth", "btcusdt@depth@100ms"),
     ],
 )
 def test_stream_names_round_trip(symbol: str, channel: str, stream: str) -> None:
@@ -350,7 +353,29 @@ def test_stream_names_round_trip(symbol: str, channel: str, stream: str) -> None
     assert stream_to_channel(stream) == (symbol, channel)
 
 
-@pytest.mark.parametrize("stream", ["btcusdt@depth", "btcusdt@depth@100ms", "btcusdt@ticker", "btcusdt"])
+def test_the_depth_stream_at_one_update_a_second() -> None:
+    assert channel_to_stream("BTCUSDT", "depth", depth_ms=1000) == "btcusdt@depth"
+    assert stream_to_channel("btcusdt@depth") == ("BTCUSDT", "depth")
+    with pytest.raises(KeyError):
+        channel_to_stream("BTCUSDT", "depth", depth_ms=250)
+
+
+def test_parse_frame_depth_reads_depth_updates_and_everything_else_as_parse_frame() -> None:
+    depth = {"e": "depthUpdate", "E": 1, "s": "BNBBTC", "U": 157, "u": 160, "b": [["0.0024", "10"]], "a": []}
+    diff = parse_frame_depth(frame(depth, "bnbbtc@depth@100ms"), TS_RECV)
+    assert isinstance(diff, DepthDiff)
+    assert (diff.symbol, diff.first_id, diff.last_id, diff.bids, diff.asks) == ("BNBBTC", 157, 160,
+                                                                              (("0.0024", "10"),), ())
+    assert parse_frame_depth(frame(TRADE), TS_RECV) == parse_frame(frame(TRADE), TS_RECV)
+    with pytest.raises(MalformedFrame):
+        parse_frame_depth(frame({**depth, "b": [["0.0024", "1e3"]]}), TS_RECV)
+    with pytest.raises(MalformedFrame, match=r"^missing or bad field 'p'$"):
+        parse_frame_depth(frame(without(TRADE, "p")), TS_RECV)
+    with pytest.raises(MalformedFrame, match=r"^missing field 'U'$"):
+        parse_frame_depth(frame(without(depth, "U")), TS_RECV)
+
+
+@pytest.mark.parametrize("stream", ["btcusdt@depth5", "btcusdt@depth@500ms", "btcusdt@ticker", "btcusdt"])
 def test_streams_not_carried_are_refused(stream: str) -> None:
     with pytest.raises(ValueError):
         stream_to_channel(stream)

@@ -180,7 +180,7 @@ BAD_FLAGS = [
     ({"rest_url": "ws://venue:9000"}, "invalid REST URL"),
     ({"channels": "trade,trades"}, "unknown channel 'trades'"),
     ({"channels": "kline_7m"}, "unknown channel 'kline_7m'"),
-    ({"channels": "depth"}, "unknown channel 'depth'"),
+    ({"channels": "depth5"}, "unknown channel 'depth5'"),
     ({"channels": " , "}, "channels: empty"),
     ({"symbols": "BTC-USDT"}, "invalid symbol 'BTC-USDT'"),
     ({"symbols": "BTC USDT"}, "invalid symbol"),
@@ -322,6 +322,18 @@ BAD_TABLES = [
     ('[writer]\ncapacity = "big"', "writer.capacity: expected an integer, got 'big'"),
     ("[writer]\ncapacity = 0", "writer.capacity: 0 is out of range 1..10000000"),
     ("[writer]\ncapacity = 10000001", "writer.capacity: 10000001 is out of range"),
+    # [depth]
+    ("depth = 5", "[depth] must be a table"),
+    ("[depth]\nlimt = 100", "unknown setting 'limt' in "),
+    ("[depth]\nlimit = 0", "depth.limit: 0 is out of range 1..5000"),
+    ("[depth]\nlimit = 5001", "depth.limit: 5001 is out of range"),
+    ("[depth]\nspeed_ms = 500", "depth.speed_ms: expected 100 or 1000, got 500"),
+    ("[depth]\nsnapshot_every_updates = -1", "depth.snapshot_every_updates: -1 is out of range"),
+    ("[depth]\nsnapshot_every_s = 0.0001", "depth.snapshot_every_s: 0.0001 is below a millisecond"),
+    ("[depth]\nmax_buffer = 0", "depth.max_buffer: 0 is out of range"),
+    ("[depth]\nweight_share = 0", "depth.weight_share: 0.0 is out of range"),
+    ('[depth]\nweight_share = "half"', "depth.weight_share: expected a number"),
+    ("[depth]\nlimit = 5000\nweight_per_minute = 400", "depth: a snapshot of limit 5000 weighs 250, more than"),
     # [queue]
     ('[queue]\npolicy = "fifo"', "unknown queue policy 'fifo'"),
     ("[queue]\ncapacity = 0", "queue capacity: 0 is out of range"),
@@ -335,6 +347,18 @@ def test_bad_table_is_a_config_error_naming_it(tmp_path: Path, text: str, messag
         load(path=path)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_depth_settings_default_and_from_the_file(tmp_path: Path) -> None:
+    d = load({"channels": "trade,depth"}).depth
+    assert load({"channels": "trade,depth"}).channels == ("trade", "depth")
+    assert (d.limit, d.speed_ms, d.snapshot_every_updates, d.snapshot_every_s, d.max_buffer) == (1000, 100, None,
+                                                                                                 60.0, 1000)
+    text = ("[depth]\nlimit = 500\nspeed_ms = 1000\nsnapshot_every_updates = 600\nsnapshot_every_s = 0\n"
+            "max_buffer = 50\nweight_share = 0.25\nweight_per_minute = 1200\n")
+    d = load(path=toml_file(tmp_path, text)).depth
+    assert (d.limit, d.speed_ms, d.snapshot_every_updates, d.snapshot_every_s, d.max_buffer, d.weight_share,
+            d.weight_per_minute) == (500, 1000, 600, None, 50, 0.25, 1200)
 
 
 def test_unknown_subscriber_policy_is_a_config_error(tmp_path: Path) -> None:

@@ -100,7 +100,8 @@ NESTED_TYPOS = [
      "unknown channel 'trades' in market.toml [retention.channels]; did you mean 'trade'?"),
     ('[retention.channels]\n"klines_*" = 5',
      "unknown channel 'klines_*' in market.toml [retention.channels]; did you mean 'kline_*'?"),
-    ("[retention.channels]\ndepth = 5", "unknown channel 'depth' in market.toml [retention.channels]"),
+    ("[retention.channels]\ndepth5 = 5",
+     "unknown channel 'depth5' in market.toml [retention.channels]; did you mean 'depth'?"),
     ('[retention.channels."kline_*"]\nmaxln = 5',
      "unknown setting 'maxln' in market.toml [retention.channels.\"kline_*\"]; did you mean 'maxlen'?"),
     ("[retention.channels.trade]\nmax_age = 5",
@@ -146,7 +147,7 @@ EVERY_KEY = _every_key(TOML_SCHEMA)
 def test_the_schema_lists_every_table_the_readers_read() -> None:
     tables = {p for p, _, _ in EVERY_KEY if p}
     assert {p[0] for p in tables} == {
-        "queue", "writer", "retention", "session", "repair", "subscribers", "streams", "spill", "shutdown",
+        "queue", "writer", "retention", "session", "repair", "subscribers", "streams", "spill", "shutdown", "depth",
     }
     assert ("retention", "channels", "trade") in tables
     assert ("session", "stale_after") not in tables  # its keys are channels, checked as such
@@ -292,7 +293,7 @@ def test_retention_channel_names(name: str) -> None:
     assert is_retention_channel(name)
 
 
-@pytest.mark.parametrize("name", ["trades", "kline", "kline_7m", "depth*", "*trade", "kline_*_x", ""])
+@pytest.mark.parametrize("name", ["trades", "kline", "kline_7m", "depth_*", "*trade", "kline_*_x", ""])
 def test_retention_channel_names_refused(name: str) -> None:
     assert not is_retention_channel(name)
 

@@ -344,10 +344,11 @@ def test_binance_spot_names_streams_and_builds_its_requests() -> None:
     assert (b.name, b.ws_path, b.heartbeat) == ("binance", "/stream", Heartbeat.WS_PING)
     for symbol, channel, stream in [("BTCUSDT", "agg_trade", "btcusdt@aggTrade"),
                                     ("ETHUSDT", "book_ticker", "ethusdt@bookTicker"),
-                                    ("BNBUSDT", "kline_1m", "bnbusdt@kline_1m"), ("BTCUSDT", "trade", "btcusdt@trade")]:
+                                    ("BNBUSDT", "kline_1m", "bnbusdt@kline_1m"), ("BTCUSDT", "trade", "btcusdt@trade"),
+                                    ("BTCUSDT", "depth", "btcusdt@depth@100ms")]:
         assert b.stream_name(symbol, channel) == stream and b.split_stream(stream) == (symbol, channel)
     with pytest.raises(ValueError, match="not a stream"):
-        b.split_stream("btcusdt@depth")
+        b.split_stream("btcusdt@depth20")
     streams = [f"s{i}@trade" for i in range(5)]
     reqs = b.subscribe_requests(streams, 7, 2)
     assert [(r.id, r.streams) for r in reqs] == [(7, streams[:2]), (8, streams[2:4]), (9, streams[4:])]

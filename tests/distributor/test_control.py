@@ -633,7 +633,7 @@ def test_parse_state_rejects_non_text() -> None:
 @pytest.mark.parametrize(
     ("text", "needle"),
     [("binance:BTCUSDT", "invalid pattern"), ("", "invalid pattern"), ("binance::trade", "invalid pattern"),
-     ("binance:BTCUSDT:depth", "matches no channel"), ("binance:*:kline_2m", "matches no channel")],
+     ("binance:BTCUSDT:depth5", "matches no channel"), ("binance:*:kline_2m", "matches no channel")],
 )
 def test_parse_target_rejects(text: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):

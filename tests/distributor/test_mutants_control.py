@@ -89,10 +89,10 @@ def test_parse_target_lowers_only_the_venue() -> None:
 
 def test_parse_target_lists_the_channels_there_are() -> None:
     with pytest.raises(ConfigError) as info:
-        parse_target("binance:BTCUSDT:depth")
+        parse_target("binance:BTCUSDT:depth5")
     assert str(info.value) == (
-        "invalid pattern 'binance:BTCUSDT:depth': channel 'depth' matches no channel "
-        "(trade, agg_trade, book_ticker, kline_<interval>)"
+        "invalid pattern 'binance:BTCUSDT:depth5': channel 'depth5' matches no channel "
+        "(trade, agg_trade, book_ticker, depth, kline_<interval>)"
     )
 
 

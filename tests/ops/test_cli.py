@@ -34,7 +34,7 @@ def test_ingest_bad_url() -> None:
 
 
 def test_ingest_unknown_channel() -> None:
-    assert_one_line_error(market("ingest", "--channels", "trade,depth"), "unknown channel", "depth")
+    assert_one_line_error(market("ingest", "--channels", "trade,depth5"), "unknown channel", "depth5")
 
 
 def test_ingest_bad_symbol() -> None:

@@ -325,6 +325,7 @@ async def test_kill_9_and_a_restart_continue_every_book(redis_url: str, aredis: 
             return all(state[s]["last_update_id"] > tops[s] + 100 for s in SYMBOLS)
 
         await wait_for(moved_on, what="the venue's books moving on")
+        restart_us = time.time_ns() // 1000
         async with ingesting([await start_ingest(sim, redis_url, prefix, tmp_path, "two")]) as (second,):
             await snapshot_after(aredis, prefix, SYMBOLS, fault_us, ("start",))
             await more_entries(aredis, prefix)
@@ -335,6 +336,7 @@ async def test_kill_9_and_a_restart_continue_every_book(redis_url: str, aredis: 
         assert checks[symbol].reasons["start"] == 2, checks[symbol].reasons
         assert checks[symbol].breaks == []
     report("kill -9 and restart", checks, resyncs, fault_us, compared)
+    print(f"  restart -> its start snapshot (s) {fault_to_snapshot(checks, restart_us)}")
 
 
 async def test_two_ingestors_on_the_same_books(redis_url: str, aredis: aioredis.Redis, prefix: str,

@@ -836,6 +836,39 @@ def bench_book(
               f"{one['baseline_p99_us']}); books equal: {one['equal']}")
 
 
+@bench_app.command("depth")
+def bench_depth(
+    symbols: Annotated[int, typer.Option(help="symbols, each with its book at 100 ms and its trades")] = 100,
+    duration: Annotated[float, typer.Option(help="seconds measured per run (without, then with depth)")] = 30.0,
+    rate: Annotated[float, typer.Option(help="the simulator's market events a second in all (trades among them)")]
+    = 4000.0,
+    seed: Annotated[int, typer.Option(help="simulator seed (same seed, same market)")] = 1,
+    as_json: AsJson = False,
+) -> None:
+    """The ingestor's whole path with order books: one ingestor on trades alone, then on trades and depth, against
+    the same simulator; entries stored per second, CPU, memory, frame -> Redis latency by channel."""
+    from ops.bench.depth import run_depth_bench
+
+    if symbols < 1 or duration <= 0 or rate <= 0:
+        fail("--symbols must be at least 1, --duration and --rate positive")
+    result = run_async(run_depth_bench(redis_url=_bench_redis(symbols, 1), symbols=symbols, duration_s=duration,
+                                       rate=rate, seed=seed))
+    if as_json:
+        _print_json(result, True)
+        return
+    print(f"{symbols} symbols, {duration:g} s a run, simulator at {rate:g} events/s")
+    for name, one in result["runs"].items():
+        per_s = ", ".join(f"{ch} {n}/s" for ch, n in one["stored_per_s"].items())
+        back = "; ".join(f"{ch} p50 {h['p50_us']:.0f} p99 {h['p99_us']:.0f}"
+                         for ch, h in one["frame_to_readback"].items())
+        red = one["frame_to_redis"]
+        print(f"{name:>12}: stored {per_s}; ingestor CPU {one['ingestor_cpu_share']} of a core, RSS "
+              f"{one['rss_mib']} MiB (peak {one['peak_rss_mib']}); frame->Redis p50 {red['p50_us']:.0f} p99 "
+              f"{red['p99_us']:.0f} µs; frame->read back (µs) {back}")
+    print(f"depth adds {result['depth']['entries_per_s']} entries/s, {result['depth']['cpu_share_added']} of a core, "
+          f"{result['depth']['rss_mib_added']} MiB")
+
+
 def _bench_redis(ticks: int, streams: int) -> str:
     """Check the sizes and that Redis answers; the Redis URL to bench against."""
     from consumer_sdk.core.redis import connect_redis

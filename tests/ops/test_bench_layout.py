@@ -29,6 +29,7 @@ LAYERS = {
     "hotpath": 2,
     "plots": 3,
     "harness": 3,
+    "depth": 3,
     "stages": 4,
     "report": 5,
 }

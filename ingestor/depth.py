@@ -515,4 +515,4 @@ def snapshot_phase_ms(symbol: str, period_ms: int) -> int:
     """Where in each period ``symbol``'s periodic snapshot falls: the CRC-32 of its name modulo the period, the same
     in every process and every run (not :func:`hash`, which is salted per process), and spread evenly enough that
     the books of one connection take their snapshots at different moments."""
-    return zlib.crc32(symbol.encode()) % period_ms if period_ms > 0 else 0
+    return zlib.crc32(symbol.encode()) % max(period_ms, 1)

@@ -44,7 +44,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "BNBUSDT")
 #: every drill's venue: three symbols, trades at a modest rate, books of 200 levels a side (each REST snapshot of
 #: the ingestor's limit 1000 is the whole book)
-SIM = SimulatorConfig(symbols=SYMBOLS, rate=300.0, depth_levels=200)
+SIM = SimulatorConfig(symbols=SYMBOLS, rate=300.0, depth=True, depth_levels=200)
 WAIT_S = 60.0
 
 _TOML = """\

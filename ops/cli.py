@@ -832,7 +832,7 @@ def bench_scale(
         help="Redis masters per cell, comma-separated: 1 is a standalone server, more a cluster")] = "1,3",
     ingestors: Annotated[str, typer.Option(help="ingestors per cell, comma-separated (the symbols split)")] = "1,2",
     rates: Annotated[str, typer.Option(
-        help="offered ticks/s in turn, until a window saturates (default: 40k to 200k)")] = "",
+        help="offered ticks/s in turn, until a window saturates (default: 20k to 200k)")] = "",
     duration: Annotated[float, typer.Option(help="seconds of each measured window")] = 20.0,
     warmup: Annotated[float, typer.Option(help="seconds at each rate before its window")] = 3.0,
     drain: Annotated[float, typer.Option(help="seconds at most for Redis to hold every tick sent, at the end")] = 60.0,

@@ -41,7 +41,7 @@ from ops.bench.scrape import parse_metrics
 __all__ = ["SCALE_RATES", "ScaleSettings", "run_scale"]
 
 #: offered rates (ticks/s), in turn, until one saturates: one ingestor peaked near 120k/s on this machine
-SCALE_RATES: tuple[float, ...] = (40_000.0, 80_000.0, 120_000.0, 160_000.0, 200_000.0)
+SCALE_RATES: tuple[float, ...] = (20_000.0, 40_000.0, 60_000.0, 80_000.0, 100_000.0, 120_000.0, 150_000.0, 200_000.0)
 PREFIX = "scale"
 #: the simulator's tick kinds the ingestors subscribe to (CHANNELS): each one generated goes to one ingestor
 _STREAMED_KINDS = ("trade", "aggTrade", "bookTicker")

@@ -84,6 +84,8 @@ def analyse_window(rate: float, a: ScaleEdge, b: ScaleEdge) -> dict[str, Any]:
         reasons.append(f"the backlog (sent, not stored) grew by {backlog_growth} ticks")
     if reconnects:
         reasons.append(f"the venue connection was lost {reconnects} time(s)")
+    # An ingestor's CPU is per tick of its own streams; every other process's per tick of all of them.
+    own = {f"ingestor-{i}": n for i, n in enumerate(stored, start=1)}
     cpu_s: dict[str, float | None] = {}
     for name, after in b.cpu.items():
         before = a.cpu.get(name)
@@ -101,11 +103,16 @@ def analyse_window(rate: float, a: ScaleEdge, b: ScaleEdge) -> dict[str, Any]:
         "reconnects": reconnects,
         "cpu_s": cpu_s,
         "cpu_share": {k: (None if v is None else round(v / dt, 3)) for k, v in cpu_s.items()},
+        "cpu_us_per_tick": {k: _per_tick(v, own.get(k, stored_total)) for k, v in cpu_s.items()},
         "machine_busy_s": machine_s,
         "machine_busy_cores": None if machine_s is None else round(machine_s / dt, 3),
         "saturated": bool(reasons),
         "reasons": reasons,
     }
+
+
+def _per_tick(cpu_s: float | None, ticks: int) -> float | None:
+    return None if cpu_s is None or ticks <= 0 else round(cpu_s * 1e6 / ticks, 2)
 
 
 def summarize_cell(masters: int, ingestors: int, steps: Sequence[Mapping[str, Any]], *, sent: int, stored: int,
@@ -176,4 +183,13 @@ def render_scale_markdown(cells: Sequence[Mapping[str, Any]]) -> str:
         share = best.get("cpu_share", {})
         lines.append(f"| {c['masters']} | {c['ingestors']} | {_k(best.get('rate'))} | "
                      + " | ".join(_share(share.get(n)) for n in names) + " |")
+    lines += ["", "CPU per tick stored in the best window, µs (CPU seconds / ticks stored; an ingestor's per tick of "
+              "its own symbols): a process given a core of its own would take about 1e6 / this many ticks a second, "
+              "if nothing else limits it:", ""]
+    lines.append("| masters | ingestors | " + " | ".join(names) + " |")
+    lines.append("| ---: | ---: | " + " | ".join("---:" for _ in names) + " |")
+    for c in cells:
+        per_tick = (c["best"] or {}).get("cpu_us_per_tick", {})
+        lines.append(f"| {c['masters']} | {c['ingestors']} | "
+                     + " | ".join("-" if per_tick.get(n) is None else f"{per_tick[n]:.1f}" for n in names) + " |")
     return "\n".join(lines) + "\n"

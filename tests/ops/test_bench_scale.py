@@ -52,7 +52,8 @@ def test_stream_keys_are_the_ingestors_keys() -> None:
 def _edge(t: float, stored: tuple[int, ...], sent: int, generated: int, reconnects: tuple[int, ...] = (0, 0),
           cpu: float = 0.0) -> ScaleEdge:
     return ScaleEdge(t=t, stored=stored, received=(sent // 2, sent - sent // 2), reconnects=reconnects, sent=sent,
-                     generated=generated, streamed=generated, cpu={"simulator": cpu, "redis": None},
+                     generated=generated, streamed=generated,
+                     cpu={"simulator": cpu, "ingestor-1": cpu / 2, "ingestor-2": cpu / 4, "redis": None},
                      machine=cpu * 2)
 
 
@@ -63,8 +64,10 @@ def test_analyse_window_rates_cpu_and_a_clean_window() -> None:
     assert w["stored_per_s"] == 10_000
     assert w["stored_per_s_by_ingestor"] == [5_000, 5_000]
     assert w["sent_per_s"] == 10_000 and w["generated_per_s"] == 10_000
-    assert w["cpu_s"] == {"simulator": 1.5, "redis": None}
-    assert w["cpu_share"] == {"simulator": 0.75, "redis": None}
+    assert w["cpu_s"] == {"simulator": 1.5, "ingestor-1": 0.75, "ingestor-2": 0.38, "redis": None}
+    assert w["cpu_share"] == {"simulator": 0.75, "ingestor-1": 0.375, "ingestor-2": 0.19, "redis": None}
+    # the simulator's per tick of all (20 000), each ingestor's per tick of its own (10 000)
+    assert w["cpu_us_per_tick"] == {"simulator": 75.0, "ingestor-1": 75.0, "ingestor-2": 38.0, "redis": None}
     assert w["machine_busy_cores"] == 1.5
     assert not w["saturated"] and w["reasons"] == []
 
@@ -83,7 +86,7 @@ def test_analyse_window_names_each_saturation() -> None:
 
 def _step(rate: float, stored: int, saturated: bool) -> dict[str, Any]:
     return {"rate": rate, "stored_per_s": stored, "saturated": saturated, "cpu_share": {"simulator": 0.5},
-            "machine_busy_cores": 1.0}
+            "cpu_us_per_tick": {"simulator": 50.0}, "machine_busy_cores": 1.0}
 
 
 def test_summarize_cell_best_sustained_and_tally() -> None:
@@ -107,6 +110,7 @@ def test_add_ratios_and_the_table_name_every_cell() -> None:
     for m, i, ratio in ((1, 1, "x1.00"), (1, 2, "x2.00"), (3, 1, "x3.00"), (3, 2, "x6.00")):
         assert f"| {m} | {i} | {10 * m * i:.1f}k | {ratio} |" in table
     assert "yes (5 of 5)" in table
+    assert table.count("| 50.0 |") == 4  # the µs per tick table, a row a cell
     assert add_ratios([summarize_cell(3, 1, [], sent=0, stored=0, streamed=0, drained=True)])[0]["ratio"] is None
 
 

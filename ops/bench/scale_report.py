@@ -22,6 +22,7 @@ __all__ = [
     "ScaleEdge",
     "add_ratios",
     "analyse_window",
+    "others_cores",
     "render_scale_markdown",
     "split_symbols",
     "stream_keys",
@@ -106,9 +107,18 @@ def analyse_window(rate: float, a: ScaleEdge, b: ScaleEdge) -> dict[str, Any]:
         "cpu_us_per_tick": {k: _per_tick(v, own.get(k, stored_total)) for k, v in cpu_s.items()},
         "machine_busy_s": machine_s,
         "machine_busy_cores": None if machine_s is None else round(machine_s / dt, 3),
+        "others_cores": others_cores(machine_s, cpu_s, dt),
         "saturated": bool(reasons),
         "reasons": reasons,
     }
+
+
+def others_cores(machine_s: float | None, cpu_s: Mapping[str, float | None], dt: float) -> float | None:
+    """The cores the rest of the machine kept busy over a window: the machine's busy time less the run's
+    processes', per second (None when a figure is missing); the bench process itself counts as the rest."""
+    if machine_s is None or any(v is None for v in cpu_s.values()):
+        return None
+    return round(max(0.0, machine_s - sum(v for v in cpu_s.values() if v is not None)) / dt, 3)
 
 
 def _per_tick(cpu_s: float | None, ticks: int) -> float | None:
@@ -162,8 +172,8 @@ def render_scale_markdown(cells: Sequence[Mapping[str, Any]]) -> str:
     """The cells as a Markdown table (one row a cell) and, below, each cell's CPU by process in its best window."""
     lines = [
         "| masters | ingestors | stored ticks/s (best window) | ratio to 1x1 | sustained (offered, no saturation) "
-        "| machine busy, cores | stored = sent after drain |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| machine busy, cores | of which others, cores | stored = sent after drain |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for c in cells:
         best = c["best"] or {}
@@ -171,7 +181,8 @@ def render_scale_markdown(cells: Sequence[Mapping[str, Any]]) -> str:
         tally = f"{'yes' if c['adds_up'] else 'NO'} ({c['stored']} of {c['sent']})"
         lines.append(
             f"| {c['masters']} | {c['ingestors']} | {_k(c['stored_per_s'])} | {ratio} | "
-            f"{_k(c['sustained_rate'])} | {_share(best.get('machine_busy_cores'))} | {tally} |"
+            f"{_k(c['sustained_rate'])} | {_share(best.get('machine_busy_cores'))} | "
+            f"{_share(best.get('others_cores'))} | {tally} |"
         )
     lines += ["", "CPU in the best window, cores (CPU seconds / window seconds), per process:", ""]
     seen = {name for c in cells for name in (c["best"] or {}).get("cpu_share", {})}

@@ -17,6 +17,7 @@ from ops.bench.scale_report import (
     ScaleEdge,
     add_ratios,
     analyse_window,
+    others_cores,
     render_scale_markdown,
     split_symbols,
     stream_keys,
@@ -69,6 +70,10 @@ def test_analyse_window_rates_cpu_and_a_clean_window() -> None:
     # the simulator's per tick of all (20 000), each ingestor's per tick of its own (10 000)
     assert w["cpu_us_per_tick"] == {"simulator": 75.0, "ingestor-1": 75.0, "ingestor-2": 38.0, "redis": None}
     assert w["machine_busy_cores"] == 1.5
+    assert w["others_cores"] is None  # redis's CPU unknown: the rest cannot be told
+    assert others_cores(3.0, {"a": 1.0, "b": 0.5}, 2.0) == 0.75
+    assert others_cores(1.0, {"a": 1.5}, 1.0) == 0.0
+    assert others_cores(None, {"a": 1.0}, 1.0) is None
     assert not w["saturated"] and w["reasons"] == []
 
 

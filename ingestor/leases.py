@@ -63,6 +63,7 @@ __all__ = [
     "fence_key",
     "keep_leases",
     "lease_key",
+    "lease_round",
     "leases_doc",
     "shard_of",
     "shard_streams",

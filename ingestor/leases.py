@@ -150,7 +150,7 @@ class Lost:
     shard: int
     token: int
     #: ``expired`` (not renewed in time, as this process sees it), ``taken`` (Redis holds another value),
-    #: ``released`` (given back at a clean stop)
+    #: ``released`` (given back at a clean stop), ``abandoned`` (given up, left to expire)
     reason: str
 
 
@@ -221,6 +221,10 @@ class LeaseTable:
             self.gained += 1
             out.append(Gained(shard, token))
         return out
+
+    def abandon(self, shard: int) -> Lost | None:
+        """Give up a lease without releasing it in Redis (it expires there within the ttl)."""
+        return self._drop(shard, "abandoned") if shard in self.held else None
 
     def release_all(self) -> list[Lost]:
         return [self._drop(s, "released") for s in sorted(self.held)]

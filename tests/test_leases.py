@@ -70,7 +70,7 @@ async def test_two_ingestors_two_shards_each_owns_one_and_streams_are_split(
     aredis: aioredis.Redis, prefix: str, tmp_path: Path
 ) -> None:
     assert shard_of("BTCUSDT", 2) != shard_of("ETHUSDT", 2)
-    async with Simulator(SimulatorConfig(symbols=SYMBOLS, rate=1000.0)) as sim:
+    async with Simulator(SimulatorConfig(symbols=SYMBOLS, rate=1000.0, rest_weight_limit=0)) as sim:
         ings = [Ingestor(settings(sim, prefix, tmp_path / f"spill{i}", max_owned=1), redis=aredis) for i in (1, 2)]
         async with running(*ings):
             async def split() -> bool:
@@ -153,6 +153,16 @@ async def check_every_trade_once(aredis: aioredis.Redis, prefix: str, sim: Simul
         assert agg == list(range(agg[0], agg[0] + len(agg))), f"{symbol} agg_trade: a hole or a duplicate"
 
 
+async def traded_on(sim: Simulator, trades: int) -> None:
+    """Until the venue made ``trades`` more trades of each symbol."""
+    tops = {s: await venue_last_trade(sim, s) for s in SYMBOLS}
+
+    async def done() -> bool:
+        return all([await venue_last_trade(sim, s) > top + trades for s, top in tops.items()])
+
+    await wait_for(done, 30)
+
+
 async def stop(*procs: Any) -> None:
     for p in procs:
         if p.returncode is None:
@@ -165,7 +175,7 @@ async def stop(*procs: Any) -> None:
 async def test_a_sigkilled_owner_s_shards_are_taken_over_within_5s_with_no_hole(
     redis_url: str, aredis: aioredis.Redis, prefix: str, tmp_path: Path
 ) -> None:
-    async with Simulator(SimulatorConfig(symbols=SYMBOLS, rate=800.0)) as sim:
+    async with Simulator(SimulatorConfig(symbols=SYMBOLS, rate=800.0, rest_weight_limit=0)) as sim:
         owner, standby, owner_id = await owner_and_standby(sim, redis_url, aredis, prefix, tmp_path)
         try:
             owner.send_signal(signal.SIGKILL)
@@ -180,12 +190,7 @@ async def test_a_sigkilled_owner_s_shards_are_taken_over_within_5s_with_no_hole(
             took = time.monotonic() - killed
             print(f"\ntakeover after SIGKILL: {took:.2f} s (lease ttl {TTL:g} s, renewed every {TTL / 3:g} s)")
             assert took < 5.0
-            top = max([await venue_last_trade(sim, s) for s in SYMBOLS])
-
-            async def traded_on() -> bool:
-                return min([await venue_last_trade(sim, s) for s in SYMBOLS]) > top + 200
-
-            await wait_for(traded_on, 20)
+            await traded_on(sim, 200)
             await check_every_trade_once(aredis, prefix, sim)
             log = tmp_path / "standby.log"
             gained = events(log, "lease_gained")
@@ -205,7 +210,7 @@ async def test_a_frozen_owner_woken_after_a_takeover_stops_and_nothing_is_stored
     """SIGSTOP past the ttl, the standby takes over, SIGCONT: for a moment both hold the shards' streams.
     Harmless because of the entry IDs (a seq at or below a stream's newest is skipped), not the token; the
     woken owner finds its leases expired at its next round and stops the shards' streams."""
-    async with Simulator(SimulatorConfig(symbols=SYMBOLS, rate=800.0)) as sim:
+    async with Simulator(SimulatorConfig(symbols=SYMBOLS, rate=800.0, rest_weight_limit=0)) as sim:
         owner, standby, owner_id = await owner_and_standby(sim, redis_url, aredis, prefix, tmp_path)
         try:
             owner.send_signal(signal.SIGSTOP)
@@ -237,12 +242,7 @@ async def test_a_frozen_owner_woken_after_a_takeover_stops_and_nothing_is_stored
                 return doc is not None and doc.get("leases", {}).get("owned") == []
 
             await wait_for(owner_reports_nothing_held, 15)
-            top = max([await venue_last_trade(sim, s) for s in SYMBOLS])
-
-            async def traded_on() -> bool:
-                return min([await venue_last_trade(sim, s) for s in SYMBOLS]) > top + 200
-
-            await wait_for(traded_on, 20)
+            await traded_on(sim, 200)
             await check_every_trade_once(aredis, prefix, sim)
             report = evaluate(await read_heartbeats(aredis, prefix), [], time.time())
             assert report.stage("leases").level is Level.OK, report.stage("leases").reason
@@ -257,7 +257,7 @@ async def test_a_frozen_owner_woken_after_a_takeover_stops_and_nothing_is_stored
 async def test_leases_refused_at_start_is_one_line_and_exit_2(redis_url: str, aredis: aioredis.Redis, prefix: str,
                                                               tmp_path: Path) -> None:
     await aredis.hset(fence_key(prefix), "x", "1")  # INCR on it fails: the lease store refuses every take
-    async with Simulator(SimulatorConfig(symbols=SYMBOLS, rate=50.0)) as sim:
+    async with Simulator(SimulatorConfig(symbols=SYMBOLS, rate=50.0, rest_weight_limit=0)) as sim:
         proc = await start_ingest(sim, redis_url, prefix, tmp_path, "refused")
         assert await asyncio.wait_for(proc.wait(), 30) == 2
         unreachable = await start_ingest(sim, "redis://127.0.0.1:1/0", prefix, tmp_path, "unreachable")
@@ -273,7 +273,7 @@ async def test_leases_refused_at_start_is_one_line_and_exit_2(redis_url: str, ar
 async def test_a_failing_lease_store_at_run_time_is_counted_and_named_by_status(
     aredis: aioredis.Redis, prefix: str, tmp_path: Path
 ) -> None:
-    async with Simulator(SimulatorConfig(symbols=SYMBOLS, rate=200.0)) as sim:
+    async with Simulator(SimulatorConfig(symbols=SYMBOLS, rate=200.0, rest_weight_limit=0)) as sim:
         owner = Ingestor(settings(sim, prefix, tmp_path / "s1"), redis=aredis)
         standby = Ingestor(settings(sim, prefix, tmp_path / "s2"), redis=aredis)
         async with running(owner):

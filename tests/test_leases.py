@@ -7,10 +7,12 @@ with no hole, whichever ingestor stored it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,6 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from consumer_sdk.core.keys import heartbeat_set_key
+from consumer_sdk.core.tick import is_gap_marker
 from distributor.ingress import Policy
 from ingestor.config import IngestSettings
 from ingestor.leases import LeaseSettings, LeaseStore, fence_key, lease_key, shard_of
@@ -28,11 +31,43 @@ from ingestor.service import Ingestor
 from ingestor.session import SessionSettings
 from ops.simulator import Simulator, SimulatorConfig
 from ops.status import Level, evaluate, read_heartbeats
-from test_redis_faults import complete, venue_last_trade, wait_for
 
 FAST = SessionSettings(ping_interval=1.0, ping_timeout=2.0, open_timeout=2.0, backoff_base=0.05, backoff_cap=1.0)
 SYMBOLS = ("BTCUSDT", "ETHUSDT")
 TTL = 3.0
+
+
+async def wait_for(predicate: Any, timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(0.05)  # poll
+
+
+async def venue_last_trade(sim: Simulator, symbol: str) -> int:
+    def get() -> Any:
+        with urllib.request.urlopen(f"{sim.rest_url}/api/v3/trades?symbol={symbol}&limit=1", timeout=5) as r:
+            return json.loads(r.read())
+
+    return int((await asyncio.to_thread(get))[-1]["id"])
+
+
+async def complete(redis: Any, key: str, sim: Simulator, symbol: str, timeout: float = 30) -> list[int]:
+    """Wait until ``key`` reaches the venue's newest trade (as its REST history says); return its ids,
+    checked to be each id once, in order, with no hole and no gap marker."""
+    target = await venue_last_trade(sim, symbol)
+
+    async def caught_up() -> bool:
+        top = await redis.xrevrange(key, count=1)
+        return bool(top) and int(top[0][0].split(b"-")[1]) >= target
+
+    await wait_for(caught_up, timeout)
+    ids = []
+    for _, fields in await redis.xrange(key):
+        tick = orjson.loads(fields[b"d"])
+        assert not is_gap_marker(tick), tick
+        ids.append(tick["seq"])
+    assert ids == list(range(ids[0], ids[0] + len(ids))), f"{key}: not every id exactly once in order"
+    return ids
 
 
 def settings(sim: Simulator, prefix: str, spill: Path, *, count: int = 2, max_owned: int = 0) -> IngestSettings:
@@ -48,7 +83,7 @@ async def owners(redis: aioredis.Redis, prefix: str, count: int = 2) -> dict[int
     return {s: (None if h is None else h[1]) for s, h in held.items()}
 
 
-async def stored_ids(redis: aioredis.Redis, key: str) -> list[int]:
+async def stored_ids(redis: Any, key: str) -> list[int]:
     return [orjson.loads(f[b"d"])["seq"] for _, f in await redis.xrange(key)]
 
 
@@ -95,6 +130,57 @@ async def test_two_ingestors_two_shards_each_owns_one_and_streams_are_split(
     for symbol in SYMBOLS:
         agg = await stored_ids(aredis, f"{prefix}:binance:{symbol}:agg_trade")
         assert agg == list(range(agg[0], agg[0] + len(agg)))
+
+
+@pytest.mark.slow
+async def test_two_owners_at_once_are_harmless_because_of_the_entry_ids(
+    aredis: aioredis.Redis, prefix: str, tmp_path: Path
+) -> None:
+    """An owner that has not yet noticed its lease is gone (here: a ttl of 30 s, so its next renewal is 10 s
+    away) goes on writing while the new owner writes the same streams.  Nothing fences the writes (the token
+    only fences the lease itself: the old owner can neither renew nor release the new one's); the entry IDs
+    make them harmless: each seq is stored once, whoever sends it first, and no id is skipped."""
+    async with Simulator(SimulatorConfig(symbols=SYMBOLS, rate=1000.0, rest_weight_limit=0)) as sim:
+        slow = IngestSettings(**{**_fields(settings(sim, prefix, tmp_path / "s1")),
+                                 "shards": LeaseSettings(count=2, ttl_s=30.0)})
+        old = Ingestor(slow, redis=aredis)
+        new = Ingestor(settings(sim, prefix, tmp_path / "s2"), redis=aredis)
+        async with running(old):
+            await wait_for(lambda: _holds(old, 2), 20)
+
+            async def grown() -> bool:
+                return all([await aredis.xlen(f"{prefix}:binance:{s}:trade") > 300 for s in SYMBOLS])
+
+            await wait_for(grown, 20)
+            async with running(new):
+                await new.started.wait()
+                # As if the old owner's leases had expired in Redis: the new one takes them at its next round.
+                await aredis.delete(lease_key(prefix, 0), lease_key(prefix, 1))
+                await wait_for(lambda: _holds(new, 2), 10)
+                assert old.writer is not None and new.writer is not None
+                before = old.writer.stats()
+                assert old.leases is not None and len(old.leases.held) == 2, "the old owner has not noticed yet"
+
+                async def both_wrote() -> bool:
+                    assert old.writer is not None and new.writer is not None
+                    o, n = old.writer.stats(), new.writer.stats()
+                    return o.appended + o.duplicates > before.appended + before.duplicates + 200 and n.appended > 0
+
+                await wait_for(both_wrote, 10)
+                assert old.leases is not None and len(old.leases.held) == 2, "both owners at once"
+                await wait_for(lambda: _holds(old, 0), 15)
+                assert old.leases.lost == 2
+                for symbol in SYMBOLS:
+                    await complete(aredis, f"{prefix}:binance:{symbol}:trade", sim, symbol)
+                dups = old.writer.stats().duplicates + new.writer.stats().duplicates
+                assert dups > 0, "both sent the same ticks; each stream kept one of each"
+        for symbol in SYMBOLS:
+            agg = await stored_ids(aredis, f"{prefix}:binance:{symbol}:agg_trade")
+            assert agg == list(range(agg[0], agg[0] + len(agg)))
+
+
+def _fields(s: IngestSettings) -> dict[str, Any]:
+    return {f: getattr(s, f) for f in s.__dataclass_fields__}
 
 
 # ---------------------------------------------------------------------------------------------- processes

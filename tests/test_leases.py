@@ -366,9 +366,11 @@ async def test_a_failing_lease_store_at_run_time_is_counted_and_named_by_status(
             await wait_for(lambda: _holds(owner, 2), 20)
             async with running(standby):
                 await standby.started.wait()
-                # The owner's renewals now fail, every round: the script's GET meets a hash.
+                # Shard 0's lease gone (as if expired) and the fencing counter unusable: every take fails, every
+                # round, for the owner (below its limit now) and the standby alike.
+                await aredis.delete(fence_key(prefix))
+                await aredis.hset(fence_key(prefix), "x", "1")
                 await aredis.delete(lease_key(prefix, 0))
-                await aredis.hset(lease_key(prefix, 0), "x", "1")
 
                 async def named() -> bool:
                     report = evaluate(await read_heartbeats(aredis, prefix), [], time.time())
@@ -376,15 +378,18 @@ async def test_a_failing_lease_store_at_run_time_is_counted_and_named_by_status(
                         report.stage("leases").cause)
 
                 await wait_for(named, 20)
-                assert owner.leases is not None and owner.leases.errors >= 1
-                await aredis.delete(lease_key(prefix, 0))
+                assert owner.leases is not None and owner.leases.errors >= 1 and owner.leases.lost == 1
+                assert "WRONGTYPE" in owner.leases.failing
+                assert standby.leases is not None and standby.leases.errors >= 1
+                await aredis.delete(fence_key(prefix))
+                await aredis.set(fence_key(prefix), 100)  # tokens go on growing
 
                 async def recovered() -> bool:
                     report = evaluate(await read_heartbeats(aredis, prefix), [], time.time())
                     return report.stage("leases").level is Level.OK
 
                 await wait_for(recovered, 20)
-                assert owner.leases.lost >= 1, "not renewed in time: let go"
+                assert (await LeaseStore(aredis, prefix, "reader").read(2))[0][0] > 100  # type: ignore[index]
                 for symbol in SYMBOLS:
                     await complete(aredis, f"{prefix}:binance:{symbol}:trade", sim, symbol)
 

@@ -504,6 +504,16 @@ def _leases(alive: Sequence[Mapping[str, Any]]) -> StageStatus:
                                            + (f", {standby} standby" if standby else ""))
 
 
+def _standby_ids(heartbeats: Sequence[Any]) -> frozenset[str]:
+    """Ids of sharded ingestors holding no shard (a standby has no venue connection, by design)."""
+    out = set()
+    for hb in heartbeats:
+        leases = hb.get("leases") if isinstance(hb, Mapping) else None
+        if isinstance(leases, Mapping) and leases.get("owned") == [] and isinstance(hb.get("id"), str):
+            out.add(hb["id"])
+    return frozenset(out)
+
+
 def evaluate(heartbeats: Sequence[Mapping[str, Any]], consumer_groups: Sequence[Mapping[str, Any]],
              now: float) -> StatusReport:
     """Judge every stage from heartbeats and consumer-group rows (pure; any input shape, no exception).
@@ -528,6 +538,7 @@ def evaluate(heartbeats: Sequence[Mapping[str, Any]], consumer_groups: Sequence[
         stages = [_ingestor_stage(alive, dead, broken)]
     except Exception as exc:  # an odd heartbeat must not turn into a traceback
         stages = [StageStatus("ingestor", Level.UNKNOWN, f"cannot judge: {type(exc).__name__}: {exc}")]
+    standby = _standby_ids(heartbeats)
     for name, judge in _JUDGES.items():
         if not alive:
             stages.append(StageStatus(name, Level.UNKNOWN, "no ingestor is reporting"))
@@ -535,7 +546,10 @@ def evaluate(heartbeats: Sequence[Mapping[str, Any]], consumer_groups: Sequence[
         verdicts = []
         for parsed in alive:
             try:
-                level, cause = judge(parsed.heartbeat)
+                if name == "connection" and parsed.heartbeat.id in standby and not parsed.heartbeat.connections.total:
+                    level, cause = Level.OK, "standby: holds no shard, so no venue connection"
+                else:
+                    level, cause = judge(parsed.heartbeat)
             except Exception as exc:  # a judge's own fault must not turn into a traceback
                 level, cause = Level.UNKNOWN, f"cannot judge: {type(exc).__name__}: {exc}"
             verdicts.append((level, cause, parsed.heartbeat.id or "?"))

@@ -74,3 +74,14 @@ def test_odd_lease_sections_never_raise() -> None:
     ]
     report = evaluate(odd, [], NOW)
     assert report.stage("leases").level in (Level.OK, Level.WARN, Level.FAIL, Level.UNKNOWN)
+
+
+def test_a_standby_without_a_connection_is_not_a_connection_problem() -> None:
+    session = {"id": 1, "state": "live", "streams": 2, "last_frame_age_s": 0.1}
+    owner = {**hb("a", {0: 5, 1: 6}), "connections": {"total": 1, "live": 1, "sessions": [session]}}
+    standby = {**hb("b"), "connections": {"total": 0, "live": 0, "sessions": []}}
+    report = evaluate([owner, standby], [], NOW)
+    assert report.stage("connection").level is Level.OK, report.stage("connection").reason
+    assert report.stage("leases").reason == "leases OK: 2/2 shard(s) owned (a: 0, 1), 1 standby"
+    unsharded = {**hb("c", sharded=False), "connections": {"total": 0, "live": 0, "sessions": []}}
+    assert evaluate([owner, unsharded], [], NOW).stage("connection").level is Level.WARN, "no connection yet"

@@ -450,17 +450,21 @@ class Ingestor:
             log_event(log, logging.WARNING, "lease_lost", shard=x.shard, token=x.token, reason=x.reason,
                       streams=len(names))
         self._suppress()
+        table = self.leases
+        assert table is not None or not gained
         for g in gained:
+            assert table is not None
             names = self._shard_names(g.shard)
             try:
                 for n in names:
                     self.sequencer.release(n.venue, n.symbol, n.channel)
-                await self._seed(redis, [(n.symbol, n.channel) for n in names])
-            except (RedisError, OSError) as exc:
+                async with asyncio.timeout(table.settings.renew_every_s):  # the next round waits on it
+                    await self._seed(redis, [(n.symbol, n.channel) for n in names])
+            except (RedisError, OSError, TimeoutError) as exc:
                 # Not continued from where Redis is: let the lease expire, to be taken again.
-                assert self.leases is not None
-                self.leases.abandon(g.shard)
-                log_event(log, logging.WARNING, "lease_abandoned", shard=g.shard, token=g.token, error=str(exc)[:200])
+                table.abandon(g.shard)
+                log_event(log, logging.WARNING, "lease_abandoned", shard=g.shard, token=g.token,
+                          error=str(exc)[:200] or type(exc).__name__)
                 continue
             self._unowned.difference_update(names)
             log_event(log, logging.INFO, "lease_gained", shard=g.shard, token=g.token,

@@ -249,3 +249,12 @@ async def test_keep_leases_counts_an_unreachable_store_and_lets_leases_expire(ar
         with pytest.raises(asyncio.CancelledError):
             await task
         await dead.aclose()
+
+
+def test_abandon_gives_a_lease_up_to_expire_in_redis() -> None:
+    t = table(2)
+    t.acquired([(0, 4)], sent_at=0.0)
+    assert t.abandon(1) is None
+    assert t.abandon(0) == Lost(0, 4, "abandoned")
+    assert t.held == {} and t.lost == 1
+    assert t.wanted() == ([0, 1], 2), "taken again when free"

@@ -204,6 +204,7 @@ _ENV: Final = {
     "queue_policy": "MARKET_QUEUE_POLICY",
     "spill_dir": "MARKET_SPILL_DIR",
     "latency_sample": "MARKET_LATENCY_SAMPLE",
+    "redis_replica_acks": "MARKET_REDIS_REPLICA_ACKS",
 }
 
 
@@ -671,7 +672,7 @@ def load_settings(
         symbols=symbols,
         channels=channels,
         redis_url=validate_redis_url(str(merged.get("redis_url", DEFAULT_REDIS_URL))),
-        redis_replica_acks=_int(toml.get("redis_replica_acks", 0), "redis_replica_acks", 0, 64),
+        redis_replica_acks=_int(merged.get("redis_replica_acks", 0), "redis_replica_acks", 0, 64),
         shards=_shards(toml.get("shards")),
         prefix=prefix,
         metrics_host=str(merged.get("metrics_host", "127.0.0.1")),

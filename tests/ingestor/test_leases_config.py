@@ -65,3 +65,13 @@ async def test_redis_replica_acks_reach_the_writer(redis_url: str, prefix: str, 
     with pytest.raises(ConfigError, match="built"):
         await Ingestor(settings).run()
     assert given["replica_acks"] == 2
+
+
+def test_replica_acks_from_the_environment_over_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "market.toml"
+    path.write_text("redis_replica_acks = 1\n")
+    env = {"HOME": "/root", "MARKET_REDIS_REPLICA_ACKS": "2"}
+    assert load_settings({}, env, str(path)).redis_replica_acks == 2
+    assert load_settings({}, {"HOME": "/root"}, str(path)).redis_replica_acks == 1
+    with pytest.raises(ConfigError, match="redis_replica_acks: expected an integer, got 'one'"):
+        load_settings({}, {"HOME": "/root", "MARKET_REDIS_REPLICA_ACKS": "one"})

@@ -261,6 +261,28 @@ async def stop(*procs: Any) -> None:
 async def test_a_sigkilled_owner_s_shards_are_taken_over_within_5s_with_no_hole(
     redis_url: str, aredis: aioredis.Redis, prefix: str, tmp_path: Path
 ) -> None:
+    await _sigkill_takeover(redis_url, aredis, prefix, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+async def test_on_a_cluster_a_sigkilled_owner_s_shards_are_taken_over_within_5s_with_no_hole(
+    prefix: str, tmp_path: Path
+) -> None:
+    """The same on a Redis Cluster: the lease keys and the fence counter share a slot by their hash tag."""
+    from consumer_sdk.core.redis import connect_redis
+    from ops.redis_cluster import start_cluster
+
+    with start_cluster(3, 0) as cluster:
+        url = "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in cluster.startup_nodes[:2])
+        client = await connect_redis(url)
+        try:
+            await _sigkill_takeover(url, client, prefix, tmp_path)
+        finally:
+            await client.aclose()
+
+
+async def _sigkill_takeover(redis_url: str, aredis: aioredis.Redis, prefix: str, tmp_path: Path) -> None:
     async with Simulator(SimulatorConfig(symbols=SYMBOLS, rate=800.0, rest_weight_limit=0)) as sim:
         owner, standby, owner_id = await owner_and_standby(sim, redis_url, aredis, prefix, tmp_path)
         try:

@@ -28,12 +28,15 @@ snapshot before the next diff is stored:
 - **dropped upstream**: :meth:`ControlGate.dropped` is told of every entry the ingress queue dropped; a book
   entry breaks its book at once with the reason ``dropped``.
 
-A broken book: every diff of it is dropped (counted in ``book_dropped``) until a snapshot entry of it comes,
-which passes and mends it; when it breaks, ``on_book_break(venue, symbol, why)`` (given at construction) asks
-the book's keeper for a ``resync:<why>`` snapshot at its next diff (the ingestor keeps the live book in step
-whatever was stored, so no REST fetch is needed).  Without a keeper the next ``periodic`` snapshot mends it.
-Either way a stored book stream never holds a diff that does not follow, nor a gap marker.  The cost is on
-book streams only: a stream of another channel is classified as before.
+A broken book: every diff of it is dropped (counted in ``book_dropped``) until a snapshot entry of it newer
+than every entry of it dropped comes, which passes and mends it (an older one passes too, a whole book being
+always a valid point, and a newer one is asked for).  Once its entries may pass again, the gate calls
+``on_book_break(venue, symbol, why)`` (given at construction) once per break: the book's keeper makes its
+next diff a ``resync:<why>`` snapshot (the ingestor keeps the live book in step whatever was stored, so no
+REST fetch is needed); a snapshot asked for and then lost (paused, dropped) is asked for again.  Without a
+keeper the next ``periodic`` snapshot mends it.  Either way a stored book stream never holds a diff that
+does not follow, nor a gap marker.  The cost is on book streams only: a stream of another channel is
+classified as before, and no tick of one allocates anything more.
 
 One task owns a gate (the distributor's); every method is synchronous and none awaits, so calls
 from other tasks of the same event loop (the control-plane watcher, the auto-degrade sampler) are
@@ -115,9 +118,9 @@ class _Stream:
     """What the gate does with one stream, and that stream's conflation and bucket state."""
 
     __slots__ = (
-        "book", "book_asked", "book_break", "burst", "conflate", "drop_state", "gap_first", "gap_last", "gap_ts_event",
-        "gap_ts_recv", "held_conf", "held_limit", "ident", "kline", "last", "limit_policy", "name", "next_emit",
-        "paused", "rate", "tokens", "track_gap",
+        "book", "book_asked", "book_break", "book_lost", "burst", "conflate", "drop_state", "gap_first", "gap_last",
+        "gap_ts_event", "gap_ts_recv", "held_conf", "held_limit", "ident", "kline", "last", "limit_policy", "name",
+        "next_emit", "paused", "rate", "tokens", "track_gap",
     )
 
     def __init__(self, ident: StreamIdent) -> None:
@@ -129,6 +132,8 @@ class _Stream:
         self.book_break: str | None = None
         #: whether its keeper was asked for a snapshot since it broke
         self.book_asked = False
+        #: the highest ``seq`` of its entries dropped: only a snapshot above it mends the book
+        self.book_lost = -1
         self.paused = False
         self.track_gap = False
         self.drop_state = False  # essential: drop book_ticker / unclosed klines
@@ -391,6 +396,7 @@ class ControlGate:
                 self.essential_dropped += 1
             st.book_break = "paused" if st.paused else "degraded"
             st.book_asked = False  # a snapshot asked for before may be among what is dropped
+            st.book_lost = max(st.book_lost, tick["seq"])
             self._broken[st.ident] = st
             return
         if st.book_break is not None:
@@ -398,11 +404,18 @@ class ControlGate:
                 self.book_dropped += 1
                 self._ask(st)
                 return
-            st.book_break = None
-            st.book_asked = False
-            del self._broken[st.ident]
-            if not self._broken:
-                self._update_active()
+            if tick["seq"] > st.book_lost:
+                st.book_break = None
+                st.book_asked = False
+                st.book_lost = -1
+                del self._broken[st.ident]
+                if not self._broken:
+                    self._update_active()
+            else:
+                # made before an entry that was lost (the queue dropped a newer diff): it passes, a whole book
+                # is always a valid point, but the book stays broken until a newer one, asked for now
+                st.book_asked = False
+                self._ask(st)
         out.append(tick)
 
     def _ask(self, st: _Stream) -> None:
@@ -427,13 +440,16 @@ class ControlGate:
             st = _Stream(ident)
             self._configure(st, self._decide(ident))
             self._streams[ident] = st
+        st.book_lost = max(st.book_lost, tick["seq"])
         if not (st.paused or st.drop_state):
             if st.book_break is None or tick.get("kind") == "snapshot":
-                # a diff dropped while the snapshot asked for is on its way needs no other: that one mends it
+                # a diff lost while a snapshot asked for is on its way needs no other ask: if that one was made
+                # before the diff, it will not mend the book and a newer one is asked for then
                 st.book_break = "dropped"
                 st.book_asked = False
-        elif st.book_break is None:
+        else:  # asked on resume, whatever was asked before: the snapshot may be the entry lost
             st.book_break = "paused" if st.paused else "degraded"
+            st.book_asked = False
         self._broken[ident] = st
         self.active = True
         self._ask(st)

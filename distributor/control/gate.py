@@ -132,8 +132,8 @@ class _Stream:
         self.book_break: str | None = None
         #: whether its keeper was asked for a snapshot since it broke
         self.book_asked = False
-        #: the highest ``seq`` of its entries dropped: only a snapshot above it mends the book
-        self.book_lost = -1
+        #: the highest ``seq`` of its entries dropped (seqs only grow): only a snapshot above it mends the book
+        self.book_lost = 0
         self.paused = False
         self.track_gap = False
         self.drop_state = False  # essential: drop book_ticker / unclosed klines
@@ -211,7 +211,7 @@ class ControlGate:
         self.auto_steps = {"down": 0, "up": 0}
         #: asked for a ``resync:<why>`` snapshot when a book stream breaks (see the module doc)
         self.on_book_break = on_book_break
-        self._broken: dict[StreamIdent, _Stream] = {}
+        self._broken: set[StreamIdent] = set()
         self.book_dropped = 0
         self.book_breaks: dict[str, int] = {}
 
@@ -397,7 +397,7 @@ class ControlGate:
             st.book_break = "paused" if st.paused else "degraded"
             st.book_asked = False  # a snapshot asked for before may be among what is dropped
             st.book_lost = max(st.book_lost, tick["seq"])
-            self._broken[st.ident] = st
+            self._broken.add(st.ident)
             return
         if st.book_break is not None:
             if tick.get("kind") != "snapshot":
@@ -405,10 +405,8 @@ class ControlGate:
                 self._ask(st)
                 return
             if tick["seq"] > st.book_lost:
-                st.book_break = None
-                st.book_asked = False
-                st.book_lost = -1
-                del self._broken[st.ident]
+                st.book_break = None  # the next break sets what else it needs (a ``seq`` lost is below the next)
+                self._broken.discard(st.ident)
                 if not self._broken:
                     self._update_active()
             else:
@@ -450,7 +448,7 @@ class ControlGate:
         else:  # asked on resume, whatever was asked before: the snapshot may be the entry lost
             st.book_break = "paused" if st.paused else "degraded"
             st.book_asked = False
-        self._broken[ident] = st
+        self._broken.add(ident)
         self.active = True
         self._ask(st)
 

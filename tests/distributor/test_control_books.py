@@ -61,6 +61,7 @@ def test_a_paused_book_drops_everything_and_asks_for_a_resync_on_resume_never_a_
     gate.apply(ControlState().with_pause(DEPTH, who="op", at=T0))
     assert list(gate.filter([entry(3), entry(4, "snapshot"), entry(5), trade(1)], T0)) == [trade(1)]
     assert asked == [] and gate.stats().paused_dropped == 3 and gate.stats().books_broken == 1
+    assert gate.stats().paused_by_stream == {DEPTH: 3}
     gate.apply(ControlState().with_pause(DEPTH, who="op", at=T0).without_pause(DEPTH))
     assert asked == [("binance", "BTCUSDT", "paused")], "asked once, as soon as the pause is lifted"
     released = gate.tick_pending(T0)
@@ -156,6 +157,15 @@ def test_a_drop_upstream_while_paused_asks_on_resume() -> None:
     assert asked == []
     gate.apply(ControlState())
     assert asked == [("binance", "BTCUSDT", "paused")]
+
+
+def test_a_drop_upstream_under_essential_asks_when_the_level_falls() -> None:
+    gate, asked = recording_gate()
+    gate.apply(ControlState().with_level(Level.ESSENTIAL, who="op", at=T0))
+    gate.dropped(entry(5))
+    assert asked == [] and gate.stats().books_broken == 1
+    gate.apply(ControlState())
+    assert asked == [("binance", "BTCUSDT", "degraded")]
 
 
 def test_a_snapshot_lost_upstream_while_paused_is_asked_for_again_on_resume() -> None:

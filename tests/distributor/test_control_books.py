@@ -189,6 +189,13 @@ def test_a_snapshot_older_than_an_entry_lost_passes_but_does_not_mend() -> None:
     assert gate.stats().books_broken == 0 and not gate.active
 
 
+def test_any_snapshot_above_the_entry_lost_mends_the_book() -> None:
+    gate, _ = recording_gate()
+    gate.dropped(entry(0))
+    assert list(gate.filter([entry(1, "snapshot"), entry(2)], T0)) == [entry(1, "snapshot"), entry(2)]
+    assert gate.stats().books_broken == 0
+
+
 def test_other_streams_stay_on_the_fast_path_while_a_book_is_broken() -> None:
     gate, _ = recording_gate()
     gate.dropped(entry(5))

@@ -247,7 +247,9 @@ class Ingestor:
         self.distributor: Distributor | None = None
         self._handlers: list[BatchHandler] = []
         #: runtime switches (``market ctl``), applied by the distributor to every batch
-        self.control = ControlGate()
+        self.control = ControlGate(on_book_break=self.depth.on_store_break if self.depth is not None else None)
+        if self.depth is not None:
+            self.ingress.on_drop = self.control.dropped  # a book that lost an entry there is resynced
         self.control_rejected = 0
         # The hot path's unit is a chunk (many ticks, timed as one): one chunk in 4 at most.
         self.hotpath = HotPath(sample_every=min(settings.latency_sample, HOT_SAMPLE_EVERY))

@@ -12,7 +12,8 @@ venue's diffs (:meth:`~DepthBooks.on_diff`, by the pipeline), the REST snapshot 
 - the first storable point after a book is loaded gets a snapshot entry *in place of* that diff (the book
   after it, ``seq`` its ``u``): ``start`` the first time, ``resync:<why>`` after a break (``gap``,
   ``reconnect``, ``crossed``, ``bad_level``, ...), never a diff applied over a break in silence;
-- a ``periodic`` snapshot replaces a diff when :class:`~ingestor.depth.SnapshotPolicy` says one is due.
+- a ``periodic`` snapshot replaces a diff when :class:`~ingestor.depth.SnapshotPolicy` says one is due (each
+  symbol at its own phase of the period, so the books do not all encode themselves at once).
 
 After every diff it checks the book is not crossed (best bid at or above best ask): a crossed book is not the
 venue's, so the symbol starts over (``resync:crossed``) and the diff that crossed it is not stored.  A diff the
@@ -99,10 +100,13 @@ class DepthStats:
 class SymbolDepth:
     """One symbol's state (owned by :class:`DepthBooks`)."""
 
-    __slots__ = ("book", "last_event_ms", "pending", "since_snapshot", "snapshot_ms", "stored", "symbol", "sync")
+    __slots__ = ("book", "last_event_ms", "pending", "phase_ms", "since_snapshot", "snapshot_ms", "stored", "symbol",
+                 "sync")
 
-    def __init__(self, symbol: str, rule: DepthRule, max_buffer: int) -> None:
+    def __init__(self, symbol: str, rule: DepthRule, max_buffer: int, phase_ms: int = 0) -> None:
         self.symbol = symbol
+        #: where in each period this symbol's periodic snapshot falls (:meth:`SnapshotPolicy.phase_ms`)
+        self.phase_ms = phase_ms
         self.sync = DepthSync(symbol, rule, max_buffer=max_buffer)
         self.book = Book()
         #: the last ``seq`` stored in (or found in) the symbol's stream; None: nothing yet
@@ -132,7 +136,7 @@ class DepthBooks:
         self.policy = policy or SnapshotPolicy()
         #: how the stored diffs follow a snapshot (:mod:`consumer_sdk.book_stream`)
         self.link: Link = "prev" if rule is DepthRule.FUTURES else "next"
-        self._symbols = {s: SymbolDepth(s, rule, max_buffer) for s in symbols}
+        self._symbols = {s: SymbolDepth(s, rule, max_buffer, self.policy.phase_ms(s)) for s in symbols}
         self.on_want = on_want
         #: called with ``(symbol, reason, detail)`` at each resync (the I/O layer logs it)
         self.on_resync = on_resync
@@ -309,7 +313,7 @@ class DepthBooks:
             self._not_stored += 1
             return True
         reason = st.pending
-        if reason is None and self.policy.due(st.since_snapshot + 1, st.snapshot_ms, diff.event_ms):
+        if reason is None and self.policy.due(st.since_snapshot + 1, st.snapshot_ms, diff.event_ms, st.phase_ms):
             reason = "periodic"
         if reason is not None:
             self._store_snapshot(st, reason, seq, diff.event_ms, ts_recv, out)

@@ -31,6 +31,7 @@ from distributor.hotpath import SubscriberPolicy
 from distributor.ingress import Policy
 from distributor.writer import Retention
 from ingestor.depth_pacer import depth_weight
+from ingestor.leases import DEFAULT_TTL_S, LeaseSettings
 from ingestor.repair import RepairSettings
 from ingestor.session import DEFAULT_STALE_AFTER, SessionSettings
 
@@ -88,6 +89,10 @@ class IngestSettings:
     symbols: tuple[str, ...] = ("BTCUSDT", "ETHUSDT")
     channels: tuple[str, ...] = ("trade",)
     redis_url: str = DEFAULT_REDIS_URL
+    #: after each batch, wait until this many replicas have it (``WAIT``; 0: not asked), see docs/cluster.md
+    redis_replica_acks: int = 0
+    #: ``[shards]``: split the configured streams with other ingestors through leases (see :mod:`ingestor.leases`)
+    shards: LeaseSettings = field(default_factory=LeaseSettings)
     prefix: str = DEFAULT_PREFIX
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
@@ -199,6 +204,7 @@ _ENV: Final = {
     "queue_policy": "MARKET_QUEUE_POLICY",
     "spill_dir": "MARKET_SPILL_DIR",
     "latency_sample": "MARKET_LATENCY_SAMPLE",
+    "redis_replica_acks": "MARKET_REDIS_REPLICA_ACKS",
 }
 
 
@@ -272,6 +278,19 @@ def _repair(table: Any) -> RepairSettings:
         max_body_mb=_float(table.get("max_body_mb", 4.0), "repair.max_body_mb", 0.01, 1024.0),
         breaker_failures=_int(table.get("breaker_failures", 3), "repair.breaker_failures", 1, 1000),
         breaker_cooldown_s=_float(table.get("breaker_cooldown_s", 30.0), "repair.breaker_cooldown_s", 0.0, 86400.0),
+    )
+
+
+def _shards(table: Any) -> LeaseSettings:
+    """``[shards]``: ``count`` (0, the default: not sharded), ``max_owned`` (0: every shard), ``lease_ttl_s``."""
+    if table is None:
+        return LeaseSettings()
+    if not isinstance(table, dict):
+        raise ConfigError("[shards] must be a table")
+    return LeaseSettings(
+        count=_int(table.get("count", 0), "shards.count", 0, 1024),
+        max_owned=_int(table.get("max_owned", 0), "shards.max_owned", 0, 1024),
+        ttl_s=_float(table.get("lease_ttl_s", DEFAULT_TTL_S), "shards.lease_ttl_s", 0.3, 600.0),
     )
 
 
@@ -452,6 +471,7 @@ TOML_SCHEMA: Final = _Table({
     "symbols": _LIST,
     "channels": _LIST,
     "redis_url": _STRING,
+    "redis_replica_acks": _INTEGER,
     "prefix": _STRING,
     "metrics_host": _STRING,
     "metrics_port": _INTEGER,
@@ -499,6 +519,7 @@ TOML_SCHEMA: Final = _Table({
         "weight_share": _NUMBER,
         "weight_per_minute": _INTEGER,
     }),
+    "shards": _Table({"count": _INTEGER, "max_owned": _INTEGER, "lease_ttl_s": _NUMBER}),
     "streams": _Table({"on_demand": _LIST, "release_grace_s": _NUMBER}),
     "spill": _Table({"dir": _STRING, "fsync": _STRING, "max_mb": _INTEGER}),
     "shutdown": _Table({"flush_timeout_s": _NUMBER, "redis_timeout_s": _NUMBER}),
@@ -651,6 +672,8 @@ def load_settings(
         symbols=symbols,
         channels=channels,
         redis_url=validate_redis_url(str(merged.get("redis_url", DEFAULT_REDIS_URL))),
+        redis_replica_acks=_int(merged.get("redis_replica_acks", 0), "redis_replica_acks", 0, 64),
+        shards=_shards(toml.get("shards")),
         prefix=prefix,
         metrics_host=str(merged.get("metrics_host", "127.0.0.1")),
         metrics_port=_int(merged.get("metrics_port", 9464), "metrics port", 0, 65535),

@@ -64,6 +64,7 @@ __all__ = [
     "StoredState",
     "audit_fields",
     "check_text",
+    "control_keys",
     "default_who",
     "os_user",
     "parse_audit",

@@ -36,6 +36,7 @@ refusing what a book may not hold with :class:`~ingestor.venue.MalformedFrame` a
 from __future__ import annotations
 
 import re
+import zlib
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ __all__ = [
     "SyncState",
     "parse_depth_snapshot",
     "parse_depth_update",
+    "snapshot_phase_ms",
 ]
 
 # ------------------------------------------------------------------------------------------------ records
@@ -480,8 +482,9 @@ class DepthSync:
 class SnapshotPolicy:
     """When the stored stream is due a full snapshot entry besides the one at each load: after ``every_updates``
     diffs applied since the last, or when the venue's event time crosses a multiple of ``every_s`` seconds
-    (aligned on the epoch, so two ingestors fed the same diffs choose the same one).  None disables either;
-    both None: only at loads."""
+    shifted by the symbol's phase (:func:`snapshot_phase_ms`: fixed per symbol, so two ingestors fed the same
+    diffs choose the same one, and spread over the period, so a hundred books do not all encode their whole
+    book in the same instant).  None disables either; both None: only at loads."""
 
     every_updates: int | None = None
     every_s: float | None = None
@@ -492,12 +495,24 @@ class SnapshotPolicy:
         if self.every_s is not None and not self.every_s >= 0.001:
             raise ValueError(f"every_s must be at least 0.001 (a millisecond), got {self.every_s}")
 
-    def due(self, updates: int, last_ms: int, event_ms: int) -> bool:
+    def due(self, updates: int, last_ms: int, event_ms: int, phase_ms: int = 0) -> bool:
         """``updates`` diffs applied since the last snapshot entry, stored at venue time ``last_ms``; the diff
-        just applied has venue time ``event_ms``.  O(1)."""
+        just applied has venue time ``event_ms``; ``phase_ms`` shifts the period's boundaries (the symbol's
+        :func:`snapshot_phase_ms`).  O(1)."""
         if self.every_updates is not None and updates >= self.every_updates:
             return True
         if self.every_s is None:
             return False
         period = round(self.every_s * 1000)
-        return event_ms // period > last_ms // period
+        return (event_ms + phase_ms) // period > (last_ms + phase_ms) // period
+
+    def phase_ms(self, symbol: str) -> int:
+        """:func:`snapshot_phase_ms` of ``symbol`` for this policy's period (0 without one)."""
+        return 0 if self.every_s is None else snapshot_phase_ms(symbol, round(self.every_s * 1000))
+
+
+def snapshot_phase_ms(symbol: str, period_ms: int) -> int:
+    """Where in each period ``symbol``'s periodic snapshot falls: the CRC-32 of its name modulo the period, the same
+    in every process and every run (not :func:`hash`, which is salted per process), and spread evenly enough that
+    the books of one connection take their snapshots at different moments."""
+    return zlib.crc32(symbol.encode()) % max(period_ms, 1)

@@ -19,6 +19,11 @@ venue's, so the symbol starts over (``resync:crossed``) and the diff that crosse
 book refuses (a value past its scale) starts the symbol over too (``bad_level``).  One symbol's resync touches
 no other symbol.  Resyncs are counted by symbol and reason (:attr:`DepthBooks.resyncs`).
 
+Entries that were made but not stored (an operator's pause, a degrade level, the ingress queue's drop policy:
+:mod:`distributor.control.gate` drops the book's diffs after them until a snapshot) leave the live book in step:
+:meth:`DepthBooks.on_store_break` resyncs the *stream* only, with a ``resync:<why>`` snapshot of the live book in
+place of the next diff stored, no REST fetch.
+
 :attr:`DepthBooks.wanted` names the symbols whose snapshot should be asked for now; ``on_want`` (given at
 construction) is called when a symbol starts wanting one, so the I/O layer need not poll.
 """
@@ -36,10 +41,11 @@ from ingestor.depth import Action, Decision, DepthDiff, DepthRule, DepthSnapshot
 
 __all__ = ["BOOK_RESYNC_REASONS", "BookView", "DepthBooks", "DepthStats", "SymbolDepth", "UnknownSymbol"]
 
-#: every reason a symbol's book starts over, as counted: :data:`ingestor.depth.RESYNC_REASONS` and a diff or
-#: snapshot the book refused
+#: every reason a symbol's book starts over, as counted: :data:`ingestor.depth.RESYNC_REASONS`, a diff or
+#: snapshot the book refused, and entries the book was in step for but that were not stored
+#: (:data:`distributor.control.gate.BOOK_BREAK_REASONS`: a pause, the ``essential`` level, an ingress drop)
 BOOK_RESYNC_REASONS: Final = ("gap", "reconnect", "crossed", "stale_snapshot", "buffer_overflow", "snapshot_error",
-                              "bad_level")
+                              "bad_level", "paused", "degraded", "dropped")
 
 
 class BookView(Protocol):
@@ -213,6 +219,16 @@ class DepthBooks:
                 self._act(st, decision, 0)
                 out.append(decision)
         return out
+
+    def on_store_break(self, venue: str, symbol: str, why: str) -> None:
+        """Entries of ``symbol``'s stream were not stored (``why``: ``paused``, ``degraded``, ``dropped``, ...): the
+        next storable diff becomes a ``resync:<why>`` snapshot (counted like every resync).  The live book is in
+        step, so nothing is fetched; a symbol already waiting for a snapshot entry keeps the reason it has.  A
+        symbol not kept, or of another venue: nothing.  (The signature of
+        :data:`distributor.control.gate.BookBreakHook`.)"""
+        st = self._symbols.get(symbol) if venue == self.venue else None
+        if st is not None:
+            self._resync(st, why, "entries not stored")
 
     # -- the work
 

@@ -386,8 +386,13 @@ async def heartbeat_loop(
     ttl: float = 5.0,
     state: HeartbeatState | None = None,
     clock: Callable[[], float] = time.time,
+    sections: Callable[[], Mapping[str, Any]] | None = None,
 ) -> None:
     """Publish ``ingestor``'s heartbeat every ``interval`` seconds until cancelled.
+
+    ``sections`` gives top-level sections to add to each document beside those of
+    :class:`~consumer_sdk.core.health.Heartbeat` (``leases``, see :mod:`ingestor.leases`; ``market status``
+    reads them from the raw document, :func:`~consumer_sdk.core.health.from_doc` passes over them).
 
     Redis errors are logged (at most once a second) and the next beat tries again; each write is
     bounded in time, so a hung Redis delays no later beat by more than ``interval``.  On
@@ -411,7 +416,10 @@ async def heartbeat_loop(
             began = loop.time()
             hb = heartbeat_document(ingestor.snapshot(), clock(), st)
             hb = dataclasses.replace(hb, interval_s=interval, ttl_s=ttl, tasks=len(asyncio.all_tasks()))
-            payload = orjson.dumps(to_doc(hb))
+            doc = to_doc(hb)
+            if sections is not None:
+                doc.update({k: v for k, v in sections().items() if k not in doc})
+            payload = orjson.dumps(doc)
             try:
                 async with asyncio.timeout(interval):
                     pipe = redis.pipeline(transaction=False)

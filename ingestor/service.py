@@ -13,6 +13,11 @@ With the channel ``depth`` the ingestor keeps each symbol's order book (:class:`
 fed by the sessions' pipelines) and one task asks for the REST snapshots the books want
 (:class:`~ingestor.depth_fetch.DepthFetcher`); the books' entries go through the ingress, the hot path and the
 writer like every tick.  :meth:`Ingestor.book` gives a co-located subscriber the live book of a symbol.
+
+With ``[shards]`` the ingestor ingests only the shards it holds a lease on (:mod:`ingestor.leases`): it takes
+them before it starts, renews them in a task of their own, stops a shard's streams the moment its lease is
+lost, and on gaining one continues its streams after the newest seq Redis holds, the venue's REST history
+filling what was missed, as at a restart.
 """
 
 from __future__ import annotations
@@ -32,9 +37,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from consumer_sdk.core.backoff import Backoff
-from consumer_sdk.core.errors import ConfigError, InvalidTick, MarketError
+from consumer_sdk.core.errors import ConfigError, InvalidTick, MarketError, TransientError
 from consumer_sdk.core.handler import Handler
-from consumer_sdk.core.keys import Pattern, parse_entry_id, stream_key
+from consumer_sdk.core.keys import Pattern, StreamName, parse_entry_id, stream_key
 from consumer_sdk.core.latency import LatencyHistogram
 from consumer_sdk.core.log import Throttle, get_logger, log_event
 from consumer_sdk.core.redis import connect_redis
@@ -56,6 +61,7 @@ from ingestor.depth_books import BookView, DepthBooks
 from ingestor.depth_fetch import DepthFetcher
 from ingestor.depth_pacer import SnapshotPacer
 from ingestor.heartbeat import HeartbeatState, heartbeat_loop
+from ingestor.leases import Gained, LeaseStore, LeaseTable, Lost, keep_leases, lease_round, leases_doc, shard_streams
 from ingestor.repair import REPAIRABLE, GapRepairer, merge_repair
 from ingestor.rest import VenueRest
 from ingestor.sequencer import GapReport, Sequencer
@@ -241,7 +247,9 @@ class Ingestor:
         self.distributor: Distributor | None = None
         self._handlers: list[BatchHandler] = []
         #: runtime switches (``market ctl``), applied by the distributor to every batch
-        self.control = ControlGate()
+        self.control = ControlGate(on_book_break=self.depth.on_store_break if self.depth is not None else None)
+        if self.depth is not None:
+            self.ingress.on_drop = self.control.dropped  # a book that lost an entry there is resynced
         self.control_rejected = 0
         # The hot path's unit is a chunk (many ticks, timed as one): one chunk in 4 at most.
         self.hotpath = HotPath(sample_every=min(settings.latency_sample, HOT_SAMPLE_EVERY))
@@ -269,6 +277,13 @@ class Ingestor:
         self.stop_report: StopReport | None = None
         #: what its heartbeat remembers between beats, its identity included (see :mod:`ingestor.heartbeat`)
         self.heartbeat = HeartbeatState()
+        shards = settings.shards
+        #: with ``[shards]``: the leases held (None: not sharded, every configured stream is ingested)
+        self.leases: LeaseTable | None = LeaseTable(shards) if shards.enabled else None
+        self._shard_symbols = shard_streams(settings.symbols, shards.count) if shards.enabled else {}
+        #: configured streams of shards not held now: suppressed in the registry
+        self._unowned: set[StreamName] = set()
+        self._lease_store: LeaseStore | None = None
 
     def streams(self) -> list[tuple[str, str, str]]:
         """(symbol, channel, venue stream name) for everything configured."""
@@ -385,19 +400,97 @@ class Ingestor:
             await asyncio.sleep(1.0)  # the registry's period; releases are in tens of seconds
             self._sync_wants()
             self.hotpath.set_shed(self.control.shed_active)  # automatic degradation may have changed it
-            self.registry.suppress(self.control.state.unsubscribe_patterns())  # `market ctl pause --unsubscribe`
+            self._suppress()
             changes = self.registry.tick(time.monotonic())
             if changes:
                 self.apply_changes(changes)
+
+    def _suppress(self) -> None:
+        """Streams not held: paused with ``market ctl pause --unsubscribe``, or of a shard not owned."""
+        unowned = [str(n) for n in sorted(self._unowned, key=str)]
+        self.registry.suppress([*self.control.state.unsubscribe_patterns(), *unowned])
+
+    def _shard_names(self, shard: int) -> list[StreamName]:
+        s = self.settings
+        return [StreamName(s.venue, sym, ch) for sym in self._shard_symbols.get(shard, ()) for ch in s.channels]
+
+    async def _take_leases(self, redis: aioredis.Redis) -> None:
+        """The first lease round, before anything starts: a lease store that does not answer is one line, exit 2."""
+        table = self.leases
+        assert table is not None
+        self._lease_store = LeaseStore(redis, self.settings.prefix, self.heartbeat.identity.id)
+        try:
+            gained, _ = await lease_round(table, self._lease_store)
+        except (RedisError, OSError, TimeoutError):
+            raise TransientError(
+                f"cannot take shard leases at start from Redis at {redact_url(self.settings.redis_url)}: "
+                f"{table.failing}"
+            ) from None
+        held = {g.shard for g in gained}
+        self._unowned = {n for shard in range(table.settings.count) if shard not in held
+                         for n in self._shard_names(shard)}
+        self._suppress()
+        for g in gained:
+            log_event(log, logging.INFO, "lease_gained", shard=g.shard, token=g.token,
+                      symbols=list(self._shard_symbols.get(g.shard, ())))
+        log_event(log, logging.INFO, "shards_held", held=sorted(held), count=table.settings.count,
+                  standby=not held)
+
+    async def _on_leases(self, redis: aioredis.Redis, gained: Sequence[Gained], lost: Sequence[Lost]) -> None:
+        """A shard lost: its streams stop at once (what is held still goes to Redis, where the entry IDs make
+        it harmless).  A shard gained: its streams continue after the newest seq Redis holds, the sequencer
+        finding the ids missed since and the repairer fetching them over REST."""
+        for x in lost:
+            names = self._shard_names(x.shard)
+            streams = [self._stream(n.symbol, n.channel) for n in names]
+            for session in self.sessions:
+                session.remove_streams(streams)
+            self.registry.failed(names)
+            for n in names:
+                self.sequencer.release(n.venue, n.symbol, n.channel)
+            self._unowned.update(names)
+            log_event(log, logging.WARNING, "lease_lost", shard=x.shard, token=x.token, reason=x.reason,
+                      streams=len(names))
+        self._suppress()
+        table = self.leases
+        assert table is not None or not gained
+        for g in gained:
+            assert table is not None
+            names = self._shard_names(g.shard)
+            try:
+                for n in names:
+                    self.sequencer.release(n.venue, n.symbol, n.channel)
+                async with asyncio.timeout(table.settings.renew_every_s):  # the next round waits on it
+                    await self._seed(redis, [(n.symbol, n.channel) for n in names])
+            except (RedisError, OSError, TimeoutError) as exc:
+                # Not continued from where Redis is: let the lease expire, to be taken again.
+                table.abandon(g.shard)
+                log_event(log, logging.WARNING, "lease_abandoned", shard=g.shard, token=g.token,
+                          error=str(exc)[:200] or type(exc).__name__)
+                continue
+            self._unowned.difference_update(names)
+            log_event(log, logging.INFO, "lease_gained", shard=g.shard, token=g.token,
+                      symbols=list(self._shard_symbols.get(g.shard, ())))
+        self._suppress()
+        changes = self.registry.tick(time.monotonic())
+        if changes:
+            self.apply_changes(changes)
+
+    def _lease_section(self) -> dict[str, Any]:
+        """The heartbeat's ``leases`` section (none when not sharded)."""
+        if self.leases is None:
+            return {}
+        return {"leases": leases_doc(self.leases.stats(time.monotonic()), self._shard_symbols)}
 
     def add_batch_handler(self, handler: BatchHandler) -> None:
         """Called with every batch taken from the ingress, in the distributor task, before Redis."""
         self._handlers.append(handler)
 
-    async def _seed(self, redis: aioredis.Redis) -> dict[Ident, int]:
-        """Continue every stream after the newest seq Redis holds (restart safety); that seq per stream."""
+    async def _seed(self, redis: aioredis.Redis, only: Sequence[tuple[str, str]] | None = None) -> dict[Ident, int]:
+        """Continue every stream (or ``only`` these ``(symbol, channel)``) after the newest seq Redis holds
+        (restart safety); that seq per stream."""
         s = self.settings
-        names = [(symbol, channel) for symbol, channel, _ in self.streams()]
+        names = list(only) if only is not None else [(symbol, channel) for symbol, channel, _ in self.streams()]
         pipe = redis.pipeline(transaction=False)
         for symbol, channel in names:
             pipe.xrevrange(stream_key(s.venue, symbol, channel, s.prefix), "+", "-", count=1)
@@ -563,11 +656,13 @@ class Ingestor:
         redis = self._redis or await connect_redis(s.redis_url)
         spill: SpillLog | None = None
         try:
+            if self.leases is not None:
+                await self._take_leases(redis)
             stored = await self._seed(redis)
             spill = self._open_spill(stored)
             self.writer = StreamWriter(
                 redis, prefix=s.prefix, retention=s.retention, capacity=s.writer_capacity, spill=spill,
-                sample_every=s.latency_sample,
+                sample_every=s.latency_sample, replica_acks=s.redis_replica_acks,
             )
             self.distributor = Distributor(
                 self.ingress, self.writer, handlers=self._handlers, hotpath=self.hotpath, gate=self.control
@@ -602,7 +697,14 @@ class Ingestor:
                 tg.create_task(self.repairer.run(), name="repair")
                 if self.depth_fetcher is not None:
                     tg.create_task(self.depth_fetcher.run(), name="depth-snapshots")
-                tg.create_task(heartbeat_loop(self, redis, prefix=s.prefix), name="heartbeat")
+                tg.create_task(
+                    heartbeat_loop(self, redis, prefix=s.prefix, sections=self._lease_section), name="heartbeat"
+                )
+                if self.leases is not None and self._lease_store is not None:
+                    async def on_leases(gained: Sequence[Gained], lost: Sequence[Lost]) -> None:
+                        await self._on_leases(redis, gained, lost)
+
+                    tg.create_task(keep_leases(self.leases, self._lease_store, on_leases), name="leases")
                 tg.create_task(
                     watch_control(redis, s.prefix, self._on_control, self._on_control_invalid), name="control"
                 )

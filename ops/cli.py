@@ -784,11 +784,28 @@ AsJson = Annotated[bool, typer.Option("--json", help="one JSON line")]
 
 
 @bench_app.command("writer")
-def bench_writer(ticks: Ticks = 500_000, streams: Streams = 100, as_json: AsJson = False) -> None:
-    """Our Redis writer against the naive per-tick XADD pipeline, same ticks, same run."""
-    from ops.bench.writer import run_writer_bench
+def bench_writer(
+    ticks: Ticks = 500_000,
+    streams: Streams = 100,
+    redis_url: Annotated[str | None, typer.Option(
+        help="the Redis to bench against, redis:// or redis+cluster:// (default: MARKET_REDIS_URL)")] = None,
+    masters: Annotated[int, typer.Option(
+        help="start a Redis Cluster of this many masters on this machine for the run instead (0: none)")] = 0,
+    replicas: Annotated[int, typer.Option(help="with --masters: replicas of each master")] = 1,
+    as_json: AsJson = False,
+) -> None:
+    """Our Redis writer against the naive per-tick XADD pipeline, same ticks, same run (on a cluster too)."""
+    from ops.bench.writer import run_writer_bench, run_writer_bench_on_cluster
 
-    _print_json(run_async(run_writer_bench(_bench_redis(ticks, streams), ticks=ticks, streams=streams)), as_json)
+    if masters < 0 or replicas < 0 or (masters and redis_url):
+        fail("--masters and --replicas must be >= 0, and --masters starts its own cluster: not with --redis-url")
+    if masters:
+        if ticks < streams or streams < 1:
+            fail("--ticks must be at least --streams, and --streams at least 1")
+        result = run_async(run_writer_bench_on_cluster(masters, replicas, ticks=ticks, streams=streams))
+    else:
+        result = run_async(run_writer_bench(_bench_redis(ticks, streams, redis_url), ticks=ticks, streams=streams))
+    _print_json(result, as_json)
 
 
 @bench_app.command("reader")
@@ -797,6 +814,63 @@ def bench_reader(ticks: Ticks = 500_000, streams: Streams = 100, as_json: AsJson
     from ops.bench.writer import run_reader_bench
 
     _print_json(run_async(run_reader_bench(_bench_redis(ticks, streams), ticks=ticks, streams=streams)), as_json)
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        fail(f"{option} takes comma-separated integers, not {text!r}")
+    if not values or min(values) < 1:
+        fail(f"{option} takes integers >= 1, not {text!r}")
+    return values
+
+
+@bench_app.command("scale")
+def bench_scale(
+    masters: Annotated[str, typer.Option(
+        help="Redis masters per cell, comma-separated: 1 is a standalone server, more a cluster")] = "1,3",
+    ingestors: Annotated[str, typer.Option(help="ingestors per cell, comma-separated (the symbols split)")] = "1,2",
+    rates: Annotated[str, typer.Option(
+        help="offered ticks/s in turn, until a window saturates (default: 20k to 200k)")] = "",
+    duration: Annotated[float, typer.Option(help="seconds of each measured window")] = 20.0,
+    warmup: Annotated[float, typer.Option(help="seconds at each rate before its window")] = 3.0,
+    drain: Annotated[float, typer.Option(help="seconds at most for Redis to hold every tick sent, at the end")] = 60.0,
+    replicas: Annotated[int, typer.Option(help="replicas of each cluster master")] = 1,
+    seed: Annotated[int, typer.Option(help="simulator seed (same seed, same market)")] = 1,
+    out: Annotated[Path | None, typer.Option(help="also write the result as JSON to this file")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON, not the Markdown table")] = False,
+) -> None:
+    """Ingest and write throughput by Redis masters x ingestors, each cell on a Redis of its own on this machine:
+    ticks/s stored (counted from Redis), CPU per process, ratio to the 1-master 1-ingestor cell."""
+    import orjson
+
+    from ops.bench.scale import SCALE_RATES, ScaleSettings, run_scale
+    from ops.bench.scale_report import render_scale_markdown
+
+    rate_list = SCALE_RATES
+    if rates:
+        try:
+            rate_list = tuple(float(x) for x in rates.split(",") if x.strip())
+        except ValueError:
+            fail(f"--rates takes comma-separated numbers, not {rates!r}")
+    if duration <= 0 or warmup < 0 or drain <= 0 or replicas < 0:
+        fail("--duration and --drain must be positive, --warmup and --replicas >= 0")
+    settings = ScaleSettings(
+        masters=_int_list(masters, "--masters"), ingestors=_int_list(ingestors, "--ingestors"), rates=rate_list,
+        warmup_s=warmup, window_s=duration, drain_s=drain, replicas=replicas, seed=seed,
+    )
+    result = run_async(run_scale(settings, lambda line: print(f"market bench scale: {line}", file=sys.stderr)))
+    if out is not None:
+        out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    if as_json:
+        print(orjson.dumps(result).decode())
+    else:
+        print(render_scale_markdown(result["cells"]), end="")
+    if not all(c["adds_up"] for c in result["cells"]):
+        print("market bench scale: in a cell, Redis did not end up holding exactly the ticks the simulator sent",
+              file=sys.stderr)
+        raise typer.Exit(1)
 
 
 @bench_app.command("book")
@@ -836,13 +910,47 @@ def bench_book(
               f"{one['baseline_p99_us']}); books equal: {one['equal']}")
 
 
-def _bench_redis(ticks: int, streams: int) -> str:
-    """Check the sizes and that Redis answers; the Redis URL to bench against."""
+@bench_app.command("depth")
+def bench_depth(
+    symbols: Annotated[int, typer.Option(help="symbols, each with its book at 100 ms and its trades")] = 100,
+    duration: Annotated[float, typer.Option(help="seconds measured per run (without, then with depth)")] = 30.0,
+    rate: Annotated[float, typer.Option(help="the simulator's market events a second in all (trades among them)")]
+    = 4000.0,
+    seed: Annotated[int, typer.Option(help="simulator seed (same seed, same market)")] = 1,
+    as_json: AsJson = False,
+) -> None:
+    """The ingestor's whole path with order books: one ingestor on trades alone, then on trades and depth, against
+    the same simulator; entries stored per second, CPU, memory, frame -> Redis latency by channel."""
+    from ops.bench.depth import run_depth_bench
+
+    if symbols < 1 or duration <= 0 or rate <= 0:
+        fail("--symbols must be at least 1, --duration and --rate positive")
+    result = run_async(run_depth_bench(redis_url=_bench_redis(symbols, 1), symbols=symbols, duration_s=duration,
+                                       rate=rate, seed=seed))
+    if as_json:
+        _print_json(result, True)
+        return
+    print(f"{symbols} symbols, {duration:g} s a run, simulator at {rate:g} events/s")
+    for name, one in result["runs"].items():
+        per_s = ", ".join(f"{ch} {n}/s" for ch, n in one["stored_per_s"].items())
+        back = "; ".join(f"{ch} p50 {h['p50_us']:.0f} p99 {h['p99_us']:.0f}"
+                         for ch, h in one["frame_to_readback"].items())
+        red = one["frame_to_redis"]
+        print(f"{name:>12}: stored {per_s}; ingestor CPU {one['ingestor_cpu_share']} of a core, RSS "
+              f"{one['rss_mib']} MiB (peak {one['peak_rss_mib']}); frame->Redis p50 {red['p50_us']:.0f} p99 "
+              f"{red['p99_us']:.0f} µs; frame->read back (µs) {back}")
+    print(f"depth adds {result['depth']['entries_per_s']} entries/s, {result['depth']['cpu_share_added']} of a core, "
+          f"{result['depth']['rss_mib_added']} MiB")
+
+
+def _bench_redis(ticks: int, streams: int, url: str | None = None) -> str:
+    """Check the sizes and that Redis answers; the Redis URL to bench against (``url``, else MARKET_REDIS_URL)."""
     from consumer_sdk.core.redis import connect_redis
+    from consumer_sdk.core.urls import validate_redis_url
 
     if ticks < streams or streams < 1:
         fail("--ticks must be at least --streams, and --streams at least 1")
-    url = _redis_url()
+    url = validate_redis_url(url) if url else _redis_url()
     run_async(_check_redis(url, connect_redis))
     return url
 

@@ -101,7 +101,11 @@ TARGETS: Final = (
     ),
     Target(
         "distributor/ingress.py",
-        ("tests/distributor/test_ingress.py", "tests/distributor/test_mutants_ingress.py"),
+        (
+            "tests/distributor/test_ingress.py",
+            "tests/distributor/test_mutants_ingress.py",
+            "tests/distributor/test_control_books.py",
+        ),
     ),
     Target(
         "consumer_sdk/core/backoff.py",
@@ -121,11 +125,19 @@ TARGETS: Final = (
     ),
     Target(
         "distributor/control/degrade.py",
-        ("tests/distributor/test_control.py", "tests/distributor/test_mutants_control.py"),
+        (
+            "tests/distributor/test_control.py",
+            "tests/distributor/test_mutants_control.py",
+            "tests/distributor/test_control_books.py",
+        ),
     ),
     Target(
         "distributor/control/gate.py",
-        ("tests/distributor/test_control.py", "tests/distributor/test_mutants_control.py"),
+        (
+            "tests/distributor/test_control.py",
+            "tests/distributor/test_mutants_control.py",
+            "tests/distributor/test_control_books.py",
+        ),
     ),
     Target(
         "consumer_sdk/book.py",

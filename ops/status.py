@@ -13,7 +13,10 @@ and the cause (``unknown`` when nothing reports on it):
 - ``ingress``: the bounded queue between the connections and the distributor (fill, drops, backpressure);
 - ``fanout``: the in-process hot path to co-located subscribers (drops, errors, disconnections);
 - ``redis``: the stream writer (failing writes, ticks spilled to disk, a spill log full, buffer filling);
-- ``consumers``: consumer groups on the streams (lag in entries, per group and stream).
+- ``consumers``: consumer groups on the streams (lag in entries, per group and stream);
+- ``leases``: with ``[shards]`` (:mod:`ingestor.leases`), whether every shard is owned by a reporting
+  ingestor, none by two, and whether an ingestor cannot reach its lease store (the ``leases`` section
+  of each heartbeat; ``ok`` when no ingestor is sharded).
 
 :func:`evaluate` is pure: heartbeats (as :mod:`ingestor.heartbeat` writes them, read through the one
 typed definition :func:`consumer_sdk.core.health.from_doc`) and consumer-group rows in, a
@@ -103,7 +106,7 @@ DEAD_PRUNE_S: Final = 600.0
 MAX_STREAMS: Final = 10_000
 MAX_INGESTORS: Final = 1_000
 
-STAGES: Final = ("ingestor", "connection", "ingress", "fanout", "redis", "consumers")
+STAGES: Final = ("ingestor", "connection", "ingress", "fanout", "redis", "consumers", "leases")
 _PIPE_CHUNK: Final = 500
 
 
@@ -460,6 +463,57 @@ def _consumers(groups: Sequence[Mapping[str, Any]]) -> StageStatus:
                                               f"stream(s), max lag {lag}")
 
 
+def _leases(alive: Sequence[Mapping[str, Any]]) -> StageStatus:
+    """The shards across every reporting ingestor: each owned once, and every lease store reachable."""
+    rows = [(_str(hb, "id", default="?"), hb["leases"]) for hb in alive if isinstance(hb.get("leases"), Mapping)]
+    if not rows:
+        return StageStatus("leases", Level.OK, "not sharded (no ingestor reports [shards])")
+    counts = sorted({_int(d, "count") for _, d in rows})
+    if len(counts) > 1:
+        return StageStatus("leases", Level.FAIL, f"ingestors disagree on [shards] count: {counts}")
+    count = counts[0]
+    owners: dict[int, list[tuple[str, int]]] = {}
+    for who, d in rows:
+        owned = d.get("owned")
+        for row in owned if isinstance(owned, list) else ():
+            owners.setdefault(_int(row, "shard"), []).append((who, _int(row, "token")))
+    findings: list[_Verdict] = []
+    for who, d in rows:
+        failing = _str(d, "failing")
+        if failing:
+            since = _float(d, "failing_for_s")
+            lasting = f" for {_secs(since)}" if since is not None else ""
+            findings.append((Level.FAIL, f"{who} cannot reach its lease store{lasting} ({_short(failing, 80)}): "
+                                         "its shards stop when their leases expire"))
+    missing = [s for s in range(count) if s not in owners]
+    if missing:
+        findings.append((Level.FAIL, f"{len(missing)} of {count} shard(s) owned by no reporting ingestor "
+                                     f"({', '.join(map(str, missing[:8]))}): their streams are not ingested"))
+    for shard, held in sorted(owners.items()):
+        if len(held) > 1:
+            held.sort(key=lambda h: h[1])
+            claims = " and ".join(f"{w} (token {t})" for w, t in held)
+            findings.append((Level.WARN, f"shard {shard} claimed by {claims}: the older stops at its next renewal"))
+    if findings:
+        level, cause = _worst(findings)
+        return StageStatus("leases", level, cause)
+    holding = [(who, sorted(s for s, h in owners.items() if any(w == who for w, _ in h))) for who, _ in rows]
+    parts = [f"{who}: {', '.join(map(str, shards))}" for who, shards in holding if shards]
+    standby = sum(1 for _, shards in holding if not shards)
+    return StageStatus("leases", Level.OK, f"{count}/{count} shard(s) owned ({'; '.join(parts[:4])})"
+                                           + (f", {standby} standby" if standby else ""))
+
+
+def _standby_ids(heartbeats: Sequence[Any]) -> frozenset[str]:
+    """Ids of sharded ingestors holding no shard (a standby has no venue connection, by design)."""
+    out = set()
+    for hb in heartbeats:
+        leases = hb.get("leases") if isinstance(hb, Mapping) else None
+        if isinstance(leases, Mapping) and leases.get("owned") == [] and isinstance(hb.get("id"), str):
+            out.add(hb["id"])
+    return frozenset(out)
+
+
 def evaluate(heartbeats: Sequence[Mapping[str, Any]], consumer_groups: Sequence[Mapping[str, Any]],
              now: float) -> StatusReport:
     """Judge every stage from heartbeats and consumer-group rows (pure; any input shape, no exception).
@@ -484,6 +538,7 @@ def evaluate(heartbeats: Sequence[Mapping[str, Any]], consumer_groups: Sequence[
         stages = [_ingestor_stage(alive, dead, broken)]
     except Exception as exc:  # an odd heartbeat must not turn into a traceback
         stages = [StageStatus("ingestor", Level.UNKNOWN, f"cannot judge: {type(exc).__name__}: {exc}")]
+    standby = _standby_ids(heartbeats)
     for name, judge in _JUDGES.items():
         if not alive:
             stages.append(StageStatus(name, Level.UNKNOWN, "no ingestor is reporting"))
@@ -491,7 +546,10 @@ def evaluate(heartbeats: Sequence[Mapping[str, Any]], consumer_groups: Sequence[
         verdicts = []
         for parsed in alive:
             try:
-                level, cause = judge(parsed.heartbeat)
+                if name == "connection" and parsed.heartbeat.id in standby and not parsed.heartbeat.connections.total:
+                    level, cause = Level.OK, "standby: holds no shard, so no venue connection"
+                else:
+                    level, cause = judge(parsed.heartbeat)
             except Exception as exc:  # a judge's own fault must not turn into a traceback
                 level, cause = Level.UNKNOWN, f"cannot judge: {type(exc).__name__}: {exc}"
             verdicts.append((level, cause, parsed.heartbeat.id or "?"))
@@ -507,6 +565,12 @@ def evaluate(heartbeats: Sequence[Mapping[str, Any]], consumer_groups: Sequence[
         stages.append(_consumers(consumer_groups))
     except Exception as exc:
         stages.append(StageStatus("consumers", Level.UNKNOWN, f"cannot judge: {type(exc).__name__}: {exc}"))
+    try:
+        raw = [hb for hb in heartbeats if isinstance(hb, Mapping) and hb.get("alive") is not False
+               and not hb.get("error")]
+        stages.append(_leases(raw))
+    except Exception as exc:
+        stages.append(StageStatus("leases", Level.UNKNOWN, f"cannot judge: {type(exc).__name__}: {exc}"))
     return StatusReport(tuple(stages), now, tuple(p.heartbeat.id for p in alive))
 
 

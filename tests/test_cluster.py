@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -24,6 +25,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
+from redis.exceptions import RedisError
 
 from consumer_sdk.consumer import Consumer
 from consumer_sdk.core.errors import ConfigError
@@ -379,12 +381,24 @@ async def test_a_master_killed_mid_flow_is_replaced_and_writer_and_consumer_carr
             async with asyncio.timeout(HANG_S):
                 while writer.appended < 20 * len(SYMBOLS):
                     await asyncio.sleep(0.01)  # poll: the flow is under way
+            held_before = int(await client.xlen(victim_key))
+            killed_at = time.monotonic()
             killed = await asyncio.to_thread(cl.kill_master, slot=key_slot(victim_key.encode()))
             appended_at_kill = writer.appended
             heir = await asyncio.to_thread(cl.wait_promoted, killed, HANG_S)
+            promoted_s = time.monotonic() - killed_at
             if replica_acks:
                 # the new master has no replica: WAIT 1 holds its writes until the old master rejoins as one
                 await asyncio.to_thread(cl.restart, killed, HANG_S)
+            async with asyncio.timeout(HANG_S):  # the victim's stream takes writes again: on its new master
+                while True:
+                    try:
+                        if int(await client.xlen(victim_key)) > held_before:
+                            break
+                    except RedisError:
+                        pass  # the client is still finding the new master
+                    await asyncio.sleep(0.01)  # poll: the writer's retry lands
+            resumed_s = time.monotonic() - killed_at
             rounds_after.append(submitted // len(SYMBOLS))
             async with asyncio.timeout(HANG_S):
                 await producing
@@ -404,7 +418,8 @@ async def test_a_master_killed_mid_flow_is_replaced_and_writer_and_consumer_carr
             missing = {(k.split(":")[2], n) for k, seqs in stored.items() for n in seqs} - set(got)
             assert not missing
             lost = submitted - total
-            print(f"\nreplica_acks={replica_acks}: submitted {submitted}, stored {total}, lost {lost} "
+            print(f"\nreplica_acks={replica_acks}: master SIGKILLed -> replica promoted {promoted_s:.2f} s, -> the "
+                  f"stream written again {resumed_s:.2f} s; submitted {submitted}, stored {total}, lost {lost} "
                   f"(appended by the writer at the kill: {appended_at_kill}); writer errors {writer.errors}, "
                   f"rejected by reason {writer.rejected_by_reason}, replica shortfalls {writer.replica_shortfalls}; "
                   f"consumer reconnects {consumer.stats().reconnects}, gaps {consumer.stats().gaps}")

@@ -31,6 +31,7 @@ KNOWN: Final[Mapping[str, str]] = {
     "MARKET_CHANNELS": "channels to ingest",
     "MARKET_REDIS_URL": "the Redis every command uses",
     "MARKET_PREFIX": "stream key prefix every command uses",
+    "MARKET_REDIS_REPLICA_ACKS": "replicas each write batch waits for (WAIT); 0: none",
     "MARKET_METRICS_HOST": "address the ingestor's metrics bind",
     "MARKET_METRICS_PORT": "port of the ingestor's metrics",
     "MARKET_QUEUE_CAPACITY": "ingress queue capacity",

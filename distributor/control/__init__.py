@@ -20,14 +20,20 @@ The switches (set live with ``market ctl``, stored by :mod:`ingestor.control_pla
              slow subscribers as ``drop_oldest``
   conflate   ``book_ticker`` and unclosed kline updates: the latest tick per stream per
              ``conflate_interval`` (100 ms by default), always the newest value in the end
-  essential  as ``conflate``, and ``book_ticker`` and unclosed kline updates of streams matching
-             none of the *critical* patterns are dropped
+  essential  as ``conflate``, and ``book_ticker``, unclosed kline updates and order books of
+             streams matching none of the *critical* patterns are dropped
   ========== ===================================================================================
 
   Trades, aggregate trades and closed klines are never conflated or dropped by a degrade level,
   whichever it is: they are events, not states, and a level may be chosen by :class:`AutoDegrade`
   without anyone looking.  Only an operator's explicit ``pause`` or ``limit`` removes them.
 - **critical** patterns: the streams ``essential`` keeps whole.
+- **order books** (channel ``depth``): never thinned, only cut and then healed.  A pause drops every entry
+  of the book (no gap marker, ever); ``essential`` drops those of non-critical books; a limit and the
+  ``conflate`` level do not apply to books.  When a book's entries pass again after some were dropped (by a
+  pause, ``essential``, or the ingress queue's drop policy), its diffs are dropped until a
+  ``resync:<why>`` snapshot (``paused``, ``degraded``, ``dropped``) that the gate asks the book's keeper
+  for, so a stored book stream never holds a break (:mod:`~distributor.control.gate` has the details).
 - **auto**: :class:`AutoDegrade` may raise the level in force above the one set by hand, from the
   ingress fill ratio and the end-to-end p99 latency, and lowers it again with hysteresis.
 
@@ -44,7 +50,7 @@ The package, each module importing only those listed before it:
 
 from distributor.control.codec import MAX_WHO, SCHEMA, dump_state, parse_state, state_to_dict
 from distributor.control.degrade import AutoDegrade, AutoDegradeConfig, AutoStep, WindowPercentile
-from distributor.control.gate import ControlGate, GateStats
+from distributor.control.gate import BOOK_BREAK_REASONS, BookBreakHook, ControlGate, GateStats
 from distributor.control.state import (
     Auto,
     ControlState,
@@ -59,12 +65,14 @@ from distributor.control.state import (
 )
 
 __all__ = [
+    "BOOK_BREAK_REASONS",
     "MAX_WHO",
     "SCHEMA",
     "Auto",
     "AutoDegrade",
     "AutoDegradeConfig",
     "AutoStep",
+    "BookBreakHook",
     "ControlGate",
     "ControlState",
     "Critical",

@@ -8,8 +8,11 @@ The rules, each level including the ones before it (the gate applies them, see
 normal     nothing
 shed       nothing is filtered (:func:`sheds`: the hot path treats slow subscribers as ``drop_oldest``)
 conflate   ``book_ticker`` and unclosed kline updates: the latest tick per stream per interval
-essential  as ``conflate``, and those of streams matching no *critical* pattern are dropped
+essential  as ``conflate``, and those of streams matching no *critical* pattern are dropped, order books
+           (``depth``) of such streams too
 ========== =========================================================================================
+
+Order books are never conflated (see :mod:`distributor.control.gate` for what a dropped book gets).
 
 Trades, aggregate trades and closed klines are never conflated or dropped by a level: they are events,
 not states, and a level may be chosen by :class:`AutoDegrade` without anyone looking.
@@ -61,13 +64,16 @@ def stream_rule(level: Level, channel: str, name: str, critical: Iterable[Patter
     """What ``level`` does to the stream ``name`` of ``channel``: ``(conflate, drop)``.
 
     Only state channels (``book_ticker``, ``kline_*``) are touched: conflated from ``conflate`` on, dropped
-    at ``essential`` unless a ``critical`` pattern matches ``name``.  A closed kline is an event: the gate
+    at ``essential`` unless a ``critical`` pattern matches ``name``.  An order book (``depth``) is never
+    conflated (a diff means something only after the one before it), only dropped at ``essential`` like a
+    state channel; the gate then resyncs it when it passes again.  A closed kline is an event: the gate
     lets it through tick by tick whatever this says.  Cost: O(1), plus one match per critical pattern for
     a state channel at ``essential``.
     """
+    book = channel == "depth"
     state_channel = channel == "book_ticker" or channel.startswith("kline_")
     conflate = state_channel and level.rank >= Level.CONFLATE.rank
-    drop = state_channel and level is Level.ESSENTIAL and not any(p.matches(name) for p in critical)
+    drop = (state_channel or book) and level is Level.ESSENTIAL and not any(p.matches(name) for p in critical)
     return conflate, drop
 
 

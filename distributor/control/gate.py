@@ -13,6 +13,31 @@ or conflated: a newer marker supersedes a tick held back for its stream.
 Ordering: per stream, the gate emits ticks in the order it got them (held ticks are only ever
 replaced by newer ones of their stream), so ``seq`` keeps increasing.
 
+Order books (channel ``depth``, entries in the format of :mod:`consumer_sdk.book_stream`): a diff only means
+something after the one before it, so a book stream is never thinned, only cut, and a cut is always healed by a
+snapshot before the next diff is stored:
+
+- **pause**: no entry of the book while paused (counted in ``paused_dropped``); no gap marker, whatever
+  ``on_resume`` says (a marker is no book entry).  On resume, if anything was dropped, the book is *broken*
+  (below) with the reason ``paused``.
+- **limit** and the ``conflate`` level: do not apply to a book stream; its entries pass whole (a diff
+  dropped or superseded would cost a whole snapshot to heal, more than it saves).
+- ``essential``: a book stream matching no *critical* pattern is dropped like a paused one; when the level
+  falls (or the stream becomes critical) it is broken with the reason ``degraded``.  ``shed``/``conflate``:
+  nothing.
+- **dropped upstream**: :meth:`ControlGate.dropped` is told of every entry the ingress queue dropped; a book
+  entry breaks its book at once with the reason ``dropped``.
+
+A broken book: every diff of it is dropped (counted in ``book_dropped``) until a snapshot entry of it newer
+than every entry of it dropped comes, which passes and mends it (an older one passes too, a whole book being
+always a valid point, and a newer one is asked for).  Once its entries may pass again, the gate calls
+``on_book_break(venue, symbol, why)`` (given at construction) once per break: the book's keeper makes its
+next diff a ``resync:<why>`` snapshot (the ingestor keeps the live book in step whatever was stored, so no
+REST fetch is needed); a snapshot asked for and then lost (paused, dropped) is asked for again.  Without a
+keeper the next ``periodic`` snapshot mends it.  Either way a stored book stream never holds a diff that
+does not follow, nor a gap marker.  The cost is on book streams only: a stream of another channel is
+classified as before, and no tick of one allocates anything more.
+
 One task owns a gate (the distributor's); every method is synchronous and none awaits, so calls
 from other tasks of the same event loop (the control-plane watcher, the auto-degrade sampler) are
 safe without locks.  The metrics exporter thread only reads :meth:`ControlGate.stats`.
@@ -21,8 +46,8 @@ safe without locks.  The metrics exporter thread only reads :meth:`ControlGate.s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Final
 
@@ -40,13 +65,22 @@ from distributor.control.degrade import (
 )
 from distributor.control.state import ControlState, Level, Limit, LimitPolicy, OnResume
 
-__all__ = ["DEFAULT_CONFLATE_INTERVAL", "PAUSE_REASON", "ControlGate", "GateStats"]
+__all__ = [
+    "BOOK_BREAK_REASONS", "BOOK_CHANNEL", "DEFAULT_CONFLATE_INTERVAL", "PAUSE_REASON", "BookBreakHook", "ControlGate",
+    "GateStats",
+]
 
 DEFAULT_CONFLATE_INTERVAL: Final = 0.1
 #: the reason of the gap marker a resumed trade/agg_trade stream gets
 PAUSE_REASON: Final = "paused"
 
 _TRADE_CHANNELS: Final = frozenset({"trade", "agg_trade"})
+#: the order-book channel (:mod:`consumer_sdk.book_stream`)
+BOOK_CHANNEL: Final = "depth"
+#: the reasons a book stream breaks here, as its ``resync:<why>`` snapshot names them
+BOOK_BREAK_REASONS: Final = ("paused", "degraded", "dropped")
+#: ``(venue, symbol, why)``: ask the book's keeper for a ``resync:<why>`` snapshot at its next diff
+BookBreakHook = Callable[[str, str, str], None]
 _stream_key: Final = itemgetter("venue", "symbol", "channel")
 StreamIdent = tuple[str, str, str]
 
@@ -72,6 +106,9 @@ class GateStats:
     paused_by_stream: dict[str, int]
     level_changes: dict[str, int]  # times each level came into force
     auto_steps: dict[str, int]  # automatic steps, "down" and "up"
+    book_dropped: int = 0  # diffs of broken books, dropped until their snapshot
+    book_breaks: dict[str, int] = field(default_factory=dict)  # snapshots asked of book keepers, by why
+    books_broken: int = 0  # book streams broken now
 
 
 _UNLIMITED: Final = 0.0
@@ -81,15 +118,22 @@ class _Stream:
     """What the gate does with one stream, and that stream's conflation and bucket state."""
 
     __slots__ = (
-        "burst", "conflate", "drop_state", "gap_first", "gap_last", "gap_ts_event", "gap_ts_recv", "held_conf",
-        "held_limit", "ident", "kline", "last", "limit_policy", "name", "next_emit", "paused", "rate", "tokens",
-        "track_gap",
+        "book", "book_asked", "book_break", "book_lost", "burst", "conflate", "drop_state", "gap_first", "gap_last",
+        "gap_ts_event", "gap_ts_recv", "held_conf", "held_limit", "ident", "kline", "last", "limit_policy", "name",
+        "next_emit", "paused", "rate", "tokens", "track_gap",
     )
 
     def __init__(self, ident: StreamIdent) -> None:
         self.ident = ident
         self.name = ":".join(ident)
         self.kline = ident[2].startswith("kline_")
+        self.book = ident[2] == BOOK_CHANNEL
+        #: why the book stream is broken (entries of it were not stored), None while it is whole
+        self.book_break: str | None = None
+        #: whether its keeper was asked for a snapshot since it broke
+        self.book_asked = False
+        #: the highest ``seq`` of its entries dropped (seqs only grow): only a snapshot above it mends the book
+        self.book_lost = 0
         self.paused = False
         self.track_gap = False
         self.drop_state = False  # essential: drop book_ticker / unclosed klines
@@ -138,6 +182,7 @@ class ControlGate:
         conflate_interval: float = DEFAULT_CONFLATE_INTERVAL,
         on_resume: OnResume | str = OnResume.MARK,
         auto: AutoDegradeConfig | None = None,
+        on_book_break: BookBreakHook | None = None,
     ) -> None:
         if not (math.isfinite(conflate_interval) and conflate_interval > 0):
             raise ConfigError(f"conflate interval must be a positive number of seconds, got {conflate_interval!r}")
@@ -164,6 +209,11 @@ class ControlGate:
         self.paused_by_stream: dict[str, int] = {}
         self.level_changes: dict[str, int] = {}
         self.auto_steps = {"down": 0, "up": 0}
+        #: asked for a ``resync:<why>`` snapshot when a book stream breaks (see the module doc)
+        self.on_book_break = on_book_break
+        self._broken: set[StreamIdent] = set()
+        self.book_dropped = 0
+        self.book_breaks: dict[str, int] = {}
 
     # -- switches -------------------------------------------------------------------------------------------
 
@@ -213,25 +263,30 @@ class ControlGate:
                 st.held_conf = None
             if st.gap_first >= 0 and not d.paused:
                 self._emit_marker(st)
-            if d.passes and st.held_limit is None and st.held_conf is None:
+            if d.passes and st.held_limit is None and st.held_conf is None and st.book_break is None:
                 continue  # back to the fast case: decided afresh on its next tick
             self._configure(st, d)
             self._streams[ident] = st
+            if st.book_break is not None:
+                self._ask(st)  # the pause (or level) that broke it may be over
             if st.held_limit is not None or st.held_conf is not None:
                 holding[st] = None
         self._holding = holding
         self._update_active()
 
     def _update_active(self) -> None:
-        self.active = bool(self._pauses or self._limits or filters(self.level) or self._holding or self._release)
+        self.active = bool(
+            self._pauses or self._limits or filters(self.level) or self._holding or self._release or self._broken
+        )
 
     def _decide(self, ident: StreamIdent) -> _Decision:
         name = ":".join(ident)
         paused = any(p.matches(name) for p in self._pauses)
         limit: Limit | None = None
-        for pattern, lim in self._limits:
-            if pattern.matches(name) and (limit is None or lim.rate < limit.rate):
-                limit = lim
+        if ident[2] != BOOK_CHANNEL:  # a book stream is never limited (see the module doc)
+            for pattern, lim in self._limits:
+                if pattern.matches(name) and (limit is None or lim.rate < limit.rate):
+                    limit = lim
         conflate, drop_state = stream_rule(self.level, ident[2], name, self._critical)
         return _Decision(paused, drop_state, conflate, limit)
 
@@ -290,6 +345,9 @@ class ControlGate:
         return out
 
     def _handle(self, st: _Stream, tick: Tick, now: float, out: list[Tick]) -> None:
+        if st.book:
+            self._book_entry(st, tick, out)
+            return
         if st.paused:
             self.paused_dropped += 1
             self.paused_by_stream[st.name] = self.paused_by_stream.get(st.name, 0) + 1
@@ -326,6 +384,73 @@ class ControlGate:
             self._holding[st] = None
             return
         self._limit(st, tick, now, out)
+
+    def _book_entry(self, st: _Stream, tick: Tick, out: list[Tick]) -> None:
+        """One entry of a book stream: dropped while paused or degraded (the book breaks), dropped while the
+        book is broken unless it is a snapshot (which mends it), else passed."""
+        if st.paused or st.drop_state:
+            if st.paused:
+                self.paused_dropped += 1
+                self.paused_by_stream[st.name] = self.paused_by_stream.get(st.name, 0) + 1
+            else:
+                self.essential_dropped += 1
+            st.book_break = "paused" if st.paused else "degraded"
+            st.book_asked = False  # a snapshot asked for before may be among what is dropped
+            st.book_lost = max(st.book_lost, tick["seq"])
+            self._broken.add(st.ident)
+            return
+        if st.book_break is not None:
+            if tick.get("kind") != "snapshot":
+                self.book_dropped += 1
+                self._ask(st)
+                return
+            if tick["seq"] > st.book_lost:
+                st.book_break = None  # the next break sets what else it needs (a ``seq`` lost is below the next)
+                self._broken.discard(st.ident)
+                if not self._broken:
+                    self._update_active()
+            else:
+                # made before an entry that was lost (the queue dropped a newer diff): it passes, a whole book
+                # is always a valid point, but the book stays broken until a newer one, asked for now
+                st.book_asked = False
+                self._ask(st)
+        out.append(tick)
+
+    def _ask(self, st: _Stream) -> None:
+        """Ask the keeper of the broken book ``st`` for a snapshot, once per break, when its entries pass again."""
+        why = st.book_break
+        if why is None or st.book_asked or st.paused or st.drop_state:
+            return
+        st.book_asked = True
+        self.book_breaks[why] = self.book_breaks.get(why, 0) + 1
+        if self.on_book_break is not None:
+            venue, symbol, _ = st.ident
+            self.on_book_break(venue, symbol, why)
+
+    def dropped(self, tick: Tick) -> None:
+        """``tick`` was dropped before it reached the gate (by the ingress queue's policy): a book entry breaks
+        its book (``dropped``, see the module doc); any other tick is nothing to the gate.  Cost: one lookup."""
+        if tick["channel"] != BOOK_CHANNEL:
+            return
+        ident = _stream_key(tick)
+        st = self._streams.get(ident)
+        if st is None:
+            st = _Stream(ident)
+            self._configure(st, self._decide(ident))
+            self._streams[ident] = st
+        st.book_lost = max(st.book_lost, tick["seq"])
+        if not (st.paused or st.drop_state):
+            if st.book_break is None or tick.get("kind") == "snapshot":
+                # a diff lost while a snapshot asked for is on its way needs no other ask: if that one was made
+                # before the diff, it will not mend the book and a newer one is asked for then
+                st.book_break = "dropped"
+                st.book_asked = False
+        else:  # asked on resume, whatever was asked before: the snapshot may be the entry lost
+            st.book_break = "paused" if st.paused else "degraded"
+            st.book_asked = False
+        self._broken.add(ident)
+        self.active = True
+        self._ask(st)
 
     def _limit(self, st: _Stream, tick: Tick, now: float, out: list[Tick]) -> None:
         if st.rate == _UNLIMITED:
@@ -446,5 +571,6 @@ class ControlGate:
             limited_conflated=self.limited_conflated, conflated=self.conflated,
             essential_dropped=self.essential_dropped, markers=self.markers, held=self.held,
             paused_by_stream=dict(self.paused_by_stream), level_changes=dict(self.level_changes),
-            auto_steps=dict(self.auto_steps),
+            auto_steps=dict(self.auto_steps), book_dropped=self.book_dropped, book_breaks=dict(self.book_breaks),
+            books_broken=len(self._broken),
         )

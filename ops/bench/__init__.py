@@ -12,6 +12,8 @@ Imports flow one way, from the bottom up (a test walks them):
 - the stand-alone stage benches: :mod:`~ops.bench.hotpath` (on :mod:`~ops.bench.hotpath_load`),
   :mod:`~ops.bench.writer` (writer, reader, flush), :mod:`~ops.bench.ingest` (instrumentation cost), and
   :mod:`~ops.bench.probe` (the co-located no-op subscriber);
+- :mod:`~ops.bench.scale` (on the pure :mod:`~ops.bench.scale_report`): ``market bench scale``, throughput by
+  Redis masters x ingestors, each cell on a Redis of its own;
 - :mod:`~ops.bench.report`: ``market bench`` itself, all of the above into ``report.json`` and ``report.md``.
 
 The package exports nothing and imports none of them: import the module you need.

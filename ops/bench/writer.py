@@ -4,7 +4,9 @@
 interleaved as a feed delivers them) appended by :class:`distributor.writer.StreamWriter`
 in batches, then, in the same run and on the same Redis, by the baseline feed handlers
 commonly use: a redis-py pipeline of one ``XADD`` per tick with the tick's fields as
-separate stream fields.  Both start from empty streams; the result is one flat dict.
+separate stream fields.  Both start from empty streams; the result is one flat dict.  On a
+``redis+cluster://`` URL both run on the cluster (the baseline's pipeline is redis-py's cluster
+pipeline: one round trip per node); ``run_writer_bench_on_cluster`` starts one for the run.
 
 ``run_reader_bench``: the same ticks read back through :class:`consumer_sdk.Consumer`
 (``XREADGROUP``, decode, dedupe by seq, handler call, ``XACK``) until every one arrived.
@@ -22,13 +24,15 @@ import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from consumer_sdk.consumer import Consumer
+from consumer_sdk.core.redis import connect_redis, is_cluster
 from consumer_sdk.core.tick import Tick
 from distributor.writer import Retention, StreamWriter
 from ops.bench.profiles import RETENTION_MAXLEN
 
-__all__ = ["make_ticks", "measure_flush", "run_reader_bench", "run_writer_bench"]
+__all__ = ["make_ticks", "measure_flush", "run_reader_bench", "run_writer_bench", "run_writer_bench_on_cluster"]
 
 T0_US = 1_764_000_000_000_000
 
@@ -77,10 +81,12 @@ async def run_writer_bench(
     redis_url: str, *, ticks: int = 500_000, streams: int = 100, batch: int = 20_000, baseline_batch: int = 1000
 ) -> dict[str, Any]:
     data = make_ticks(ticks, streams)
-    redis = aioredis.Redis.from_url(redis_url, socket_timeout=60)
+    redis = await connect_redis(redis_url, socket_timeout=60)
     ours_prefix, base_prefix = f"bench-w-{uuid.uuid4().hex[:8]}", f"bench-b-{uuid.uuid4().hex[:8]}"
     try:
         info = await redis.info("server")
+        cluster = is_cluster(redis)
+        masters = len(redis.get_primaries()) if isinstance(redis, RedisCluster) else 1
         ours_s = await _ours(redis, data, ours_prefix, batch)
         stored = sum([await redis.xlen(f"{ours_prefix}:binance:SYM{s:04d}USDT:trade") for s in range(streams)])
         again = StreamWriter(redis, prefix=ours_prefix, retention=Retention(maxlen=0))
@@ -96,8 +102,19 @@ async def run_writer_bench(
         "bench": "writer", "ticks": ticks, "streams": streams, "batch": batch,
         "ticks_per_s": round(ticks / ours_s), "baseline_ticks_per_s": round(ticks / base_s),
         "ratio": round(base_s / ours_s, 2), "stored": stored, "replayed_batch_added": added,
-        "replayed_batch_duplicates": dups, "redis_version": info.get("redis_version"),
+        "replayed_batch_duplicates": dups, "redis_version": info.get("redis_version"), "cluster": cluster,
+        "masters": masters,
     }
+
+
+async def run_writer_bench_on_cluster(masters: int, replicas: int, **kwargs: Any) -> dict[str, Any]:
+    """:func:`run_writer_bench` on a cluster of ``masters`` masters with ``replicas`` replicas each, started on
+    this machine for the run and stopped after (:func:`ops.redis_cluster.start_cluster`)."""
+    from ops.redis_cluster import start_cluster
+
+    with start_cluster(masters, replicas) as cluster:
+        url = "redis+cluster://" + ",".join(f"{n.host}:{n.port}" for n in cluster.nodes[:masters])
+        return await run_writer_bench(url, **kwargs) | {"replicas": replicas}
 
 
 async def run_reader_bench(

@@ -29,12 +29,14 @@ REST (same port, GET)
     ``/api/v3/ping``, ``/api/v3/time``, ``/api/v3/exchangeInfo``, ``/api/v3/trades``,
     ``/api/v3/historicalTrades``, ``/api/v3/aggTrades``, ``/api/v3/klines``: see :mod:`.rest`;
     ``/api/v3/depth``: see :mod:`.book`. Each request costs Binance's weight against a budget of
-    ``rest_weight_limit`` (6000) a clock minute and client address: over it HTTP 429 with
+    ``rest_weight_limit`` (``market simulate``: 6000; in code 0, no limit) a clock minute and client
+    address: over it HTTP 429 with
     ``Retry-After`` until the minute ends, and a client that asks twice more before then is banned
     (418 with ``Retry-After``); answers carry ``X-MBX-USED-WEIGHT-1M`` (:mod:`.weights`).
 
 Order books
-    With ``depth`` (on by default) each symbol of the synthetic market has a seeded L2 book
+    With ``depth`` (on in ``market simulate``, off in :class:`SimulatorConfig` unless asked for) each
+    symbol of the synthetic market has a seeded L2 book
     (:class:`~ops.simulator.book.DepthBooks`, :attr:`Simulator.depth`) whose touch follows the market's
     ``bookTicker``: its changes go out batched every 100 ms on ``<symbol>@depth@100ms`` and aggregated
     every 1000 ms on ``<symbol>@depth`` (``depthUpdate`` with ``E``, ``s``, ``U``, ``u``, ``b``, ``a``),

@@ -80,7 +80,8 @@ def gate_with(state: ControlState, **kwargs: Any) -> ControlGate:
 
 def test_exports() -> None:
     assert sorted(control.__all__) == sorted([
-        "MAX_WHO", "SCHEMA", "Auto", "AutoDegrade", "AutoDegradeConfig", "AutoStep", "ControlGate", "ControlState",
+        "BOOK_BREAK_REASONS", "MAX_WHO", "SCHEMA", "Auto", "AutoDegrade", "AutoDegradeConfig", "AutoStep",
+        "BookBreakHook", "ControlGate", "ControlState",
         "Critical", "Degrade", "GateStats", "Level", "Limit", "LimitPolicy", "OnResume", "Pause", "WindowPercentile",
         "dump_state", "parse_state", "parse_target", "state_to_dict",
     ])
@@ -96,7 +97,8 @@ def test_exports() -> None:
         "stream_rule",
     ])
     assert sorted(control_gate.__all__) == sorted([
-        "DEFAULT_CONFLATE_INTERVAL", "PAUSE_REASON", "ControlGate", "GateStats",
+        "BOOK_BREAK_REASONS", "BOOK_CHANNEL", "DEFAULT_CONFLATE_INTERVAL", "PAUSE_REASON", "BookBreakHook",
+        "ControlGate", "GateStats",
     ])
     # the package re-exports each public name from the one module that defines it
     for name in control.__all__:

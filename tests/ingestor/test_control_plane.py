@@ -98,7 +98,8 @@ def pause(pattern: str, who: str = "t@h") -> Callable[[ControlState], ControlSta
 def test_exports() -> None:
     assert sorted(cp.__all__) == sorted([
         "AUDIT_ACTIONS", "AUDIT_FIELDS", "AUDIT_LIMITS", "AUDIT_MAXLEN", "MAX_REASON", "POLL_INTERVAL", "AuditEntry",
-        "Change", "CorruptAuditEntry", "StateFollower", "StoredState", "audit_fields", "check_text", "default_who",
+        "Change", "CorruptAuditEntry", "StateFollower", "StoredState", "audit_fields", "check_text", "control_keys",
+        "default_who",
         "os_user", "parse_audit", "read_audit", "read_state", "redis_user", "reset_state", "run_auto_degrade",
         "update_state", "watch_control",
     ])  # the key names (control_state_key, ...) are consumer_sdk.core.keys': tests/consumer_sdk/test_core_imports.py

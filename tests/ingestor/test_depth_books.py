@@ -179,3 +179,32 @@ def test_a_venue_without_depth_parsing_is_refused() -> None:
     assert not hasattr(BINANCE_USDM_ALL, "parse_frame_depth")
     with pytest.raises(ConfigError, match="not carried"):
         IngestPipeline(BINANCE_USDM_ALL, Sequencer(), depth=DepthBooks("binance_usdm", ["BTCUSDT"]))
+
+
+def test_entries_not_stored_make_the_next_diff_a_resync_snapshot_of_the_live_book() -> None:
+    resyncs: list[tuple[str, str]] = []
+    wants: list[int] = []
+    books = DepthBooks("binance", ["BTCUSDT", "ETHUSDT"], on_resync=lambda s, r, d: resyncs.append((s, r)),
+                       on_want=lambda: wants.append(1))
+    synced(books, at=10)
+    wants.clear()
+    out = books.on_diff(diff(11, 11, bids=[("100.0", "4")]), TS)
+    assert kinds(out) == [("diff", 11)]
+    books.on_store_break("binance", "BTCUSDT", "paused")
+    books.on_store_break("okx", "BTCUSDT", "dropped")  # another venue's book: not this one
+    books.on_store_break("binance", "XRPUSDT", "dropped")  # a symbol not kept
+    assert books.resyncs == {("BTCUSDT", "paused"): 1} and resyncs == [("BTCUSDT", "paused")]
+    assert wants == [] and books.wanted == [], "the live book is in step: nothing is fetched"
+    assert books.book("BTCUSDT") is not None
+    out = books.on_diff(diff(12, 13, asks=[("100.5", "2")]), TS) + books.on_diff(diff(14, 14), TS)
+    assert kinds(out) == [("resync:paused", 13), ("diff", 14)]
+    live = books.book("BTCUSDT")
+    assert live is not None and rebuild([decode(encode_tick(t)) for t in out]) == live
+    assert books.stats().snapshots_stored == {"start": 1, "resync": 1}
+
+
+def test_a_book_waiting_for_its_first_snapshot_keeps_its_reason() -> None:
+    books = DepthBooks("binance", ["BTCUSDT"])
+    books.on_store_break("binance", "BTCUSDT", "dropped")
+    assert books.resyncs == {("BTCUSDT", "dropped"): 1}
+    assert kinds(synced(books, at=10)) == [("start", 10)]

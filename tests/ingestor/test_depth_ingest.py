@@ -26,8 +26,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from consumer_sdk.book_stream import BookEntry, decode_all, rebuild
 from consumer_sdk.core.keys import stream_key
 from consumer_sdk.core.tick import Tick
+from distributor.control import LimitPolicy
+from distributor.ingress import Policy
 from ingestor.binance import BINANCE_SPOT
 from ingestor.config import DepthSettings, IngestSettings
+from ingestor.control_plane import update_state
 from ingestor.depth import DepthDiff
 from ingestor.depth_books import BookView, DepthBooks
 from ingestor.depth_fetch import DepthFetcher
@@ -176,11 +179,11 @@ class Run:
 
 
 @contextlib.asynccontextmanager
-async def running(aredis: aioredis.Redis, prefix: str, venue: VenueModel) -> AsyncIterator[Run]:
+async def running(aredis: aioredis.Redis, prefix: str, venue: VenueModel, **settings_: Any) -> AsyncIterator[Run]:
     settings = IngestSettings(
         url="ws://venue.test:9443", rest_url="http://venue.test", symbols=SYMBOLS, channels=("depth",),
         prefix=prefix, spill_dir="", depth=DepthSettings(),
-        session=SessionSettings(backoff_base=0.01, backoff_cap=0.02, healthy_after=0.01),
+        session=SessionSettings(backoff_base=0.01, backoff_cap=0.02, healthy_after=0.01), **settings_,
     )
     connector = MemoryConnector(answer_ok)
     rest = VenueRest(settings.rest_url, transport=httpx.MockTransport(venue.answer))
@@ -444,3 +447,116 @@ async def test_many_books_wanting_snapshots_at_once_stay_within_the_weight_budge
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await fetcher.aclose()
+
+
+# -- under the operator's controls and the ingress policy -------------------------------------------------------
+
+
+async def raw_entries(aredis: aioredis.Redis, prefix: str, symbol: str) -> list[dict[str, Any]]:
+    items: Any = await aredis.xrange(stream_key("binance", symbol, "depth", prefix), "-", "+")
+    return [orjson.loads(fields[b"d"]) for _, fields in items]
+
+
+def resync_metric(ing: Ingestor) -> str:
+    registry = CollectorRegistry()
+    registry.register(IngestorCollector(ing))
+    return generate_latest(registry).decode()
+
+
+async def test_a_paused_book_resumes_with_a_resync_snapshot_and_no_marker(aredis: aioredis.Redis, prefix: str) -> None:
+    diffs = load_diffs()
+    venue = VenueModel(load_snapshots(), diffs)
+    third = len(diffs) // 3
+    middle = diffs[third: 2 * third]
+    paused_nkn = sum(1 for d in middle if d.symbol == "NKNUSDT")
+    assert paused_nkn > 10
+    async with running(aredis, prefix, venue) as run:
+        ing = run.ingestor
+        link = await run.connector.link(0)
+        await until(lambda: ing.sessions[0].state.value == "live", "the connection is live")
+        await run.feed(link, diffs[:third])
+        await wait_stored(aredis, prefix, last_ids(diffs[:third]))
+        await update_state(aredis, prefix, lambda s: s.with_pause("binance:NKNUSDT:depth", who="t", at=1.0),
+                           who="t@h", action="pause")
+        await until(lambda: ing.control.stats().pauses == 1, "the pause is in force")
+        await run.feed(link, middle)
+        await until(lambda: ing.control.stats().paused_by_stream.get("binance:NKNUSDT:depth") == paused_nkn,
+                    "every NKNUSDT entry of the pause reached the gate")
+        await update_state(aredis, prefix, lambda s: s.without_pause("binance:NKNUSDT:depth"), who="t@h",
+                           action="resume")
+        await until(lambda: ing.control.stats().pauses == 0, "the pause is lifted")
+        await run.feed(link, diffs[2 * third:])
+        await wait_stored(aredis, prefix, last_ids(diffs))
+        assert ing.depth is not None and ing.depth.resyncs == {("NKNUSDT", "paused"): 1}
+        assert ing.control.stats().markers == 0 and ing.control.stats().books_broken == 0
+        text = resync_metric(ing)
+        assert 'market_book_resync_total{reason="paused",symbol="NKNUSDT",venue="binance"} 1.0' in text
+    for symbol in SYMBOLS:
+        raw = await raw_entries(aredis, prefix, symbol)
+        assert not any("gap_first" in t or t.get("kind") not in ("diff", "snapshot") for t in raw), "no gap marker"
+        reasons = check_stream(await stored(aredis, prefix, symbol), venue, symbol)  # rebuilds at every entry
+        if symbol == "NKNUSDT":
+            assert reasons.count("resync:paused") == 1, reasons
+            seqs = [t["seq"] for t in raw]
+            assert not any(d.last in seqs for d in middle if d.symbol == symbol), "nothing stored while paused"
+        else:
+            assert set(reasons) <= {"start", "periodic"}, reasons
+
+
+@pytest.mark.parametrize("policy", list(LimitPolicy))
+async def test_a_limit_on_books_leaves_them_whole(aredis: aioredis.Redis, prefix: str, policy: LimitPolicy) -> None:
+    diffs = load_diffs()
+    venue = VenueModel(load_snapshots(), diffs)
+    async with running(aredis, prefix, venue) as run:
+        ing = run.ingestor
+        await update_state(aredis, prefix, lambda s: s.with_limit("binance:*:depth", 1.0, policy, who="t", at=1.0),
+                           who="t@h", action="limit")
+        await until(lambda: ing.control.stats().limits == 1, "the limit is in force")
+        link = await run.connector.link(0)
+        await until(lambda: ing.sessions[0].state.value == "live", "the connection is live")
+        await run.feed(link, diffs)
+        await wait_stored(aredis, prefix, last_ids(diffs))
+        stats = ing.control.stats()
+        assert stats.limited_dropped == stats.limited_conflated == stats.held == 0
+        assert ing.depth is not None and ing.depth.resyncs == {}
+    for symbol in SYMBOLS:
+        reasons = check_stream(await stored(aredis, prefix, symbol), venue, symbol)
+        assert set(reasons) <= {"start", "periodic"}, reasons
+    assert len(await stored(aredis, prefix, "NKNUSDT")) > 100, "every NKNUSDT diff stored, far above 1 a second"
+
+
+@pytest.mark.parametrize("policy", [Policy.DROP_OLDEST, Policy.DROP_NEWEST])
+async def test_entries_the_ingress_drops_resync_their_books(aredis: aioredis.Redis, prefix: str,
+                                                             policy: Policy) -> None:
+    diffs = load_diffs()
+    venue = VenueModel(load_snapshots(), diffs)
+    half = len(diffs) // 2
+    # the burst: 40 NKNUSDT diffs of the second half; the rest after it, each symbol's diffs in their order
+    burst = [d for d in diffs[half:] if d.symbol == "NKNUSDT"][:40]
+    rest = [d for d in diffs[half:] if d not in burst]
+    assert sum(1 for d in rest if d.symbol == "NKNUSDT") > 10
+    async with running(aredis, prefix, venue, queue_capacity=8, queue_policy=policy) as run:
+        ing = run.ingestor
+        link = await run.connector.link(0)
+        await until(lambda: ing.sessions[0].state.value == "live", "the connection is live")
+        await run.feed(link, diffs[:half])
+        await wait_stored(aredis, prefix, last_ids(diffs[:half]))
+        assert ing.ingress.dropped == 0
+        # one socket read of 40 frames: its entries go to the queue with no await between them, so 8 fit
+        for d in burst:
+            venue.hand(d)
+        link.feed([d.raw for d in burst], ts=burst[-1].ts)
+        run.fed += len(burst)
+        await until(lambda: run.frames() >= run.fed, "the burst read")
+        assert ing.ingress.dropped == len(burst) - 8
+        await run.feed(link, rest)
+        await wait_stored(aredis, prefix, last_ids(diffs))
+        depth = ing.depth
+        assert depth is not None and depth.resyncs == {("NKNUSDT", "dropped"): 1}
+        assert ing.control.stats().books_broken == 0
+        text = resync_metric(ing)
+        assert 'market_book_resync_total{reason="dropped",symbol="NKNUSDT",venue="binance"} 1.0' in text
+    for symbol in SYMBOLS:
+        reasons = check_stream(await stored(aredis, prefix, symbol), venue, symbol)  # rebuilds at every entry
+        assert set(reasons) <= {"start", "periodic", "resync:dropped"}, reasons
+    assert "resync:dropped" in check_stream(await stored(aredis, prefix, "NKNUSDT"), venue, "NKNUSDT")

@@ -10,6 +10,7 @@ reproducible.
 from __future__ import annotations
 
 import random
+import zlib
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from ingestor.depth import (
     SyncState,
     parse_depth_snapshot,
     parse_depth_update,
+    snapshot_phase_ms,
 )
 from ingestor.depth_pacer import SnapshotPacer, depth_weight
 from ingestor.venue import MalformedFrame
@@ -329,6 +331,18 @@ def test_after_a_restart_the_next_overflow_is_counted_again() -> None:
 
 
 def test_snapshot_policy_takes_its_smallest_settings_and_names_a_bad_one() -> None:
+    # the phase shifts the period's boundaries: due when (event + phase) crosses one, not event itself
+    minute = SnapshotPolicy(every_s=60)
+    assert minute.due(0, 59_000, 60_000) and not minute.due(0, 59_000, 60_000, phase_ms=1_000)
+    assert minute.due(0, 59_000, 59_000 + 1, phase_ms=999) and not minute.due(0, 59_000, 59_000, phase_ms=999)
+    assert not minute.due(0, 0, 29_999, phase_ms=30_000) and minute.due(0, 0, 30_000, phase_ms=30_000)
+    assert minute.phase_ms("BTCUSDT") == snapshot_phase_ms("BTCUSDT", 60_000) == zlib.crc32(b"BTCUSDT") % 60_000
+    assert SnapshotPolicy(every_updates=5).phase_ms("BTCUSDT") == 0
+    assert SnapshotPolicy(every_s=1).phase_ms("ETHUSDT") == zlib.crc32(b"ETHUSDT") % 1000
+    assert snapshot_phase_ms("BTCUSDT", 0) == 0 and snapshot_phase_ms("BTCUSDT", 1) == 0
+    # spread: 100 symbols of a connection fall in many different seconds of the minute, the same in every process
+    phases = {snapshot_phase_ms(f"S{i:03d}USDT", 60_000) // 1000 for i in range(100)}
+    assert len(phases) > 40
     every = SnapshotPolicy(every_updates=1)
     assert not every.due(0, 0, 0) and every.due(1, 0, 0)
     per_ms = SnapshotPolicy(every_s=0.001)

@@ -114,12 +114,25 @@ async def run_ingestor(aredis: aioredis.Redis) -> AsyncIterator[Any]:
     yield start
     for r in running:
         r.task.cancel()
+        # A stop is bounded (the flush at exit has its own timeouts): one that is not names where each task waits.
+        done, _ = await asyncio.wait([r.task], timeout=60)
+        if not done:  # pragma: no cover - a stop that hangs is a defect; its stacks say where
+            raise AssertionError(f"the ingestor did not stop within 60 s of its cancellation:\n{_task_stacks()}")
         try:
             await r.task
         except asyncio.CancelledError:
             pass
         else:  # pragma: no cover - the ingestor never returns on its own
             raise AssertionError("ingestor returned")
+
+
+def _task_stacks() -> str:
+    import io
+
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        task.print_stack(limit=8, file=out)
+    return out.getvalue()
 
 
 async def until_live(ing: Ingestor, timeout: float = 15.0) -> None:

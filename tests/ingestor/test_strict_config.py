@@ -148,6 +148,7 @@ def test_the_schema_lists_every_table_the_readers_read() -> None:
     tables = {p for p, _, _ in EVERY_KEY if p}
     assert {p[0] for p in tables} == {
         "queue", "writer", "retention", "session", "repair", "subscribers", "streams", "spill", "shutdown", "depth",
+        "shards",
     }
     assert ("retention", "channels", "trade") in tables
     assert ("session", "stale_after") not in tables  # its keys are channels, checked as such

@@ -24,16 +24,19 @@ LAYERS = {
     "hotpath_load": 1,
     "writer": 1,
     "ingest": 1,
+    "scale_report": 1,
     "analysis": 2,
     "render": 2,
     "hotpath": 2,
+    "scale": 2,
     "plots": 3,
     "harness": 3,
+    "depth": 3,
     "stages": 4,
     "report": 5,
 }
 #: the pure layer: none of these reaches processes, children or Redis through another bench module
-PURE = {"book", "profiles", "scrape", "analysis", "render", "plots"}
+PURE = {"book", "profiles", "scrape", "analysis", "render", "plots", "scale_report"}
 
 
 def _modules() -> dict[str, Path]:

@@ -130,6 +130,8 @@ class Client:
 
 async def start_sim(clock_ms: Callable[[], int] | None = None, **settings: Any) -> Simulator:
     settings.setdefault("rate", 2000.0)
+    settings.setdefault("depth", settings.get("replay") is None)  # books are asked for, as market simulate does
+    settings.setdefault("rest_weight_limit", 6000)
     sim = Simulator(SimulatorConfig(**settings), clock_ms=clock_ms)
     await sim.__aenter__()
     return sim
@@ -496,7 +498,8 @@ def test_the_depth_settings_are_checked() -> None:
     assert SimulatorConfig().book_config() == BookConfig(interval_ms=100, slow_interval_ms=1000)
     for settings, needle in (
         ({"depth_levels": 0}, "depth_levels must be"),
-        ({"depth_faults": "drop@DOGEUSDT"}, "DOGEUSDT is not one of the symbols"),
+        ({"depth": True, "depth_faults": "drop@DOGEUSDT"}, "DOGEUSDT is not one of the symbols"),
+        ({"depth_faults": "drop"}, "depth books"),  # books are off unless asked for
         ({"depth": False, "depth_faults": "drop"}, "depth books"),
         ({"replay_rest": SPOT_DEPTH}, "needs replay"),
         ({"rest_weight_limit": -1}, "rest_weight_limit"),

@@ -26,7 +26,24 @@ from urllib.parse import urlsplit
 
 from consumer_sdk.core.errors import ConfigError
 from consumer_sdk.core.tick import is_valid_channel
-from ingestor import binance, binance_coinm, binance_usdm
+from ingestor.binance import BINANCE_SPOT, DEPTH_SPEEDS
+from ingestor.binance import VENUE as SPOT
+from ingestor.binance import channel_to_stream as spot_stream
+from ingestor.binance_coinm import BINANCE_COINM
+from ingestor.binance_coinm import REST_URL as COINM_REST_URL
+from ingestor.binance_coinm import VENUE as COINM
+from ingestor.binance_coinm import WS_URL as COINM_WS_URL
+from ingestor.binance_usdm import (
+    BINANCE_USDM_MARKET,
+    BINANCE_USDM_PUBLIC,
+    MAX_STREAMS_PER_CONNECTION,
+    channel_route,
+    check_channel,
+)
+from ingestor.binance_usdm import REST_URL as USDM_REST_URL
+from ingestor.binance_usdm import VENUE as USDM
+from ingestor.binance_usdm import WS_URL as USDM_WS_URL
+from ingestor.binance_usdm import channel_to_stream as usdm_stream
 from ingestor.depth import DepthRule
 from ingestor.venue import Venue
 
@@ -106,28 +123,28 @@ def _spot_check(channel: str) -> None:
 
 
 def _spot_stream(symbol: str, channel: str, depth_ms: int) -> str:
-    return binance.channel_to_stream(symbol, channel, depth_ms)
+    return spot_stream(symbol, channel, depth_ms)
 
 
 def _usdm_check(channel: str) -> None:
-    binance_usdm.check_channel(channel)
+    check_channel(channel)
 
 
 def _usdm_route(channel: str) -> Venue:
-    route = binance_usdm.channel_route(channel)
-    return binance_usdm.BINANCE_USDM_PUBLIC if route == "public" else binance_usdm.BINANCE_USDM_MARKET
+    route = channel_route(channel)
+    return BINANCE_USDM_PUBLIC if route == "public" else BINANCE_USDM_MARKET
 
 
 def _usdm_stream(symbol: str, channel: str, depth_ms: int) -> str:
-    return binance_usdm.channel_to_stream(symbol, channel)
+    return usdm_stream(symbol, channel)
 
 
 def _coinm_check(channel: str) -> None:
-    binance_usdm.check_channel(channel, binance_coinm.VENUE)
+    check_channel(channel, COINM)
 
 
 def _coinm_stream(symbol: str, channel: str, depth_ms: int) -> str:
-    return binance_coinm.BINANCE_COINM.stream_name(symbol, channel)
+    return BINANCE_COINM.stream_name(symbol, channel)
 
 
 #: every venue the ingestor runs on, by name
@@ -135,22 +152,22 @@ VENUES: Final[Mapping[str, VenueProfile]] = {
     p.name: p
     for p in (
         VenueProfile(
-            name=binance.VENUE, ws_url="wss://stream.binance.com:9443", rest_url="https://api.binance.com",
-            domain="binance.com", depth_rule=DepthRule.SPOT, max_streams=1024, rest_venue=binance.BINANCE_SPOT,
-            _check=_spot_check, _route=lambda channel: binance.BINANCE_SPOT, _stream=_spot_stream,
-            depth_speeds=tuple(binance.DEPTH_SPEEDS),
+            name=SPOT, ws_url="wss://stream.binance.com:9443", rest_url="https://api.binance.com",
+            domain="binance.com", depth_rule=DepthRule.SPOT, max_streams=1024, rest_venue=BINANCE_SPOT,
+            _check=_spot_check, _route=lambda channel: BINANCE_SPOT, _stream=_spot_stream,
+            depth_speeds=tuple(DEPTH_SPEEDS),
         ),
         VenueProfile(
-            name=binance_usdm.VENUE, ws_url=binance_usdm.WS_URL, rest_url=binance_usdm.REST_URL,
+            name=USDM, ws_url=USDM_WS_URL, rest_url=USDM_REST_URL,
             domain="binance.com", depth_rule=DepthRule.FUTURES,
-            max_streams=binance_usdm.MAX_STREAMS_PER_CONNECTION, rest_venue=binance_usdm.BINANCE_USDM_MARKET,
+            max_streams=MAX_STREAMS_PER_CONNECTION, rest_venue=BINANCE_USDM_MARKET,
             _check=_usdm_check, _route=_usdm_route, _stream=_usdm_stream,
         ),
         VenueProfile(
-            name=binance_coinm.VENUE, ws_url=binance_coinm.WS_URL, rest_url=binance_coinm.REST_URL,
+            name=COINM, ws_url=COINM_WS_URL, rest_url=COINM_REST_URL,
             domain="binance.com", depth_rule=DepthRule.FUTURES,
-            max_streams=binance_usdm.MAX_STREAMS_PER_CONNECTION, rest_venue=binance_coinm.BINANCE_COINM,
-            _check=_coinm_check, _route=lambda channel: binance_coinm.BINANCE_COINM, _stream=_coinm_stream,
+            max_streams=MAX_STREAMS_PER_CONNECTION, rest_venue=BINANCE_COINM,
+            _check=_coinm_check, _route=lambda channel: BINANCE_COINM, _stream=_coinm_stream,
         ),
     )
 }

@@ -3,6 +3,9 @@ symbols; an unknown venue refused in one line naming the known ones."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +76,14 @@ def test_each_venue_refuses_the_channels_it_lacks(venue: str, channels: str, mes
 def test_a_futures_depth_speed_the_venue_lacks_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"depth\.speed_ms 1000 is not available on binance_usdm"):
         load(toml='venue = "binance_usdm"\nchannels = ["depth"]\n[depth]\nspeed_ms = 1000\n', tmp_path=tmp_path)
+
+
+
+def test_market_ingest_on_an_unknown_venue_is_one_line_and_exit_2() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "ingest", "--spill-dir", ""], capture_output=True, text=True, timeout=60,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("MARKET_")}, "MARKET_VENUE": "kraken"},
+    )
+    assert (proc.returncode, proc.stderr) == (
+        2, "market: error: unknown venue 'kraken': expected binance, binance_coinm or binance_usdm\n"
+    )

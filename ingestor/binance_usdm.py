@@ -39,10 +39,11 @@ a later ``E`` is taken whatever the jump, an ``E`` equal to the last is the same
 (dropped as a duplicate) and an older one a late frame (dropped).  A jump is never a lost tick to repair:
 the mark price is a state, and the next update replaces what a missed one said.
 
-**Depth.**  ``depthUpdate`` frames (``U``, ``u``, ``pu``) feed an order book, which another module builds;
-the :class:`~ingestor.venue.Venue` protocol has no result for "a diff for the book builder", so
-:func:`parse_frame` returns ``None`` for them (counted ``unsupported``, never ``malformed``, whatever the
-frame holds): subscribing ``depth`` costs nothing and breaks nothing, and it carries no tick.
+**Depth.**  ``depthUpdate`` frames (``U``, ``u``, ``pu``) feed an order book (:class:`~ingestor.depth_books.DepthBooks`
+with the futures rule: drop ``u < lastUpdateId``, the first diff applied has ``U <= lastUpdateId <= u``, then each
+``pu`` is the previous ``u``; snapshots from ``/fapi/v1/depth``).  :func:`parse_frame_depth` reads them into
+:class:`~ingestor.depth.DepthDiff` for the pipeline that keeps books; :func:`parse_frame` returns ``None`` for
+them (counted ``unsupported``, never ``malformed``, whatever the frame holds).
 
 **Limits** (Binance's USD-M WebSocket page): 10 incoming messages a second per connection
 (:data:`MAX_MESSAGES_PER_S`); at most :data:`MAX_STREAMS_PER_CONNECTION` streams per connection (200: the
@@ -65,7 +66,7 @@ from typing import Any, Final, Literal
 import orjson
 
 from consumer_sdk.core.errors import ConfigError
-from consumer_sdk.core.tick import KLINE_INTERVALS, SCHEMA_VERSION, Tick
+from consumer_sdk.core.tick import KLINE_INTERVALS, SCHEMA_VERSION, MarkPriceTick, Tick
 from ingestor.binance import (
     _bool,
     _int,
@@ -76,6 +77,7 @@ from ingestor.binance import (
     _refused_decimal,
     _symbol,
 )
+from ingestor.depth import DepthDiff, parse_depth_update
 from ingestor.lifecycle import parse_retry_after
 from ingestor.subscriptions import subscribe_requests
 from ingestor.venue import Heartbeat, MalformedFrame, Reply, RestCall, ServerShutdown, VenueRequest
@@ -107,6 +109,9 @@ __all__ = [
     "classify_reply_error",
     "classify_rest_error",
     "parse_frame",
+    "parse_frame_as",
+    "parse_frame_depth",
+    "parse_frame_depth_as",
     "split_by_route",
     "stream_to_channel",
 ]
@@ -141,16 +146,6 @@ AGG_TRADES_MAX_LIMIT: Final = 1000
 DEPTH_LIMITS: Final = (5, 10, 20, 50, 100, 500, 1000)
 
 
-class MarkPriceTick(Tick):
-    """A ``mark_price`` tick (see the module doc)."""
-
-    mark_px: str
-    index_px: str
-    est_settle_px: str
-    funding_rate: str | None
-    next_funding_time: int | None
-
-
 class UnsupportedChannel(ConfigError):
     """A channel this venue (or this connection's route) does not carry: a setting that cannot work."""
 
@@ -158,24 +153,25 @@ class UnsupportedChannel(ConfigError):
 # ------------------------------------------------------------------------------------------------ channels
 
 
-def check_channel(channel: str) -> str:
-    """``channel`` if USD-M carries it; :class:`UnsupportedChannel` naming why not otherwise."""
+def check_channel(channel: str, venue: str = VENUE) -> str:
+    """``channel`` if USD-M carries it; :class:`UnsupportedChannel` naming why not otherwise (``venue``: the name
+    the message gives, COIN-M's for its channels, which are the same)."""
     if channel in USDM_CHANNELS:
         return channel
     if channel == "trade":
         raise UnsupportedChannel(
-            f"channel 'trade' is not available on {VENUE}: Binance USD-M futures publish no raw trade stream; "
+            f"channel 'trade' is not available on {venue}: Binance futures publish no raw trade stream; "
             "use agg_trade (aggregate trades, repaired over REST)"
         )
     if channel.startswith("kline_"):
         if channel[6:] in USDM_KLINE_INTERVALS:
             return channel
         raise UnsupportedChannel(
-            f"unknown channel {channel!r} on {VENUE}: kline intervals are "
+            f"unknown channel {channel!r} on {venue}: kline intervals are "
             + ", ".join(sorted(USDM_KLINE_INTERVALS, key=_interval_order))
         )
     raise UnsupportedChannel(
-        f"unknown channel {channel!r} on {VENUE}: expected agg_trade, book_ticker, mark_price, depth or "
+        f"unknown channel {channel!r} on {venue}: expected agg_trade, book_ticker, mark_price, depth or "
         "kline_<interval> (e.g. kline_1m)"
     )
 
@@ -235,10 +231,7 @@ def _rate(value: Any) -> str | None:
     raise _refused_decimal(value, "a signed")
 
 
-def parse_frame(raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerShutdown | None:
-    """One frame (raw or combined-stream wrapped) received at ``ts_recv`` (µs) -> a tick, a reply, a shutdown
-    notice, or ``None`` (an event not carried: ``depthUpdate`` among them); :class:`MalformedFrame` with spot's
-    kinds (:data:`ingestor.binance.PARSE_REFUSALS`) otherwise.  Cost: one JSON parse and the tick's dict."""
+def _event(raw: str | bytes) -> dict[str, Any]:
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -246,20 +239,54 @@ def parse_frame(raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerShutdown
     if type(obj) is not dict:
         raise MalformedFrame("not a JSON object")
     data = obj.get("data")
-    if type(data) is not dict:
-        data = obj
+    return data if type(data) is dict else obj
+
+
+def parse_frame(raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerShutdown | None:
+    """One frame (raw or combined-stream wrapped) received at ``ts_recv`` (µs) -> a tick, a reply, a shutdown
+    notice, or ``None`` (an event not carried: ``depthUpdate`` among them); :class:`MalformedFrame` with spot's
+    kinds (:data:`ingestor.binance.PARSE_REFUSALS`) otherwise.  Cost: one JSON parse and the tick's dict."""
+    data = _event(raw)
     try:
-        return _parse_event(data, ts_recv)
+        return _parse_event(data, ts_recv, VENUE)
     except (KeyError, TypeError) as exc:
         raise MalformedFrame(f"missing or bad field {exc}") from None
 
 
-def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdown | None:
+def parse_frame_depth(raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerShutdown | DepthDiff | None:
+    """As :func:`parse_frame`, and a ``depthUpdate`` -> a :class:`~ingestor.depth.DepthDiff` (with its ``pu``), for a
+    pipeline that keeps order books by the futures rule (:class:`~ingestor.depth.DepthRule`)."""
+    return parse_frame_depth_as(raw, ts_recv, VENUE)
+
+
+def parse_frame_as(raw: str | bytes, ts_recv: int, venue: str) -> Tick | Reply | ServerShutdown | None:
+    """:func:`parse_frame`, its ticks carrying the venue name ``venue`` (Binance COIN-M sends the same events)."""
+    data = _event(raw)
+    try:
+        return _parse_event(data, ts_recv, venue)
+    except (KeyError, TypeError) as exc:
+        raise MalformedFrame(f"missing or bad field {exc}") from None
+
+
+def parse_frame_depth_as(
+    raw: str | bytes, ts_recv: int, venue: str
+) -> Tick | Reply | ServerShutdown | DepthDiff | None:
+    """:func:`parse_frame_depth`, its ticks carrying the venue name ``venue``."""
+    data = _event(raw)
+    try:
+        if data.get("e") == "depthUpdate":
+            return parse_depth_update(data)
+        return _parse_event(data, ts_recv, venue)
+    except (KeyError, TypeError) as exc:
+        raise MalformedFrame(f"missing or bad field {exc}") from None
+
+
+def _parse_event(d: dict[str, Any], ts_recv: int, venue: str) -> Tick | Reply | ServerShutdown | None:
     e = d.get("e")
     if e == "bookTicker":
         u = _int(d["u"])
         book: dict[str, Any] = {
-            "v": _V, "venue": VENUE, "symbol": _symbol(d["s"]), "channel": "book_ticker", "seq": u,
+            "v": _V, "venue": venue, "symbol": _symbol(d["s"]), "channel": "book_ticker", "seq": u,
             "ts_event": _ms(d["E"]) * 1000, "ts_recv": ts_recv,
             "bid_px": _pos(d["b"]), "bid_qty": _pos(d["B"]),
             "ask_px": _pos(d["a"]), "ask_qty": _pos(d["A"]), "update_id": u,
@@ -270,7 +297,7 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
     if e == "aggTrade":
         a = _int(d["a"])
         agg: dict[str, Any] = {
-            "v": _V, "venue": VENUE, "symbol": _symbol(d["s"]), "channel": "agg_trade", "seq": a,
+            "v": _V, "venue": venue, "symbol": _symbol(d["s"]), "channel": "agg_trade", "seq": a,
             "ts_event": _ms(d["T"]) * 1000, "ts_recv": ts_recv,
             "trade_id": a, "price": _pos(d["p"]), "qty": _pos(d["q"]),
             "side": "sell" if _bool(d["m"]) else "buy",
@@ -281,7 +308,7 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
         event_ms = _ms(d["E"])
         next_funding = _ms(d["T"])
         mark: dict[str, Any] = {
-            "v": _V, "venue": VENUE, "symbol": _symbol(d["s"]), "channel": "mark_price", "seq": event_ms,
+            "v": _V, "venue": venue, "symbol": _symbol(d["s"]), "channel": "mark_price", "seq": event_ms,
             "ts_event": event_ms * 1000, "ts_recv": ts_recv,
             "mark_px": _pos(d["p"]), "index_px": _nonneg(d["i"]), "est_settle_px": _nonneg(d["P"]),
             "funding_rate": _rate(d["r"]), "next_funding_time": next_funding * 1000 if next_funding else None,
@@ -294,7 +321,7 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
             raise MalformedFrame(f"expected a kline interval, got {interval!r}")
         event_ms = _ms(d["E"])
         kline: dict[str, Any] = {
-            "v": _V, "venue": VENUE, "symbol": _symbol(d["s"]), "channel": "kline_" + interval, "seq": event_ms,
+            "v": _V, "venue": venue, "symbol": _symbol(d["s"]), "channel": "kline_" + interval, "seq": event_ms,
             "ts_event": event_ms * 1000, "ts_recv": ts_recv,
             "open_time": _ms(k["t"]) * 1000, "close_time": _ms(k["T"]) * 1000,
             "open": _pos(k["o"]), "high": _pos(k["h"]), "low": _pos(k["l"]), "close": _pos(k["c"]),
@@ -413,6 +440,8 @@ class BinanceUsdm:
 
     #: the module's function itself, not a method wrapping it: it runs once per frame
     parse_frame = staticmethod(parse_frame)
+    #: the same, reading ``depthUpdate`` events too (for a pipeline that keeps order books)
+    parse_frame_depth = staticmethod(parse_frame_depth)
 
     def __init__(self, route: Route = "market") -> None:
         if route not in _PATHS:

@@ -34,6 +34,7 @@ from ingestor.depth_pacer import depth_weight
 from ingestor.leases import DEFAULT_TTL_S, LeaseSettings
 from ingestor.repair import RepairSettings
 from ingestor.session import DEFAULT_STALE_AFTER, SessionSettings
+from ingestor.venues import venue_profile
 
 __all__ = [
     "TOML_SCHEMA",
@@ -84,6 +85,8 @@ class DepthSettings:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class IngestSettings:
+    #: the venue by name (:mod:`ingestor.venues`): ``binance`` (spot), ``binance_usdm``, ``binance_coinm``
+    venue: str = "binance"
     url: str = DEFAULT_WS_URL
     rest_url: str = ""
     symbols: tuple[str, ...] = ("BTCUSDT", "ETHUSDT")
@@ -123,10 +126,6 @@ class IngestSettings:
     #: of that, how long Redis is tried before what it did not take goes to the spill log
     #: (``[shutdown] redis_timeout_s``)
     shutdown_redis_s: float = 3.0
-
-    @property
-    def venue(self) -> str:
-        return "binance"
 
 
 def _validate_ws_url(url: str) -> str:
@@ -192,6 +191,7 @@ def read_toml(path: str) -> dict[str, Any]:
 
 
 _ENV: Final = {
+    "venue": "MARKET_VENUE",
     "url": "MARKET_URL",
     "rest_url": "MARKET_REST_URL",
     "symbols": "MARKET_SYMBOLS",
@@ -466,6 +466,7 @@ _PER_STREAM_LIMITS: Final = _Table({"maxlen": _INTEGER, "max_age_ms": _INTEGER})
 
 #: the whole TOML file; top-level keys are the ``_ENV`` settings, the rest are tables
 TOML_SCHEMA: Final = _Table({
+    "venue": _STRING,
     "url": _STRING,
     "rest_url": _STRING,
     "symbols": _LIST,
@@ -634,8 +635,9 @@ def load_settings(
         merged.setdefault("queue_capacity", queue.get("capacity", 100_000))
         merged.setdefault("queue_policy", queue.get("policy", "block"))
 
-    url = _validate_ws_url(str(merged.get("url", DEFAULT_WS_URL)))
-    rest_url = str(merged.get("rest_url") or default_rest_url(url)).rstrip("/")
+    profile = venue_profile(str(merged.get("venue", "binance")))
+    url = _validate_ws_url(str(merged.get("url", profile.ws_url)))
+    rest_url = str(merged.get("rest_url") or profile.default_rest_url(url)).rstrip("/")
     if urlsplit(rest_url).scheme not in ("http", "https"):
         raise ConfigError(f"invalid REST URL {rest_url!r}: expected http(s)://host[:port]")
     symbols = tuple(dict.fromkeys(s.upper() for s in _csv(merged.get("symbols", "BTCUSDT,ETHUSDT"), "symbols")))
@@ -643,12 +645,8 @@ def load_settings(
         if not _SYMBOL.match(s):
             raise ConfigError(f"invalid symbol {s!r}: expected letters, digits and _ only")
     channels = _csv(merged.get("channels", "trade"), "channels")
-    for c in channels:
-        if not is_valid_channel(c):
-            raise ConfigError(
-                f"unknown channel {c!r}: expected trade, agg_trade, book_ticker, depth or kline_<interval> "
-                "(e.g. kline_1m)"
-            )
+    depth = _depth(toml.get("depth"))
+    profile.check_channels(channels, depth.speed_ms)
     prefix = check_prefix(str(merged.get("prefix", DEFAULT_PREFIX)))
     subscriber_flags = tuple(flags.get("subscribers") or ())
     streams_table = toml.get("streams", {})
@@ -667,6 +665,7 @@ def load_settings(
         raise ConfigError(f"spill.fsync must be always, interval or never, got {spill_fsync!r}")
     flush_s, redis_s = _shutdown(toml.get("shutdown"))
     return IngestSettings(
+        venue=profile.name,
         url=url,
         rest_url=rest_url,
         symbols=symbols,
@@ -689,7 +688,7 @@ def load_settings(
         spill_fsync=spill_fsync,
         spill_max_bytes=_int(spill.get("max_mb", 8192), "spill.max_mb", 1, 10**7) << 20,
         repair=_repair(toml.get("repair")),
-        depth=_depth(toml.get("depth")),
+        depth=depth,
         latency_sample=_int(merged.get("latency_sample", DEFAULT_SAMPLE_EVERY), "latency sample", 0, 65536),
         shutdown_flush_s=flush_s,
         shutdown_redis_s=redis_s,

@@ -2,7 +2,8 @@
 
 When the sequencer reports a jump in a trade or aggTrade stream, the tick that revealed it
 and every later tick of that stream are *held* (bounded) while one repair task fetches the
-missing ids from the venue's REST API (``historicalTrades`` / ``aggTrades`` with ``fromId``).
+missing ids from the venue's REST API (``historicalTrades`` / ``aggTrades`` with ``fromId``: the venue's
+:meth:`~ingestor.venue.Venue.backfill_call`, asked by :class:`~ingestor.rest.VenueRest`).
 Then the fetched and the held ticks go into the ingress merged in ``seq`` order, so they reach
 Redis in order and nothing newer was stored first.  Whatever could not be fetched (older than
 the venue keeps, too large, REST failing or refused, the hold's time up) is published as an explicit
@@ -44,6 +45,7 @@ from consumer_sdk.core.backoff import Backoff
 from consumer_sdk.core.log import Throttle, get_logger, log_event
 from consumer_sdk.core.tick import Tick, make_gap_marker
 from distributor.ingress import IngressQueue
+from ingestor.binance import BINANCE_SPOT
 from ingestor.rest import (
     RestRefused,
     RestRetryable,
@@ -53,6 +55,7 @@ from ingestor.rest import (
     rows_to_ticks,
 )
 from ingestor.sequencer import GapReport, Sequencer
+from ingestor.venue import Venue
 
 __all__ = [
     "BreakerState",
@@ -88,11 +91,11 @@ class RepairSettings:
     breaker_failures: int = 3
     breaker_cooldown_s: float = 30.0
 
-    def client(self, base_url: str) -> VenueRest:
-        """The REST client these settings bound (close it with ``aclose``)."""
+    def client(self, base_url: str, venue: Venue = BINANCE_SPOT) -> VenueRest:
+        """The REST client these settings bound, asking ``venue``'s requests (close it with ``aclose``)."""
         return VenueRest(
             base_url, timeout=self.rest_timeout_s, connect_timeout=min(1.0, self.rest_timeout_s),
-            max_body=max(1, int(self.max_body_mb * 2**20)),
+            max_body=max(1, int(self.max_body_mb * 2**20)), venue=venue,
         )
 
 

@@ -40,7 +40,9 @@ import orjson
 
 from consumer_sdk.core.errors import Fatal, MarketError, Retryable
 from consumer_sdk.core.tick import SCHEMA_VERSION, Tick
+from ingestor.binance import BINANCE_SPOT
 from ingestor.lifecycle import parse_retry_after
+from ingestor.venue import Venue
 
 __all__ = [
     "MAX_BODY",
@@ -165,7 +167,8 @@ def trades_to_ticks(rows: Any, venue: str, symbol: str, ts_recv: int) -> list[Ti
 
 
 def agg_trades_to_ticks(rows: Any, venue: str, symbol: str, ts_recv: int) -> list[Tick]:
-    """``/api/v3/aggTrades`` rows -> agg_trade ticks, checked like :func:`trades_to_ticks`."""
+    """``/api/v3/aggTrades`` rows (and futures' ``/fapi/v1/aggTrades``, ``/dapi/v1/aggTrades``: the same row) ->
+    agg_trade ticks, checked like :func:`trades_to_ticks`."""
     out: list[Any] = []
     for r in _rows(rows):
         aid = _id(r, "a")
@@ -266,13 +269,15 @@ class RestStats:
 
 
 _HEADERS: Final = {"Accept": "application/json", "Accept-Encoding": "identity", "User-Agent": "market/0.1"}
-_PATHS: Final = {"trade": "/api/v3/historicalTrades", "agg_trade": "/api/v3/aggTrades"}
 
 
 class VenueRest:
     """One venue's REST API over one pooled client.  ``timeout`` is the deadline of a whole request
     (connect, send, headers and body), ``connect_timeout`` of its connect alone, ``max_body`` the
     bytes a body may have.  Use on one event loop; :meth:`aclose` when done (then it refuses use).
+
+    ``venue`` says which requests :meth:`fetch` sends (its :meth:`~ingestor.venue.Venue.backfill_call`: Binance
+    spot's ``/api/v3/...`` by default, USD-M's ``/fapi/v1/aggTrades``, COIN-M's ``/dapi/v1/aggTrades``).
 
     Cost: a request holds at most ``max_body`` + :data:`READ_CHUNK` bytes and one pooled connection
     (at most ``max_connections``), and returns or fails within ``timeout`` seconds.
@@ -287,6 +292,7 @@ class VenueRest:
         max_body: int = MAX_BODY,
         max_connections: int = 4,
         transport: httpx.AsyncBaseTransport | None = None,
+        venue: Venue = BINANCE_SPOT,
     ) -> None:
         if not timeout > 0 or not connect_timeout > 0 or max_body < 1:
             raise ValueError("timeout, connect_timeout and max_body must be positive")
@@ -297,6 +303,8 @@ class VenueRest:
         self._max_connections = max_connections
         #: what carries the requests (None: httpx's own, over the network; a test gives an ``httpx.MockTransport``)
         self._transport = transport
+        #: whose backfill requests :meth:`fetch` sends
+        self.venue = venue
         self._client: httpx.AsyncClient | None = None
         self._state: Literal["unopened", "open", "closed"] = "unopened"
         self.stats = RestStats()
@@ -332,11 +340,21 @@ class VenueRest:
         if client is not None:
             await client.aclose()
 
+    def backfills(self, channel: str) -> bool:
+        """Whether the venue has a REST request for ``channel``'s ids (:meth:`fetch` can repair its gaps)."""
+        return self.venue.backfill_call(channel, "X", 0, 1) is not None
+
     async def fetch(self, channel: str, symbol: str, from_id: int, limit: int = 1000) -> list[dict[str, Any]]:
         """Up to ``limit`` trade (or aggregate trade) rows with ids from ``from_id``, oldest first, as the
-        venue sent them (check them with :func:`rows_to_ticks` and :func:`check_page`)."""
-        path = _PATHS["trade" if channel == "trade" else "agg_trade"]
-        rows = await self.get_json(path, {"symbol": symbol, "fromId": from_id, "limit": limit})
+        venue sent them (check them with :func:`rows_to_ticks` and :func:`check_page`); the request is the
+        venue's :meth:`~ingestor.venue.Venue.backfill_call` (:class:`RestRefused` ``http_status`` without asking
+        for a channel it has none for)."""
+        call = self.venue.backfill_call(channel, symbol, from_id, limit)
+        if call is None:
+            self._count("http_status")
+            raise RestRefused(f"{self.venue.name} has no REST request for the ids of {channel}", kind="http_status")
+        path = call.path
+        rows = await self.get_json(path, call.params)
         try:
             return _rows(rows)
         except RestRefused as exc:

@@ -53,10 +53,9 @@ from distributor.registry import Changes, ChannelRegistry
 from distributor.service import BatchHandler, Distributor
 from distributor.spill import SpillLog
 from distributor.writer import StreamWriter, WriteRefused
-from ingestor.binance import BINANCE_SPOT, channel_to_stream
 from ingestor.config import IngestSettings
 from ingestor.control_plane import run_auto_degrade, watch_control
-from ingestor.depth import DepthRule, SnapshotPolicy
+from ingestor.depth import SnapshotPolicy
 from ingestor.depth_books import BookView, DepthBooks
 from ingestor.depth_fetch import DepthFetcher
 from ingestor.depth_pacer import SnapshotPacer
@@ -68,7 +67,8 @@ from ingestor.sequencer import GapReport, Sequencer
 from ingestor.session import VenueSession
 from ingestor.snapshot import ChannelSequence, IngestorSnapshot
 from ingestor.subscriptions import plan_connections
-from ingestor.venue import Connector
+from ingestor.venue import Connector, Venue
+from ingestor.venues import venue_profile
 
 __all__ = [
     "Ingestor",
@@ -220,21 +220,25 @@ class Ingestor:
 
     def __init__(
         self, settings: IngestSettings, *, redis: aioredis.Redis | None = None, connector: Connector | None = None,
-        depth_rest: VenueRest | None = None,
+        depth_rest: VenueRest | None = None, repair_rest: VenueRest | None = None,
     ) -> None:
         """``connector`` opens the venue connections (None: WebSockets); ``depth_rest`` asks for the order books'
-        snapshots (None: a client on ``settings.rest_url`` bounded by ``[repair]``'s REST settings)."""
+        snapshots and ``repair_rest`` for the ids of gaps (None: a client on ``settings.rest_url`` bounded by
+        ``[repair]``'s REST settings, asking the venue's requests)."""
         self.settings = settings
         self._redis = redis
         self._connector = connector
         self._depth_rest = depth_rest
+        self._repair_rest = repair_rest
         self._resync_logs: dict[str, Throttle] = {}
+        #: the venue: its stream names, which connection carries which channel, its REST calls, its book rule
+        self.profile = venue_profile(settings.venue)
         d = settings.depth
         #: the order books, one per symbol (None: the channel ``depth`` is not configured)
         self.depth: DepthBooks | None = None
         if "depth" in settings.channels:
             self.depth = DepthBooks(
-                settings.venue, settings.symbols, rule=DepthRule.SPOT, max_buffer=d.max_buffer,
+                settings.venue, settings.symbols, rule=self.profile.depth_rule, max_buffer=d.max_buffer,
                 policy=SnapshotPolicy(d.snapshot_every_updates, d.snapshot_every_s), on_resync=self._on_book_resync,
             )
         self.depth_fetcher: DepthFetcher | None = None
@@ -294,7 +298,19 @@ class Ingestor:
         ]
 
     def _stream(self, symbol: str, channel: str) -> str:
-        return channel_to_stream(symbol, channel, self.settings.depth.speed_ms)
+        return self.profile.stream_name(symbol, channel, self.settings.depth.speed_ms)
+
+    def _connections_limit(self) -> int:
+        return min(self.settings.max_streams_per_connection, self.profile.max_streams)
+
+    def _plan(self, names: Iterable[tuple[str, str]]) -> list[tuple[Venue, list[str]]]:
+        """The connections carrying ``(symbol, channel)`` streams: grouped by the :class:`Venue` serving each
+        (one for Binance spot; USD-M's ``/public`` and ``/market`` routes), then split within the stream limit."""
+        by_venue: dict[Venue, list[str]] = {}
+        for symbol, channel in names:
+            by_venue.setdefault(self.profile.venue_for(channel), []).append(self._stream(symbol, channel))
+        limit = self._connections_limit()
+        return [(venue, group) for venue, streams in by_venue.items() for group in plan_connections(streams, limit)]
 
     def book(self, symbol: str) -> BookView | None:
         """The live order book of ``symbol`` kept by this ingestor (one per symbol, whatever the number of
@@ -360,13 +376,13 @@ class Ingestor:
         for sub in [s for s in self._wants if s.removed is not None]:
             self.registry.release(self._wants.pop(sub))
 
-    def _new_session(self, streams: list[str]) -> VenueSession:
+    def _new_session(self, streams: list[str], venue: Venue) -> VenueSession:
         s = self.settings
         assert self.repairer is not None
         session = VenueSession(
             ws_base=s.url, streams=streams, ingress=self.ingress, sequencer=self.sequencer,
             ingest_latency=self.ingest_latency, repairer=self.repairer, settings=s.session,
-            sample_every=s.latency_sample, connector=self._connector, depth=self.depth,
+            sample_every=s.latency_sample, connector=self._connector, depth=self.depth, venue=venue,
         )
         self.sessions.append(session)
         if self._tg is not None:
@@ -376,21 +392,26 @@ class Ingestor:
     def apply_changes(self, changes: Changes) -> None:
         """Carry out the registry's decision at the venue: new streams go to the connection with the most
         room (a new one when all are full); released ones are unsubscribed and their state freed."""
-        limit = self.settings.max_streams_per_connection
+        limit = self._connections_limit()
         for name in changes.unsubscribe:
             stream = self._stream(name.symbol, name.channel)
             for session in self.sessions:
                 session.remove_streams([stream])
             self.sequencer.release(name.venue, name.symbol, name.channel)
             log_event(log, logging.INFO, "stream_released", stream=str(name))
-        adds = [self._stream(n.symbol, n.channel) for n in changes.subscribe]
-        while adds:
-            roomiest = min(self.sessions, key=lambda x: len(x.streams), default=None)
-            if roomiest is None or len(roomiest.streams) >= limit:
-                roomiest = self._new_session([])
-            room = limit - len(roomiest.streams)
-            roomiest.add_streams(adds[:room])
-            adds = adds[room:]
+        by_venue: dict[Venue, list[str]] = {}
+        for n in changes.subscribe:
+            by_venue.setdefault(self.profile.venue_for(n.channel), []).append(self._stream(n.symbol, n.channel))
+        for venue, adds in by_venue.items():
+            while adds:
+                roomiest = min(
+                    (x for x in self.sessions if x.venue is venue), key=lambda x: len(x.streams), default=None
+                )
+                if roomiest is None or len(roomiest.streams) >= limit:
+                    roomiest = self._new_session([], venue)
+                room = limit - len(roomiest.streams)
+                roomiest.add_streams(adds[:room])
+                adds = adds[room:]
         for name in changes.subscribe:
             log_event(log, logging.INFO, "stream_held", stream=str(name))
 
@@ -673,22 +694,24 @@ class Ingestor:
                 return self.ingress.stats().fill_ratio, max(hot_p99.sample(), redis_p99.sample())
 
             initial = self.registry.tick(time.monotonic()).subscribe
-            plan = plan_connections(
-                [self._stream(n.symbol, n.channel) for n in initial], s.max_streams_per_connection
+            plan = self._plan((n.symbol, n.channel) for n in initial)
+            rest_venue = self.profile.rest_venue
+            self.repairer = GapRepairer(
+                self._repair_rest or s.repair.client(s.rest_url, rest_venue), self.ingress, self.sequencer, s.repair
             )
-            self.repairer = GapRepairer(s.repair.client(s.rest_url), self.ingress, self.sequencer, s.repair)
             if self.depth is not None:
                 d = s.depth
                 self.depth_fetcher = DepthFetcher(
-                    self.depth, self._depth_rest or s.repair.client(s.rest_url), BINANCE_SPOT, self._store_depth,
-                    limit=d.limit, pacer=SnapshotPacer(weight_per_minute=d.weight_per_minute, share=d.weight_share),
+                    self.depth, self._depth_rest or s.repair.client(s.rest_url, rest_venue), rest_venue,
+                    self._store_depth, limit=d.limit, rule=self.profile.depth_rule,
+                    pacer=SnapshotPacer(weight_per_minute=d.weight_per_minute, share=d.weight_share),
                 )
             self.sessions = []
-            for group in plan:
-                self._new_session(group)
+            for venue, group in plan:
+                self._new_session(group, venue)
             log_event(
                 log, logging.INFO, "ingestor_started", venue=s.venue, url=s.url, redis=redact_url(s.redis_url),
-                streams=sum(len(g) for g in plan), connections=len(plan), queue_policy=s.queue_policy.value,
+                streams=sum(len(g) for _, g in plan), connections=len(plan), queue_policy=s.queue_policy.value,
             )
             self.started.set()
             async with asyncio.TaskGroup() as tg:

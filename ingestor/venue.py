@@ -3,9 +3,16 @@
 :class:`Venue` is everything venue-specific the session and the pipeline need, as pure calls: the
 URL path of its WebSocket endpoint, its stream names, the messages that subscribe and unsubscribe
 them, how its connections are kept alive, how one frame becomes a tick, and the REST calls that
-backfill a gap or fetch a snapshot.  :class:`ingestor.binance.BinanceSpot` is the one implemented;
-another venue (Binance USD-M futures, OKX ...) is one more class with these members, and the session,
-the pipeline and the sequencer stay as they are.
+backfill a gap or fetch a snapshot.  Implemented: :class:`ingestor.binance.BinanceSpot`,
+:class:`ingestor.binance_usdm.BinanceUsdm` (one per routed path, ``/public`` and ``/market``) and
+:class:`ingestor.binance_coinm.BinanceCoinm`; :mod:`ingestor.venues` names them (``binance``, ``binance_usdm``,
+``binance_coinm``) with what the ingestor needs of a venue as a whole (hosts, channels, which connection carries
+which channel, the rule its order books follow).  Another venue is one more class with these members and one
+more profile there; the session, the pipeline, the sequencer, the repair and the writer stay as they are.
+
+A venue that keeps order books (channel ``depth``) has one more member, ``parse_frame_depth``: as
+``parse_frame``, and a ``depthUpdate`` -> an :class:`ingestor.depth.DepthDiff` (the pipeline asks for it only
+when books are kept).
 
 :class:`Connector` and :class:`FeedLink` are the transport: open a connection, read what it received
 in chunks, send a text message, close or drop it.  :class:`ingestor.wsframes.WebSocketConnector` is the

@@ -25,6 +25,7 @@ PREFIX: Final = "MARKET_"
 KNOWN: Final[Mapping[str, str]] = {
     # the ingestor's settings (ingestor/config.py; the Redis URL and prefix also every ops command)
     "MARKET_CONFIG": "the ingestor's TOML settings file",
+    "MARKET_VENUE": "the venue the ingestor runs on (binance, binance_usdm, binance_coinm)",
     "MARKET_URL": "venue WebSocket base",
     "MARKET_REST_URL": "venue REST base",
     "MARKET_SYMBOLS": "symbols to ingest",

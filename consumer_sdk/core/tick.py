@@ -23,6 +23,7 @@ __all__ = [
     "BookTickerTick",
     "GapMarker",
     "KlineTick",
+    "MarkPriceTick",
     "Tick",
     "TradeTick",
     "channel_fields",
@@ -35,7 +36,7 @@ __all__ = [
 
 SCHEMA_VERSION: Final = 1
 
-FIXED_CHANNELS: Final = ("trade", "agg_trade", "book_ticker", "depth")
+FIXED_CHANNELS: Final = ("trade", "agg_trade", "book_ticker", "depth", "mark_price")
 KLINE_INTERVALS: Final = frozenset(
     {"1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w", "1M"}
 )
@@ -49,6 +50,9 @@ CHANNEL_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     #: an order book's entries (:mod:`consumer_sdk.book_stream`): a diff carries ``kind``, ``first`` and/or ``pu``,
     #: ``bids``, ``asks``; a snapshot ``kind``, ``reason``, ``link``, ``bids``, ``asks``
     "depth": ("kind", "first", "pu", "reason", "link", "bids", "asks"),
+    #: a futures contract's mark price (Binance USD-M and COIN-M ``markPriceUpdate``); ``funding_rate`` and
+    #: ``next_funding_time`` are None for a contract with no funding
+    "mark_price": ("mark_px", "index_px", "est_settle_px", "funding_rate", "next_funding_time"),
     "kline": (
         "open_time", "close_time", "open", "high", "low", "close",
         "volume", "quote_volume", "trades", "closed",
@@ -101,6 +105,16 @@ class KlineTick(Tick):
     closed: bool
 
 
+class MarkPriceTick(Tick):
+    """A futures contract's mark price, index price and funding (one a second; ``seq`` is the event time in ms)."""
+
+    mark_px: str
+    index_px: str
+    est_settle_px: str
+    funding_rate: str | None
+    next_funding_time: int | None
+
+
 class GapMarker(Tick):
     """Stored in place of venue ids that could not be recovered: ``gap_first..gap_last`` are lost.
 
@@ -127,7 +141,8 @@ def is_gap_marker(tick: Tick) -> bool:
 
 
 def is_valid_channel(channel: str) -> bool:
-    """``trade``, ``agg_trade``, ``book_ticker``, ``depth`` or ``kline_<interval>`` with a Binance interval."""
+    """``trade``, ``agg_trade``, ``book_ticker``, ``depth``, ``mark_price`` or ``kline_<interval>`` with a Binance
+    interval: a channel some venue carries (which venue carries which: :mod:`ingestor.venues`)."""
     if channel in FIXED_CHANNELS:
         return True
     return channel.startswith("kline_") and channel[6:] in KLINE_INTERVALS

@@ -11,9 +11,9 @@ from consumer_sdk.book_stream import decode, rebuild
 from consumer_sdk.core.errors import ConfigError
 from consumer_sdk.core.tick import Tick, encode_tick
 from ingestor.binance import BINANCE_SPOT
-from ingestor.binance_usdm import BINANCE_USDM_ALL
 from ingestor.depth import DepthDiff, DepthSnapshot, SnapshotPolicy
 from ingestor.depth_books import DepthBooks
+from ingestor.okx import OKX_V5
 from ingestor.pipeline import BadFrame, IngestPipeline
 from ingestor.sequencer import Sequencer
 
@@ -176,9 +176,10 @@ def test_without_books_a_depth_update_is_an_event_not_carried() -> None:
 
 
 def test_a_venue_without_depth_parsing_is_refused() -> None:
-    assert not hasattr(BINANCE_USDM_ALL, "parse_frame_depth")
+    venue: Any = OKX_V5
+    assert not hasattr(venue, "parse_frame_depth")
     with pytest.raises(ConfigError, match="not carried"):
-        IngestPipeline(BINANCE_USDM_ALL, Sequencer(), depth=DepthBooks("binance_usdm", ["BTCUSDT"]))
+        IngestPipeline(venue, Sequencer(), depth=DepthBooks("okx", ["BTC-USDT"]))
 
 
 def test_entries_not_stored_make_the_next_diff_a_resync_snapshot_of_the_live_book() -> None:

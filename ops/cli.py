@@ -120,11 +120,14 @@ def _redis_url() -> str:
 @app.command()
 def ingest(
     config: Annotated[Path | None, typer.Option(help="TOML settings file")] = None,
+    venue: Annotated[
+        str | None, typer.Option(help="binance (default) | binance_usdm | binance_coinm: hosts, channels, REST")
+    ] = None,
     url: Annotated[str | None, typer.Option(help="venue WebSocket base, e.g. wss://stream.binance.com:9443")] = None,
     rest_url: Annotated[str | None, typer.Option(help="venue REST base (default: derived from --url)")] = None,
     symbols: Annotated[str | None, typer.Option(help="comma-separated symbols, e.g. BTCUSDT,ETHUSDT")] = None,
     channels: Annotated[
-        str | None, typer.Option(help="comma-separated: trade, agg_trade, book_ticker, kline_<i>")
+        str | None, typer.Option(help="comma-separated: trade, agg_trade, book_ticker, kline_<i>, depth, mark_price")
     ] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (default 9464; 0 disables)")] = None,
     queue_policy: Annotated[str | None, typer.Option(help="drop_newest | drop_oldest | block")] = None,
@@ -152,7 +155,7 @@ def ingest(
         pin_cpus(cpus)
     flags = {
         "subscribers": tuple(subscriber or ()),
-        "url": url, "rest_url": rest_url, "symbols": symbols, "channels": channels,
+        "venue": venue, "url": url, "rest_url": rest_url, "symbols": symbols, "channels": channels,
         "metrics_port": metrics_port, "queue_policy": queue_policy, "prefix": prefix, "spill_dir": spill_dir,
         "latency_sample": latency_sample,
     }

@@ -87,3 +87,14 @@ def test_market_ingest_on_an_unknown_venue_is_one_line_and_exit_2() -> None:
     assert (proc.returncode, proc.stderr) == (
         2, "market: error: unknown venue 'kraken': expected binance, binance_coinm or binance_usdm\n"
     )
+
+
+def test_market_ingest_venue_flag_over_the_environment() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "ingest", "--venue", "okx_v9", "--spill-dir", ""], capture_output=True,
+        text=True, timeout=60,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("MARKET_")}, "MARKET_VENUE": "binance"},
+    )
+    assert (proc.returncode, proc.stderr) == (
+        2, "market: error: unknown venue 'okx_v9': expected binance, binance_coinm or binance_usdm\n"
+    )

@@ -131,7 +131,11 @@ def summarize_cell(masters: int, ingestors: int, steps: Sequence[Mapping[str, An
     at most) and its sustained peak (the highest offered rate whose window did not saturate), and the final
     tally from the moment every ingestor had subscribed to the moment the path drained at rate 0: ticks
     ``stored`` (from Redis) against frames ``sent`` and against ticks ``streamed`` (generated, of the subscribed
-    kinds); it adds up when the three are equal."""
+    kinds); it adds up when the three are equal.  After a lost venue connection (an overloaded window) what the
+    venue generated and never sent is partly fetched back over REST (trades and aggregate trades) and partly gone
+    by design (book ticker updates the next one supersedes): then it adds up when nothing sent is missing and
+    nothing stored was never generated (``sent <= stored <= streamed``), and ``repaired`` is the difference."""
+    reconnects = sum(int(s.get("reconnects", 0)) for s in steps)
     best = max(steps, key=lambda s: s["stored_per_s"], default=None)
     sustained = max((s for s in steps if not s["saturated"]), key=lambda s: s["rate"], default=None)
     return {
@@ -146,7 +150,9 @@ def summarize_cell(masters: int, ingestors: int, steps: Sequence[Mapping[str, An
         "stored": stored,
         "streamed": streamed,
         "drained": drained,
-        "adds_up": drained and sent == stored == streamed,
+        "reconnects": reconnects,
+        "repaired": stored - sent,
+        "adds_up": drained and (sent == stored == streamed if reconnects == 0 else sent <= stored <= streamed),
     }
 
 
@@ -179,6 +185,8 @@ def render_scale_markdown(cells: Sequence[Mapping[str, Any]]) -> str:
         best = c["best"] or {}
         ratio = "-" if c.get("ratio") is None else f"x{c['ratio']:.2f}"
         tally = f"{'yes' if c['adds_up'] else 'NO'} ({c['stored']} of {c['sent']})"
+        if c.get("reconnects"):
+            tally += f"; {c['reconnects']} reconnects, {c['repaired']} more fetched over REST"
         lines.append(
             f"| {c['masters']} | {c['ingestors']} | {_k(c['stored_per_s'])} | {ratio} | "
             f"{_k(c['sustained_rate'])} | {_share(best.get('machine_busy_cores'))} | "

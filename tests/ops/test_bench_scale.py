@@ -102,6 +102,13 @@ def test_summarize_cell_best_sustained_and_tally() -> None:
     assert cell["adds_up"]
     assert not summarize_cell(1, 1, steps, sent=100, stored=99, streamed=100, drained=False)["adds_up"]
     assert not summarize_cell(1, 1, steps, sent=100, stored=100, streamed=101, drained=True)["adds_up"]
+    # after a lost connection: nothing sent missing, nothing stored that was never generated, the rest repaired
+    lost = [{**steps[-1], "reconnects": 2}]
+    cell = summarize_cell(1, 1, lost, sent=100, stored=104, streamed=110, drained=True)
+    assert cell["adds_up"] and cell["reconnects"] == 2 and cell["repaired"] == 4
+    assert "2 reconnects, 4 more fetched over REST" in render_scale_markdown([{**cell, "ratio": 1.0}])
+    assert not summarize_cell(1, 1, lost, sent=100, stored=99, streamed=110, drained=True)["adds_up"]
+    assert not summarize_cell(1, 1, lost, sent=100, stored=111, streamed=110, drained=True)["adds_up"]
     none = summarize_cell(1, 1, [_step(10_000, 5_000, True)], sent=1, stored=1, streamed=1, drained=True)
     assert none["sustained_rate"] is None and none["stored_per_s"] == 5_000
 

@@ -35,6 +35,8 @@ from ops.status import Level, evaluate, read_heartbeats
 FAST = SessionSettings(ping_interval=1.0, ping_timeout=2.0, open_timeout=2.0, backoff_base=0.05, backoff_cap=1.0)
 SYMBOLS = ("BTCUSDT", "ETHUSDT")
 TTL = 3.0
+#: the old owner's ttl in the two-owners test: it renews every 20 s
+SLOW_TTL = 60.0
 
 
 async def wait_for(predicate: Any, timeout: float) -> None:
@@ -136,13 +138,14 @@ async def test_two_ingestors_two_shards_each_owns_one_and_streams_are_split(
 async def test_two_owners_at_once_are_harmless_because_of_the_entry_ids(
     aredis: aioredis.Redis, prefix: str, tmp_path: Path
 ) -> None:
-    """An owner that has not yet noticed its lease is gone (here: a ttl of 30 s, so its next renewal is 10 s
-    away) goes on writing while the new owner writes the same streams.  Nothing fences the writes (the token
+    """An owner that has not yet noticed its lease is gone (here: a ttl of 60 s and the leases taken from it just
+    after a renewal, so its next renewal is 20 s away) goes on writing while the new owner writes the same streams.
+    Nothing fences the writes (the token
     only fences the lease itself: the old owner can neither renew nor release the new one's); the entry IDs
     make them harmless: each seq is stored once, whoever sends it first, and no id is skipped."""
     async with Simulator(SimulatorConfig(symbols=SYMBOLS, rate=1000.0, rest_weight_limit=0)) as sim:
         slow = IngestSettings(**{**_fields(settings(sim, prefix, tmp_path / "s1")),
-                                 "shards": LeaseSettings(count=2, ttl_s=30.0)})
+                                 "shards": LeaseSettings(count=2, ttl_s=SLOW_TTL)})
         old = Ingestor(slow, redis=aredis)
         new = Ingestor(settings(sim, prefix, tmp_path / "s2"), redis=aredis)
         async with running(old):
@@ -154,6 +157,11 @@ async def test_two_owners_at_once_are_harmless_because_of_the_entry_ids(
             await wait_for(grown, 20)
             async with running(new):
                 await new.started.wait()
+
+                async def just_renewed() -> bool:  # the old owner's next renewal is a whole SLOW_TTL / 3 away
+                    return int(await aredis.pttl(lease_key(prefix, 0))) > SLOW_TTL * 1000 - 1000
+
+                await wait_for(just_renewed, SLOW_TTL / 3 + 5)
                 # As if the old owner's leases had expired in Redis: the new one takes them at its next round.
                 await aredis.delete(lease_key(prefix, 0), lease_key(prefix, 1))
                 await wait_for(lambda: _holds(new, 2), 10)
@@ -168,7 +176,7 @@ async def test_two_owners_at_once_are_harmless_because_of_the_entry_ids(
 
                 await wait_for(both_wrote, 10)
                 assert old.leases is not None and len(old.leases.held) == 2, "both owners at once"
-                await wait_for(lambda: _holds(old, 0), 15)
+                await wait_for(lambda: _holds(old, 0), SLOW_TTL / 3 + 5)
                 assert old.leases.lost == 2
                 for symbol in SYMBOLS:
                     await complete(aredis, f"{prefix}:binance:{symbol}:trade", sim, symbol)

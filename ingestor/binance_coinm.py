@@ -25,14 +25,14 @@ import orjson
 
 from consumer_sdk.core.tick import Tick
 from ingestor.binance_usdm import (
-    AGG_TRADES_MAX_LIMIT,
-    DEPTH_LIMITS,
-    check_channel,
-    parse_frame_as,
-    parse_frame_depth_as,
+    channel_to_stream as usdm_channel_to_stream,
 )
 from ingestor.binance_usdm import (
-    channel_to_stream as usdm_channel_to_stream,
+    check_channel,
+    futures_backfill_call,
+    futures_snapshot_call,
+    parse_frame_as,
+    parse_frame_depth_as,
 )
 from ingestor.binance_usdm import (
     stream_to_channel as usdm_stream_to_channel,
@@ -106,16 +106,11 @@ class BinanceCoinm:
 
     def backfill_call(self, channel: str, symbol: str, from_id: int, limit: int) -> RestCall | None:
         """``/dapi/v1/aggTrades`` for ``agg_trade``; None for every other channel."""
-        if channel != "agg_trade":
-            return None
-        return RestCall(
-            "/dapi/v1/aggTrades", {"symbol": symbol, "fromId": from_id, "limit": min(limit, AGG_TRADES_MAX_LIMIT)}
-        )
+        return futures_backfill_call("/dapi/v1", channel, symbol, from_id, limit)
 
     def snapshot_call(self, symbol: str, limit: int) -> RestCall:
         """``/dapi/v1/depth`` with the smallest limit it takes that holds ``limit`` levels (at most 1000)."""
-        levels = next((n for n in DEPTH_LIMITS if n >= limit), DEPTH_LIMITS[-1])
-        return RestCall("/dapi/v1/depth", {"symbol": symbol, "limit": levels})
+        return futures_snapshot_call("/dapi/v1", symbol, limit)
 
 
 #: the Binance COIN-M futures venue (stateless, shared)

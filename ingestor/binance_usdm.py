@@ -484,17 +484,26 @@ class BinanceUsdm:
     def backfill_call(self, channel: str, symbol: str, from_id: int, limit: int) -> RestCall | None:
         """``/fapi/v1/aggTrades`` for ``agg_trade`` (at most :data:`AGG_TRADES_MAX_LIMIT` rows a call, weight
         :data:`AGG_TRADES_WEIGHT`); None for every other channel (no contiguous ids to fetch)."""
-        if channel != "agg_trade":
-            return None
-        return RestCall(
-            "/fapi/v1/aggTrades", {"symbol": symbol, "fromId": from_id, "limit": min(limit, AGG_TRADES_MAX_LIMIT)}
-        )
+        return futures_backfill_call("/fapi/v1", channel, symbol, from_id, limit)
 
     def snapshot_call(self, symbol: str, limit: int) -> RestCall:
         """``/fapi/v1/depth`` with the smallest limit it takes that holds ``limit`` levels (at most 1000)."""
-        levels = next((n for n in DEPTH_LIMITS if n >= limit), DEPTH_LIMITS[-1])
-        return RestCall("/fapi/v1/depth", {"symbol": symbol, "limit": levels})
+        return futures_snapshot_call("/fapi/v1", symbol, limit)
 
+
+
+def futures_backfill_call(api: str, channel: str, symbol: str, from_id: int, limit: int) -> RestCall | None:
+    """``<api>/aggTrades`` for ``agg_trade`` (Binance futures, ``/fapi/v1`` or ``/dapi/v1``); None otherwise."""
+    if channel != "agg_trade":
+        return None
+    query: dict[str, str | int] = {"symbol": symbol, "fromId": from_id, "limit": min(limit, AGG_TRADES_MAX_LIMIT)}
+    return RestCall(f"{api}/aggTrades", query)
+
+
+def futures_snapshot_call(api: str, symbol: str, limit: int) -> RestCall:
+    """``<api>/depth`` with the smallest limit it takes that holds ``limit`` levels (at most 1000)."""
+    levels = next((n for n in DEPTH_LIMITS if n >= limit), DEPTH_LIMITS[-1])
+    return RestCall(f"{api}/depth", {"symbol": symbol, "limit": levels})
 
 #: USD-M's ``/market`` route: aggregate trades, klines, mark prices (stateless, shared)
 BINANCE_USDM_MARKET: Final = BinanceUsdm("market")

@@ -7,12 +7,10 @@ with no hole, whichever ingestor stored it.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,9 +19,9 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from venue_drill import complete, venue_last_trade, wait_for
 
 from consumer_sdk.core.keys import heartbeat_set_key
-from consumer_sdk.core.tick import is_gap_marker
 from distributor.ingress import Policy
 from ingestor.config import IngestSettings
 from ingestor.leases import LeaseSettings, LeaseStore, fence_key, lease_key, shard_of
@@ -37,39 +35,6 @@ SYMBOLS = ("BTCUSDT", "ETHUSDT")
 TTL = 3.0
 #: the old owner's ttl in the two-owners test: it renews every 20 s
 SLOW_TTL = 60.0
-
-
-async def wait_for(predicate: Any, timeout: float) -> None:
-    async with asyncio.timeout(timeout):
-        while not await predicate():
-            await asyncio.sleep(0.05)  # poll
-
-
-async def venue_last_trade(sim: Simulator, symbol: str) -> int:
-    def get() -> Any:
-        with urllib.request.urlopen(f"{sim.rest_url}/api/v3/trades?symbol={symbol}&limit=1", timeout=5) as r:
-            return json.loads(r.read())
-
-    return int((await asyncio.to_thread(get))[-1]["id"])
-
-
-async def complete(redis: Any, key: str, sim: Simulator, symbol: str, timeout: float = 30) -> list[int]:
-    """Wait until ``key`` reaches the venue's newest trade (as its REST history says); return its ids,
-    checked to be each id once, in order, with no hole and no gap marker."""
-    target = await venue_last_trade(sim, symbol)
-
-    async def caught_up() -> bool:
-        top = await redis.xrevrange(key, count=1)
-        return bool(top) and int(top[0][0].split(b"-")[1]) >= target
-
-    await wait_for(caught_up, timeout)
-    ids = []
-    for _, fields in await redis.xrange(key):
-        tick = orjson.loads(fields[b"d"])
-        assert not is_gap_marker(tick), tick
-        ids.append(tick["seq"])
-    assert ids == list(range(ids[0], ids[0] + len(ids))), f"{key}: not every id exactly once in order"
-    return ids
 
 
 def settings(sim: Simulator, prefix: str, spill: Path, *, count: int = 2, max_owned: int = 0) -> IngestSettings:

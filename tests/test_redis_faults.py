@@ -19,6 +19,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from venue_drill import complete, venue_last_trade, wait_for
 
 from consumer_sdk.core.tick import is_gap_marker
 from distributor.ingress import Policy
@@ -32,44 +33,6 @@ from ops.redis_server import restart, start_redis
 from ops.simulator import Simulator, SimulatorConfig
 
 FAST = SessionSettings(ping_interval=1.0, ping_timeout=2.0, open_timeout=2.0, backoff_base=0.05, backoff_cap=1.0)
-
-
-async def wait_for(predicate: Any, timeout: float) -> None:
-    async with asyncio.timeout(timeout):
-        while not await predicate():
-            await asyncio.sleep(0.05)  # poll
-
-
-async def venue_last_trade(sim: Simulator, symbol: str) -> int:
-    import json
-    import urllib.request
-
-    def get() -> Any:
-        with urllib.request.urlopen(f"{sim.rest_url}/api/v3/trades?symbol={symbol}&limit=1", timeout=5) as r:
-            return json.loads(r.read())
-
-    return int((await asyncio.to_thread(get))[-1]["id"])
-
-
-async def complete(redis: aioredis.Redis, key: str, sim: Simulator, symbol: str, timeout: float = 30) -> list[int]:
-    """Wait until ``key`` reaches the venue's newest trade; return its ids (checked contiguous, unique)."""
-    target = await venue_last_trade(sim, symbol)
-
-    async def caught_up() -> bool:
-        try:
-            top = await redis.xrevrange(key, count=1)
-        except (RedisConnectionError, OSError):  # the first use of a pooled connection after a Redis restart
-            return False
-        return bool(top) and int(top[0][0].split(b"-")[1]) >= target
-
-    await wait_for(caught_up, timeout)
-    ids = []
-    for _, fields in await redis.xrange(key):
-        tick = orjson.loads(fields[b"d"])
-        assert not is_gap_marker(tick), tick
-        ids.append(tick["seq"])
-    assert ids == list(range(ids[0], ids[0] + len(ids))), f"{key}: not every id exactly once in order"
-    return ids
 
 
 def ingest_settings(sim: Simulator, prefix: str, spill_dir: str, **kw: Any) -> IngestSettings:

@@ -22,8 +22,8 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from venue_drill import complete, venue_last_trade, wait_for
 
-from consumer_sdk.core.tick import is_gap_marker
 from distributor.ingress import Policy
 from ingestor.config import IngestSettings
 from ingestor.lifecycle import SessionState
@@ -38,16 +38,6 @@ FAST = SessionSettings(
 )
 
 
-async def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` (a hang bound)."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not await predicate():
-                await asyncio.sleep(0.05)  # poll
-    except TimeoutError:
-        pytest.fail(f"{what}: not within {timeout} s")
-
-
 def settings(url: str, rest: str, prefix: str, symbols: tuple[str, ...], channels: tuple[str, ...] = ("trade",),
              session: SessionSettings = FAST, **kw: Any) -> IngestSettings:
     return IngestSettings(
@@ -56,43 +46,10 @@ def settings(url: str, rest: str, prefix: str, symbols: tuple[str, ...], channel
     )
 
 
-async def stored_ids(redis: aioredis.Redis, key: str) -> list[int]:
-    ids = []
-    for _, fields in await redis.xrange(key):
-        tick = orjson.loads(fields[b"d"])
-        assert not is_gap_marker(tick), f"gap marker in {key}: {tick}"
-        ids.append(tick["seq"])
-    return ids
-
-
-async def venue_last_trade(sim: Simulator, symbol: str) -> int:
-    import json
-    import urllib.request
-
-    def get() -> Any:
-        with urllib.request.urlopen(f"{sim.rest_url}/api/v3/trades?symbol={symbol}&limit=1", timeout=5) as r:
-            return json.loads(r.read())
-
-    return int((await asyncio.to_thread(get))[-1]["id"])
-
-
 async def assert_complete(redis: aioredis.Redis, prefix: str, sim: Simulator, symbols: tuple[str, ...],
                           timeout: float = 30.0) -> dict[str, int]:
     """Each trade stream holds every id from its first up to what the venue had made when asked."""
-    counts = {}
-    for symbol in symbols:
-        key = f"{prefix}:binance:{symbol}:trade"
-        target = await venue_last_trade(sim, symbol)
-
-        async def caught_up(key: str = key, target: int = target) -> bool:
-            top = await redis.xrevrange(key, count=1)
-            return bool(top) and int(top[0][0].split(b"-")[1]) >= target
-
-        await wait_for(caught_up, timeout, f"{key} reaches venue id {target}")
-        ids = await stored_ids(redis, key)
-        assert ids == list(range(ids[0], ids[0] + len(ids))), f"{key}: ids not contiguous"
-        counts[symbol] = len(ids)
-    return counts
+    return {s: len(await complete(redis, f"{prefix}:binance:{s}:trade", sim, s, timeout)) for s in symbols}
 
 
 class Running:

@@ -233,12 +233,13 @@ class Book:
         self._ask_keys = sorted(self._asks)
         self.update_id = update_id
 
-    def apply_diff(self, bids: Levels, asks: Levels, update_id: int) -> None:
+    def apply_diff(self, bids: Levels, asks: Levels, update_id: int, *, reset: bool = False) -> None:
         """Set each level given (size ``"0"`` deletes it; deleting an absent level does nothing) and move to
-        ``update_id``, which may not be below the book's.  Cost per level: a dict operation, plus a binary
-        search and a list insert or delete when a level appears or goes."""
+        ``update_id``, which may not be below the book's unless ``reset`` (the venue restarted its ids, as OKX
+        may after maintenance, the caller having checked the diff follows).  Cost per level: a dict operation,
+        plus a binary search and a list insert or delete when a level appears or goes."""
         update_id = _update_id(update_id)
-        if self.update_id is not None and update_id < self.update_id:
+        if not reset and self.update_id is not None and update_id < self.update_id:
             raise BookError(f"update_id: {update_id} is below the book's {self.update_id}")
         parsed_bids = self._parse_side(bids, "bids", 1, False)
         parsed_asks = self._parse_side(asks, "asks", -1, False)

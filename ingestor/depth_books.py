@@ -350,7 +350,7 @@ class DepthBooks:
     def _apply(self, st: SymbolDepth, diff: DepthDiff, ts_recv: int, out: list[Tick]) -> bool:
         """Apply ``diff`` and append what to store; False when the symbol started over."""
         book = st.book
-        reset = self._ws and diff.prev_id is not None and diff.last_id < diff.prev_id
+        reset = self._ws and WsBookSync.is_reset(diff)
         try:
             book.apply_diff(diff.bids, diff.asks, diff.last_id, reset=reset)
         except BookError as exc:

@@ -232,6 +232,7 @@ def test_a_continuous_stream_never_resyncs_and_is_stored_diff_by_diff(messages: 
     assert books.resyncs == {} and rec.resubscribe == [] and books.checksums == {"equal": 0, "mismatch": 0}
     assert [e["kind"] for e in entries] == ["snapshot"] + ["diff"] * (len(messages) - 1)
     assert [e.get("pu") for e in entries[1:]] == [m.prev_id for m in messages[1:]]
+    assert not any("first" in e for e in entries)  # OKX sends no first id: the diffs follow by pu alone
     live = books.book("BTC-USDT")
     assert live is not None and numbers(live) == reference(messages)
     assert replayed(entries, "BTC-USDT") == live.copy()
@@ -265,6 +266,31 @@ def test_a_keepalive_changes_nothing_and_the_chain_goes_on_across_it() -> None:
     nxt = DepthDiff("BTC-USDT", 6, 6, 5, 3, (("100", "2"),), ())
     entries = feed(books, [snap, quiet, quiet, nxt])
     assert [(e["kind"], e["seq"]) for e in entries] == [("snapshot", 5), ("diff", 6)] and books.resyncs == {}
+
+
+def test_a_snapshot_that_comes_unasked_replaces_the_book_and_is_stored_as_such_not_counted() -> None:
+    rec = Recorder()
+    books = rec.books(["BTC-USDT"])
+    msgs = [
+        DepthDiff("BTC-USDT", 5, 5, None, 1, (("100", "1"),), (("101", "1"),), snapshot=True),
+        DepthDiff("BTC-USDT", 6, 6, 5, 2, (("99", "1"),), ()),
+        DepthDiff("BTC-USDT", 9, 9, None, 3, (("98", "1"),), (("101", "2"),), snapshot=True),
+        DepthDiff("BTC-USDT", 10, 10, 9, 4, (("98", "3"),), ()),
+    ]
+    entries = feed(books, msgs)
+    assert [(e.get("reason") or e["kind"], e["seq"]) for e in entries] == [
+        ("start", 5), ("diff", 6), ("resync:snapshot", 9), ("diff", 10)]
+    assert books.resyncs == {} and rec.resubscribe == []
+    assert replayed(entries, "BTC-USDT") == books.book("BTC-USDT")
+
+
+def test_an_update_naming_the_last_seq_as_its_own_with_levels_is_applied_not_a_reset() -> None:
+    rec = Recorder()
+    books = rec.books(["BTC-USDT"])
+    feed(books, [DepthDiff("BTC-USDT", 5, 5, None, 1, (("100", "1"),), (("101", "1"),), snapshot=True),
+                 DepthDiff("BTC-USDT", 5, 5, 5, 2, (("100", "4"),), ())])
+    live = books.book("BTC-USDT")
+    assert live is not None and live.best_bid() == ("100", "4") and books.resyncs == {}
 
 
 def test_a_sequence_reset_is_followed_by_the_book_and_marked_in_the_stored_stream() -> None:

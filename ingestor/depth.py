@@ -28,6 +28,9 @@ The I/O layer around it, per symbol::
 :class:`SnapshotPolicy` says when the stored stream is due a full snapshot entry.  The pacing of the snapshot
 requests across symbols (the venue's REST weight budget, 429/418, backoff) is :mod:`ingestor.depth_pacer`.
 
+OKX's procedure (:data:`DepthRule.OKX`: the snapshot is a WebSocket message, a resync resubscribes the stream,
+:attr:`Action.RESUBSCRIBE`) shares these records and decisions and is :mod:`ingestor.depth_ws`.
+
 :func:`parse_depth_update` and :func:`parse_depth_snapshot` read the venue's messages into frozen records,
 refusing what a book may not hold with :class:`~ingestor.venue.MalformedFrame` and the kinds of
 :data:`ingestor.binance.PARSE_REFUSALS`.  Prices and quantities stay the venue's decimal strings.

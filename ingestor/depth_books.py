@@ -1,6 +1,7 @@
 """Every symbol's order book kept in the ingestor, and the ``depth`` entries to store: pure, no I/O, no clock.
 
-:class:`DepthBooks` holds, per configured symbol, one :class:`~ingestor.depth.DepthSync` (Binance's procedure)
+:class:`DepthBooks` holds, per configured symbol, one :class:`~ingestor.depth.DepthSync` (Binance's procedure;
+OKX's: :class:`~ingestor.depth_ws.WsBookSync`, below)
 and one :class:`~consumer_sdk.book.Book` (the live book, whatever the number of subscribers).  It is fed the
 venue's diffs (:meth:`~DepthBooks.on_diff`, by the pipeline), the REST snapshot replies
 (:meth:`~DepthBooks.on_snapshot`, :meth:`~DepthBooks.on_snapshot_failed`, by the fetcher) and reconnects

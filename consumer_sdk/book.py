@@ -3,6 +3,7 @@
 Prices and sizes arrive as decimal strings (Binance ``"0.35280000"``, OKX ``"29450.1"``).  The book keeps the
 strings exactly as sent, for output, and orders the levels by an exact integer key: the price scaled by
 ``10**scale`` (``scale`` per book, 8 by default), so ``"0.3528"`` and ``"0.35280000"`` are the same level.
+A level set again keeps the strings of the update that set it last (OKX's checksum is computed over them).
 No float is ever made.  :func:`parse_decimal` is the one parser; it refuses, with a :class:`BookError` naming
 the field and the value, anything that is not a string, not a plain decimal (a sign, an exponent, ``NaN``,
 spaces, an empty string, non-ASCII digits), more than 20 integer digits, or more significant decimals than
@@ -17,7 +18,7 @@ strings it parsed (:data:`PRICE_CACHE`), since diffs keep touching the same pric
 
 Every mutation checks all of its input before it changes anything: a refused snapshot or diff leaves the
 book as it was.  A :class:`Book` has one owner (no locks).  Sequencing (which diff follows which) is the
-caller's: the book only refuses an update id below the one it is at.
+caller's: the book only refuses an update id below the one it is at (unless told the venue reset its ids).
 """
 
 from __future__ import annotations
@@ -233,12 +234,13 @@ class Book:
         self._ask_keys = sorted(self._asks)
         self.update_id = update_id
 
-    def apply_diff(self, bids: Levels, asks: Levels, update_id: int) -> None:
+    def apply_diff(self, bids: Levels, asks: Levels, update_id: int, *, reset: bool = False) -> None:
         """Set each level given (size ``"0"`` deletes it; deleting an absent level does nothing) and move to
-        ``update_id``, which may not be below the book's.  Cost per level: a dict operation, plus a binary
-        search and a list insert or delete when a level appears or goes."""
+        ``update_id``, which may not be below the book's unless ``reset`` (the venue restarted its ids, as OKX
+        may after maintenance, the caller having checked the diff follows).  Cost per level: a dict operation,
+        plus a binary search and a list insert or delete when a level appears or goes."""
         update_id = _update_id(update_id)
-        if self.update_id is not None and update_id < self.update_id:
+        if not reset and self.update_id is not None and update_id < self.update_id:
             raise BookError(f"update_id: {update_id} is below the book's {self.update_id}")
         parsed_bids = self._parse_side(bids, "bids", 1, False)
         parsed_asks = self._parse_side(asks, "asks", -1, False)

@@ -28,6 +28,9 @@ The I/O layer around it, per symbol::
 :class:`SnapshotPolicy` says when the stored stream is due a full snapshot entry.  The pacing of the snapshot
 requests across symbols (the venue's REST weight budget, 429/418, backoff) is :mod:`ingestor.depth_pacer`.
 
+OKX's procedure (:data:`DepthRule.OKX`: the snapshot is a WebSocket message, a resync resubscribes the stream,
+:attr:`Action.RESUBSCRIBE`) shares these records and decisions and is :mod:`ingestor.depth_ws`.
+
 :func:`parse_depth_update` and :func:`parse_depth_snapshot` read the venue's messages into frozen records,
 refusing what a book may not hold with :class:`~ingestor.venue.MalformedFrame` and the kinds of
 :data:`ingestor.binance.PARSE_REFUSALS`.  Prices and quantities stay the venue's decimal strings.
@@ -83,6 +86,12 @@ class DepthDiff:
     asks: tuple[Level, ...]
     #: futures' transaction time ``T``; None on spot
     transaction_ms: int | None = None
+    #: a venue whose snapshot comes on the WebSocket (OKX ``books``, ``action: snapshot``): this message is the whole
+    #: book as of ``last_id``, not a change (``prev_id`` None); see :mod:`ingestor.depth_ws`
+    snapshot: bool = False
+    #: the venue's checksum of its book after this message (OKX: the signed crc32 of the top 25 levels a side); 0:
+    #: none sent, nothing to check
+    checksum: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +104,8 @@ class DepthSnapshot:
     bids: tuple[Level, ...]
     asks: tuple[Level, ...]
     event_ms: int | None = None
+    #: the venue's checksum of this book (OKX, whose snapshot is a WebSocket message); 0: none
+    checksum: int = 0
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -198,11 +209,16 @@ def parse_depth_snapshot(body: Mapping[str, Any], symbol: str) -> DepthSnapshot:
 
 
 class DepthRule(StrEnum):
-    """Which of Binance's procedures a symbol's stream follows."""
+    """Which procedure a symbol's stream follows: Binance's (a REST snapshot joined to the buffered diffs, this
+    module's :class:`DepthSync`) or OKX's (the snapshot is the first message of the subscription,
+    :class:`ingestor.depth_ws.WsBookSync`)."""
 
     SPOT = "spot"
     #: USD-M and COIN-M: ``pu`` chains the events
     FUTURES = "futures"
+    #: OKX ``books``: the snapshot arrives on the WebSocket, ``prevSeqId`` chains the updates, a checksum proves
+    #: the book; a fresh snapshot comes only by subscribing the stream again
+    OKX = "okx"
 
 
 class SyncState(StrEnum):
@@ -229,6 +245,9 @@ class Action(StrEnum):
     RESYNC = "resync"
     #: a reply to a request that is not the one outstanding: nothing to do
     IGNORED = "ignored"
+    #: as ``resync``, and the venue sends a fresh snapshot only to a new subscription: unsubscribe the symbol's
+    #: book stream and subscribe it again (:data:`DepthRule.OKX`)
+    RESUBSCRIBE = "resubscribe"
 
 
 #: every reason a symbol starts over, as counted (:attr:`DepthSyncStats.resyncs`)
@@ -294,6 +313,8 @@ class DepthSync:
             raise ValueError(f"max_buffer must be at least 1, got {max_buffer}")
         self.symbol = symbol
         self.rule = DepthRule(rule)
+        if self.rule is DepthRule.OKX:
+            raise ValueError("DepthRule.OKX books are kept by ingestor.depth_ws.WsBookSync")
         self.max_buffer = max_buffer
         self._futures = self.rule is DepthRule.FUTURES
         self._state = SyncState.BUFFERING

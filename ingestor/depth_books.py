@@ -1,6 +1,7 @@
 """Every symbol's order book kept in the ingestor, and the ``depth`` entries to store: pure, no I/O, no clock.
 
-:class:`DepthBooks` holds, per configured symbol, one :class:`~ingestor.depth.DepthSync` (Binance's procedure)
+:class:`DepthBooks` holds, per configured symbol, one :class:`~ingestor.depth.DepthSync` (Binance's procedure;
+OKX's: :class:`~ingestor.depth_ws.WsBookSync`, below)
 and one :class:`~consumer_sdk.book.Book` (the live book, whatever the number of subscribers).  It is fed the
 venue's diffs (:meth:`~DepthBooks.on_diff`, by the pipeline), the REST snapshot replies
 (:meth:`~DepthBooks.on_snapshot`, :meth:`~DepthBooks.on_snapshot_failed`, by the fetcher) and reconnects
@@ -27,6 +28,17 @@ place of the next diff stored, no REST fetch.
 
 :attr:`DepthBooks.wanted` names the symbols whose snapshot should be asked for now; ``on_want`` (given at
 construction) is called when a symbol starts wanting one, so the I/O layer need not poll.
+
+OKX (``rule=DepthRule.OKX``, :mod:`ingestor.depth_ws`): the snapshot is a message of the stream (a
+:class:`~ingestor.depth.DepthDiff` with ``snapshot`` set, fed to :meth:`~DepthBooks.on_diff` like the updates), and
+after each message whose ``checksum`` is not 0 the book's top 25 levels a side must give it
+(:func:`~ingestor.depth_ws.okx_checksum`, over the strings the book keeps, the venue's own).  A break, a mismatch, a
+crossed book or a refused level voids the book and calls ``on_resubscribe(symbol, reason)``: the I/O layer
+unsubscribes the symbol's ``books`` stream and subscribes it again, and the snapshot that brings is stored as
+``resync:<why>`` (a snapshot that comes unasked, as ``resync:snapshot``).  Stored diffs carry ``pu`` (OKX's
+``prevSeqId``) and no ``first``.  A sequence reset (the venue's ids restarting lower, after maintenance) is followed
+by the book, which stays the venue's; the stored stream, whose ``seq`` only rises, is counted a resync
+(``seq_reset``) and resumes, with a ``resync:seq_reset`` snapshot, once the ids pass the last ``seq`` stored.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ from consumer_sdk.book import Book, BookError, Level
 from consumer_sdk.book_stream import Link, encode_diff, encode_snapshot
 from consumer_sdk.core.tick import Tick
 from ingestor.depth import Action, Decision, DepthDiff, DepthRule, DepthSnapshot, DepthSync, SnapshotPolicy
+from ingestor.depth_ws import CHECKSUM_DEPTH, WsBookSync, new_sync, okx_checksum
 
 __all__ = ["BOOK_RESYNC_REASONS", "BookView", "DepthBooks", "DepthStats", "SymbolDepth", "UnknownSymbol"]
 
@@ -46,7 +59,7 @@ __all__ = ["BOOK_RESYNC_REASONS", "BookView", "DepthBooks", "DepthStats", "Symbo
 #: snapshot the book refused, and entries the book was in step for but that were not stored
 #: (:data:`distributor.control.gate.BOOK_BREAK_REASONS`: a pause, the ``essential`` level, an ingress drop)
 BOOK_RESYNC_REASONS: Final = ("gap", "reconnect", "crossed", "stale_snapshot", "buffer_overflow", "snapshot_error",
-                              "bad_level", "paused", "degraded", "dropped")
+                              "bad_level", "paused", "degraded", "dropped", "checksum", "seq_reset")
 
 
 class BookView(Protocol):
@@ -107,7 +120,7 @@ class SymbolDepth:
         self.symbol = symbol
         #: where in each period this symbol's periodic snapshot falls (:meth:`SnapshotPolicy.phase_ms`)
         self.phase_ms = phase_ms
-        self.sync = DepthSync(symbol, rule, max_buffer=max_buffer)
+        self.sync: DepthSync | WsBookSync = new_sync(symbol, rule, max_buffer)
         self.book = Book()
         #: the last ``seq`` stored in (or found in) the symbol's stream; None: nothing yet
         self.stored: int | None = None
@@ -123,23 +136,32 @@ class DepthBooks:
     """The books of ``symbols`` on ``venue`` (see the module doc).  One owner: the event loop's tasks, between
     awaits.  Cost per diff: the book's, plus one dict for the tick stored; a snapshot entry: O(levels)."""
 
-    __slots__ = ("_not_stored", "_snapshots", "_symbols", "diffs_stored", "link", "on_resync", "on_want", "policy",
-                 "resyncs", "venue")
+    __slots__ = ("_not_stored", "_snapshots", "_symbols", "_ws", "checksums", "diffs_stored", "link", "on_resubscribe",
+                 "on_resync", "on_want", "policy", "resyncs", "rule", "venue")
 
     def __init__(
         self, venue: str, symbols: Iterable[str], *, rule: DepthRule | str = DepthRule.SPOT,
         policy: SnapshotPolicy | None = None, max_buffer: int = 1000, on_want: Callable[[], None] | None = None,
         on_resync: Callable[[str, str, str], None] | None = None,
+        on_resubscribe: Callable[[str, str], None] | None = None,
     ) -> None:
         rule = DepthRule(rule)
         self.venue = venue
+        self.rule = rule
         self.policy = policy or SnapshotPolicy()
+        #: the snapshot comes on the WebSocket (OKX): resyncs resubscribe, checksums are checked
+        self._ws = rule is DepthRule.OKX
         #: how the stored diffs follow a snapshot (:mod:`consumer_sdk.book_stream`)
-        self.link: Link = "prev" if rule is DepthRule.FUTURES else "next"
+        self.link: Link = "next" if rule is DepthRule.SPOT else "prev"
         self._symbols = {s: SymbolDepth(s, rule, max_buffer, self.policy.phase_ms(s)) for s in symbols}
         self.on_want = on_want
         #: called with ``(symbol, reason, detail)`` at each resync (the I/O layer logs it)
         self.on_resync = on_resync
+        #: called with ``(symbol, reason)`` when a symbol's book needs a fresh snapshot that only a new subscription
+        #: brings (OKX): unsubscribe its book stream and subscribe it again
+        self.on_resubscribe = on_resubscribe
+        #: venue checksums compared with the book's, by outcome: ``equal``, ``mismatch``
+        self.checksums = {"equal": 0, "mismatch": 0}
         self.resyncs: dict[tuple[str, str], int] = {}
         self.diffs_stored = 0
         self._snapshots: dict[str, int] = {}
@@ -166,6 +188,11 @@ class DepthBooks:
     def last_update_id(self, symbol: str) -> int | None:
         st = self._symbols.get(symbol)
         return None if st is None else st.sync.last_update_id
+
+    @property
+    def resubscribing(self) -> list[str]:
+        """The symbols whose book waits for the snapshot a new subscription brings (OKX)."""
+        return [s for s, st in self._symbols.items() if isinstance(st.sync, WsBookSync) and st.sync.wants_resubscribe]
 
     @property
     def wanted(self) -> list[str]:
@@ -260,9 +287,13 @@ class DepthBooks:
                     return out
                 if snap.event_ms is not None:
                     st.last_event_ms = snap.event_ms
+                if self._ws and st.pending is None:
+                    st.pending = "resync:snapshot"  # a snapshot unasked: the diffs before need not lead to it
                 if not decision.diffs:
                     if st.book.crossed():
                         self._act(st, st.sync.on_crossed(), ts_recv)
+                    elif self._ws and not self._checksum_ok(st, snap.checksum, f"snapshot {snap.last_update_id}"):
+                        pass
                     elif st.pending is not None and (st.stored is None or snap.last_update_id > st.stored):
                         # No diff joins it yet: stored now, before the diff that will, at the venue time of the
                         # last diff seen (the snapshot holds it)
@@ -272,8 +303,10 @@ class DepthBooks:
                 if not self._apply(st, diff, ts_recv, out):
                     break
             return out
-        if action is Action.RESYNC:
+        if action is Action.RESYNC or action is Action.RESUBSCRIBE:
             self._resync(st, decision.reason, decision.detail)
+            if action is Action.RESUBSCRIBE and self.on_resubscribe is not None:
+                self.on_resubscribe(st.symbol, decision.reason)
         elif action is Action.BUFFERED and st.sync.wants_snapshot and self.on_want is not None:
             self.on_want()
         return []
@@ -293,21 +326,44 @@ class DepthBooks:
 
     def _restart(self, st: SymbolDepth, reason: str, detail: str) -> None:
         """Start ``st`` over for a reason :class:`DepthSync` does not see (the book refused a value): a new
-        procedure, buffering from the next diff."""
+        procedure, buffering from the next diff (OKX: a fresh snapshot asked for by resubscribing)."""
+        if isinstance(st.sync, WsBookSync):
+            self._act(st, st.sync.on_refused(detail), 0)
+            return
         st.sync = DepthSync(st.symbol, st.sync.rule, max_buffer=st.sync.max_buffer)
         self._resync(st, reason, detail)
+
+    def _checksum_ok(self, st: SymbolDepth, checksum: int, what: str) -> bool:
+        """The venue's ``checksum`` (0: none) matches the book's top levels; a mismatch starts the symbol over."""
+        if not checksum:
+            return True
+        bids, asks = st.book.top(CHECKSUM_DEPTH)
+        ours = okx_checksum(bids, asks)
+        if ours == checksum:
+            self.checksums["equal"] += 1
+            return True
+        self.checksums["mismatch"] += 1
+        sync = st.sync
+        assert isinstance(sync, WsBookSync)
+        self._act(st, sync.on_checksum_mismatch(f"{what}: venue {checksum}, book {ours}"), 0)
+        return False
 
     def _apply(self, st: SymbolDepth, diff: DepthDiff, ts_recv: int, out: list[Tick]) -> bool:
         """Apply ``diff`` and append what to store; False when the symbol started over."""
         book = st.book
+        reset = self._ws and WsBookSync.is_reset(diff)
         try:
-            book.apply_diff(diff.bids, diff.asks, diff.last_id)
+            book.apply_diff(diff.bids, diff.asks, diff.last_id, reset=reset)
         except BookError as exc:
             self._restart(st, "bad_level", f"diff {diff.first_id}..{diff.last_id}: {exc}")
             return False
         if book.crossed():
             self._act(st, st.sync.on_crossed(), ts_recv)
             return False
+        if self._ws and not self._checksum_ok(st, diff.checksum, f"seqId {diff.last_id}"):
+            return False
+        if reset:
+            self._resync(st, "seq_reset", f"seqId {diff.last_id} after {diff.prev_id}")
         seq = diff.last_id
         if st.stored is not None and seq <= st.stored:
             self._not_stored += 1
@@ -319,8 +375,8 @@ class DepthBooks:
             self._store_snapshot(st, reason, seq, diff.event_ms, ts_recv, out)
             return True
         out.append(encode_diff(
-            self.venue, st.symbol, seq=seq, first=diff.first_id, pu=diff.prev_id, ts_event=diff.event_ms * 1000,
-            ts_recv=ts_recv, bids=diff.bids, asks=diff.asks,
+            self.venue, st.symbol, seq=seq, first=None if self._ws else diff.first_id, pu=diff.prev_id,
+            ts_event=diff.event_ms * 1000, ts_recv=ts_recv, bids=diff.bids, asks=diff.asks,
         ))
         st.since_snapshot += 1
         self.diffs_stored += 1

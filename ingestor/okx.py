@@ -42,8 +42,10 @@ and REST repair fills one trade per id, or marks.  ``trades-all``, on ``/ws/v5/b
 
 Checksums: :func:`okx_checksum` is OKX's signed crc32 of the top 25 levels.  OKX stopped sending it in June 2026
 (``checksum: 0`` since); a capture from before carries it on every ``books`` message.  Checking it takes the book,
-which the parser does not keep: the book builder does, whenever it is not 0 (:func:`continues` is the
-``prevSeqId`` rule; a minimal private book, ``_OkxBook``, checks both on the capture until the general one does).
+which the parser does not keep: :class:`~ingestor.depth_books.DepthBooks` does (rule
+:data:`~ingestor.depth.DepthRule.OKX`, :mod:`ingestor.depth_ws`), whenever it is not 0.  :func:`parse_frame_depth`
+gives a ``books`` message as the :class:`~ingestor.depth.DepthDiff` it keeps books from (:func:`depth_diff`);
+:func:`continues` is the ``prevSeqId`` rule on a tick.
 
 :class:`OkxV5` is the venue as an :class:`~ingestor.venue.Venue` for the session and the pipeline, except its
 heartbeat: OKX wants the text ``ping`` (:class:`TextKeepalive`), a style :class:`~ingestor.venue.Heartbeat` does not
@@ -55,17 +57,16 @@ Stateless and shared (:data:`OKX_V5`); cost per frame: one orjson parse, one reg
 
 from __future__ import annotations
 
-import heapq
 import re
-import zlib
 from collections.abc import Callable, Sequence
-from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Final, Literal
 
 import orjson
 
 from consumer_sdk.core.tick import SCHEMA_VERSION, Tick
+from ingestor.depth import DepthDiff
+from ingestor.depth_ws import CHECKSUM_DEPTH, okx_checksum
 from ingestor.lifecycle import Failure
 from ingestor.rest import RestRefused, RestRetryable
 from ingestor.venue import MalformedFrame, Reply, RestCall, ServerShutdown, VenueRequest
@@ -90,9 +91,11 @@ __all__ = [
     "TextKeepalive",
     "classify_error",
     "continues",
+    "depth_diff",
     "history_trades_to_ticks",
     "okx_checksum",
     "parse_frame",
+    "parse_frame_depth",
     "parse_message",
 ]
 
@@ -107,10 +110,10 @@ MAX_OPS_PER_HOUR: Final = 480
 #: the most one subscribe message may be: OKX documented 4096 bytes for a request's channels before raising it to
 #: 64 KB; 4096 holds under both (about 80 streams of ``BTC-USDT-SWAP``'s length)
 MAX_REQUEST_BYTES: Final = 4096
-#: rows of one ``history-trades`` answer, levels of one REST ``books`` snapshot, levels a side the checksum covers
+#: rows of one ``history-trades`` answer, levels of one REST ``books`` snapshot (the levels a side the checksum
+#: covers, :data:`CHECKSUM_DEPTH`, and :func:`okx_checksum` are :mod:`ingestor.depth_ws`'s)
 HISTORY_PAGE: Final = 100
 BOOK_SNAPSHOT_MAX: Final = 400
-CHECKSUM_DEPTH: Final = 25
 
 #: our channel -> the OKX channel carrying it (``book_ticker``: ``bbo-tbt`` unless :class:`OkxV5` is told ``tickers``)
 OKX_CHANNELS: Final = {"trade": "trades", "book_ticker": "bbo-tbt", "depth": "books"}
@@ -437,22 +440,6 @@ def _event(obj: dict[str, Any], ts_recv: int) -> Reply | ServerShutdown | None:
 # ------------------------------------------------------------------------------------------------ books
 
 
-def okx_checksum(bids: Sequence[Sequence[str]], asks: Sequence[Sequence[str]]) -> int:
-    """OKX's book checksum: the signed crc32 of the top 25 bids (best first) and asks, interleaved as
-    ``bid_px:bid_sz:ask_px:ask_sz:...`` (where one side is shorter the other's levels go on alone), in the
-    venue's own strings.  Pure; cost: one string of the 50 levels and one crc32."""
-    parts: list[str] = []
-    add = parts.extend
-    nb, na = min(len(bids), CHECKSUM_DEPTH), min(len(asks), CHECKSUM_DEPTH)
-    for i in range(max(nb, na)):
-        if i < nb:
-            add(bids[i][:2])
-        if i < na:
-            add(asks[i][:2])
-    crc = zlib.crc32(":".join(parts).encode())
-    return crc - (1 << 32) if crc >= _INT32 else crc
-
-
 def continues(last_update_id: int | None, tick: DepthTick) -> bool | None:
     """Whether ``tick`` follows a book whose last update was ``last_update_id`` (None: no book yet): a snapshot
     always starts one; an update must name it as its ``prevSeqId``.  None when the tick cannot tell (the venue sent
@@ -465,51 +452,27 @@ def continues(last_update_id: int | None, tick: DepthTick) -> bool | None:
     return last_update_id is not None and prev == last_update_id
 
 
-class _OkxBook:
-    """One instrument's book built from its ``depth`` ticks, just enough to check the venue's checksum: levels
-    keyed by exact decimal price, holding the venue's strings.  One owner; cost per update: a dict write per
-    level, and a selection of the top 25 a side when there is a checksum to check."""
+def depth_diff(tick: DepthTick) -> DepthDiff:
+    """A ``depth`` tick as the message :class:`~ingestor.depth_books.DepthBooks` keeps books from (its rule
+    :data:`~ingestor.depth.DepthRule.OKX`): ``last_id`` and ``first_id`` the ``seqId`` (or the time, for a capture
+    without ids), ``prev_id`` the ``prevSeqId`` (None on a snapshot, or when none was sent), the levels as the
+    venue's string pairs, ``snapshot`` and ``checksum`` as sent.  Cost: one tuple per level."""
+    seq = tick["update_id"]
+    snapshot = tick["snapshot"]
+    return DepthDiff(
+        symbol=tick["symbol"], first_id=seq, last_id=seq, prev_id=None if snapshot else tick["prev_update_id"],
+        event_ms=tick["ts_event"] // 1000, bids=tuple([(p, q) for p, q in tick["bids"]]),
+        asks=tuple([(p, q) for p, q in tick["asks"]]), snapshot=snapshot, checksum=tick["checksum"],
+    )
 
-    __slots__ = ("asks", "bids", "synced", "update_id")
 
-    def __init__(self) -> None:
-        self.bids: dict[Decimal, list[str]] = {}
-        self.asks: dict[Decimal, list[str]] = {}
-        self.update_id: int | None = None
-        #: a snapshot was applied and nothing since broke continuity or a checksum
-        self.synced = False
-
-    def apply(self, tick: DepthTick) -> Literal["verified", "unchecked", "mismatch", "discontinuous", "no_snapshot"]:
-        """Apply ``tick``: ``verified`` (its checksum matches), ``unchecked`` (it carries none), ``mismatch``
-        (applied; the book is out of sync), ``discontinuous`` or ``no_snapshot`` (not applied)."""
-        if not tick["snapshot"] and not self.synced:
-            return "no_snapshot"
-        if continues(self.update_id, tick) is False:
-            self.synced = False
-            return "discontinuous"
-        if tick["snapshot"]:
-            self.bids.clear()
-            self.asks.clear()
-        for side, levels in ((self.bids, tick["bids"]), (self.asks, tick["asks"])):
-            for level in levels:
-                price = Decimal(level[0])
-                if Decimal(level[1]):
-                    side[price] = level
-                else:
-                    side.pop(price, None)
-        self.update_id = tick["update_id"]
-        self.synced = True
-        if not tick["checksum"]:
-            return "unchecked"
-        if okx_checksum(*self.top()) != tick["checksum"]:
-            self.synced = False
-            return "mismatch"
-        return "verified"
-
-    def top(self, n: int = CHECKSUM_DEPTH) -> tuple[list[list[str]], list[list[str]]]:
-        """The best ``n`` bids (highest first) and asks (lowest first)."""
-        bids, asks = self.bids, self.asks
-        return ([bids[p] for p in heapq.nlargest(n, bids)], [asks[p] for p in heapq.nsmallest(n, asks)])
+def parse_frame_depth(raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerShutdown | DepthDiff | None:
+    """As :func:`parse_frame`, and a ``books`` message -> a :class:`~ingestor.depth.DepthDiff` (:func:`depth_diff`)
+    for the pipeline's order books."""
+    out = parse_frame(raw, ts_recv)
+    if type(out) is dict and out["channel"] == "depth":
+        return depth_diff(out)  # type: ignore[arg-type]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ the venue

@@ -198,9 +198,16 @@ async def _ingest(settings: Any) -> None:
 # ----------------------------------------------------------------------------------------------
 @app.command()
 def simulate(
+    venue: Annotated[
+        str, typer.Option(help="the venue stood in for: binance (spot), binance_usdm, binance_coinm (futures), okx")
+    ] = "binance",
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port (0 picks a free one)")] = 9443,
-    symbols: Annotated[str, typer.Option(help="comma-separated symbols")] = "BTCUSDT,ETHUSDT",
+    symbols: Annotated[
+        str | None,
+        typer.Option(help="comma-separated symbols (okx: instIds like BTC-USDT,BTC-USDT-SWAP); default: the venue's "
+                          "BTC and ETH ones"),
+    ] = None,
     rate: Annotated[float, typer.Option(help="ticks per second in total")] = 1000.0,
     seed: Annotated[int, typer.Option(help="random seed (same seed, same market)")] = 1,
     id_base: Annotated[
@@ -218,8 +225,16 @@ def simulate(
     ] = True,
     depth_levels: Annotated[int, typer.Option(help="order book levels a side at most (1 to 5000)")] = 1000,
     rest_weight_limit: Annotated[
-        int, typer.Option(help="REST request weight per minute and client (0: none); over it 429, then 418")
-    ] = 6000,
+        int | None,
+        typer.Option(help="REST request weight per minute and client (0: none); over it 429, then 418 "
+                          "(default: the venue's, 6000 spot, 2400 futures)"),
+    ] = None,
+    idle_timeout: Annotated[
+        float | None, typer.Option(help="okx: close a connection that sent nothing for S seconds (default 30)")
+    ] = None,
+    book_checksum: Annotated[
+        bool, typer.Option(help="okx: books messages carry the crc32 checksum (as before June 2026) instead of 0")
+    ] = False,
     batch_interval: Annotated[
         float, typer.Option(help="seconds between two sends of what is due (the market is generated in steps)")
     ] = 0.005,
@@ -240,12 +255,22 @@ def simulate(
     ] = "",
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
-    """The Binance-compatible venue simulator (WebSocket + REST + /control on one port)."""
+    """The venue simulator (WebSocket + REST + /control on one port): Binance spot, its futures, or OKX."""
     from ops.logs import setup_logging
     from ops.simulator import SimulatorConfig, run_simulator
+    from ops.simulator.profiles import VENUE_DEFAULTS, VENUES
 
     setup_logging(log_level)
-    syms = tuple(s.strip().upper() for s in symbols.split(",") if s.strip())
+    if venue not in VENUES:
+        fail(f"--venue: unknown venue {venue!r}; known venues: {', '.join(VENUES)}")
+    venue_settings: dict[str, Any] = dict(VENUE_DEFAULTS[venue])
+    if symbols is not None:
+        venue_settings["symbols"] = tuple(s.strip().upper() for s in symbols.split(",") if s.strip())
+    if rest_weight_limit is not None:
+        venue_settings["rest_weight_limit"] = rest_weight_limit
+    if idle_timeout is not None:
+        venue_settings["idle_timeout"] = idle_timeout
+    syms = venue_settings["symbols"]
     if not syms:
         fail("--symbols: empty")
     if rate <= 0:
@@ -257,12 +282,13 @@ def simulate(
     if replay_rest is not None and (replay is None or not replay_rest.is_file()):
         fail(f"--replay-rest: needs --replay and a readable file, got {str(replay_rest)!r}")
     cfg = SimulatorConfig(
-        host=host, port=port, symbols=syms, rate=rate, seed=seed, id_base=id_base, replay=replay,
+        **venue_settings, venue=venue, book_checksum=book_checksum,
+        host=host, port=port, rate=rate, seed=seed, id_base=id_base, replay=replay,
         replay_speed=replay_speed, replay_loop=replay_loop, batch_interval=batch_interval,
         close_every=close_every, stall_for=stall_for, refuse_for=refuse_for,
         fault_malformed=malformed, fault_duplicate=duplicate, fault_out_of_order=out_of_order,
         rest_faults=rest_faults, replay_rest=replay_rest, depth=depth, depth_levels=depth_levels,
-        rest_weight_limit=rest_weight_limit, depth_faults=depth_faults,
+        depth_faults=depth_faults,
     )
 
     def ready(sim: Any) -> None:

@@ -1,4 +1,8 @@
-"""A Binance-compatible spot market-data venue for tests, demos and load runs.
+"""A Binance-compatible spot market-data venue for tests, demos and load runs, with profiles of other venues.
+
+Venues (``SimulatorConfig(venue=...)``, ``market simulate --venue``; :mod:`.profiles`): ``binance`` (spot, all
+that follows), ``binance_usdm`` and ``binance_coinm`` (futures: the same server with Binance futures' streams,
+routes and REST paths, :mod:`.profiles`), ``okx`` (OKX v5 public, its own server: :mod:`.okx`).
 
 Real Binance clients work against it unchanged: point them at ``Simulator.ws_url`` (the WebSocket
 base, like ``wss://stream.binance.com:9443``) and ``Simulator.rest_url`` (like

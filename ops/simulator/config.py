@@ -9,7 +9,6 @@ at run time through :class:`ops.simulator.Simulator` or its HTTP control endpoin
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +17,10 @@ from .book import MAX_DEPTH, BookConfig
 from .depth_faults import parse_depth_faults
 from .errors import SimulatorConfigError
 from .market import KLINE_INTERVAL_MS
+from .profiles import check_venue, symbol_pattern
 from .rest import parse_rest_faults
 
 __all__ = ["SimulatorConfig"]
-
-_SYMBOL = re.compile(r"^[A-Z0-9]{2,32}$")
 
 
 def _positive(name: str, value: float) -> None:
@@ -43,6 +41,9 @@ def _fraction(name: str, value: float) -> None:
 @dataclass(frozen=True, kw_only=True)
 class SimulatorConfig:
     """Settings of one simulator instance; see the module docstring of :mod:`ops.simulator`."""
+
+    #: the venue stood in for (:mod:`.profiles`): ``binance`` (spot), ``binance_usdm``, ``binance_coinm``, ``okx``
+    venue: str = "binance"
 
     # Where to listen; port 0 picks a free port (read it back from ``Simulator.port``).
     host: str = "127.0.0.1"
@@ -110,6 +111,17 @@ class SimulatorConfig:
     #: how long a closing handshake may take before the socket is dropped
     close_timeout: float = 5.0
 
+    # OKX's connection rules (venue ``okx``; see :mod:`.okx`).
+    #: a connection that sent nothing (not even the text ``ping``) for this long is closed (OKX: 30 s)
+    idle_timeout: float = 30.0
+    #: new WebSocket connections a second and client address (OKX: 3); beyond, HTTP 429
+    max_connects_per_s: int = 3
+    #: subscribe and unsubscribe operations an hour and connection (OKX: 480); beyond, an error event
+    max_ops_per_hour: int = 480
+    #: ``books`` messages carry OKX's crc32 ``checksum`` of the top 25 levels, as OKX did until June 2026,
+    #: instead of today's ``checksum: 0``
+    book_checksum: bool = False
+
     # Faults applied from the start.
     fault_malformed: float = 0.0
     fault_duplicate: float = 0.0
@@ -127,6 +139,11 @@ class SimulatorConfig:
     depth_faults: str = ""
 
     def __post_init__(self) -> None:
+        try:
+            check_venue(self.venue)
+        except ValueError as exc:
+            raise SimulatorConfigError(str(exc)) from None
+        symbol_re = symbol_pattern(self.venue)
         symbols = self.symbols
         if isinstance(symbols, str) or not isinstance(symbols, Sequence):
             raise SimulatorConfigError(f"symbols must be a sequence of symbols, got {symbols!r}")
@@ -134,8 +151,8 @@ class SimulatorConfig:
         if not upper:
             raise SimulatorConfigError("symbols must name at least one symbol")
         for s in upper:
-            if not _SYMBOL.match(s):
-                raise SimulatorConfigError(f"invalid symbol {s!r}: expected 2 to 32 letters or digits")
+            if not symbol_re.match(s):
+                raise SimulatorConfigError(f"invalid {self.venue} symbol {s!r}: expected {symbol_re.pattern}")
         if len(set(upper)) != len(upper):
             raise SimulatorConfigError(f"duplicate symbols in {upper!r}")
         object.__setattr__(self, "symbols", upper)
@@ -179,7 +196,12 @@ class SimulatorConfig:
         _positive("max_connection_age", self.max_connection_age)
         _non_negative("shutdown_notice", self.shutdown_notice)
         _positive("close_timeout", self.close_timeout)
+        _positive("idle_timeout", self.idle_timeout)
+        if not isinstance(self.book_checksum, bool):
+            raise SimulatorConfigError(f"book_checksum must be true or false, got {self.book_checksum!r}")
         for name, limit in (
+            ("max_connects_per_s", self.max_connects_per_s),
+            ("max_ops_per_hour", self.max_ops_per_hour),
             ("max_incoming_per_s", self.max_incoming_per_s),
             ("max_streams_per_connection", self.max_streams_per_connection),
             ("max_send_buffer", self.max_send_buffer),
@@ -218,11 +240,14 @@ class SimulatorConfig:
         for fault in faults:
             if fault.symbol is not None and fault.symbol not in upper:
                 raise SimulatorConfigError(f"depth fault {fault}: {fault.symbol} is not one of the symbols")
+        if self.replay_rest is not None and self.venue == "okx":
+            raise SimulatorConfigError("replay_rest holds Binance depth snapshots: the okx venue takes none")
         if self.replay_rest is not None and self.replay is None:
             raise SimulatorConfigError("replay_rest answers depth requests in replay: it needs replay")
 
     def book_config(self) -> BookConfig:
         """The depth books' settings: 100 ms batches, aggregated every 1000 ms for ``@depth``."""
         return BookConfig(
-            interval_ms=100, slow_interval_ms=1000, depth=self.depth_levels, changes_per_batch=self.depth_changes
+            interval_ms=100, slow_interval_ms=1000, depth=self.depth_levels, changes_per_batch=self.depth_changes,
+            futures=self.venue in ("binance_usdm", "binance_coinm"),
         )

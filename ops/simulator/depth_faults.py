@@ -21,7 +21,7 @@ from .errors import SimulatorConfigError
 
 __all__ = ["DepthFault", "apply_depth_faults", "parse_depth_faults"]
 
-_ITEM: Final = re.compile(r"^(?P<kind>drop|stale)(?::(?P<batches>[0-9]{1,6}))?(?:@(?P<symbol>[A-Za-z0-9]{2,32}))?$")
+_ITEM: Final = re.compile(r"^(?P<kind>drop|stale)(?::(?P<batches>[0-9]{1,6}))?(?:@(?P<symbol>[A-Za-z0-9_-]{2,40}))?$")
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,14 +68,16 @@ _STREAM = re.compile(
 class StreamCatalog:
     """The symbols a venue lists, and the check of a stream name against them."""
 
-    def __init__(self, symbols: Iterable[str]) -> None:
+    def __init__(self, symbols: Iterable[str], pattern: re.Pattern[str] | None = None) -> None:
         self.symbols = frozenset(s.lower() for s in symbols)
+        #: the stream names the venue has, with groups ``symbol`` and ``kind`` (None: Binance spot's)
+        self.pattern = pattern if pattern is not None else _STREAM
 
     def problem(self, name: object) -> str | None:
         """Why ``name`` is not a stream of this venue, or None when it is."""
         if not isinstance(name, str):
             return "stream names must be strings"
-        match = _STREAM.match(name)
+        match = self.pattern.match(name)
         if match is None:
             return f"invalid stream name {name!r}"
         if match["symbol"] not in self.symbols:

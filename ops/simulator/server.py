@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
-import http
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from operator import itemgetter
 from types import TracebackType
 from typing import Any, Final, Self
@@ -41,20 +39,21 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from .book import DepthBooks
+from .book import FUTURES_DEPTH_LIMITS, SPOT_DEPTH_LIMITS, DepthBooks, parse_units
 from .book_replay import DepthReplay, capture_start, load_depth_capture
 from .config import SimulatorConfig
 from .control import CONTROL_PREFIX, ControlCommand, parse_control
 from .depth_faults import DepthFault, apply_depth_faults, parse_depth_faults
 from .errors import SimulatorConfigError
 from .hostile import HOSTILE_KINDS, HostileRequest, hostile_frames, ping_flood
-from .market import MarketEvent, SyntheticMarket, scheduled_ticks
+from .market import MarketEvent, SyntheticMarket, format_decimal, scheduled_ticks
+from .okx import OkxSimulator
+from .profiles import BinanceProfile, Route, binance_profile
 from .protocol import (
     FaultInjector,
     FaultRates,
@@ -81,6 +80,7 @@ from .rest import (
     write_streamed,
 )
 from .weights import DEPTH_PATH, USED_WEIGHT_HEADER, WeightBudget, request_weight
+from .wire import SimulatorStats, json_response
 
 __all__ = ["Simulator", "SimulatorStats", "run_simulator"]
 
@@ -105,32 +105,16 @@ def _corrupt(item: _Item) -> _Item:
     return stream, raw[:-1], None if combined is None else combined[:-1]
 
 
-@dataclass(frozen=True, slots=True)
-class SimulatorStats:
-    """Counters since start."""
-
-    #: open WebSocket connections
-    connections: int
-    #: text frames written over all connections (stream frames, replies, serverShutdown)
-    frames_sent: int
-    bytes_sent: int
-    #: synthetic ticks generated per kind: trade, aggTrade, bookTicker, kline (sent or not)
-    ticks_generated: Mapping[str, int]
-    ticks_total: int
-    #: capture frames played (sent to whoever subscribed to their stream)
-    replayed_frames: int
-    pongs_received: int
-    slow_consumer_closes: int
-    rate_limit_closes: int
-
-
 class _Connection:
     """One WebSocket connection: its subscriptions, pending output, and who asked to close it."""
 
-    __slots__ = ("abort", "close_code", "close_reason", "closing", "limiter", "out", "subs", "ws")
+    __slots__ = ("abort", "close_code", "close_reason", "closing", "limiter", "out", "route", "subs", "ws")
 
-    def __init__(self, ws: ServerConnection, subs: StreamSubscriptions, limiter: IncomingRateLimiter) -> None:
+    def __init__(
+        self, ws: ServerConnection, subs: StreamSubscriptions, limiter: IncomingRateLimiter, route: Route = "all"
+    ) -> None:
         self.ws = ws
+        self.route: Route = route
         self.subs = subs
         self.limiter = limiter
         self.out: list[bytes] = []
@@ -146,20 +130,6 @@ class _Connection:
         self.closing.set()
 
 
-def _json_response(status: int, body: bytes, extra: tuple[tuple[str, str], ...] = ()) -> Response:
-    st = http.HTTPStatus(status)
-    headers = Headers(
-        [
-            ("Date", email.utils.formatdate(usegmt=True)),
-            ("Connection", "close"),
-            ("Content-Length", str(len(body))),
-            ("Content-Type", "application/json;charset=UTF-8"),
-            *extra,
-        ]
-    )
-    return Response(st.value, st.phrase, headers, body)
-
-
 class Simulator:
     """A Binance-compatible venue on one port; use as ``async with Simulator(config) as sim:``.
 
@@ -169,7 +139,16 @@ class Simulator:
 
     def __init__(self, config: SimulatorConfig | None = None, *, clock_ms: Callable[[], int] | None = None):
         self.config = cfg = config if config is not None else SimulatorConfig()
+        if cfg.venue == "okx":
+            raise SimulatorConfigError("the okx venue runs on ops.simulator.okx.OkxSimulator (see run_simulator)")
+        #: the venue of the Binance family stood in for (:mod:`.profiles`)
+        self.profile: BinanceProfile = binance_profile(cfg.venue)
+        depth_limits = FUTURES_DEPTH_LIMITS if self.profile.futures else SPOT_DEPTH_LIMITS
+        self._depth_limits = depth_limits
         self._clock_ms = clock_ms if clock_ms is not None else _wall_ms
+        self._marks: dict[str, tuple[str, str]] = {}  # futures: symbol -> last bid and ask, for the mark price
+        self._market_ms = 0
+        self._next_mark_s = 0
         self._frames: list[ReplayFrame] | None = None
         symbols = cfg.symbols
         if cfg.replay is not None:
@@ -186,7 +165,7 @@ class Simulator:
             kline_update_ms=cfg.kline_update_ms,
             id_base=id_base,
         )
-        self._catalog = StreamCatalog(symbols)
+        self._catalog = StreamCatalog(symbols, self.profile.stream_pattern)
         #: the synthetic market's order books (None in replay, or with ``depth`` off); read, never drive them
         self.depth: DepthBooks | None = None
         self._depth_replay: DepthReplay | None = None
@@ -194,7 +173,9 @@ class Simulator:
         self._replay_started: float | None = None  # loop time the current replay pass started
         answers: dict[str, Callable[[Mapping[str, Sequence[str]]], RestResponse]] = {}
         if cfg.replay is None and cfg.depth:
-            self.depth = DepthBooks.for_market(self.market, seed=cfg.seed, config=cfg.book_config(), id_base=id_base)
+            self.depth = DepthBooks.for_market(
+                self.market, seed=cfg.seed, config=cfg.book_config(), id_base=id_base, limits=depth_limits
+            )
             apply_depth_faults(self.depth, parse_depth_faults(cfg.depth_faults))
             answers[DEPTH_PATH] = self.depth.answer
         elif cfg.replay is not None and cfg.replay_rest is not None:
@@ -585,21 +566,22 @@ class Simulator:
         """Write a streamed REST answer on the raw connection and close it; the response returned is never
         sent (the connection is closed by then).  websockets' ``open_timeout`` bounds how long this lasts."""
         await write_streamed(answer, connection.transport, connection.drain, connection.connection_lost_waiter)
-        return _json_response(503, b"")
+        return json_response(503, b"")
 
     def _answer_rest(self, connection: ServerConnection, path: str, query: dict[str, list[str]]) -> Response:
         """The answer, or 429/418 when the client's request weight is spent; served answers say the weight used."""
         address = connection.remote_address
         client = str(address[0]) if isinstance(address, tuple) and address else "?"
         now_ms = self._clock_ms()
-        refusal = self._weights.charge(client, request_weight(path, query), now_ms)
+        refusal = self._weights.charge(client, request_weight(path, query, self._depth_limits, self.profile.futures),
+                                       now_ms)
         if refusal is not None:
             log.info("rest weight refused", extra={"fields": {"path": path, "client": client,
                                                               "status": refusal.status}})
-            return _json_response(refusal.status, refusal.body, refusal.headers)
+            return json_response(refusal.status, refusal.body, refusal.headers)
         answer = self._rest.handle(path, query)
         used = (USED_WEIGHT_HEADER, str(self._weights.used(client, now_ms)))
-        return _json_response(answer.status, answer.body, (*answer.headers, used))
+        return json_response(answer.status, answer.body, (*answer.headers, used))
 
     def _replayed_depth(self, query: Mapping[str, Sequence[str]]) -> RestResponse:
         """``/api/v3/depth`` in replay: the recorded snapshot for the capture time being played."""
@@ -607,7 +589,12 @@ class Simulator:
         at = self._capture_t0
         if self._replay_started is not None:
             at += (self._now() - self._replay_started) * self.config.replay_speed
-        return self._depth_replay.answer(query, at)
+        return self._depth_replay.answer(query, at, self._depth_limits)
+
+    def _ws_target(self, path: str) -> tuple[Route, WsTarget | str | None]:
+        """A request path -> its route (futures: ``/public``, ``/market``, or ``all`` unrouted) and its target."""
+        route, rest = self.profile.split_route(path)
+        return route, parse_ws_path(rest, self._catalog, max_streams=self.config.max_streams_per_connection)
 
     def _process_request(
         self, connection: ServerConnection, request: Request
@@ -616,45 +603,48 @@ class Simulator:
         if parts.path.startswith(CONTROL_PREFIX):
             command = parse_control(parts.path, parse_qs(parts.query))
             if isinstance(command, str):
-                return _json_response(400, orjson.dumps({"error": command}))
+                return json_response(400, orjson.dumps({"error": command}))
             try:
                 self._apply_control(command)
             except SimulatorConfigError as exc:
-                return _json_response(400, orjson.dumps({"error": str(exc)}))
-            return _json_response(200, orjson.dumps(self.fault_state()))
-        target = parse_ws_path(request.path, self._catalog, max_streams=self.config.max_streams_per_connection)
+                return json_response(400, orjson.dumps({"error": str(exc)}))
+            return json_response(200, orjson.dumps(self.fault_state()))
+        _, target = self._ws_target(request.path)
         if target is None:
-            if self._rest.handles(parts.path):
-                fault = self._rest_faults.take(parts.path)
+            path = self.profile.rest_path(parts.path)
+            if path is None:
+                return json_response(404, orjson.dumps({"code": -1, "msg": f"Not found: {parts.path}"}))
+            if self._rest.handles(path):
+                fault = self._rest_faults.take(path)
                 if fault is not None:
                     log.info("fault rest answer", extra={"fields": {"path": parts.path, "fault": str(fault)}})
                     if fault.closes:
                         # No answer: the connection is dropped now (the response websockets goes on to
                         # write meets a closed transport and is discarded).
                         connection.transport.abort()
-                        return _json_response(503, b"")
+                        return json_response(503, b"")
                     if fault.hostile is not None:
                         hostile = self._rest.hostile(fault.hostile, request.path, request.headers.get("Host", ""))
                         if isinstance(hostile, StreamedAnswer):
                             return self._stream_rest(connection, hostile)
-                        return _json_response(hostile.status, hostile.body, hostile.headers)
+                        return json_response(hostile.status, hostile.body, hostile.headers)
                     answer = fault_response(fault, self._clock_ms())
-                    return _json_response(answer.status, answer.body, answer.headers)
-            return self._answer_rest(connection, parts.path, parse_qs(parts.query, keep_blank_values=True))
+                    return json_response(answer.status, answer.body, answer.headers)
+            return self._answer_rest(connection, path, parse_qs(parts.query, keep_blank_values=True))
         if isinstance(target, str):
-            return _json_response(400, orjson.dumps({"code": 2, "msg": f"Invalid request: {target}"}))
+            return json_response(400, orjson.dumps({"code": 2, "msg": f"Invalid request: {target}"}))
         if self._now() < self._refuse_until:
-            return _json_response(503, orjson.dumps({"code": -1003, "msg": "Service unavailable."}))
+            return json_response(503, orjson.dumps({"code": -1003, "msg": "Service unavailable."}))
         return None
 
     # -- connections --
 
     async def _handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None
-        target = parse_ws_path(ws.request.path, self._catalog, max_streams=self.config.max_streams_per_connection)
+        route, target = self._ws_target(ws.request.path)
         assert isinstance(target, WsTarget)  # checked in _process_request
         subscriptions = StreamSubscriptions(self._catalog, target, max_streams=self.config.max_streams_per_connection)
-        conn = _Connection(ws, subscriptions, IncomingRateLimiter(self.config.max_incoming_per_s))
+        conn = _Connection(ws, subscriptions, IncomingRateLimiter(self.config.max_incoming_per_s), route)
         self._register(conn)
         try:
             async with asyncio.TaskGroup() as group:
@@ -686,6 +676,8 @@ class Simulator:
         conn.out.clear()
 
     def _subscribe(self, conn: _Connection, streams: tuple[str, ...]) -> None:
+        if conn.route != "all":  # a stream of another route is acknowledged and never delivered
+            streams = tuple(s for s in streams if self.profile.delivers(conn.route, s))
         for stream in streams:
             self._subs.setdefault(stream, set()).add(conn)
         if streams:
@@ -807,10 +799,54 @@ class Simulator:
 
     def _publish(self, events: list[MarketEvent]) -> None:
         subs = self._subs
+        if self.profile.futures:
+            self._futures_fields(events)
         if not subs or self.stalled:
             return
         dumps = orjson.dumps
         self._deliver([(stream, dumps(payload), None) for _, stream, payload in events if stream in subs])
+
+    def _futures_fields(self, events: list[MarketEvent]) -> None:
+        """Binance futures' shapes: ``bookTicker`` with ``e``, ``E`` and ``T``; ``aggTrade`` without ``M``."""
+        marks = self._marks
+        for kind, _, payload in events:
+            if kind == "bookTicker":
+                payload["e"] = "bookTicker"
+                payload["E"] = payload["T"] = self.market_ms
+                marks[payload["s"]] = (payload["b"], payload["a"])
+            elif kind == "aggTrade":
+                payload.pop("M", None)
+
+    @property
+    def market_ms(self) -> int:
+        """The time (ms) of the market step being published."""
+        return self._market_ms
+
+    def _mark_prices(self, now_ms: int) -> list[MarketEvent]:
+        """Futures: one ``markPriceUpdate`` a symbol on ``@markPrice@1s`` each second (and ``@markPrice`` every 3 s):
+        the mark is the middle of the last book ticker, the index a tick below it, funding every 8 h."""
+        second = now_ms // 1000
+        if second < self._next_mark_s:
+            return []
+        self._next_mark_s = second + 1
+        out: list[MarketEvent] = []
+        funding_ms = (now_ms // 28_800_000 + 1) * 28_800_000
+        for symbol in self.market.symbols:
+            touch = self._marks.get(symbol)
+            if touch is None:
+                continue
+            bid, ask = parse_units(touch[0]), parse_units(touch[1])
+            mark = (bid + ask) // 2
+            index = max(1, mark - self.market.spec(symbol).tick_size)
+            payload = {
+                "e": "markPriceUpdate", "E": now_ms, "s": symbol, "p": format_decimal(mark),
+                "i": format_decimal(index), "P": format_decimal(mark), "r": "0.00010000", "T": funding_ms,
+            }
+            lower = symbol.lower()
+            out.append(("markPrice", f"{lower}@markPrice@1s", payload))
+            if second % 3 == 0:
+                out.append(("markPrice", f"{lower}@markPrice", payload))
+        return out
 
     # -- sources --
 
@@ -848,6 +884,7 @@ class Simulator:
                     n = max_batch
                 events = self.market.step(n, now_ms)
                 emitted += n
+                self._market_ms = now_ms
                 self._publish(events)
                 if books is not None:
                     books.observe(events)
@@ -855,6 +892,10 @@ class Simulator:
                 diffs = books.advance(now_ms)  # empty but at a batch boundary (every 100 ms)
                 if diffs:
                     self._publish(diffs)
+            if self.profile.futures:
+                marks = self._mark_prices(now_ms)
+                if marks:
+                    self._publish(marks)
 
     async def _replay(self, frames: list[ReplayFrame]) -> None:
         cfg = self.config
@@ -882,11 +923,19 @@ class Simulator:
 async def run_simulator(
     config: SimulatorConfig | None = None,
     *,
-    ready: Callable[[Simulator], None] | None = None,
+    ready: Callable[[Any], None] | None = None,
     clock_ms: Callable[[], int] | None = None,
 ) -> None:
-    """Run a simulator until cancelled; ``ready`` is called once it listens."""
-    async with Simulator(config, clock_ms=clock_ms) as sim:
+    """Run a simulator of the config's venue until cancelled (:class:`Simulator` for the Binance family,
+    :class:`~ops.simulator.okx.OkxSimulator` for ``okx``); ``ready`` is called once it listens."""
+    cfg = config if config is not None else SimulatorConfig()
+    if cfg.venue == "okx":
+        async with OkxSimulator(cfg, clock_ms=clock_ms) as okx:
+            if ready is not None:
+                ready(okx)
+            await okx.serve_forever()
+        return
+    async with Simulator(cfg, clock_ms=clock_ms) as sim:
         if ready is not None:
             ready(sim)
         await sim.serve_forever()

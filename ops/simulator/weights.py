@@ -26,7 +26,7 @@ import orjson
 from .book import SPOT_DEPTH_LIMITS, DepthLimits
 from .rest import RestResponse
 
-__all__ = ["DEPTH_PATH", "REST_WEIGHTS", "USED_WEIGHT_HEADER", "WeightBudget", "request_weight"]
+__all__ = ["DEPTH_PATH", "FUTURES_REST_WEIGHTS", "REST_WEIGHTS", "USED_WEIGHT_HEADER", "WeightBudget", "request_weight"]
 
 DEPTH_PATH: Final = "/api/v3/depth"
 #: Binance spot's weight of each market-data endpoint but depth (whose weight depends on its limit)
@@ -40,21 +40,31 @@ REST_WEIGHTS: Final[Mapping[str, int]] = {
     "/api/v3/aggTrades": 4,
     "/api/v3/klines": 2,
 }
+#: Binance futures' (``/fapi/v1``, ``/dapi/v1``) weights of the same endpoints, under the spot names the simulator
+#: serves them by (klines: the weight of up to 500 rows)
+FUTURES_REST_WEIGHTS: Final[Mapping[str, int]] = {
+    "/api/v3/ping": 1,
+    "/api/v3/time": 1,
+    "/api/v3/exchangeInfo": 1,
+    "/api/v3/aggTrades": 20,
+    "/api/v3/klines": 2,
+}
 USED_WEIGHT_HEADER: Final = "X-MBX-USED-WEIGHT-1M"
 _MINUTE_MS: Final = 60_000
 
 
 def request_weight(
-    path: str, query: Mapping[str, Sequence[str]], depth_limits: DepthLimits = SPOT_DEPTH_LIMITS
+    path: str, query: Mapping[str, Sequence[str]], depth_limits: DepthLimits = SPOT_DEPTH_LIMITS,
+    futures: bool = False,
 ) -> int:
-    """The weight of ``GET path?query`` (1 for a path not listed); a depth ``limit`` that is not a number
-    weighs as the default one."""
+    """The weight of ``GET path?query`` (1 for a path not listed), by spot's weights or with ``futures`` by
+    Binance futures'; a depth ``limit`` that is not a number weighs as the default one."""
     if path == DEPTH_PATH:
         values = query.get("limit")
         text = values[-1] if values else ""
         limit = int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else depth_limits.default
         return depth_limits.weight(max(1, min(depth_limits.maximum, limit)))
-    return REST_WEIGHTS.get(path, 1)
+    return (FUTURES_REST_WEIGHTS if futures else REST_WEIGHTS).get(path, 1)
 
 
 @dataclass(slots=True)

@@ -167,9 +167,13 @@ class SymbolSpec:
 
     @classmethod
     def for_symbol(cls, symbol: str) -> SymbolSpec:
-        """A fixed spec for well-known symbols; for others, one derived from the name alone."""
+        """A fixed spec for well-known symbols (an OKX ``instId`` such as ``BTC-USDT-SWAP`` or a futures symbol
+        such as ``BTCUSD_PERP`` takes its spot pair's); for others, one derived from the name alone."""
         base, quote = split_symbol(symbol)
         preset = _PRESETS.get(symbol)
+        if preset is None and ("-" in symbol or "_" in symbol):
+            pair = "".join(symbol.split("_")[0].split("-")[:2])  # BTC-USDT-SWAP -> BTCUSDT, BTCUSD_PERP -> BTCUSD
+            preset = _PRESETS.get(pair) or (_PRESETS.get(pair + "T") if pair.endswith("USD") else None)
         if preset is None:
             rng = random.Random(f"spec:{symbol}")
             tick = 10_000  # 0.0001

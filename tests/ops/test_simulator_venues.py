@@ -608,3 +608,32 @@ def test_market_simulate_refuses_a_symbol_of_another_venue() -> None:
     )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "invalid okx symbol" in lines[0], proc.stderr
+
+
+async def test_market_simulate_venue_okx_serves_okx_with_its_limits() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ops.cli", "simulate", "--venue", "okx", "--port", "0", "--rate", "500",
+        "--idle-timeout", "0.5", "--book-checksum", stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        async with asyncio.timeout(30 * UNIT):
+            while True:
+                line = (await proc.stderr.readline()).decode()
+                assert line, "the simulator ended before it listened"
+                if "simulator listening on " in line:
+                    break
+        ws_url = line.split("simulator listening on ", 1)[1].split(" ", 1)[0]
+        async with connect(f"{ws_url}/ws/v5/public") as ws:
+            await ws.send(subscribe([("books", "BTC-USDT-SWAP"), ("trades", "BTC-USDT")]))
+            seen = {orjson.loads(await recv_text(ws))["arg"]["channel"] for _ in range(3)}
+            assert seen == {"books", "trades"}  # two acks, then the book's snapshot
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    frame = orjson.loads(await recv_text(ws))
+                    if frame.get("arg", {}).get("channel") == "books":
+                        assert frame["data"][0]["checksum"] != 0
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4004
+    finally:
+        proc.terminate()
+        await proc.wait()

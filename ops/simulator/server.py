@@ -442,6 +442,8 @@ class Simulator:
     def set_rest_faults(self, path: str, faults: Iterable[RestFault]) -> None:
         """The next requests to REST ``path`` (:data:`~.rest.ALL_PATHS`: to any) get ``faults`` instead of
         their answer, one each, in order; no faults clears the path's schedule."""
+        if self.profile.futures and path.startswith(self.profile.api + "/"):
+            path = self.profile.rest_path(path) or path  # /fapi/v1/aggTrades is scheduled as aggTrades
         if path != ALL_PATHS and not self._rest.handles(path):
             raise SimulatorConfigError(f"no REST endpoint {path!r} to schedule faults on")
         faults = tuple(faults)

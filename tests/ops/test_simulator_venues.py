@@ -637,3 +637,20 @@ async def test_market_simulate_venue_okx_serves_okx_with_its_limits() -> None:
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_rest_faults_by_each_venue_s_own_paths(
+    okx_sims: Callable[..., Awaitable[OkxSimulator]], futures_sims: Callable[..., Awaitable[Simulator]]
+) -> None:
+    okx_sim = await okx_sims(rate=0, rest_faults="/api/v5/market/history-trades=429:3")
+    status, body = await http_get(f"{okx_sim.rest_url}/api/v5/market/history-trades?instId=BTC-USDT")
+    assert status == 429
+    status, body = await http_get(f"{okx_sim.rest_url}/api/v5/market/history-trades?instId=BTC-USDT")
+    assert status == 200 and body["code"] == "0"
+    usdm = await futures_sims(rate=0, depth=True, rest_faults="/fapi/v1/aggTrades=503;depth=418")
+    assert (await http_get(f"{usdm.rest_url}/fapi/v1/aggTrades?symbol=BTCUSDT"))[0] == 503
+    assert (await http_get(f"{usdm.rest_url}/fapi/v1/aggTrades?symbol=BTCUSDT"))[0] == 200
+    assert (await http_get(f"{usdm.rest_url}/fapi/v1/depth?symbol=BTCUSDT"))[0] == 418
+    assert (await http_get(f"{usdm.rest_url}/fapi/v1/depth?symbol=BTCUSDT"))[0] == 200
+    with pytest.raises(SimulatorConfigError, match="no REST endpoint"):
+        usdm.set_rest_faults("/fapi/v1/historicalTrades", [])

@@ -195,7 +195,7 @@ class OkxSimulator:
         if cfg.replay is None and cfg.depth:
             book_config = replace(cfg.book_config(), slow_interval_ms=0)
             self.depth = DepthBooks.for_market(self.market, seed=cfg.seed, config=book_config, id_base=id_base)
-            apply_depth_faults(self.depth, parse_depth_faults(cfg.depth_faults))
+            self.set_depth_faults(parse_depth_faults(cfg.depth_faults))
         self._rest_faults = RestFaults()
         for path, faults in parse_rest_faults(cfg.rest_faults).items():
             self.set_rest_faults(path, faults)
@@ -416,7 +416,10 @@ class OkxSimulator:
             raise SimulatorConfigError("no depth books to fault: the simulator replays a capture or has depth off")
         faults = tuple(faults)
         if any(not isinstance(f, DepthFault) or f.kind != "drop" for f in faults):
+            # a stale snapshot is a REST answer of Binance's procedure; OKX's book starts from the channel's own
             raise SimulatorConfigError("the okx profile's books take the drop fault only")
+        if not faults:
+            return
         apply_depth_faults(self.depth, faults)
         log.info("fault depth", extra={"fields": {"faults": ",".join(map(str, faults))}})
 

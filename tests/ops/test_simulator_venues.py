@@ -6,6 +6,7 @@ venue's format; the faults are real (closed sockets, removed updates, refused ha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import subprocess
 import sys
@@ -654,3 +655,35 @@ async def test_rest_faults_by_each_venue_s_own_paths(
     assert (await http_get(f"{usdm.rest_url}/fapi/v1/depth?symbol=BTCUSDT"))[0] == 200
     with pytest.raises(SimulatorConfigError, match="no REST endpoint"):
         usdm.set_rest_faults("/fapi/v1/historicalTrades", [])
+
+
+async def test_okx_rotates_a_connection_with_the_64008_notice_first(
+    okx_sims: Callable[..., Awaitable[OkxSimulator]],
+) -> None:
+    sim = await okx_sims(rate=0, max_connection_age=1.0 * UNIT, shutdown_notice=0.5 * UNIT, idle_timeout=30.0)
+    async with connect(f"{sim.ws_url}/ws/v5/public") as ws:
+        notice = orjson.loads(await recv_text(ws, timeout=5 * UNIT))
+        assert (notice["event"], notice["code"]) == ("notice", "64008")
+        assert isinstance(okx.parse_message(orjson.dumps(notice), now_us()), ServerShutdown)
+        with pytest.raises(ConnectionClosed) as closed:
+            await recv_text(ws, timeout=5 * UNIT)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
+
+
+async def test_okx_a_stall_does_not_count_as_the_client_s_silence(
+    okx_sims: Callable[..., Awaitable[OkxSimulator]],
+) -> None:
+    sim = await okx_sims(rate=0, idle_timeout=0.5 * UNIT)
+    async with connect(f"{sim.ws_url}/ws/v5/public") as ws:
+        sim.stall(1.5 * UNIT)  # three idle timeouts in which nothing the client sends is read
+        pongs = 0
+        async with asyncio.timeout(10 * UNIT):
+            while sim.stalled or pongs < 5:
+                await ws.send("ping")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.1 * UNIT):
+                        while await ws.recv() == "pong":
+                            pongs += 1
+        assert sim.fault_state()["idle_closes"] == 0
+        await ws.send("ping")
+        assert await recv_text(ws) == "pong"

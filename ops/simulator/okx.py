@@ -17,6 +17,7 @@ WebSocket ``/ws/v5/public`` (any other path: HTTP 404)
 
     - ``trades``: one trade a push, ``tradeId`` contiguous per instrument, ``count`` ``"1"``;
     - ``bbo-tbt``: every change of the touch, ``seqId`` the ticker's update id;
+    - ``tickers``: an instrument's last trade, touch and day figures, at most every 100 ms it changed;
     - ``books``: on subscribe a 400-level ``snapshot`` (``prevSeqId`` -1), then an ``update`` every 100 ms that
       changed something, ``seqId`` its last change and ``prevSeqId`` the ``seqId`` before it (a ``drop`` depth
       fault removes an update: the next one's ``prevSeqId`` is then not the last ``seqId`` received);
@@ -26,8 +27,9 @@ WebSocket ``/ws/v5/public`` (any other path: HTTP 404)
 REST (GET, same port)
     ``/api/v5/market/history-trades`` (``instId``, ``type=1``, ``after``/``before`` by ``tradeId``, ``limit``
     up to 100; :func:`~.okx_protocol.history_trades`) over the trades generated; ``/api/v5/market/books``
-    (``instId``, ``sz`` up to 400); ``/api/v5/public/time``.  Each takes ``rest_faults`` like the Binance profile
-    (by full path, e.g. ``/api/v5/market/history-trades=429,close``).
+    (``instId``, ``sz`` up to 400); ``/api/v5/public/instruments`` (``instType``); ``/api/v5/public/time``.
+    Each takes ``rest_faults`` like the Binance profile (by full path, e.g.
+    ``/api/v5/market/history-trades=429,close``).
 
 Faults (the control endpoint ``/control/...`` and :class:`~ops.simulator.SimulatorConfig`, as the Binance
 profile): ``close_all`` (close 1001, or dropped), ``stall``, ``refuse`` (503), wire ``faults`` (malformed,
@@ -66,7 +68,7 @@ from websockets.protocol import State
 
 from ingestor.okx import okx_checksum
 
-from .book import DepthBooks, SymbolBook
+from .book import DepthBooks, SymbolBook, parse_units
 from .config import SimulatorConfig
 from .control import CONTROL_PREFIX, ControlCommand, parse_control
 from .depth_faults import DepthFault, apply_depth_faults, parse_depth_faults
@@ -82,9 +84,11 @@ from .okx_protocol import (
     books_push,
     handle_request,
     history_trades,
+    instruments_answer,
     level,
     notice_event,
     okx_decimal,
+    ticker_push,
     trade_push,
 )
 from .protocol import FaultInjector, FaultRates, text_frame
@@ -101,7 +105,9 @@ CLOSE_IDLE: Final = 4004
 _HISTORY_PATH: Final = "/api/v5/market/history-trades"
 _BOOKS_PATH: Final = "/api/v5/market/books"
 _TIME_PATH: Final = "/api/v5/public/time"
-_REST_PATHS: Final = (_HISTORY_PATH, _BOOKS_PATH, _TIME_PATH)
+_INSTRUMENTS_PATH: Final = "/api/v5/public/instruments"
+_REST_PATHS: Final = (_HISTORY_PATH, _BOOKS_PATH, _TIME_PATH, _INSTRUMENTS_PATH)
+_TICKER_EVERY_MS: Final = 100
 _SNAPSHOT_LEVELS: Final = 400
 _MAX_CATCH_UP: Final = 0.25
 
@@ -226,6 +232,10 @@ class OkxSimulator:
         self._rate = float(cfg.rate)
         self._rate_epoch = 0
         self._book_ms: int | None = None  # the last 100 ms boundary the books were flushed at
+        # tickers: per instrument its fields, whether it changed since its last push, and when that was
+        self._tickers: dict[str, dict[str, str]] = {}
+        self._ticker_dirty: set[str] = set()
+        self._ticker_sent_ms: dict[str, int] = {}
 
     # -- lifecycle --
 
@@ -506,7 +516,10 @@ class OkxSimulator:
         if path == _TIME_PATH:
             body = orjson.dumps({"code": "0", "msg": "", "data": [{"ts": str(now_ms)}]})
             return json_response(200, body)
-        if path == _HISTORY_PATH:
+        if path == _INSTRUMENTS_PATH:
+            specs = {i: (self.market.spec(i).tick_size, self.market.spec(i).step_size) for i in self.instruments}
+            status, body = instruments_answer(query, specs)
+        elif path == _HISTORY_PATH:
             status, body = history_trades(query, self.instruments, self._trade_rows)
         else:
             status, body = books_answer(query, self.instruments, self._book_levels, now_ms)
@@ -668,10 +681,50 @@ class OkxSimulator:
                 stream = "trades:" + inst
                 if stream in subs:
                     items.append((stream, trade_push(inst, payload)))
+                self._ticker_trade(inst, payload)
             elif kind == "bookTicker":
                 stream = "bbo-tbt:" + inst
                 if stream in subs:
                     items.append((stream, bbo_push(inst, payload, now_ms)))
+                self._ticker_touch(inst, payload)
+        return items
+
+    def _ticker_trade(self, inst: str, payload: dict[str, Any]) -> None:
+        ticker = self._tickers.get(inst)
+        if ticker is None:
+            return  # no touch yet
+        px, sz = okx_decimal(parse_units(payload["p"])), okx_decimal(parse_units(payload["q"]))
+        price = parse_units(payload["p"])
+        ticker["last"], ticker["lastSz"] = px, sz
+        if price > parse_units(ticker["high24h"]):
+            ticker["high24h"] = px
+        if price < parse_units(ticker["low24h"]):
+            ticker["low24h"] = px
+        ticker["vol24h"] = okx_decimal(parse_units(ticker["vol24h"]) + parse_units(payload["q"]))
+        self._ticker_dirty.add(inst)
+
+    def _ticker_touch(self, inst: str, payload: dict[str, Any]) -> None:
+        bid, bid_sz = okx_decimal(parse_units(payload["b"])), okx_decimal(parse_units(payload["B"]))
+        ask, ask_sz = okx_decimal(parse_units(payload["a"])), okx_decimal(parse_units(payload["A"]))
+        ticker = self._tickers.get(inst)
+        if ticker is None:
+            ticker = self._tickers[inst] = {
+                "last": bid, "lastSz": "0", "open24h": bid, "high24h": bid, "low24h": bid, "vol24h": "0",
+            }  # fmt: skip
+        ticker.update(askPx=ask, askSz=ask_sz, bidPx=bid, bidSz=bid_sz)
+        self._ticker_dirty.add(inst)
+
+    def _ticker_items(self, now_ms: int) -> list[_Item]:
+        """``tickers`` pushes: an instrument that changed, at most every 100 ms."""
+        items: list[_Item] = []
+        for inst in list(self._ticker_dirty):
+            if now_ms - self._ticker_sent_ms.get(inst, 0) < _TICKER_EVERY_MS:
+                continue
+            self._ticker_dirty.discard(inst)
+            stream = "tickers:" + inst
+            if stream in self._subs:
+                self._ticker_sent_ms[inst] = now_ms
+                items.append((stream, ticker_push(inst, self._tickers[inst], now_ms)))
         return items
 
     def _book_items(self, books: DepthBooks, now_ms: int) -> list[_Item]:
@@ -744,6 +797,8 @@ class OkxSimulator:
                 items = self._market_items(events, now_ms)
             if books is not None:
                 items += self._book_items(books, now_ms)
+            if self._ticker_dirty:
+                items += self._ticker_items(now_ms)
             if items and not self.stalled:
                 self._deliver(items)
 

@@ -9,8 +9,10 @@
   trailing zeros, times in ms as strings; ``books`` levels ``[price, size, "0", orders]``.
 - :class:`OpsLimiter` (subscribe operations an hour and connection) and :class:`ConnectLimiter` (new connections a
   second and address): OKX's 480 and 3.
-- REST rows: :func:`history_trades` pages trades by ``tradeId`` as OKX does (``after``: older than, ``before``:
-  newer than, newest first, at most 100); :func:`books_answer` the ``/api/v5/market/books`` snapshot.
+- ``tickers`` (:func:`ticker_push`): at most every 100 ms an instrument changed, last trade and touch.
+- REST: :func:`instruments_answer` lists the instruments of an ``instType``; :func:`history_trades` pages trades
+  by ``tradeId`` as OKX does (``after``: older than, ``before``: newer than, newest first, at most 100);
+  :func:`books_answer` the ``/api/v5/market/books`` snapshot.
 """
 
 from __future__ import annotations
@@ -41,9 +43,12 @@ __all__ = [
     "error_event",
     "handle_request",
     "history_trades",
+    "inst_type",
+    "instruments_answer",
     "level",
     "notice_event",
     "okx_decimal",
+    "ticker_push",
     "trade_push",
 ]
 
@@ -312,3 +317,50 @@ def books_answer(
         return _rest_error(404, "51001", "No order book is kept for this instrument here.")
     bids, asks, _ = got
     return 200, orjson.dumps({"code": "0", "msg": "", "data": [{"asks": asks, "bids": bids, "ts": str(ts_ms)}]})
+
+
+def inst_type(inst: str) -> str:
+    """``SPOT`` (``BTC-USDT``), ``SWAP`` (``BTC-USDT-SWAP``) or ``FUTURES`` (``BTC-USD-220527``)."""
+    parts = inst.split("-")
+    if parts[-1] == "SWAP":
+        return "SWAP"
+    return "FUTURES" if len(parts) > 2 and parts[-1].isdigit() else "SPOT"
+
+
+def ticker_push(inst: str, ticker: Mapping[str, str], ts_ms: int) -> bytes:
+    """A ``tickers`` push: ``ticker`` holds ``last``, ``lastSz``, ``askPx``, ``askSz``, ``bidPx``, ``bidSz``,
+    ``open24h``, ``high24h``, ``low24h``, ``vol24h`` (decimal strings)."""
+    data = {"instType": inst_type(inst), "instId": inst, **ticker, "volCcy24h": ticker["vol24h"],
+            "sodUtc0": ticker["open24h"], "sodUtc8": ticker["open24h"], "ts": str(ts_ms)}  # fmt: skip
+    return _arg("tickers", inst) + b',"data":[' + orjson.dumps(data) + b"]}"
+
+
+def instruments_answer(
+    query: Mapping[str, Sequence[str]], specs: Mapping[str, tuple[int, int]]
+) -> tuple[int, bytes]:
+    """``GET /api/v5/public/instruments?instType=T[&instId=I]``: the instruments of that type (``specs``: instId ->
+    (price tick, size step) in 1e-8 units), ``state`` ``live``; no ``instType``: 50014."""
+    kind = _param(query, "instType")
+    if not kind:
+        return _rest_error(400, "50014", "Parameter instType can not be empty.")
+    if kind not in ("SPOT", "SWAP", "FUTURES", "MARGIN", "OPTION"):
+        return _rest_error(400, "51000", "Parameter instType error")
+    only = _param(query, "instId")
+    data = []
+    for inst, (tick, step) in specs.items():
+        if inst_type(inst) != kind or (only and inst != only):
+            continue
+        parts = inst.split("-")
+        row: dict[str, Any] = {
+            "instType": kind, "instId": inst, "tickSz": okx_decimal(tick), "lotSz": okx_decimal(step),
+            "minSz": okx_decimal(step), "state": "live", "baseCcy": "", "quoteCcy": "", "settleCcy": "",
+            "ctVal": "", "ctValCcy": "", "uly": "", "instFamily": "",
+        }  # fmt: skip
+        if kind == "SPOT":
+            row["baseCcy"], row["quoteCcy"] = parts[0], parts[1]
+        else:
+            family = f"{parts[0]}-{parts[1]}"
+            row.update(uly=family, instFamily=family, ctVal="1", ctValCcy=parts[0],
+                       settleCcy=parts[0] if parts[1] == "USD" else parts[1])  # fmt: skip
+        data.append(row)
+    return 200, orjson.dumps({"code": "0", "msg": "", "data": data})

@@ -687,3 +687,28 @@ async def test_okx_a_stall_does_not_count_as_the_client_s_silence(
         assert sim.fault_state()["idle_closes"] == 0
         await ws.send("ping")
         assert await recv_text(ws) == "pong"
+
+
+async def test_okx_tickers_and_the_instruments_it_lists(okx_sims: Callable[..., Awaitable[OkxSimulator]]) -> None:
+    sim = await okx_sims(rate=2000, symbols=("BTC-USDT", "BTC-USDT-SWAP", "BTC-USD-260327"))
+    async with connect(f"{sim.ws_url}/ws/v5/public") as ws:
+        await ws.send(subscribe([("tickers", "BTC-USDT-SWAP")]))
+        assert orjson.loads(await recv_text(ws))["event"] == "subscribe"
+        ticks: list[Any] = []
+        async with asyncio.timeout(10 * UNIT):
+            while len(ticks) < 5:
+                text = await recv_text(ws)
+                assert orjson.loads(text)["data"][0]["instType"] == "SWAP"
+                parsed = okx.parse_message(text, now_us())
+                assert isinstance(parsed, list) and len(parsed) == 1
+                ticks.append(parsed[0])
+    assert {t["channel"] for t in ticks} == {"book_ticker"} and {t["symbol"] for t in ticks} == {"BTC-USDT-SWAP"}
+    times = [t["ts_event"] for t in ticks]
+    assert all(later - earlier >= 100_000 for earlier, later in itertools.pairwise(times))  # at most every 100 ms
+    listed: dict[str, list[str]] = {}
+    for kind in ("SPOT", "SWAP", "FUTURES"):
+        status, body = await http_get(f"{sim.rest_url}/api/v5/public/instruments?instType={kind}")
+        assert status == 200 and all(row["state"] == "live" for row in body["data"])
+        listed[kind] = [row["instId"] for row in body["data"]]
+    assert listed == {"SPOT": ["BTC-USDT"], "SWAP": ["BTC-USDT-SWAP"], "FUTURES": ["BTC-USD-260327"]}
+    assert (await http_get(f"{sim.rest_url}/api/v5/public/instruments"))[1]["code"] == "50014"

@@ -418,8 +418,12 @@ class RestApi:
         market: SyntheticMarket,
         clock_ms: Callable[[], int],
         answers: Mapping[str, Callable[[Mapping[str, Sequence[str]]], RestResponse]] | None = None,
+        *,
+        futures: bool = False,
     ) -> None:
         self._market = market
+        #: Binance futures' rows: aggregate trades without spot's ``M``
+        self._futures = futures
         self._clock_ms = clock_ms
         #: paths answered by another part of the simulator (``/api/v3/depth``: its books or a recording)
         self._answers = dict(answers or {})
@@ -605,6 +609,12 @@ class RestApi:
             if end - start > _HOUR_MS:
                 raise _BadRequest(-1127, "More than 1 hours between startTime and endTime.")
         rows = history.agg_trades(from_id=from_id, start_ms=start, end_ms=end, limit=limit)
+        if self._futures:
+            return [
+                {"a": agg_id, "p": format_decimal(price), "q": format_decimal(qty), "f": first, "l": last,
+                 "T": time_ms, "m": maker}
+                for agg_id, price, qty, first, last, time_ms, maker in rows
+            ]  # fmt: skip
         return [
             {
                 "a": agg_id,

@@ -182,7 +182,7 @@ class Simulator:
             self._depth_replay = load_depth_capture(cfg.replay_rest)
             self._capture_t0 = capture_start(cfg.replay)
             answers[DEPTH_PATH] = self._replayed_depth
-        self._rest = RestApi(self.market, self._clock_ms, answers)
+        self._rest = RestApi(self.market, self._clock_ms, answers, futures=self.profile.futures)
         self._weights = WeightBudget(cfg.rest_weight_limit)
         self._rest_faults = RestFaults()
         for path, faults in parse_rest_faults(cfg.rest_faults).items():

@@ -531,6 +531,7 @@ async def test_usdm_rest_pages_agg_trades_and_serves_depth_with_futures_weights(
         query = "&".join(f"{k}={v}" for k, v in call.params.items())
         status, rows = await http_get(f"{sim.rest_url}{call.path}?{query}")
         assert status == 200
+        assert all(set(r) == {"a", "p", "q", "f", "l", "T", "m"} for r in rows)  # USD-M's rows: no "M"
         ids += [r["a"] for r in rows]
         from_id = rows[-1]["a"] + 1
     assert ids == list(range(first, first + 60))

@@ -228,7 +228,7 @@ class OkxSimulator:
         self._state = "unopened"
         self._port = 0
         self._frames_sent = self._bytes_sent = self._replayed = 0
-        self._pings = self._idle_closes = self._connects_refused = self._ops_refused = 0
+        self._pings = self._idle_closes = self._connects_refused = self._ops_refused = self._slow_closes = 0
         self._rate = float(cfg.rate)
         self._rate_epoch = 0
         self._book_ms: int | None = None  # the last 100 ms boundary the books were flushed at
@@ -339,7 +339,7 @@ class OkxSimulator:
         return SimulatorStats(
             connections=len(self._conns), frames_sent=self._frames_sent, bytes_sent=self._bytes_sent,
             ticks_generated=self.market.counts(), ticks_total=self.market.generated, replayed_frames=self._replayed,
-            pongs_received=0, slow_consumer_closes=0, rate_limit_closes=self._ops_refused,
+            pongs_received=0, slow_consumer_closes=self._slow_closes, rate_limit_closes=0,
         )  # fmt: skip
 
     def fault_state(self) -> dict[str, Any]:
@@ -645,6 +645,7 @@ class OkxSimulator:
         out.clear()
         ws.transport.write(data)
         if ws.transport.get_write_buffer_size() > self.config.max_send_buffer:
+            self._slow_closes += 1
             self._unsubscribe(conn, tuple(conn.subs))
             conn.request_close(1008, "slow consumer")
 

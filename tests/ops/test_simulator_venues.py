@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from ingestor import binance_coinm, binance_usdm, okx
 from ingestor.depth import DepthDiff
-from ingestor.venue import Reply, ServerShutdown
+from ingestor.venue import MalformedFrame, Reply, ServerShutdown
 from ops.simulator import Simulator, SimulatorConfig, SimulatorConfigError
 from ops.simulator.depth_faults import parse_depth_faults
 from ops.simulator.okx import OkxSimulator, load_okx_capture
@@ -713,3 +713,29 @@ async def test_okx_tickers_and_the_instruments_it_lists(okx_sims: Callable[..., 
         listed[kind] = [row["instId"] for row in body["data"]]
     assert listed == {"SPOT": ["BTC-USDT"], "SWAP": ["BTC-USDT-SWAP"], "FUTURES": ["BTC-USD-260327"]}
     assert (await http_get(f"{sim.rest_url}/api/v5/public/instruments"))[1]["code"] == "50014"
+
+
+async def test_okx_wire_faults_from_the_control_endpoint(okx_sims: Callable[..., Awaitable[OkxSimulator]]) -> None:
+    sim = await okx_sims(rate=1000, symbols=("BTC-USDT",))
+    async with connect(f"{sim.ws_url}/ws/v5/public") as ws:
+        await ws.send(subscribe([("trades", "BTC-USDT")]))
+        assert orjson.loads(await recv_text(ws))["event"] == "subscribe"
+        assert (await http_get(f"{sim.rest_url}/control/faults?duplicate=1"))[0] == 200
+        texts = [await recv_text(ws) for _ in range(40)]
+        ids = [orjson.loads(t)["data"][0]["tradeId"] for t in texts]
+        pairs = [ids[i] == ids[i + 1] for i in range(len(ids) - 1)]
+        assert sum(pairs) >= 15  # after the switch, every frame twice in a row
+        assert (await http_get(f"{sim.rest_url}/control/faults?duplicate=0&malformed=1"))[0] == 200
+        async with asyncio.timeout(5 * UNIT):
+            while True:
+                text = await recv_text(ws)
+                try:
+                    okx.parse_message(text, now_us())
+                except MalformedFrame:
+                    break
+        status, _ = await http_get(f"{sim.rest_url}/control/close_all?abort=true")
+        assert status == 200
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await recv_text(ws)
+        assert closed.value.rcvd is None  # dropped, no close frame

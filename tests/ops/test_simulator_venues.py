@@ -23,7 +23,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from ingestor import binance_coinm, binance_usdm, okx
-from ingestor.depth import DepthDiff
+from ingestor.depth import DepthDiff, DepthRule
+from ingestor.depth_books import DepthBooks
 from ingestor.venue import MalformedFrame, Reply, ServerShutdown
 from ops.simulator import Simulator, SimulatorConfig, SimulatorConfigError
 from ops.simulator.depth_faults import parse_depth_faults
@@ -739,3 +740,42 @@ async def test_okx_wire_faults_from_the_control_endpoint(okx_sims: Callable[...,
             while True:
                 await recv_text(ws)
         assert closed.value.rcvd is None  # dropped, no close frame
+
+
+@pytest.mark.parametrize("book_checksum", [False, True])
+async def test_the_project_s_okx_books_follow_the_simulator_and_resync_once_on_a_removed_update(
+    okx_sims: Callable[..., Awaitable[OkxSimulator]], book_checksum: bool
+) -> None:
+    """``DepthBooks`` with OKX's rule on the simulator's ``books``: never a resync on the continuous stream, exactly
+    one (``gap``) when an update is removed, and live again from the snapshot of the subscription made anew."""
+    sim = await okx_sims(rate=2000, depth=True, book_checksum=book_checksum, symbols=("BTC-USDT-SWAP",))
+    resyncs: list[tuple[str, str]] = []
+    resubscribe: list[str] = []
+    books = DepthBooks(
+        "okx", ["BTC-USDT-SWAP"], rule=DepthRule.OKX, on_resync=lambda s, r, d: resyncs.append((s, r)),
+        on_resubscribe=lambda s, r: resubscribe.append(s),
+    )
+    applied = 0
+    async with connect(f"{sim.ws_url}/ws/v5/public", max_size=2**24) as ws:
+        await ws.send(subscribe([("books", "BTC-USDT-SWAP")]))
+        async with asyncio.timeout(30 * UNIT):
+            while applied < 60:
+                item = okx.parse_frame_depth(await recv_text(ws), now_us())
+                if not isinstance(item, DepthDiff):
+                    continue
+                books.on_diff(item, now_us())
+                applied += 1
+                if applied == 20:
+                    assert resyncs == [] and books.book("BTC-USDT-SWAP") is not None
+                    sim.set_depth_faults(parse_depth_faults("drop@BTC-USDT-SWAP"))
+                if resubscribe:
+                    resubscribe.clear()
+                    await ws.send(subscribe([("books", "BTC-USDT-SWAP")], op="unsubscribe"))
+                    await ws.send(subscribe([("books", "BTC-USDT-SWAP")]))
+    assert resyncs == [("BTC-USDT-SWAP", "gap")]
+    live = books.book("BTC-USDT-SWAP")
+    assert live is not None
+    bids, asks = live.top(25)
+    assert len(bids) == len(asks) == 25 and Decimal(bids[0][0]) < Decimal(asks[0][0])
+    if book_checksum:
+        assert books.checksums["mismatch"] == 0 and books.checksums["equal"] >= 50

@@ -20,7 +20,8 @@ real one (the ``websockets`` library); :class:`ingestor.memory.MemoryConnector` 
 unit tests.  A link signals its end the way ``websockets`` does, by raising
 :class:`websockets.exceptions.ConnectionClosed`.
 
-What a frame can be (:meth:`Venue.parse_frame`): a tick (``dict``, :mod:`consumer_sdk.core.tick`), a
+What a frame can be (:meth:`Venue.parse_frame`): a tick (``dict``, :mod:`consumer_sdk.core.tick`), a list of
+ticks (a venue whose pushes carry several entries, OKX: in the venue's order, possibly empty), a
 :class:`Reply` to one of our requests, a :class:`ServerShutdown` notice, or ``None`` for an event the
 project does not carry; a frame it cannot read raises :class:`MalformedFrame`.
 """
@@ -102,11 +103,18 @@ class Heartbeat(StrEnum):
 
     ``ws_ping``: WebSocket ping frames.  The library answers the venue's pings at once with the same
     payload and sends ours every ``ping_interval``; no pong within ``ping_timeout`` drops the
-    connection.  A venue that wants an application-level ping (OKX's text ``ping``) adds a member
-    here and the session its keepalive task.
+    connection.
+
+    ``text_ping``: the application's own text ``ping`` (OKX), answered with the text ``pong``.  The
+    session sends it once nothing arrived for the venue's ``keepalive_interval`` seconds (below the
+    venue's own silence limit: OKX closes a connection quiet for 30 s) and drops the connection when
+    nothing, ``pong`` included, arrived within its ``keepalive_timeout`` after (``no_pong``); the
+    decisions are :class:`ingestor.okx.TextKeepalive`'s.  WebSocket pings are not sent on such a
+    connection (the venue's own are still answered).
     """
 
     WS_PING = "ws_ping"
+    TEXT_PING = "text_ping"
 
 
 class Venue(Protocol):
@@ -137,7 +145,7 @@ class Venue(Protocol):
     def unsubscribe_requests(self, streams: Sequence[str], first_id: int, per_request: int) -> list[VenueRequest]:
         """Messages giving ``streams`` up, as :meth:`subscribe_requests`."""
 
-    def parse_frame(self, raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerShutdown | None:
+    def parse_frame(self, raw: str | bytes, ts_recv: int) -> Tick | list[Tick] | Reply | ServerShutdown | None:
         """One frame received at ``ts_recv`` (µs) -> what it is (see the module doc); raises
         :class:`MalformedFrame`.  Called once per frame on the hot path: keep it a plain function."""
 

@@ -405,9 +405,7 @@ class VenueSession:
         if self._max_ops:
             link.ops = RateWindow(self._max_ops, 3600.0)
         if text_ping:
-            link.keepalive = asyncio.get_running_loop().create_task(
-                self._keepalive(link), name=f"keepalive-{link.conn_id}"
-            )
+            link.keepalive = tg.create_task(self._keepalive(link), name=f"keepalive-{link.conn_id}")
         self._links.add(link)
         self.connects += 1
         if not rotating:

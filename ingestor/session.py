@@ -207,7 +207,8 @@ class VenueSession:
         self.subscribe_errors = 0
         #: text pings sent (``text_ping`` venues)
         self.pings_sent = 0
-        #: the venue's error answers by code (``{"event": "error"}``: OKX), counted in ``subscribe_errors`` too
+        #: the venue's error answers by code (``{"event": "error"}``: OKX); in ``subscribe_errors`` too but for
+        #: an unsubscribe's
         self.venue_errors: dict[str, int] = {}
         self._classify_error = getattr(venue, "classify_error", None)
         self._max_ops = getattr(venue, "max_ops_per_hour", None)
@@ -582,7 +583,6 @@ class VenueSession:
     def _on_error(self, link: _Link, rid: int | None, reply: Reply) -> None:
         """The venue's error answer: counted and logged with the request it answers; the streams it refused asked
         again unless the venue says that cannot help."""
-        self.subscribe_errors += 1
         error = reply.error
         code = str(error.get("code")) if isinstance(error, dict) else "error"
         self.venue_errors[code[:20]] = self.venue_errors.get(code[:20], 0) + 1
@@ -590,6 +590,8 @@ class VenueSession:
         fatal = failure is not None and failure.fatal
         request = link.requests.pop(rid, None) if rid is not None else None
         subscribing = rid is not None and rid in link.pending
+        if subscribing or rid is None or rid not in link.unsubscribing:
+            self.subscribe_errors += 1  # an unsubscribe refused is only logged, as before
         streams = link.pending.pop(rid, []) if rid is not None and subscribing else []
         if rid is not None and not subscribing:
             streams = link.unsubscribing.pop(rid, [])

@@ -3,12 +3,19 @@
 :class:`Venue` is everything venue-specific the session and the pipeline need, as pure calls: the
 URL path of its WebSocket endpoint, its stream names, the messages that subscribe and unsubscribe
 them, how its connections are kept alive, how one frame becomes a tick, and the REST calls that
-backfill a gap or fetch a snapshot.  Implemented: :class:`ingestor.binance.BinanceSpot`,
+backfill a gap or fetch a snapshot.  Implemented: :class:`ingestor.binance.BinanceSpot`, :class:`ingestor.okx.OkxV5`,
 :class:`ingestor.binance_usdm.BinanceUsdm` (one per routed path, ``/public`` and ``/market``) and
 :class:`ingestor.binance_coinm.BinanceCoinm`; :mod:`ingestor.venues` names them (``binance``, ``binance_usdm``,
 ``binance_coinm``) with what the ingestor needs of a venue as a whole (hosts, channels, which connection carries
 which channel, the rule its order books follow).  Another venue is one more class with these members and one
 more profile there; the session, the pipeline, the sequencer, the repair and the writer stay as they are.
+
+Optional members, read with ``getattr`` (a venue without them has none of these needs): ``classify_error``
+(a :class:`Reply` carrying an error -> an :class:`ingestor.lifecycle.Failure`, ``fatal`` when asking again cannot
+help: the session then does not), ``max_connects_per_s`` (new connections a second across the process),
+``max_ops_per_hour`` (subscribe requests an hour per connection) and ``backfill_ticks(channel, body, symbol,
+ts_recv, from_id)`` (the answer to :meth:`Venue.backfill_call` -> ticks, oldest first, for a venue whose answer is
+not Binance's list of rows).  :class:`ingestor.okx.OkxV5` has them all.
 
 A venue that keeps order books (channel ``depth``) has one more member, ``parse_frame_depth``: as
 ``parse_frame``, and a ``depthUpdate`` -> an :class:`ingestor.depth.DepthDiff` (the pipeline asks for it only

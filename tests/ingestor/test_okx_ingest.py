@@ -353,3 +353,10 @@ async def test_an_error_answer_is_counted_and_retried_when_retryable_not_when_no
         asked = [a["instId"] for m in requests() for a in orjson.loads(m)["args"]]
         assert asked == ["BTC-USDT", "ETH-USDT", "NOPE-USDT", "ETH-USDT"]
         assert session.subscribe_errors == 2 and session.reconnects == 0
+
+
+def test_an_okx_ingestor_refuses_a_symbol_that_is_not_an_instrument_id() -> None:
+    with pytest.raises(ConfigError, match="invalid symbol 'BTCUSDT' for okx: expected an OKX instrument id"):
+        Ingestor(IngestSettings(venue="okx", symbols=("BTC-USDT", "BTCUSDT"), channels=("trade",), spill_dir=""))
+    with pytest.raises(ConfigError, match="'depth' is not available on okx"):
+        Ingestor(IngestSettings(venue="okx", symbols=("BTC-USDT",), channels=("depth",), spill_dir=""))

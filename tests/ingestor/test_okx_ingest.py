@@ -360,3 +360,43 @@ def test_an_okx_ingestor_refuses_a_symbol_that_is_not_an_instrument_id() -> None
         Ingestor(IngestSettings(venue="okx", symbols=("BTC-USDT", "BTCUSDT"), channels=("trade",), spill_dir=""))
     with pytest.raises(ConfigError, match="'depth' is not available on okx"):
         Ingestor(IngestSettings(venue="okx", symbols=("BTC-USDT",), channels=("depth",), spill_dir=""))
+
+
+# -- pure parts: several ticks in one frame, the rate windows ------------------------------------------------------
+
+
+def test_a_gap_in_the_middle_of_a_push_stops_there_and_the_rest_of_the_push_follows() -> None:
+    from ingestor.pipeline import BadFrame, GapFound, IngestPipeline
+
+    pipe = IngestPipeline(OKX_V5, Sequencer())
+    carried = {"BTC-USDT": {"trade"}}
+    frames = [trade_push(1, 2, 5, 6), trade_push(7), trade_push(8, 2**41, 9)]
+    out = pipe.process(10, frames, 0, carried)
+    assert [t["seq"] for t in out.ticks] == [1, 2]
+    assert type(out.event) is GapFound and out.event.tick["seq"] == 5 and out.resume == 1
+    assert (out.event.gap.first, out.event.gap.last) == (3, 4)
+    out = pipe.process(10, frames, out.resume, carried)  # 6 (the rest of the first push), then 7 and 8
+    assert [t["seq"] for t in out.ticks] == [6, 7, 8]
+    assert type(out.event) is BadFrame and out.event.kind == "id_jump" and out.resume == 3
+    out = pipe.process(10, frames, out.resume, carried)  # 9: the rest of the push after the refused id
+    assert [t["seq"] for t in out.ticks] == [9] and out.event is None and out.resume == 3
+    assert (pipe.frames, pipe.ticks, pipe.refused) == (3, 7, {"id_jump": 1})  # 1, 2, 5..9
+    # a push of a stream not subscribed is refused whole, once
+    out = pipe.process(11, [trade_push(10, 11)], 0, {"BTC-USDT": {"book_ticker"}})
+    assert out.ticks == [] and type(out.event) is BadFrame and out.event.kind == "unsubscribed"
+    assert pipe.process(11, [trade_push(10, 11)], 1, carried).ticks == [], "nothing of it left over"
+
+
+def test_rate_windows_space_actions_under_the_limit() -> None:
+    from ingestor.lifecycle import RateWindow
+
+    connects = RateWindow(3, 1.0)
+    assert [connects.reserve(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert connects.reserve(0.1) == pytest.approx(0.9)  # the fourth in a second waits for the first's second to end
+    assert connects.reserve(0.2) == pytest.approx(0.8)
+    assert connects.reserve(5.0) == 0.0
+    ops = RateWindow(480, 3600.0)
+    waits = [ops.reserve(float(i)) for i in range(481)]
+    assert waits[:480] == [0.0] * 480 and waits[480] == pytest.approx(3600.0 - 480)
+    with pytest.raises(ValueError):
+        RateWindow(0, 1.0)

@@ -516,7 +516,7 @@ class StreamWriter(StreamSink):
             from_spill = 0
             if self._buf and not self._one_at_a_time and await self._windowed():
                 rest, refusal = await self._pump()
-                if rest:
+                if rest or refusal is not None:
                     # A flush was refused or the connection lost: what is not settled goes back to the
                     # front of the buffer (it is older than all there) and is written again one flush at a
                     # time, with backoff, until one goes through.
@@ -628,12 +628,16 @@ class StreamWriter(StreamSink):
         Returns ``([], None)`` once memory is empty and every flush acknowledged.  After a refusal or a lost
         connection it sends nothing more, settles every flush in flight (in order), and returns what is left
         of them, in order, with the first refusal (None when only dead-lettered ticks stopped a stream)."""
-        if self._sha is None:
-            self._sha = str(await self._redis.script_load(APPEND_SCRIPT))
-        conn = self._conn
-        if conn is None:
-            # the pool's (closing the client closes it); held by this writer until its task stops
-            conn = self._conn = await self._redis.connection_pool.get_connection()
+        try:
+            if self._sha is None:
+                self._sha = str(await self._redis.script_load(APPEND_SCRIPT))
+            conn = self._conn
+            if conn is None:
+                # the pool's (closing the client closes it); held by this writer until its task stops
+                conn = self._conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        except (RedisError, OSError) as exc:
+            reraise_if_cancelling()
+            return [], (classify_error(exc), error_text(exc))
         window = self._window
         to_read: deque[_Flush] = deque()
         after: dict[str, int] = {}
@@ -648,13 +652,14 @@ class StreamWriter(StreamSink):
                 self._ready.clear()
                 progressed = False
                 while window and window[0].replies is not None:
-                    f = window.popleft()
+                    f = window[0]
                     progressed = True
                     for key in f.groups:
                         if owner.get(key) is f:
                             del owner[key], after[key]
                     replies = f.replies
                     if isinstance(replies, BaseException):  # no answer: the outcome is unknown, all of it again
+                        window.popleft()
                         rest += f.ticks
                         failed = True
                         if refusal is None:
@@ -670,6 +675,7 @@ class StreamWriter(StreamSink):
                             results += [r[3 * i : 3 * i + 3] for i in range(len(keys))]
                     short = self._shortfalls(f.waits, replies[len(f.calls) :])
                     _, _, left, why = await self._account(f.ticks, f.groups, results, short)
+                    window.popleft()
                     if left:
                         rest += left
                         failed = True
@@ -702,9 +708,16 @@ class StreamWriter(StreamSink):
                     return [], None
                 if not progressed:
                     await self._ready.wait()
+        except (RedisError, OSError) as exc:
+            # Settling a refusal met an error of its own (writing the dead-letter stream): the flush being
+            # settled and all after it are written again (what Redis took of them is skipped then).
+            reraise_if_cancelling()
+            rest += [t for f in window for t in f.ticks]
+            window.clear()
+            return rest, (classify_error(exc), error_text(exc))
         finally:
             reader.cancel()
-            if window or to_read:  # stopped with replies unread: the connection is out of step, drop it
+            if to_read:  # stopped with replies unread: the connection is out of step, drop it
                 await conn.disconnect(nowait=True)
 
     def _encode_flush(self, ticks: list[Tick], after: dict[str, int]) -> _Flush:

@@ -3,12 +3,24 @@
 """The Redis Streams writer: batched, idempotent, capped appends.
 
 One task owns the writer.  Ticks are handed over with :meth:`StreamWriter.submit`
-(synchronous, no await); the task flushes whatever is buffered as soon as the
-previous flush returned, so batches grow with load and a lone tick is not held
-back.  A flush groups the batch by stream, one argument per stream, and runs the
-server-side script (``append.lua``) once for all of them on a standalone Redis, or
-once per hash slot on a Redis Cluster (no call spans two slots), all pipelined in
-one round trip.  With ``replica_acks`` (0 by default: off), a ``WAIT replica_acks replica_wait_ms`` follows
+(synchronous, no await).  A flush groups what is buffered by stream (only the streams
+that have ticks), one section per stream, and runs the server-side script (``append.lua``)
+once for all of them on a standalone Redis, or once per hash slot on a Redis Cluster (no
+call spans two slots), all pipelined in one round trip.
+
+On a standalone Redis up to ``window`` flushes (4 by default) are in flight at once on the
+writer's own connection: a flush is sent as soon as there are ticks and room in the window,
+without waiting for the reply of the one before, and a second task reads the replies in order
+(Redis runs a connection's commands in the order sent).  A tick so waits for its own round
+trip, not for the one in progress too; under load the window fills and batches grow.  Each
+stream's section names the seq of that stream's last tick in a flush still in flight, and the
+script refuses the section whole (``ORDER``) unless the stream holds it: when a flush is
+refused (``OOM``, ``NOSCRIPT``, ``READONLY`` ...) the flushes behind it store nothing of the
+streams it held, so the duplicate rule can never skip its ticks for good.  After a refusal or a
+lost connection nothing more is sent; every flush in flight is settled in order, what is left
+goes back to the front of the buffer, in order, and is written one flush at a time (with
+backoff) until one goes through.  On a Redis Cluster, or with ``window=1``, one flush is in
+flight at a time, the next taking whatever was buffered meanwhile.  With ``replica_acks`` (0 by default: off), a ``WAIT replica_acks replica_wait_ms`` follows
 each node's calls in the same round trip, and a batch a node could not replicate in time is held and written
 again (what the master took comes back as duplicates) until it has: what a failover can lose is then only what
 was never acknowledged.
@@ -351,7 +363,10 @@ class _Flush:
 
 
 class StreamWriter(StreamSink):
-    """Owns a bounded buffer of ticks and the task that appends them to Redis (a :class:`StreamSink`)."""
+    """Owns a bounded buffer of ticks and the task that appends them to Redis (a :class:`StreamSink`).
+
+    ``window``: flushes in flight at once on the writer's own connection to a standalone Redis (1: one at a
+    time, as on a Redis Cluster).  :meth:`append` is one flush, awaited; :meth:`run` is the task."""
 
     def __init__(
         self,

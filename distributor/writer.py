@@ -22,10 +22,11 @@ goes back to the front of the buffer, in order, and is written one flush at a ti
 backoff) until one goes through.  On a Redis Cluster, or with ``window=1``, one flush is in
 flight at a time, the next taking whatever was buffered meanwhile.
 
-With ``replica_acks`` (0 by default: off), a ``WAIT replica_acks replica_wait_ms`` follows
-each node's calls in the same round trip (in the window: each flush's calls), and a batch a node could not replicate in time is held and written
-again (what the master took comes back as duplicates) until it has: what a failover can lose is then only what
-was never acknowledged.
+With ``replica_acks`` (0 by default: off), a ``WAIT replica_acks replica_wait_ms``
+follows each node's calls in the same round trip (in the window: each flush's calls), and a
+batch a node could not replicate in time is held and written again (what the master took
+comes back as duplicates) until it has: what a failover can lose is then only what was never
+acknowledged.
 
 The script skips any tick whose ``seq`` the stream already holds, so a retried
 batch, a replay or a second ingestor never stores a tick twice.  An error reply

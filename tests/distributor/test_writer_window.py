@@ -17,7 +17,7 @@ from redis.backoff import NoBackoff
 
 from consumer_sdk.core.tick import Tick
 from distributor.writer import APPEND_SCRIPT, StreamWriter
-from ops.redis_server import RedisServer, restart
+from ops.redis_server import RedisServer, restart, start_redis
 from tests.distributor.test_writer import T0_MS, UNIT, entries, key_of, make_tick, ms_of, stored_seqs
 
 SYMBOLS = ("AAAUSDT", "BBBUSDT", "CCCUSDT")
@@ -235,3 +235,63 @@ async def test_restart_with_flushes_in_flight(private_redis: RedisServer) -> Non
     finally:
         await client.aclose()
         await admin.aclose()
+
+
+async def test_replica_acks_in_the_window_hold_a_flush_until_a_replica_has_it(private_redis: RedisServer) -> None:
+    """``WAIT`` follows each flush of the window; a flush the replica did not get in time is held and written again
+    (its ticks come back as duplicates) until it did: the replica then holds every tick once, in order."""
+    with start_redis() as replica_server:
+        client, admin = client_of(private_redis, "writer"), client_of(private_redis, "admin")
+        replica = client_of(replica_server, "replica")
+        writer = StreamWriter(client, prefix=PREFIX, window=4, replica_acks=1, replica_wait_ms=50)
+        before, during = interleaved(1, 40), interleaved(41, 80)
+
+        async def replicas() -> int:
+            return int((await admin.info("replication"))["connected_slaves"])
+
+        async def linked() -> bool:
+            return (await replica.info("replication")).get("master_link_status") == "up"
+
+        async def caught_up(n: int) -> bool:
+            return all([await replica.xlen(key_of(PREFIX, t)) == n for t in before[: len(SYMBOLS)]])
+
+        try:
+            await admin.config_set("repl-diskless-sync-delay", 0)
+            await replica.execute_command("REPLICAOF", "127.0.0.1", private_redis.port)
+            async with asyncio.timeout(10 * UNIT):
+                while not await linked():
+                    await asyncio.sleep(UNIT / 50)  # poll the replica's link
+            async with asyncio.TaskGroup() as tg:
+                task = tg.create_task(writer.run())
+                for i in range(0, len(before), 30):
+                    assert writer.submit(before[i : i + 30])
+                    await asyncio.sleep(0)  # several flushes in the window
+                async with asyncio.timeout(5 * UNIT):
+                    await writer.drain()
+                assert writer.replica_shortfalls == 0 and await caught_up(40)
+
+                await replica.execute_command("REPLICAOF", "NO", "ONE")
+                async with asyncio.timeout(10 * UNIT):
+                    while await replicas() > 0:
+                        await asyncio.sleep(UNIT / 50)  # poll
+                for i in range(0, len(during), 30):
+                    assert writer.submit(during[i : i + 30])
+                    await asyncio.sleep(0)
+                await wait_for(lambda: writer.failing == "noreplicas" and writer.errors >= 2, 10 * UNIT, "held")
+                assert not writer._idle.is_set()  # not acknowledged: drain() waits
+                await replica.execute_command("REPLICAOF", "127.0.0.1", private_redis.port)
+                async with asyncio.timeout(20 * UNIT):
+                    await writer.drain()
+                assert not task.done()
+                task.cancel()
+            await assert_each_once_in_order(admin, before + during)
+            async with asyncio.timeout(10 * UNIT):
+                while not await caught_up(80):
+                    await asyncio.sleep(UNIT / 50)  # poll the replica
+            got = await entries(replica, key_of(PREFIX, during[0]))
+            assert [t for _, t in got] == [t for t in before + during if t["symbol"] == during[0]["symbol"]]
+            assert writer.replica_shortfalls >= 1 and writer.duplicates >= 1
+        finally:
+            await client.aclose()
+            await admin.aclose()
+            await replica.aclose()

@@ -395,6 +395,7 @@ class StreamWriter(StreamSink):
         self.window = window
         self._conn: Any = None  # that connection, made on first use
         self._window: deque[_Flush] = deque()  # the flushes in flight, oldest first
+        self._held: list[Tick] = []  # after a failure in the window: what the flushes settled so far left
         self._sent = asyncio.Event()
         self._one_at_a_time = False  # after a failure in the window, until a flush goes through
         #: ``WAIT replica_acks replica_wait_ms`` after each node's script calls, in the same round trip (0: none)
@@ -534,6 +535,7 @@ class StreamWriter(StreamSink):
             from_spill = 0
             if self._buf and not self._one_at_a_time and await self._windowed():
                 rest, refusal = await self._pump()
+                self._held = []  # now in ``rest``
                 if rest or refusal is not None:
                     # A flush was refused or the connection lost: what is not settled goes back to the
                     # front of the buffer (it is older than all there) and is written again one flush at a
@@ -617,9 +619,10 @@ class StreamWriter(StreamSink):
         While the spill log holds records these ticks are all older than them (the log takes every
         tick once it started). A batch in flight that came from the log is left out: it is still there.
         """
-        batch = [t for f in self._window for t in f.ticks]
+        batch = self._held + [t for f in self._window for t in f.ticks]
         batch += ([] if self._inflight_from_spill else self._inflight) + list(self._buf)
         self._window.clear()
+        self._held = []
         self._inflight = []
         self._inflight_from_spill = False
         self._buf.clear()
@@ -660,7 +663,7 @@ class StreamWriter(StreamSink):
         to_read: deque[_Flush] = deque()
         after: dict[str, int] = {}
         owner: dict[str, _Flush] = {}
-        rest: list[Tick] = []
+        rest = self._held = []  # what settled flushes left, in order (take_all sees it if the task stops)
         refusal: tuple[ErrorClass, str] | None = None
         failed = False
         loop = asyncio.get_running_loop()

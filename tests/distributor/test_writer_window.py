@@ -9,6 +9,7 @@ fault lands.  Every test ends with each stream holding each tick once, in seq or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
@@ -295,3 +296,30 @@ async def test_replica_acks_in_the_window_hold_a_flush_until_a_replica_has_it(pr
             await client.aclose()
             await admin.aclose()
             await replica.aclose()
+
+
+async def test_take_all_after_the_task_stops_mid_window_returns_every_unacknowledged_tick(
+    private_redis: RedisServer,
+) -> None:
+    client, admin = client_of(private_redis, "writer"), client_of(private_redis, "admin")
+    writer = StreamWriter(client, prefix=PREFIX, window=4)
+    batches = [interleaved(i, i + 9) for i in range(1, 51, 10)]
+    try:
+        task = asyncio.create_task(writer.run())
+        assert writer.submit(interleaved(0, 0))
+        async with asyncio.timeout(5 * UNIT):
+            await writer.drain()
+        await admin.execute_command("CLIENT", "PAUSE", int(5000 * UNIT), "WRITE")
+        await fill_window(writer, batches[:4])
+        assert writer.submit(batches[4])  # the window is full: this one waits in the buffer
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        held = writer.take_all()
+        assert held == [t for b in batches for t in b]
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await writer.append(held)  # the final flush of a stopping ingestor
+        await assert_each_once_in_order(admin, interleaved(0, 0) + held)
+    finally:
+        await client.aclose()
+        await admin.aclose()

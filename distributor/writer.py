@@ -396,6 +396,7 @@ class StreamWriter(StreamSink):
         self._conn: Any = None  # that connection, made on first use
         self._window: deque[_Flush] = deque()  # the flushes in flight, oldest first
         self._held: list[Tick] = []  # after a failure in the window: what the flushes settled so far left
+        self._lost = False  # the window's connection failed: nothing more is sent on it until it is made again
         self._sent = asyncio.Event()
         self._one_at_a_time = False  # after a failure in the window, until a flush goes through
         #: ``WAIT replica_acks replica_wait_ms`` after each node's script calls, in the same round trip (0: none)
@@ -656,6 +657,8 @@ class StreamWriter(StreamSink):
             if conn is None:
                 # the pool's (closing the client closes it); held by this writer until its task stops
                 conn = self._conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            if not conn.is_connected:
+                await conn.connect()
         except (RedisError, OSError) as exc:
             reraise_if_cancelling()
             return [], (classify_error(exc), error_text(exc))
@@ -666,6 +669,7 @@ class StreamWriter(StreamSink):
         rest = self._held = []  # what settled flushes left, in order (take_all sees it if the task stops)
         refusal: tuple[ErrorClass, str] | None = None
         failed = False
+        self._lost = False
         loop = asyncio.get_running_loop()
         reader = asyncio.create_task(self._receive(conn, to_read))
         try:
@@ -715,11 +719,15 @@ class StreamWriter(StreamSink):
                     window.append(f)
                     f.sent = loop.time()
                     try:
+                        if self._lost or not conn.is_connected:
+                            # never on a new connection: the replies of the flushes before would be read there
+                            raise ConnectionError("the writer's connection was lost")
                         await conn.send_packed_command(f.packed, check_health=False)
                     except (RedisError, OSError) as exc:
                         reraise_if_cancelling()
                         f.packed = b""
                         f.replies = exc  # perhaps partly sent: its outcome is unknown too
+                        failed = True
                         continue
                     f.packed = b""
                     to_read.append(f)
@@ -738,7 +746,7 @@ class StreamWriter(StreamSink):
             return rest, (classify_error(exc), error_text(exc))
         finally:
             reader.cancel()
-            if to_read:  # stopped with replies unread: the connection is out of step, drop it
+            if to_read or self._lost:  # replies unread, or perhaps on their way: out of step, drop it
                 await conn.disconnect(nowait=True)
 
     def _encode_flush(self, ticks: list[Tick], after: dict[str, int]) -> _Flush:
@@ -777,6 +785,7 @@ class StreamWriter(StreamSink):
                     replies.append(r)
             except (RedisError, OSError) as exc:
                 reraise_if_cancelling()
+                self._lost = True
                 await conn.disconnect(nowait=True)
                 for g in to_read:
                     g.replies = exc

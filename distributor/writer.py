@@ -783,7 +783,7 @@ class StreamWriter(StreamSink):
                     except ResponseError as exc:
                         r = exc
                     replies.append(r)
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # lost, timed out, or a reply it cannot parse: all in flight are unanswered
                 reraise_if_cancelling()
                 self._lost = True
                 await conn.disconnect(nowait=True)

@@ -51,7 +51,7 @@ __all__ = [
 DEFAULT_WS_URL: Final = "wss://stream.binance.com:9443"
 BINANCE_REST: Final = "https://api.binance.com"
 SUBSCRIBER_POLICIES: Final = tuple(p.value for p in SubscriberPolicy)
-_SYMBOL = re.compile(r"^[A-Z0-9_\-]{1,40}$")
+_SYMBOL = re.compile(r"^[A-Z0-9_]{1,40}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -668,7 +668,7 @@ def _settings(flags: Mapping[str, Any], env: Mapping[str, str], toml: Mapping[st
     symbols = tuple(dict.fromkeys(s.upper() for s in _csv(merged.get("symbols", "BTCUSDT,ETHUSDT"), "symbols")))
     for s in symbols:
         if not _SYMBOL.match(s):
-            raise ConfigError(f"invalid symbol {s!r}: expected letters, digits, _ and - only")
+            raise ConfigError(f"invalid symbol {s!r}: expected letters, digits and _ only")
     channels = _csv(merged.get("channels", "trade"), "channels")
     depth = _depth(toml.get("depth"))
     profile.check_channels(channels, depth.speed_ms)

@@ -137,7 +137,7 @@ def _every_key(node: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, .
     elif isinstance(node, _Either):
         out += _every_key(node.table, path)
     elif isinstance(node, _Names):
-        out += _every_key(node.value, (*path, "trade"))
+        out += _every_key(node.value, (*path, "binance" if node.what == "venue" else "trade"))
     return out
 
 
@@ -148,7 +148,7 @@ def test_the_schema_lists_every_table_the_readers_read() -> None:
     tables = {p for p, _, _ in EVERY_KEY if p}
     assert {p[0] for p in tables} == {
         "queue", "writer", "retention", "session", "repair", "subscribers", "streams", "spill", "shutdown", "depth",
-        "shards",
+        "shards", "venues",
     }
     assert ("retention", "channels", "trade") in tables
     assert ("session", "stale_after") not in tables  # its keys are channels, checked as such

@@ -238,6 +238,6 @@ def test_a_venue_profile_that_lands_is_known_by_name(tmp_path: Path, monkeypatch
     """Nothing names a venue but :data:`ingestor.venues.VENUES`: a profile added there is a table name at once."""
     profile = dataclasses.replace(venue_profiles.VENUES["binance_coinm"], name="venue_x", ws_url="wss://x.example")
     monkeypatch.setitem(venue_profiles.VENUES, "venue_x", profile)  # type: ignore[arg-type]
-    spot, other = load('[venues.binance]\nsymbols = ["BTCUSDT"]\n[venues.venue_x]\nsymbols = ["BTCUSD_PERP"]\n'
-                       'channels = ["agg_trade"]\n', tmp_path)
+    _, other = load('[venues.binance]\nsymbols = ["BTCUSDT"]\n[venues.venue_x]\nsymbols = ["BTCUSD_PERP"]\n'
+                    'channels = ["agg_trade"]\n', tmp_path)
     assert (other.venue, other.url, other.symbols) == ("venue_x", "wss://x.example", ("BTCUSD_PERP",))

@@ -9,11 +9,12 @@ names the venue), all sharing the process's Redis client, its one metrics port
 (``market ctl pause okx:*:*`` reaches the ingestor whose venue the pattern names).
 
 A venue's failures stay its own.  A lost connection is its session's to retry, as with one venue.  An ingestor
-that ends with an error after it started is logged (``venue_failed``) and replaced by a fresh one built from the
-same settings after a capped, jittered backoff, while the other venues go on; like any start, the new one
-continues each stream after the newest seq Redis (or its spill log) holds and repairs the hole from the venue.
-An error before a venue first started (a spill directory in use, Redis refusing at start) stops the process, as
-it does with one venue.
+that ends with an error once it has been live (a connection of it was) is logged (``venue_failed``) and replaced by
+a fresh one built from the same settings after a capped, jittered backoff, while the other venues go on; like any
+start, the new one continues each stream after the newest seq Redis (or its spill log) holds and repairs the hole
+from the venue (what the failed one held in memory is not saved: its last ticks are that hole).  An error before
+a venue was first live (a spill directory in use, Redis refusing at start, the venue refusing the URL) stops the
+process, as it does with one venue: a configuration to fix, not a fault to ride out.
 
 A stop (cancellation: SIGTERM, Ctrl-C) reaches every venue at once; each saves what it holds within its
 ``[shutdown]`` budget, and :attr:`VenueRunner.stop_reports` holds each venue's :class:`~ingestor.service.StopReport`.
@@ -115,7 +116,8 @@ class VenueRunner:
 
     async def run(self) -> None:
         """Run every venue until cancelled; each venue's stop report lands in :attr:`stop_reports`.  An error a
-        venue meets before it first started ends the run (the other venues stop, saving what they hold)."""
+        venue meets before it was first live ends the run, raised as it is (the other venues stop, saving what
+        they hold)."""
         try:
             async with asyncio.TaskGroup() as tg:
                 for venue in self.settings:
@@ -132,7 +134,7 @@ class VenueRunner:
         self.started.set()
 
     async def _keep(self, venue: str) -> None:
-        """Run ``venue``'s ingestor; after it started once, replace it whenever it fails."""
+        """Run ``venue``'s ingestor; once it has been live, replace it whenever it fails."""
         backoff = Backoff(base=self._restart_base_s, cap=self._restart_cap_s)
         ever_started = False
         while True:
@@ -145,7 +147,7 @@ class VenueRunner:
                     self.stop_reports[venue] = ingestor.stop_report
                 raise
             except Exception as exc:
-                ever_started = ever_started or ingestor.started.is_set()
+                ever_started = ever_started or any(s.been_live for s in ingestor.sessions)
                 if not ever_started or len(self.settings) == 1:
                     raise
                 error = _describe(exc)

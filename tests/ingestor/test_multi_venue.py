@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 
+from consumer_sdk.core.errors import ConfigError
 from consumer_sdk.core.keys import heartbeat_set_key, parse_entry_id
+from ingestor import multi
 from ingestor.config import load_venues
 from ingestor.control_plane import update_state
 from ingestor.metrics import VenuesCollector
 from ingestor.multi import VenueRunner
+from ingestor.service import Ingestor
 from ops.ctl import _target
 from ops.redis_server import free_port
 from ops.status import collect, evaluate
@@ -53,6 +58,8 @@ class TradeVenue:
         self.connections: set[ServerConnection] = set()
         self.accepted = 0
         self.refusing = False
+        #: answer every handshake with HTTP 404 (a wrong URL)
+        self.not_found = False
         self._server: Server | None = None
         self.port = 0
 
@@ -61,7 +68,7 @@ class TradeVenue:
         return f"ws://127.0.0.1:{self.port}"
 
     async def start(self) -> TradeVenue:
-        self._server = await serve(self._handle, "127.0.0.1", self.port)
+        self._server = await serve(self._handle, "127.0.0.1", self.port, process_request=self._process)
         self.port = self._server.sockets[0].getsockname()[1] if self.port == 0 else self.port
         return self
 
@@ -81,6 +88,9 @@ class TradeVenue:
 
     def revive(self) -> None:
         self.refusing = False
+
+    def _process(self, conn: ServerConnection, request: Request) -> Response | None:
+        return conn.respond(HTTPStatus.NOT_FOUND, "no such path\n") if self.not_found else None
 
     def _frame(self, stream: str) -> bytes:
         symbol = stream.split("@", 1)[0].upper()
@@ -266,6 +276,77 @@ async def test_two_venues_store_side_by_side_and_one_dead_connection_leaves_the_
     for key in (spot_key, coinm_key):
         stored = await ids(aredis, key)
         assert stored == sorted(set(stored)), f"{key}: stored out of order or twice"
+
+
+class FailsOnceLive(Ingestor):
+    """A defect in binance_coinm's pipeline (an exception no stage handles), the first time it runs: it ends in an
+    error once live and storing.  The only way to reach the runner's replacement path, since every fault of the
+    venue, Redis or the disk is handled inside an ingestor."""
+
+    failed = False
+
+    async def run(self) -> None:
+        if self.settings.venue != "binance_coinm" or FailsOnceLive.failed:
+            return await super().run()
+        FailsOnceLive.failed = True
+        task = asyncio.create_task(super().run())
+
+        async def storing() -> bool:
+            w = self.writer
+            return w is not None and w.snapshot().stats.appended >= 20
+
+        await until(storing, "binance_coinm storing before its defect")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise RuntimeError("a defect")
+
+
+async def test_a_venue_whose_ingestor_fails_is_replaced_while_the_other_stores_on(
+    two_venues: tuple[TradeVenue, TradeVenue], aredis: aioredis.Redis, redis_url: str, prefix: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spot, coinm = two_venues
+    settings = load_venues({}, {"MARKET_REDIS_URL": redis_url}, str(write_config(tmp_path / "m.toml", prefix, spot,
+                                                                                 coinm)))
+    monkeypatch.setattr(multi, "Ingestor", FailsOnceLive)
+    monkeypatch.setattr(FailsOnceLive, "failed", False)
+    spot_key, coinm_key = f"{prefix}:{SPOT_KEY}", f"{prefix}:{COINM_KEY}"
+    runner = VenueRunner(settings, redis=aredis, restart_base_s=0.05, restart_cap_s=0.2)
+    first = runner.ingestors["binance_coinm"]
+    task = asyncio.create_task(runner.run())
+    try:
+        async def replaced() -> bool:
+            return runner.restarts["binance_coinm"] == 1
+
+        await until(replaced, "binance_coinm's ingestor replaced")
+        assert runner.last_error["binance_coinm"] == "RuntimeError: a defect"
+        assert runner.ingestors["binance_coinm"] is not first and first not in runner.running()
+        mark_spot, mark_coinm = int(await aredis.xlen(spot_key)), int(await aredis.xlen(coinm_key))
+        await until(grown(aredis, coinm_key, mark_coinm + 50), "binance_coinm storing again")
+        await until(grown(aredis, spot_key, mark_spot + 50), "binance storing on")
+        assert runner.restarts["binance"] == 0 and not task.done()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert all(r.unsaved == 0 for r in runner.stop_reports.values()), runner.stop_reports
+
+
+async def test_a_venue_refusing_its_url_at_start_stops_the_process(
+    two_venues: tuple[TradeVenue, TradeVenue], aredis: aioredis.Redis, redis_url: str, prefix: str, tmp_path: Path,
+) -> None:
+    """A configuration to fix (the venue answers the handshake with 404 before it was ever live), as with one venue:
+    the run ends with that error, the other venue stopped and flushed."""
+    spot, coinm = two_venues
+    coinm.not_found = True
+    settings = load_venues({}, {"MARKET_REDIS_URL": redis_url}, str(write_config(tmp_path / "m.toml", prefix, spot,
+                                                                                 coinm)))
+    runner = VenueRunner(settings, redis=aredis)
+    with pytest.raises(ConfigError, match="venue refused the connection with HTTP 404"):
+        await asyncio.wait_for(runner.run(), 60)
+    assert runner.restarts == {"binance": 0, "binance_coinm": 0}
+    assert runner.stop_reports["binance"].unsaved == 0
 
 
 async def test_sigterm_flushes_every_venue_and_exits_0(

@@ -241,3 +241,13 @@ def test_a_venue_profile_that_lands_is_known_by_name(tmp_path: Path, monkeypatch
     _, other = load('[venues.binance]\nsymbols = ["BTCUSDT"]\n[venues.venue_x]\nsymbols = ["BTCUSD_PERP"]\n'
                     'channels = ["agg_trade"]\n', tmp_path)
     assert (other.venue, other.url, other.symbols) == ("venue_x", "wss://x.example", ("BTCUSD_PERP",))
+
+
+def test_the_readme_example_loads(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Several venues", 1)[1]
+    example = section.split("```toml", 1)[1].split("```", 1)[0]
+    spot, usdm, coinm = load(example, tmp_path)
+    assert [s.venue for s in (spot, usdm, coinm)] == ["binance", "binance_usdm", "binance_coinm"]
+    assert (usdm.channels, coinm.depth.limit, coinm.url) == (("agg_trade", "mark_price"), 500,
+                                                              "wss://dstream.binance.com")

@@ -42,8 +42,8 @@ from ingestor import multi
 from ingestor.config import load_venues
 from ingestor.control_plane import update_state
 from ingestor.metrics import VenuesCollector
-from ingestor.multi import VenueRunner
-from ingestor.service import Ingestor
+from ingestor.multi import VenueRunner, unsaved_at_stop
+from ingestor.service import Ingestor, StopReport
 from ops.ctl import _target
 from ops.redis_server import free_port
 from ops.status import collect, evaluate
@@ -387,6 +387,15 @@ async def test_sigterm_flushes_every_venue_and_exits_0(
     for key in (spot_key, coinm_key):
         stored = await ids(aredis, key)
         assert len(stored) >= 100 and stored == list(range(stored[0], stored[0] + len(stored))), key
+
+
+def test_the_exit_status_names_every_venues_unsaved_count() -> None:
+    clean, lost = StopReport(10, 0, 0, 0), StopReport(5, 2, 12, 0)
+    assert unsaved_at_stop({"binance": clean, "okx": clean}) is None
+    error = unsaved_at_stop({"binance": clean, "okx": lost})
+    assert error is not None and str(error) == (
+        "stopped with ticks saved neither to Redis nor to the spill log: binance 0 unsaved, okx 12 unsaved"
+    )
 
 
 def test_venue_flag_with_venue_tables_is_one_line_exit_2(tmp_path: Path) -> None:

@@ -14,7 +14,9 @@ a fresh one built from the same settings after a capped, jittered backoff, while
 start, the new one continues each stream after the newest seq Redis (or its spill log) holds and repairs the hole
 from the venue (what the failed one held in memory is not saved: its last ticks are that hole).  An error before
 a venue was first live (a spill directory in use, Redis refusing at start, the venue refusing the URL) stops the
-process, as it does with one venue: a configuration to fix, not a fault to ride out.
+process, as it does with one venue: a configuration to fix, not a fault to ride out.  A replacement attaches the
+configured ``[[subscribers]]`` again; one attached by code (:meth:`~ingestor.service.Ingestor.subscribe`) is the
+attaching code's to attach again to :attr:`VenueRunner.ingestors`' new ingestor.
 
 A stop (cancellation: SIGTERM, Ctrl-C) reaches every venue at once; each saves what it holds within its
 ``[shutdown]`` budget, and :attr:`VenueRunner.stop_reports` holds each venue's :class:`~ingestor.service.StopReport`.
@@ -157,8 +159,9 @@ class VenueRunner:
                 delay = backoff.next_delay()
                 log_event(log, logging.ERROR, "venue_failed", venue=venue, error=error, restart_in_s=round(delay, 3),
                           restarts=self.restarts[venue])
-            else:  # run() returns only when cancelled; a return is a failure like any other
-                ever_started = True
+            else:  # run() ends only when cancelled: with several venues, a return is a failure like any other
+                if len(self.settings) == 1:
+                    return
                 delay = backoff.next_delay()
                 log_event(log, logging.ERROR, "venue_failed", venue=venue, error="stopped by itself",
                           restart_in_s=round(delay, 3), restarts=self.restarts[venue])

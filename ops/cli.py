@@ -185,14 +185,17 @@ def ingest(
         raise SystemExit(1) from None
 
 
-async def _ingest(venues: Any) -> None:
-    """Run the venues' ingestors (:class:`ingestor.multi.VenueRunner`) on one Redis client and one metrics port."""
+async def _ingest(settings: Any) -> None:
+    """Run the venues' ingestors (:class:`ingestor.multi.VenueRunner`) on one Redis client and one metrics port;
+    ``settings``: one venue's :class:`~ingestor.config.IngestSettings` or a sequence of them."""
     from consumer_sdk.core.log import get_logger, log_event
     from consumer_sdk.core.redis import connect_redis
+    from ingestor.config import IngestSettings
     from ingestor.metrics import serve_metrics, serve_venues_metrics
     from ingestor.multi import VenueRunner, stop_summary, unsaved_at_stop
     from ingestor.service import StopReport, UnsavedAtStop
 
+    venues = (settings,) if isinstance(settings, IngestSettings) else tuple(settings)
     first = venues[0]
     redis = await connect_redis(first.redis_url)
     try:

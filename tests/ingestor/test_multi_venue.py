@@ -210,11 +210,22 @@ async def test_two_venues_store_side_by_side_and_one_dead_connection_leaves_the_
     assert [s.venue for s in settings] == ["binance", "binance_coinm"]
     spot_key, coinm_key = f"{prefix}:{SPOT_KEY}", f"{prefix}:{COINM_KEY}"
     runner = VenueRunner(settings, redis=aredis)
+    # A co-located subscriber on each venue's hot path: the ticks of both reach it, each from its own venue.
+    seen: dict[str, set[str]] = {"binance": set(), "binance_coinm": set()}
+    for venue, ingestor in runner.ingestors.items():
+        ingestor.subscribe(lambda t, venue=venue: seen[venue].add(f"{t['venue']}:{t['symbol']}:{t['channel']}"),
+                           "*:*:*", name=f"test-{venue}")
     task = asyncio.create_task(runner.run())
     try:
         await asyncio.wait_for(runner.started.wait(), 30)
         await until(grown(aredis, spot_key, 50), "binance storing")
         await until(grown(aredis, coinm_key, 50), "binance_coinm storing")
+
+        async def both_delivered() -> bool:
+            return len(seen["binance"]) == 2 and len(seen["binance_coinm"]) == 1
+
+        await until(both_delivered, "both venues' ticks on their hot paths")
+        assert seen == {"binance": {SPOT_KEY, "binance:ETHUSDT:trade"}, "binance_coinm": {COINM_KEY}}
         assert {p.name for p in (tmp_path / "spill").iterdir()} == {"binance", "binance_coinm"}
 
         # Heartbeats: one per venue, each id naming its venue; `market status` judges both.

@@ -30,6 +30,7 @@ from ingestor.config import (
     check_toml,
     is_retention_channel,
     load_settings,
+    load_venues,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -286,7 +287,8 @@ def test_the_readmes_examples_load(tmp_path: Path) -> None:
     blocks = re.findall(r"```toml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
     assert blocks
     for block in blocks:
-        load_text(tmp_path, block)
+        (tmp_path / "market.toml").write_text(block)
+        load_venues({}, {}, str(tmp_path / "market.toml"))  # one venue, or [venues.*] tables
 
 
 @pytest.mark.parametrize("name", ["trade", "agg_trade", "book_ticker", "kline_1m", "kline_1M", "kline_*", "*", "k*"])

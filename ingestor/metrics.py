@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -369,10 +369,15 @@ class IngestorCollector(Collector):
 
 class VenuesCollector(Collector):
     """The ingestors of several venues as one exposition (see the module doc).  ``ingestors()`` gives those
-    running now (a venue's ingestor is replaced when it is restarted), read at each scrape."""
+    running now (a venue's ingestor is replaced when it is restarted), read at each scrape; ``restarts()``, when
+    given, how many times each venue's was replaced (``market_venue_restarts``)."""
 
-    def __init__(self, ingestors: Callable[[], Iterable[Snapshotting]]) -> None:
+    def __init__(
+        self, ingestors: Callable[[], Iterable[Snapshotting]],
+        restarts: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
         self._ingestors = ingestors
+        self._restarts = restarts
 
     def collect(self) -> Iterator[Metric]:
         merged: dict[str, Metric] = {}
@@ -390,6 +395,14 @@ class VenuesCollector(Collector):
                         sample = sample._replace(labels={"venue": venue, **sample.labels})
                     into.samples.append(sample)
         yield from merged.values()
+        if self._restarts is not None:
+            restarts = CounterMetricFamily(
+                "market_venue_restarts", "Times a venue's ingestor failed and was replaced by a fresh one",
+                labels=["venue"],
+            )
+            for venue, n in sorted(self._restarts().items()):
+                restarts.add_metric([venue], n)
+            yield restarts
 
 
 def serve_metrics(ingestor: Snapshotting, host: str, port: int) -> CollectorRegistry:
@@ -397,10 +410,13 @@ def serve_metrics(ingestor: Snapshotting, host: str, port: int) -> CollectorRegi
     return _serve(IngestorCollector(ingestor), host, port)
 
 
-def serve_venues_metrics(ingestors: Callable[[], Iterable[Snapshotting]], host: str, port: int) -> CollectorRegistry:
+def serve_venues_metrics(
+    ingestors: Callable[[], Iterable[Snapshotting]], host: str, port: int,
+    restarts: Callable[[], Mapping[str, int]] | None = None,
+) -> CollectorRegistry:
     """Start one exporter thread for several venues' ingestors (:class:`VenuesCollector`); a port in use is a
     :class:`ConfigError`."""
-    return _serve(VenuesCollector(ingestors), host, port)
+    return _serve(VenuesCollector(ingestors, restarts), host, port)
 
 
 def _serve(collector: Collector, host: str, port: int) -> CollectorRegistry:

@@ -204,7 +204,9 @@ async def _ingest(settings: Any) -> None:
             if len(venues) == 1:
                 serve_metrics(runner.ingestors[first.venue], first.metrics_host, first.metrics_port)
             else:
-                serve_venues_metrics(runner.running, first.metrics_host, first.metrics_port)
+                serve_venues_metrics(
+                    runner.running, first.metrics_host, first.metrics_port, restarts=lambda: dict(runner.restarts)
+                )
         try:
             await runner.run()
         except asyncio.CancelledError:

@@ -242,12 +242,14 @@ async def test_two_venues_store_side_by_side_and_one_dead_connection_leaves_the_
 
         # One exposition: each venue's families labelled by venue, the process-wide ones once.
         registry = CollectorRegistry()
-        registry.register(VenuesCollector(runner.running))
+        registry.register(VenuesCollector(runner.running, lambda: dict(runner.restarts)))
         families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
         published = {(s.labels["venue"], s.labels["channel"]): s.value for s in families["market_published"].samples}
         assert published[("binance", "trade")] > 0 and published[("binance_coinm", "agg_trade")] > 0
         assert {s.labels["venue"] for s in families["market_ingress_len"].samples} == {"binance", "binance_coinm"}
         assert [s.labels for s in families["market_threads"].samples] == [{}]
+        assert {s.labels["venue"]: s.value for s in families["market_venue_restarts"].samples
+                if s.name.endswith("_total")} == {"binance": 0, "binance_coinm": 0}
 
         # binance's connection killed at the socket, and refused while down: binance_coinm keeps storing.
         assert spot.kill() >= 1

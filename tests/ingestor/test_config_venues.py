@@ -247,7 +247,8 @@ def test_the_readme_example_loads(tmp_path: Path) -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("### Several venues", 1)[1]
     example = section.split("```toml", 1)[1].split("```", 1)[0]
-    spot, usdm, coinm = load(example, tmp_path)
-    assert [s.venue for s in (spot, usdm, coinm)] == ["binance", "binance_usdm", "binance_coinm"]
-    assert (usdm.channels, coinm.depth.limit, coinm.url) == (("agg_trade", "mark_price"), 500,
-                                                              "wss://dstream.binance.com")
+    spot, usdm, okx = load(example, tmp_path)
+    assert [s.venue for s in (spot, usdm, okx)] == ["binance", "binance_usdm", "okx"]
+    assert (usdm.channels, usdm.depth.limit, spot.depth.limit) == (("agg_trade", "mark_price"), 500, 1000)
+    assert (okx.symbols, okx.channels, okx.url) == (("BTC-USDT", "BTC-USDT-SWAP"), ("trade", "book_ticker"),
+                                                    "wss://ws.okx.com:8443")

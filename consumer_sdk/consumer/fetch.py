@@ -141,10 +141,12 @@ async def read_each(
 async def ack_and_read(
     client: Redis, group: str, consumer: str, acks: Sequence[tuple[str, Sequence[bytes | str]]],
     streams: dict[Any, Any], *, count: int, dfield: Any, block: int | None = None,
+    on_acked: Callable[[int], None] | None = None,
 ) -> tuple[int, list[Flat]]:
     """``XACK`` each ``(key, ids)`` of ``acks``, then one ``XREADGROUP`` of ``streams`` (key -> cursor), all in
     one write on one connection of ``client``'s pool (a standalone client, not a cluster); returns how many
-    entries were acknowledged and the read, flattened.
+    entries were acknowledged and the read, flattened.  ``on_acked(n)`` is called with that count as soon as
+    the acks' replies are in, before the read's (which may block).
 
     Redis runs the commands in the order written: every ack is applied before the read, as if they were
     sent first and waited for, one round trip earlier.  An error reply is raised once every reply was read
@@ -175,6 +177,8 @@ async def ack_and_read(
                 acked += int(await conn.read_response())
             except rexc.ResponseError as exc:  # the reply was read: the connection is still in step
                 error = error or exc
+        if on_acked is not None:
+            on_acked(acked)
         if block is not None:
             reply = await conn.read_response()
             found = flatten_reply(reply, dfield)

@@ -55,6 +55,11 @@ __all__ = ["Consumer", "ConsumerStats", "GapHook", "InvalidHook", "TrimmedHook"]
 
 log = get_logger("consumer")
 
+#: entries in one read (all streams) from which the next read is taken not to block (see ``Consumer._read``):
+#: the time spent handling them may have let a backlog pile up, whose reply is best built with the collector
+#: paused, which only a read that does not block does
+BACKLOG_ENTRIES = 2000
+
 
 @dataclass(frozen=True, slots=True)
 class ConsumerStats:
@@ -169,7 +174,7 @@ class Consumer:
         self._throttle = Throttle(log, interval=5.0)
         self._reconnects = 0
         self._claimed = 0
-        self._full = True  # whether the last read filled a page of some stream: read on without blocking
+        self._backlog = True  # whether a backlog is likely (see _read): the next read does not block
 
     # ------------------------------------------------------------ public
 
@@ -413,10 +418,10 @@ class Consumer:
         :func:`~consumer_sdk.core.redis.raw_stream_client`.
 
         The acks go in the same write as the read (:func:`~consumer_sdk.consumer.fetch.ack_and_read`), so
-        the read does not wait for them.  The read blocks unless a backlog is likely: pending entries are
-        being read again, or the read before filled a page (``count`` entries) of some stream; then it
-        does not block, and a large reply is built with the collector paused.  A read that finds nothing
-        is followed by one that blocks.
+        the read does not wait for them.  The read blocks at once (one round trip a cycle) unless a backlog
+        is likely: at the start, after pending entries were read again, or when the read before was large
+        (:meth:`_large`); then it does not block, so a large reply is built with the collector paused, and
+        only a read that finds nothing is followed by one that blocks.
         """
         streams: dict[Any, Any] = {}
         draining: set[KeyState] = set()
@@ -438,11 +443,11 @@ class Consumer:
                 state = self._groups.by_name[rkey]
                 if len(ids) >= self._count and state in draining:
                     state.cursor = ids[-1]  # a full page: there may be more pending
-            self._full = any(len(ids) >= self._count for _rkey, ids, _values in found)
+            self._backlog = True  # what came in since (or all a group starting at "0" holds): not blocking
             return found
-        if self._full or self._cluster:  # (on a cluster no read blocks: a read first, then a wait)
+        if self._backlog or self._cluster:  # (on a cluster no read blocks: a read first, then a wait)
             found = await self._fetch(reader, streams, acks)
-            self._full = any(len(ids) >= self._count for _rkey, ids, _values in found)
+            self._backlog = self._large(found)
             if found or self._stop.is_set():
                 return found
             acks = []
@@ -464,8 +469,19 @@ class Consumer:
             raise
         finally:
             self._read_task = None
-        self._full = any(len(ids) >= self._count for _rkey, ids, _values in found)
+        self._backlog = self._large(found)
         return found
+
+    def _large(self, found: list[Flat]) -> bool:
+        """Whether a read found enough that more may have piled up meanwhile: a full page (``count``) of a
+        stream, or :data:`BACKLOG_ENTRIES` in all."""
+        total = 0
+        for _rkey, ids, _values in found:
+            n = len(ids)
+            if n >= self._count:
+                return True
+            total += n
+        return total >= BACKLOG_ENTRIES
 
     async def _fetch(
         self, client: Redis, streams: dict[Any, Any], acks: Acks, block: int | None = None
@@ -478,11 +494,14 @@ class Consumer:
                 await self._sleep(min(block / 1000.0, CLUSTER_IDLE_S))
                 return []
             return await read_each(client, self.group, self.consumer, streams, count=self._count, dfield=self._dfield)
-        acked, found = await ack_and_read(
-            client, self.group, self.consumer, acks, streams, count=self._count, dfield=self._dfield, block=block
+        _acked, found = await ack_and_read(
+            client, self.group, self.consumer, acks, streams, count=self._count, dfield=self._dfield, block=block,
+            on_acked=self._count_acked,
         )
-        self._delivery.acked += acked
         return found
+
+    def _count_acked(self, n: int) -> None:
+        self._delivery.acked += n
 
     async def _dispatch(
         self,

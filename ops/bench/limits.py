@@ -32,7 +32,6 @@ import redis.asyncio as aioredis
 
 from consumer_sdk.consumer import Consumer
 from consumer_sdk.core.tick import Tick
-from ops.bench.render import fmt_us
 
 __all__ = ["STEP_TARGETS", "measure_limits", "missed_targets", "percentiles", "stage_budget"]
 
@@ -155,14 +154,15 @@ async def measure_limits(redis_url: str, *, repeats: int = 200) -> dict[str, Any
     return out
 
 
-def missed_targets(step: dict[str, Any]) -> list[str]:
-    """The :data:`STEP_TARGETS` a step that ran missed, as ``"redis_e2e p99 7.2 ms > 5.0 ms"`` (pure)."""
-    out: list[str] = []
+def missed_targets(step: dict[str, Any]) -> list[tuple[str, str, float, float]]:
+    """The :data:`STEP_TARGETS` a step that ran missed, as ``(stage, percentile, measured µs, target µs)``
+    (pure)."""
+    out: list[tuple[str, str, float, float]] = []
     for stage, bars in STEP_TARGETS.get(float(step.get("rate") or 0), {}).items():
         for p, bar in bars.items():
             value = ((step.get("latency") or {}).get(stage) or {}).get(p)
             if value is not None and value > bar:
-                out.append(f"{stage} {p.removesuffix('_us')} {fmt_us(value)} > {fmt_us(bar)}")
+                out.append((stage, p.removesuffix("_us"), float(value), bar))
     return out
 
 

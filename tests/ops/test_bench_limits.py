@@ -28,9 +28,9 @@ def test_missed_targets_by_rate() -> None:
     ok = _step(10_000, redis_e2e=(900, 1900))
     assert missed_targets(ok) == []
     slow = _step(10_000, redis_e2e=(1100, 2500))
-    assert missed_targets(slow) == ["redis_e2e p50 1.1 ms > 1.0 ms", "redis_e2e p99 2.5 ms > 2.0 ms"]
+    assert missed_targets(slow) == [("redis_e2e", "p50", 1100.0, 1000.0), ("redis_e2e", "p99", 2500.0, 2000.0)]
     assert missed_targets(_step(50_000, redis_e2e=(3000, 4900), hotpath=(100, 600))) == [
-        "hotpath p99 600 µs > 500 µs"]
+        ("hotpath", "p99", 600.0, 500.0)]
     assert missed_targets(_step(1_000, redis_e2e=(9000, 9000))) == []  # no target at that rate
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from distributor.hotpath import HOT_SAMPLE_EVERY
-from ops.bench.limits import missed_targets, stage_budget
+from ops.bench.budget import missed_targets, stage_budget
 from ops.bench.profiles import REFERENCE_RATE, SATURATED_CORE, TARGETS
 
 __all__ = ["Progress", "fmt_rate", "fmt_us", "progress_bar", "render_markdown"]
@@ -111,7 +111,7 @@ def _where_time_goes(step: dict[str, Any], cores: int, subscribers: int) -> list
 def _remaining_by_stage(w: Callable[[str], None], ran: list[dict[str, Any]], lim: dict[str, Any],
                         hot_alone_p99_us: float | None) -> None:
     """The limits measured in this run, and for every step that missed a latency target of its rate
-    (:data:`~ops.bench.limits.STEP_TARGETS`), its time stage by stage above them."""
+    (:data:`~ops.bench.budget.STEP_TARGETS`), its time stage by stage above them."""
     w("")
     w(f"Limits measured in this run (idle connections, {lim['loop']} loop, p50 / p99): a bare PING "
       f"{fmt_us(lim['ping']['p50_us'])} / {fmt_us(lim['ping']['p99_us'])}; a bare XADD "

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ops.bench.limits import STEP_TARGETS, measure_limits, missed_targets, percentiles, stage_budget
+from ops.bench.budget import STEP_TARGETS, missed_targets, stage_budget
+from ops.bench.limits import measure_limits, percentiles
 from ops.bench.render import _remaining_by_stage
 
 

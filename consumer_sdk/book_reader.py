@@ -437,6 +437,7 @@ async def follow_books(
                         yield update
                     check = False
                 reply = await client.xread(cursors, count=count, block=block_ms)
+                reraise_if_cancelling()  # redis-py may absorb a cancellation and return what it read
             except rexc.RedisError as exc:
                 reraise_if_cancelling()
                 if classify(exc) is ErrorKind.FATAL:

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from consumer_sdk.consumer import Consumer
+from consumer_sdk.core.aio import reraise_if_cancelling
 from consumer_sdk.core.errors import MarketError
 from consumer_sdk.core.log import Throttle, get_logger
 
@@ -66,6 +67,7 @@ class LagExporter:
         """Sample every ``interval`` seconds until cancelled."""
         while True:
             await self.sample()
+            reraise_if_cancelling()  # redis-py may absorb a cancellation and answer as if nothing happened
             await asyncio.sleep(self._interval)
 
     def collect(self) -> Iterator[Metric]:

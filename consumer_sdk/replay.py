@@ -519,6 +519,7 @@ async def follow(
                         continue
                 else:
                     reply = await client.xread(cursors, count=count, block=block_ms)
+                reraise_if_cancelling()  # redis-py may absorb a cancellation and return what it read
             except rexc.RedisError as exc:
                 reraise_if_cancelling()
                 if classify(exc) is not ErrorKind.TRANSIENT:

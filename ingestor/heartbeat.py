@@ -441,6 +441,7 @@ async def heartbeat_loop(
                 if failing:
                     failing = False
                     log_event(log, logging.INFO, "heartbeat_recovered", id=ident)
+            reraise_if_cancelling()  # redis-py may also answer as if nothing happened: stop all the same
             await asyncio.sleep(max(0.0, interval - (loop.time() - began)))
     finally:
         with contextlib.suppress(RedisError, OSError, TimeoutError):

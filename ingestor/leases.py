@@ -414,6 +414,7 @@ async def keep_leases(table: LeaseTable, store: LeaseStore, on_change: OnChange,
             else:
                 if failing:
                     log_event(log, logging.INFO, "lease_store_recovered", errors=table.errors)
+            reraise_if_cancelling()  # a cancellation redis-py absorbed mid-reply: stop all the same
             if gained or lost:
                 await on_change(gained, lost)
             await asyncio.sleep(max(0.0, period - (loop.time() - began)))

@@ -303,6 +303,7 @@ class Consumer:
         acks: Acks = []
         try:
             while not self._stop.is_set():
+                reraise_if_cancelling()  # a cancellation redis-py absorbed mid-reply ends the loop all the same
                 try:
                     if need_setup:
                         await self._setup(client)

@@ -495,6 +495,22 @@ async def test_loop_writes_the_key_with_an_expiry_and_removes_it_on_stop(aredis:
     assert not await aredis.sismember(heartbeat_set_key(prefix), st.identity.id), "... and the id"
 
 
+async def test_a_cancellation_redis_py_absorbs_still_stops_the_loop(aredis: aioredis.Redis, prefix: str) -> None:
+    """redis-py 8 may take a cancellation that lands while it reads a reply and return the reply as if nothing
+    happened: the loop must stop all the same, wherever the cancellation lands (here, at 30 points of its first
+    beat, 5 times each)."""
+    ing = fake_ingestor(writer=fake_writer())
+    for i in range(150):
+        st = state_at()
+        task = asyncio.create_task(heartbeat_loop(ing, aredis, prefix=prefix, interval=0.05, ttl=2.0, state=st))
+        await asyncio.sleep(0.0001 * (i % 30))  # land the cancellation at another point of the first beat each time
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=5)  # a hang bound: a stop that never comes fails here
+        assert done, f"round {i}: the heartbeat loop went on after its cancellation"
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 async def _ts(redis: aioredis.Redis, key: str, first: float) -> bool:
     raw = await redis.get(key)
     return raw is not None and orjson.loads(raw)["ts"] > first

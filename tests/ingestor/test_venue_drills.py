@@ -6,12 +6,18 @@ other venue the ingestor speaks, on that venue's trade channel, with the same ch
 id once, in order, up to the newest the venue's REST history names (:func:`venue_drill.complete`, which asks the
 venue's own endpoint), and the session noticed what it had to notice the way it had to notice it.
 
-================= ============== ============================== ==========================================
-venue             channel        backfill over                  planned close
-================= ============== ============================== ==========================================
-``binance_usdm``  ``agg_trade``  ``/fapi/v1/aggTrades`` (1000)  ``serverShutdown``
-``binance_coinm`` ``agg_trade``  ``/dapi/v1/aggTrades`` (1000)  ``serverShutdown``
-================= ============== ============================== ==========================================
+================= ============= ========================================= ============================ ==============
+venue             channel       backfill over (rows a page)               planned close                heartbeat
+================= ============= ========================================= ============================ ==============
+``binance_usdm``  ``agg_trade`` ``/fapi/v1/aggTrades`` (1000)             ``serverShutdown``           WebSocket ping
+``binance_coinm`` ``agg_trade`` ``/dapi/v1/aggTrades`` (1000)             ``serverShutdown``           WebSocket ping
+``okx``           ``trade``     ``/api/v5/market/history-trades`` (100)   notice ``64008``             text ``ping``
+================= ============= ========================================= ============================ ==============
+
+On OKX our ping is the text ``ping`` (its stall is noticed by an unanswered one, or the no-frame watchdog), and
+the planned-close notice is OKX's ``{"event": "notice", "code": "64008"}``, on which the session rotates as on
+Binance's ``serverShutdown``.  :func:`test_a_quiet_okx_link_is_kept_open_by_the_text_ping` shows the text
+heartbeat keeping a link with no market data open past the venue's idle close.
 
 The black-holed link: spot's drill cuts the link for about 30 s of trades (3000).  What it checks does not depend
 on those 30 s: the cut is noticed by our ping or the no-frame watchdog within seconds (5 s and 6 s here), well
@@ -48,6 +54,9 @@ from ingestor.lifecycle import SessionState
 from ingestor.session import SessionSettings
 from ops.faultproxy import FaultProxy
 from ops.simulator import Simulator, SimulatorConfig
+from ops.simulator.okx import OkxSimulator
+
+AnySimulator = Simulator | OkxSimulator
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,20 +71,21 @@ class DrillVenue:
     #: the event of the venue's planned-close notice in the log
     notice_event: str = "server_shutdown_notice"
 
-    def simulator(self, **config: Any) -> Simulator:
-        return Simulator(SimulatorConfig(venue=self.name, symbols=self.symbols, **config))
+    def simulator(self, **config: Any) -> AnySimulator:
+        cfg = SimulatorConfig(venue=self.name, symbols=self.symbols, **config)
+        return OkxSimulator(cfg) if self.name == "okx" else Simulator(cfg)
 
     def key(self, prefix: str, symbol: str) -> str:
         return f"{prefix}:{self.name}:{symbol}:{self.channel}"
 
-    def settings(self, sim: Simulator, prefix: str, symbols: tuple[str, ...],
+    def settings(self, sim: AnySimulator, prefix: str, symbols: tuple[str, ...],
                  session: SessionSettings = FAST) -> IngestSettings:
         return IngestSettings(
             venue=self.name, url=sim.ws_url, rest_url=sim.rest_url, symbols=symbols, channels=(self.channel,),
             prefix=prefix, session=session, queue_policy=Policy.BLOCK,
         )
 
-    async def assert_complete(self, redis: aioredis.Redis, prefix: str, sim: Simulator, symbols: tuple[str, ...],
+    async def assert_complete(self, redis: aioredis.Redis, prefix: str, sim: AnySimulator, symbols: tuple[str, ...],
                               timeout: float = 30.0) -> dict[str, int]:
         """Each trade stream holds every id from its first up to what the venue had made when asked."""
         return {s: len(await complete(redis, self.key(prefix, s), sim, s, timeout)) for s in symbols}
@@ -83,8 +93,9 @@ class DrillVenue:
 
 USDM = DrillVenue("binance_usdm", ("BTCUSDT", "ETHUSDT"), "agg_trade", rest_page=1000)
 COINM = DrillVenue("binance_coinm", ("BTCUSD_PERP", "ETHUSD_PERP"), "agg_trade", rest_page=1000)
+OKX = DrillVenue("okx", ("BTC-USDT", "BTC-USDT-SWAP"), "trade", rest_page=100)
 
-VENUES = [pytest.param(v, id=v.name) for v in (USDM, COINM)]
+VENUES = [pytest.param(v, id=v.name) for v in (USDM, COINM, OKX)]
 
 
 @pytest.mark.slow
@@ -199,6 +210,26 @@ async def test_bad_frames_are_counted_and_the_stream_stays_whole(
         await venue.assert_complete(aredis, prefix, sim, symbols)
         assert all(s.state is SessionState.LIVE for s in ing.sessions)
         assert ing.stats().reconnects == 0
+
+
+async def test_a_quiet_okx_link_is_kept_open_by_the_text_ping(run_ingestor: Any, aredis: aioredis.Redis,
+                                                               prefix: str) -> None:
+    """OKX closes a connection that sent nothing for its idle timeout (30 s; 3 s here) and the market is silent (no
+    trade at all): only the session's text ``ping`` after ``ping_interval`` without a frame keeps the link open,
+    answered ``pong`` each time, for more than three idle timeouts."""
+    symbols = OKX.symbols
+    async with OKX.simulator(rate=0.0, idle_timeout=3.0) as sim:
+        ing = await run_ingestor(OKX.settings(sim, prefix, symbols))
+        await until_live(ing)
+
+        async def answered() -> bool:  # a ping each second (ping_interval 1 s): more than 3 idle timeouts
+            return int(sim.fault_state()["pings_answered"]) >= 10
+
+        await wait_for(answered, 60, "ten text pings answered")
+        assert sim.fault_state()["idle_closes"] == 0
+        assert ing.stats().reconnects == 0
+        assert all(s.state is SessionState.LIVE for s in ing.sessions)
+        assert sum(s.pings_sent for s in ing.sessions) >= 10
 
 
 #: the black-holed link's session: the settings spot's drill gives `market ingest` in its TOML

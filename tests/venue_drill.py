@@ -161,25 +161,16 @@ async def until_live(ing: Ingestor, timeout: float = 15.0) -> None:
 
 
 class StateLog(logging.Handler):
-    """Collects the sessions' state transitions (the JSON log's fields) with a monotonic stamp, and apart every
-    record at level error or above or with an exception (what a clean run never logs)."""
+    """Collects the sessions' state transitions (the JSON log's fields) with a monotonic stamp."""
 
     def __init__(self) -> None:
         super().__init__()
         self.records: list[tuple[float, dict[str, Any]]] = []
-        self.errors: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             self.records.append((time.monotonic(), {"event": record.getMessage(), **fields}))
-        if record.levelno >= logging.ERROR or record.exc_info:
-            self.errors.append(record)
-
-    def since(self, mark: float, event: str, **match: Any) -> list[tuple[float, dict[str, Any]]]:
-        """The records of ``event`` stamped at or after ``mark`` whose fields include ``match``."""
-        return [(t, f) for t, f in self.records
-                if t >= mark and f["event"] == event and all(f.get(k) == v for k, v in match.items())]
 
 
 @pytest.fixture(name="state_log")

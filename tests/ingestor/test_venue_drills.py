@@ -23,18 +23,22 @@ The black-holed link: spot's drill cuts the link for about 30 s of trades (3000)
 on those 30 s: the cut is noticed by our ping or the no-frame watchdog within seconds (5 s and 6 s here), well
 before any venue heartbeat could matter, and what the venue made behind the cut comes back over REST.  So here
 the outage is measured in trades instead: it lasts until the cut is noticed and more trades than one page of the
-venue's REST history were made behind it, so the backfill has to page.  It runs the ingestor in this process
-with the session settings spot's drill gives ``market ingest`` (spot's drill covers the command around it), and
-reads what it logged from the ``market`` logger instead of its stderr.
+venue's REST history were made behind it, so the backfill has to page.  As spot's, it runs ``market ingest
+--venue`` (the command, its settings and its log), so a venue the command cannot start fails it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import os
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from venue_drill import (  # noqa: F401 - the fixtures run_ingestor and state_log
@@ -232,70 +236,87 @@ async def test_a_quiet_okx_link_is_kept_open_by_the_text_ping(run_ingestor: Any,
         assert sum(s.pings_sent for s in ing.sessions) >= 10
 
 
-#: the black-holed link's session: the settings spot's drill gives `market ingest` in its TOML
-BLACK_HOLE_SESSION = SessionSettings(
-    ping_interval=2.0, ping_timeout=3.0, stall_timeout=6.0, open_timeout=3.0, backoff_cap=5.0,
-)
+def _log_lines(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(x) for x in path.read_bytes().splitlines() if x.startswith(b"{")]
+
+
+def _ts(x: dict[str, Any]) -> float:
+    return time.mktime(time.strptime(x["ts"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone + float(x["ts"][19:-1])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("venue", VENUES)
-async def test_black_holed_link_heals_with_backfill(venue: DrillVenue, run_ingestor: Any, aredis: aioredis.Redis,
-                                                    prefix: str, state_log: StateLog) -> None:
-    """The ingestor's link (WebSocket and REST) goes through a proxy that silently drops it while the venue keeps
-    trading: until the ingestor noticed and more trades than one REST page were made behind the cut (see the
-    module doc for why this and not spot's 30 s)."""
+async def test_black_holed_link_heals_with_backfill(venue: DrillVenue, redis_url: str, aredis: aioredis.Redis,
+                                                    prefix: str, tmp_path: Path) -> None:
+    """`market ingest --venue` through a proxy that silently drops the link (WebSocket and REST) while the venue
+    keeps trading: until the ingestor noticed and more trades than one REST page were made behind the cut (see
+    the module doc for why this and not spot's 30 s)."""
     symbols = venue.symbols
     first = symbols[0]
     behind = venue.rest_page + venue.rest_page // 2
+    config = tmp_path / "ingest.toml"
+    config.write_text(
+        "[session]\nping_interval = 2.0\nping_timeout = 3.0\nstall_timeout = 6.0\nopen_timeout = 3.0\n"
+        "backoff_cap = 5.0\n"
+    )
+    log_path = tmp_path / "ingest.log"
     async with venue.simulator(rate=1000.0) as sim, FaultProxy(sim.port) as proxy:
-        ing = await run_ingestor(dataclasses.replace(
-            venue.settings(sim, prefix, symbols, session=BLACK_HOLE_SESSION),
-            url=proxy.url, rest_url=proxy.url.replace("ws://", "http://", 1),
-        ))
+        env = {**os.environ, "MARKET_REDIS_URL": redis_url, "MARKET_PREFIX": prefix}
+        with open(log_path, "wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "ops.cli", "ingest", "--venue", venue.name, "--url", proxy.url,
+                "--symbols", ",".join(symbols), "--channels", venue.channel, "--metrics-port", "0",
+                "--config", str(config), env=env, stdout=asyncio.subprocess.DEVNULL, stderr=log_file,
+            )
+            try:
+                async def flowing() -> bool:
+                    return all([await aredis.xlen(venue.key(prefix, s)) > 50 for s in symbols])
 
-        async def flowing() -> bool:
-            return all([await aredis.xlen(venue.key(prefix, s)) > 50 for s in symbols])
+                await wait_for(flowing, 20, "ticks flowing")
+                started = time.monotonic()
+                wall_cut = time.time()
+                at_cut = await venue_last_trade(sim, first)
+                proxy.blackhole()
 
-        await wait_for(flowing, 20, "ticks flowing")
-        cut = time.monotonic()
-        at_cut = await venue_last_trade(sim, first)
-        proxy.blackhole()
+                async def noticed_and_traded_on() -> bool:
+                    noticed = any(x["event"] == "session_state" and x["state"] == "backing_off"
+                                  for x in _log_lines(log_path))
+                    return noticed and await venue_last_trade(sim, first) >= at_cut + behind
 
-        async def noticed_and_traded_on() -> bool:
-            noticed = bool(state_log.since(cut, "session_state", state="backing_off"))
-            return noticed and await venue_last_trade(sim, first) >= at_cut + behind
+                await wait_for(noticed_and_traded_on, 120, f"the cut noticed and {behind} trades made behind it")
+                proxy.restore()
+                restored, wall_restored = time.monotonic(), time.time()
+                counts = await venue.assert_complete(aredis, prefix, sim, symbols, timeout=60)
+                healed = time.monotonic() - restored
 
-        await wait_for(noticed_and_traded_on, 120, f"the cut noticed and {behind} trades made behind it")
-        proxy.restore()
-        restored = time.monotonic()
-        counts = await venue.assert_complete(aredis, prefix, sim, symbols, timeout=60)
-        healed = time.monotonic() - restored
+                async def kept_receiving() -> bool:  # then as many more trades per stream over the healed link
+                    return all([await aredis.xlen(venue.key(prefix, s)) >= counts[s] + behind for s in symbols])
 
-        async def kept_receiving() -> bool:  # then as many more trades per stream over the healed link
-            return all([await aredis.xlen(venue.key(prefix, s)) >= counts[s] + behind for s in symbols])
-
-        await wait_for(kept_receiving, 120, f"{behind} more trades per stream over the healed link")
-        after = await venue.assert_complete(aredis, prefix, sim, symbols, timeout=30)
-        assert all(after[s] > counts[s] for s in symbols)
-        assert ing.repairer is not None and ing.repairer.gaps_unrepaired == 0
-    assert not state_log.errors, [r.getMessage() for r in state_log.errors]
-    down = state_log.since(cut, "session_state", state="backing_off")
+                await wait_for(kept_receiving, 120, f"{behind} more trades per stream over the healed link")
+                after = await venue.assert_complete(aredis, prefix, sim, symbols, timeout=30)
+                assert all(after[s] > counts[s] for s in symbols)
+            finally:
+                proc.terminate()
+                await asyncio.wait_for(proc.wait(), 15)
+    assert proc.returncode == 0
+    lines = _log_lines(log_path)
+    assert not [x for x in lines if x["level"] in ("error", "critical") or "exception" in x], lines[-5:]
+    down = [x for x in lines if x["event"] == "session_state" and x["state"] == "backing_off" and _ts(x) >= wall_cut]
     assert down, "the cut was never noticed"
-    detection = down[0][0] - cut
+    detection = _ts(down[0]) - wall_cut
     # Noticed by our ping (2 s interval, 3 s to answer) or the no-frame watchdog (6 s), whichever is first:
     # nothing else ends a black-holed link (the venue's close never arrives).
-    watchdog = state_log.since(cut, "connection_stalled")
-    assert "ping" in str(down[0][1].get("reason", "")).lower() or (watchdog and watchdog[0][0] <= down[0][0]), down[0]
-    relive = state_log.since(restored, "session_state", state="live")
-    reconnect = relive[0][0] - restored if relive else float("nan")
-    repaired = [f for _, f in state_log.records if f["event"] in ("gap_repaired", "gap_partly_repaired")]
-    assert repaired and all(f["event"] == "gap_repaired" for f in repaired), repaired
-    fetched = sum(f["fetched"] for f in repaired)
+    watchdog = [x for x in lines if x["event"] == "connection_stalled" and _ts(x) >= wall_cut]
+    assert "ping" in str(down[0].get("reason", "")).lower() or (watchdog and _ts(watchdog[0]) <= _ts(down[0])), down[0]
+    relive = [x for x in lines if x["event"] == "session_state" and x["state"] == "live" and _ts(x) >= wall_restored]
+    reconnect = _ts(relive[0]) - wall_restored if relive else float("nan")
+    repaired = [x for x in lines if x["event"] in ("gap_repaired", "gap_partly_repaired")]
+    assert repaired and all(x["event"] == "gap_repaired" for x in repaired), repaired
+    fetched = sum(x["fetched"] for x in repaired)
     assert fetched > venue.rest_page, "what was made behind the cut came back over REST, more than one page of it"
     print(
-        f"\n{venue.name} black-hole {restored - cut:.0f} s: detected after {detection:.1f} s; "
+        f"\n{venue.name} black-hole {restored - started:.0f} s: detected after {detection:.1f} s; "
         f"live again {reconnect:.1f} s after the link returned; "
         f"complete {healed:.1f} s after it returned; "
-        f"{fetched} trades backfilled over REST in {len(repaired)} repairs; {time.monotonic() - cut:.0f} s run",
+        f"{fetched} trades backfilled over REST in {len(repaired)} repairs; {time.monotonic() - started:.0f} s run",
     )

@@ -9,33 +9,34 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
-import logging
 import os
 import re
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from venue_drill import complete, venue_last_trade, wait_for
+from venue_drill import (  # noqa: F401 - the fixtures run_ingestor and state_log
+    FAST,
+    StateLog,
+    complete,
+    run_ingestor_fixture,
+    state_log_fixture,
+    until_live,
+    venue_last_trade,
+    wait_for,
+)
 
 from distributor.ingress import Policy
 from ingestor.config import IngestSettings
 from ingestor.lifecycle import SessionState
-from ingestor.service import Ingestor
 from ingestor.session import SessionSettings
 from ops.faultproxy import FaultProxy
 from ops.simulator import Simulator, SimulatorConfig
-
-FAST = SessionSettings(
-    ping_interval=1.0, ping_timeout=1.0, open_timeout=2.0, stall_timeout=3.0, healthy_after=2.0,
-    backoff_base=0.05, backoff_cap=1.0,
-)
 
 
 def settings(url: str, rest: str, prefix: str, symbols: tuple[str, ...], channels: tuple[str, ...] = ("trade",),
@@ -50,78 +51,6 @@ async def assert_complete(redis: aioredis.Redis, prefix: str, sim: Simulator, sy
                           timeout: float = 30.0) -> dict[str, int]:
     """Each trade stream holds every id from its first up to what the venue had made when asked."""
     return {s: len(await complete(redis, f"{prefix}:binance:{s}:trade", sim, s, timeout)) for s in symbols}
-
-
-class Running:
-    def __init__(self, ingestor: Ingestor, task: asyncio.Task[None]) -> None:
-        self.ingestor = ingestor
-        self.task = task
-
-
-@pytest.fixture
-async def run_ingestor(aredis: aioredis.Redis) -> AsyncIterator[Any]:
-    running: list[Running] = []
-
-    async def start(s: IngestSettings) -> Ingestor:
-        ing = Ingestor(s, redis=aredis)
-        running.append(Running(ing, asyncio.create_task(ing.run())))
-        await asyncio.wait_for(ing.started.wait(), 10)
-        return ing
-
-    yield start
-    for r in running:
-        r.task.cancel()
-        # A stop is bounded (the flush at exit has its own timeouts): one that is not names where each task waits.
-        done, _ = await asyncio.wait([r.task], timeout=60)
-        if not done:  # pragma: no cover - a stop that hangs is a defect; its stacks say where
-            raise AssertionError(f"the ingestor did not stop within 60 s of its cancellation:\n{_task_stacks()}")
-        try:
-            await r.task
-        except asyncio.CancelledError:
-            pass
-        else:  # pragma: no cover - the ingestor never returns on its own
-            raise AssertionError("ingestor returned")
-
-
-def _task_stacks() -> str:
-    import io
-
-    out = io.StringIO()
-    for task in asyncio.all_tasks():
-        task.print_stack(limit=8, file=out)
-    return out.getvalue()
-
-
-async def until_live(ing: Ingestor, timeout: float = 15.0) -> None:
-    async def live() -> bool:
-        return bool(ing.sessions) and all(s.state is SessionState.LIVE for s in ing.sessions)
-
-    await wait_for(live, timeout, "every session live")
-
-
-class StateLog(logging.Handler):
-    """Collects the sessions' state transitions (the JSON log's fields) with a monotonic stamp."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[float, dict[str, Any]]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            self.records.append((time.monotonic(), {"event": record.getMessage(), **fields}))
-
-
-@pytest.fixture
-def state_log() -> Any:
-    handler = StateLog()
-    logger = logging.getLogger("market")
-    logger.addHandler(handler)
-    old = logger.level
-    logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(old)
 
 
 async def test_close_every_few_seconds_for_a_minute(run_ingestor: Any, aredis: aioredis.Redis, prefix: str,

@@ -369,6 +369,8 @@ class Soak:
         #: stored nor marked
         self.venue_newest: dict[str, int] = {}
         self.venue_missing: dict[str, int | None] = {}
+        #: the unchecked streams (book tickers, mark prices): their entries at the end
+        self.extra_streams: dict[str, int] = {}
         #: each ingestor's Prometheus port, and its latency histograms at the last sample (for windowed percentiles)
         self.metrics_ports: dict[str, int] = {}
         self._latency_seen: dict[str, dict[str, LatencyHistogram]] = {}
@@ -388,6 +390,11 @@ class Soak:
     def keys(self) -> list[str]:
         """The checked streams' keys."""
         return [f"{self.prefix}:{self.venue.name}:{s}:{c}" for s in self.cfg.symbols for c in self.checked]
+
+    def extra_keys(self) -> list[str]:
+        """The unchecked streams' keys (the channels asked for that are not the venue's contiguous ids)."""
+        return [f"{self.prefix}:{self.venue.name}:{s}:{c}" for s in self.cfg.symbols for c in self.cfg.channels
+                if c not in self.checked]
 
     async def venue_last(self) -> dict[str, int]:
         """The venue's newest id per checked stream (its REST history: trades, aggregate trades)."""
@@ -740,6 +747,11 @@ class Soak:
                     self.failures.append(f"{name} stopped with status {code}")
         with contextlib.suppress(Exception):
             await self._check_once()
+        assert self.client is not None
+        for key in self.extra_keys():
+            self.extra_streams[key] = int(await self.client.xlen(key))
+            if not self.extra_streams[key]:
+                self.failures.append(f"{key}: nothing stored")
         # the consumers drain what is stored (bounded)
         assert self.client is not None
         deadline = time.monotonic() + 60
@@ -827,6 +839,7 @@ class Soak:
                             "consumer_missing": getattr(self, "consumer_missing", {}).get(k)}
                         for k, c in self.checks.items()},
             "ticks_stored": sum(c.stored for c in self.checks.values()),
+            "extra_streams": self.extra_streams,
             "faults": self.fault_log,
             "faults_skipped": self.skipped,
             "faults_not_applicable": self.not_applicable,
@@ -941,6 +954,9 @@ def _markdown(r: dict[str, Any]) -> str:
     for k, s in r["streams"].items():
         lines.append(f"| {k} | {s['stored']} | {s['marked']} | {s['markers']} | {s['breaks']} | "
                      f"{s['venue_newest']} | {s['venue_missing']} | {s['consumer_missing']} |")
+    if r["extra_streams"]:
+        lines += ["", "Unchecked streams (entries at the end): "
+                  + ", ".join(f"{k} {n}" for k, n in r["extra_streams"].items())]
     lines += ["", "## Processes", "", "| process | starts | scheduled kills | unexpected exits |",
               "| --- | --- | --- | --- |"]
     for n, p in r["restarts"].items():

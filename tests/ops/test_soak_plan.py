@@ -18,16 +18,16 @@ from ops.soak_plan import (
     VenuePlan,
     applicable_faults,
     checked_channels,
-    history_path,
-    newest_id,
-    venue_plan,
     grows_without_bound,
+    history_path,
     merge_runs,
     missing_from,
+    newest_id,
     parse_faults,
     plan,
     recovery_summary,
     slope,
+    venue_plan,
 )
 
 # ------------------------------------------------------------------ --faults

@@ -4,6 +4,9 @@ States: ``connecting -> subscribing -> live -> (rotating ->) live | backing_off 
 ``closed`` at the end.  :class:`Lifecycle` refuses a transition that the picture does not
 allow (a bug, not a venue fault) and keeps the reason of the last one.
 
+:class:`RateWindow` keeps a venue's limit of so many actions per so many seconds (OKX: 3 new connections a
+second, 480 subscribe operations an hour per connection): it says how long to wait before the next.
+
 :func:`classify_failure` decides what an error means: retry after the backoff delay, retry
 after the venue's ``Retry-After``, or stop with a clear message because retrying cannot help.
 """
@@ -11,11 +14,14 @@ after the venue's ``Retry-After``, or stop with a clear message because retrying
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-__all__ = ["Failure", "Lifecycle", "SessionState", "classify_failure", "classify_status", "parse_retry_after"]
+__all__ = [
+    "Failure", "Lifecycle", "RateWindow", "SessionState", "classify_failure", "classify_status", "parse_retry_after",
+]
 
 
 class SessionState(StrEnum):
@@ -116,3 +122,27 @@ def classify_failure(exc: BaseException, *, been_live: bool = False) -> Failure:
     if isinstance(status, int):
         return classify_status(status, getattr(exc, "retry_after", None), been_live=been_live)
     return Failure(f"{type(exc).__name__}: {exc}")
+
+
+class RateWindow:
+    """At most ``limit`` actions in any ``window_s`` seconds: :meth:`reserve` books the next one and says how long
+    to wait before taking it.  Pure (the clock is passed in); one owner, or callers on one event loop."""
+
+    __slots__ = ("_times", "limit", "window_s")
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        if limit < 1 or not window_s > 0:
+            raise ValueError("limit must be at least 1 and window_s above 0")
+        self.limit = limit
+        self.window_s = window_s
+        #: when the last ``limit`` actions are (or were) taken, oldest first
+        self._times: deque[float] = deque(maxlen=limit)
+
+    def reserve(self, now: float) -> float:
+        """Book an action: 0 when it may be taken now, else the seconds to wait (it is booked for then)."""
+        times = self._times
+        at = now
+        if len(times) == self.limit:
+            at = max(now, times[0] + self.window_s)
+        times.append(at)
+        return at - now

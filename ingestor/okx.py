@@ -33,8 +33,8 @@
 Refused with :class:`~ingestor.venue.MalformedFrame`, by ``kind`` (:data:`PARSE_REFUSALS`): Binance's kinds with the
 same meaning (``malformed``, ``invalid_utf8``, ``too_deep``, ``bad_number``, ``bad_value``; prices and sizes are
 plain decimals of at most 20 integer and 18 fraction digits, ids and times decimal strings within int64), and:
-``unknown_channel`` (a push of a channel not carried), ``batched`` (a push of several entries: the
-:class:`~ingestor.venue.Venue` protocol carries one tick per frame; :func:`parse_message` takes them all) and
+``unknown_channel`` (a push of a channel not carried), ``batched`` (:func:`parse_frame` only, a push of several
+entries; :func:`parse_message`, the venue's parser on the ingest path, takes them all) and
 ``aggregated`` (a ``trades`` push with ``count`` above 1: since 2023 OKX aggregates the fills of one taker order at
 one price into one push whose ``tradeId`` is the last of them; it is not a trade, and storing it as one would count
 its size twice once the hole before its id is repaired.  The ids it covers are then a hole the sequencer reports
@@ -47,9 +47,11 @@ which the parser does not keep: :class:`~ingestor.depth_books.DepthBooks` does (
 gives a ``books`` message as the :class:`~ingestor.depth.DepthDiff` it keeps books from (:func:`depth_diff`);
 :func:`continues` is the ``prevSeqId`` rule on a tick.
 
-:class:`OkxV5` is the venue as an :class:`~ingestor.venue.Venue` for the session and the pipeline, except its
-heartbeat: OKX wants the text ``ping`` (:class:`TextKeepalive`), a style :class:`~ingestor.venue.Heartbeat` does not
-have, so :class:`ingestor.session.VenueSession` refuses this venue until it does.
+:class:`OkxV5` is the venue as an :class:`~ingestor.venue.Venue` for the session and the pipeline: its frames are
+:func:`parse_message`'s (a push of several entries is several ticks, which the pipeline takes in order), its
+heartbeat the text ``ping`` (:attr:`~ingestor.venue.Heartbeat.TEXT_PING`, decided by :class:`TextKeepalive`), its
+limits :data:`MAX_CONNECTS_PER_S` and :data:`MAX_OPS_PER_HOUR` (which the session keeps), its error answers judged
+by :func:`classify_error` and its REST repair answers read by :func:`history_trades_to_ticks`.
 
 Stateless and shared (:data:`OKX_V5`); cost per frame: one orjson parse, one regex per value, one dict per tick
 (``depth``: one two-item list per level).
@@ -59,7 +61,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from enum import StrEnum
 from typing import Any, Final, Literal
 
 import orjson
@@ -69,7 +70,7 @@ from ingestor.depth import DepthDiff
 from ingestor.depth_ws import CHECKSUM_DEPTH, okx_checksum
 from ingestor.lifecycle import Failure
 from ingestor.rest import RestRefused, RestRetryable
-from ingestor.venue import MalformedFrame, Reply, RestCall, ServerShutdown, VenueRequest
+from ingestor.venue import Heartbeat, MalformedFrame, Reply, RestCall, ServerShutdown, VenueRequest
 
 __all__ = [
     "BOOK_SNAPSHOT_MAX",
@@ -86,7 +87,6 @@ __all__ = [
     "REST_BASE",
     "WS_BASE",
     "DepthTick",
-    "OkxHeartbeat",
     "OkxV5",
     "TextKeepalive",
     "classify_error",
@@ -140,13 +140,6 @@ class DepthTick(Tick):
     bids: list[list[str]]
     asks: list[list[str]]
     checksum: int
-
-
-class OkxHeartbeat(StrEnum):
-    """OKX's keep-alive style: the client sends the text ``ping`` after a quiet spell, the venue answers ``pong``
-    (:class:`TextKeepalive`).  Not a :class:`~ingestor.venue.Heartbeat` member, which it would have to become."""
-
-    TEXT_PING = "text_ping"
 
 
 # ------------------------------------------------------------------------------------------------ values
@@ -546,7 +539,9 @@ def history_trades_to_ticks(body: Any, symbol: str, ts_recv: int, from_id: int) 
     ``after``), so an answer may reach below ``from_id``: those rows are dropped.  Refused whole, as
     :mod:`ingestor.rest` refuses: a non-zero ``code`` (:class:`~ingestor.rest.RestRetryable` for OKX's busy and
     rate-limit codes 50001, 50004, 50011, 50013, 50026; :class:`~ingestor.rest.RestRefused` otherwise), a row of
-    another instrument (``wrong_symbol``), a row that is not a trade or ids not strictly decreasing (``bad_row``)."""
+    another instrument (``wrong_symbol``), a row that is not a trade or ids not strictly decreasing (``bad_row``).  A
+row counting several trades (``count`` above 1) is left out: the ids it stands for stay a hole, which the repair
+marks."""
     if type(body) is not dict or type(body.get("data")) is not list:
         raise RestRefused("expected {code, data: [...]}", kind="bad_json")
     code = body.get("code")
@@ -564,7 +559,11 @@ def history_trades_to_ticks(body: Any, symbol: str, ts_recv: int, from_id: int) 
             raise RestRefused(f"row of {str(row.get('instId'))[:40]!r} for {symbol!r}", kind="wrong_symbol")
         try:
             tick = _trade(row, symbol, ts_recv, body)
-        except (MalformedFrame, KeyError, TypeError) as exc:
+        except MalformedFrame as exc:
+            if exc.kind != "aggregated":
+                raise RestRefused(f"row {str(row.get('tradeId'))[:40]}: {exc}", kind="bad_row") from None
+            continue  # not one trade: the ids it covers stay a hole, marked where the repair puts them
+        except (KeyError, TypeError) as exc:
             raise RestRefused(f"row {str(row.get('tradeId'))[:40]}: {exc}", kind="bad_row") from None
         if last is not None and tick["seq"] >= last:
             raise RestRefused(f"id {tick['seq']} not below the row before it ({last})", kind="bad_row")
@@ -614,7 +613,7 @@ def _requests(op: str, streams: Sequence[str], first_id: int, per_request: int) 
 
 
 class OkxV5:
-    """OKX v5 public market data as a :class:`~ingestor.venue.Venue` (but its heartbeat: see the module doc).
+    """OKX v5 public market data as a :class:`~ingestor.venue.Venue` (see the module doc).
 
     Stream names are ``<OKX channel>:<instId>`` (``trades:BTC-USDT``, ``books:BTC-USD-220527``).  ``book_ticker``
     is carried by ``bbo-tbt`` (every change of the best levels, with the book's ``seqId``) or, told so,
@@ -625,10 +624,15 @@ class OkxV5:
 
     name: Final = VENUE
     ws_path: Final = "/ws/v5/public"
-    heartbeat: Final = OkxHeartbeat.TEXT_PING
+    heartbeat: Final = Heartbeat.TEXT_PING
+    #: what the session keeps to: new connections a second (per IP), subscribe operations an hour per connection
+    max_connects_per_s: Final = MAX_CONNECTS_PER_S
+    max_ops_per_hour: Final = MAX_OPS_PER_HOUR
 
-    #: the module's function itself: it runs once per frame
-    parse_frame = staticmethod(parse_frame)
+    #: the module's function itself: it runs once per frame (a push of several entries: several ticks)
+    parse_frame = staticmethod(parse_message)
+    #: an error answer -> retry or not (:func:`classify_error`)
+    classify_error = staticmethod(classify_error)
 
     def __init__(self, *, book_ticker: Literal["bbo-tbt", "tickers"] = "bbo-tbt") -> None:
         if book_ticker not in ("bbo-tbt", "tickers"):
@@ -671,6 +675,13 @@ class OkxV5:
         return RestCall(
             "/api/v5/market/history-trades", {"instId": symbol, "type": "1", "after": from_id + n, "limit": n}
         )
+
+    def backfill_ticks(self, channel: str, body: Any, symbol: str, ts_recv: int, from_id: int) -> list[Tick]:
+        """The answer to :meth:`backfill_call` -> ticks of ids from ``from_id`` on, oldest first
+        (:func:`history_trades_to_ticks`); :class:`~ingestor.rest.RestRefused` for another channel."""
+        if channel != "trade":
+            raise RestRefused(f"okx has no REST history for {channel}", kind="http_status")
+        return history_trades_to_ticks(body, symbol, ts_recv, from_id)
 
     def snapshot_call(self, symbol: str, limit: int) -> RestCall:
         """``/api/v5/market/books``, at most 400 levels a side."""

@@ -27,6 +27,12 @@ its stream's last by more than ``max_jump`` (``id_jump``: no real gap is that wi
 every later id of the venue a duplicate; the stream goes on after its last id as if it never came).
 :data:`SKIP_REASONS` lists every reason a frame is skipped, with those the connection counts.
 
+A venue whose frames carry several ticks (OKX: one push, several ``data`` entries) returns them as a list from
+its parser: each is checked as a frame's tick is, in order; an event among them stops processing there, and the
+call that resumes takes the frame's remaining ticks first (:attr:`IngestPipeline._leftover`).  A frame that yields
+no tick (an empty list) counts as an event not carried.  Binance's frames are one tick each: the list case costs
+them nothing (it is tested after the ``dict`` case).
+
 Order books: given ``depth`` (an :class:`~ingestor.depth_books.DepthBooks`), the pipeline parses with the
 venue's ``parse_frame_depth`` and hands each ``depthUpdate`` diff to it (never to the sequencer: a book's
 continuity is its own procedure); the ``depth`` entries it returns are stored among the ticks, in order.  A
@@ -148,15 +154,17 @@ class IngestPipeline:
     ``max_jump``: how far ahead of its stream's last id a tick's id may be (see the module doc).
     """
 
-    __slots__ = ("_check", "_depth", "_holding", "_max_jump", "_parse", "_sequencer", "frames", "last_frame_us",
-                 "malformed", "refused", "rejected", "ticks", "unsupported", "venue")
+    __slots__ = ("_check", "_depth", "_holding", "_leftover", "_max_jump", "_parse", "_sequencer", "frames",
+                 "last_frame_us", "malformed", "refused", "rejected", "ticks", "unsupported", "venue")
 
     def __init__(
         self, venue: Venue, sequencer: Sequencer, holding: Collection[Ident] | None = None, *,
         max_jump: int = MAX_ID_JUMP, depth: DepthBooks | None = None,
     ) -> None:
         self.venue = venue
-        self._parse: Callable[[bytes | str, int], Tick | Reply | ServerShutdown | DepthDiff | None] = venue.parse_frame
+        self._parse: Callable[
+            [bytes | str, int], Tick | list[Tick] | Reply | ServerShutdown | DepthDiff | None
+        ] = venue.parse_frame
         self._depth = depth
         if depth is not None:
             parse_depth = getattr(venue, "parse_frame_depth", None)
@@ -175,6 +183,8 @@ class IngestPipeline:
         self.last_frame_us = 0
         #: frames refused, by kind (see the module doc)
         self.refused: dict[str, int] = {}
+        #: a frame of several ticks stopped at an event: its ticks, the next to take, the frame
+        self._leftover: tuple[list[Tick], int, bytes | str] | None = None
 
     def stats(self) -> PipelineStats:
         return PipelineStats(
@@ -196,6 +206,21 @@ class IngestPipeline:
         if not start:
             self.frames += len(frames)
             self.last_frame_us = ts
+            self._leftover = None
+        elif self._leftover is not None:
+            # The rest of a frame of several ticks whose event the caller has just dealt with.
+            entries, k, raw0 = self._leftover
+            self._leftover = None
+            ticks0: list[Tick] = []
+            held0: list[Tick] = []
+            event0, k = self._take_all(entries, k, raw0, carried, ticks0, held0)
+            if event0 is not None:
+                if k < len(entries):
+                    self._leftover = (entries, k, raw0)
+                return Ingested(ticks0, held0, event0, start)
+            if ticks0 or held0:
+                out = self.process(ts, frames, start, carried)
+                return Ingested(ticks0 + out.ticks, held0 + out.held, out.event, out.resume)
         parse = self._parse
         check = self._check
         holding = self._holding
@@ -253,6 +278,16 @@ class IngestPipeline:
                             break
                     else:
                         rejected += 1
+                elif type(r) is list:
+                    # Several ticks in one frame (an OKX push of several entries): each as above, in order.
+                    event, k = self._take_all(r, 0, raw, carried, ticks, held)
+                    if event is not None:
+                        if k < len(r):
+                            self._leftover = (r, k, raw)
+                        resume = i + 1
+                        break
+                    if not r:
+                        unsupported += 1
                 elif type(r) is DepthDiff:
                     depth = self._depth
                     if depth is None:
@@ -290,6 +325,51 @@ class IngestPipeline:
             self.rejected += rejected
             self.unsupported += unsupported
         return Ingested(ticks, held, event, resume)
+
+    def _take_all(
+        self, entries: list[Tick], k: int, raw: bytes | str, carried: Mapping[str, Collection[str]] | None,
+        ticks: list[Tick], held: list[Tick],
+    ) -> tuple[Event | None, int]:
+        """``entries[k:]`` (the ticks of one frame), each checked as :meth:`process` checks a frame's tick, into
+        ``ticks`` or ``held``; the event that stopped it and the index of the entry after it, or ``(None,
+        len(entries))``.  Counts what it accepts and rejects itself."""
+        check = self._check
+        holding = self._holding
+        hold_any = bool(holding)
+        ok = Verdict.OK
+        n = len(entries)
+        while k < n:
+            r = entries[k]
+            k += 1
+            if carried is not None:
+                channels = carried.get(r["symbol"])
+                if channels is None or r["channel"] not in channels:
+                    # the entries of a frame are of one stream: the rest of it is refused with this one
+                    return self._refuse(
+                        "unknown_symbol" if channels is None else "unsubscribed",
+                        f"{r['symbol']} {r['channel']} is not subscribed", raw,
+                    ), n
+            verdict = check(r)
+            if verdict is ok:
+                self.ticks += 1
+                if hold_any and (r["venue"], r["symbol"], r["channel"]) in holding:
+                    held.append(r)
+                else:
+                    ticks.append(r)
+            elif type(verdict) is GapReport:
+                if r["seq"] - verdict.first + 1 > self._max_jump:
+                    self._sequencer.retract(verdict)
+                    return self._refuse(
+                        "id_jump", f"id {r['seq']} is {r['seq'] - verdict.first + 1} ahead of the last", raw
+                    ), k
+                self.ticks += 1
+                if hold_any and (r["venue"], r["symbol"], r["channel"]) in holding:
+                    held.append(r)
+                else:
+                    return GapFound(verdict, r), k
+            else:
+                self.rejected += 1
+        return None, n
 
     def _refuse(self, kind: str, error: str, raw: bytes | str) -> BadFrame:
         refused = self.refused

@@ -2,11 +2,13 @@
 
 When the sequencer reports a jump in a trade or aggTrade stream, the tick that revealed it
 and every later tick of that stream are *held* (bounded) while one repair task fetches the
-missing ids from the venue's REST API (``historicalTrades`` / ``aggTrades`` with ``fromId``: the venue's
-:meth:`~ingestor.venue.Venue.backfill_call`, asked by :class:`~ingestor.rest.VenueRest`).
+missing ids from the venue's REST API (``historicalTrades`` / ``aggTrades`` with ``fromId``; OKX's
+``history-trades`` paged by trade id: the venue's :meth:`~ingestor.venue.Venue.backfill_call`, asked and read by
+:meth:`~ingestor.rest.VenueRest.fetch_ticks`).
 Then the fetched and the held ticks go into the ingress merged in ``seq`` order, so they reach
 Redis in order and nothing newer was stored first.  Whatever could not be fetched (older than
-the venue keeps, too large, REST failing or refused, the hold's time up) is published as an explicit
+the venue keeps, too large, REST failing or refused, the hold's time up; OKX: older than its history-trades
+serves, or ids a row aggregating several trades stands for) is published as an explicit
 gap marker (:func:`consumer_sdk.core.tick.make_gap_marker`) where the ids are missing: never silence.
 
 Bounds, since a repair holds its stream's live ticks:
@@ -383,7 +385,7 @@ class GapRepairer:
                         reason = HOLD_FULL
                         break
                     in_flight = True
-                    request = asyncio.ensure_future(self._rest.fetch(gap.channel, gap.symbol, next_id, s.page))
+                    request = asyncio.ensure_future(self._page(gap, next_id))
                     request.add_done_callback(_consume)
                     aborted = asyncio.ensure_future(abort.wait())
                     try:
@@ -397,9 +399,7 @@ class GapRepairer:
                         reason = HOLD_FULL
                         break
                     try:
-                        ticks = rows_to_ticks(
-                            gap.channel, request.result(), gap.venue, gap.symbol, time.time_ns() // 1000
-                        )
+                        ticks = request.result()
                         check_page(ticks, next_id, s.page)
                         check_against(ticks, held)
                     except RestRetryable as exc:
@@ -441,6 +441,18 @@ class GapRepairer:
         elif failed:
             self._record(False, reason)
         return fetched, reason
+
+    async def _page(self, gap: GapReport, from_id: int) -> list[Tick]:
+        """One page of the gap's ids from ``from_id`` on, as ticks: the client's ``fetch_ticks`` (the venue's own
+        answer reader), or its ``fetch`` and :func:`~ingestor.rest.rows_to_ticks` for a client with only that."""
+        rest = self._rest
+        assert rest is not None
+        fetch_ticks = getattr(rest, "fetch_ticks", None)
+        if fetch_ticks is not None:
+            ticks: list[Tick] = await fetch_ticks(gap.channel, gap.symbol, from_id, self.settings.page)
+            return ticks
+        rows = await rest.fetch(gap.channel, gap.symbol, from_id, self.settings.page)
+        return rows_to_ticks(gap.channel, rows, gap.venue, gap.symbol, time.time_ns() // 1000)
 
     async def _repair(self, gap: GapReport) -> None:
         ident = (gap.venue, gap.symbol, gap.channel)

@@ -361,6 +361,26 @@ class VenueRest:
             self._count(exc.kind)
             raise RestRefused(f"GET {path}: {exc}", kind=exc.kind) from None
 
+    async def fetch_ticks(self, channel: str, symbol: str, from_id: int, limit: int = 1000) -> list[Tick]:
+        """As :meth:`fetch`, made ticks: by the venue's own ``backfill_ticks`` when it has one (OKX: an answer in
+        an envelope, newest first), else :func:`rows_to_ticks`.  Stamped received when the answer is read; check
+        them with :func:`check_page`."""
+        convert = getattr(self.venue, "backfill_ticks", None)
+        if convert is None:
+            rows = await self.fetch(channel, symbol, from_id, limit)
+            return rows_to_ticks(channel, rows, self.venue.name, symbol, time.time_ns() // 1000)
+        call = self.venue.backfill_call(channel, symbol, from_id, limit)
+        if call is None:
+            self._count("http_status")
+            raise RestRefused(f"{self.venue.name} has no REST request for the ids of {channel}", kind="http_status")
+        body = await self.get_json(call.path, call.params)
+        try:
+            ticks: list[Tick] = convert(channel, body, symbol, time.time_ns() // 1000, from_id)
+        except RestError as exc:
+            self._count(exc.kind)
+            raise
+        return ticks
+
     async def get_json(self, path: str, params: Mapping[str, str | int]) -> Any:
         """``GET path?params`` -> the JSON it answers; a :class:`RestError` otherwise."""
         client = self._open()

@@ -233,6 +233,9 @@ class Ingestor:
         self._resync_logs: dict[str, Throttle] = {}
         #: the venue: its stream names, which connection carries which channel, its REST calls, its book rule
         self.profile = venue_profile(settings.venue)
+        self.profile.check_channels(settings.channels, settings.depth.speed_ms)
+        for symbol in settings.symbols:
+            self.profile.check_symbol(symbol)  # the venue's own form (OKX: instrument ids like BTC-USDT)
         d = settings.depth
         #: the order books, one per symbol (None: the channel ``depth`` is not configured)
         self.depth: DepthBooks | None = None

@@ -14,12 +14,20 @@ ingress ``offer``/``put`` (backpressure) with the ingest latency samples.
 - **Reconnect**: every failure leads to a capped, fully jittered delay that resets only after
   a connection stayed live for ``healthy_after`` seconds; the venue's ``Retry-After`` wins; a
   refusal that retrying cannot fix (HTTP 400/401/403/404) stops with a clear message.
-- **Heartbeats**: websockets answers the venue's pings at once with the same payload and sends
-  our own every ``ping_interval``; no pong within ``ping_timeout`` drops the connection.  A
+- **Heartbeats**, by the venue's :class:`~ingestor.venue.Heartbeat` style: ``ws_ping``, websockets answers the
+  venue's pings at once with the same payload and sends our own every ``ping_interval``; no pong within
+  ``ping_timeout`` drops the connection.  ``text_ping`` (OKX), no WebSocket pings are sent: a keepalive task per
+  connection sends the text ``ping`` once nothing arrived for ``ping_interval`` (below 30 s: OKX closes a
+  connection silent that long) and drops the connection when nothing, ``pong`` included, arrived within
+  ``ping_timeout`` after (counted ``no_pong``, as a WebSocket ping left unanswered; reconnect, resubscribe).  A
   watchdog on the monotonic clock drops a connection that delivered nothing for ``stall_timeout``
   and reports each stream whose seq has not moved for its channel's ``stale_after`` threshold.
-- **Subscribe**: requests paced under ``requests_per_s`` (Binance allows 5 messages a second);
-  replies are checked, and what failed is retried.
+- **Subscribe**: requests paced under ``requests_per_s`` (Binance allows 5 messages a second) and, for a venue
+  that limits them, under its ``max_ops_per_hour`` a connection (OKX: 480); new connections of a venue with a
+  ``max_connects_per_s`` (OKX: 3) are spaced under it across every session of the process.  Replies are
+  checked (a venue that acknowledges each stream of a request apart, OKX, is live once every stream is);
+  an error answer is counted (``subscribe_errors``) and logged with the request, and the streams it refused
+  are asked again unless the venue's ``classify_error`` says asking again cannot help.
 - **Order books**: with ``depth`` (:class:`~ingestor.depth_books.DepthBooks`) the pipeline hands every
   ``depthUpdate`` to the books; when a connection is lost (not rotated) every book it carried starts over
   (``resync:reconnect``), since the diffs sent meanwhile are gone.  :meth:`VenueSession.store_depth` puts the
@@ -58,7 +66,8 @@ from consumer_sdk.core.tick import Tick
 from distributor.ingress import IngressQueue
 from ingestor.binance import BINANCE_SPOT
 from ingestor.depth_books import DepthBooks
-from ingestor.lifecycle import Failure, Lifecycle, SessionState, classify_failure
+from ingestor.lifecycle import Failure, Lifecycle, RateWindow, SessionState, classify_failure
+from ingestor.okx import PING, TextKeepalive
 from ingestor.pipeline import BadFrame, GapFound, IngestPipeline, LoopError
 from ingestor.repair import GapRepairer
 from ingestor.sequencer import Sequencer
@@ -98,8 +107,8 @@ class _Link:
     """One WebSocket connection and what belongs to it."""
 
     __slots__ = (
-        "busy", "closing", "conn_id", "countdown", "last_frame", "live", "next_send", "opened", "pending", "retries",
-        "shutdown", "unsubscribing", "ws",
+        "busy", "closing", "conn_id", "countdown", "dropped", "keepalive", "last_frame", "live", "next_send", "opened",
+        "ops", "pending", "requests", "retries", "shutdown", "unsubscribing", "ws",
     )
 
     def __init__(self, ws: FeedLink | None, sample_every: int) -> None:
@@ -119,10 +128,22 @@ class _Link:
         self.next_send = 0.0
         #: subscribe retries in flight; cancelled when the link closes
         self.retries: set[asyncio.Task[None]] = set()
+        #: the text sent for each request id in flight (logged with the venue's error answer)
+        self.requests: dict[int, str] = {}
+        #: the venue's subscribe operations on this connection (None: no limit)
+        self.ops: RateWindow | None = None
+        #: the text keepalive task (``text_ping`` venues), cancelled when the link closes
+        self.keepalive: asyncio.Task[None] | None = None
+        #: why the session dropped this connection itself (the reader returns it)
+        self.dropped: str | None = None
 
 
 class _Fatal(Exception):
     pass
+
+
+#: one window a venue name, shared by every session of the process: its new connections a second
+_CONNECTS: dict[str, RateWindow] = {}
 
 
 class VenueSession:
@@ -145,7 +166,13 @@ class VenueSession:
         sample_every: int = DEFAULT_SAMPLE_EVERY,
         depth: DepthBooks | None = None,
     ) -> None:
-        if venue.heartbeat is not Heartbeat.WS_PING:
+        self.settings = s = settings or SessionSettings()
+        if venue.heartbeat is Heartbeat.TEXT_PING:
+            try:
+                TextKeepalive(0.0, interval=s.ping_interval, timeout=s.ping_timeout)
+            except ValueError as exc:
+                raise ConfigError(f"venue {venue.name}: session.ping_interval {s.ping_interval:g}: {exc}") from None
+        elif venue.heartbeat is not Heartbeat.WS_PING:
             raise ConfigError(f"venue {venue.name}: heartbeat style {venue.heartbeat} is not supported")
         self.session_id = next(_ids)
         self.url = ws_base.rstrip("/") + venue.ws_path
@@ -163,7 +190,6 @@ class VenueSession:
         self.pipeline = IngestPipeline(
             venue, sequencer, repairer.holds if repairer is not None else None, depth=depth
         )
-        self.settings = s = settings or SessionSettings()
         self._backoff = backoff or Backoff(base=s.backoff_base, cap=s.backoff_cap)
         self._throttle = Throttle(log)
         #: one throttle per kind of refusal: a flood of one kind never hides another
@@ -179,6 +205,15 @@ class VenueSession:
         self.been_live = False
         self.rotations = 0
         self.subscribe_errors = 0
+        #: text pings sent (``text_ping`` venues)
+        self.pings_sent = 0
+        #: the venue's error answers by code (``{"event": "error"}``: OKX); in ``subscribe_errors`` too but for
+        #: an unsubscribe's
+        self.venue_errors: dict[str, int] = {}
+        self._classify_error = getattr(venue, "classify_error", None)
+        self._max_ops = getattr(venue, "max_ops_per_hour", None)
+        connects = getattr(venue, "max_connects_per_s", None)
+        self._connects = _CONNECTS.setdefault(venue.name, RateWindow(connects, 1.0)) if connects else None
         self.unexpected_replies = 0
         self.stalls = 0
         self.reconnect_reasons: dict[str, int] = {}
@@ -349,8 +384,14 @@ class VenueSession:
         s = self.settings
         if rotating:
             self._to(SessionState.ROTATING, "replacing the connection")
+        if self._connects is not None:
+            wait = self._connects.reserve(time.monotonic())
+            if wait > 0:
+                await asyncio.sleep(wait)  # the venue's limit on new connections a second
+        text_ping = self.venue.heartbeat is Heartbeat.TEXT_PING
         ws = await self._connector.connect(
-            self.url, open_timeout=s.open_timeout, ping_interval=s.ping_interval, ping_timeout=s.ping_timeout
+            self.url, open_timeout=s.open_timeout, ping_interval=None if text_ping else s.ping_interval,
+            ping_timeout=None if text_ping else s.ping_timeout,
         )
         seen = getattr(ws, "refused", None)
         if isinstance(seen, dict):  # a connection that counts what it refuses: from now on with the session
@@ -362,6 +403,10 @@ class VenueSession:
             self._carried = {}
             self._carry(self.streams)
         link = _Link(ws, self.sample_every)
+        if self._max_ops:
+            link.ops = RateWindow(self._max_ops, 3600.0)
+        if text_ping:
+            link.keepalive = tg.create_task(self._keepalive(link), name=f"keepalive-{link.conn_id}")
         self._links.add(link)
         self.connects += 1
         if not rotating:
@@ -408,6 +453,8 @@ class VenueSession:
             self._link = None
         for task in list(link.retries):
             task.cancel()
+        if link.keepalive is not None:
+            link.keepalive.cancel()
         link.closing = True
         me = asyncio.current_task()
         if link.busy and not (me is not None and me.cancelling()):
@@ -436,10 +483,17 @@ class VenueSession:
             if wait > 0:
                 await asyncio.sleep(wait)
             link.next_send = time.monotonic() + 1.0 / s.requests_per_s
+            if link.ops is not None:
+                wait = link.ops.reserve(time.monotonic())
+                if wait > 0:
+                    log_event(log, logging.WARNING, "subscribe_ops_limit", session=self.session_id,
+                              conn_id=link.conn_id, wait_s=round(wait, 1), limit_per_hour=link.ops.limit)
+                    await asyncio.sleep(wait)
             if subscribe:
-                link.pending[req.id] = req.streams
+                link.pending[req.id] = list(req.streams)
             else:
-                link.unsubscribing[req.id] = req.streams
+                link.unsubscribing[req.id] = list(req.streams)
+            link.requests[req.id] = req.message
             assert link.ws is not None, "a link without a connection is never subscribed"
             await link.ws.send(req.message)
 
@@ -482,12 +536,15 @@ class VenueSession:
             await self._subscribe(link, streams, subscribe)
 
     def _on_reply(self, link: _Link, reply: Reply) -> None:
-        if type(reply.id) is int and reply.id in link.unsubscribing:
-            gone = link.unsubscribing.pop(reply.id)
-            if reply.error is not None:
-                log_event(log, logging.WARNING, "unsubscribe_failed", session=self.session_id,
-                          error=str(reply.error)[:200], streams=len(gone))
-                return
+        rid = reply.id if type(reply.id) is int else None
+        if reply.error is not None:
+            self._on_error(link, rid, reply)
+            return
+        # A venue that acknowledges each stream of a request apart (OKX) names it in the result.
+        result = reply.result
+        acked = result.get("stream") if type(result) is dict else None
+        if rid is not None and rid in link.unsubscribing:
+            gone = self._answered(link.unsubscribing, link, rid, acked)
             # No frame of these streams follows the reply: free their state now (it may have been
             # re-created by frames that were in flight when we asked).
             for name in gone:
@@ -500,24 +557,93 @@ class VenueSession:
                         if not channels:
                             del self._carried[symbol]
             return
-        streams = link.pending.pop(reply.id, None) if type(reply.id) is int else None
-        if streams is None:
+        if rid is None or rid not in link.pending:
             self.unexpected_replies += 1
             self._throttle.log(logging.WARNING, "unexpected_reply", session=self.session_id, sample=str(reply)[:200])
             return
-        if reply.error is not None:
-            self.subscribe_errors += 1
-            log_event(
-                log, logging.ERROR, "subscribe_failed", session=self.session_id, conn_id=link.conn_id,
-                error=str(reply.error)[:200], streams=len(streams),
-            )
-            # Owned by the link: _close cancels it with the connection.
-            task = asyncio.get_running_loop().create_task(self._retry_subscribe(link, streams))
-            link.retries.add(task)
-            task.add_done_callback(link.retries.discard)
-            return
+        self._answered(link.pending, link, rid, acked)
         if not link.pending:
             link.live.set()
+
+    @staticmethod
+    def _answered(requests: dict[int, list[str]], link: _Link, rid: int, acked: Any) -> list[str]:
+        """The streams request ``rid`` no longer waits for: the one ``acked`` names, or all of them."""
+        streams = requests[rid]
+        if type(acked) is str and acked in streams:
+            streams.remove(acked)
+            done = [acked]
+            if streams:
+                return done
+        else:
+            done = streams
+        del requests[rid]
+        link.requests.pop(rid, None)
+        return done
+
+    def _on_error(self, link: _Link, rid: int | None, reply: Reply) -> None:
+        """The venue's error answer: counted and logged with the request it answers; the streams it refused asked
+        again unless the venue says that cannot help."""
+        error = reply.error
+        code = str(error.get("code")) if isinstance(error, dict) else "error"
+        self.venue_errors[code[:20]] = self.venue_errors.get(code[:20], 0) + 1
+        failure = self._classify_error(reply) if self._classify_error is not None else None
+        fatal = failure is not None and failure.fatal
+        request = link.requests.pop(rid, None) if rid is not None else None
+        subscribing = rid is not None and rid in link.pending
+        if subscribing or rid is None or rid not in link.unsubscribing:
+            self.subscribe_errors += 1  # an unsubscribe refused is only logged, as before
+        streams = link.pending.pop(rid, []) if rid is not None and subscribing else []
+        if rid is not None and not subscribing:
+            streams = link.unsubscribing.pop(rid, [])
+        log_event(
+            log, logging.ERROR if subscribing or rid is None else logging.WARNING,
+            "subscribe_failed" if subscribing else "unsubscribe_failed" if streams else "venue_error",
+            session=self.session_id, conn_id=link.conn_id, error=str(error)[:200], request=(request or "")[:300],
+            streams=len(streams), retry=subscribing and not fatal,
+        )
+        if not subscribing:
+            return
+        if fatal:
+            # Asking again cannot help (an instrument the venue does not list): the others go on without these.
+            if not link.pending:
+                link.live.set()
+            return
+        # Owned by the link: _close cancels it with the connection.
+        task = asyncio.get_running_loop().create_task(self._retry_subscribe(link, streams))
+        link.retries.add(task)
+        task.add_done_callback(link.retries.discard)
+
+    # -- the text heartbeat ---------------------------------------------------------------------
+    async def _keepalive(self, link: _Link) -> None:
+        """A ``text_ping`` venue's connection: the text ``ping`` after ``ping_interval`` s without a frame; the
+        connection dropped when nothing arrived within ``ping_timeout`` s after (decisions:
+        :class:`~ingestor.okx.TextKeepalive`)."""
+        s = self.settings
+        monotonic = time.monotonic
+        keep = TextKeepalive(link.last_frame, interval=s.ping_interval, timeout=s.ping_timeout)
+        seen = link.last_frame
+        ws = link.ws
+        assert ws is not None
+        while True:
+            now = monotonic()
+            if link.last_frame > seen:  # the reader stamps every read: something arrived since
+                seen = link.last_frame
+                keep.received(seen)
+            action = keep.due(now)
+            if action == "ping":
+                try:
+                    await ws.send(PING)
+                except websockets.ConnectionClosed:
+                    return  # the reader sees it too
+                keep.sent(now)
+                self.pings_sent += 1
+            elif action == "drop":
+                detail = f"no pong within ping_timeout ({s.ping_timeout:g} s)"
+                self._on_refused("no_pong", detail)
+                link.dropped = f"heartbeat: {detail}"
+                ws.abort()  # the reader sees the connection closed and the loop reconnects
+                return
+            await asyncio.sleep(max(keep.wait(monotonic()), 0.01))
 
     # -- the read loop: the hot part ----------------------------------------------------------
     async def ingest(self, ts: int, frames: Sequence[bytes]) -> str | None:
@@ -557,6 +683,8 @@ class VenueSession:
                 if link.closing:
                     return "replaced"
         except websockets.ConnectionClosed as exc:
+            if link.dropped is not None:
+                return link.dropped
             sent = exc.sent
             if sent is not None and sent.code == 1011 and "keepalive" in sent.reason:
                 self._on_refused("no_pong", f"no pong within ping_timeout ({self.settings.ping_timeout} s)")

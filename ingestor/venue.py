@@ -3,12 +3,19 @@
 :class:`Venue` is everything venue-specific the session and the pipeline need, as pure calls: the
 URL path of its WebSocket endpoint, its stream names, the messages that subscribe and unsubscribe
 them, how its connections are kept alive, how one frame becomes a tick, and the REST calls that
-backfill a gap or fetch a snapshot.  Implemented: :class:`ingestor.binance.BinanceSpot`,
+backfill a gap or fetch a snapshot.  Implemented: :class:`ingestor.binance.BinanceSpot`, :class:`ingestor.okx.OkxV5`,
 :class:`ingestor.binance_usdm.BinanceUsdm` (one per routed path, ``/public`` and ``/market``) and
 :class:`ingestor.binance_coinm.BinanceCoinm`; :mod:`ingestor.venues` names them (``binance``, ``binance_usdm``,
 ``binance_coinm``) with what the ingestor needs of a venue as a whole (hosts, channels, which connection carries
 which channel, the rule its order books follow).  Another venue is one more class with these members and one
 more profile there; the session, the pipeline, the sequencer, the repair and the writer stay as they are.
+
+Optional members, read with ``getattr`` (a venue without them has none of these needs): ``classify_error``
+(a :class:`Reply` carrying an error -> an :class:`ingestor.lifecycle.Failure`, ``fatal`` when asking again cannot
+help: the session then does not), ``max_connects_per_s`` (new connections a second across the process),
+``max_ops_per_hour`` (subscribe requests an hour per connection) and ``backfill_ticks(channel, body, symbol,
+ts_recv, from_id)`` (the answer to :meth:`Venue.backfill_call` -> ticks, oldest first, for a venue whose answer is
+not Binance's list of rows).  :class:`ingestor.okx.OkxV5` has them all.
 
 A venue that keeps order books (channel ``depth``) has one more member, ``parse_frame_depth``: as
 ``parse_frame``, and a ``depthUpdate`` -> an :class:`ingestor.depth.DepthDiff` (the pipeline asks for it only
@@ -20,7 +27,8 @@ real one (the ``websockets`` library); :class:`ingestor.memory.MemoryConnector` 
 unit tests.  A link signals its end the way ``websockets`` does, by raising
 :class:`websockets.exceptions.ConnectionClosed`.
 
-What a frame can be (:meth:`Venue.parse_frame`): a tick (``dict``, :mod:`consumer_sdk.core.tick`), a
+What a frame can be (:meth:`Venue.parse_frame`): a tick (``dict``, :mod:`consumer_sdk.core.tick`), a list of
+ticks (a venue whose pushes carry several entries, OKX: in the venue's order, possibly empty), a
 :class:`Reply` to one of our requests, a :class:`ServerShutdown` notice, or ``None`` for an event the
 project does not carry; a frame it cannot read raises :class:`MalformedFrame`.
 """
@@ -102,11 +110,18 @@ class Heartbeat(StrEnum):
 
     ``ws_ping``: WebSocket ping frames.  The library answers the venue's pings at once with the same
     payload and sends ours every ``ping_interval``; no pong within ``ping_timeout`` drops the
-    connection.  A venue that wants an application-level ping (OKX's text ``ping``) adds a member
-    here and the session its keepalive task.
+    connection.
+
+    ``text_ping``: the application's own text ``ping`` (OKX), answered with the text ``pong``.  The
+    session sends it once nothing arrived for the venue's ``keepalive_interval`` seconds (below the
+    venue's own silence limit: OKX closes a connection quiet for 30 s) and drops the connection when
+    nothing, ``pong`` included, arrived within its ``keepalive_timeout`` after (``no_pong``); the
+    decisions are :class:`ingestor.okx.TextKeepalive`'s.  WebSocket pings are not sent on such a
+    connection (the venue's own are still answered).
     """
 
     WS_PING = "ws_ping"
+    TEXT_PING = "text_ping"
 
 
 class Venue(Protocol):
@@ -137,7 +152,7 @@ class Venue(Protocol):
     def unsubscribe_requests(self, streams: Sequence[str], first_id: int, per_request: int) -> list[VenueRequest]:
         """Messages giving ``streams`` up, as :meth:`subscribe_requests`."""
 
-    def parse_frame(self, raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerShutdown | None:
+    def parse_frame(self, raw: str | bytes, ts_recv: int) -> Tick | list[Tick] | Reply | ServerShutdown | None:
         """One frame received at ``ts_recv`` (µs) -> what it is (see the module doc); raises
         :class:`MalformedFrame`.  Called once per frame on the hot path: keep it a plain function."""
 

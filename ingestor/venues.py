@@ -12,13 +12,25 @@ name                  WebSocket                        REST                     
 ``binance``           ``wss://stream.binance.com:9443``  ``https://api.binance.com`` (v3)  spot       1024
 ``binance_usdm``      ``wss://fstream.binance.com``    ``https://fapi.binance.com``      futures    200
 ``binance_coinm``     ``wss://dstream.binance.com``    ``https://dapi.binance.com``      futures    200
+``okx``               ``wss://ws.okx.com:8443``        ``https://www.okx.com`` (v5)      (none)     240
 ===================== ================================ ================================= ========== =========
 
-Stream keys are ``<prefix>:<name>:<SYMBOL>:<channel>`` (``md:binance_usdm:BTCUSDT:mark_price``).
+Stream keys are ``<prefix>:<name>:<SYMBOL>:<channel>`` (``md:binance_usdm:BTCUSDT:mark_price``); OKX's symbols are
+its instrument ids (``md:okx:BTC-USDT:trade``, ``md:okx:BTC-USDT-SWAP:book_ticker``).
+
+``okx`` (:class:`ingestor.okx.OkxV5`, path ``/ws/v5/public``) carries ``trade`` (``trades``, gaps repaired over
+``/api/v5/market/history-trades`` where the venue still has the ids, marked otherwise) and ``book_ticker``
+(``bbo-tbt``); its order books (``books``) are not carried yet.  Its connections keep OKX's limits (3 new
+connections a second, 480 subscribe operations an hour each) and its text ``ping`` heartbeat; 240 streams a
+connection keeps a reconnect's resubscription to 3 requests.
+
+:meth:`VenueProfile.check_symbol` says whether a symbol has the venue's form (Binance: ``BTCUSDT``; OKX:
+``BTC-USDT``, ``BTC-USDT-SWAP``, ``BTC-USD-220527``); whether the venue lists it only the venue knows.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -45,6 +57,9 @@ from ingestor.binance_usdm import VENUE as USDM
 from ingestor.binance_usdm import WS_URL as USDM_WS_URL
 from ingestor.binance_usdm import channel_to_stream as usdm_stream
 from ingestor.depth import DepthRule
+from ingestor.okx import OKX_V5
+from ingestor.okx import REST_BASE as OKX_REST_URL
+from ingestor.okx import WS_BASE as OKX_WS_URL
 from ingestor.venue import Venue
 
 __all__ = [
@@ -79,6 +94,14 @@ class VenueProfile:
     _stream: Callable[[str, str, int], str]
     #: the diff depth speeds (ms) it has
     depth_speeds: tuple[int, ...] = (100,)
+    #: the form of its symbols (a full match), and how a message describes it
+    symbol_form: str = r"[A-Z0-9_]{1,40}"
+    symbol_example: str = "letters, digits and _ (BTCUSDT)"
+
+    def check_symbol(self, symbol: str) -> None:
+        """:class:`ConfigError` when ``symbol`` does not have the venue's form (see the module doc)."""
+        if re.fullmatch(self.symbol_form, symbol) is None:
+            raise ConfigError(f"invalid symbol {symbol!r} for {self.name}: expected {self.symbol_example}")
 
     def check_channels(self, channels: Iterable[str], depth_ms: int = 100) -> None:
         """:class:`ConfigError` naming the first channel the venue does not carry, or a depth speed it lacks."""
@@ -147,6 +170,23 @@ def _coinm_stream(symbol: str, channel: str, depth_ms: int) -> str:
     return BINANCE_COINM.stream_name(symbol, channel)
 
 
+#: the channels OKX public carries here (``depth``, its ``books``, needs an order book procedure of its own)
+OKX_CARRIED: Final = ("trade", "book_ticker")
+
+
+def _okx_check(channel: str) -> None:
+    if channel in OKX_CARRIED:
+        return
+    if channel == "depth":
+        raise ConfigError("channel 'depth' is not available on okx yet (its books are not carried): expected "
+                          + " or ".join(OKX_CARRIED))
+    raise ConfigError(f"channel {channel!r} is not available on okx: expected " + " or ".join(OKX_CARRIED))
+
+
+def _okx_stream(symbol: str, channel: str, depth_ms: int) -> str:
+    return OKX_V5.stream_name(symbol, channel)
+
+
 #: every venue the ingestor runs on, by name
 VENUES: Final[Mapping[str, VenueProfile]] = {
     p.name: p
@@ -169,12 +209,19 @@ VENUES: Final[Mapping[str, VenueProfile]] = {
             max_streams=MAX_STREAMS_PER_CONNECTION, rest_venue=BINANCE_COINM,
             _check=_coinm_check, _route=lambda channel: BINANCE_COINM, _stream=_coinm_stream,
         ),
+        VenueProfile(
+            name=OKX_V5.name, ws_url=OKX_WS_URL, rest_url=OKX_REST_URL, domain="okx.com",
+            depth_rule=DepthRule.FUTURES, max_streams=240, rest_venue=OKX_V5,
+            _check=_okx_check, _route=lambda channel: OKX_V5, _stream=_okx_stream,
+            symbol_form=r"[A-Z0-9]{1,20}(?:-[A-Z0-9]{1,20}){1,4}",
+            symbol_example="an OKX instrument id, e.g. BTC-USDT, BTC-USDT-SWAP or BTC-USD-220527",
+        ),
     )
 }
 
 
 def known_venues() -> str:
-    """The venue names, for a message: ``binance, binance_coinm or binance_usdm``."""
+    """The venue names, for a message: ``binance, binance_coinm, binance_usdm or okx``."""
     names = sorted(VENUES)
     return ", ".join(names[:-1]) + " or " + names[-1]
 

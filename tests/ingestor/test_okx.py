@@ -27,7 +27,6 @@ from ingestor.okx import (
     MAX_REQUEST_BYTES,
     OKX_V5,
     PARSE_REFUSALS,
-    OkxHeartbeat,
     OkxV5,
     TextKeepalive,
     classify_error,
@@ -39,8 +38,8 @@ from ingestor.okx import (
 )
 from ingestor.rest import RestRefused, RestRetryable, check_page
 from ingestor.sequencer import GapReport, Sequencer
-from ingestor.session import VenueSession
-from ingestor.venue import MalformedFrame, Reply, RestCall, ServerShutdown, Venue
+from ingestor.session import SessionSettings, VenueSession
+from ingestor.venue import Heartbeat, MalformedFrame, Reply, RestCall, ServerShutdown, Venue
 
 CAPTURE = Path(__file__).resolve().parents[1] / "fixtures" / "okx-2022-05-13.jsonl"
 TS_RECV = 1_652_459_225_000_000
@@ -272,12 +271,16 @@ def test_text_keepalive_pings_after_a_quiet_spell_and_drops_without_an_answer() 
         TextKeepalive(0.0, interval=30.0)
 
 
-def test_the_session_refuses_the_text_heartbeat_it_cannot_carry_out() -> None:
-    assert OKX_V5.heartbeat is OkxHeartbeat.TEXT_PING
-    with pytest.raises(ConfigError, match="text_ping is not supported"):
+def test_the_session_carries_out_the_text_heartbeat_within_the_venues_silence_limit() -> None:
+    assert OKX_V5.heartbeat is Heartbeat.TEXT_PING
+    VenueSession(
+        ws_base=okx.WS_BASE, streams=["trades:BTC-USDT"], ingress=IngressQueue(8), sequencer=Sequencer(),
+        ingest_latency=LatencyHistogram(), venue=OKX_V5,
+    )
+    with pytest.raises(ConfigError, match="30 s"):
         VenueSession(
             ws_base=okx.WS_BASE, streams=["trades:BTC-USDT"], ingress=IngressQueue(8), sequencer=Sequencer(),
-            ingest_latency=LatencyHistogram(), venue=OKX_V5,  # type: ignore[arg-type]
+            ingest_latency=LatencyHistogram(), venue=OKX_V5, settings=SessionSettings(ping_interval=30.0),
         )
 
 
@@ -418,7 +421,7 @@ def test_it_has_every_member_of_the_venue_protocol() -> None:
     for name in members:
         assert hasattr(OKX_V5, name), name
     assert (OKX_V5.name, OKX_V5.ws_path) == ("okx", "/ws/v5/public")
-    assert OKX_V5.parse_frame is parse_frame
+    assert OKX_V5.parse_frame is parse_message
 
 
 @pytest.mark.parametrize(("venue", "symbol", "channel", "stream"), [
@@ -502,6 +505,13 @@ def test_history_rows_become_the_live_ticks_oldest_first() -> None:
     assert history_trades_to_ticks(history_body([]), "BTC-USDT", 5, 0) == []
 
 
+def test_a_history_row_counting_several_trades_is_left_out_so_its_ids_stay_a_hole() -> None:
+    older = {**TRADE, "tradeId": "338476305"}
+    body = history_body([{**TRADE, "tradeId": "338476309"}, {**TRADE, "tradeId": "338476308", "count": "2"}, older])
+    ticks = history_trades_to_ticks(body, "BTC-USDT", 5, 0)
+    assert [t["seq"] for t in ticks] == [338476305, 338476309]
+
+
 @pytest.mark.parametrize(("body", "error", "kind"), [
     ([], RestRefused, "bad_json"),
     ({"code": "0", "data": {}}, RestRefused, "bad_json"),
@@ -510,7 +520,7 @@ def test_history_rows_become_the_live_ticks_oldest_first() -> None:
     ({"code": "51001", "msg": "Instrument ID does not exist", "data": []}, RestRefused, "http_status"),
     (history_body([{**TRADE, "instId": "ETH-USDT"}]), RestRefused, "wrong_symbol"),
     (history_body([{**TRADE, "px": "0"}]), RestRefused, "bad_row"),
-    (history_body([{**TRADE, "count": "2"}]), RestRefused, "bad_row"),
+    (history_body([{**TRADE, "count": "0"}]), RestRefused, "bad_row"),
     (history_body([{k: v for k, v in TRADE.items() if k != "ts"}]), RestRefused, "bad_row"),
     (history_body([TRADE, {**TRADE, "tradeId": "338476308"}]), RestRefused, "bad_row"),  # not newest first
     (history_body([TRADE, TRADE]), RestRefused, "bad_row"),

@@ -56,7 +56,7 @@ def test_an_unknown_venue_is_one_line_naming_the_known_ones(tmp_path: Path) -> N
                   {"toml": 'venue = "kraken"\n', "tmp_path": tmp_path}):
         with pytest.raises(ConfigError) as refused:
             load(**given)
-        assert str(refused.value) == "unknown venue 'kraken': expected binance, binance_coinm or binance_usdm"
+        assert str(refused.value) == "unknown venue 'kraken': expected binance, binance_coinm, binance_usdm or okx"
 
 
 @pytest.mark.parametrize(
@@ -85,7 +85,7 @@ def test_market_ingest_on_an_unknown_venue_is_one_line_and_exit_2() -> None:
         env={**{k: v for k, v in os.environ.items() if not k.startswith("MARKET_")}, "MARKET_VENUE": "kraken"},
     )
     assert (proc.returncode, proc.stderr) == (
-        2, "market: error: unknown venue 'kraken': expected binance, binance_coinm or binance_usdm\n"
+        2, "market: error: unknown venue 'kraken': expected binance, binance_coinm, binance_usdm or okx\n"
     )
 
 
@@ -96,5 +96,5 @@ def test_market_ingest_venue_flag_over_the_environment() -> None:
         env={**{k: v for k, v in os.environ.items() if not k.startswith("MARKET_")}, "MARKET_VENUE": "binance"},
     )
     assert (proc.returncode, proc.stderr) == (
-        2, "market: error: unknown venue 'okx_v9': expected binance, binance_coinm or binance_usdm\n"
+        2, "market: error: unknown venue 'okx_v9': expected binance, binance_coinm, binance_usdm or okx\n"
     )

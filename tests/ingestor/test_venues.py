@@ -40,8 +40,8 @@ def coinm_frames(event: str) -> list[tuple[bytes, dict[str, Any]]]:
 
 
 def test_the_venues_by_name() -> None:
-    assert sorted(VENUES) == ["binance", "binance_coinm", "binance_usdm"]
-    assert known_venues() == "binance, binance_coinm or binance_usdm"
+    assert sorted(VENUES) == ["binance", "binance_coinm", "binance_usdm", "okx"]
+    assert known_venues() == "binance, binance_coinm, binance_usdm or okx"
     spot, usdm, coinm = venue_profile("binance"), venue_profile("binance_usdm"), venue_profile("binance_coinm")
     assert (spot.depth_rule, usdm.depth_rule, coinm.depth_rule) == (DepthRule.SPOT, DepthRule.FUTURES,
                                                                    DepthRule.FUTURES)
@@ -54,7 +54,7 @@ def test_an_unknown_venue_is_one_line_naming_the_known_ones() -> None:
     with pytest.raises(ConfigError) as refused:
         venue_profile("binance_options")
     assert str(refused.value) == (
-        "unknown venue 'binance_options': expected binance, binance_coinm or binance_usdm"
+        "unknown venue 'binance_options': expected binance, binance_coinm, binance_usdm or okx"
     )
 
 

@@ -61,6 +61,9 @@ def test_five_minutes_every_fault_kind_no_invariant_break(tmp_path: Path) -> Non
     streams = report["streams"]
     assert len(streams) == 4 and all(s["breaks"] == 0 and s["stored"] > 1000 for s in streams.values())
     assert all(s["consumer_missing"] == 0 for s in streams.values())
+    assert all(s["venue_missing"] == 0 and s["venue_newest"] is not None for s in streams.values()), streams
+    assert report["venue"] == "binance" and report["checked_channels"] == ["trade", "agg_trade"]
+    assert report["faults_not_applicable"] == {} and report["extra_streams"] == {}
     kills = report["restarts"]
     assert sum(p["scheduled_kills"] for p in kills.values()) >= 2
     assert all(p["unexpected"] == [] for p in kills.values())

@@ -663,12 +663,19 @@ def demo(
 # ----------------------------------------------------------------------------------------------
 @app.command()
 def soak(
+    venue: Annotated[
+        str, typer.Option(help="binance (spot) | binance_usdm | binance_coinm | okx: the simulator's profile and the "
+                               "ingestors' venue")
+    ] = "binance",
     duration: Annotated[float, typer.Option(help="seconds to run")] = 300.0,
     rate: Annotated[float, typer.Option(help="simulated ticks per second in total")] = 400.0,
-    symbols: Annotated[str, typer.Option(help="comma-separated symbols")] = "BTCUSDT,ETHUSDT",
-    channels: Annotated[str, typer.Option(help="comma-separated channels (trade and agg_trade are checked)")] = (
-        "trade,agg_trade"
-    ),
+    symbols: Annotated[
+        str | None, typer.Option(help="comma-separated symbols (default: the venue's BTC and ETH ones)")
+    ] = None,
+    channels: Annotated[
+        str | None,
+        typer.Option(help="comma-separated channels (default: the venue's; its trade and agg_trade ids are checked)"),
+    ] = None,
     faults: Annotated[
         str, typer.Option(help="all | none | kind[=N/h],... (kinds: see docs/soak.md)")
     ] = "all",
@@ -681,18 +688,25 @@ def soak(
     """
     from ingestor.config import load_settings
     from ops.soak import SoakConfig, run_soak
-    from ops.soak_plan import parse_faults, plan
+    from ops.soak_plan import applicable_faults, parse_faults, plan, venue_plan
 
     if not duration > 0:
         fail(f"--duration must be positive, got {duration}")
     if not 0 < rate <= 100_000:
         fail(f"--rate must be above 0 and at most 100000, got {rate}")
-    checked = load_settings({"symbols": symbols, "channels": channels}, {})  # the ingestor's own validation
-    cfg = SoakConfig(
-        duration=duration, rate=rate, symbols=tuple(checked.symbols), channels=tuple(checked.channels),
-        faults=parse_faults(faults), seed=seed, out=out,
+    venue_p = venue_plan(venue)
+    checked = load_settings(  # the ingestor's own validation, for the venue
+        {"venue": venue, "symbols": symbols or ",".join(venue_p.symbols),
+         "channels": channels or ",".join(venue_p.channels)}, {},
     )
-    plan(cfg.faults, cfg.duration, cfg.seed)  # a schedule that cannot fit is bad input, said before anything starts
+    cfg = SoakConfig(
+        venue=venue, duration=duration, rate=rate, symbols=tuple(checked.symbols),
+        channels=tuple(checked.channels), faults=parse_faults(faults), seed=seed, out=out,
+    )
+    kept, not_applicable = applicable_faults(venue_p, cfg.faults)
+    for kind, why in not_applicable.items():
+        print(f"fault {kind} not applicable to {venue}: {why}", file=sys.stderr)
+    plan(kept, cfg.duration, cfg.seed)  # a schedule that cannot fit is bad input, said before anything starts
     report = run_async(run_soak(cfg))
     print(f"soak {'passed' if report['passed'] else 'FAILED'}: report in {out}/report.md", file=sys.stderr)
     raise typer.Exit(0 if report["passed"] else 1)

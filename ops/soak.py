@@ -6,20 +6,23 @@ What runs (every process a real one, every fault a real one):
 
 - Redis with AOF (``appendfsync everysec``) in ``DIR/redis``, capped at ``maxmemory``, behind a TCP
   fault proxy that every client goes through (so the link to Redis can be black-holed);
-- the venue simulator (``ops.soak simulator``), with a short connection age so ``serverShutdown``
-  and make-before-break rotation happen many times an hour;
+- the venue simulator (``ops.soak simulator``) with the profile of ``--venue`` (Binance spot by default,
+  USD-M or COIN-M futures, OKX) and its limits, with a short connection age so the venue's planned close
+  (``serverShutdown``, OKX's 64008 notice) and make-before-break rotation happen many times an hour;
 - two ingestors on the same feed for redundancy (``market ingest``), each behind its own fault
   proxy to the venue, each with its own spill log and a co-located subscriber that checks the order
   of what the hot path hands it (``ops.soak:co_located``); the second one has a 1 MB spill cap;
 - two SDK consumers in one group (``ops.soak consumer``), each writing the seq runs it handled to its
   own file before its reads are acknowledged.
 
-The checker reads every stream as it grows and holds it to the invariant of
-:class:`ops.soak_plan.StreamCheck`; at the end every consumer-handled run is compared with what was
-stored.  Resources (RSS, threads, open fds and asyncio tasks of every process; Redis memory; ingress
-and spill; reconnects) and each ingestor's latency per stage (p50 and p99 of frame -> ingress, frame ->
-co-located subscriber, frame -> Redis acknowledged, over each sampling interval, from its metrics
-endpoint) are sampled every ``sample_s`` seconds; the per-process series are tested for growth over
+The checker reads every stream of the venue's contiguous ids (:data:`ops.soak_plan.VENUE_PLANS`: trades and
+aggregate trades on spot, aggregate trades on futures, trades on OKX) as it grows and holds it to the invariant
+of :class:`ops.soak_plan.StreamCheck`; the other channels (book tickers, mark prices) run alongside, unchecked.
+At the end the venue's newest ids (its own REST history) are compared with what was stored, and every
+consumer-handled run with what was stored.  Resources (RSS, threads, open fds and asyncio tasks of every
+process; Redis memory; ingress and spill; reconnects) and each ingestor's latency per stage (p50 and p99 of
+frame -> ingress, frame -> co-located subscriber, frame -> Redis acknowledged, over each sampling interval, from
+its metrics endpoint) are sampled every ``sample_s`` seconds; the per-process series are tested for growth over
 the second half.
 The report (``report.json``, ``report.md``, plots) is written at the end, also after Ctrl-C, and
 refreshed every minute while the run lasts.
@@ -51,22 +54,32 @@ from ops.soak_plan import (
     FAULT_KINDS,
     FaultEvent,
     StreamCheck,
+    applicable_faults,
+    checked_channels,
     grows_without_bound,
+    history_path,
     missing_from,
+    newest_id,
     plan,
     recovery_summary,
+    venue_plan,
 )
 
-__all__ = ["SoakConfig", "co_located", "latency_fields", "run_soak", "scrape_latency", "simulator_history"]
+__all__ = [
+    "SoakConfig", "co_located", "latency_fields", "run_soak", "scrape_latency", "simulator_history", "simulator_limits",
+]
 
 GROUP: Final = "soak"
 CHECKED_CHANNELS: Final = ("trade", "agg_trade")
+#: how long the ingestors get at the end to store the venue's newest ids before they stop
+CATCH_UP_S: Final = 60.0
 #: how long a fault's end may take to heal before it counts as not recovered
 RECOVERY_LIMIT_S: Final = 300.0
 
 
 @dataclass(frozen=True)
 class SoakConfig:
+    venue: str = "binance"
     duration: float = 300.0
     rate: float = 400.0
     symbols: tuple[str, ...] = ("BTCUSDT", "ETHUSDT")
@@ -126,14 +139,14 @@ def _write_stats(path: str, tasks: int) -> None:
 
 
 async def _consumer_main(
-    redis_url: str, prefix: str, name: str, out: str, channels: Sequence[str], stats: str,
+    redis_url: str, prefix: str, name: str, out: str, channels: Sequence[str], stats: str, venue: str = "binance",
 ) -> None:
     """One consumer of the group: every batch's seq runs go to ``out`` (one write) before its acks."""
     from consumer_sdk import Consumer
 
     reporter = asyncio.create_task(_report_tasks(stats))
 
-    patterns = [f"binance:*:{c}" for c in channels]
+    patterns = [f"{venue}:*:{c}" for c in channels]
     consumer = Consumer(redis_url=redis_url, patterns=patterns, group=GROUP, consumer=name, prefix=prefix,
                         start_id="0", claim_idle_ms=5000, rescan_s=1.0)
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -166,21 +179,31 @@ def simulator_history(rate: float, symbols: int) -> int:
     return max(100_000, int(rate * 600 / max(1, symbols)))
 
 
+def simulator_limits(venue: str) -> dict[str, Any]:
+    """The venue's own limits the soak's simulator takes (``market simulate --venue``'s defaults, its symbols
+    aside); Binance spot keeps :class:`~ops.simulator.SimulatorConfig`'s, as the soak always ran it."""
+    from ops.simulator.profiles import VENUE_DEFAULTS
+
+    if venue == "binance":
+        return {}
+    return {k: v for k, v in VENUE_DEFAULTS[venue].items() if k != "symbols"}
+
+
 async def _simulator_main(
-    port: int, symbols: Sequence[str], rate: float, seed: int, max_age: float, stats: str,
+    port: int, symbols: Sequence[str], rate: float, seed: int, max_age: float, stats: str, venue: str = "binance",
 ) -> None:
-    from ops.simulator import Simulator, SimulatorConfig
+    from ops.simulator import SimulatorConfig, run_simulator
 
     # The history is allocated in full at start: the venue's memory is flat from its first second, so a
     # slope in the report is the product's, not the test venue's rings filling.
-    config = SimulatorConfig(port=port, symbols=tuple(symbols), rate=rate, seed=seed, id_base=0,
+    config = SimulatorConfig(venue=venue, port=port, symbols=tuple(symbols), rate=rate, seed=seed, id_base=0,
                              max_connection_age=max_age, shutdown_notice=min(10.0, max_age / 4),
                              history=simulator_history(rate, len(symbols)), preallocate_history=True,
-                             depth=False)  # the soak's ingestors carry no order books yet
+                             depth=False,  # the soak's ingestors carry no order books yet
+                             **simulator_limits(venue))
     reporter = asyncio.create_task(_report_tasks(stats))
     try:
-        async with Simulator(config) as sim:
-            await sim.serve_forever()
+        await run_simulator(config)
     finally:
         reporter.cancel()
 
@@ -321,7 +344,12 @@ class Soak:
         self.cfg = cfg
         self.out = cfg.out
         self.prefix = f"soak{cfg.seed}"
-        self.events = plan(cfg.faults, cfg.duration, cfg.seed)
+        self.venue = venue_plan(cfg.venue)
+        #: the channels held to the stream invariant; the others run alongside, unchecked
+        self.checked = checked_channels(self.venue, cfg.channels)
+        #: the kinds asked for that the venue's profile cannot take (kind -> why): reported, never injected
+        self.faults, self.not_applicable = applicable_faults(self.venue, cfg.faults)
+        self.events = plan(self.faults, cfg.duration, cfg.seed)
         self.checks: dict[str, StreamCheck] = {}
         self.cursors: dict[str, str] = {}
         self.samples: list[dict[str, Any]] = []
@@ -337,6 +365,12 @@ class Soak:
         self.sim_port = 0
         self._pending_recovery: list[tuple[dict[str, Any], dict[str, int]]] = []
         self.stopped_early = False
+        #: per checked stream: the venue's newest id when the feed stopped, and how many ids up to it are neither
+        #: stored nor marked
+        self.venue_newest: dict[str, int] = {}
+        self.venue_missing: dict[str, int | None] = {}
+        #: the unchecked streams (book tickers, mark prices): their entries at the end
+        self.extra_streams: dict[str, int] = {}
         #: each ingestor's Prometheus port, and its latency histograms at the last sample (for windowed percentiles)
         self.metrics_ports: dict[str, int] = {}
         self._latency_seen: dict[str, dict[str, LatencyHistogram]] = {}
@@ -354,18 +388,23 @@ class Soak:
         return f"http://127.0.0.1:{self.sim_port}"
 
     def keys(self) -> list[str]:
-        return [f"{self.prefix}:binance:{s}:{c}" for s in self.cfg.symbols for c in self.cfg.channels
-                if c in CHECKED_CHANNELS]
+        """The checked streams' keys."""
+        return [f"{self.prefix}:{self.venue.name}:{s}:{c}" for s in self.cfg.symbols for c in self.checked]
+
+    def extra_keys(self) -> list[str]:
+        """The unchecked streams' keys (the channels asked for that are not the venue's contiguous ids)."""
+        return [f"{self.prefix}:{self.venue.name}:{s}:{c}" for s in self.cfg.symbols for c in self.cfg.channels
+                if c not in self.checked]
 
     async def venue_last(self) -> dict[str, int]:
-        """The venue's newest trade and aggregate trade id per stream (its REST API)."""
+        """The venue's newest id per checked stream (its REST history: trades, aggregate trades)."""
         out: dict[str, int] = {}
         for key in self.keys():
             _, _, symbol, channel = key.split(":")
-            path = "trades" if channel == "trade" else "aggTrades"
-            rows = await asyncio.to_thread(_http_json, f"{self.rest_url}/api/v3/{path}?symbol={symbol}&limit=1")
-            if rows:
-                out[key] = int(rows[-1]["id" if channel == "trade" else "a"])
+            url = self.rest_url + history_path(self.venue, symbol, channel)
+            newest = newest_id(self.venue, channel, await asyncio.to_thread(_http_json, url))
+            if newest is not None:
+                out[key] = newest
         return out
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -378,7 +417,8 @@ class Soak:
                     "PYTHONUNBUFFERED": "1"}
         (self.out / "stats").mkdir(parents=True, exist_ok=True)
         sim = _Proc("simulator", [py, "-m", "ops.soak", "simulator", str(self.sim_port), ",".join(cfg.symbols),
-                                  str(cfg.rate), str(cfg.seed), str(max_age), str(self.stats_path("simulator"))],
+                                  str(cfg.rate), str(cfg.seed), str(max_age), str(self.stats_path("simulator")),
+                                  self.venue.name],
                     base_env,
                     self.out / "logs" / "simulator.log")
         self.procs["simulator"] = sim
@@ -386,7 +426,7 @@ class Soak:
         deadline = time.monotonic() + 20
         while True:
             try:
-                await asyncio.to_thread(_http_json, f"{self.rest_url}/api/v3/ping", 1.0)
+                await asyncio.to_thread(_http_json, self.rest_url + self.venue.ping, 1.0)
                 break
             except OSError:
                 if time.monotonic() > deadline:
@@ -409,7 +449,8 @@ class Soak:
             self.metrics_ports[f"ingestor-{i}"] = metrics_port = free_port()
             self.procs[f"ingestor-{i}"] = _Proc(
                 f"ingestor-{i}",
-                [py, "-m", "ops.cli", "ingest", "--url", proxy.url, "--rest-url", self.rest_url,
+                [py, "-m", "ops.cli", "ingest", "--venue", self.venue.name, "--url", proxy.url,
+                 "--rest-url", self.rest_url,
                  "--symbols", ",".join(cfg.symbols), "--channels", ",".join(cfg.channels),
                  "--metrics-port", str(metrics_port),
                  "--config", str(conf), "--spill-dir", str(self.out / f"spill-{i}"),
@@ -421,8 +462,8 @@ class Soak:
             self.procs[f"consumer-{i}"] = _Proc(
                 f"consumer-{i}",
                 [py, "-m", "ops.soak", "consumer", redis_url, self.prefix, f"c{i}",
-                 str(self.out / f"consumer-{i}.runs"), ",".join(c for c in cfg.channels if c in CHECKED_CHANNELS),
-                 str(self.stats_path(f"consumer-{i}"))],
+                 str(self.out / f"consumer-{i}.runs"), ",".join(self.checked),
+                 str(self.stats_path(f"consumer-{i}")), self.venue.name],
                 base_env, self.out / "logs" / f"consumer-{i}.log",
             )
             await self.procs[f"consumer-{i}"].start()
@@ -564,7 +605,7 @@ class Soak:
             record["ended"] = round(self.t(), 2)
             try:
                 targets = await self.venue_last()
-            except OSError:
+            except (OSError, ValueError):
                 targets = {}
             self._pending_recovery.append((record, targets))
 
@@ -668,8 +709,35 @@ class Soak:
                 self.client = None
         return self.write_report(final=True)
 
+    async def _catch_up(self) -> None:
+        """The venue's newest ids now; the ingestors get :data:`CATCH_UP_S` to store (or mark) every id up to them.
+        What is then neither stored nor marked is counted per stream (``venue_missing``)."""
+        try:
+            self.venue_newest = await self.venue_last()
+        except (OSError, ValueError) as exc:
+            self.failures.append(f"the venue's newest ids could not be read at the end: {exc}")
+            return
+        deadline = time.monotonic() + CATCH_UP_S
+        while True:
+            with contextlib.suppress(Exception):
+                await self._check_once()
+            behind = {k: v for k, v in self.venue_newest.items() if (self.checks[k].next or 0) <= v}
+            if not behind or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(1.0)
+        for key, newest in self.venue_newest.items():
+            check = self.checks[key]
+            missing = None if check.next is None else max(0, newest - (check.next - 1))
+            self.venue_missing[key] = missing
+            if missing is None:
+                self.failures.append(f"{key}: nothing stored, the venue is at id {newest}")
+            elif missing:
+                self.failures.append(f"{key}: {missing} ids up to the venue's newest ({newest}) neither stored "
+                                     f"nor marked {CATCH_UP_S:.0f} s after the feed's end")
+
     async def _finish(self) -> None:
         """Stop the feed, let everything settle, check the whole streams and what the consumers saw."""
+        await self._catch_up()
         for name in ("ingestor-0", "ingestor-1"):
             p = self.procs.get(name)
             if p is not None:
@@ -679,6 +747,11 @@ class Soak:
                     self.failures.append(f"{name} stopped with status {code}")
         with contextlib.suppress(Exception):
             await self._check_once()
+        assert self.client is not None
+        for key in self.extra_keys():
+            self.extra_streams[key] = int(await self.client.xlen(key))
+            if not self.extra_streams[key]:
+                self.failures.append(f"{key}: nothing stored")
         # the consumers drain what is stored (bounded)
         assert self.client is not None
         deadline = time.monotonic() + 60
@@ -757,15 +830,21 @@ class Soak:
             "passed": final and not failures and not self.stopped_early,
             "stopped_early": self.stopped_early,
             "config": {**asdict(self.cfg), "out": str(self.cfg.out)},
+            "venue": self.venue.name,
+            "checked_channels": list(self.checked),
             "elapsed_s": round(self.t(), 1),
             "streams": {k: {"stored": c.stored, "marked": c.marked, "markers": c.markers, "breaks": c.breaks,
-                            "next": c.next, "consumer_missing": getattr(self, "consumer_missing", {}).get(k)}
+                            "next": c.next, "venue_newest": self.venue_newest.get(k),
+                            "venue_missing": self.venue_missing.get(k),
+                            "consumer_missing": getattr(self, "consumer_missing", {}).get(k)}
                         for k, c in self.checks.items()},
             "ticks_stored": sum(c.stored for c in self.checks.values()),
+            "extra_streams": self.extra_streams,
             "faults": self.fault_log,
             "faults_skipped": self.skipped,
+            "faults_not_applicable": self.not_applicable,
             "fault_kinds_injected": sorted(kinds_injected),
-            "fault_kinds_missing": sorted(set(self.cfg.faults) - kinds_injected) if final else [],
+            "fault_kinds_missing": sorted(set(self.faults) - kinds_injected) if final else [],
             "recovery": recovery_summary(recoveries),
             "restarts": {n: {"starts": p.starts, "scheduled_kills": p.planned_kills, "unexpected": p.unexpected}
                          for n, p in self.procs.items()},
@@ -844,15 +923,17 @@ def _markdown(r: dict[str, Any]) -> str:
         "",
         f"- verdict: **{'PASS' if r['passed'] else 'FAIL' if r['final'] else 'running'}**"
         + (" (stopped early)" if r["stopped_early"] else ""),
-        f"- elapsed: {r['elapsed_s'] / 60:.1f} min of {r['config']['duration'] / 60:.1f}; seed {r['config']['seed']}; "
-        f"rate {r['config']['rate']:g} ticks/s; symbols {', '.join(r['config']['symbols'])}; "
-        f"channels {', '.join(r['config']['channels'])}",
+        f"- venue: {r['venue']}; elapsed: {r['elapsed_s'] / 60:.1f} min of {r['config']['duration'] / 60:.1f}; "
+        f"seed {r['config']['seed']}; rate {r['config']['rate']:g} ticks/s; "
+        f"symbols {', '.join(r['config']['symbols'])}; "
+        f"channels {', '.join(r['config']['channels'])} (checked: {', '.join(r['checked_channels']) or 'none'})",
         f"- ticks stored and checked: {r['ticks_stored']}",
         f"- venue events: {r['venue_events']['rotations']} make-before-break rotations, "
         f"{r['venue_events']['server_shutdown_notices']} serverShutdown notices, "
         f"{r['venue_events']['gap_repairs']} gaps repaired over REST, {r['venue_events']['gaps_marked']} marked",
         f"- faults injected: {len([f for f in r['faults'] if 'skipped' not in f])} "
         f"({len(r['fault_kinds_injected'])} kinds); skipped: {len(r['faults_skipped'])}",
+        *[f"- not applicable to {r['venue']}: {kind} ({why})" for kind, why in r["faults_not_applicable"].items()],
         "",
         "## Failures",
         "",
@@ -866,11 +947,16 @@ def _markdown(r: dict[str, Any]) -> str:
     for kind, s in r["recovery"].items():
         lines.append(f"| {kind} | {FAULT_KINDS[kind][0]} | {s['injected']} | {s['recovered']} | "
                      f"{s['median_s']} | {s['worst_s']} |")
-    lines += ["", "## Streams", "", "| stream | stored | ids in gap markers | markers | breaks | consumer missing |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "## Streams", "",
+              "| stream | stored | ids in gap markers | markers | breaks | venue newest | venue missing "
+              "| consumer missing |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for k, s in r["streams"].items():
         lines.append(f"| {k} | {s['stored']} | {s['marked']} | {s['markers']} | {s['breaks']} | "
-                     f"{s['consumer_missing']} |")
+                     f"{s['venue_newest']} | {s['venue_missing']} | {s['consumer_missing']} |")
+    if r["extra_streams"]:
+        lines += ["", "Unchecked streams (entries at the end): "
+                  + ", ".join(f"{k} {n}" for k, n in r["extra_streams"].items())]
     lines += ["", "## Processes", "", "| process | starts | scheduled kills | unexpected exits |",
               "| --- | --- | --- | --- |"]
     for n, p in r["restarts"].items():
@@ -929,12 +1015,15 @@ def _main(argv: list[str]) -> None:
     role = argv[0] if argv else ""
     if role == "consumer":
         redis_url, prefix, name, out, channels, stats = argv[1:7]
+        venue = argv[7] if len(argv) > 7 else "binance"
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_consumer_main(redis_url, prefix, name, out, channels.split(","), stats))
+            asyncio.run(_consumer_main(redis_url, prefix, name, out, channels.split(","), stats, venue))
     elif role == "simulator":
         port, symbols, rate, seed, max_age, stats = argv[1:7]
+        venue = argv[7] if len(argv) > 7 else "binance"
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_simulator_main(int(port), symbols.split(","), float(rate), int(seed), float(max_age), stats))
+            asyncio.run(_simulator_main(int(port), symbols.split(","), float(rate), int(seed), float(max_age), stats,
+                                        venue))
     else:
         print("usage: python -m ops.soak consumer|simulator ... (started by `market soak`)", file=sys.stderr)
         raise SystemExit(2)

@@ -10,6 +10,10 @@ Nothing here touches a process, a socket or the clock; :mod:`ops.soak` runs what
   kind asked for happens at least once, and a warm-up and a cool-down stay quiet.
 - :class:`StreamCheck` is the invariant on one stream of venue ids (trades, aggregate trades):
   every id from the first one seen is stored exactly once, in order, or lies inside a gap marker.
+- :data:`VENUE_PLANS` holds what differs per venue (``--venue``): its symbols and channels by default, the
+  channels whose seq are the venue's contiguous ids (the ones :class:`StreamCheck` holds), the REST history that
+  gives the venue's newest id of each (:func:`history_path`, :func:`newest_id`), and the fault kinds its
+  simulator profile cannot take, each with its reason (:func:`applicable_faults` sets them aside, by name).
 - :func:`grows_without_bound` is the resource test: a least-squares slope over the second half of
   a series, compared with the series' own level and the time it covers.
 """
@@ -19,23 +23,31 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
+from urllib.parse import quote
 
 from consumer_sdk.core.errors import ConfigError
 
 __all__ = [
     "FAULT_KINDS",
+    "VENUE_PLANS",
     "FaultEvent",
     "StreamCheck",
+    "VenuePlan",
+    "applicable_faults",
+    "checked_channels",
     "grows_without_bound",
+    "history_path",
     "merge_runs",
     "missing_from",
+    "newest_id",
     "parse_faults",
     "plan",
     "recovery_summary",
     "slope",
+    "venue_plan",
 ]
 
 #: every fault kind, with what it does and its default rate (times an hour)
@@ -130,6 +142,93 @@ def plan(rates: dict[str, float], duration: float, seed: int) -> list[FaultEvent
         status = rng.choice((404, 403, 502)) if kind == "http_error" else 0
         events.append(FaultEvent(start, kind, length, target=rng.randrange(2), status=status))
     return events
+
+
+@dataclass(frozen=True, slots=True)
+class VenuePlan:
+    """What the soak does differently on one venue.
+
+    ``history`` maps each checked channel to the venue's REST path listing it newest last (Binance) or newest
+    first (OKX), the query parameter naming the symbol, and the field of a row holding the id.
+    ``unsupported`` names the fault kinds the venue's simulator profile cannot take, each with why.
+    """
+
+    name: str
+    symbols: tuple[str, ...]
+    channels: tuple[str, ...]
+    #: the channels whose seq are the venue's own ids, numbered one by one per symbol (held to StreamCheck)
+    checked: tuple[str, ...]
+    #: a REST path the simulator answers once it listens
+    ping: str
+    history: Mapping[str, tuple[str, str, str]]
+    unsupported: Mapping[str, str] = field(default_factory=dict)
+
+
+#: every venue ``market soak --venue`` runs, the default first.  Every fault kind the soak injects acts on a
+#: part every profile has (the venue's connections, its handshakes, its frames; the proxies; Redis; processes),
+#: so none is set aside today.
+VENUE_PLANS: Final[dict[str, VenuePlan]] = {
+    "binance": VenuePlan(
+        "binance", ("BTCUSDT", "ETHUSDT"), ("trade", "agg_trade"), ("trade", "agg_trade"), "/api/v3/ping",
+        {"trade": ("/api/v3/trades", "symbol", "id"), "agg_trade": ("/api/v3/aggTrades", "symbol", "a")},
+    ),
+    "binance_usdm": VenuePlan(
+        "binance_usdm", ("BTCUSDT", "ETHUSDT"), ("agg_trade", "book_ticker", "mark_price"), ("agg_trade",),
+        "/fapi/v1/ping", {"agg_trade": ("/fapi/v1/aggTrades", "symbol", "a")},
+    ),
+    "binance_coinm": VenuePlan(
+        "binance_coinm", ("BTCUSD_PERP", "ETHUSD_PERP"), ("agg_trade", "book_ticker", "mark_price"), ("agg_trade",),
+        "/dapi/v1/ping", {"agg_trade": ("/dapi/v1/aggTrades", "symbol", "a")},
+    ),
+    "okx": VenuePlan(
+        "okx", ("BTC-USDT", "BTC-USDT-SWAP"), ("trade", "book_ticker"), ("trade",), "/api/v5/public/time",
+        {"trade": ("/api/v5/market/history-trades", "instId", "tradeId")},
+    ),
+}
+
+
+def venue_plan(name: str) -> VenuePlan:
+    """The soak's plan for venue ``name``; :class:`ConfigError` naming the known ones otherwise."""
+    found = VENUE_PLANS.get(name)
+    if found is None:
+        raise ConfigError(f"unknown venue {name!r}; known: {', '.join(VENUE_PLANS)}")
+    return found
+
+
+def checked_channels(venue: VenuePlan, channels: Sequence[str]) -> tuple[str, ...]:
+    """The channels of ``channels`` held to the stream invariant on ``venue``, in the order given."""
+    return tuple(c for c in channels if c in venue.checked)
+
+
+def applicable_faults(
+    venue: VenuePlan, rates: Mapping[str, float],
+) -> tuple[dict[str, float], dict[str, str]]:
+    """``rates`` split into the kinds ``venue`` takes and the ones it cannot (kind -> why), by name."""
+    kept = {k: r for k, r in rates.items() if k not in venue.unsupported}
+    skipped = {k: venue.unsupported[k] for k in rates if k in venue.unsupported}
+    return kept, skipped
+
+
+def history_path(venue: VenuePlan, symbol: str, channel: str) -> str:
+    """The REST path and query giving the newest id of ``symbol``'s ``channel`` on ``venue``."""
+    path, param, _ = venue.history[channel]
+    return f"{path}?{param}={quote(symbol, safe='')}&limit=1"
+
+
+def newest_id(venue: VenuePlan, channel: str, answer: Any) -> int | None:
+    """The newest id in the venue's answer to :func:`history_path` (None when it lists nothing).
+
+    Binance answers a list, oldest first; OKX ``{"code": "0", "data": [...]}``, newest first (an answer with another
+    code is :class:`ValueError`)."""
+    _, _, id_field = venue.history[channel]
+    if isinstance(answer, dict):
+        if str(answer.get("code")) != "0":
+            raise ValueError(f"{venue.name} answered code {answer.get('code')!r}: {answer.get('msg')!r}")
+        rows = answer.get("data") or []
+        row = rows[0] if rows else None
+    else:
+        row = answer[-1] if answer else None
+    return None if row is None else int(row[id_field])
 
 
 _SHORTEST: Final = {"redis_unreachable": 10.0, "spill_full": 20.0, "close_storm": 5.0, "ingestor_kill": 2.0,

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from consumer_sdk.core.latency import LatencyHistogram
-from ops.soak import _read_tasks, latency_fields, scrape_latency, simulator_history
-from ops.soak_plan import FAULT_KINDS
+from ops.soak import _read_tasks, latency_fields, scrape_latency, simulator_history, simulator_limits
+from ops.soak_plan import FAULT_KINDS, VENUE_PLANS, history_path, newest_id, venue_plan
 
 
 def market(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -31,6 +31,9 @@ def market(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
         (("--duration", "-5"), "--duration must be positive"),
         (("--rate", "0"), "--rate must be above 0"),
         (("--channels", "trades"), "trades"),
+        (("--venue", "kraken"), "unknown venue 'kraken'"),
+        (("--venue", "binance_usdm", "--channels", "trade,agg_trade"), "'trade' is not available on binance_usdm"),
+        (("--venue", "binance_coinm", "--symbols", "BTC-USDT"), "BTC-USDT"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: tuple[str, ...], message: str, tmp_path: Path) -> None:
@@ -58,6 +61,9 @@ def test_five_minutes_every_fault_kind_no_invariant_break(tmp_path: Path) -> Non
     streams = report["streams"]
     assert len(streams) == 4 and all(s["breaks"] == 0 and s["stored"] > 1000 for s in streams.values())
     assert all(s["consumer_missing"] == 0 for s in streams.values())
+    assert all(s["venue_missing"] == 0 and s["venue_newest"] is not None for s in streams.values()), streams
+    assert report["venue"] == "binance" and report["checked_channels"] == ["trade", "agg_trade"]
+    assert report["faults_not_applicable"] == {} and report["extra_streams"] == {}
     kills = report["restarts"]
     assert sum(p["scheduled_kills"] for p in kills.values()) >= 2
     assert all(p["unexpected"] == [] for p in kills.values())
@@ -138,3 +144,58 @@ def test_the_venue_keeps_ten_minutes_of_the_rate_and_at_least_100k_rows() -> Non
     assert simulator_history(400, 2) == 120_000
     assert simulator_history(100, 2) == 100_000
     assert simulator_history(10_000, 4) == 1_500_000
+
+
+# -- each venue: its simulator profile, its ingestor settings, its REST history ------------------------------------
+@pytest.mark.parametrize("venue", list(VENUE_PLANS))
+def test_each_venues_defaults_are_what_its_ingestor_and_simulator_take(venue: str) -> None:
+    from ingestor.config import load_settings
+    from ops.simulator import SimulatorConfig
+
+    p = venue_plan(venue)
+    settings = load_settings({"venue": venue, "symbols": ",".join(p.symbols), "channels": ",".join(p.channels)}, {})
+    assert (tuple(settings.symbols), tuple(settings.channels)) == (p.symbols, p.channels)
+    config = SimulatorConfig(venue=venue, symbols=p.symbols, **simulator_limits(venue))
+    assert config.venue == venue
+
+
+def test_spot_keeps_the_simulators_own_settings_and_the_others_take_their_venues_limits() -> None:
+    assert simulator_limits("binance") == {}
+    assert simulator_limits("binance_usdm")["rest_weight_limit"] == 2400
+    assert simulator_limits("okx")["idle_timeout"] == 30.0
+    assert all("symbols" not in simulator_limits(v) for v in VENUE_PLANS)
+
+
+@pytest.mark.parametrize("venue", list(VENUE_PLANS))
+async def test_the_newest_ids_are_read_from_each_venues_own_rest_history(venue: str) -> None:
+    """Against the venue's simulator: the ping path answers, and the newest id of every checked stream is read from
+    the venue's REST history and grows as the venue trades."""
+    import asyncio
+    import urllib.request
+
+    from ops.simulator import SimulatorConfig
+    from ops.simulator.okx import OkxSimulator
+    from ops.simulator.server import Simulator
+
+    p = venue_plan(venue)
+    config = SimulatorConfig(venue=venue, port=0, symbols=p.symbols, rate=2000.0, id_base=0, depth=False,
+                             **simulator_limits(venue))
+    sim: Simulator | OkxSimulator = OkxSimulator(config) if venue == "okx" else Simulator(config)
+
+    def get(path: str) -> object:
+        with urllib.request.urlopen(sim.rest_url + path, timeout=5) as r:
+            return json.loads(r.read())
+
+    async with sim:
+        await asyncio.to_thread(get, p.ping)
+        for symbol in p.symbols:
+            for channel in p.checked:
+                seen: list[int] = []
+                deadline = asyncio.get_running_loop().time() + 30
+                while len(set(seen)) < 2:
+                    assert asyncio.get_running_loop().time() < deadline, (venue, symbol, channel, seen)
+                    newest = newest_id(p, channel, await asyncio.to_thread(get, history_path(p, symbol, channel)))
+                    if newest is not None:
+                        seen.append(newest)
+                    await asyncio.sleep(0.05)
+                assert seen == sorted(seen) and seen[0] >= 0, seen

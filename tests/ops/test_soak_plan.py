@@ -12,15 +12,22 @@ from consumer_sdk.core.errors import ConfigError
 from ops.soak_plan import (
     COOLDOWN_S,
     FAULT_KINDS,
+    VENUE_PLANS,
     WARMUP_S,
     StreamCheck,
+    VenuePlan,
+    applicable_faults,
+    checked_channels,
     grows_without_bound,
+    history_path,
     merge_runs,
     missing_from,
+    newest_id,
     parse_faults,
     plan,
     recovery_summary,
     slope,
+    venue_plan,
 )
 
 # ------------------------------------------------------------------ --faults
@@ -84,6 +91,76 @@ def test_a_schedule_that_cannot_fit_is_refused() -> None:
     with pytest.raises(ConfigError, match="needs more than"):
         plan(parse_faults("stall"), 40, 1)
     assert plan({}, 10, 1) == []
+
+
+# ------------------------------------------------------------------ venues
+
+
+def test_the_venues_and_what_each_checks() -> None:
+    assert list(VENUE_PLANS) == ["binance", "binance_usdm", "binance_coinm", "okx"]
+    spot = venue_plan("binance")
+    assert (spot.symbols, spot.channels, spot.checked) == (("BTCUSDT", "ETHUSDT"), ("trade", "agg_trade"),
+                                                          ("trade", "agg_trade"))
+    for futures in ("binance_usdm", "binance_coinm"):
+        p = venue_plan(futures)
+        assert p.checked == ("agg_trade",) and "trade" not in p.channels
+        assert checked_channels(p, p.channels) == ("agg_trade",)  # book tickers and mark prices run unchecked
+    okx = venue_plan("okx")
+    assert okx.checked == ("trade",) and checked_channels(okx, ("book_ticker", "trade")) == ("trade",)
+    assert checked_channels(spot, ("book_ticker", "agg_trade", "trade")) == ("agg_trade", "trade")
+    assert checked_channels(spot, ("book_ticker",)) == ()
+    with pytest.raises(ConfigError, match="unknown venue 'kraken'; known: binance, binance_usdm, binance_coinm, okx"):
+        venue_plan("kraken")
+
+
+def test_every_checked_channel_has_its_rest_history() -> None:
+    for p in VENUE_PLANS.values():
+        assert set(p.checked) == set(p.history), p.name
+        assert set(p.checked) <= set(p.channels), p.name
+        assert set(p.unsupported) <= set(FAULT_KINDS), p.name
+
+
+def test_history_paths_per_venue() -> None:
+    assert history_path(venue_plan("binance"), "BTCUSDT", "trade") == "/api/v3/trades?symbol=BTCUSDT&limit=1"
+    assert history_path(venue_plan("binance"), "BTCUSDT", "agg_trade") == "/api/v3/aggTrades?symbol=BTCUSDT&limit=1"
+    assert history_path(venue_plan("binance_usdm"), "ETHUSDT", "agg_trade") == (
+        "/fapi/v1/aggTrades?symbol=ETHUSDT&limit=1"
+    )
+    assert history_path(venue_plan("binance_coinm"), "BTCUSD_PERP", "agg_trade") == (
+        "/dapi/v1/aggTrades?symbol=BTCUSD_PERP&limit=1"
+    )
+    assert history_path(venue_plan("okx"), "BTC-USDT-SWAP", "trade") == (
+        "/api/v5/market/history-trades?instId=BTC-USDT-SWAP&limit=1"
+    )
+    with pytest.raises(KeyError):
+        history_path(venue_plan("binance_usdm"), "BTCUSDT", "trade")
+
+
+def test_newest_id_in_each_venues_answer() -> None:
+    spot = venue_plan("binance")
+    assert newest_id(spot, "trade", [{"id": 7}, {"id": 9}]) == 9  # oldest first
+    assert newest_id(spot, "agg_trade", [{"a": 12}]) == 12
+    assert newest_id(spot, "trade", []) is None
+    assert newest_id(venue_plan("binance_coinm"), "agg_trade", [{"a": 3}]) == 3
+    okx = venue_plan("okx")
+    assert newest_id(okx, "trade", {"code": "0", "msg": "", "data": [{"tradeId": "42"}, {"tradeId": "41"}]}) == 42
+    assert newest_id(okx, "trade", {"code": "0", "data": []}) is None
+    with pytest.raises(ValueError, match="51001"):
+        newest_id(okx, "trade", {"code": "51001", "msg": "Instrument ID does not exist"})
+
+
+def test_faults_a_venue_cannot_take_are_set_aside_by_name() -> None:
+    rates = parse_faults("all")
+    for p in VENUE_PLANS.values():  # every kind acts on a part every profile has
+        assert applicable_faults(p, rates) == (rates, {}), p.name
+    narrow = VenuePlan("v", ("X",), ("trade",), ("trade",), "/ping", {"trade": ("/t", "s", "id")},
+                       unsupported={"bad_frames": "no wire faults", "stall": "no stall"})
+    kept, skipped = applicable_faults(narrow, rates)
+    assert skipped == {"bad_frames": "no wire faults", "stall": "no stall"}
+    assert set(kept) == set(FAULT_KINDS) - {"bad_frames", "stall"}
+    assert {e.kind for e in plan(kept, 600, 1)} == set(kept)
+    assert applicable_faults(narrow, {"refuse": 4.0}) == ({"refuse": 4.0}, {})
+    assert applicable_faults(narrow, {"stall": 4.0}) == ({}, {"stall": "no stall"})
 
 
 # ------------------------------------------------------------------ the stream invariant

@@ -4,13 +4,18 @@
 -- refuses the whole call with OOM before its first command when it is over maxmemory, and with
 -- READONLY on a replica, so a refused call has written nothing.
 -- KEYS: the streams.  ARGV[1]: one section per key, in KEYS order, each a header line
--- "<maxlen> <minage> <size>\n" (MAXLEN ~ cap, 0: none; MINID age cap in ms, 0: none; the size in
--- bytes of what follows) and then its records "<ms>-<seq> <payload>\n", oldest first (payloads are
--- JSON, which never holds a raw newline).  One argument for the whole call keeps the client's
+-- "<maxlen> <minage> <after> <size>\n" (MAXLEN ~ cap, 0: none; MINID age cap in ms, 0: none; the seq
+-- of the last tick of this stream the writer sent in an earlier call that may not have run yet, "-":
+-- none; the size in bytes of what follows) and then its records "<ms>-<seq> <payload>\n", oldest first
+-- (payloads are JSON, which never holds a raw newline).  One argument for the whole call keeps the client's
 -- command encoding off the per-stream and per-tick path.  The writer passes several keys in one call
 -- only where they share a hash slot (all of them on a standalone Redis), so a call never spans two
 -- slots of a Redis Cluster.
 -- A tick whose seq is at or below the stream's newest seq is already stored: skipped and counted.
+-- With <after>, the section is refused whole ("ORDER ...", nothing tried) unless the stream holds that
+-- seq or a newer one: a writer with several calls in flight on one connection never stores a stream's
+-- later ticks while earlier ones it sent were refused (OOM, NOSCRIPT, an ID ...), which the
+-- duplicate rule would then skip for good; it sends them again, in order, once it has the replies.
 -- The ID's ms part is held non-decreasing, so the ID <ms>-<seq> always grows.
 -- ms and seq are compared as decimal strings (length, then text): Lua numbers are doubles and
 -- lose integers above 2^53, while Redis IDs are 64-bit.
@@ -34,10 +39,12 @@ for k = 1, #KEYS do
   local key = KEYS[k]
   local s1 = find(blob, ' ', at, true)
   local s2 = find(blob, ' ', s1 + 1, true)
-  local eol = find(blob, '\n', s2 + 1, true)
+  local s3 = find(blob, ' ', s2 + 1, true)
+  local eol = find(blob, '\n', s3 + 1, true)
   local maxlen = tonumber(sub(blob, at, s1 - 1))
   local minage = tonumber(sub(blob, s1 + 1, s2 - 1))
-  local n = eol + tonumber(sub(blob, s2 + 1, eol - 1))
+  local after = sub(blob, s2 + 1, s3 - 1)
+  local n = eol + tonumber(sub(blob, s3 + 1, eol - 1))
   at = n + 1
   local added, dups, err = 0, 0, false
   local last_ms, last_seq = '0', nil
@@ -49,6 +56,9 @@ for k = 1, #KEYS do
     local dash = find(id, '-', 1, true)
     last_ms = sub(id, 1, dash - 1)
     last_seq = sub(id, dash + 1)
+  end
+  if not err and after ~= '-' and (last_seq == nil or gt(after, last_seq)) then
+    err = 'ORDER ' .. key .. ' holds seq ' .. (last_seq or 'none') .. ', below ' .. after .. ' sent before'
   end
   local pos = eol + 1
   while not err and pos <= n do

@@ -3,15 +3,30 @@
 """The Redis Streams writer: batched, idempotent, capped appends.
 
 One task owns the writer.  Ticks are handed over with :meth:`StreamWriter.submit`
-(synchronous, no await); the task flushes whatever is buffered as soon as the
-previous flush returned, so batches grow with load and a lone tick is not held
-back.  A flush groups the batch by stream, one argument per stream, and runs the
-server-side script (``append.lua``) once for all of them on a standalone Redis, or
-once per hash slot on a Redis Cluster (no call spans two slots), all pipelined in
-one round trip.  With ``replica_acks`` (0 by default: off), a ``WAIT replica_acks replica_wait_ms`` follows
-each node's calls in the same round trip, and a batch a node could not replicate in time is held and written
-again (what the master took comes back as duplicates) until it has: what a failover can lose is then only what
-was never acknowledged.
+(synchronous, no await).  A flush groups what is buffered by stream (only the streams
+that have ticks), one section per stream, and runs the server-side script (``append.lua``)
+once for all of them on a standalone Redis, or once per hash slot on a Redis Cluster (no
+call spans two slots), all pipelined in one round trip.
+
+On a standalone Redis up to ``window`` flushes (4 by default) are in flight at once on the
+writer's own connection: a flush is sent as soon as there are ticks and room in the window,
+without waiting for the reply of the one before, and a second task reads the replies in order
+(Redis runs a connection's commands in the order sent).  A tick so waits for its own round
+trip, not for the one in progress too; under load the window fills and batches grow.  Each
+stream's section names the seq of that stream's last tick in a flush still in flight, and the
+script refuses the section whole (``ORDER``) unless the stream holds it: when a flush is
+refused (``OOM``, ``NOSCRIPT``, ``READONLY`` ...) the flushes behind it store nothing of the
+streams it held, so the duplicate rule can never skip its ticks for good.  After a refusal or a
+lost connection nothing more is sent; every flush in flight is settled in order, what is left
+goes back to the front of the buffer, in order, and is written one flush at a time (with
+backoff) until one goes through.  On a Redis Cluster, or with ``window=1``, one flush is in
+flight at a time, the next taking whatever was buffered meanwhile.
+
+With ``replica_acks`` (0 by default: off), a ``WAIT replica_acks replica_wait_ms``
+follows each node's calls in the same round trip (in the window: each flush's calls), and a
+batch a node could not replicate in time is held and written again (what the master took
+comes back as duplicates) until it has: what a failover can lose is then only what was never
+acknowledged.
 
 The script skips any tick whose ``seq`` the stream already holds, so a retried
 batch, a replay or a second ingestor never stores a tick twice.  An error reply
@@ -79,6 +94,8 @@ __all__ = [
 APPEND_SCRIPT: Final = files("distributor").joinpath("append.lua").read_text()
 #: streams per script call on a standalone Redis: bounds how long one call holds the server
 MAX_KEYS_PER_CALL: Final = 256
+#: flushes in flight at once on one connection, by default (see :class:`StreamWriter`)
+DEFAULT_WINDOW: Final = 4
 #: the dead-letter stream keeps about this many entries (``MAXLEN ~``)
 DEAD_LETTER_MAXLEN: Final = 100_000
 log = get_logger("writer")
@@ -105,6 +122,9 @@ _UNREACHABLE: Final = ErrorClass("unreachable")
 _WRONGTYPE: Final = ErrorClass("wrongtype", Action.DEAD_LETTER, whole_stream=True)
 _BAD_ID: Final = ErrorClass("bad_id", Action.DEAD_LETTER)
 _NOREPLICAS: Final = ErrorClass("noreplicas")
+#: a stream's part of a call refused whole because an earlier call in flight did not store that stream's ticks
+#: (``ORDER`` from append.lua): not a refusal of Redis, not counted; written again after them, at once
+_HELD: Final = ErrorClass("held")
 #: what the writer does for each reason of the one classifier (:func:`consumer_sdk.core.redis.classify_redis`);
 #: a reason not here (``nogroup``, ``transient``: never met on a write) is ``other``
 _BY_REASON: Final[Mapping[str, ErrorClass]] = {
@@ -233,7 +253,7 @@ def settle(keys: Sequence[str], stops: Mapping[str, Stop]) -> Settlement:
         else:
             retry.append(i)
             continue
-        if err.reason != _UNREACHABLE.reason:
+        if err.reason != _UNREACHABLE.reason and err is not _HELD:
             refused[err.reason] = refused.get(err.reason, 0) + 1
     return Settlement(retry, dead, refused)
 
@@ -328,8 +348,28 @@ class WriterSnapshot:
     ack_latency: LatencyHistogram
 
 
+@dataclass(slots=True, eq=False)
+class _Flush:
+    """One flush of the window: its ticks, their sections by stream, the streams of each script call, the
+    streams each ``WAIT`` answers for, the packed commands and how many replies they get."""
+
+    ticks: list[Tick]
+    groups: dict[str, list[bytes]]
+    calls: list[list[str]]
+    waits: list[list[str]]
+    packed: Any
+    expect: int
+    sent: float = 0.0
+    answered: float = 0.0
+    #: the replies, in order (an error reply as its exception), or the exception that left none; None: not yet
+    replies: list[Any] | BaseException | None = None
+
+
 class StreamWriter(StreamSink):
-    """Owns a bounded buffer of ticks and the task that appends them to Redis (a :class:`StreamSink`)."""
+    """Owns a bounded buffer of ticks and the task that appends them to Redis (a :class:`StreamSink`).
+
+    ``window``: flushes in flight at once on the writer's own connection to a standalone Redis (1: one at a
+    time, as on a Redis Cluster).  :meth:`append` is one flush, awaited; :meth:`run` is the task."""
 
     def __init__(
         self,
@@ -344,10 +384,21 @@ class StreamWriter(StreamSink):
         sample_every: int = DEFAULT_SAMPLE_EVERY,
         replica_acks: int = 0,
         replica_wait_ms: int = 1000,
+        window: int = DEFAULT_WINDOW,
     ) -> None:
         if replica_acks < 0 or replica_wait_ms < 1:
             raise ValueError(f"replica_acks must be >= 0 and replica_wait_ms >= 1: {replica_acks}, {replica_wait_ms}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1: {window}")
         self._redis = redis
+        #: flushes in flight at once on the writer's own connection (standalone Redis; 1 on a cluster)
+        self.window = window
+        self._conn: Any = None  # that connection, made on first use
+        self._window: deque[_Flush] = deque()  # the flushes in flight, oldest first
+        self._held: list[Tick] = []  # after a failure in the window: what the flushes settled so far left
+        self._lost = False  # the window's connection failed: nothing more is sent on it until it is made again
+        self._sent = asyncio.Event()
+        self._one_at_a_time = False  # after a failure in the window, until a flush goes through
         #: ``WAIT replica_acks replica_wait_ms`` after each node's script calls, in the same round trip (0: none)
         self.replica_acks = replica_acks
         self.replica_wait_ms = replica_wait_ms
@@ -458,6 +509,14 @@ class StreamWriter(StreamSink):
     # -- the writer task -----------------------------------------------------------------------
     async def run(self) -> None:
         """Flush forever, memory first, then the spill log, oldest first; never exits on a Redis error."""
+        try:
+            await self._run()
+        finally:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                await self._redis.connection_pool.release(conn)
+
+    async def _run(self) -> None:
         spill = self.spill
         while True:
             # Each round checks whether this task is being stopped: a cancellation that reached the
@@ -475,6 +534,20 @@ class StreamWriter(StreamSink):
                 self._room.set()
                 await self._ready.wait()
             from_spill = 0
+            if self._buf and not self._one_at_a_time and await self._windowed():
+                rest, refusal = await self._pump()
+                self._held = []  # now in ``rest``
+                if rest or refusal is not None:
+                    # A flush was refused or the connection lost: what is not settled goes back to the
+                    # front of the buffer (it is older than all there) and is written again one flush at a
+                    # time, with backoff, until one goes through.
+                    self._buf.extendleft(reversed(rest))
+                    self._one_at_a_time = True
+                    if refusal is not None and refusal[0].reason != "noscript":
+                        self._fail(refusal[0], refusal[1], 0)
+                if len(self._buf) < self.capacity:
+                    self._room.set()
+                continue
             if self._buf:
                 batch = self._inflight = self._take()
                 self._inflight_from_spill = False
@@ -503,6 +576,7 @@ class StreamWriter(StreamSink):
                     if from_spill and spill is not None:
                         spill.consume(from_spill)
                     self._inflight = []
+                    self._one_at_a_time = False
                     if self.failing:
                         self._recovered(attempt)
                     break
@@ -546,11 +620,181 @@ class StreamWriter(StreamSink):
         While the spill log holds records these ticks are all older than them (the log takes every
         tick once it started). A batch in flight that came from the log is left out: it is still there.
         """
-        batch = ([] if self._inflight_from_spill else self._inflight) + list(self._buf)
+        batch = self._held + [t for f in self._window for t in f.ticks]
+        batch += ([] if self._inflight_from_spill else self._inflight) + list(self._buf)
+        self._window.clear()
+        self._held = []
         self._inflight = []
         self._inflight_from_spill = False
         self._buf.clear()
         return batch
+
+    async def _windowed(self) -> bool:
+        """Whether flushes go through the window: more than one allowed, on a standalone Redis."""
+        if self.window < 2:
+            return False
+        if self._cluster is None:
+            try:
+                await self._calls([])
+            except (RedisError, OSError):
+                return False  # the one-flush path meets the error and retries
+        return not self._cluster
+
+    async def _pump(self) -> tuple[list[Tick], tuple[ErrorClass, str] | None]:
+        """Write what memory holds with up to ``window`` flushes in flight on the writer's own connection.
+
+        Each flush is sent as soon as there are ticks and room in the window, its replies read in order by
+        a second task (Redis answers a connection's commands in the order sent).  A stream's section names
+        the seq of its last tick in a flush still in flight, and append.lua refuses it (``ORDER``) unless the
+        stream holds that seq: a later flush never stores a stream's ticks past earlier ones that were refused.
+        Returns ``([], None)`` once memory is empty and every flush acknowledged.  After a refusal or a lost
+        connection it sends nothing more, settles every flush in flight (in order), and returns what is left
+        of them, in order, with the first refusal (None when only dead-lettered ticks stopped a stream)."""
+        try:
+            if self._sha is None:
+                self._sha = str(await self._redis.script_load(APPEND_SCRIPT))
+            conn = self._conn
+            if conn is None:
+                # the pool's (closing the client closes it); held by this writer until its task stops
+                conn = self._conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            if not conn.is_connected:
+                await conn.connect()
+        except (RedisError, OSError) as exc:
+            reraise_if_cancelling()
+            return [], (classify_error(exc), error_text(exc))
+        window = self._window
+        to_read: deque[_Flush] = deque()
+        after: dict[str, int] = {}
+        owner: dict[str, _Flush] = {}
+        rest = self._held = []  # what settled flushes left, in order (take_all sees it if the task stops)
+        refusal: tuple[ErrorClass, str] | None = None
+        failed = False
+        self._lost = False
+        loop = asyncio.get_running_loop()
+        reader = asyncio.create_task(self._receive(conn, to_read))
+        try:
+            while True:
+                self._ready.clear()
+                progressed = False
+                while window and window[0].replies is not None:
+                    f = window[0]
+                    progressed = True
+                    for key in f.groups:
+                        if owner.get(key) is f:
+                            del owner[key], after[key]
+                    replies = f.replies
+                    if isinstance(replies, BaseException):  # no answer: the outcome is unknown, all of it again
+                        window.popleft()
+                        rest += f.ticks
+                        failed = True
+                        if refusal is None:
+                            refusal = (classify_error(replies), error_text(replies))
+                        continue
+                    assert replies is not None
+                    self.last_flush_us = int((f.answered - f.sent) * 1e6)
+                    results: list[Any] = []
+                    for keys, r in zip(f.calls, replies, strict=False):
+                        if isinstance(r, BaseException):
+                            results += [r] * len(keys)
+                        else:
+                            results += [r[3 * i : 3 * i + 3] for i in range(len(keys))]
+                    short = self._shortfalls(f.waits, replies[len(f.calls) :])
+                    _, _, left, why = await self._account(f.ticks, f.groups, results, short)
+                    window.popleft()
+                    if left:
+                        rest += left
+                        failed = True
+                        refusal = refusal or why
+                if failed:
+                    if not window:
+                        return rest, refusal
+                elif self._buf and len(window) < self.window:
+                    f = self._encode_flush(self._take(), after)
+                    if len(self._buf) < self.capacity:
+                        self._room.set()
+                    if self.spill is not None:
+                        self.spill.maybe_sync()
+                    for key in f.groups:
+                        owner[key] = f
+                    window.append(f)
+                    f.sent = loop.time()
+                    try:
+                        if self._lost or not conn.is_connected:
+                            # never on a new connection: the replies of the flushes before would be read there
+                            raise ConnectionError("the writer's connection was lost")
+                        await conn.send_packed_command(f.packed, check_health=False)
+                    except (RedisError, OSError) as exc:
+                        reraise_if_cancelling()
+                        f.packed = b""
+                        f.replies = exc  # perhaps partly sent: its outcome is unknown too
+                        failed = True
+                        continue
+                    f.packed = b""
+                    to_read.append(f)
+                    self._sent.set()
+                    continue
+                elif not window:
+                    return [], None
+                if not progressed:
+                    await self._ready.wait()
+        except (RedisError, OSError) as exc:
+            # Settling a refusal met an error of its own (writing the dead-letter stream): the flush being
+            # settled and all after it are written again (what Redis took of them is skipped then).
+            reraise_if_cancelling()
+            rest += [t for f in window for t in f.ticks]
+            window.clear()
+            return rest, (classify_error(exc), error_text(exc))
+        finally:
+            reader.cancel()
+            if to_read or self._lost:  # replies unread, or perhaps on their way: out of step, drop it
+                await conn.disconnect(nowait=True)
+
+    def _encode_flush(self, ticks: list[Tick], after: dict[str, int]) -> _Flush:
+        """One flush of the window: the script calls (one per ``MAX_KEYS_PER_CALL`` streams) and, with
+        ``replica_acks``, a ``WAIT``, packed as one write."""
+        groups = self._encode(ticks, after)
+        keys = list(groups)
+        calls = [keys[i : i + MAX_KEYS_PER_CALL] for i in range(0, len(keys), MAX_KEYS_PER_CALL)]
+        commands: list[tuple[Any, ...]] = [
+            ("EVALSHA", self._sha, len(c), *c, b"".join(chain.from_iterable(groups[k] for k in c))) for c in calls
+        ]
+        waits: list[list[str]] = []
+        if self.replica_acks:
+            commands.append(("WAIT", self.replica_acks, self.replica_wait_ms))
+            waits.append(keys)
+        packed = self._conn.pack_commands(commands)
+        return _Flush(ticks, groups, calls, waits, packed, len(commands))
+
+    async def _receive(self, conn: Any, to_read: deque[_Flush]) -> None:
+        """Read the replies of the flushes in ``to_read``, in order, onto each; a lost connection (or a
+        read timeout) answers every flush in flight with its exception."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not to_read:
+                self._sent.clear()
+                await self._sent.wait()
+                continue
+            f = to_read[0]
+            replies: list[Any] = []
+            try:
+                for _ in range(f.expect):
+                    try:
+                        r = await conn.read_response()
+                    except ResponseError as exc:
+                        r = exc
+                    replies.append(r)
+            except Exception as exc:  # lost, timed out, or a reply it cannot parse: all in flight are unanswered
+                reraise_if_cancelling()
+                self._lost = True
+                await conn.disconnect(nowait=True)
+                for g in to_read:
+                    g.replies = exc
+                to_read.clear()
+            else:
+                to_read.popleft()
+                f.answered = loop.time()
+                f.replies = replies
+            self._ready.set()
 
     def _take(self) -> list[Tick]:
         buf = self._buf
@@ -587,8 +831,22 @@ class StreamWriter(StreamSink):
         self, ticks: list[Tick]
     ) -> tuple[int, int, list[Tick], tuple[ErrorClass, str] | None]:
         """One round trip: ``(added, duplicates, what is left, the refusal that left it or None)``."""
-        # Per stream, one section "<maxlen> <minage> <size>\n" + its records "<ms>-<seq> <payload>\n"; the
-        # sections of one script call are joined into its one argument (see append.lua).
+        groups = self._encode(ticks, None)
+        if not groups:
+            return 0, 0, [], None
+        if self._sha is None:
+            self._sha = str(await self._redis.script_load(APPEND_SCRIPT))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        results, short = await self._run_scripts(groups)
+        self.last_flush_us = int((loop.time() - started) * 1e6)
+        return await self._account(ticks, groups, results, short)
+
+    def _encode(self, ticks: list[Tick], after: dict[str, int] | None) -> dict[str, list[bytes]]:
+        """The ticks as script sections, by stream in order of first appearance: a header
+        ``"<maxlen> <minage> <after> <size>\\n"`` then the records ``"<ms>-<seq> <payload>\\n"`` (see append.lua).
+        ``after`` maps a stream to the seq of its last tick sent in a call that may not have run yet (the
+        windowed writer); it is updated to this batch's last seq of each stream."""
         groups: dict[str, list[bytes]] = {}
         prefix = self._prefix
         dumps = orjson.dumps
@@ -598,22 +856,30 @@ class StreamWriter(StreamSink):
             if parts is None:
                 parts = groups[key] = []
             parts.append(b"%d-%d %b\n" % (t["ts_event"] // 1000, t["seq"], dumps(t)))
-        if not groups:
-            return 0, 0, [], None
         for key, parts in groups.items():
             maxlen, age = self._caps_for(key.rpartition(":")[2])
-            parts.insert(0, b"%d %d %d\n" % (maxlen, age, sum(map(len, parts))))
-        if self._sha is None:
-            self._sha = str(await self._redis.script_load(APPEND_SCRIPT))
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        results, short = await self._run_scripts(groups)
-        self.last_flush_us = int((loop.time() - started) * 1e6)
+            prev = None if after is None else after.get(key)
+            size = sum(map(len, parts))
+            if after is not None:
+                last = parts[-1]
+                after[key] = int(last[last.index(b"-") + 1 : last.index(b" ")])
+            if prev is None:
+                parts.insert(0, b"%d %d - %d\n" % (maxlen, age, size))
+            else:
+                parts.insert(0, b"%d %d %d %d\n" % (maxlen, age, prev, size))
+        return groups
+
+    async def _account(
+        self, ticks: list[Tick], groups: dict[str, list[bytes]], results: list[Any], short: Mapping[str, str]
+    ) -> tuple[int, int, list[Tick], tuple[ErrorClass, str] | None]:
+        """Count one call's replies (per stream ``[added, duplicates, error or None]``, or the exception that
+        refused its whole call); after an error, settle it (:meth:`_settle`).  Returns ``(added, duplicates,
+        what is left, the refusal that left it or None)``."""
         added = dups = 0
         stops: dict[str, Stop] | None = None
         by_channel = self.appended_by_channel
         for key, res in zip(groups, results, strict=True):
-            if isinstance(res, Exception):
+            if isinstance(res, BaseException):
                 # The whole call was refused before it ran (OOM, BUSY, ...): nothing of it was tried,
                 # and a call names no one tick, so it is retried whatever the class.
                 error = classify_error(res)
@@ -635,7 +901,9 @@ class StreamWriter(StreamSink):
                     stop = Stop(0, _NOREPLICAS, short[key])
                 else:
                     text = res[2].decode(errors="replace") if isinstance(res[2], bytes) else str(res[2])
-                    stop = Stop(n + d, classify_error(text), text)
+                    # ORDER: an earlier call of the stream did not store its ticks; none of these was tried
+                    held = text.startswith("ORDER ")
+                    stop = Stop(0, _HELD, text) if held else Stop(n + d, classify_error(text), text)
             if stops is None:
                 stops = {}
             stops[key] = stop
@@ -669,7 +937,9 @@ class StreamWriter(StreamSink):
         for reason, n in plan.refused.items():
             by_reason[reason] = by_reason.get(reason, 0) + n
             self.rejected += n
-        refusal = next(((s.error, s.text) for s in stops.values() if s.error.action is Action.RETRY), None)
+        refusal = next(
+            ((s.error, s.text) for s in stops.values() if s.error.action is Action.RETRY and s.error is not _HELD), None
+        )
         retry = plan.retry
         if plan.dead:
             failed, failure = await self._dead_letter(ticks, plan.dead)

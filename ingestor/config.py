@@ -13,11 +13,12 @@ Nothing unknown is ignored: a ``MARKET_*`` variable the project does not read
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
@@ -34,7 +35,7 @@ from ingestor.depth_pacer import depth_weight
 from ingestor.leases import DEFAULT_TTL_S, LeaseSettings
 from ingestor.repair import RepairSettings
 from ingestor.session import DEFAULT_STALE_AFTER, SessionSettings
-from ingestor.venues import venue_profile
+from ingestor.venues import VENUES, venue_profile
 
 __all__ = [
     "TOML_SCHEMA",
@@ -44,12 +45,12 @@ __all__ = [
     "check_toml",
     "default_rest_url",
     "load_settings",
+    "load_venues",
 ]
 
 DEFAULT_WS_URL: Final = "wss://stream.binance.com:9443"
 BINANCE_REST: Final = "https://api.binance.com"
 SUBSCRIBER_POLICIES: Final = tuple(p.value for p in SubscriberPolicy)
-_SYMBOL = re.compile(r"^[A-Z0-9_]{1,40}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,9 +416,11 @@ _LIST: Final = "a string or a list of strings"
 
 @dataclass(frozen=True, slots=True)
 class _Table:
-    """A table of settings: each key and what its value must be."""
+    """A table of settings: each key and what its value must be; ``lists_known``: an unknown key's message
+    lists every known one."""
 
     keys: Mapping[str, _Node]
+    lists_known: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,6 +432,7 @@ class _Names:
     accepts: Callable[[str], bool]
     choices: tuple[str, ...]
     what: str = "channel"
+    lists_known: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,6 +467,19 @@ def is_retention_channel(name: str) -> bool:
 
 
 _PER_STREAM_LIMITS: Final = _Table({"maxlen": _INTEGER, "max_age_ms": _INTEGER})
+_DEPTH: Final = _Table({
+    "limit": _INTEGER,
+    "speed_ms": _INTEGER,
+    "snapshot_every_updates": _INTEGER,
+    "snapshot_every_s": _NUMBER,
+    "max_buffer": _INTEGER,
+    "weight_share": _NUMBER,
+    "weight_per_minute": _INTEGER,
+})
+#: what a ``[venues.<name>]`` table may set: the venue's own hosts, streams and books; the rest is shared
+VENUE_TABLE: Final = _Table(
+    {"url": _STRING, "rest_url": _STRING, "symbols": _LIST, "channels": _LIST, "depth": _DEPTH}, lists_known=True
+)
 
 #: the whole TOML file; top-level keys are the ``_ENV`` settings, the rest are tables
 TOML_SCHEMA: Final = _Table({
@@ -511,15 +528,8 @@ TOML_SCHEMA: Final = _Table({
     "subscribers": _Array(_Table({
         "target": _STRING, "patterns": _LIST, "policy": _STRING, "execution": _STRING, "handler_budget_us": _NUMBER,
     })),
-    "depth": _Table({
-        "limit": _INTEGER,
-        "speed_ms": _INTEGER,
-        "snapshot_every_updates": _INTEGER,
-        "snapshot_every_s": _NUMBER,
-        "max_buffer": _INTEGER,
-        "weight_share": _NUMBER,
-        "weight_per_minute": _INTEGER,
-    }),
+    "depth": _DEPTH,
+    "venues": _Names(VENUE_TABLE, VENUES.__contains__, tuple(sorted(VENUES)), what="venue", lists_known=True),
     "shards": _Table({"count": _INTEGER, "max_owned": _INTEGER, "lease_ttl_s": _NUMBER}),
     "streams": _Table({"on_demand": _LIST, "release_grace_s": _NUMBER}),
     "spill": _Table({"dir": _STRING, "fsync": _STRING, "max_mb": _INTEGER}),
@@ -567,10 +577,16 @@ def _is_kind(value: Any, kind: str) -> bool:
     raise AssertionError(kind)
 
 
-def _unknown(what: str, name: str, choices: tuple[str, ...], path: tuple[str | int, ...], source: str) -> ConfigError:
+def _unknown(
+    what: str, name: str, choices: tuple[str, ...], path: tuple[str | int, ...], source: str, lists_known: bool
+) -> ConfigError:
     close = nearest(name, choices)
     hint = f"; did you mean {close!r}?" if close else ""
-    return ConfigError(f"unknown {what} {name!r} in {source} {_where(path)}{hint}")
+    known = ""
+    if lists_known:
+        names = sorted(choices)
+        known = ": expected " + (", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0])
+    return ConfigError(f"unknown {what} {name!r} in {source} {_where(path)}{known}{hint}")
 
 
 def _check(value: Any, node: _Node, path: tuple[str | int, ...], source: str) -> None:
@@ -587,14 +603,14 @@ def _check(value: Any, node: _Node, path: tuple[str | int, ...], source: str) ->
             raise ConfigError(f"[{_dotted(path)}] must be a table")
         for key, item in value.items():
             if key not in node.keys:
-                raise _unknown("setting", key, tuple(node.keys), path, source)
+                raise _unknown("setting", key, tuple(node.keys), path, source, node.lists_known)
             _check(item, node.keys[key], (*path, key), source)
     elif isinstance(node, _Names):
         if not isinstance(value, dict):
             raise ConfigError(f"[{_dotted(path)}] must be a table of {node.what} = value")
         for name, item in value.items():
             if not node.accepts(name):
-                raise _unknown(node.what, name, node.choices, path, source)
+                raise _unknown(node.what, name, node.choices, path, source, node.lists_known)
             _check(item, node.value, (*path, name), source)
     else:
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -616,12 +632,20 @@ def load_settings(
     flags: Mapping[str, Any], env: Mapping[str, str], config_path: str | None = None
 ) -> IngestSettings:
     """Merge flags (``None`` = not given), environment and the TOML file; validate everything, refusing an
-    unknown ``MARKET_*`` variable in ``env`` and an unknown key in the file."""
+    unknown ``MARKET_*`` variable in ``env`` and an unknown key in the file.  One venue: a file with
+    ``[venues.*]`` tables is :func:`load_venues`'s."""
     check_environment(env)
     path = config_path or env.get("MARKET_CONFIG")
     toml = read_toml(path) if path else {}
     if path:
         check_toml(toml, path)
+    if "venues" in toml:
+        raise ConfigError(f"{path}: [venues.*] tables describe several venues: they are read by load_venues")
+    return _settings(flags, env, toml)
+
+
+def _settings(flags: Mapping[str, Any], env: Mapping[str, str], toml: Mapping[str, Any]) -> IngestSettings:
+    """The settings of one venue from flags, environment and a checked TOML document."""
     merged: dict[str, Any] = {}
     for name, env_name in _ENV.items():
         if flags.get(name) is not None:
@@ -642,8 +666,7 @@ def load_settings(
         raise ConfigError(f"invalid REST URL {rest_url!r}: expected http(s)://host[:port]")
     symbols = tuple(dict.fromkeys(s.upper() for s in _csv(merged.get("symbols", "BTCUSDT,ETHUSDT"), "symbols")))
     for s in symbols:
-        if not _SYMBOL.match(s):
-            raise ConfigError(f"invalid symbol {s!r}: expected letters, digits and _ only")
+        profile.check_symbol(s)
     channels = _csv(merged.get("channels", "trade"), "channels")
     depth = _depth(toml.get("depth"))
     profile.check_channels(channels, depth.speed_ms)
@@ -693,3 +716,124 @@ def load_settings(
         shutdown_flush_s=flush_s,
         shutdown_redis_s=redis_s,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Several venues in one process: one [venues.<name>] table each.
+
+#: what names one venue's hosts and streams: as a flag, a ``MARKET_*`` variable or a top-level key of the file
+#: it cannot go with ``[venues.*]`` tables (``symbols`` and ``channels`` at the top of the file are the tables'
+#: defaults)
+_ONE_VENUE_FLAGS: Final = ("venue", "url", "rest_url", "symbols", "channels")
+_ONE_VENUE_KEYS: Final = ("venue", "url", "rest_url")
+
+
+def load_venues(
+    flags: Mapping[str, Any], env: Mapping[str, str], config_path: str | None = None
+) -> tuple[IngestSettings, ...]:
+    """The settings of every venue the process runs, in file order: :func:`load_settings`'s one venue when the
+    file has no ``[venues.*]`` table, else one per ``[venues.<name>]`` table.
+
+    A table sets the venue's ``url``, ``rest_url``, ``symbols``, ``channels`` and ``[depth]`` keys, over the
+    file's top-level ``symbols``, ``channels`` and ``[depth]``; everything else (Redis, prefix, metrics, queue,
+    writer, retention, session, repair, shutdown, subscribers, the control plane) is shared, each venue keeping its
+    own queue and writer of that size.  Each venue's spill log is the subdirectory named after it of the spill
+    directory.  A ``[[subscribers]]`` entry is attached to the venues its patterns' venue parts match, with
+    those patterns only.
+
+    Refused, each in one :class:`ConfigError` line: an unknown venue or table key (naming the known ones); a
+    symbol listed twice for one venue; a table without symbols (none at the top either); ``--venue`` (or
+    ``--url``, ``--rest-url``, ``--symbols``, ``--channels``, their ``MARKET_*`` variables, a top-level
+    ``venue``, ``url`` or ``rest_url``) together with tables; ``[shards]`` with more than one venue (leases are
+    named per prefix, not per venue); a subscriber whose patterns match none of the venues."""
+    check_environment(env)
+    path = config_path or env.get("MARKET_CONFIG")
+    toml = read_toml(path) if path else {}
+    if path:
+        check_toml(toml, path)
+    tables = toml.get("venues")
+    if tables is None:
+        return (_settings(flags, env, toml),)
+    assert path is not None and isinstance(tables, dict)  # check_toml: a table of tables
+    names = tuple(tables)
+    if not names:
+        raise ConfigError(f"{path}: [venues] names no venue: add a [venues.<name>] table per venue")
+    _refuse_one_venue_settings(flags, env, toml, path)
+    shared = {k: v for k, v in toml.items() if k != "venues"}
+    out: list[IngestSettings] = []
+    for name in names:
+        table = tables[name]
+        doc = dict(shared, venue=name)
+        for key in ("url", "rest_url", "symbols", "channels"):
+            if key in table:
+                doc[key] = table[key]
+        if "depth" in table:
+            doc["depth"] = {**shared.get("depth", {}), **table["depth"]}
+        where = f"{path} [venues.{name}]"
+        if "symbols" not in doc:
+            raise ConfigError(f"{where}: no symbols: set symbols = [...] in the table")
+        _refuse_twice(doc["symbols"], where)
+        try:
+            settings = _settings(flags, env, doc)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        out.append(replace(
+            settings,
+            spill_dir=os.path.join(settings.spill_dir, name) if settings.spill_dir else "",
+            subscribers=subscribers_for(settings.subscribers, name),
+        ))
+    if len(out) > 1 and out[0].shards.enabled:
+        raise ConfigError(
+            f"{path}: [shards] with several venues is not supported (shard leases are named per prefix, not per "
+            "venue): run one ingestor process per venue to shard"
+        )
+    for spec in _subscribers(tuple(flags.get("subscribers") or ()), shared.get("subscribers")):
+        if not any(subscribers_for((spec,), name) for name in names):
+            raise ConfigError(
+                f"subscriber {spec.target!r}: its patterns {', '.join(spec.patterns)} match none of the venues "
+                f"({', '.join(names)})"
+            )
+    return tuple(out)
+
+
+def _refuse_one_venue_settings(
+    flags: Mapping[str, Any], env: Mapping[str, str], toml: Mapping[str, Any], path: str
+) -> None:
+    for name in _ONE_VENUE_FLAGS:
+        if flags.get(name) is not None:
+            given = f"--{name.replace('_', '-')}"
+        elif env.get(_ENV[name]):
+            given = _ENV[name]
+        elif name in _ONE_VENUE_KEYS and name in toml:
+            given = f"{name} = ... at the top of {path}"
+        else:
+            continue
+        if name == "venue":
+            raise ConfigError(
+                f"{given} names one venue but {path} has [venues.*] tables: give either one venue or the tables"
+            )
+        raise ConfigError(
+            f"{given} is one venue's setting but {path} has [venues.*] tables: set {name} in each table"
+        )
+
+
+def _refuse_twice(symbols: Any, where: str) -> None:
+    items = symbols.split(",") if isinstance(symbols, str) else [str(v) for v in symbols]
+    seen: set[str] = set()
+    for item in items:
+        key = item.strip().upper()
+        if key in seen:
+            raise ConfigError(f"{where}: symbol {key!r} is listed twice")
+        if key:
+            seen.add(key)
+
+
+def subscribers_for(specs: Iterable[SubscriberSpec], venue: str) -> tuple[SubscriberSpec, ...]:
+    """The subscribers a venue's ingestor attaches: those with a pattern whose venue part matches ``venue``, with
+    those patterns only (a literal pattern of another venue would have this venue subscribe its stream)."""
+    out = []
+    for spec in specs:
+        mine = tuple(p for p in spec.patterns if fnmatch.fnmatchcase(venue, p.split(":", 1)[0]))
+        if mine:
+            out.append(replace(spec, patterns=mine))
+    return tuple(out)

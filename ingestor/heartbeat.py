@@ -104,21 +104,28 @@ def _version() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who is beating: ``<host>-<pid>-<start id>``; the start id tells two runs of one process apart."""
+    """Who is beating: ``<host>-<pid>-<start id>``; the start id tells two runs of one process apart.  An
+    ingestor among several of one process (one per venue, :mod:`ingestor.multi`) names its venue too:
+    ``<host>-<pid>-<venue>-<start id>``."""
 
     host: str
     pid: int
     start_id: str
     started_at: float
+    #: the venue, when the process runs several ("": it runs one)
+    venue: str = ""
 
     @property
     def id(self) -> str:
+        if self.venue:
+            return f"{self.host}-{self.pid}-{self.venue}-{self.start_id}"
         return f"{self.host}-{self.pid}-{self.start_id}"
 
     @classmethod
-    def new(cls, now: float) -> Identity:
+    def new(cls, now: float, venue: str = "") -> Identity:
         host = _HOST_CHARS.sub("-", socket.gethostname())[:63] or "host"
-        return cls(host=host, pid=os.getpid(), start_id=secrets.token_hex(3), started_at=now)
+        return cls(host=host, pid=os.getpid(), start_id=secrets.token_hex(3), started_at=now,
+                   venue=_HOST_CHARS.sub("-", venue)[:40])
 
 
 class _Window:

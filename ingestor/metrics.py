@@ -5,13 +5,18 @@ integer counters and :class:`~consumer_sdk.core.latency.LatencyHistogram` bucket
 this collector takes the ingestor's :class:`~ingestor.snapshot.IngestorSnapshot`
 when Prometheus scrapes (from the exporter's thread; reads need no lock) and reads
 only that: one instant, no live object.
+
+A process running several venues (:mod:`ingestor.multi`) serves them all on one port through
+:class:`VenuesCollector`: each family once, its samples from every venue's ingestor, those of a family
+without a ``venue`` label given one (each venue has its own queue, writer, hot path and control gate), and
+the process-wide ones (``market_threads``) once.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -22,9 +27,14 @@ from consumer_sdk.core.latency import LatencyHistogram
 from distributor.writer import REJECTION_REASONS
 from ingestor.pipeline import SKIP_REASONS
 from ingestor.rest import REFUSAL_KINDS
-from ingestor.snapshot import Snapshotting
+from ingestor.snapshot import IngestorSnapshot, Snapshotting
 
-__all__ = ["IngestorCollector", "histogram_family", "serve_metrics"]
+__all__ = [
+    "PROCESS_WIDE", "IngestorCollector", "VenuesCollector", "histogram_family", "serve_metrics", "serve_venues_metrics",
+]
+
+#: families that describe the process, not one venue's ingestor: served once, without a venue label
+PROCESS_WIDE = frozenset({"market_threads"})
 
 
 def histogram_family(
@@ -43,7 +53,11 @@ class IngestorCollector(Collector):
         self._ing = ingestor
 
     def collect(self) -> Iterator[Metric]:
-        snap = self._ing.snapshot()
+        return self.families(self._ing.snapshot())
+
+    @staticmethod
+    def families(snap: IngestorSnapshot) -> Iterator[Metric]:
+        """The metric families of one snapshot."""
         venue = snap.venue
         writer = snap.writer
         q = snap.ingress
@@ -353,10 +367,61 @@ class IngestorCollector(Collector):
         yield GaugeMetricFamily("market_threads", "Threads in this process", value=threading.active_count())
 
 
+class VenuesCollector(Collector):
+    """The ingestors of several venues as one exposition (see the module doc).  ``ingestors()`` gives those
+    running now (a venue's ingestor is replaced when it is restarted), read at each scrape; ``restarts()``, when
+    given, how many times each venue's was replaced (``market_venue_restarts``)."""
+
+    def __init__(
+        self, ingestors: Callable[[], Iterable[Snapshotting]],
+        restarts: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
+        self._ingestors = ingestors
+        self._restarts = restarts
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for ingestor in list(self._ingestors()):
+            snap = ingestor.snapshot()
+            venue = snap.venue
+            for family in IngestorCollector.families(snap):
+                into = merged.get(family.name)
+                if into is None:
+                    into = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                elif family.name in PROCESS_WIDE:
+                    continue
+                for sample in family.samples:
+                    if "venue" not in sample.labels and family.name not in PROCESS_WIDE:
+                        sample = sample._replace(labels={"venue": venue, **sample.labels})
+                    into.samples.append(sample)
+        yield from merged.values()
+        if self._restarts is not None:
+            restarts = CounterMetricFamily(
+                "market_venue_restarts", "Times a venue's ingestor failed and was replaced by a fresh one",
+                labels=["venue"],
+            )
+            for venue, n in sorted(self._restarts().items()):
+                restarts.add_metric([venue], n)
+            yield restarts
+
+
 def serve_metrics(ingestor: Snapshotting, host: str, port: int) -> CollectorRegistry:
     """Start the exporter thread; a port in use is a :class:`ConfigError`."""
+    return _serve(IngestorCollector(ingestor), host, port)
+
+
+def serve_venues_metrics(
+    ingestors: Callable[[], Iterable[Snapshotting]], host: str, port: int,
+    restarts: Callable[[], Mapping[str, int]] | None = None,
+) -> CollectorRegistry:
+    """Start one exporter thread for several venues' ingestors (:class:`VenuesCollector`); a port in use is a
+    :class:`ConfigError`."""
+    return _serve(VenuesCollector(ingestors, restarts), host, port)
+
+
+def _serve(collector: Collector, host: str, port: int) -> CollectorRegistry:
     registry = CollectorRegistry()
-    registry.register(IngestorCollector(ingestor))
+    registry.register(collector)
     try:
         start_http_server(port, addr=host, registry=registry)
     except OSError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -121,7 +122,9 @@ def _redis_url() -> str:
 def ingest(
     config: Annotated[Path | None, typer.Option(help="TOML settings file")] = None,
     venue: Annotated[
-        str | None, typer.Option(help="binance (default) | binance_usdm | binance_coinm: hosts, channels, REST")
+        str | None,
+        typer.Option(help="one venue by name, binance by default (binance_usdm, binance_coinm, ...): hosts, channels, "
+                     "REST; several venues: [venues.<name>] tables in --config instead"),
     ] = None,
     url: Annotated[str | None, typer.Option(help="venue WebSocket base, e.g. wss://stream.binance.com:9443")] = None,
     rest_url: Annotated[str | None, typer.Option(help="venue REST base (default: derived from --url)")] = None,
@@ -146,8 +149,11 @@ def ingest(
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
-    """Run an ingestor: venue WebSocket -> normalize -> sequence -> Redis Streams."""
-    from ingestor.config import load_settings
+    """Run an ingestor: venue WebSocket -> normalize -> sequence -> Redis Streams.
+
+    One venue (--venue, binance by default), or one per [venues.<name>] table of the config file, all in this
+    process: one metrics port, one stop, exit 1 when any venue stopped with ticks saved nowhere."""
+    from ingestor.config import load_venues
     from ops.logs import setup_logging
 
     setup_logging(log_level)
@@ -159,37 +165,62 @@ def ingest(
         "metrics_port": metrics_port, "queue_policy": queue_policy, "prefix": prefix, "spill_dir": spill_dir,
         "latency_sample": latency_sample,
     }
-    settings = load_settings(flags, os.environ, str(config) if config else None)
-    if settings.spill_dir:
-        from distributor.spill import check_spill_dir
+    venues = load_venues(flags, os.environ, str(config) if config else None)
+    for settings in venues:
+        if settings.spill_dir:
+            from distributor.spill import check_spill_dir
 
-        check_spill_dir(settings.spill_dir)
+            check_spill_dir(settings.spill_dir)
+    from ingestor.multi import VenuesUnsavedAtStop
     from ingestor.service import UnsavedAtStop
 
     try:
         # The stop saves what the process holds within [shutdown] flush_timeout_s: the watchdog waits longer.
-        run_async(_ingest(settings), grace_s=settings.shutdown_flush_s + 5.0)
+        run_async(_ingest(venues), grace_s=max(s.shutdown_flush_s for s in venues) + 5.0)
     except UnsavedAtStop:
         # The ingestor's last log line ("stopped") names how many ticks were saved nowhere.
+        raise SystemExit(1) from None
+    except VenuesUnsavedAtStop as exc:
+        print(f"market: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
 async def _ingest(settings: Any) -> None:
+    """Run the venues' ingestors (:class:`ingestor.multi.VenueRunner`) on one Redis client and one metrics port;
+    ``settings``: one venue's :class:`~ingestor.config.IngestSettings` or a sequence of them."""
+    from consumer_sdk.core.log import get_logger, log_event
     from consumer_sdk.core.redis import connect_redis
-    from ingestor.metrics import serve_metrics
-    from ingestor.service import Ingestor, UnsavedAtStop
+    from ingestor.config import IngestSettings
+    from ingestor.metrics import serve_metrics, serve_venues_metrics
+    from ingestor.multi import VenueRunner, stop_summary, unsaved_at_stop
+    from ingestor.service import StopReport, UnsavedAtStop
 
-    redis = await connect_redis(settings.redis_url)
+    venues = (settings,) if isinstance(settings, IngestSettings) else tuple(settings)
+    first = venues[0]
+    redis = await connect_redis(first.redis_url)
     try:
-        ingestor = Ingestor(settings, redis=redis)
-        if settings.metrics_port:
-            serve_metrics(ingestor, settings.metrics_host, settings.metrics_port)
+        runner = VenueRunner(venues, redis=redis)
+        if first.metrics_port:
+            if len(venues) == 1:
+                serve_metrics(runner.ingestors[first.venue], first.metrics_host, first.metrics_port)
+            else:
+                serve_venues_metrics(
+                    runner.running, first.metrics_host, first.metrics_port, restarts=lambda: dict(runner.restarts)
+                )
         try:
-            await ingestor.run()
+            await runner.run()
         except asyncio.CancelledError:
-            report = ingestor.stop_report
-            if report is not None and report.unsaved:
-                raise UnsavedAtStop(report) from None
+            reports = {s.venue: runner.stop_reports.get(s.venue, StopReport(0, 0, 0, 0)) for s in venues}
+            if len(venues) == 1:
+                report = reports[first.venue]
+                if report.unsaved:
+                    raise UnsavedAtStop(report) from None
+                raise
+            unsaved = unsaved_at_stop(reports)
+            log_event(get_logger("ingestor"), logging.ERROR if unsaved else logging.INFO, "venues_stopped",
+                      unsaved={v: r.unsaved for v, r in reports.items()}, summary=stop_summary(reports))
+            if unsaved is not None:
+                raise unsaved from None
             raise
     finally:
         await redis.aclose()

@@ -1,13 +1,14 @@
 """``market ctl``: runtime switches, applied live by every ingestor on the same Redis and prefix.
 
 TARGET is a ``venue:SYMBOL:channel`` pattern with globs in any part (``binance:BTCUSDT:trade``,
-``binance:*:kline_*``).  Every change is one atomic update of ``<prefix>:_ctl:state`` together with its
-record in the audit stream ``<prefix>:_ctl:audit`` (one server-side script call: no change without its record; on a
-Redis Cluster the two keys carry the hash tag ``{<prefix>}``, ``<prefix>:_ctl:{<prefix>}:state``, so they share a
-slot: :func:`ingestor.control_plane.control_keys`): who made it (the OS user, or ``--actor`` / ``MARKET_ACTOR``),
-from which host, as which Redis user, when (the server's clock and the operator's), the command and its arguments,
-the control version before and after, and ``--reason``. ``history`` shows the newest records. Repeating a change
-that is already in force changes nothing and records nothing.
+``binance:*:kline_*``); a venue alone (``okx`` or ``okx:*``) is ``okx:*:*``, every stream of that venue, whichever
+process of however many venues ingests it.  Every change is one atomic update of ``<prefix>:_ctl:state`` together
+with its record in the audit stream ``<prefix>:_ctl:audit`` (one server-side script call: no change without its
+record; on a Redis Cluster the two keys carry the hash tag ``{<prefix>}``, ``<prefix>:_ctl:{<prefix>}:state``, so
+they share a slot: :func:`ingestor.control_plane.control_keys`): who made it (the OS user, or ``--actor`` /
+``MARKET_ACTOR``), from which host, as which Redis user, when (the server's clock and the operator's), the command and
+its arguments, the control version before and after, and ``--reason``. ``history`` shows the newest records.
+Repeating a change that is already in force changes nothing and records nothing.
 
 Bad input (an unknown level, an invalid pattern, a rate that is not a positive number, a ``--reason``
 over :data:`~ingestor.control_plane.MAX_REASON` characters or with a control character) and an
@@ -51,7 +52,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-Target = Annotated[str, typer.Argument(help="venue:SYMBOL:channel pattern, globs allowed (binance:*:kline_*)")]
+Target = Annotated[
+    str, typer.Argument(help="venue:SYMBOL:channel pattern, globs allowed (binance:*:kline_*); okx:* is okx:*:*")
+]
 Who = Annotated[
     str | None,
     typer.Option("--actor", "--who", help="who makes the change, for the audit (default: $MARKET_ACTOR, the OS user)"),
@@ -87,6 +90,15 @@ def _run(job: Callable[[aioredis.Redis], Coroutine[Any, Any, T]]) -> T:
         return asyncio.run(_with_redis(job))
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+
+
+def _target(text: str) -> str:
+    """A switch's ``venue:SYMBOL:channel`` pattern; a whole venue may be named alone: ``okx`` and ``okx:*`` are
+    ``okx:*:*`` (a symbol without its channel, ``okx:BTC-USDT``, is refused as before)."""
+    venue, sep, rest = text.strip().partition(":")
+    if venue and (not sep or rest == "*"):
+        text = f"{venue}:*:*"
+    return parse_target(text).text
 
 
 def _when(at: float) -> str:
@@ -163,7 +175,7 @@ def pause(
     reason: Reason = None,
 ) -> None:
     """Drop the ticks of matching streams until `resume` (counted; trade gaps marked on resume)."""
-    pattern = parse_target(target).text
+    pattern = _target(target)
     _change(
         lambda s, by, at: s.with_pause(pattern, unsubscribe=unsubscribe, who=by, at=at),
         action="pause", target=pattern, detail={"unsubscribe": unsubscribe}, who=who, reason=reason,
@@ -175,7 +187,7 @@ def pause(
 @app.command()
 def resume(target: Target, who: Who = None, reason: Reason = None) -> None:
     """Lift the pause set on exactly this pattern."""
-    pattern = parse_target(target).text
+    pattern = _target(target)
     _change(
         lambda s, by, at: s.without_pause(pattern), action="resume", target=pattern, detail={}, who=who, reason=reason,
         done=f"resumed {pattern}", already=f"no pause is set on {pattern}",
@@ -192,7 +204,7 @@ def limit(
     reason: Reason = None,
 ) -> None:
     """Rate-limit each matching stream with a token bucket."""
-    pattern = parse_target(target).text
+    pattern = _target(target)
     value = _rate(rate)
     pol = LimitPolicy.parse(policy)
     if burst is not None and not (math.isfinite(burst) and burst >= 1):
@@ -209,7 +221,7 @@ def limit(
 @app.command()
 def unlimit(target: Target, who: Who = None, reason: Reason = None) -> None:
     """Lift the limit set on exactly this pattern."""
-    pattern = parse_target(target).text
+    pattern = _target(target)
     _change(
         lambda s, by, at: s.without_limit(pattern), action="unlimit", target=pattern, detail={}, who=who, reason=reason,
         done=f"unlimited {pattern}", already=f"no limit is set on {pattern}",
@@ -243,7 +255,7 @@ def critical(
         raise ConfigError("critical: give one or more TARGET patterns, or --clear")
     if targets and clear:
         raise ConfigError("critical: give TARGET patterns or --clear, not both")
-    patterns = [parse_target(t).text for t in targets or ()]
+    patterns = [_target(t) for t in targets or ()]
     shown = ", ".join(patterns) or "none"
     _change(
         lambda s, by, at: s.with_critical(patterns, who=by, at=at), action="critical", target=" ".join(patterns),

@@ -7,7 +7,9 @@ and the cause (``unknown`` when nothing reports on it):
 
 - ``ingestor``: are ingestors reporting?  An id in ``<prefix>:_hb:ingestors`` whose heartbeat key
   expired names an ingestor that stopped reporting (killed, frozen, cut off from Redis); a heartbeat
-  with a field of the wrong type is ``warn``, naming the field (the stages are judged all the same);
+  with a field of the wrong type is ``warn``, naming the field (the stages are judged all the same).
+  A process running several venues reports one ingestor per venue, its id naming the venue
+  (``<host>-<pid>-<venue>-<start id>``), each judged on its own like any other ingestor;
 - ``connection``: the venue WebSockets (state, how long down, last frame, reconnect storms, stale
   streams, gaps that could not be repaired);
 - ``ingress``: the bounded queue between the connections and the distributor (fill, drops, backpressure);
@@ -440,6 +442,9 @@ def _ingestor_stage(alive: Sequence[Parsed], dead: Sequence[Mapping[str, Any]],
     first = alive[0].heartbeat
     desc = f"{first.id} ({first.venue}, up {_secs(first.uptime_s or 0.0)}, {first.version or '?'})"
     more = f" and {len(alive) - 1} more" if len(alive) > 1 else ""
+    venues = sorted({p.heartbeat.venue for p in alive if p.heartbeat.venue})
+    if len(venues) > 1:  # several venues, in one process or several
+        more += f" (venues {', '.join(venues)})"
     return StageStatus("ingestor", Level.OK, f"{len(alive)} reporting: {desc}{more}")
 
 

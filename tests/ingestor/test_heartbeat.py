@@ -218,6 +218,12 @@ def test_identity_is_host_pid_and_a_start_id() -> None:
     assert re.fullmatch(r"[A-Za-z0-9_.\-]{1,63}", a.host), a.host
 
 
+def test_an_ingestor_among_several_venues_names_its_venue() -> None:
+    a = Identity.new(T0, venue="binance_usdm")
+    assert a.id == f"{a.host}-{os.getpid()}-binance_usdm-{a.start_id}" and a.venue == "binance_usdm"
+    assert f"-{os.getpid()}-odd-venue-x-" in Identity.new(T0, venue="odd venue:x").id  # what a key may hold
+
+
 def test_state_is_kept_per_ingestor() -> None:
     settings = IngestSettings(url="ws://127.0.0.1:1", symbols=("BTCUSDT",))
     one, two = Ingestor(settings), Ingestor(settings)

@@ -30,6 +30,7 @@ from ingestor.config import (
     check_toml,
     is_retention_channel,
     load_settings,
+    load_venues,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,7 +138,7 @@ def _every_key(node: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, .
     elif isinstance(node, _Either):
         out += _every_key(node.table, path)
     elif isinstance(node, _Names):
-        out += _every_key(node.value, (*path, "trade"))
+        out += _every_key(node.value, (*path, "binance" if node.what == "venue" else "trade"))
     return out
 
 
@@ -148,7 +149,7 @@ def test_the_schema_lists_every_table_the_readers_read() -> None:
     tables = {p for p, _, _ in EVERY_KEY if p}
     assert {p[0] for p in tables} == {
         "queue", "writer", "retention", "session", "repair", "subscribers", "streams", "spill", "shutdown", "depth",
-        "shards",
+        "shards", "venues",
     }
     assert ("retention", "channels", "trade") in tables
     assert ("session", "stale_after") not in tables  # its keys are channels, checked as such
@@ -286,7 +287,8 @@ def test_the_readmes_examples_load(tmp_path: Path) -> None:
     blocks = re.findall(r"```toml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
     assert blocks
     for block in blocks:
-        load_text(tmp_path, block)
+        (tmp_path / "market.toml").write_text(block)
+        load_venues({}, {}, str(tmp_path / "market.toml"))  # one venue, or [venues.*] tables
 
 
 @pytest.mark.parametrize("name", ["trade", "agg_trade", "book_ticker", "kline_1m", "kline_1M", "kline_*", "*", "k*"])

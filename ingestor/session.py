@@ -861,5 +861,6 @@ class VenueSession:
             streams=len(self.streams), last_frame_us=self.last_frame_us, reconnects=self.reconnects,
             reconnect_reasons=dict(self.reconnect_reasons), stalls=self.stalls, stale=tuple(sorted(self.stale)),
             subscribe_errors=self.subscribe_errors, frames=self.frames, ticks=self.ticks, malformed=self.malformed,
-            unsupported=self.unsupported, refused=dict(self.pipeline.refused),
+            unsupported=self.unsupported, refused=dict(self.pipeline.refused), pings_sent=self.pings_sent,
+            venue_errors=dict(self.venue_errors), resubscribes=self.resubscribes,
         )

@@ -9,7 +9,8 @@ simulator's own state at the ``seqId`` the ingestor's book is at (the simulator'
 
 The real capture (``okx-2022-05-13.jsonl``, OKX's checksum on every one of its 290 ``books`` messages) through an
 in-memory connection: every checksum equal, no resync; a level altered in one message: one ``checksum`` resync of
-that book, its stream alone subscribed again.
+that book, its stream alone subscribed again (the venue refusing the unsubscribe changes nothing of that).  The
+metrics are read from the ingestor's exposition.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, generate_latest
 
 from consumer_sdk.book import Level
 from consumer_sdk.book_stream import BookEntry, Rebuilder, decode_all, rebuild
 from consumer_sdk.core.keys import stream_key
 from ingestor.config import IngestSettings
 from ingestor.memory import MemoryConnector, MemoryLink
+from ingestor.metrics import IngestorCollector
 from ingestor.okx import OkxV5
 from ingestor.service import Ingestor
 from ingestor.session import SessionSettings, VenueSession
@@ -75,11 +78,18 @@ async def running(settings: IngestSettings, aredis: aioredis.Redis,
             await task
 
 
-def depth_settings(url: str, prefix: str, symbols: tuple[str, ...] = SYMBOLS) -> IngestSettings:
+def depth_settings(url: str, prefix: str, symbols: tuple[str, ...] = SYMBOLS,
+                   session: SessionSettings = QUICK) -> IngestSettings:
     return IngestSettings(
         venue="okx", url=url, rest_url=url.replace("ws", "http", 1), symbols=symbols, channels=("depth",),
-        prefix=prefix, spill_dir="", session=QUICK,
+        prefix=prefix, spill_dir="", session=session,
     )
+
+
+def scrape(ingestor: Ingestor) -> str:
+    registry = CollectorRegistry()
+    registry.register(IngestorCollector(ingestor))
+    return generate_latest(registry).decode()
 
 
 def venue_top(sim: OkxSimulator, symbol: str) -> tuple[int, tuple[Level, ...], tuple[Level, ...]]:
@@ -180,6 +190,13 @@ async def test_an_update_removed_resyncs_that_book_once_by_subscribing_its_strea
             entries = await stored(aredis, prefix, symbol, seq)
             assert whole(entries) == (["start", "resync:gap"] if symbol == "BTC-USDT" else ["start"])
             assert rebuild(entries, seq=seq).top(TOP) == (bids, asks)
+        text = scrape(ingestor)
+        assert 'market_book_resync_total{reason="gap",symbol="BTC-USDT",venue="okx"} 1.0' in text
+        assert text.count("market_book_resync_total{") == 1
+        assert 'market_venue_resubscribes_total{venue="okx"} 1.0' in text
+        assert 'market_books_resubscribing{venue="okx"} 0.0' in text
+        assert 'market_book_checksums_total{result="mismatch",venue="okx"} 0.0' in text
+        assert "market_book_snapshot_failures_total{" not in text
 
 
 async def test_a_connection_lost_resyncs_every_book_it_carried_without_subscribing_again(
@@ -236,9 +253,16 @@ async def test_the_capture_s_290_checksums_are_equal_through_the_running_ingesto
     aredis: aioredis.Redis, prefix: str
 ) -> None:
     connector = MemoryConnector(okx_acks)
-    settings = depth_settings("ws://venue.test:8443", prefix, CAPTURED)
+    quiet_soon = SessionSettings(backoff_base=0.01, backoff_cap=0.02, healthy_after=0.01, ping_interval=0.5)
+    settings = depth_settings("ws://venue.test:8443", prefix, CAPTURED, quiet_soon)
     async with running(settings, aredis, connector) as ingestor:
         await replay(ingestor, connector, capture())
+        await until(lambda: ingestor.sessions[0].pings_sent >= 1, "a text ping once the capture is over")
+        text = scrape(ingestor)
+        assert 'market_book_checksums_total{result="equal",venue="okx"} 290.0' in text
+        assert 'market_book_checksums_total{result="mismatch",venue="okx"} 0.0' in text
+        assert 'market_venue_pings_sent_total{venue="okx"}' in text and "market_venue_errors_total{" not in text
+        assert ingestor.sessions[0].reconnects == 0, "the pong answered it"
         stats = ingestor.snapshot().depth
         assert stats is not None
         assert stats.checksums == {"equal": 290, "mismatch": 0}
@@ -275,7 +299,15 @@ async def test_a_level_altered_in_the_capture_resyncs_that_book_by_its_checksum_
     aredis: aioredis.Redis, prefix: str
 ) -> None:
     frames, _ = tampered(capture(), "BTC-USD-220527", 10)
-    connector = MemoryConnector(okx_acks)
+
+    def refuse_unsubscribe(message: str) -> list[bytes]:
+        """OKX's answers, and an error event to an unsubscribe (it asks nothing that a subscribe needs)."""
+        if message != "ping" and orjson.loads(message)["op"] == "unsubscribe":
+            rid = orjson.loads(message)["id"]
+            return [orjson.dumps({"event": "error", "code": "60012", "msg": "Invalid request", "id": rid})]
+        return okx_acks(message)
+
+    connector = MemoryConnector(refuse_unsubscribe)
     settings = depth_settings("ws://venue.test:8443", prefix, CAPTURED)
     async with running(settings, aredis, connector) as ingestor:
         depth = ingestor.depth
@@ -293,6 +325,12 @@ async def test_a_level_altered_in_the_capture_resyncs_that_book_by_its_checksum_
         assert depth.resubscribing == ["BTC-USD-220527"] and depth.book("BTC-USD-220527") is None
         assert depth.book("BTC-USDT") is not None and depth.book("UNI-USD-SWAP") is not None
         assert ingestor.snapshot().depth.resubscribing == ("BTC-USD-220527",)  # type: ignore[union-attr]
+        text = scrape(ingestor)
+        assert 'market_book_resync_total{reason="checksum",symbol="BTC-USD-220527",venue="okx"} 1.0' in text
+        assert 'market_book_checksums_total{result="mismatch",venue="okx"} 1.0' in text
+        assert 'market_books_resubscribing{venue="okx"} 1.0' in text
+        assert 'market_venue_errors_total{code="60012",venue="okx"} 1.0' in text
+        assert session.reconnects == 0
 
 
 class _FewOps(OkxV5):

@@ -372,3 +372,25 @@ async def test_a_resubscription_keeps_to_the_connections_hourly_operations(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_rotation_on_the_venue_s_64008_notice_keeps_every_book_without_a_resync(
+    aredis: aioredis.Redis, prefix: str
+) -> None:
+    """Make-before-break: the new connection's snapshots and updates overlap the old one's; the books take each
+    message once (an update already applied, or a snapshot behind the book, is dropped) and never resync."""
+    async with simulator(max_connection_age=2.0, shutdown_notice=1.5, book_checksum=True) as sim, \
+            running(depth_settings(sim.ws_url, prefix), aredis) as ingestor:
+        depth = ingestor.depth
+        assert depth is not None
+        session = ingestor.sessions[0]
+        await until(lambda: session.rotations >= 1, "rotated on the notice")
+        rotated_at = depth.diffs_stored
+        await until(lambda: depth.diffs_stored >= rotated_at + 20, "20 diffs stored after the rotation")
+        assert depth.resyncs == {} and session.resubscribes == 0 and depth.checksums["mismatch"] == 0
+        assert session.reconnects == 0
+        for symbol in SYMBOLS:
+            seq, bids, asks = await caught(ingestor, sim, symbol)
+            entries = await stored(aredis, prefix, symbol, seq)
+            assert set(whole(entries)) <= {"start", "resync:snapshot"}
+            assert rebuild(entries, seq=seq).top(TOP) == (bids, asks)

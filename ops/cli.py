@@ -22,6 +22,7 @@ import typer
 from redis.exceptions import RedisError
 
 from consumer_sdk.core.errors import ConfigError, MarketError, TransientError
+from consumer_sdk.core.loop import run as run_loop
 from ops.ctl import app as ctl_app
 
 __all__ = ["app", "main"]
@@ -58,7 +59,8 @@ def run_async(
     """Run a command's coroutine; Ctrl-C (and SIGTERM when ``graceful_term``) cancel it and end the command
     cleanly.  Read-only commands keep SIGTERM's default action: they hold nothing to flush, and a
     write blocked on a full stdout pipe must not delay their end.  A stop after SIGTERM that takes longer
-    than ``grace_s`` (default :data:`SHUTDOWN_GRACE_S`) is reported with every task's stack, exit 3."""
+    than ``grace_s`` (default :data:`SHUTDOWN_GRACE_S`) is reported with every task's stack, exit 3.  The loop is
+    the one ``MARKET_LOOP`` chooses (:mod:`consumer_sdk.core.loop`: uvloop when installed, else asyncio)."""
     grace = SHUTDOWN_GRACE_S if grace_s is None else grace_s
 
     async def wrapper() -> T:
@@ -77,7 +79,7 @@ def run_async(
         return await coro
 
     try:
-        return asyncio.run(wrapper())
+        return run_loop(wrapper())
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except asyncio.CancelledError:

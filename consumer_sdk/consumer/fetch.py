@@ -10,6 +10,11 @@ On a Redis Cluster one ``XREADGROUP`` cannot name streams of two hash slots, and
 tag: :func:`read_each` reads every stream with a command of its own, all pipelined (one round trip per
 node, the nodes at once).  A blocking read on many slots has no one command to wait in, so on a cluster a
 read that finds nothing waits :data:`CLUSTER_IDLE_S` (or until stopped) and the consumer reads again.
+
+:func:`ack_and_read` writes the acknowledgements of the batch just handled and the next ``XREADGROUP``
+in one write on one connection: Redis runs a connection's commands in order, so the acks are applied
+before the read, and the next read does not wait for a round trip of acks first (one round trip a cycle,
+not two or three).
 """
 
 from __future__ import annotations
@@ -18,18 +23,20 @@ import asyncio
 import contextlib
 import gc
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
+import redis.exceptions as rexc
 from redis.asyncio import Redis
 
 from consumer_sdk.consumer.batch import Flat, flatten_reply
-from consumer_sdk.core.redis import CLUSTER_IDLE_S
+from consumer_sdk.core.redis import CLUSTER_IDLE_S, _pool_connection, pack_xack
 
 __all__ = [
     "CLUSTER_IDLE_S",
     "RECANCEL_S",
     "CollectorPause",
+    "ack_and_read",
     "cancel_until_done",
     "collector_paused",
     "read_each",
@@ -129,3 +136,59 @@ async def read_each(
     if error is not None:
         raise error
     return found
+
+
+async def ack_and_read(
+    client: Redis, group: str, consumer: str, acks: Sequence[tuple[str, Sequence[bytes | str]]],
+    streams: dict[Any, Any], *, count: int, dfield: Any, block: int | None = None,
+    on_acked: Callable[[int], None] | None = None,
+) -> tuple[int, list[Flat]]:
+    """``XACK`` each ``(key, ids)`` of ``acks``, then one ``XREADGROUP`` of ``streams`` (key -> cursor), all in
+    one write on one connection of ``client``'s pool (a standalone client, not a cluster); returns how many
+    entries were acknowledged and the read, flattened.  ``on_acked(n)`` is called with that count as soon as
+    the acks' replies are in, before the read's (which may block).
+
+    Redis runs the commands in the order written: every ack is applied before the read, as if they were
+    sent first and waited for, one round trip earlier.  An error reply is raised once every reply was read
+    (the connection stays in step), the read's own first; a connection error or a cancellation closes the
+    connection (it reconnects when next used), and the acks may or may not have been applied: entries
+    left pending are read again after the reconnect and skipped as duplicates.  A read without ``block``
+    pauses the collector as :func:`read_group` does.
+    """
+    pool: Any = client.connection_pool
+    encode: Callable[[Any], bytes] = pool.get_encoder().encode
+    name = encode(group)
+    payload = [pack_xack(encode(key), name, ids) for key, ids in acks if ids]
+    replies = len(payload)
+    conn = await _pool_connection(pool)
+    args: list[Any] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
+    if block is not None:
+        args += ["BLOCK", block]
+    args.append("STREAMS")
+    args += streams.keys()
+    args += streams.values()
+    payload += conn.pack_command(*args)
+    acked = 0
+    error: rexc.ResponseError | None = None
+    try:
+        await conn.send_packed_command(payload)
+        for _ in range(replies):
+            try:
+                acked += int(await conn.read_response())
+            except rexc.ResponseError as exc:  # the reply was read: the connection is still in step
+                error = error or exc
+        if on_acked is not None:
+            on_acked(acked)
+        if block is not None:
+            reply = await conn.read_response()
+            found = flatten_reply(reply, dfield)
+        else:
+            with collector_paused():
+                reply = await conn.read_response()
+                found = flatten_reply(reply, dfield)
+                del reply
+    finally:
+        await pool.release(conn)
+    if error is not None:
+        raise error
+    return acked, found

@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from consumer_sdk.consumer.batch import Flat, KeyState
 from consumer_sdk.consumer.claims import claim_idle
 from consumer_sdk.consumer.delivery import Acks, Delivery, GapHook, InvalidHook, TrimmedHook
-from consumer_sdk.consumer.fetch import CLUSTER_IDLE_S, cancel_until_done, read_each, read_group
+from consumer_sdk.consumer.fetch import CLUSTER_IDLE_S, ack_and_read, cancel_until_done, read_each
 from consumer_sdk.consumer.groups import Groups
 from consumer_sdk.consumer.trim import lag_estimate
 from consumer_sdk.core.aio import reraise_if_cancelling
@@ -54,6 +54,11 @@ from consumer_sdk.poison import MAX_ENTRY_BYTES
 __all__ = ["Consumer", "ConsumerStats", "GapHook", "InvalidHook", "TrimmedHook"]
 
 log = get_logger("consumer")
+
+#: entries in one read (all streams) from which the next read is taken not to block (see ``Consumer._read``):
+#: the time spent handling them may have let a backlog pile up, whose reply is best built with the collector
+#: paused, which only a read that does not block does
+BACKLOG_ENTRIES = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +174,7 @@ class Consumer:
         self._throttle = Throttle(log, interval=5.0)
         self._reconnects = 0
         self._claimed = 0
+        self._backlog = True  # whether a backlog is likely (see _read): the next read does not block
 
     # ------------------------------------------------------------ public
 
@@ -292,33 +298,28 @@ class Consumer:
         self._dfield = self._delivery.dfield = field_name(client)
         delays = backoff_delays()
         need_setup, need_recover, failures = True, False, 0
-        deferred: Acks = []
+        # what was handled and not yet acked: sent in the same write as the next read (or on its own when no
+        # read follows); when collecting, what the caller was handed, acked once it asks for the next batch
+        acks: Acks = []
         try:
             while not self._stop.is_set():
                 try:
-                    if deferred:
-                        await self._delivery.ack(client, deferred)
-                        deferred = []
                     if need_setup:
                         await self._setup(client)
                         need_setup = False
                     if need_recover:
                         await self._groups.recover(client)
                         need_recover = False
-                    acks = await self._maintain(client, reader, handler, is_async, collect)
-                    if collect is None and acks:
-                        await self._delivery.ack(client, acks)  # claimed entries: do not hold them over a block
-                        acks = []
-                    if not collect:  # (when collecting, hand over what was claimed first)
-                        found = await self._read(reader)
-                        if found:
-                            acks += await self._dispatch(client, found, handler, is_async, collect)
-                    if collect is None:
+                    claimed = await self._maintain(client, reader, handler, is_async, collect)
+                    if collect and claimed:  # hand over what was claimed first; ack the batch before it
                         await self._delivery.ack(client, acks)
+                        acks = claimed
                     else:
-                        deferred = acks
-                    if failures:
-                        delays, failures = backoff_delays(), 0
+                        acks += claimed
+                        sent, acks = acks, []
+                        found = await self._read(client, reader, sent)
+                        if found:
+                            acks = await self._dispatch(client, found, handler, is_async, collect)
                 except (rexc.RedisError, OSError, TransientError) as exc:
                     reraise_if_cancelling()
                     kind = classify(exc)
@@ -342,6 +343,9 @@ class Consumer:
                     continue
                 if collect:
                     yield None
+            if collect is None and acks:
+                with contextlib.suppress(rexc.RedisError, OSError):
+                    await self._delivery.ack(client, acks)  # stopped: ack what was handled (else it is redelivered)
         finally:
             self._running = False
             self._stop.clear()
@@ -409,11 +413,15 @@ class Consumer:
             return self._block_ms
         return max(1, min(self._block_ms, int((due - now) * 1000)))
 
-    async def _read(self, client: Redis) -> list[Flat]:
-        """One read over every active stream; ``client`` is a :func:`~consumer_sdk.core.redis.raw_stream_client`.
+    async def _read(self, client: Redis, reader: Redis, acks: Acks) -> list[Flat]:
+        """Ack ``acks``, then one read over every active stream; ``reader`` is ``client`` as made by
+        :func:`~consumer_sdk.core.redis.raw_stream_client`.
 
-        What the streams hold already is read without ``BLOCK`` (a backlog comes as one large reply);
-        only when there is nothing does the read block.
+        The acks go in the same write as the read (:func:`~consumer_sdk.consumer.fetch.ack_and_read`), so
+        the read does not wait for them.  The read blocks at once (one round trip a cycle) unless a backlog
+        is likely: at the start, after pending entries were read again, or when the read before was large
+        (:meth:`_large`); then it does not block, so a large reply is built with the collector paused, and
+        only a read that finds nothing is followed by one that blocks.
         """
         streams: dict[Any, Any] = {}
         draining: set[KeyState] = set()
@@ -421,37 +429,64 @@ class Consumer:
             streams[state.key] = state.cursor
             if state.cursor != ">":
                 draining.add(state)
+        if not streams or self._cluster:
+            await self._delivery.ack(client, acks)
+            acks = []
         if not streams:
             await self._sleep(self._block() / 1000.0)
             return []
         if draining:
-            found = await self._fetch(client, streams)
+            found = await self._fetch(reader, streams, acks)
             for state in draining:
                 state.cursor = ">"
             for rkey, ids, _values in found:
                 state = self._groups.by_name[rkey]
                 if len(ids) >= self._count and state in draining:
                     state.cursor = ids[-1]  # a full page: there may be more pending
+            self._backlog = True  # what came in since (or all a group starting at "0" holds): not blocking
             return found
+        if self._backlog or self._cluster:  # (on a cluster no read blocks: a read first, then a wait)
+            found = await self._fetch(reader, streams, acks)
+            self._backlog = self._large(found)
+            if found or self._stop.is_set():
+                return found
+            acks = []
         if self._stop.is_set():
+            await self._delivery.ack(client, acks)
             return []
-        found = await self._fetch(client, streams)
-        if found or self._stop.is_set():
-            return found
-        read = self._fetch(client, streams, block=self._block())
+        read = self._fetch(reader, streams, acks, block=self._block())
         task: asyncio.Task[list[Flat]] = asyncio.create_task(read)
         self._read_task = task
         try:
-            return await task
+            found = await task
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if self._stop.is_set() and current is not None and not current.cancelling():
+                if acks:  # stopped before or after they were written: again (an XACK counts only what it acks)
+                    with contextlib.suppress(rexc.RedisError, OSError):
+                        await self._delivery.ack(client, acks)
                 return []
             raise
         finally:
             self._read_task = None
+        self._backlog = self._large(found)
+        return found
 
-    async def _fetch(self, client: Redis, streams: dict[Any, Any], block: int | None = None) -> list[Flat]:
+    def _large(self, found: list[Flat]) -> bool:
+        """Whether a read found enough that more may have piled up meanwhile: a full page (``count``) of a
+        stream, or :data:`BACKLOG_ENTRIES` in all."""
+        total = 0
+        for _rkey, ids, _values in found:
+            n = len(ids)
+            if n >= self._count:
+                return True
+            total += n
+        return total >= BACKLOG_ENTRIES
+
+    async def _fetch(
+        self, client: Redis, streams: dict[Any, Any], acks: Acks, block: int | None = None
+    ) -> list[Flat]:
+        """One read; ``acks`` are sent with it (on a cluster, the caller has sent them already)."""
         if self._cluster:
             if block is not None:
                 # the read just before found nothing, and no one command can wait on streams of several slots:
@@ -459,9 +494,14 @@ class Consumer:
                 await self._sleep(min(block / 1000.0, CLUSTER_IDLE_S))
                 return []
             return await read_each(client, self.group, self.consumer, streams, count=self._count, dfield=self._dfield)
-        return await read_group(
-            client, self.group, self.consumer, streams, count=self._count, dfield=self._dfield, block=block
+        _acked, found = await ack_and_read(
+            client, self.group, self.consumer, acks, streams, count=self._count, dfield=self._dfield, block=block,
+            on_acked=self._count_acked,
         )
+        return found
+
+    def _count_acked(self, n: int) -> None:
+        self._delivery.acked += n
 
     async def _dispatch(
         self,

@@ -39,6 +39,7 @@ KNOWN: Final[Mapping[str, str]] = {
     "MARKET_QUEUE_POLICY": "ingress queue policy",
     "MARKET_SPILL_DIR": "the ingestor's spill log directory",
     "MARKET_LATENCY_SAMPLE": "one tick in N timed at the latency stages",
+    "MARKET_LOOP": "the event loop every command runs on (auto, asyncio, uvloop)",
     "MARKET_STATE_DIR": "base of the default spill directory; the demo's and bench's work directory",
     # market ctl
     "MARKET_ACTOR": "who `market ctl` records as making a change (default: the OS user)",

@@ -62,6 +62,8 @@ from redis.exceptions import RedisError
 
 from consumer_sdk.core.errors import ConfigError
 from consumer_sdk.core.keys import Pattern
+from consumer_sdk.core.loop import loop_name
+from consumer_sdk.core.loop import run as run_loop
 from consumer_sdk.core.tick import Tick
 from distributor.hotpath import DEFAULT_CAPACITY, Execution, HotPath, Subscription
 from distributor.ingress import IngressQueue, Policy
@@ -402,7 +404,8 @@ async def run_hotpath_bench(
     fast_execution: str = "inline",
     redis_url: str | None = None,
 ) -> dict[str, Any]:
-    """Run the hot-path load test; returns the figures as one flat dict (see the module doc).
+    """Run the hot-path load test; returns the figures as one flat dict (see the module doc), with ``loop``: the
+    event loop it ran on (:mod:`consumer_sdk.core.loop`; run from the command line, the one ``MARKET_LOOP`` picks).
 
     ``baseline_duration`` defaults to ``min(duration, 5)`` seconds; ``baseline=False`` skips it.
     ``slow_handler_ms`` > 0 runs the slow-subscriber drill instead: ``duration`` seconds with the slow
@@ -441,11 +444,12 @@ async def run_hotpath_bench(
     deadline = runs_s + runs * 4 * DRAIN_TIMEOUT_S + 30.0  # a bound on the whole run: it never hangs
     try:
         async with asyncio.timeout(deadline):
-            return await _measure(ticks, which, names, rate=rate, subscribers=subscribers,
-                                  slow_subscribers=slow_subscribers, duration=duration, symbols=symbols,
-                                  capacity=capacity, max_lag=max_lag, baseline_s=base_s if baseline else 0.0,
-                                  slow_handler_ms=slow_handler_ms, rounds=rounds,
-                                  fast_execution=Execution(fast_execution), redis_url=redis_url)
+            result = await _measure(ticks, which, names, rate=rate, subscribers=subscribers,
+                                    slow_subscribers=slow_subscribers, duration=duration, symbols=symbols,
+                                    capacity=capacity, max_lag=max_lag, baseline_s=base_s if baseline else 0.0,
+                                    slow_handler_ms=slow_handler_ms, rounds=rounds,
+                                    fast_execution=Execution(fast_execution), redis_url=redis_url)
+            return result | {"loop": loop_name()}
     finally:
         gc.unfreeze()
 
@@ -465,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip the asyncio.Queue baseline")
     try:
         args = parser.parse_args(argv)
-        result = asyncio.run(run_hotpath_bench(
+        result = run_loop(run_hotpath_bench(
             rate=args.rate, subscribers=args.subscribers, slow_subscribers=args.slow_subscribers,
             duration=args.duration, slow_handler_ms=args.slow_handler_ms, rounds=args.rounds,
             fast_execution=args.fast_execution, redis_url=args.redis, baseline=not args.no_baseline,

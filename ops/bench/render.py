@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from distributor.hotpath import HOT_SAMPLE_EVERY
+from ops.bench.budget import missed_targets, stage_budget
 from ops.bench.profiles import REFERENCE_RATE, SATURATED_CORE, TARGETS
 
 __all__ = ["Progress", "fmt_rate", "fmt_us", "progress_bar", "render_markdown"]
@@ -107,6 +108,34 @@ def _where_time_goes(step: dict[str, Any], cores: int, subscribers: int) -> list
     return lines
 
 
+def _remaining_by_stage(w: Callable[[str], None], ran: list[dict[str, Any]], lim: dict[str, Any],
+                        hot_alone_p99_us: float | None) -> None:
+    """The limits measured in this run, and for every step that missed a latency target of its rate
+    (:data:`~ops.bench.budget.STEP_TARGETS`), its time stage by stage above them."""
+    w("")
+    w(f"Limits measured in this run (idle connections, {lim['loop']} loop, p50 / p99): a bare PING "
+      f"{fmt_us(lim['ping']['p50_us'])} / {fmt_us(lim['ping']['p99_us'])}; a bare XADD "
+      f"{fmt_us(lim['xadd']['p50_us'])} / {fmt_us(lim['xadd']['p99_us'])}; a bare XREADGROUP finding one entry "
+      f"{fmt_us(lim['xreadgroup']['p50_us'])} / {fmt_us(lim['xreadgroup']['p99_us'])}; an XADD waking a blocked "
+      f"XREADGROUP on another connection {fmt_us(lim['wake']['p50_us'])} / {fmt_us(lim['wake']['p99_us'])}; the "
+      f"same through the SDK consumer (XADD sent -> handler) {fmt_us(lim['consumer']['p50_us'])} / "
+      f"{fmt_us(lim['consumer']['p99_us'])}.")
+    for step in ran:
+        misses = [f"{stage} {p} {fmt_us(value)} > {fmt_us(bar)}" for stage, p, value, bar in missed_targets(step)]
+        if not misses or step.get("saturated"):
+            continue
+        w("")
+        w(f"At {fmt_rate(step['rate'])}/s, missed: {'; '.join(misses)}. The time stage by stage against those "
+          "limits (a stage is the difference of the nested spans' percentiles, an estimate of its share):")
+        w("")
+        w("| stage | p50 | p99 | limit measured in this run | p99 above the limit |")
+        w("| --- | --- | --- | --- | --- |")
+        for row in stage_budget(step, lim, hot_alone_p99_us):
+            limit = "-" if row["limit_us"] is None else f"{fmt_us(row['limit_us'])} ({row['limit']})"
+            above = "-" if row["p99_above_limit_us"] is None else fmt_us(row["p99_above_limit_us"])
+            w(f"| {row['stage']} | {fmt_us(row['p50_us'])} | {fmt_us(row['p99_us'])} | {limit} | {above} |")
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The human-readable report."""
     m, cfg, summary = report["machine"], report["configuration"], report["summary"]
@@ -152,6 +181,10 @@ def render_markdown(report: dict[str, Any]) -> str:
       f"Queues sampled every {cfg['sample_s']} s.")
     w(f"- Ingress queue `{cfg['queue_policy']}`, capacity {cfg['queue_capacity']}; streams capped at "
       f"`MAXLEN ~ {cfg['retention_maxlen']}` (kept small so the bench leaves a shared Redis little to hold).")
+    loops = cfg.get("event_loop")
+    if loops:
+        w(f"- Event loop: {loops['bench']} in the bench process (the SDK consumer), {loops['children']} in the "
+          "simulator and the ingestor (`MARKET_LOOP`; uvloop is the `market[fast]` extra).")
     w("")
     w("## Summary against the targets")
     w("")
@@ -226,6 +259,9 @@ def render_markdown(report: dict[str, Any]) -> str:
           + f" (p50; a bare PING: {fmt_us(fl['ping_p50_us'])}). A tick waits for the flush in progress, then for "
           f"its own, and with {len(cfg['symbols']) * len(cfg['channels'])} streams busy a flush touches most of "
           "them: that is the floor of frame -> Redis acknowledged, before any CPU contention.")
+    lim = report.get("limits")
+    if lim:
+        _remaining_by_stage(w, ran, lim, summary.get("hotpath_standalone_p99_us"))
     if not missed:
         w("")
         w("Every target judged was met.")

@@ -59,12 +59,14 @@ import orjson
 
 from consumer_sdk.core.errors import ConfigError, MarketError
 from consumer_sdk.core.latency import DEFAULT_SAMPLE_EVERY
+from consumer_sdk.core.loop import choose_loop, loop_name
 from consumer_sdk.core.urls import redact_url, validate_redis_url
 from distributor.hotpath import HOT_SAMPLE_EVERY
 from ops.bench.analysis import summarize
 from ops.bench.harness import Harness
 from ops.bench.hotpath import run_hotpath_bench
 from ops.bench.ingest import run_ingest_bench
+from ops.bench.limits import measure_limits
 from ops.bench.plots import draw_plots
 from ops.bench.processes import check_port_free, git_state, listener_pid, machine, version
 from ops.bench.profiles import (
@@ -222,6 +224,8 @@ async def run_bench(
                                                          subscribers=SUBSCRIBERS, seed=seed)
             bench.tick("writer flush by streams touched")
             flush = await measure_flush(redis_url)
+            bench.tick("limits: PING, XADD, XREADGROUP, a blocked read woken, the SDK consumer")
+            limits = await measure_limits(redis_url)
             hot: dict[str, Any] | None = None
             if h_s > 0:
                 bench.tick("hot path 50000/s, 16 subscribers")
@@ -236,7 +240,7 @@ async def run_bench(
         "python": platform.python_version(), "redis-server": info.get("redis_version"),
         "websockets": version("websockets"), "redis-py": version("redis"), "orjson": version("orjson"),
         "hiredis": version("hiredis"), "typer": version("typer"), "prometheus-client": version("prometheus-client"),
-        "matplotlib": version("matplotlib"), "market": version("market"),
+        "matplotlib": version("matplotlib"), "market": version("market"), "uvloop": version("uvloop"),
     }
     report: dict[str, Any] = {
         "schema": 1,
@@ -256,6 +260,8 @@ async def run_bench(
             "retention_maxlen": RETENTION_MAXLEN, "redis_url": redact_url(redis_url), "redis_pid": bench.redis_pid,
             "prefix": bench.prefix, "peak_prefix": bench.peak_prefix, "simulator_id_base": 0,
             "consumer_count": CONSUMER_COUNT,
+            # the loop of this process (the SDK consumer) and the one MARKET_LOOP gives the children
+            "event_loop": {"bench": loop_name(), "children": choose_loop()},
             "writer_ticks": w_ticks, "hotpath_duration_s": h_s, "ingest_ticks": i_ticks, "ingest_rounds": i_rounds,
             "peak_schedule": peaks, "latency_sample": DEFAULT_SAMPLE_EVERY, "hotpath_sample_chunks": HOT_SAMPLE_EVERY,
             "targets": {k: v[0] for k, v in TARGETS.items()},
@@ -266,6 +272,7 @@ async def run_bench(
         "writer_baseline": writer,
         "hotpath_standalone": hot,
         "writer_flush": flush,
+        "limits": limits,
         "instrumentation": instrumentation,
         "peak_ingest": peak,
         "summary": summarize(steps, writer, hot, int(host.get("cores") or 1), instrumentation, peak),

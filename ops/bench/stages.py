@@ -19,6 +19,7 @@ from typing import Any
 from consumer_sdk.consumer import Consumer
 from consumer_sdk.core.errors import MarketError
 from consumer_sdk.core.latency import LatencyHistogram
+from consumer_sdk.core.loop import choose_loop
 from ops.bench.analysis import analyse_step, final_tally, summarize_peak
 from ops.bench.harness import Harness
 from ops.bench.processes import Child, memory_kib
@@ -137,6 +138,7 @@ async def pipeline(
     """Children up, the sweep, the final drain, the ingest-only phase; children stopped and keys deleted
     whatever happens."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_")}
+    env["MARKET_LOOP"] = choose_loop()  # the children run the loop the report names
     env |= {"MARKET_REDIS_URL": h.redis_url, "MARKET_PREFIX": h.prefix,
             "MARKET_STATE_DIR": str(workdir), "MARKET_QUEUE_CAPACITY": "100000"}
     children: list[Child] = []

@@ -832,6 +832,7 @@ async def test_bench_quick_run_adds_up() -> None:
     assert r["slow_delivered"] + r["slow_dropped"] == r["published"]  # the slow one takes everything
     assert r["latency_samples"] == r["fast_delivered"]
     assert r["p50_us"] <= r["p99_us"] <= r["p999_us"] <= r["max_us"]
+    assert r["loop"] == "asyncio"  # the loop the test runs on, named in the result
 
 
 async def test_bench_slow_handler_drill_adds_up(redis_url: str) -> None:

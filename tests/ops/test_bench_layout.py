@@ -25,6 +25,8 @@ LAYERS = {
     "writer": 1,
     "ingest": 1,
     "scale_report": 1,
+    "budget": 1,
+    "limits": 1,
     "analysis": 2,
     "render": 2,
     "hotpath": 2,
@@ -36,7 +38,7 @@ LAYERS = {
     "report": 5,
 }
 #: the pure layer: none of these reaches processes, children or Redis through another bench module
-PURE = {"book", "profiles", "scrape", "analysis", "render", "plots", "scale_report"}
+PURE = {"book", "profiles", "scrape", "analysis", "render", "plots", "scale_report", "budget"}
 
 
 def _modules() -> dict[str, Path]:

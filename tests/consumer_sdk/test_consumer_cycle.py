@@ -1,0 +1,184 @@
+"""The consumer's read and ack cycle (acks in the same write as the next read) and the event loop it runs on."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+
+from consumer_sdk import Consumer, Tick
+from consumer_sdk.consumer.fetch import ack_and_read
+from consumer_sdk.core.errors import ConfigError
+from consumer_sdk.core.loop import choose_loop, loop_factory, loop_name, run
+from consumer_sdk.core.redis import raw_stream_client
+from tests.consumer_sdk.test_consumer_sdk import add
+
+# ---------------------------------------------------------------- ack_and_read
+
+
+async def _group(client: aioredis.Redis, key: str) -> None:
+    await client.xgroup_create(key, "g", id="0", mkstream=True)
+
+
+async def test_ack_and_read_reads_then_acks_with_the_next_read(aredis: aioredis.Redis, prefix: str) -> None:
+    key = f"{prefix}:binance:BTCUSDT:trade"
+    await _group(aredis, key)
+    ids = await add(aredis, key, range(1, 6))
+    raw = raw_stream_client(aredis)
+    acked, found = await ack_and_read(raw, "g", "c", [], {key: ">"}, count=100, dfield=b"d")
+    assert acked == 0
+    assert [(k, [i.decode() for i in got]) for k, got, _ in found] == [(key.encode(), ids)]
+    assert (await aredis.xpending(key, "g"))["pending"] == 5
+    # the acks go first: applied whatever the read finds (here nothing, after a 1 ms block)
+    acked, found = await ack_and_read(raw, "g", "c", [(key, ids[:3])], {key: ">"}, count=100, dfield=b"d", block=1)
+    assert (acked, found) == (3, [])
+    assert (await aredis.xpending(key, "g"))["pending"] == 2
+    # the read sees what was added, the acks of the rest with it
+    more = await add(aredis, key, range(6, 8))
+    acked, found = await ack_and_read(raw, "g", "c", [(key, ids[3:])], {key: ">"}, count=100, dfield=b"d", block=50)
+    assert acked == 2
+    assert [[i.decode() for i in got] for _, got, _ in found] == [more]
+    assert (await aredis.xpending(key, "g"))["pending"] == 2
+
+
+async def test_an_ack_error_is_raised_after_the_read_and_the_connection_stays_usable(
+    aredis: aioredis.Redis, prefix: str
+) -> None:
+    key = f"{prefix}:binance:BTCUSDT:trade"
+    wrong = f"{prefix}:not-a-stream"
+    await aredis.set(wrong, "x")
+    await _group(aredis, key)
+    ids = await add(aredis, key, range(1, 3))
+    raw = raw_stream_client(aredis)
+    with pytest.raises(rexc.ResponseError, match="WRONGTYPE"):
+        await ack_and_read(raw, "g", "c", [(wrong, ids)], {key: ">"}, count=100, dfield=b"d")
+    # the read ran: its entries are pending with this consumer, and every reply was read off the connection
+    assert (await aredis.xpending(key, "g"))["pending"] == 2
+    assert await aredis.ping()
+    acked, found = await ack_and_read(raw, "g", "c", [(key, ids)], {key: "0"}, count=100, dfield=b"d")
+    assert acked == 2
+    assert found == []  # acked in the same write, before the read of the pending entries
+
+
+async def test_a_missing_group_is_the_reads_error(aredis: aioredis.Redis, prefix: str) -> None:
+    key = f"{prefix}:binance:BTCUSDT:trade"
+    await aredis.xadd(key, {"d": "x"})
+    raw = raw_stream_client(aredis)
+    with pytest.raises(rexc.ResponseError, match="NOGROUP"):
+        await ack_and_read(raw, "g", "c", [(key, [b"1-1"])], {key: ">"}, count=10, dfield=b"d", block=1)
+    assert await aredis.ping()
+
+
+# ---------------------------------------------------------------- the cycle, through Consumer
+
+
+async def _consume(redis_url: str, prefix: str, total: int, **kwargs: Any) -> tuple[list[int], Consumer]:
+    """Run a consumer on two streams until it handled ``total`` ticks and acked them; its seqs and itself."""
+    client = aioredis.Redis.from_url(redis_url)
+    keys = [f"{prefix}:binance:{s}:trade" for s in ("BTCUSDT", "ETHUSDT")]
+    seqs: list[int] = []
+    got = asyncio.Event()
+
+    def handler(tick: Tick) -> None:
+        seqs.append(tick["seq"])
+        if len(seqs) >= total:
+            got.set()
+
+    consumer = Consumer(
+        redis_url=redis_url, patterns=["binance:*:trade"], prefix=prefix, group="g", consumer="c",
+        start_id="0", rescan_s=0.05, **kwargs,
+    )
+    try:
+        await add(client, keys[0], range(1, 4))
+        await add(client, keys[1], range(1, 4))
+        task = asyncio.create_task(consumer.run(handler))
+        # more while it blocks on the first ones' acks and the next read
+        await add(client, keys[0], range(4, total // 2 + 1))
+        await add(client, keys[1], range(4, total // 2 + 1))
+        async with asyncio.timeout(30):
+            await got.wait()
+            while consumer.stats().acked < total:  # the consumer exposes counters, no event
+                await asyncio.sleep(0.005)
+        consumer.stop()
+        await asyncio.wait_for(task, 10)
+        pending = [int((await client.xpending(k, "g"))["pending"]) for k in keys]
+        assert pending == [0, 0]
+    finally:
+        consumer.stop()
+        await client.aclose()
+    return seqs, consumer
+
+
+async def test_every_tick_handled_once_and_acked_small_pages(redis_url: str, prefix: str) -> None:
+    # count=2: every read fills a page, so the cycle goes on without blocking until the streams are drained
+    seqs, consumer = await _consume(redis_url, prefix, 40, count=2)
+    assert sorted(seqs) == sorted(list(range(1, 21)) * 2)
+    assert consumer.stats().duplicates == 0
+    assert consumer.stats().acked == 40
+
+
+def test_the_consumer_runs_on_uvloop(redis_url: str, prefix: str) -> None:
+    async def main() -> tuple[str, list[int]]:
+        seqs, _consumer = await _consume(redis_url, prefix, 20, count=1000, block_ms=200)
+        return loop_name(), seqs
+
+    name, seqs = run(main(), setting="uvloop")
+    assert name == "uvloop"
+    assert sorted(seqs) == sorted(list(range(1, 11)) * 2)
+
+
+async def test_stop_acks_what_was_handled(redis_url: str, prefix: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    key = f"{prefix}:binance:BTCUSDT:trade"
+    consumer = Consumer(redis_url=redis_url, patterns=[key], prefix=prefix, group="g", consumer="c", start_id="0")
+    try:
+        await add(client, key, range(1, 11))
+
+        def handler(tick: Tick) -> None:
+            if tick["seq"] == 10:
+                consumer.stop()  # after the last: run() returns with this batch handled
+
+        await asyncio.wait_for(consumer.run(handler), 30)
+        assert (await client.xpending(key, "g"))["pending"] == 0
+        assert consumer.stats().acked == 10
+    finally:
+        await client.aclose()
+
+
+# ---------------------------------------------------------------- loop selection (pure)
+
+
+def test_choose_loop() -> None:
+    assert choose_loop("auto", available=True) == "uvloop"
+    assert choose_loop("auto", available=False) == "asyncio"
+    assert choose_loop("", available=True) == "uvloop"
+    assert choose_loop("asyncio", available=True) == "asyncio"
+    assert choose_loop(" UVLOOP ", available=True) == "uvloop"
+    with pytest.raises(ConfigError, match="not installed"):
+        choose_loop("uvloop", available=False)
+    with pytest.raises(ConfigError, match="expected one of"):
+        choose_loop("trio", available=True)
+
+
+def test_choose_loop_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MARKET_LOOP", "asyncio")
+    assert choose_loop(available=True) == "asyncio"
+    monkeypatch.delenv("MARKET_LOOP")
+    assert choose_loop(available=True) == "uvloop"
+
+
+def test_run_on_either_loop() -> None:
+    async def name() -> str:
+        await asyncio.sleep(0)
+        return loop_name()
+
+    assert run(name(), setting="asyncio") == "asyncio"
+    assert run(name(), setting="uvloop") == "uvloop"
+    loop = loop_factory("asyncio")()
+    try:
+        assert loop_name(loop) == "asyncio"
+    finally:
+        loop.close()

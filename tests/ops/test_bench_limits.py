@@ -1,0 +1,69 @@
+"""The limits measured in the same run as the bench, and a step's time stage by stage against them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ops.bench.budget import STEP_TARGETS, missed_targets, stage_budget
+from ops.bench.limits import measure_limits, percentiles
+from ops.bench.render import _remaining_by_stage
+
+
+def _step(rate: float, **lat: tuple[float, float]) -> dict[str, Any]:
+    return {"rate": rate, "saturated": False,
+            "latency": {k: {"p50_us": a, "p99_us": b} for k, (a, b) in lat.items()}}
+
+
+LIMITS = {"loop": "asyncio", "ping": {"p50_us": 50.0, "p99_us": 90.0}, "xadd": {"p50_us": 60.0, "p99_us": 100.0},
+          "xreadgroup": {"p50_us": 70.0, "p99_us": 110.0}, "wake": {"p50_us": 100.0, "p99_us": 150.0},
+          "consumer": {"p50_us": 200.0, "p99_us": 400.0}}
+
+
+def test_percentiles() -> None:
+    assert percentiles([]) == {"p50_us": 0.0, "p90_us": 0.0, "p99_us": 0.0}
+    assert percentiles([float(i) for i in range(100, 0, -1)]) == {"p50_us": 51.0, "p90_us": 91.0, "p99_us": 100.0}
+
+
+def test_missed_targets_by_rate() -> None:
+    assert set(STEP_TARGETS) == {10_000.0, 50_000.0}
+    ok = _step(10_000, redis_e2e=(900, 1900))
+    assert missed_targets(ok) == []
+    slow = _step(10_000, redis_e2e=(1100, 2500))
+    assert missed_targets(slow) == [("redis_e2e", "p50", 1100.0, 1000.0), ("redis_e2e", "p99", 2500.0, 2000.0)]
+    assert missed_targets(_step(50_000, redis_e2e=(3000, 4900), hotpath=(100, 600))) == [
+        ("hotpath", "p99", 600.0, 500.0)]
+    assert missed_targets(_step(1_000, redis_e2e=(9000, 9000))) == []  # no target at that rate
+
+
+def test_stage_budget_subtracts_nested_spans() -> None:
+    step = _step(50_000, ingest=(200, 1000), redis=(1200, 4000), redis_e2e=(2000, 7000), hotpath=(150, 800))
+    rows = {r["stage"].split(" (")[0]: r for r in stage_budget(step, LIMITS, 400.0)}
+    assert rows["ingest"]["limit_us"] is None and rows["ingest"]["p99_above_limit_us"] is None
+    assert (rows["Redis write"]["p50_us"], rows["Redis write"]["p99_us"]) == (1000.0, 3000.0)
+    assert rows["Redis write"]["p99_above_limit_us"] == 2940.0
+    assert (rows["consumer"]["p50_us"], rows["consumer"]["p99_us"]) == (800.0, 3000.0)
+    assert rows["consumer"]["limit_us"] == 100.0
+    assert rows["Redis path e2e"]["limit_us"] == 160.0
+    assert rows["hot path"]["p99_above_limit_us"] == 400.0
+    # a span shorter than the one it nests in (percentiles of different samples) gives 0, not a negative time
+    odd = _step(10_000, ingest=(500, 900), redis=(400, 800), redis_e2e=(600, 900), hotpath=(1, 2))
+    assert stage_budget(odd, LIMITS)[1]["p99_us"] == 0.0
+
+
+def test_the_report_shows_the_stages_of_a_step_that_missed() -> None:
+    lines: list[str] = []
+    steps = [_step(10_000, ingest=(100, 200), redis=(500, 900), redis_e2e=(800, 1500), hotpath=(50, 90)),
+             _step(50_000, ingest=(200, 1000), redis=(1200, 4000), redis_e2e=(2000, 7000), hotpath=(150, 800))]
+    _remaining_by_stage(lines.append, steps, LIMITS, 400.0)
+    text = "\n".join(lines)
+    assert "a bare PING 50 µs" in text and "a bare XADD 60 µs" in text and "a bare XREADGROUP" in text
+    assert "At 10.0k/s" not in text  # met its targets
+    assert "At 50.0k/s, missed: redis_e2e p99 7.0 ms > 5.0 ms; hotpath p99 800 µs > 500 µs" in text
+    assert "| consumer (acknowledged -> callback) | 800 µs | 3.0 ms |" in text
+
+
+async def test_measure_limits_on_redis(redis_url: str) -> None:
+    out = await measure_limits(redis_url, repeats=20)
+    assert out["loop"] == "asyncio"
+    for name in ("ping", "xadd", "xreadgroup", "wake", "consumer"):
+        assert 0 < out[name]["p50_us"] <= out[name]["p90_us"] <= out[name]["p99_us"], name

@@ -308,8 +308,11 @@ class VenueSession:
         try:
             await self._run_links(tg)
         finally:
-            # Cancelled (the ingestor stops): drop every connection now, without waiting on the venue.
+            # Cancelled (the ingestor stops): drop every connection now, without waiting on the venue, and the
+            # requests still to send on them (a resubscription may be waiting for the hourly window).
             for live in list(self._links):
+                for task in list(live.retries):
+                    task.cancel()
                 if live.ws is not None:
                     live.ws.abort()
 

@@ -70,7 +70,13 @@ async def running(settings: IngestSettings, aredis: aioredis.Redis,
     ingestor = Ingestor(settings, redis=aredis, connector=connector)
     task = asyncio.create_task(ingestor.run())
     try:
-        await ingestor.started.wait()
+        started = asyncio.ensure_future(ingestor.started.wait())
+        async with asyncio.timeout(20):
+            await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if task.done():
+            task.result()  # it failed before it started: its error
+        assert ingestor.started.is_set()
         yield ingestor
     finally:
         task.cancel()

@@ -80,8 +80,12 @@ async def running(settings: IngestSettings, aredis: aioredis.Redis,
         yield ingestor
     finally:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        try:
+            async with asyncio.timeout(30):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        except TimeoutError:
+            raise AssertionError("the ingestor did not stop within 30 s of its cancellation") from None
 
 
 def depth_settings(url: str, prefix: str, symbols: tuple[str, ...] = SYMBOLS,

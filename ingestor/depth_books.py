@@ -98,7 +98,8 @@ class DepthStats:
     """The books at one instant: resyncs by ``(symbol, reason)``; entries stored (diffs, snapshots by the
     reason's kind: ``start``, ``resync``, ``periodic``); diffs applied but not stored (not above the last stored
     ``seq``); symbols in step now, of those kept; snapshot requests sent, and those that gave no usable book by
-    kind (filled in by the fetcher's owner)."""
+    kind (filled in by the fetcher's owner); the venue's checksums compared with the book's, by outcome (``equal``,
+    ``mismatch``: OKX), and the symbols waiting for the snapshot a new subscription brings (OKX)."""
 
     resyncs: Mapping[tuple[str, str], int] = field(default_factory=dict)
     diffs_stored: int = 0
@@ -108,6 +109,8 @@ class DepthStats:
     symbols: int = 0
     requests: int = 0
     failures: Mapping[str, int] = field(default_factory=dict)
+    checksums: Mapping[str, int] = field(default_factory=dict)
+    resubscribing: tuple[str, ...] = ()
 
 
 class SymbolDepth:
@@ -209,6 +212,7 @@ class DepthBooks:
         return DepthStats(
             dict(self.resyncs), self.diffs_stored, dict(self._snapshots), self._not_stored,
             sum(1 for st in self._symbols.values() if st.sync.synced), len(self._symbols),
+            checksums=dict(self.checksums) if self._ws else {}, resubscribing=tuple(self.resubscribing),
         )
 
     # -- events

@@ -8,6 +8,10 @@ OKX documents the procedure (v5 WebSocket, "Order book channel", "Sequence ID" a
   subscribing its stream again (:attr:`~ingestor.depth.Action.RESUBSCRIBE`), never over REST;
 - an update follows the message before it when its ``prevSeqId`` is that message's ``seqId``;
 - a quiet book gets a keep-alive update: ``seqId == prevSeqId``, no level; it changes nothing;
+- while a connection is replaced (make-before-break) two connections deliver the same book: an update the book
+  already holds (its ``seqId`` and ``prevSeqId`` both at or below the last, and ``prevSeqId`` below it) and a
+  snapshot no newer than the live book (the new subscription's, or one left over) are dropped, so each message is
+  taken once and the overlap costs no resync;
 - after the venue's maintenance the ids may be reset: an update whose ``seqId`` is *below* its ``prevSeqId``,
   still naming the previous ``seqId`` as its ``prevSeqId``; it is applied, and the updates after it chain from
   the lower id ("subsequent messages follow the regular sequencing rule");
@@ -65,6 +69,8 @@ def okx_checksum(bids: Sequence[Sequence[str]], asks: Sequence[Sequence[str]]) -
 
 _NO_BOOK: Final = Decision(Action.DROPPED, reason="no_snapshot")
 _KEEPALIVE: Final = Decision(Action.DROPPED, reason="keepalive")
+_DUPLICATE: Final = Decision(Action.DROPPED, reason="duplicate")
+_BEHIND: Final = Decision(Action.DROPPED, reason="snapshot_behind")
 _IGNORED: Final = Decision(Action.IGNORED)
 
 
@@ -137,6 +143,14 @@ class WsBookSync:
         return diff.prev_id == last and diff.last_id == last and not diff.bids and not diff.asks
 
     @staticmethod
+    def is_duplicate(last: int, diff: DepthDiff) -> bool:
+        """``diff`` (an update) is one the book at ``last`` already holds: a second connection's copy of it during a
+        rotation.  Its ``prevSeqId`` is below ``last`` and its ``seqId`` at or below it (a sequence reset names
+        ``last`` itself as its ``prevSeqId``, so it is never one)."""
+        prev = diff.prev_id
+        return prev is not None and prev < last and diff.last_id <= last
+
+    @staticmethod
     def follows(last: int, diff: DepthDiff) -> bool | None:
         """``diff`` (an update) follows the message that ended at ``last``: its ``prevSeqId`` names it (whether its
         ``seqId`` rose or, a sequence reset, fell).  None: it carries no ids, so only its checksum can tell."""
@@ -156,6 +170,9 @@ class WsBookSync:
         if diff.symbol != self.symbol:
             raise ValueError(f"a message of {diff.symbol} fed to the book of {self.symbol}")
         if diff.snapshot:
+            if self._state is SyncState.LIVE and diff.last_id <= self._last:
+                self._dropped += 1  # the book is at or past it already (another connection's, during a rotation)
+                return _BEHIND
             self._state = SyncState.LIVE
             self._last = diff.last_id
             self._resubscribe = False
@@ -169,6 +186,9 @@ class WsBookSync:
         if self.is_keepalive(last, diff):
             self._dropped += 1
             return _KEEPALIVE
+        if self.is_duplicate(last, diff):
+            self._dropped += 1
+            return _DUPLICATE
         follows = self.follows(last, diff)
         if follows is False:
             return self._restart("gap", f"after {last}: seqId {diff.last_id} prevSeqId {diff.prev_id}")

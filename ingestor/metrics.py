@@ -208,6 +208,29 @@ class IngestorCollector(Collector):
                 n = sum(x.refused.get(reason, 0) for x in sessions)
             frames.add_metric([venue, reason], n)
         yield frames
+        pings = CounterMetricFamily(
+            "market_venue_pings_sent", "Text pings sent to the venue (its heartbeat: OKX's ping)", labels=["venue"]
+        )
+        pings.add_metric([venue], sum(x.pings_sent for x in sessions))
+        yield pings
+        by_code: dict[str, int] = {}
+        for sess in sessions:
+            for code, n in sess.venue_errors.items():
+                by_code[code] = by_code.get(code, 0) + n
+        venue_errors = CounterMetricFamily(
+            "market_venue_errors", "Error answers of the venue (OKX's {\"event\": \"error\"}), by its code",
+            labels=["venue", "code"],
+        )
+        for code, n in sorted(by_code.items()):
+            venue_errors.add_metric([venue, code], n)
+        yield venue_errors
+        resubscribes = CounterMetricFamily(
+            "market_venue_resubscribes",
+            "Streams unsubscribed and subscribed again on a live connection (an OKX book wanting a fresh snapshot)",
+            labels=["venue"],
+        )
+        resubscribes.add_metric([venue], sum(x.resubscribes for x in sessions))
+        yield resubscribes
 
         gaps = CounterMetricFamily("market_gap", "Gaps in venue sequence ids", labels=["venue", "channel"])
         dups = CounterMetricFamily("market_duplicate", "Duplicate ticks rejected", labels=["venue", "channel"])
@@ -328,7 +351,9 @@ class IngestorCollector(Collector):
         if depth is not None:
             # A symbol label: the books are kept for the configured symbols only (a small, known set).
             resync = CounterMetricFamily(
-                "market_book_resync", "Order books started over (fetched again from a REST snapshot), by reason",
+                "market_book_resync",
+                "Order books started over, by reason: rebuilt from a fresh snapshot (Binance: fetched over REST; "
+                "OKX: the venue's own, sent on a new subscription of the book's stream)",
                 labels=["venue", "symbol", "reason"],
             )
             for (symbol, reason), n in sorted(depth.resyncs.items()):
@@ -352,6 +377,22 @@ class IngestorCollector(Collector):
             for failure, n in sorted(depth.failures.items()):
                 failed.add_metric([venue, failure], n)
             yield failed
+            if depth.checksums:  # a venue that sends its book's checksum (OKX)
+                checksums = CounterMetricFamily(
+                    "market_book_checksums",
+                    "Venue book checksums compared with the kept book's, by result (equal, mismatch: a resync)",
+                    labels=["venue", "result"],
+                )
+                for result, n in sorted(depth.checksums.items()):
+                    checksums.add_metric([venue, result], n)
+                yield checksums
+                waiting = GaugeMetricFamily(
+                    "market_books_resubscribing",
+                    "Order books waiting for the snapshot a new subscription of their stream brings (OKX)",
+                    labels=["venue"],
+                )
+                waiting.add_metric([venue], len(depth.resubscribing))
+                yield waiting
         yield histogram_family(
             "market_ingest_latency_us", "Frame received to tick in ingress (µs)", {"venue": venue},
             snap.ingest_latency,

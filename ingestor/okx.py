@@ -48,10 +48,12 @@ gives a ``books`` message as the :class:`~ingestor.depth.DepthDiff` it keeps boo
 :func:`continues` is the ``prevSeqId`` rule on a tick.
 
 :class:`OkxV5` is the venue as an :class:`~ingestor.venue.Venue` for the session and the pipeline: its frames are
-:func:`parse_message`'s (a push of several entries is several ticks, which the pipeline takes in order), its
-heartbeat the text ``ping`` (:attr:`~ingestor.venue.Heartbeat.TEXT_PING`, decided by :class:`TextKeepalive`), its
-limits :data:`MAX_CONNECTS_PER_S` and :data:`MAX_OPS_PER_HOUR` (which the session keeps), its error answers judged
-by :func:`classify_error` and its REST repair answers read by :func:`history_trades_to_ticks`.
+:func:`parse_message`'s (a push of several entries is several ticks, which the pipeline takes in order), with the
+channel ``depth`` :func:`parse_message_depth`'s (the same, a ``books`` message as a
+:class:`~ingestor.depth.DepthDiff` for the pipeline's books), its heartbeat the text ``ping``
+(:attr:`~ingestor.venue.Heartbeat.TEXT_PING`, decided by :class:`TextKeepalive`), its limits
+:data:`MAX_CONNECTS_PER_S` and :data:`MAX_OPS_PER_HOUR` (which the session keeps), its error answers judged by
+:func:`classify_error` and its REST repair answers read by :func:`history_trades_to_ticks`.
 
 Stateless and shared (:data:`OKX_V5`); cost per frame: one orjson parse, one regex per value, one dict per tick
 (``depth``: one two-item list per level).
@@ -97,6 +99,7 @@ __all__ = [
     "parse_frame",
     "parse_frame_depth",
     "parse_message",
+    "parse_message_depth",
 ]
 
 VENUE: Final = "okx"
@@ -468,6 +471,20 @@ def parse_frame_depth(raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerSh
     return out
 
 
+def parse_message_depth(raw: str | bytes, ts_recv: int) -> list[Tick] | Reply | ServerShutdown | DepthDiff | None:
+    """As :func:`parse_message` (a push of several entries: several ticks), and a ``books`` message -> a
+    :class:`~ingestor.depth.DepthDiff` (:func:`depth_diff`) for the pipeline's order books: what
+    :attr:`OkxV5.parse_frame_depth` is.  OKX sends one book message a push; a ``books`` push of several entries
+    is refused (``batched``): each is a state of the book whose checksum holds after it alone, and the pipeline
+    hands the books one message a frame.  A keep-alive is no tick (an empty list)."""
+    out = parse_message(raw, ts_recv)
+    if type(out) is list and out and out[0]["channel"] == "depth":
+        if len(out) != 1:
+            raise MalformedFrame(f"{len(out)} books entries in one push; one a frame is carried", "batched")
+        return depth_diff(out[0])  # type: ignore[arg-type]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ the venue
 
 
@@ -631,6 +648,9 @@ class OkxV5:
 
     #: the module's function itself: it runs once per frame (a push of several entries: several ticks)
     parse_frame = staticmethod(parse_message)
+    #: with the channel ``depth``: as :attr:`parse_frame`, a ``books`` message a :class:`~ingestor.depth.DepthDiff`
+    #: (:func:`parse_message_depth`)
+    parse_frame_depth = staticmethod(parse_message_depth)
     #: an error answer -> retry or not (:func:`classify_error`)
     classify_error = staticmethod(classify_error)
 

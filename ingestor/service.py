@@ -12,7 +12,10 @@ only reads counters.
 With the channel ``depth`` the ingestor keeps each symbol's order book (:class:`~ingestor.depth_books.DepthBooks`,
 fed by the sessions' pipelines) and one task asks for the REST snapshots the books want
 (:class:`~ingestor.depth_fetch.DepthFetcher`); the books' entries go through the ingress, the hot path and the
-writer like every tick.  :meth:`Ingestor.book` gives a co-located subscriber the live book of a symbol.
+writer like every tick.  A venue whose book snapshot is a message of its stream (OKX ``books``,
+:data:`~ingestor.depth.DepthRule.OKX`) has no fetcher: a book that broke is rebuilt by subscribing its stream again
+on the session carrying it (:meth:`~ingestor.session.VenueSession.resubscribe`), and ``depth.resubscribing`` lists
+the books waiting for that snapshot.  :meth:`Ingestor.book` gives a co-located subscriber the live book of a symbol.
 
 With ``[shards]`` the ingestor ingests only the shards it holds a lease on (:mod:`ingestor.leases`): it takes
 them before it starts, renews them in a task of their own, stops a shard's streams the moment its lease is
@@ -55,7 +58,7 @@ from distributor.spill import SpillLog
 from distributor.writer import StreamWriter, WriteRefused
 from ingestor.config import IngestSettings
 from ingestor.control_plane import run_auto_degrade, watch_control
-from ingestor.depth import SnapshotPolicy
+from ingestor.depth import DepthRule, SnapshotPolicy
 from ingestor.depth_books import BookView, DepthBooks
 from ingestor.depth_fetch import DepthFetcher
 from ingestor.depth_pacer import SnapshotPacer
@@ -243,6 +246,7 @@ class Ingestor:
             self.depth = DepthBooks(
                 settings.venue, settings.symbols, rule=self.profile.depth_rule, max_buffer=d.max_buffer,
                 policy=SnapshotPolicy(d.snapshot_every_updates, d.snapshot_every_s), on_resync=self._on_book_resync,
+                on_resubscribe=self._on_book_resubscribe,
             )
         self.depth_fetcher: DepthFetcher | None = None
         self.sequencer = Sequencer()
@@ -330,6 +334,16 @@ class Ingestor:
         if throttle is None:
             throttle = self._resync_logs[reason] = Throttle(log)
         throttle.log(logging.WARNING, "book_resync", symbol=symbol, reason=reason, detail=detail[:200])
+
+    def _on_book_resubscribe(self, symbol: str, reason: str) -> None:
+        """``symbol``'s book broke (``reason``) and only a new subscription brings its snapshot (OKX): its stream is
+        unsubscribed and subscribed again on the session carrying it, and no other stream.  Called by the books,
+        on the loop, while the session's pipeline hands them a message."""
+        stream = self._stream(symbol, "depth")
+        for session in self.sessions:
+            if stream in session.streams:
+                session.resubscribe([stream])
+                return
 
     async def _store_depth(self, symbol: str, ticks: list[Tick]) -> None:
         """A snapshot reply's entries, through the session carrying the symbol's book (behind what it stores)."""
@@ -702,7 +716,7 @@ class Ingestor:
             self.repairer = GapRepairer(
                 self._repair_rest or s.repair.client(s.rest_url, rest_venue), self.ingress, self.sequencer, s.repair
             )
-            if self.depth is not None:
+            if self.depth is not None and self.profile.depth_rule is not DepthRule.OKX:
                 d = s.depth
                 self.depth_fetcher = DepthFetcher(
                     self.depth, self._depth_rest or s.repair.client(s.rest_url, rest_venue), rest_venue,

@@ -31,7 +31,10 @@ ingress ``offer``/``put`` (backpressure) with the ingest latency samples.
 - **Order books**: with ``depth`` (:class:`~ingestor.depth_books.DepthBooks`) the pipeline hands every
   ``depthUpdate`` to the books; when a connection is lost (not rotated) every book it carried starts over
   (``resync:reconnect``), since the diffs sent meanwhile are gone.  :meth:`VenueSession.store_depth` puts the
-  entries a snapshot reply produced into the ingress behind what the read loop is storing.
+  entries a snapshot reply produced into the ingress behind what the read loop is storing.  A book whose snapshot
+  comes only with a subscription (OKX ``books``) is rebuilt by :meth:`VenueSession.resubscribe`: its stream
+  unsubscribed and subscribed again on the live connection, both requests paced like every other (under the
+  venue's operations an hour a connection), what arrives in between dropped by the book as before its snapshot.
 - **Rotation** (make-before-break): before ``max_age`` or on a ``serverShutdown`` event a new
   connection is opened and subscribed while the old one still delivers; the old one is closed
   only once the new one is live.  The overlap is deduplicated by the sequencer.
@@ -214,6 +217,9 @@ class VenueSession:
         self._max_ops = getattr(venue, "max_ops_per_hour", None)
         connects = getattr(venue, "max_connects_per_s", None)
         self._connects = _CONNECTS.setdefault(venue.name, RateWindow(connects, 1.0)) if connects else None
+        #: streams subscribed again on a live connection (:meth:`resubscribe`), and those being so now
+        self.resubscribes = 0
+        self._resubscribing: set[str] = set()
         self.unexpected_replies = 0
         self.stalls = 0
         self.reconnect_reasons: dict[str, int] = {}
@@ -302,8 +308,11 @@ class VenueSession:
         try:
             await self._run_links(tg)
         finally:
-            # Cancelled (the ingestor stops): drop every connection now, without waiting on the venue.
+            # Cancelled (the ingestor stops): drop every connection now, without waiting on the venue, and the
+            # requests still to send on them (a resubscription may be waiting for the hourly window).
             for live in list(self._links):
+                for task in list(live.retries):
+                    task.cancel()
                 if live.ws is not None:
                     live.ws.abort()
 
@@ -521,6 +530,35 @@ class VenueSession:
             return
         self.streams = [s for s in self.streams if s not in set(gone)]
         self._send_later(gone, subscribe=False)
+
+    def resubscribe(self, streams: list[str]) -> None:
+        """Unsubscribe these streams and subscribe them again on the live connection: a book whose snapshot comes
+        only with a subscription (OKX ``books``) gets a fresh one.  The two requests are paced as every request of
+        the connection (``requests_per_s``, and the venue's ``max_ops_per_hour``: a burst of resyncs waits for the
+        window, logged ``subscribe_ops_limit``).  A stream not carried, or already being subscribed again:
+        nothing; no connection live: nothing (the next one subscribes every stream, a snapshot each)."""
+        link = self._link
+        todo = [s for s in streams if s in self.streams and s not in self._resubscribing]
+        if link is None or not todo:
+            return
+        self._resubscribing.update(todo)
+        # Owned by the link: _close cancels it with the connection (whose successor subscribes anew).
+        task = asyncio.get_running_loop().create_task(self._resubscribe(link, todo))
+        link.retries.add(task)
+        task.add_done_callback(link.retries.discard)
+
+    async def _resubscribe(self, link: _Link, streams: list[str]) -> None:
+        try:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await self._subscribe(link, streams, subscribe=False)
+                still = [s for s in streams if s in self.streams]  # not given up meanwhile
+                if still:
+                    await self._subscribe(link, still)
+                    self.resubscribes += len(still)
+                    log_event(log, logging.INFO, "resubscribed", session=self.session_id, conn_id=link.conn_id,
+                              streams=still[:10])
+        finally:
+            self._resubscribing.difference_update(streams)
 
     def _send_later(self, streams: list[str], *, subscribe: bool) -> None:
         link = self._link
@@ -826,5 +864,6 @@ class VenueSession:
             streams=len(self.streams), last_frame_us=self.last_frame_us, reconnects=self.reconnects,
             reconnect_reasons=dict(self.reconnect_reasons), stalls=self.stalls, stale=tuple(sorted(self.stale)),
             subscribe_errors=self.subscribe_errors, frames=self.frames, ticks=self.ticks, malformed=self.malformed,
-            unsupported=self.unsupported, refused=dict(self.pipeline.refused),
+            unsupported=self.unsupported, refused=dict(self.pipeline.refused), pings_sent=self.pings_sent,
+            venue_errors=dict(self.venue_errors), resubscribes=self.resubscribes,
         )

@@ -53,6 +53,12 @@ class SessionSnapshot:
     unsupported: int
     #: frames refused by kind (:data:`ingestor.pipeline.SKIP_REASONS`), the connections' refusals included
     refused: Mapping[str, int] = field(default_factory=dict)
+    #: text pings sent (``text_ping`` venues: OKX)
+    pings_sent: int = 0
+    #: the venue's error answers by code (OKX ``{"event": "error"}``)
+    venue_errors: Mapping[str, int] = field(default_factory=dict)
+    #: streams subscribed again on a live connection (an OKX book's fresh snapshot)
+    resubscribes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

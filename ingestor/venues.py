@@ -12,17 +12,19 @@ name                  WebSocket                        REST                     
 ``binance``           ``wss://stream.binance.com:9443``  ``https://api.binance.com`` (v3)  spot       1024
 ``binance_usdm``      ``wss://fstream.binance.com``    ``https://fapi.binance.com``      futures    200
 ``binance_coinm``     ``wss://dstream.binance.com``    ``https://dapi.binance.com``      futures    200
-``okx``               ``wss://ws.okx.com:8443``        ``https://www.okx.com`` (v5)      (none)     240
+``okx``               ``wss://ws.okx.com:8443``        ``https://www.okx.com`` (v5)      okx        240
 ===================== ================================ ================================= ========== =========
 
 Stream keys are ``<prefix>:<name>:<SYMBOL>:<channel>`` (``md:binance_usdm:BTCUSDT:mark_price``); OKX's symbols are
 its instrument ids (``md:okx:BTC-USDT:trade``, ``md:okx:BTC-USDT-SWAP:book_ticker``).
 
 ``okx`` (:class:`ingestor.okx.OkxV5`, path ``/ws/v5/public``) carries ``trade`` (``trades``, gaps repaired over
-``/api/v5/market/history-trades`` where the venue still has the ids, marked otherwise) and ``book_ticker``
-(``bbo-tbt``); its order books (``books``) are not carried yet.  Its connections keep OKX's limits (3 new
-connections a second, 480 subscribe operations an hour each) and its text ``ping`` heartbeat; 240 streams a
-connection keeps a reconnect's resubscription to 3 requests.
+``/api/v5/market/history-trades`` where the venue still has the ids, marked otherwise), ``book_ticker``
+(``bbo-tbt``) and ``depth`` (``books``, stream ``books:<instId>``: rule :data:`~ingestor.depth.DepthRule.OKX`, the
+snapshot a message of the stream, a broken book subscribed again; ``depth.speed_ms`` does not apply, OKX's
+``books`` has one speed).  Its connections keep OKX's limits (3 new connections a second, 480 subscribe operations
+an hour each, a book's resubscription included) and its text ``ping`` heartbeat; 240 streams a connection keeps a
+reconnect's resubscription to 3 requests.
 
 :meth:`VenueProfile.check_symbol` says whether a symbol has the venue's form (Binance: ``BTCUSDT``; OKX:
 ``BTC-USDT``, ``BTC-USDT-SWAP``, ``BTC-USD-220527``); whether the venue lists it only the venue knows.
@@ -92,7 +94,7 @@ class VenueProfile:
     _route: Callable[[str], Venue]
     #: ``(symbol, channel, depth_ms)`` -> the venue's stream name
     _stream: Callable[[str, str, int], str]
-    #: the diff depth speeds (ms) it has
+    #: the diff depth speeds (ms) it has (empty: its book stream has one, ``depth.speed_ms`` does not apply)
     depth_speeds: tuple[int, ...] = (100,)
     #: the form of its symbols (a full match), and how a message describes it
     symbol_form: str = r"[A-Z0-9_]{1,40}"
@@ -107,7 +109,7 @@ class VenueProfile:
         """:class:`ConfigError` naming the first channel the venue does not carry, or a depth speed it lacks."""
         for channel in channels:
             self._check(channel)
-            if channel == "depth" and depth_ms not in self.depth_speeds:
+            if channel == "depth" and self.depth_speeds and depth_ms not in self.depth_speeds:
                 raise ConfigError(
                     f"depth.speed_ms {depth_ms} is not available on {self.name}: expected "
                     + " or ".join(str(ms) for ms in self.depth_speeds)
@@ -170,16 +172,13 @@ def _coinm_stream(symbol: str, channel: str, depth_ms: int) -> str:
     return BINANCE_COINM.stream_name(symbol, channel)
 
 
-#: the channels OKX public carries here (``depth``, its ``books``, needs an order book procedure of its own)
-OKX_CARRIED: Final = ("trade", "book_ticker")
+#: the channels OKX public carries here (``depth``: its ``books``, kept by :mod:`ingestor.depth_ws`)
+OKX_CARRIED: Final = ("trade", "book_ticker", "depth")
 
 
 def _okx_check(channel: str) -> None:
     if channel in OKX_CARRIED:
         return
-    if channel == "depth":
-        raise ConfigError("channel 'depth' is not available on okx yet (its books are not carried): expected "
-                          + " or ".join(OKX_CARRIED))
     raise ConfigError(f"channel {channel!r} is not available on okx: expected " + " or ".join(OKX_CARRIED))
 
 
@@ -211,8 +210,8 @@ VENUES: Final[Mapping[str, VenueProfile]] = {
         ),
         VenueProfile(
             name=OKX_V5.name, ws_url=OKX_WS_URL, rest_url=OKX_REST_URL, domain="okx.com",
-            depth_rule=DepthRule.FUTURES, max_streams=240, rest_venue=OKX_V5,
-            _check=_okx_check, _route=lambda channel: OKX_V5, _stream=_okx_stream,
+            depth_rule=DepthRule.OKX, max_streams=240, rest_venue=OKX_V5,
+            _check=_okx_check, _route=lambda channel: OKX_V5, _stream=_okx_stream, depth_speeds=(),
             symbol_form=r"[A-Z0-9]{1,20}(?:-[A-Z0-9]{1,20}){1,4}",
             symbol_example="an OKX instrument id, e.g. BTC-USDT, BTC-USDT-SWAP or BTC-USD-220527",
         ),

@@ -11,7 +11,7 @@ from consumer_sdk.book_stream import decode, rebuild
 from consumer_sdk.core.errors import ConfigError
 from consumer_sdk.core.tick import Tick, encode_tick
 from ingestor.binance import BINANCE_SPOT
-from ingestor.depth import DepthDiff, DepthSnapshot, SnapshotPolicy
+from ingestor.depth import DepthDiff, DepthRule, DepthSnapshot, SnapshotPolicy
 from ingestor.depth_books import DepthBooks
 from ingestor.okx import OKX_V5
 from ingestor.pipeline import BadFrame, IngestPipeline
@@ -175,11 +175,40 @@ def test_without_books_a_depth_update_is_an_event_not_carried() -> None:
     assert p.process(TS, [frame("BTCUSDT", 9, 10)]).ticks == [] and p.unsupported == 1
 
 
+class _TradesOnly:
+    """A venue that parses trades and has no book parsing (no ``parse_frame_depth``)."""
+
+    name = "trades_only"
+    parse_frame = staticmethod(OKX_V5.parse_frame)
+
+
 def test_a_venue_without_depth_parsing_is_refused() -> None:
-    venue: Any = OKX_V5
+    venue: Any = _TradesOnly()
     assert not hasattr(venue, "parse_frame_depth")
-    with pytest.raises(ConfigError, match="not carried"):
-        IngestPipeline(venue, Sequencer(), depth=DepthBooks("okx", ["BTC-USDT"]))
+    with pytest.raises(ConfigError, match=r"venue trades_only: order books .* are not carried"):
+        IngestPipeline(venue, Sequencer(), depth=DepthBooks("trades_only", ["BTC-USDT"]))
+
+
+def test_okx_parses_its_books_for_the_pipeline_a_push_at_a_time() -> None:
+    """OKX has book parsing: a ``books`` push is one message for the books; a push of several entries is refused
+    (``batched``), while a push of several trades is still several ticks."""
+    books = DepthBooks("okx", ["BTC-USDT"], rule=DepthRule.OKX)
+    p = IngestPipeline(OKX_V5, Sequencer(), depth=books)
+    entry = {"asks": [["101", "1", "0", "1"]], "bids": [["100", "2", "0", "1"]], "ts": "1652459224000",
+             "checksum": 0, "seqId": 7, "prevSeqId": -1}
+    snap = orjson.dumps({"arg": {"channel": "books", "instId": "BTC-USDT"}, "action": "snapshot", "data": [entry]})
+    out = p.process(TS, [snap])
+    assert out.event is None and [t["channel"] for t in out.ticks] == ["depth"] and books.book("BTC-USDT")
+    update = {**entry, "asks": [], "bids": [["100", "3", "0", "1"]], "seqId": 8, "prevSeqId": 7}
+    two = orjson.dumps({"arg": {"channel": "books", "instId": "BTC-USDT"}, "action": "update",
+                        "data": [update, {**update, "seqId": 9, "prevSeqId": 8}]})
+    out = p.process(TS, [two])
+    assert isinstance(out.event, BadFrame) and out.event.kind == "batched" and books.resyncs == {}
+    trades = orjson.dumps({"arg": {"channel": "trades", "instId": "BTC-USDT"}, "data": [
+        {"instId": "BTC-USDT", "tradeId": str(i), "px": "100", "sz": "1", "side": "buy", "ts": "1652459224000"}
+        for i in (1, 2)
+    ]})
+    assert [t["seq"] for t in p.process(TS, [trades]).ticks] == [1, 2]
 
 
 def test_entries_not_stored_make_the_next_diff_a_resync_snapshot_of_the_live_book() -> None:

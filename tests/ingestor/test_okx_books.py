@@ -406,10 +406,31 @@ def test_an_update_on_a_live_book_is_applied_dropped_or_resubscribed_by_the_rule
     elif prev == last:
         assert (d.action, d.diffs, sync.last_update_id, sync.synced) == (Action.APPLY, (m,), seq, True)
         assert d.reason == ("seq_reset" if seq < prev else "") and sync.resets == (seq < prev)
+    elif prev < last and seq <= last:  # a copy of an update the book holds (a rotation's second connection)
+        assert (d.action, d.reason, sync.last_update_id, sync.synced) == (Action.DROPPED, "duplicate", last, True)
     else:
         assert (d.action, d.reason, d.void_book) == (Action.RESUBSCRIBE, "gap", True)
         assert sync.wants_resubscribe and not sync.synced and sync.last_update_id is None
         assert sync.stats().resyncs == {**dict.fromkeys(WS_RESYNC_REASONS, 0), "gap": 1}
+
+
+def test_a_rotation_s_two_connections_deliver_each_message_twice_and_the_book_takes_it_once() -> None:
+    """Make-before-break: the old connection's updates and the new one's snapshot, then both connections' copies of
+    the same updates, interleaved: no resync, the stored stream as from one connection."""
+    rec = Recorder()
+    books = rec.books(["BTC-USDT"])
+    snap = DepthDiff("BTC-USDT", 5, 5, None, 1, (("100", "1"),), (("101", "1"),), snapshot=True)
+    u6 = DepthDiff("BTC-USDT", 6, 6, 5, 2, (("99", "1"),), ())
+    u7 = DepthDiff("BTC-USDT", 7, 7, 6, 3, (("98", "1"),), ())
+    u8 = DepthDiff("BTC-USDT", 8, 8, 7, 4, (("100", "2"),), ())
+    new_snap = DepthDiff("BTC-USDT", 6, 6, None, 2, (("100", "1"), ("99", "1")), (("101", "1"),), snapshot=True)
+    entries = feed(books, [snap, u6, u7, new_snap, u7, u8, u8])
+    assert [(e.get("reason") or e["kind"], e["seq"]) for e in entries] == [
+        ("start", 5), ("diff", 6), ("diff", 7), ("diff", 8)]
+    assert books.resyncs == {} and rec.resubscribe == []
+    live = books.book("BTC-USDT")
+    assert live is not None and live.best_bid() == ("100", "2") and replayed(entries, "BTC-USDT") == live
+    assert books.state("BTC-USDT").sync.stats().dropped == 3  # the snapshot behind the book, u7 and u8 again
 
 
 def test_the_procedure_from_no_book_to_live_and_back() -> None:

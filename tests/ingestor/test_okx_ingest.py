@@ -30,6 +30,7 @@ from consumer_sdk.core.latency import LatencyHistogram
 from consumer_sdk.core.tick import decode_tick, is_gap_marker
 from distributor.ingress import IngressQueue
 from ingestor.config import IngestSettings
+from ingestor.depth import DepthRule
 from ingestor.memory import MemoryConnector
 from ingestor.okx import OKX_V5
 from ingestor.repair import RepairSettings
@@ -244,10 +245,11 @@ async def test_a_trade_gap_is_repaired_over_history_trades_and_marked_where_the_
 
 def test_okx_channels_and_symbols_of_its_profile() -> None:
     profile = venue_profile("okx")
-    profile.check_channels(["trade", "book_ticker"])
-    with pytest.raises(ConfigError, match="'depth' is not available on okx"):
-        profile.check_channels(["depth"])
-    with pytest.raises(ConfigError, match="expected trade or book_ticker"):
+    profile.check_channels(["trade", "book_ticker", "depth"])
+    profile.check_channels(["depth"], depth_ms=1000)  # OKX's books have one speed: depth.speed_ms does not apply
+    assert profile.depth_rule is DepthRule.OKX
+    assert profile.stream_name("BTC-USDT", "depth") == "books:BTC-USDT"
+    with pytest.raises(ConfigError, match="expected trade or book_ticker or depth"):
         profile.check_channels(["agg_trade"])
     for symbol in ("BTC-USDT", "BTC-USDT-SWAP", "BTC-USD-220527"):
         profile.check_symbol(symbol)
@@ -358,8 +360,8 @@ async def test_an_error_answer_is_counted_and_retried_when_retryable_not_when_no
 def test_an_okx_ingestor_refuses_a_symbol_that_is_not_an_instrument_id() -> None:
     with pytest.raises(ConfigError, match="invalid symbol 'BTCUSDT' for okx: expected an OKX instrument id"):
         Ingestor(IngestSettings(venue="okx", symbols=("BTC-USDT", "BTCUSDT"), channels=("trade",), spill_dir=""))
-    with pytest.raises(ConfigError, match="'depth' is not available on okx"):
-        Ingestor(IngestSettings(venue="okx", symbols=("BTC-USDT",), channels=("depth",), spill_dir=""))
+    with pytest.raises(ConfigError, match="channel 'mark_price' is not available on okx"):
+        Ingestor(IngestSettings(venue="okx", symbols=("BTC-USDT",), channels=("mark_price",), spill_dir=""))
 
 
 # -- pure parts: several ticks in one frame, the rate windows ------------------------------------------------------

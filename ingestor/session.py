@@ -111,7 +111,7 @@ class _Link:
 
     __slots__ = (
         "busy", "closing", "conn_id", "countdown", "dropped", "keepalive", "last_frame", "live", "next_send", "opened",
-        "ops", "pending", "requests", "retries", "shutdown", "unsubscribing", "ws",
+        "ops", "pending", "requests", "retries", "rotation_due", "shutdown", "unsubscribing", "ws",
     )
 
     def __init__(self, ws: FeedLink | None, sample_every: int) -> None:
@@ -126,6 +126,8 @@ class _Link:
         self.last_frame = self.opened
         self.live = asyncio.Event()
         self.shutdown = asyncio.Event()
+        #: a rotation that failed and is to be tried again at ``opened + max_age``, for this reason
+        self.rotation_due: str | None = None
         self.pending: dict[int, list[str]] = {}
         self.unsubscribing: dict[int, list[str]] = {}
         self.next_send = 0.0
@@ -340,7 +342,11 @@ class VenueSession:
                     reraise_if_cancelling()
                     log_event(log, logging.WARNING, "rotation_failed", session=self.session_id, error=str(exc)[:200])
                     self._to(SessionState.LIVE, "rotation failed, old connection kept")
+                    # Tried again once rotation_timeout has passed, for the same reason: a shutdown notice,
+                    # already taken, would otherwise ask for it again at once, as fast as connections fail.
                     link.opened = time.monotonic() - self.settings.max_age + self.settings.rotation_timeout
+                    link.rotation_due = reason
+                    link.shutdown.clear()
                     continue
                 await self._close(link, reader)
                 self.rotations += 1
@@ -454,7 +460,7 @@ class VenueSession:
             return reader.result(), False
         if shutdown in done:
             return "server_shutdown", True
-        return "max_age", True
+        return link.rotation_due or "max_age", True
 
     async def _close(self, link: _Link, reader: asyncio.Task[str]) -> None:
         self._links.discard(link)

@@ -8,6 +8,9 @@ socket; tests/ingestor/test_session_faults.py and tests/test_survival.py drive t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -212,6 +215,33 @@ async def test_a_shutdown_notice_rotates_make_before_break() -> None:
         new.feed([trade(2), trade(3)])
         assert describe(await take(v.ingress, 3)) == [1, 2, 3]
         assert v.session.rotations == 1 and v.session.reconnects == 0
+
+
+async def test_a_rotation_the_venue_refuses_after_a_shutdown_notice_is_tried_again_after_the_rotation_timeout() -> None:
+    """The notice is taken once: a new connection refused is tried again ``rotation_timeout`` later (for the same
+    reason), not at once and again as fast as connects fail, while the old connection keeps delivering."""
+    v = Rig(["btcusdt@trade"])
+    v.session.settings = dataclasses.replace(SETTINGS, rotation_timeout=0.2)
+    refused = HandshakeRefused("server rejected WebSocket connection: HTTP 503", 503, None)
+    async with running(v):
+        old = await v.live(0)
+        v.connector.fail_next(refused, refused, refused)
+        tried: list[float] = []
+        old.feed([b'{"e":"serverShutdown","E":1700000000000}'])
+        for n in range(2, 5):  # the first connect, then the three refused
+            await until(lambda n=n: v.connector.attempts >= n, f"connect attempt {n}")  # type: ignore[misc]
+            tried.append(time.monotonic())
+            if n == 2:
+                old.feed([trade(1)])
+                assert describe(await take(v.ingress, 1)) == [1], "the old connection keeps delivering"
+        new = await v.live(1)
+        await until(lambda: old.closed == "us", "the old connection closed once the rotation succeeded")
+        new.feed([trade(2)])
+        assert describe(await take(v.ingress, 1)) == [2]
+        assert v.connector.attempts == 5 and v.session.rotations == 1 and v.session.reconnects == 0
+        # each retry waited about the rotation timeout (0.2 s; seen by polling, so a little less may show), where
+        # a notice taken again at every round would retry at once
+        assert all(b - a >= 0.15 for a, b in itertools.pairwise(tried)), tried
 
 
 async def test_a_rotation_while_the_ingress_is_full_loses_none_of_the_old_connections_ticks() -> None:

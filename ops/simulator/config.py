@@ -112,7 +112,7 @@ class SimulatorConfig:
     close_timeout: float = 5.0
 
     # OKX's connection rules (venue ``okx``; see :mod:`.okx`).
-    #: a connection that sent nothing (not even the text ``ping``) for this long is closed (OKX: 30 s)
+    #: a connection nothing was pushed to (not even a ``pong``) for this long is closed (OKX: 30 s)
     idle_timeout: float = 30.0
     #: new WebSocket connections a second and client address (OKX: 3); beyond, HTTP 429
     max_connects_per_s: int = 3

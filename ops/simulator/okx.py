@@ -12,7 +12,7 @@ WebSocket ``/ws/v5/public`` (any other path: HTTP 404)
     ``{"event": "subscribe", "arg", "id", "connId"}``, or ``{"event": "error", "code", "msg"}`` (60012 invalid
     request, 60018 unknown channel or instId: nothing of that request is subscribed, 60014 past
     ``max_ops_per_hour`` operations in the last hour).  The text ``ping`` is answered ``pong``.  A connection
-    that sent nothing for ``idle_timeout`` seconds (OKX: 30) is closed (4004, "No data received in 30s.").  More
+    nothing was pushed to for ``idle_timeout`` seconds (OKX: 30; a ``pong`` counts) is closed (4004).  More
     than ``max_connects_per_s`` new connections a second from one address: HTTP 429.  Channels:
 
     - ``trades``: one trade a push, ``tradeId`` contiguous per instrument, ``count`` ``"1"``;
@@ -154,7 +154,7 @@ def load_okx_capture(path: str | Path) -> list[ReplayFrame]:
 class _Conn:
     """One WebSocket connection: its streams, operations, pending output, and who asked to close it."""
 
-    __slots__ = ("abort", "close_code", "close_reason", "closing", "conn_id", "last_heard", "ops", "out", "subs",
+    __slots__ = ("abort", "close_code", "close_reason", "closing", "conn_id", "last_pushed", "ops", "out", "subs",
                  "ws")
 
     def __init__(self, ws: ServerConnection, conn_id: str, ops: OpsLimiter, now: float) -> None:
@@ -167,7 +167,7 @@ class _Conn:
         self.close_code: int | None = None
         self.close_reason = ""
         self.abort = False
-        self.last_heard = now
+        self.last_pushed = now
 
     def request_close(self, code: int, reason: str, *, abort: bool = False) -> None:
         if self.close_code is None:
@@ -393,7 +393,7 @@ class OkxSimulator:
             self._unstalled.set()
             now = self._now() if self._state in ("open", "closing") else 0.0
             for conn in self._conns:
-                conn.last_heard = max(conn.last_heard, now)  # what it sent meanwhile was not read
+                conn.last_pushed = max(conn.last_pushed, now)  # the stall, not the venue's rule, kept it quiet
                 if conn.ws.state is State.OPEN:
                     conn.ws.transport.resume_reading()
 
@@ -576,7 +576,6 @@ class OkxSimulator:
             async for message in conn.ws:
                 await self._unstalled.wait()
                 now = self._now()
-                conn.last_heard = now
                 if message == "ping":
                     self._pings += 1
                     self._send_now(conn, b"pong")
@@ -603,12 +602,14 @@ class OkxSimulator:
         conn.request_close(1000, "")
 
     async def _idle_watch(self, conn: _Conn) -> None:
-        """Close a connection that sent nothing for ``idle_timeout`` seconds (not counting a stall)."""
+        """Close a connection nothing was pushed to for ``idle_timeout`` seconds (not counting a stall): OKX breaks
+        a connection "if the subscription is not established or data has not been pushed for more than 30
+        seconds", so a client's text ``ping`` keeps a quiet connection open by the ``pong`` it is answered with."""
         timeout = self.config.idle_timeout
         while True:
-            await asyncio.sleep(max(0.0, conn.last_heard + timeout - self._now()))
+            await asyncio.sleep(max(0.0, conn.last_pushed + timeout - self._now()))
             await self._unstalled.wait()
-            if self._now() - conn.last_heard >= timeout:
+            if self._now() - conn.last_pushed >= timeout:
                 self._idle_closes += 1
                 conn.request_close(CLOSE_IDLE, f"No data received in {timeout:g}s.")
                 return
@@ -644,6 +645,7 @@ class OkxSimulator:
         self._bytes_sent += len(data)
         out.clear()
         ws.transport.write(data)
+        conn.last_pushed = self._now()
         if ws.transport.get_write_buffer_size() > self.config.max_send_buffer:
             self._slow_closes += 1
             self._unsubscribe(conn, tuple(conn.subs))

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from consumer_sdk.core.backoff import Backoff, backoff_delays
 from consumer_sdk.core.errors import ConfigError
-from ingestor.lifecycle import Failure, Lifecycle, SessionState, classify_failure, classify_status
+from ingestor.lifecycle import Failure, Lifecycle, RateWindow, SessionState, classify_failure, classify_status
 from ingestor.subscriptions import plan_connections, subscribe_requests
 
 S = SessionState
@@ -431,3 +431,20 @@ def test_subscribe_requests_properties(n: int, per: int, first: int) -> None:
     assert [r["id"] for r in reqs] == list(range(first, first + len(reqs)))
     assert all(1 <= len(r["params"]) <= per for r in reqs)
     assert [s for r in reqs for s in r["params"]] == streams
+
+
+def test_rate_windows_space_actions_under_the_limit() -> None:
+    connects = RateWindow(3, 1.0)  # OKX: 3 new connections a second
+    assert [connects.reserve(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert connects.reserve(0.1) == pytest.approx(0.9)  # the fourth in a second waits for the first's second to end
+    assert connects.reserve(0.2) == pytest.approx(0.8)
+    assert connects.reserve(5.0) == 0.0
+    ops = RateWindow(480, 3600.0)  # OKX: 480 subscribe operations an hour per connection
+    waits = [ops.reserve(float(i)) for i in range(481)]
+    assert waits[:480] == [0.0] * 480 and waits[480] == pytest.approx(3600.0 - 480)
+    one = RateWindow(1, 1.0)  # an action booked for later counts from when it is taken, not from when it was asked
+    assert [one.reserve(0.0), one.reserve(0.0), one.reserve(0.0)] == [0.0, 1.0, 2.0]
+    with pytest.raises(ValueError):
+        RateWindow(0, 1.0)
+    with pytest.raises(ValueError):
+        RateWindow(1, 0.0)

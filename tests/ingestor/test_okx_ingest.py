@@ -387,18 +387,3 @@ def test_a_gap_in_the_middle_of_a_push_stops_there_and_the_rest_of_the_push_foll
     out = pipe.process(11, [trade_push(10, 11)], 0, {"BTC-USDT": {"book_ticker"}})
     assert out.ticks == [] and type(out.event) is BadFrame and out.event.kind == "unsubscribed"
     assert pipe.process(11, [trade_push(10, 11)], 1, carried).ticks == [], "nothing of it left over"
-
-
-def test_rate_windows_space_actions_under_the_limit() -> None:
-    from ingestor.lifecycle import RateWindow
-
-    connects = RateWindow(3, 1.0)
-    assert [connects.reserve(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
-    assert connects.reserve(0.1) == pytest.approx(0.9)  # the fourth in a second waits for the first's second to end
-    assert connects.reserve(0.2) == pytest.approx(0.8)
-    assert connects.reserve(5.0) == 0.0
-    ops = RateWindow(480, 3600.0)
-    waits = [ops.reserve(float(i)) for i in range(481)]
-    assert waits[:480] == [0.0] * 480 and waits[480] == pytest.approx(3600.0 - 480)
-    with pytest.raises(ValueError):
-        RateWindow(0, 1.0)

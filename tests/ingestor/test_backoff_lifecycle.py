@@ -444,7 +444,7 @@ def test_rate_windows_space_actions_under_the_limit() -> None:
     assert waits[:480] == [0.0] * 480 and waits[480] == pytest.approx(3600.0 - 480)
     one = RateWindow(1, 1.0)  # an action booked for later counts from when it is taken, not from when it was asked
     assert [one.reserve(0.0), one.reserve(0.0), one.reserve(0.0)] == [0.0, 1.0, 2.0]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="limit must be at least 1 and window_s above 0"):
         RateWindow(0, 1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="limit must be at least 1 and window_s above 0"):
         RateWindow(1, 0.0)

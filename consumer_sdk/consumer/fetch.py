@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
@@ -30,7 +31,7 @@ import redis.exceptions as rexc
 from redis.asyncio import Redis
 
 from consumer_sdk.consumer.batch import Flat, flatten_reply
-from consumer_sdk.core.redis import CLUSTER_IDLE_S, _pool_connection, pack_xack
+from consumer_sdk.core.redis import CLUSTER_IDLE_S, _hiredis_pack, _pool_connection, pack_args, pack_xack
 
 __all__ = [
     "CLUSTER_IDLE_S",
@@ -167,26 +168,33 @@ async def ack_and_read(
     args.append("STREAMS")
     args += streams.keys()
     args += streams.values()
-    payload += conn.pack_command(*args)
+    payload.append(pack_args(args) if _hiredis_pack is not None else b"".join(conn.pack_command(*args)))
     acked = 0
     error: rexc.ResponseError | None = None
+    # One deadline for the whole exchange (the connection's socket timeout, which a blocking client sets
+    # above BLOCK), not one per reply: each of redis-py's per-reply timeouts costs a timer of the loop.
+    limit = conn.socket_timeout
     try:
-        await conn.send_packed_command(payload)
-        for _ in range(replies):
-            try:
-                acked += int(await conn.read_response())
-            except rexc.ResponseError as exc:  # the reply was read: the connection is still in step
-                error = error or exc
-        if on_acked is not None:
-            on_acked(acked)
-        if block is not None:
-            reply = await conn.read_response()
-            found = flatten_reply(reply, dfield)
-        else:
-            with collector_paused():
-                reply = await conn.read_response()
+        async with asyncio.timeout(limit):
+            await conn.send_packed_command(payload)
+            for _ in range(replies):
+                try:
+                    acked += int(await conn.read_response(timeout=math.inf))
+                except rexc.ResponseError as exc:  # the reply was read: the connection is still in step
+                    error = error or exc
+            if on_acked is not None:
+                on_acked(acked)
+            if block is not None:
+                reply = await conn.read_response(timeout=math.inf)
                 found = flatten_reply(reply, dfield)
-                del reply
+            else:
+                with collector_paused():
+                    reply = await conn.read_response(timeout=math.inf)
+                    found = flatten_reply(reply, dfield)
+                    del reply
+    except TimeoutError as exc:  # the deadline: redis-py has closed the connection it cancelled
+        await conn.disconnect(nowait=True)
+        raise rexc.TimeoutError(f"Timeout reading from Redis after {limit} s") from exc
     finally:
         await pool.release(conn)
     if error is not None:

@@ -215,6 +215,13 @@ def pack_xack(key: bytes, group: bytes, ids: Sequence[bytes | str], *, use_hired
     return b"".join([head, *[b"$%d\r\n%b\r\n" % (len(i), i) for i in raw]])
 
 
+def pack_args(args: Sequence[Any]) -> bytes:
+    """One command (bytes, str or int arguments) as the bytes to write, packed by hiredis; only where
+    ``_hiredis_pack`` is available (callers fall back to the connection's own packing)."""
+    assert _hiredis_pack is not None
+    return _hiredis_pack(tuple(args))
+
+
 _WANTS_COMMAND_NAME: dict[type, bool] = {}
 
 

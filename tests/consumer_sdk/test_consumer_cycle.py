@@ -14,6 +14,7 @@ from consumer_sdk.consumer.fetch import ack_and_read
 from consumer_sdk.core.errors import ConfigError
 from consumer_sdk.core.loop import choose_loop, loop_factory, loop_name, run
 from consumer_sdk.core.redis import raw_stream_client
+from ops.faultproxy import FaultProxy
 from tests.consumer_sdk.test_consumer_sdk import add
 
 # ---------------------------------------------------------------- ack_and_read
@@ -61,6 +62,34 @@ async def test_an_ack_error_is_raised_after_the_read_and_the_connection_stays_us
     acked, found = await ack_and_read(raw, "g", "c", [(key, ids)], {key: "0"}, count=100, dfield=b"d")
     assert acked == 2
     assert found == []  # acked in the same write, before the read of the pending entries
+
+
+async def test_a_black_holed_read_fails_by_the_connections_timeout_and_the_client_reconnects(
+    aredis: aioredis.Redis, prefix: str
+) -> None:
+    """One deadline for the acks and the read together: a link that goes silent after the write ends the
+    exchange with redis-py's TimeoutError once the socket timeout has passed, not before and not never, and
+    the client's next command goes out on a new connection."""
+    key = f"{prefix}:binance:BTCUSDT:trade"
+    await _group(aredis, key)
+    ids = await add(aredis, key, range(1, 4))
+    port = aredis.connection_pool.connection_kwargs.get("port", 6379)
+    async with FaultProxy(int(port)) as proxy:
+        client = aioredis.Redis(host="127.0.0.1", port=proxy.port, socket_timeout=0.4)
+        try:
+            raw = raw_stream_client(client)
+            acked, found = await ack_and_read(raw, "g", "c", [], {key: ">"}, count=100, dfield=b"d")
+            assert (acked, len(found[0][1])) == (0, 3)
+            proxy.blackhole()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(rexc.TimeoutError):
+                await ack_and_read(raw, "g", "c", [(key, ids)], {key: ">"}, count=100, dfield=b"d", block=100)
+            assert loop.time() - started >= 0.4
+            proxy.restore()
+            assert await client.ping()  # the silent connection was dropped, not handed out again
+        finally:
+            await client.aclose()
 
 
 async def test_a_missing_group_is_the_reads_error(aredis: aioredis.Redis, prefix: str) -> None:

@@ -46,7 +46,7 @@ for k = 1, #KEYS do
   local after = sub(blob, s2 + 1, s3 - 1)
   local n = eol + tonumber(sub(blob, s3 + 1, eol - 1))
   at = n + 1
-  local added, dups, err = 0, 0, false
+  local added, dups, err, trimmed = 0, 0, false, false
   local last_ms, last_seq = '0', nil
   local top = redis.pcall('XREVRANGE', key, '+', '-', 'COUNT', 1)
   if top.err then
@@ -73,9 +73,16 @@ for k = 1, #KEYS do
       if gt(last_ms, ms) then
         ms = last_ms
       end
-      local ok = redis.pcall('XADD', key, ms .. '-' .. seq, 'd', sub(blob, space + 1, nl - 1))
+      local ok
+      if maxlen > 0 and nl >= n then  -- the section's last record: the MAXLEN trim rides on its XADD
+        ok = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, ms .. '-' .. seq, 'd', sub(blob, space + 1, nl - 1))
+        trimmed = true
+      else
+        ok = redis.pcall('XADD', key, ms .. '-' .. seq, 'd', sub(blob, space + 1, nl - 1))
+      end
       if type(ok) == 'table' and ok.err then
         err = ok.err
+        trimmed = false
       else
         added = added + 1
         last_ms, last_seq = ms, seq
@@ -84,7 +91,7 @@ for k = 1, #KEYS do
     pos = nl + 1
   end
   if added > 0 then
-    if maxlen > 0 then
+    if maxlen > 0 and not trimmed then
       redis.call('XTRIM', key, 'MAXLEN', '~', maxlen)
     end
     local ms_num = tonumber(last_ms)

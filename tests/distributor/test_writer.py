@@ -168,6 +168,19 @@ async def test_maxlen_honoured_approximately(aredis: aioredis.Redis, prefix: str
     assert seqs == list(range(total - len(seqs) + 1, total + 1))  # the newest are kept, oldest trimmed
 
 
+async def test_maxlen_holds_when_a_sections_last_tick_is_a_duplicate(aredis: aioredis.Redis, prefix: str) -> None:
+    """The MAXLEN trim rides on the XADD of a section's last record; when that record is a duplicate (no
+    XADD), the section is still trimmed."""
+    cap, total, batch = 150, 3000, 250
+    writer = StreamWriter(aredis, prefix=prefix, retention=Retention(maxlen=cap))
+    ticks = [make_tick(s, T0_MS + s) for s in range(1, total + 1)]
+    for i in range(0, total, batch):
+        assert await writer.append(ticks[i:i + batch] + [ticks[0]]) == (batch, 1)
+    seqs = await stored_seqs(aredis, key_of(prefix, ticks[0]))
+    assert cap <= len(seqs) <= cap + 200
+    assert seqs == list(range(total - len(seqs) + 1, total + 1))
+
+
 async def test_per_channel_retention(aredis: aioredis.Redis, prefix: str) -> None:
     cap, total = 100, 1200
     retention = Retention(maxlen=0, per_channel=(("kline_*", cap, 0),))

@@ -42,6 +42,7 @@ from redis.exceptions import RedisError
 from consumer_sdk.core.backoff import Backoff
 from consumer_sdk.core.errors import ConfigError, InvalidTick, MarketError, TransientError
 from consumer_sdk.core.handler import Handler
+from consumer_sdk.core.heap import settle_heap
 from consumer_sdk.core.keys import Pattern, StreamName, parse_entry_id, stream_key
 from consumer_sdk.core.latency import LatencyHistogram
 from consumer_sdk.core.log import Throttle, get_logger, log_event
@@ -730,6 +731,7 @@ class Ingestor:
                 log, logging.INFO, "ingestor_started", venue=s.venue, url=s.url, redis=redact_url(s.redis_url),
                 streams=sum(len(g) for _, g in plan), connections=len(plan), queue_policy=s.queue_policy.value,
             )
+            settle_heap()  # set up: what exists now is never garbage (consumer_sdk.core.heap)
             self.started.set()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._write(), name="writer")

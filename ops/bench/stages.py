@@ -18,6 +18,7 @@ from typing import Any
 
 from consumer_sdk.consumer import Consumer
 from consumer_sdk.core.errors import MarketError
+from consumer_sdk.core.heap import settle_heap
 from consumer_sdk.core.latency import LatencyHistogram
 from consumer_sdk.core.loop import choose_loop
 from ops.bench.analysis import analyse_step, final_tally, summarize_peak
@@ -163,6 +164,7 @@ async def pipeline(
         task = asyncio.create_task(consume(), name="bench-consumer")
         try:
             await prime(h, consumer)
+            settle_heap()  # the consumer reads every stream: what exists now is never garbage
             stop_reason = ""
             for index, rate in enumerate(h.schedule):
                 if stop_reason:

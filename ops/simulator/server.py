@@ -44,6 +44,8 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from consumer_sdk.core.heap import settle_heap
+
 from .book import FUTURES_DEPTH_LIMITS, SPOT_DEPTH_LIMITS, DepthBooks, parse_units
 from .book_replay import DepthReplay, capture_start, load_depth_capture
 from .config import SimulatorConfig
@@ -933,11 +935,13 @@ async def run_simulator(
     cfg = config if config is not None else SimulatorConfig()
     if cfg.venue == "okx":
         async with OkxSimulator(cfg, clock_ms=clock_ms) as okx:
+            settle_heap()  # listening: what exists now is never garbage (consumer_sdk.core.heap)
             if ready is not None:
                 ready(okx)
             await okx.serve_forever()
         return
     async with Simulator(cfg, clock_ms=clock_ms) as sim:
+        settle_heap()
         if ready is not None:
             ready(sim)
         await sim.serve_forever()

@@ -31,7 +31,7 @@ import redis.exceptions as rexc
 from redis.asyncio import Redis
 
 from consumer_sdk.consumer.batch import Flat, flatten_reply
-from consumer_sdk.core.redis import CLUSTER_IDLE_S, _hiredis_pack, _pool_connection, pack_args, pack_xack
+from consumer_sdk.core.redis import CLUSTER_IDLE_S, _pool_connection, hiredis_pack, pack_xack
 
 __all__ = [
     "CLUSTER_IDLE_S",
@@ -168,7 +168,7 @@ async def ack_and_read(
     args.append("STREAMS")
     args += streams.keys()
     args += streams.values()
-    payload.append(pack_args(args) if _hiredis_pack is not None else b"".join(conn.pack_command(*args)))
+    payload.append(hiredis_pack(tuple(args)) if hiredis_pack is not None else b"".join(conn.pack_command(*args)))
     acked = 0
     error: rexc.ResponseError | None = None
     # One deadline for the whole exchange (the connection's socket timeout, which a blocking client sets

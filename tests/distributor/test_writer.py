@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+import distributor.writer as writer_module
 from consumer_sdk.core.keys import parse_entry_id, stream_key
 from consumer_sdk.core.tick import Tick, decode_tick
 from distributor.writer import Retention, StreamWriter, dead_letter_key
@@ -175,7 +176,7 @@ async def test_maxlen_holds_when_a_sections_last_tick_is_a_duplicate(aredis: aio
     writer = StreamWriter(aredis, prefix=prefix, retention=Retention(maxlen=cap))
     ticks = [make_tick(s, T0_MS + s) for s in range(1, total + 1)]
     for i in range(0, total, batch):
-        assert await writer.append(ticks[i:i + batch] + [ticks[0]]) == (batch, 1)
+        assert await writer.append([*ticks[i:i + batch], ticks[0]]) == (batch, 1)
     seqs = await stored_seqs(aredis, key_of(prefix, ticks[0]))
     assert cap <= len(seqs) <= cap + 200
     assert seqs == list(range(total - len(seqs) + 1, total + 1))
@@ -191,6 +192,27 @@ async def test_per_channel_retention(aredis: aioredis.Redis, prefix: str) -> Non
         await writer.append(trades[i:i + 100] + klines[i:i + 100])
     assert await aredis.xlen(key_of(prefix, trades[0])) == total  # no cap for this channel
     assert cap <= await aredis.xlen(key_of(prefix, klines[0])) <= cap + 200
+
+
+async def test_the_header_cache_stays_bounded_and_each_stream_keeps_its_own_retention(
+    aredis: aioredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Section headers are cached per stream key up to MAX_CACHED_HEADS, then the cache starts afresh:
+    with room for 2 and 6 streams of two channels, every stream is still trimmed by its own channel's cap."""
+    monkeypatch.setattr(writer_module, "MAX_CACHED_HEADS", 2)
+    cap, total = 100, 1200
+    writer = StreamWriter(aredis, prefix=prefix, retention=Retention(maxlen=0, per_channel=(("kline_*", cap, 0),)))
+    symbols = ("BTCUSDT", "ETHUSDT", "SOLUSDT")
+    ticks = {
+        (sym, ch): [make_tick(s, T0_MS + s, sym, ch) for s in range(1, total + 1)]
+        for sym in symbols for ch in ("trade", "kline_1m")
+    }
+    for i in range(0, total, 100):
+        await writer.append([t for stream in ticks.values() for t in stream[i:i + 100]])
+        assert len(writer._heads) <= 2
+    for (_sym, ch), stream in ticks.items():
+        length = await aredis.xlen(key_of(prefix, stream[0]))
+        assert length == total if ch == "trade" else cap <= length <= cap + 200
 
 
 async def test_max_age_trims_by_event_time(aredis: aioredis.Redis, prefix: str) -> None:

@@ -421,6 +421,9 @@ class StreamWriter(StreamSink):
         self._inflight: list[Tick] = []
         self._caps: dict[str, tuple[int, int]] = {}
         self._heads: dict[str, bytes] = {}  # stream key -> its sections' "<maxlen> <minage> " (see _encode)
+        #: stream key -> its newest ID as this writer's last settled call of it left it (append.lua's <top>):
+        #: the script then need not read it; forgotten on any error or unknown outcome of that stream
+        self._tops: dict[str, bytes] = {}
         self._throttle = Throttle(log)
         self.ack_latency = ack_latency or LatencyHistogram()
         #: acknowledgement latency is observed on one tick in this many, by position (0: not measured)
@@ -574,6 +577,7 @@ class StreamWriter(StreamSink):
                 except (RedisError, OSError) as exc:
                     # Unreachable, or anything unexpected: the whole batch is kept and retried, never fatal.
                     reraise_if_cancelling()
+                    self._tops.clear()  # the call may or may not have run
                     self._fail(classify_error(exc), error_text(exc), attempt)
                 else:
                     if from_spill and spill is not None:
@@ -687,6 +691,8 @@ class StreamWriter(StreamSink):
                             del owner[key], after[key]
                     replies = f.replies
                     if isinstance(replies, BaseException):  # no answer: the outcome is unknown, all of it again
+                        for key in f.groups:
+                            self._tops.pop(key, None)
                         window.popleft()
                         rest += f.ticks
                         failed = True
@@ -700,7 +706,7 @@ class StreamWriter(StreamSink):
                         if isinstance(r, BaseException):
                             results += [r] * len(keys)
                         else:
-                            results += [r[3 * i : 3 * i + 3] for i in range(len(keys))]
+                            results += [r[4 * i : 4 * i + 4] for i in range(len(keys))]
                     short = self._shortfalls(f.waits, replies[len(f.calls) :])
                     _, _, left, why = await self._account(f.ticks, f.groups, results, short)
                     window.popleft()
@@ -848,7 +854,7 @@ class StreamWriter(StreamSink):
 
     def _encode(self, ticks: list[Tick], after: dict[str, int] | None) -> dict[str, list[bytes]]:
         """The ticks as script sections, by stream in order of first appearance: a header
-        ``"<maxlen> <minage> <after> <size>\\n"`` then the records ``"<ms>-<seq> <payload>\\n"`` (see append.lua).
+        ``"<maxlen> <minage> <after> <top> <size>\\n"`` then the records ``"<ms>-<seq> <payload>\\n"`` (see append.lua).
         ``after`` maps a stream to the seq of its last tick sent in a call that may not have run yet (the
         windowed writer); it is updated to this batch's last seq of each stream.
 
@@ -869,7 +875,7 @@ class StreamWriter(StreamSink):
             else:
                 parts.append(record)
             last[key] = seq
-        heads = self._heads
+        heads, tops = self._heads, self._tops
         for key, parts in groups.items():
             head = heads.get(key)
             if head is None:
@@ -877,12 +883,15 @@ class StreamWriter(StreamSink):
                     heads.clear()  # streams come and go (shards moving): the cache stays bounded
                 head = heads[key] = b"%d %d " % self._caps_for(key.rpartition(":")[2])
             size = sum(map(len, parts))
-            if after is None:
-                parts[0] = head + b"- %d\n" % size
-                continue
-            prev = after.get(key)
-            after[key] = last[key]
-            parts[0] = head + (b"- %d\n" % size if prev is None else b"%d %d\n" % (prev, size))
+            prev = None
+            if after is not None:
+                prev = after.get(key)
+                after[key] = last[key]
+            if prev is None:
+                # nothing of this stream in flight: its newest ID is what its last settled call left
+                parts[0] = head + b"- %b %d\n" % (tops.get(key, b"-"), size)
+            else:
+                parts[0] = head + b"%d - %d\n" % (prev, size)
         return groups
 
     async def _account(
@@ -894,7 +903,15 @@ class StreamWriter(StreamSink):
         added = dups = 0
         stops: dict[str, Stop] | None = None
         by_channel = self.appended_by_channel
+        tops = self._tops
+        if len(tops) >= MAX_CACHED_HEADS:
+            tops.clear()  # bounded as the header cache is
         for key, res in zip(groups, results, strict=True):
+            if isinstance(res, BaseException) or res[3] is None:
+                tops.pop(key, None)
+            else:
+                top = res[3]
+                tops[key] = top if isinstance(top, bytes) else str(top).encode()
             if isinstance(res, BaseException):
                 # The whole call was refused before it ran (OOM, BUSY, ...): nothing of it was tried,
                 # and a call names no one tick, so it is retried whatever the class.
@@ -1056,7 +1073,7 @@ class StreamWriter(StreamSink):
             if isinstance(r, Exception):
                 results += [r] * len(keys)
             else:
-                results += [r[3 * i : 3 * i + 3] for i in range(len(keys))]
+                results += [r[4 * i : 4 * i + 4] for i in range(len(keys))]
         return [results[i] for i in self._order(plan, groups)], short
 
     def _queue_waits(self, pipe: Any, calls: list[list[str]]) -> list[list[str]]:

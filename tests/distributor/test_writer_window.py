@@ -64,6 +64,12 @@ async def fill_window(writer: StreamWriter, batches: list[list[Tick]]) -> None:
 # -- append.lua's ORDER rule, call by call ------------------------------------------------------------------------
 
 
+async def newest_id(client: aioredis.Redis, key: str) -> bytes:
+    """The stream's newest entry ID, as append.lua reports it."""
+    [(entry_id, _)] = await client.xrevrange(key, count=1)
+    return bytes(entry_id)
+
+
 async def test_a_section_whose_earlier_ticks_are_not_stored_is_refused_whole(private_redis: RedisServer) -> None:
     client = client_of(private_redis, "t")
     try:
@@ -77,18 +83,73 @@ async def test_a_section_whose_earlier_ticks_are_not_stored_is_refused_whole(pri
         assert after == {key_of(PREFIX, a1[0]): 6, key_of(PREFIX, b[0]): 2}
         keys = list(second)
         reply = await client.evalsha(sha, len(keys), *keys, b"".join(b"".join(p) for p in second.values()))
-        # The first stream's section names seq 3, which the stream does not hold: nothing of it tried.
-        assert reply[:2] == [0, 0] and reply[2].startswith(b"ORDER ")
-        assert reply[3:] == [2, 0, None]  # a stream with nothing in flight before goes on
+        # The first stream's section names seq 3, which the stream does not hold: nothing of it tried (and
+        # no newest ID for the writer to trust next time).
+        assert reply[:2] == [0, 0] and reply[2].startswith(b"ORDER ") and reply[3] is None
+        assert reply[4:7] == [2, 0, None]  # a stream with nothing in flight before goes on
+        assert reply[7] == await newest_id(client, keys[1])
         assert await client.exists(key_of(PREFIX, a1[0])) == 0
         keys = list(first)
-        assert await client.evalsha(sha, len(keys), *keys, b"".join(first[keys[0]])) == [3, 0, None]
+        assert await client.evalsha(sha, len(keys), *keys, b"".join(first[keys[0]])) == [
+            3, 0, None, await newest_id(client, keys[0])
+        ]
         keys = list(second)
         reply = await client.evalsha(sha, len(keys), *keys, b"".join(b"".join(p) for p in second.values()))
-        assert reply == [3, 0, None, 0, 2, None]  # once the earlier ticks are there, in order
+        # once the earlier ticks are there, in order
+        assert reply == [3, 0, None, await newest_id(client, keys[0]), 0, 2, None, await newest_id(client, keys[1])]
         await assert_each_once_in_order(client, a1 + a2 + b)
     finally:
         await client.aclose()
+
+
+async def xrevrange_calls(admin: aioredis.Redis) -> int:
+    """XREVRANGE calls the server has run (commands run by scripts are counted too)."""
+    stats = await admin.info("commandstats")
+    return int(stats.get("cmdstat_xrevrange", {}).get("calls", 0))
+
+
+async def test_a_stream_the_writer_wrote_last_is_not_read_again(private_redis: RedisServer) -> None:
+    """The script reads a stream's newest entry (XREVRANGE, its costliest call) only when the writer does not
+    know it: the first call of each stream does, later ones take the ID the writer's last call reported."""
+    client, admin = client_of(private_redis, "writer"), client_of(private_redis, "admin")
+    try:
+        writer = StreamWriter(client, prefix=PREFIX)
+        ticks = interleaved(1, 30, SYMBOLS)
+        before = await xrevrange_calls(admin)
+        assert await writer.append(ticks[:30]) == (30, 0)
+        assert await xrevrange_calls(admin) - before == len(SYMBOLS)  # one each: not known yet
+        before = await xrevrange_calls(admin)
+        for i in range(30, len(ticks), 15):
+            assert await writer.append(ticks[i : i + 15]) == (15, 0)
+        assert await writer.append(ticks[-3:]) == (0, 3)  # duplicates are found without reading too
+        assert await xrevrange_calls(admin) - before == 0
+        await assert_each_once_in_order(client, ticks)
+    finally:
+        await client.aclose()
+        await admin.aclose()
+
+
+async def test_a_newest_id_another_writer_moved_on_is_caught_by_redis_and_nothing_is_stored_twice(
+    private_redis: RedisServer,
+) -> None:
+    """Writer A knows each stream's newest ID from its own last call; writer B (another ingestor) then stores
+    more.  A's next call names IDs Redis refuses (at or below B's newest): the script reads the real newest
+    entry and goes on from it, so B's ticks count as duplicates and A's later ones are stored once, in order,
+    with nothing dead-lettered."""
+    client_a, client_b = client_of(private_redis, "a"), client_of(private_redis, "b")
+    try:
+        a, b = StreamWriter(client_a, prefix=PREFIX), StreamWriter(client_b, prefix=PREFIX)
+        ticks = interleaved(1, 40, SYMBOLS)
+        n = len(SYMBOLS)
+        assert await a.append(ticks[: 10 * n]) == (10 * n, 0)  # seq 1..10: A knows 10
+        assert await b.append(ticks[: 25 * n]) == (15 * n, 10 * n)  # B stores 11..25
+        assert await a.append(ticks[10 * n :]) == (15 * n, 15 * n)  # A: 11..25 duplicates, 26..40 stored
+        await assert_each_once_in_order(client_a, ticks)
+        stats = a.stats()
+        assert (stats.dead_lettered, stats.rejected, stats.failing) == (0, 0, "")
+    finally:
+        await client_a.aclose()
+        await client_b.aclose()
 
 
 # -- the writer ----------------------------------------------------------------------------------------------------

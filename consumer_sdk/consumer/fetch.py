@@ -31,7 +31,7 @@ import redis.exceptions as rexc
 from redis.asyncio import Redis
 
 from consumer_sdk.consumer.batch import Flat, flatten_reply
-from consumer_sdk.core.redis import CLUSTER_IDLE_S, _pool_connection, hiredis_pack, pack_xack
+from consumer_sdk.core.redis import CLUSTER_IDLE_S, hiredis_pack, pack_xack, pool_connection
 
 __all__ = [
     "CLUSTER_IDLE_S",
@@ -161,7 +161,7 @@ async def ack_and_read(
     name = encode(group)
     payload = [pack_xack(encode(key), name, ids) for key, ids in acks if ids]
     replies = len(payload)
-    conn = await _pool_connection(pool)
+    conn = await pool_connection(pool)
     args: list[Any] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
     if block is not None:
         args += ["BLOCK", block]

@@ -78,6 +78,7 @@ __all__ = [
     "is_cluster",
     "iter_read_reply",
     "pack_xack",
+    "pool_connection",
     "raw_stream_client",
     "stream_view",
     "translate",
@@ -222,7 +223,7 @@ def pack_xack(key: bytes, group: bytes, ids: Sequence[bytes | str], *, use_hired
 _WANTS_COMMAND_NAME: dict[type, bool] = {}
 
 
-async def _pool_connection(pool: Any) -> Any:
+async def pool_connection(pool: Any) -> Any:
     """A connection from ``pool`` (redis-py before 5.3 wants a command name; later ones warn about it)."""
     cls = type(pool)
     wants = _WANTS_COMMAND_NAME.get(cls)
@@ -247,7 +248,7 @@ async def xack_many(client: Redis, group: str, acks: Sequence[tuple[str, Sequenc
     encode: Callable[[Any], bytes] = pool.get_encoder().encode  # the client's encoding of keys and names
     name = encode(group)
     payload = [pack_xack(encode(key), name, ids) for key, ids in acks]
-    conn = await _pool_connection(pool)
+    conn = await pool_connection(pool)
     acked = 0
     error: rexc.ResponseError | None = None
     try:

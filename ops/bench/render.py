@@ -85,9 +85,10 @@ def _where_time_goes(step: dict[str, Any], cores: int, subscribers: int) -> list
                       f"{100 * wr['redis_busy_share']:.0f}% of the window.")
         lines.append(
             f"The writer made {wr['flushes_per_s']:.0f} round trips to Redis a second, {wr['ticks_per_flush']:.0f} "
-            "ticks each on average; one is in flight at a time (Redis runs a connection's commands in order, and "
-            "a second connection could store newer ticks first), so a tick waits for the round trip in progress, "
-            f"then for its own.{inside} Before that, a tick waits for the rest of its socket read to be parsed and "
+            "ticks each on average, up to 4 in flight on the writer's one connection (Redis runs a connection's "
+            "commands in order, which keeps each stream's ticks in order), so a tick waits for Redis to run the "
+            f"calls sent before its own, then its own.{inside} Before that, a tick waits for the rest of its "
+            "socket read to be parsed and "
             "for the hot path's subscribers woken by the same batch: the simulator sends every 5 ms, so each "
             "burst goes through the ingestor's one event loop as a whole."
         )
@@ -254,10 +255,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     if fl:
         w("")
         w("The Redis stage, measured alone after the run: one writer flush (one round trip, one append-script "
-          "call for every stream it touches, each stream read once for its newest ID) takes " + ", ".join(
+          "call for every stream it touches; the writer knows each stream's newest ID from its call before, so "
+          "the script reads none) takes " + ", ".join(
               f"{fmt_us(v)} for {k} stream{'s' if k != '1' else ''}" for k, v in fl["flush_p50_us"].items())
-          + f" (p50; a bare PING: {fmt_us(fl['ping_p50_us'])}). A tick waits for the flush in progress, then for "
-          f"its own, and with {len(cfg['symbols']) * len(cfg['channels'])} streams busy a flush touches most of "
+          + f" (p50; a bare PING: {fmt_us(fl['ping_p50_us'])}). A tick waits for the calls sent before its own, "
+          f"then its own, and with {len(cfg['symbols']) * len(cfg['channels'])} streams busy a flush touches most of "
           "them: that is the floor of frame -> Redis acknowledged, before any CPU contention.")
     lim = report.get("limits")
     if lim:

@@ -41,39 +41,36 @@ Replay: ``replay=FILE`` plays an OKX capture (``{"recv_ts", "frame"}`` lines, fr
 ``okx-2022-05-13.jsonl``) at its pace, unchanged, to the connections subscribed to each frame's
 ``channel:instId``, starting when the first connection subscribes; the capture's own ``event`` frames (its
 subscribe acknowledgements) are not played.  Its instruments and channels are the ones the venue lists.
+
+:class:`OkxSimulator` extends :class:`~.wire.SimulatorBase` (as :class:`~.server.Simulator` does), which runs it
+on its port and holds the faults and pacing every venue shares; this module is OKX's protocol, routes and pushes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import logging
-import math
-import random
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, replace
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.protocol import State
 
 from ingestor.okx import okx_checksum
 
 from .book import DepthBooks, SymbolBook, parse_units
 from .config import SimulatorConfig
-from .control import CONTROL_PREFIX, ControlCommand, parse_control
+from .control import CONTROL_PREFIX
 from .depth_faults import DepthFault, apply_depth_faults, parse_depth_faults
 from .errors import CaptureError, SimulatorConfigError
-from .market import MarketEvent, SyntheticMarket, scheduled_ticks
+from .market import MarketEvent, SyntheticMarket
 from .okx_protocol import (
     CHANNELS,
     PATH,
@@ -91,16 +88,15 @@ from .okx_protocol import (
     ticker_push,
     trade_push,
 )
-from .protocol import FaultInjector, FaultRates, text_frame
-from .replay import ReplayFrame, frames_due
-from .rest import RestFault, RestFaults, fault_response, parse_rest_faults
-from .wire import SimulatorStats, json_response
+from .protocol import text_frame
+from .replay import ReplayFrame
+from .rest import RestFault, parse_rest_faults
+from .wire import SimulatorBase, WireConnection, client_address, json_response
 
 __all__ = ["OkxSimulator", "load_okx_capture"]
 
 log = logging.getLogger("market.simulator.okx")
 
-CLOSE_GOING_AWAY: Final = 1001
 CLOSE_IDLE: Final = 4004
 _HISTORY_PATH: Final = "/api/v5/market/history-trades"
 _BOOKS_PATH: Final = "/api/v5/market/books"
@@ -109,14 +105,9 @@ _INSTRUMENTS_PATH: Final = "/api/v5/public/instruments"
 _REST_PATHS: Final = (_HISTORY_PATH, _BOOKS_PATH, _TIME_PATH, _INSTRUMENTS_PATH)
 _TICKER_EVERY_MS: Final = 100
 _SNAPSHOT_LEVELS: Final = 400
-_MAX_CATCH_UP: Final = 0.25
 
 # (stream "channel:instId", payload)
 _Item = tuple[str, bytes]
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def load_okx_capture(path: str | Path) -> list[ReplayFrame]:
@@ -151,40 +142,31 @@ def load_okx_capture(path: str | Path) -> list[ReplayFrame]:
     return frames
 
 
-class _Conn:
-    """One WebSocket connection: its streams, operations, pending output, and who asked to close it."""
+class _Conn(WireConnection):
+    """One WebSocket connection: its streams, operations and last push (and :class:`~.wire.WireConnection`'s)."""
 
-    __slots__ = ("abort", "close_code", "close_reason", "closing", "conn_id", "last_pushed", "ops", "out", "subs",
-                 "ws")
+    __slots__ = ("conn_id", "last_pushed", "ops", "subs")
 
     def __init__(self, ws: ServerConnection, conn_id: str, ops: OpsLimiter, now: float) -> None:
-        self.ws = ws
+        super().__init__(ws)
         self.conn_id = conn_id
         self.ops = ops
         self.subs: set[str] = set()
-        self.out: list[bytes] = []
-        self.closing = asyncio.Event()
-        self.close_code: int | None = None
-        self.close_reason = ""
-        self.abort = False
         self.last_pushed = now
 
-    def request_close(self, code: int, reason: str, *, abort: bool = False) -> None:
-        if self.close_code is None:
-            self.close_code, self.close_reason = code, reason
-        self.abort = self.abort or abort
-        self.closing.set()
 
-
-class OkxSimulator:
+class OkxSimulator(SimulatorBase[_Conn, _Item]):
     """An OKX v5 public venue on one port; use as ``async with OkxSimulator(config) as sim:`` (module doc)."""
+
+    _log = log
 
     def __init__(self, config: SimulatorConfig, *, clock_ms: Callable[[], int] | None = None) -> None:
         if config.venue != "okx":
             raise SimulatorConfigError(f"OkxSimulator serves the okx venue, not {config.venue!r}")
-        self.config = cfg = config
-        self._clock_ms = clock_ms if clock_ms is not None else _wall_ms
-        self._frames: list[ReplayFrame] | None = None
+        super().__init__(
+            config, clock_ms, stream_of=lambda item: item[0], corrupt=lambda item: (item[0], item[1][:-1])
+        )
+        cfg = config
         instruments = cfg.symbols
         if cfg.replay is not None:
             self._frames = load_okx_capture(cfg.replay)
@@ -196,162 +178,34 @@ class OkxSimulator:
             preallocate=cfg.preallocate_history, weights=cfg.weights if cfg.replay is None else None,
             id_base=id_base,
         )  # fmt: skip
-        #: the synthetic market's books (None in replay or with ``depth`` off); read, never drive them
-        self.depth: DepthBooks | None = None
         if cfg.replay is None and cfg.depth:
             book_config = replace(cfg.book_config(), slow_interval_ms=0)
             self.depth = DepthBooks.for_market(self.market, seed=cfg.seed, config=book_config, id_base=id_base)
             self.set_depth_faults(parse_depth_faults(cfg.depth_faults))
-        self._rest_faults = RestFaults()
         for path, faults in parse_rest_faults(cfg.rest_faults).items():
             self.set_rest_faults(path, faults)
-        self._faults = FaultInjector[_Item](
-            random.Random(f"faults:{cfg.seed}"),
-            stream_of=lambda item: item[0],
-            corrupt=lambda item: (item[0], item[1][:-1]),
-            rates=FaultRates(cfg.fault_malformed, cfg.fault_duplicate, cfg.fault_out_of_order),
-        )
         self._connects = ConnectLimiter(cfg.max_connects_per_s)
         self._conn_ids = itertools.count(1)
-        self._conns: set[_Conn] = set()
-        self._subs: dict[str, set[_Conn]] = {}
-        self._subscribed = asyncio.Event()
-        self._unstalled = asyncio.Event()
-        self._unstalled.set()
-        self._stall_until = 0.0
-        self._stall_epoch = 0
-        self._stall_handle: asyncio.TimerHandle | None = None
-        self._refuse_until = 0.0
-        self._server: Server | None = None
-        self._stack = contextlib.AsyncExitStack()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._state = "unopened"
-        self._port = 0
-        self._frames_sent = self._bytes_sent = self._replayed = 0
-        self._pings = self._idle_closes = self._connects_refused = self._ops_refused = self._slow_closes = 0
-        self._rate = float(cfg.rate)
-        self._rate_epoch = 0
+        self._pings = self._idle_closes = self._connects_refused = self._ops_refused = 0
         self._book_ms: int | None = None  # the last 100 ms boundary the books were flushed at
         # tickers: per instrument its fields, whether it changed since its last push, and when that was
         self._tickers: dict[str, dict[str, str]] = {}
         self._ticker_dirty: set[str] = set()
         self._ticker_sent_ms: dict[str, int] = {}
 
-    # -- lifecycle --
+    # -- lifecycle, addresses, statistics and faults (the rest in SimulatorBase) --
 
-    async def __aenter__(self) -> Self:
-        if self._state != "unopened":
-            raise RuntimeError(f"a simulator runs once; this one is {self._state}")
-        self._state = "opening"
-        cfg = self.config
-        await self._stack.__aenter__()
-        try:
-            self._server = await serve(
-                self._handle, cfg.host, cfg.port, process_request=self._process_request, compression=None,
-                ping_interval=None, ping_timeout=None, close_timeout=cfg.close_timeout,
-                write_limit=2 * cfg.max_send_buffer, logger=logging.getLogger("market.simulator.ws"),
-            )  # fmt: skip
-            self._stack.push_async_callback(self._stop_server)
-            self._port = self._server.sockets[0].getsockname()[1]
-            group = await self._stack.enter_async_context(asyncio.TaskGroup())
-            if self._frames is not None:
-                self._tasks.append(group.create_task(self._replay(self._frames)))
-            else:
-                self._tasks.append(group.create_task(self._generate()))
-            if cfg.close_every is not None:
-                self._tasks.append(group.create_task(self._close_periodically(cfg.close_every)))
-            if cfg.refuse_for > 0:
-                self.refuse(cfg.refuse_for)
-            if cfg.stall_for > 0:
-                self.stall(cfg.stall_for)
-        except BaseException:
-            await self._stack.aclose()
-            self._state = "closed"
-            raise
-        self._state = "open"
-        log.info("simulator listening", extra={"fields": {"ws_url": self.ws_url, "venue": "okx"}})
-        return self
+    def _listening_fields(self) -> dict[str, Any]:
+        return {**super()._listening_fields(), "venue": "okx"}
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        self._state = "closing"
-        for task in self._tasks:
-            task.cancel()
-        if self._stall_handle is not None:
-            self._stall_handle.cancel()
-        self._end_stall()
-        try:
-            return await self._stack.__aexit__(exc_type, exc, tb)
-        finally:
-            self._state = "closed"
-
-    async def _stop_server(self) -> None:
-        """Planned close: every connection gets the 64008 notice, then close 1001."""
-        assert self._server is not None
-        for conn in list(self._conns):
-            self._send_now(conn, notice_event(conn.conn_id))
-            conn.request_close(CLOSE_GOING_AWAY, "server shutdown")
-        self._server.close()
-        await self._server.wait_closed()
-
-    async def serve_forever(self) -> None:
-        if self._state != "open":
-            raise RuntimeError(f"the simulator is {self._state}; use it as an async context manager")
-        await asyncio.Event().wait()
-
-    @property
-    def state(self) -> str:
-        return self._state
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def _host(self) -> str:
-        host = self.config.host
-        return f"[{host}]" if ":" in host else host
-
-    @property
-    def ws_url(self) -> str:
-        """The WebSocket base, like ``wss://ws.okx.com:8443``; clients add ``/ws/v5/public``."""
-        return f"ws://{self._host}:{self._port}"
-
-    @property
-    def rest_url(self) -> str:
-        return f"http://{self._host}:{self._port}"
-
-    # -- statistics and faults --
-
-    def _now(self) -> float:
-        return asyncio.get_running_loop().time()
-
-    @property
-    def stalled(self) -> bool:
-        return not self._unstalled.is_set()
-
-    @property
-    def rest_faults(self) -> RestFaults:
-        return self._rest_faults
-
-    def stats(self) -> SimulatorStats:
-        return SimulatorStats(
-            connections=len(self._conns), frames_sent=self._frames_sent, bytes_sent=self._bytes_sent,
-            ticks_generated=self.market.counts(), ticks_total=self.market.generated, replayed_frames=self._replayed,
-            pongs_received=0, slow_consumer_closes=self._slow_closes, rate_limit_closes=0,
-        )  # fmt: skip
+    def _notice(self, conn: _Conn, now_ms: int) -> bytes:
+        return notice_event(conn.conn_id)
 
     def fault_state(self) -> dict[str, Any]:
         now = self._now()
         return {
             "venue": "okx",
-            "stalled": self.stalled,
-            "stall_remaining": max(0.0, self._stall_until - now) if self.stalled else 0.0,
-            "refusing": now < self._refuse_until,
-            "refuse_remaining": max(0.0, self._refuse_until - now),
-            "rates": asdict(self._faults.rates),
-            "rest_faults": self._rest_faults.state(),
+            **self._faults_in_force(now),
             "depth": None if self.depth is None else self.depth.state(),
             "pings_answered": self._pings,
             "idle_closes": self._idle_closes,
@@ -360,60 +214,12 @@ class OkxSimulator:
             "stats": asdict(self.stats()),
         }
 
-    def close_all(self, *, abort: bool = False) -> int:
-        conns = list(self._conns)
-        for conn in conns:
-            conn.request_close(CLOSE_GOING_AWAY, "closed by fault injection", abort=abort)
-        log.info("fault close_all", extra={"fields": {"connections": len(conns), "abort": abort}})
-        return len(conns)
-
-    def stall(self, seconds: float) -> None:
-        """For ``seconds`` send nothing and read nothing (so answer no ``ping``); sockets stay open."""
-        if not seconds > 0:
-            return
-        loop = asyncio.get_running_loop()
-        until = loop.time() + seconds
-        if until <= self._stall_until and self.stalled:
-            return
-        self._stall_until = until
-        if not self.stalled:
-            self._stall_epoch += 1
-            self._unstalled.clear()
-            for conn in self._conns:
-                conn.ws.transport.pause_reading()
-        if self._stall_handle is not None:
-            self._stall_handle.cancel()
-        self._stall_handle = loop.call_at(until, self._end_stall)
-        log.info("fault stall", extra={"fields": {"seconds": seconds}})
-
     def _end_stall(self) -> None:
-        self._stall_handle = None
-        self._stall_until = 0.0
         if self.stalled:
-            self._unstalled.set()
             now = self._now() if self._state in ("open", "closing") else 0.0
             for conn in self._conns:
                 conn.last_pushed = max(conn.last_pushed, now)  # the stall, not the venue's rule, kept it quiet
-                if conn.ws.state is State.OPEN:
-                    conn.ws.transport.resume_reading()
-
-    def refuse(self, seconds: float) -> None:
-        self._refuse_until = max(self._refuse_until, self._now() + max(0.0, seconds))
-        log.info("fault refuse", extra={"fields": {"seconds": seconds}})
-
-    def set_fault_rates(
-        self, *, malformed: float | None = None, duplicate: float | None = None, out_of_order: float | None = None
-    ) -> FaultRates:
-        current = self._faults.rates
-        try:
-            self._faults.rates = FaultRates(
-                current.malformed if malformed is None else malformed,
-                current.duplicate if duplicate is None else duplicate,
-                current.out_of_order if out_of_order is None else out_of_order,
-            )
-        except ValueError as exc:
-            raise SimulatorConfigError(str(exc)) from None
-        return self._faults.rates
+        super()._end_stall()
 
     def set_rest_faults(self, path: str, faults: Any) -> None:
         faults = tuple(faults)
@@ -433,47 +239,6 @@ class OkxSimulator:
         apply_depth_faults(self.depth, faults)
         log.info("fault depth", extra={"fields": {"faults": ",".join(map(str, faults))}})
 
-    def clear_faults(self) -> None:
-        if self._stall_handle is not None:
-            self._stall_handle.cancel()
-        self._end_stall()
-        self._refuse_until = 0.0
-        self._faults.rates = FaultRates()
-        self._rest_faults.clear()
-        if self.depth is not None:
-            self.depth.clear_faults()
-
-    @property
-    def rate(self) -> float:
-        return self._rate
-
-    def set_rate(self, rate: float) -> None:
-        if not (math.isfinite(rate) and rate >= 0):
-            raise SimulatorConfigError(f"rate must be a number >= 0, got {rate!r}")
-        self._rate = float(rate)
-        self._rate_epoch += 1
-
-    def _apply_control(self, command: ControlCommand) -> None:
-        action = command.action
-        if action == "close_all":
-            self.close_all(abort=command.abort)
-        elif action == "stall":
-            self.stall(command.seconds)
-        elif action == "refuse":
-            self.refuse(command.seconds)
-        elif action == "faults":
-            self.set_fault_rates(**command.rates)
-        elif action == "clear":
-            self.clear_faults()
-        elif action == "rate":
-            self.set_rate(command.seconds)
-        elif action == "rest_faults":
-            self.set_rest_faults(command.path, command.rest_faults)
-        elif action == "depth_faults":
-            self.set_depth_faults(command.depth_faults)
-        elif action == "hostile":
-            raise SimulatorConfigError("hostile frames are the Binance profiles' only")
-
     # -- HTTP --
 
     def _process_request(
@@ -482,14 +247,7 @@ class OkxSimulator:
         parts = urlsplit(request.path)
         path = parts.path
         if path.startswith(CONTROL_PREFIX):
-            command = parse_control(path, parse_qs(parts.query))
-            if isinstance(command, str):
-                return json_response(400, orjson.dumps({"error": command}))
-            try:
-                self._apply_control(command)
-            except SimulatorConfigError as exc:
-                return json_response(400, orjson.dumps({"error": str(exc)}))
-            return json_response(200, orjson.dumps(self.fault_state()))
+            return self._answer_control(parts)
         if path in _REST_PATHS:
             return self._answer_rest(connection, path, parse_qs(parts.query, keep_blank_values=True))
         if path != PATH:
@@ -497,9 +255,7 @@ class OkxSimulator:
         now = self._now()
         if now < self._refuse_until:
             return json_response(503, orjson.dumps({"code": "50001", "msg": "Service temporarily unavailable"}))
-        address = connection.remote_address
-        client = str(address[0]) if isinstance(address, tuple) and address else "?"
-        if not self._connects.allow(client, now):
+        if not self._connects.allow(client_address(connection), now):
             self._connects_refused += 1
             return json_response(429, orjson.dumps({"code": "50011", "msg": "Too Many Requests"}))
         return None
@@ -507,11 +263,7 @@ class OkxSimulator:
     def _answer_rest(self, connection: ServerConnection, path: str, query: dict[str, list[str]]) -> Response:
         fault: RestFault | None = self._rest_faults.take(path)
         if fault is not None:
-            if fault.closes:
-                connection.transport.abort()
-                return json_response(503, b"")
-            answer = fault_response(fault, self._clock_ms())
-            return json_response(answer.status, answer.body, answer.headers)
+            return self._fault_answer(connection, fault)
         now_ms = self._clock_ms()
         if path == _TIME_PATH:
             body = orjson.dumps({"code": "0", "msg": "", "data": [{"ts": str(now_ms)}]})
@@ -544,32 +296,15 @@ class OkxSimulator:
         if self.stalled:
             ws.transport.pause_reading()
         try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [
-                    group.create_task(self._read(conn)),
-                    group.create_task(self._idle_watch(conn)),
-                    group.create_task(self._age_limit(conn)),
-                ]
-                await conn.closing.wait()
-                for task in tasks:
-                    task.cancel()
-            if conn.abort:
-                ws.transport.abort()
-            else:
-                await ws.close(conn.close_code or 1000, conn.close_reason)
+            await self._own(conn, self._read(conn), self._idle_watch(conn), self._age_limit(conn))
         finally:
             self._conns.discard(conn)
             self._unsubscribe(conn, tuple(conn.subs))
             conn.out.clear()
 
     def _unsubscribe(self, conn: _Conn, streams: tuple[str, ...]) -> None:
-        for stream in streams:
-            conn.subs.discard(stream)
-            subscribers = self._subs.get(stream)
-            if subscribers is not None:
-                subscribers.discard(conn)
-                if not subscribers:
-                    del self._subs[stream]
+        conn.subs.difference_update(streams)
+        super()._unsubscribe(conn, streams)
 
     async def _read(self, conn: _Conn) -> None:
         try:
@@ -614,42 +349,16 @@ class OkxSimulator:
                 conn.request_close(CLOSE_IDLE, f"No data received in {timeout:g}s.")
                 return
 
-    async def _age_limit(self, conn: _Conn) -> None:
-        cfg = self.config
-        notice_at = max(0.0, cfg.max_connection_age - cfg.shutdown_notice)
-        await asyncio.sleep(notice_at)
-        await self._unstalled.wait()
-        self._send_now(conn, notice_event(conn.conn_id))
-        await asyncio.sleep(cfg.max_connection_age - notice_at)
-        conn.request_close(1000, "connection age limit")
-
-    async def _close_periodically(self, every: float) -> None:
-        while True:
-            await asyncio.sleep(every)
-            self.close_all()
-
     # -- output --
 
-    def _send_now(self, conn: _Conn, payload: bytes) -> None:
-        conn.out.append(text_frame(payload))
-        self._flush(conn)
+    def _flush(self, conn: _Conn) -> bool:
+        wrote = super()._flush(conn)
+        if wrote:
+            conn.last_pushed = self._now()
+        return wrote
 
-    def _flush(self, conn: _Conn) -> None:
-        out = conn.out
-        ws = conn.ws
-        if ws.state is not State.OPEN or conn.close_code is not None or not out:
-            out.clear()
-            return
-        data = out[0] if len(out) == 1 else b"".join(out)
-        self._frames_sent += len(out)
-        self._bytes_sent += len(data)
-        out.clear()
-        ws.transport.write(data)
-        conn.last_pushed = self._now()
-        if ws.transport.get_write_buffer_size() > self.config.max_send_buffer:
-            self._slow_closes += 1
-            self._unsubscribe(conn, tuple(conn.subs))
-            conn.request_close(1008, "slow consumer")
+    def _streams(self, conn: _Conn) -> tuple[str, ...]:
+        return tuple(conn.subs)
 
     def _send_snapshot(self, conn: _Conn, inst: str) -> None:
         if self.depth is None or self.stalled:
@@ -762,71 +471,22 @@ class OkxSimulator:
 
     # -- sources --
 
-    async def _generate(self) -> None:
-        cfg = self.config
-        loop = asyncio.get_running_loop()
-        bursts = {
-            "burst_every": cfg.burst_every, "burst_duration": cfg.burst_duration,
-            "burst_multiplier": cfg.burst_multiplier,
-        }  # fmt: skip
-        multiplier = max(1.0, cfg.burst_multiplier if cfg.burst_every > 0 else 1.0)
+    def _batch(self, events: list[MarketEvent] | None, now_ms: int) -> None:
         books = self.depth
-        epoch = -1
-        start = next_wake = loop.time()
-        emitted = max_batch = 0
-        while True:
-            if epoch != self._rate_epoch:
-                epoch = self._rate_epoch
-                start = loop.time()
-                emitted = 0
-                max_batch = max(1, int(self._rate * multiplier * _MAX_CATCH_UP))
-            next_wake += cfg.batch_interval
-            delay = next_wake - loop.time()
-            if delay < -4 * cfg.batch_interval:
-                next_wake = loop.time()
-            await asyncio.sleep(max(0.0, delay))
-            due = scheduled_ticks(loop.time() - start, self._rate, **bursts)
-            n = due - emitted
-            now_ms = self._clock_ms()
-            items: list[_Item] = []
-            if n > 0:
-                if n > max_batch:
-                    emitted = due - max_batch
-                    n = max_batch
-                events = self.market.step(n, now_ms)
-                emitted += n
-                if books is not None:
-                    books.observe(events)
-                items = self._market_items(events, now_ms)
+        items: list[_Item] = []
+        if events is not None:
             if books is not None:
-                items += self._book_items(books, now_ms)
-            if self._ticker_dirty:
-                items += self._ticker_items(now_ms)
-            if items and not self.stalled:
-                self._deliver(items)
+                books.observe(events)
+            items = self._market_items(events, now_ms)
+        if books is not None:
+            items += self._book_items(books, now_ms)
+        if self._ticker_dirty:
+            items += self._ticker_items(now_ms)
+        if items and not self.stalled:
+            self._deliver(items)
 
-    async def _replay(self, frames: list[ReplayFrame]) -> None:
-        cfg = self.config
-        loop = asyncio.get_running_loop()
-        await self._subscribed.wait()
-        while True:
-            start = loop.time()
-            index = 0
-            while index < len(frames):
-                due = frames_due(frames, index, loop.time() - start, cfg.replay_speed)
-                if due == index:
-                    wait = start + frames[index].offset / cfg.replay_speed - loop.time()
-                    await asyncio.sleep(max(0.0, wait) + 0.0001)
-                    continue
-                if self._subs and not self.stalled:
-                    subs = self._subs
-                    self._deliver([(f.stream, f.raw) for f in frames[index:due] if f.stream in subs])
-                self._replayed += due - index
-                index = due
-            if not cfg.replay_loop:
-                return
-            await asyncio.sleep(cfg.batch_interval)
-
+    def _played(self, frame: ReplayFrame) -> _Item:
+        return frame.stream, frame.raw
 
 def _levels(book: SymbolBook, n: int) -> tuple[list[list[str]], list[list[str]], int]:
     """The best ``n`` levels a side of the book as last flushed, in OKX's form, and its ``seqId``."""

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
@@ -54,6 +54,7 @@ from ops.simulator.rest import (
     parse_rest_faults,
     parse_rest_schedule,
 )
+from ops.simulator.wire import SimulatorBase
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "binance-spot-2021-10-12.jsonl"
 
@@ -124,14 +125,19 @@ def is_trade(msg: Any) -> bool:
     return isinstance(msg, dict) and msg.get("e") == "trade"
 
 
-@pytest.fixture
-async def sims() -> AsyncIterator[Callable[..., Awaitable[Simulator]]]:
-    """A factory of running simulators on free ports, all closed at the end of the test."""
-    started: list[Simulator] = []
+SimT = TypeVar("SimT", bound=SimulatorBase[Any, Any])
 
-    async def start(**settings: Any) -> Simulator:
-        settings.setdefault("rate", 2000.0)
-        sim = Simulator(SimulatorConfig(**settings))
+
+@contextlib.asynccontextmanager
+async def running(make: Callable[[SimulatorConfig], SimT], **defaults: Any) -> AsyncIterator[
+    Callable[..., Awaitable[SimT]]
+]:
+    """A factory of running simulators on free ports (``make`` of the config of ``defaults`` and the settings
+    given), all closed on leaving."""
+    started: list[SimT] = []
+
+    async def start(**settings: Any) -> SimT:
+        sim = make(SimulatorConfig(**{**defaults, **settings}))
         await sim.__aenter__()
         started.append(sim)
         return sim
@@ -140,6 +146,13 @@ async def sims() -> AsyncIterator[Callable[..., Awaitable[Simulator]]]:
     for sim in reversed(started):
         if sim.state == "open":
             await sim.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def sims() -> AsyncIterator[Callable[..., Awaitable[Simulator]]]:
+    """A factory of running simulators on free ports, all closed at the end of the test."""
+    async with running(Simulator, rate=2000.0) as start:
+        yield start
 
 
 # -- public API --

@@ -31,6 +31,7 @@ from ops.simulator.depth_faults import parse_depth_faults
 from ops.simulator.okx import OkxSimulator, load_okx_capture
 from ops.simulator.okx_protocol import ConnectLimiter, OpsLimiter, history_trades, okx_decimal
 from ops.simulator.profiles import VENUES, binance_profile
+from tests.ops.test_simulator import running
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 OKX_CAPTURE = FIXTURES / "okx-2022-05-13.jsonl"
@@ -84,38 +85,14 @@ async def recv_text(ws: ClientConnection, timeout: float = 5 * UNIT) -> str:
 
 @pytest.fixture
 async def okx_sims() -> AsyncIterator[Callable[..., Awaitable[OkxSimulator]]]:
-    started: list[OkxSimulator] = []
-
-    async def start(**settings: Any) -> OkxSimulator:
-        settings.setdefault("rate", 1000.0)
-        settings.setdefault("symbols", ("BTC-USDT", "BTC-USDT-SWAP"))
-        sim = OkxSimulator(SimulatorConfig(venue="okx", **settings))
-        await sim.__aenter__()
-        started.append(sim)
-        return sim
-
-    yield start
-    for sim in reversed(started):
-        if sim.state == "open":
-            await sim.__aexit__(None, None, None)
+    async with running(OkxSimulator, venue="okx", rate=1000.0, symbols=("BTC-USDT", "BTC-USDT-SWAP")) as start:
+        yield start
 
 
 @pytest.fixture
 async def futures_sims() -> AsyncIterator[Callable[..., Awaitable[Simulator]]]:
-    started: list[Simulator] = []
-
-    async def start(**settings: Any) -> Simulator:
-        settings.setdefault("rate", 1000.0)
-        settings.setdefault("venue", "binance_usdm")
-        sim = Simulator(SimulatorConfig(**settings))
-        await sim.__aenter__()
-        started.append(sim)
-        return sim
-
-    yield start
-    for sim in reversed(started):
-        if sim.state == "open":
-            await sim.__aexit__(None, None, None)
+    async with running(Simulator, rate=1000.0, venue="binance_usdm") as start:
+        yield start
 
 
 def subscribe(args: list[tuple[str, str]], request_id: str = "1", op: str = "subscribe") -> str:

@@ -1,5 +1,3 @@
-# size: the OKX profile's one I/O adapter: WebSocket, REST and the control endpoint on one port, a thin layer
-#   over the pure modules (okx_protocol, market, book), as server.py is for the Binance family.
 """An OKX v5 public market-data venue (``wss://ws.okx.com:8443/ws/v5/public``) on one port: the ``okx`` profile.
 
 ``market simulate --venue okx``; in code ``OkxSimulator(SimulatorConfig(venue="okx", symbols=("BTC-USDT",)))``

@@ -1,5 +1,3 @@
-# size: the simulator's one I/O adapter: WebSocket, REST and the control endpoint on one port, each a thin layer over
-#   the pure modules.
 """The simulator's server: WebSocket streams, REST and the control endpoint on one port.
 
 A thin adapter around the pure parts (:mod:`.market`, :mod:`.book`, :mod:`.protocol`, :mod:`.rest`,

@@ -78,16 +78,12 @@ from ingestor.snapshot import SessionSnapshot
 from ingestor.venue import Connector, FeedLink, Heartbeat, Reply, ServerShutdown, Venue
 from ingestor.wsframes import WebSocketConnector
 
-__all__ = ["SLICE_FRAMES", "YIELD_AFTER_S", "SessionSettings", "SessionState", "VenueSession"]
+__all__ = ["SessionSettings", "SessionState", "VenueSession"]
 
 log = get_logger("session")
 _ids = itertools.count(1)
 
 DEFAULT_STALE_AFTER: Mapping[str, float] = {"trade": 60.0, "agg_trade": 60.0, "book_ticker": 60.0, "kline": 10.0}
-#: a read of more frames than this is parsed and delivered in slices of this many (see ``VenueSession._ingest``)
-SLICE_FRAMES = 32
-#: how long one read's parse may hold the event loop before the session lets other tasks run between slices
-YIELD_AFTER_S = 0.0002
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -191,8 +187,6 @@ class VenueSession:
         self._ingress = ingress
         self._sequencer = sequencer
         self._latency = ingest_latency
-        #: a read's parse holds the loop at most about this long before the session yields between slices
-        self.yield_after_s = YIELD_AFTER_S
         #: ingest latency is observed on one tick in this many (0: not measured)
         self.sample_every = check_sample_every(sample_every)
         self._repairer = repairer
@@ -745,26 +739,7 @@ class VenueSession:
         return "connection closed by venue"
 
     async def _ingest(self, link: _Link, ts: int, frames: Sequence[bytes]) -> str | None:
-        """One read's frames, delivered while they are parsed: a read of more than :data:`SLICE_FRAMES` frames
-        (a venue's burst) goes in slices, and once the parse has held the loop for ``yield_after_s`` the session
-        lets the loop run between two slices, so the hot path's subscribers and the writer take the first
-        ticks of a burst while the rest is parsed, not after all of it.  None, or why the connection must end."""
-        n = len(frames)
-        if n <= SLICE_FRAMES:
-            return await self._ingest_slice(link, ts, frames)
-        clock = time.perf_counter
-        since = clock()
-        for i in range(0, n, SLICE_FRAMES):
-            ended = await self._ingest_slice(link, ts, frames[i : i + SLICE_FRAMES])
-            if ended is not None:
-                return ended
-            if i + SLICE_FRAMES < n and clock() - since >= self.yield_after_s:
-                await asyncio.sleep(0)
-                since = clock()
-        return None
-
-    async def _ingest_slice(self, link: _Link, ts: int, frames: Sequence[bytes]) -> str | None:
-        """Frames of one read: the pipeline's ticks into the ingress, its events acted on in the order they came;
+        """One read's frames: the pipeline's ticks into the ingress, its events acted on in the order they came;
         None, or why the connection must end."""
         process = self.pipeline.process
         # Frames read off a connection are of a stream subscribed; frames fed with no connection (a bench, a

@@ -53,7 +53,6 @@ from ingestor.memory import MemoryConnector
 from ingestor.metrics import IngestorCollector
 from ingestor.rest import VenueRest
 from ingestor.service import Ingestor
-from ingestor.session import SLICE_FRAMES
 
 FRAMES = FIXTURES / "binance-spot-2021-10-12.jsonl"
 SNAPSHOTS = FIXTURES / "binance-spot-2021-10-12.depth.jsonl"
@@ -380,10 +379,8 @@ async def test_entries_the_ingress_drops_resync_their_books(aredis: aioredis.Red
     diffs = load_diffs(FRAMES)
     venue = VenueModel(load_snapshots(), diffs)
     half = len(diffs) // 2
-    # the burst: one slice's worth (SLICE_FRAMES) of NKNUSDT diffs of the second half, parsed in one turn of the
-    # loop; the rest after it, each symbol's diffs in their order
-    burst = [d for d in diffs[half:] if d.symbol == "NKNUSDT"][:SLICE_FRAMES]
-    assert len(burst) == SLICE_FRAMES
+    # the burst: 40 NKNUSDT diffs of the second half; the rest after it, each symbol's diffs in their order
+    burst = [d for d in diffs[half:] if d.symbol == "NKNUSDT"][:40]
     rest = [d for d in diffs[half:] if d not in burst]
     assert sum(1 for d in rest if d.symbol == "NKNUSDT") > 10
     async with running(aredis, prefix, venue, queue_capacity=8, queue_policy=policy) as run:
@@ -393,7 +390,7 @@ async def test_entries_the_ingress_drops_resync_their_books(aredis: aioredis.Red
         await run.feed(link, diffs[:half], venue)
         await wait_stored(aredis, prefix, last_ids(diffs[:half]))
         assert ing.ingress.dropped == 0
-        # one socket read of one slice: its entries go to the queue with no await between them, so 8 fit
+        # one socket read of 40 frames: its entries go to the queue with no await between them, so 8 fit
         for d in burst:
             venue.hand(d)
         link.feed([d.raw for d in burst], ts=burst[-1].ts)

@@ -22,7 +22,7 @@ from distributor.writer import StreamWriter
 from ingestor.config import load_settings
 from ingestor.sequencer import Sequencer
 from ingestor.service import Ingestor
-from ingestor.session import SLICE_FRAMES, VenueSession
+from ingestor.session import VenueSession
 from ops.bench.ingest import MODES, make_frames, run_ingest_bench
 
 UNIT = 2.0
@@ -133,41 +133,6 @@ async def test_session_times_one_frame_in_n(every: int, timed: int) -> None:
     assert await session.consume(feed()) == "connection closed by venue"
     assert session.ticks == 300 and len(ingress) == 300 and session.malformed == 0
     assert hist.count == timed
-
-
-@pytest.mark.parametrize("yield_after_s", [0.0, 3600.0])
-async def test_a_burst_is_delivered_while_it_is_parsed(yield_after_s: float) -> None:
-    """A read of more than SLICE_FRAMES frames goes into the ingress slice by slice; once the parse has held
-    the loop for ``yield_after_s`` the session lets other tasks run between slices, so a task woken meanwhile
-    (the distributor) sees the first slices of the burst before the rest is parsed.  Held for an hour, the
-    same read goes in whole, in one turn.  Every tick is in, in order, either way."""
-    frames = make_frames(10 * SLICE_FRAMES, symbols=1)
-    ingress: IngressQueue[Tick] = IngressQueue(100_000, Policy.BLOCK)
-    session = VenueSession(ws_base="ws://unused.invalid", streams=[], ingress=ingress, sequencer=Sequencer(),
-                           ingest_latency=LatencyHistogram(), sample_every=0)
-    session.yield_after_s = yield_after_s
-    seen: list[int] = []
-
-    async def watch() -> None:
-        while True:
-            seen.append(len(ingress))
-            await asyncio.sleep(0)
-
-    watcher = asyncio.create_task(watch())
-    await asyncio.sleep(0)
-    assert await session.ingest(1, frames) is None
-    watcher.cancel()
-    partial = [n for n in seen if 0 < n < len(frames)]
-    if yield_after_s:
-        assert partial == []
-    else:
-        assert len(partial) >= 9 and partial == sorted(partial)  # one look between each two slices
-    got = ingress.take(100_000)
-    assert len(got) == len(frames) == session.ticks
-    by_stream: dict[tuple[str, str], list[int]] = {}
-    for t in got:
-        by_stream.setdefault((t["symbol"], t["channel"]), []).append(t["seq"])
-    assert all(seqs == sorted(seqs) for seqs in by_stream.values())
 
 
 # -- settings ---------------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def test_the_core_has_the_modules_the_packages_share() -> None:
     assert [
         f"consumer_sdk.core.{m}"
         for m in (
-            "aio", "backoff", "env", "errors", "handler", "health", "keys", "latency", "log", "loop", "redis",
+            "aio", "backoff", "env", "errors", "handler", "health", "heap", "keys", "latency", "log", "loop", "redis",
             "sequencing", "server", "tick", "untrusted", "urls",
         )
     ] == CORE_MODULES

@@ -347,8 +347,11 @@ async def test_ids_redis_refuses_are_dead_lettered_and_the_rest_of_the_stream_fl
     after a restart, reads it.)"""
     trades = [make_tick(s, T0_MS + s) for s in range(1, 13)]
     key = key_of(prefix, trades[0])
-    assert await StreamWriter(aredis, prefix=prefix).append(trades[:10]) == (10, 0)
+    first = StreamWriter(aredis, prefix=prefix)
+    assert await first.append(trades[:10]) == (10, 0)
     await aredis.xdel(key, *[f"{ms_of(t)}-{t['seq']}" for t in trades[5:10]])  # 6..10 removed by hand
+    assert await first.append(trades[5:10]) == (0, 5)  # the writer that stored them: duplicates, none stored
+    assert await stored_seqs(aredis, key) == [1, 2, 3, 4, 5]
     writer = StreamWriter(aredis, prefix=prefix)
     books = [make_tick(s, T0_MS + s, "ETHUSDT", "book_ticker") for s in range(4, 13)]
     batch = [t for pair in zip(trades[3:], books, strict=True) for t in pair]  # trades 4..12 with books

@@ -330,7 +330,10 @@ async def test_replica_acks_in_the_window_hold_a_flush_until_a_replica_has_it(pr
                     await asyncio.sleep(0)  # several flushes in the window
                 async with asyncio.timeout(5 * UNIT):
                     await writer.drain()
-                assert writer.replica_shortfalls == 0 and await caught_up(40)
+                # drain() returns once every flush was acknowledged by the replica: a flush it got late (a loaded
+                # machine can take longer than 50 ms) was written again, so it holds each tick by then.
+                assert await caught_up(40)
+                shortfalls, duplicates = writer.replica_shortfalls, writer.duplicates
 
                 await replica.execute_command("REPLICAOF", "NO", "ONE")
                 async with asyncio.timeout(10 * UNIT):
@@ -352,7 +355,7 @@ async def test_replica_acks_in_the_window_hold_a_flush_until_a_replica_has_it(pr
                     await asyncio.sleep(UNIT / 50)  # poll the replica
             got = await entries(replica, key_of(PREFIX, during[0]))
             assert [t for _, t in got] == [t for t in before + during if t["symbol"] == during[0]["symbol"]]
-            assert writer.replica_shortfalls >= 1 and writer.duplicates >= 1
+            assert writer.replica_shortfalls > shortfalls and writer.duplicates > duplicates
         finally:
             await client.aclose()
             await admin.aclose()

@@ -109,10 +109,29 @@ def _where_time_goes(step: dict[str, Any], cores: int, subscribers: int) -> list
     return lines
 
 
+def _saturated_why(step: dict[str, Any], cap: dict[str, Any] | None, cores: int) -> str:
+    """Why a saturated step's stages are queues: the CPU its rate needs, projected from the cost per tick of
+    the highest step that was not saturated (:func:`~ops.bench.analysis.capacity`), against the machine's."""
+    what = "This step saturated"
+    signs = step.get("saturation") or []
+    if signs:
+        what += f" ({signs[0]})"
+    if cap:
+        need = sum(cap["cores_per_1k_per_s"].values()) * float(step["rate"]) / 1000
+        what += (f": at the cost per tick measured at {fmt_rate(cap['from_rate'])}/s, the processes sharing the "
+                 f"machine need {100 * need:.0f}% of one core at this rate, and it has {100 * cores}%")
+    used = (step.get("cpu") or {}).get("machine")
+    if used is not None:
+        what += f"; it ran at {100 * used:.0f}% in the window"
+    return what + ". Each stage below is mostly time spent queued behind the CPU, not work of its own"
+
+
 def _remaining_by_stage(w: Callable[[str], None], ran: list[dict[str, Any]], lim: dict[str, Any],
-                        hot_alone_p99_us: float | None) -> None:
+                        hot_alone_p99_us: float | None, cap: dict[str, Any] | None = None,
+                        cores: int = 1) -> None:
     """The limits measured in this run, and for every step that missed a latency target of its rate
-    (:data:`~ops.bench.budget.STEP_TARGETS`), its time stage by stage above them."""
+    (:data:`~ops.bench.budget.STEP_TARGETS`), its time stage by stage above them; a saturated step's with
+    the CPU its rate needs against the machine's (:func:`_saturated_why`)."""
     w("")
     w(f"Limits measured in this run (idle connections, {lim['loop']} loop, p50 / p99): a bare PING "
       f"{fmt_us(lim['ping']['p50_us'])} / {fmt_us(lim['ping']['p99_us'])}; a bare XADD "
@@ -123,11 +142,12 @@ def _remaining_by_stage(w: Callable[[str], None], ran: list[dict[str, Any]], lim
       f"{fmt_us(lim['consumer']['p99_us'])}.")
     for step in ran:
         misses = [f"{stage} {p} {fmt_us(value)} > {fmt_us(bar)}" for stage, p, value, bar in missed_targets(step)]
-        if not misses or step.get("saturated"):
+        if not misses:
             continue
+        why = f" {_saturated_why(step, cap, cores)}." if step.get("saturated") else ""
         w("")
-        w(f"At {fmt_rate(step['rate'])}/s, missed: {'; '.join(misses)}. The time stage by stage against those "
-          "limits (a stage is the difference of the nested spans' percentiles, an estimate of its share):")
+        w(f"At {fmt_rate(step['rate'])}/s, missed: {'; '.join(misses)}.{why} The time stage by stage against "
+          "those limits (a stage is the difference of the nested spans' percentiles, an estimate of its share):")
         w("")
         w("| stage | p50 | p99 | limit measured in this run | p99 above the limit |")
         w("| --- | --- | --- | --- | --- |")
@@ -263,7 +283,7 @@ def render_markdown(report: dict[str, Any]) -> str:
           "them: that is the floor of frame -> Redis acknowledged, before any CPU contention.")
     lim = report.get("limits")
     if lim:
-        _remaining_by_stage(w, ran, lim, summary.get("hotpath_standalone_p99_us"))
+        _remaining_by_stage(w, ran, lim, summary.get("hotpath_standalone_p99_us"), cap, cores)
     if not missed:
         w("")
         w("Every target judged was met.")

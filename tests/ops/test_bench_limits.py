@@ -67,3 +67,20 @@ async def test_measure_limits_on_redis(redis_url: str) -> None:
     assert out["loop"] == "asyncio"
     for name in ("ping", "xadd", "xreadgroup", "wake", "consumer"):
         assert 0 < out[name]["p50_us"] <= out[name]["p90_us"] <= out[name]["p99_us"], name
+
+
+def test_a_saturated_step_that_missed_shows_its_stages_and_the_cpu_its_rate_needs() -> None:
+    lines: list[str] = []
+    step = _step(50_000, ingest=(90_000, 300_000), redis=(3e6, 5e6), redis_e2e=(2.6e6, 4e6), hotpath=(4e5, 8e5))
+    step.update(saturated=True, saturation=["the ingress queue grew (7489/s)"], cpu={"machine": 1.91})
+    cap = {"from_rate": 20_000.0, "cores_per_1k_per_s": {"simulator": 0.014, "ingestor": 0.026}}
+    _remaining_by_stage(lines.append, [step], LIMITS, 400.0, cap, 2)
+    text = "\n".join(lines)
+    assert ("At 50.0k/s, missed: redis_e2e p99 4000 ms > 5.0 ms; hotpath p99 800 ms > 500 µs. This step saturated "
+            "(the ingress queue grew (7489/s)): at the cost per tick measured at 20.0k/s, the processes sharing the "
+            "machine need 200% of one core at this rate, and it has 200%; it ran at 191% in the window.") in text
+    assert "| ingest (frame -> ingress) | 90 ms | 300 ms |" in text
+    # without a capacity estimate (no clean step) the sentence still says it saturated
+    lines.clear()
+    _remaining_by_stage(lines.append, [step], LIMITS, 400.0)
+    assert "This step saturated (the ingress queue grew (7489/s)); it ran at 191% in the window." in "\n".join(lines)

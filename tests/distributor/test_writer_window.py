@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -67,11 +68,12 @@ def batches_of_ten(count: int) -> list[list[Tick]]:
 
 
 @contextlib.asynccontextmanager
-async def writer_clients(server: RedisServer) -> AsyncIterator[tuple[aioredis.Redis, aioredis.Redis]]:
-    """The writer's connection and an admin connection to ``server``, both closed after."""
+async def window_writer(server: RedisServer, **options: Any) -> AsyncIterator[tuple[StreamWriter, aioredis.Redis]]:
+    """A writer with a window of four flushes on its own connection (more of its settings in ``options``) and an
+    admin connection, both to ``server`` and both closed after."""
     client, admin = client_of(server, "writer"), client_of(server, "admin")
     try:
-        yield client, admin
+        yield StreamWriter(client, prefix=PREFIX, window=4, **options), admin
     finally:
         await client.aclose()
         await admin.aclose()
@@ -202,9 +204,8 @@ async def test_a_flush_refused_while_the_next_runs_keeps_each_stream_in_order(pr
     flush 2 has is stored, and the writer then writes flush 1's ticks and the held ones, in order."""
     first = interleaved(1, 10, SYMBOLS[:2])
     second = interleaved(11, 20, SYMBOLS)  # the third stream only here
-    async with writer_clients(private_redis) as (client, admin):
-        writer = StreamWriter(client, prefix=PREFIX, window=4)
-        real_sha = await client.script_load(APPEND_SCRIPT)
+    async with window_writer(private_redis) as (writer, admin):
+        real_sha = await admin.script_load(APPEND_SCRIPT)  # the server's script cache: the writer's sha too
         async with running(writer):
             await prime_and_pause(writer, admin)
             writer._sha = "0" * 40  # a script the server does not hold: this flush is refused whole
@@ -222,8 +223,7 @@ async def test_a_flush_refused_while_the_next_runs_keeps_each_stream_in_order(pr
 
 async def test_oom_with_the_window_full_then_each_tick_once_in_order(private_redis: RedisServer) -> None:
     batches = batches_of_ten(4)
-    async with writer_clients(private_redis) as (client, admin):
-        writer = StreamWriter(client, prefix=PREFIX, window=4)
+    async with window_writer(private_redis) as (writer, admin):
         async with running(writer):
             await hold_full_window(writer, admin, batches)
             used = int((await admin.info("memory"))["used_memory"])
@@ -241,8 +241,7 @@ async def test_oom_with_the_window_full_then_each_tick_once_in_order(private_red
 
 async def test_connection_killed_with_the_window_full(private_redis: RedisServer) -> None:
     batches = batches_of_ten(4)
-    async with writer_clients(private_redis) as (client, admin):
-        writer = StreamWriter(client, prefix=PREFIX, window=4)
+    async with window_writer(private_redis) as (writer, admin):
         async with running(writer):
             await hold_full_window(writer, admin, batches)
             assert await admin.execute_command("CLIENT", "KILL", "SKIPME", "yes") >= 1
@@ -257,8 +256,7 @@ async def test_connections_killed_while_ticks_stream(private_redis: RedisServer)
     """Kills land wherever they land (between flushes, mid-window, mid-reply); the outcome of a flush in
     flight is then unknown and it is written again: nothing lost, nothing twice, order kept."""
     ticks = interleaved(1, 600)
-    async with writer_clients(private_redis) as (client, admin):
-        writer = StreamWriter(client, prefix=PREFIX, window=4, max_batch=15)
+    async with window_writer(private_redis, max_batch=15) as (writer, admin):
         kills = 0
         async with running(writer):
             for i in range(0, len(ticks), 30):
@@ -275,15 +273,13 @@ async def test_connections_killed_while_ticks_stream(private_redis: RedisServer)
 
 async def test_restart_with_flushes_in_flight(private_redis: RedisServer) -> None:
     batches = batches_of_ten(4)
-    async with writer_clients(private_redis) as (client, admin):
-        writer = StreamWriter(client, prefix=PREFIX, window=4)
-        async with running(writer):
-            await hold_full_window(writer, admin, batches)
-            await admin.aclose()
-            await asyncio.to_thread(private_redis.stop)
-            await asyncio.to_thread(restart, private_redis)  # empty: nothing of before kept
-            async with asyncio.timeout(10 * UNIT):
-                await writer.drain()
+    async with window_writer(private_redis) as (writer, admin), running(writer):
+        await hold_full_window(writer, admin, batches)
+        await admin.aclose()
+        await asyncio.to_thread(private_redis.stop)
+        await asyncio.to_thread(restart, private_redis)  # empty: nothing of before kept
+        async with asyncio.timeout(10 * UNIT):
+            await writer.drain()
     # The restarted server kept nothing of before: the window's ticks are there, each once, in order.
     async with client_of(private_redis, "admin") as admin:
         await assert_each_once_in_order(admin, [t for b in batches for t in b])
@@ -354,8 +350,7 @@ async def test_take_all_after_the_task_stops_mid_window_returns_every_unacknowle
     private_redis: RedisServer,
 ) -> None:
     batches = batches_of_ten(5)
-    async with writer_clients(private_redis) as (client, admin):
-        writer = StreamWriter(client, prefix=PREFIX, window=4)
+    async with window_writer(private_redis) as (writer, admin):
         task = asyncio.create_task(writer.run())
         await hold_full_window(writer, admin, batches[:4])
         assert writer.submit(batches[4])  # the window is full: this one waits in the buffer

@@ -11,6 +11,9 @@ venue             newest trade from                 id field
 ``binance_coinm`` ``/dapi/v1/aggTrades``            ``a``
 ``okx``           ``/api/v5/market/history-trades`` ``tradeId`` (the ``trade`` seq)
 ================= ================================= ===============================================
+
+The steps and checks every venue's connection drill runs the same way (a close storm ridden out, a stall noticed,
+rotations, bad frames, the log of a black-holed link) are here too, so that each venue's drill is the same drill.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, Final
 
 import orjson
@@ -183,3 +187,124 @@ def state_log_fixture() -> Any:
     yield handler
     logger.removeHandler(handler)
     logger.setLevel(old)
+
+
+# -- the connection drills' steps -----------------------------------------------------------------------------------
+
+
+async def ride_out_close_storm(ing: Ingestor) -> None:
+    """Live, then 15 reconnects after the venue's closes (every 4 s: about a minute), then live again."""
+    await until_live(ing)
+
+    async def fifteen_closes() -> bool:  # the simulator closes every connection every 4 s: about a minute
+        return ing.stats().reconnects >= 15
+
+    await wait_for(fifteen_closes, 180, "15 reconnects after the venue's closes")
+    await until_live(ing)
+
+
+def assert_close_storm_ridden(state_log: StateLog, ing: Ingestor, counts: dict[str, int]) -> None:
+    """Each close backed off, never longer than the cap; the streams kept filling throughout."""
+    delays = [f["delay_s"] for _, f in state_log.records if f.get("state") == "backing_off"]
+    assert len(delays) >= 15, delays
+    assert max(delays) <= FAST.backoff_cap
+    assert ing.stats().reconnects >= 15
+    assert all(n > 1000 for n in counts.values()), counts
+
+
+async def stall_noticed_while_silent(ing: Ingestor, sim: Any, state_log: StateLog) -> None:
+    """The venue keeps the socket and goes silent for an hour: the session drops the link by itself (our ping's
+    timeout or the no-frame watchdog) while the venue is still silent; then the venue speaks again and the
+    session is live."""
+    await until_live(ing)
+    mark = len(state_log.records)
+    sim.stall(3600.0)  # ends only when cleared below: nothing but the session's own checks can end the link
+
+    async def detected() -> bool:
+        return any(f.get("state") == "backing_off" for _, f in state_log.records[mark:])
+
+    await wait_for(detected, 60, "stall detected")
+    assert sim.stalled, "noticed while the venue was still silent"
+    after = [f for _, f in state_log.records[mark:]]
+    down = next(f for f in after if f.get("state") == "backing_off")
+    by_watchdog = any(f["event"] == "connection_stalled" for f in after[: after.index(down)])
+    by_ping = "ping" in str(down.get("reason", "")).lower()
+    # Our ping (every 1 s, 1 s to answer) or the no-frame watchdog (3 s): nothing else ends a silent link.
+    assert by_watchdog or by_ping, down
+    sim.clear_faults()
+    await until_live(ing, 20)
+
+
+async def rotations(ing: Ingestor, n: int, what: str) -> None:
+    """Live, then wait until the sessions rotated ``n`` times in all."""
+    await until_live(ing)
+
+    async def rotated() -> bool:
+        return sum(s.rotations for s in ing.sessions) >= n
+
+    await wait_for(rotated, 20, what)
+
+
+async def bad_frames_seen(ing: Ingestor, sim: Any, timeout: float) -> None:
+    """Live, then the venue sends malformed, duplicate and out-of-order frames until the ingestor counted some
+    of each kind, then clean ones again."""
+    await until_live(ing)
+    sim.set_fault_rates(malformed=0.02, duplicate=0.05, out_of_order=0.05)
+
+    async def faults_seen() -> bool:
+        st = ing.stats()
+        return st.malformed >= 5 and ing.sequencer.stats().duplicates >= 5
+
+    await wait_for(faults_seen, timeout, "malformed and duplicate frames seen")
+    sim.clear_faults()
+
+
+def log_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of ``market ingest``'s log."""
+    return [orjson.loads(x) for x in path.read_bytes().splitlines() if x.startswith(b"{")]
+
+
+def log_ts(x: dict[str, Any]) -> float:
+    """A log line's ``ts`` as a wall clock time."""
+    return time.mktime(time.strptime(x["ts"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone + float(x["ts"][19:-1])
+
+
+class BlackHoleLog:
+    """What ``market ingest``'s log says of a black-holed link cut at ``wall_cut`` and restored at
+    ``wall_restored``, checked: no error, the cut noticed by our ping or the no-frame watchdog, and what was
+    made behind it backfilled whole."""
+
+    def __init__(self, path: Path, wall_cut: float, wall_restored: float) -> None:
+        lines = log_lines(path)
+        assert not [x for x in lines if x["level"] in ("error", "critical") or "exception" in x], lines[-5:]
+        down = [x for x in lines
+                if x["event"] == "session_state" and x["state"] == "backing_off" and log_ts(x) >= wall_cut]
+        assert down, "the cut was never noticed"
+        #: seconds from the cut until the session backed off
+        self.detection = log_ts(down[0]) - wall_cut
+        # Noticed by our ping (2 s interval, 3 s to answer) or the no-frame watchdog (6 s), whichever is first:
+        # nothing else ends a black-holed link (the venue's close never arrives).
+        watchdog = [x for x in lines if x["event"] == "connection_stalled" and log_ts(x) >= wall_cut]
+        assert ("ping" in str(down[0].get("reason", "")).lower()
+                or (watchdog and log_ts(watchdog[0]) <= log_ts(down[0]))), down[0]
+        relive = [x for x in lines
+                  if x["event"] == "session_state" and x["state"] == "live" and log_ts(x) >= wall_restored]
+        #: seconds from the restore until the session was live again
+        self.reconnect = log_ts(relive[0]) - wall_restored if relive else float("nan")
+        self.repaired = [x for x in lines if x["event"] in ("gap_repaired", "gap_partly_repaired")]
+        assert self.repaired and all(x["event"] == "gap_repaired" for x in self.repaired), self.repaired
+        #: trades fetched over REST by the repairs
+        self.fetched = sum(x["fetched"] for x in self.repaired)
+
+
+async def black_hole_until_noticed(proxy: Any, sim: Any, symbol: str, log_path: Path, behind: int) -> None:
+    """Black-hole the link through ``proxy`` until the ingestor noticed the cut (its log at ``log_path`` says it
+    backs off) and the venue made ``behind`` more trades of ``symbol`` that it could not send."""
+    at_cut = await venue_last_trade(sim, symbol)
+    proxy.blackhole()
+
+    async def noticed_and_traded_on() -> bool:
+        noticed = any(x["event"] == "session_state" and x["state"] == "backing_off" for x in log_lines(log_path))
+        return noticed and await venue_last_trade(sim, symbol) >= at_cut + behind
+
+    await wait_for(noticed_and_traded_on, 120, f"the cut noticed and {behind} trades made behind it")

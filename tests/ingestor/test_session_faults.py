@@ -17,17 +17,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import redis.asyncio as aioredis
 from venue_drill import (  # noqa: F401 - the fixtures run_ingestor and state_log
     FAST,
+    BlackHoleLog,
     StateLog,
+    assert_close_storm_ridden,
+    bad_frames_seen,
+    black_hole_until_noticed,
     complete,
+    ride_out_close_storm,
+    rotations,
     run_ingestor_fixture,
+    stall_noticed_while_silent,
     state_log_fixture,
     until_live,
-    venue_last_trade,
     wait_for,
 )
 
@@ -58,19 +63,9 @@ async def test_close_every_few_seconds_for_a_minute(run_ingestor: Any, aredis: a
     symbols = ("BTCUSDT", "ETHUSDT")
     async with Simulator(SimulatorConfig(symbols=symbols, rate=600.0, close_every=4.0)) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols))
-        await until_live(ing)
-
-        async def fifteen_closes() -> bool:  # the simulator closes every connection every 4 s: about a minute
-            return ing.stats().reconnects >= 15
-
-        await wait_for(fifteen_closes, 180, "15 reconnects after the venue's closes")
-        await until_live(ing)
+        await ride_out_close_storm(ing)
         counts = await assert_complete(aredis, prefix, sim, symbols)
-    delays = [f["delay_s"] for _, f in state_log.records if f.get("state") == "backing_off"]
-    assert len(delays) >= 15, delays
-    assert max(delays) <= FAST.backoff_cap
-    assert ing.stats().reconnects >= 15
-    assert all(n > 1000 for n in counts.values()), counts
+    assert_close_storm_ridden(state_log, ing, counts)
 
 
 async def test_stall_is_detected_within_the_timeout(run_ingestor: Any, aredis: aioredis.Redis, prefix: str,
@@ -81,23 +76,7 @@ async def test_stall_is_detected_within_the_timeout(run_ingestor: Any, aredis: a
     symbols = ("BTCUSDT",)
     async with Simulator(SimulatorConfig(symbols=symbols, rate=400.0)) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols))
-        await until_live(ing)
-        mark = len(state_log.records)
-        sim.stall(3600.0)  # ends only when cleared below: nothing but the session's own checks can end the link
-
-        async def detected() -> bool:
-            return any(f.get("state") == "backing_off" for _, f in state_log.records[mark:])
-
-        await wait_for(detected, 60, "stall detected")
-        assert sim.stalled, "noticed while the venue was still silent"
-        after = [f for _, f in state_log.records[mark:]]
-        down = next(f for f in after if f.get("state") == "backing_off")
-        by_watchdog = any(f["event"] == "connection_stalled" for f in after[: after.index(down)])
-        by_ping = "ping" in str(down.get("reason", "")).lower()
-        # Our ping (every 1 s, 1 s to answer) or the no-frame watchdog (3 s): nothing else ends a silent link.
-        assert by_watchdog or by_ping, down
-        sim.clear_faults()
-        await until_live(ing, 20)
+        await stall_noticed_while_silent(ing, sim, state_log)
         await assert_complete(aredis, prefix, sim, symbols)
 
 
@@ -108,12 +87,7 @@ async def test_rotation_before_max_age_loses_and_duplicates_nothing(
     rotating = dataclasses.replace(FAST, max_age=2.0)
     async with Simulator(SimulatorConfig(symbols=symbols, rate=800.0)) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols, session=rotating))
-        await until_live(ing)
-
-        async def rotated() -> bool:
-            return sum(s.rotations for s in ing.sessions) >= 4
-
-        await wait_for(rotated, 20, "four rotations")
+        await rotations(ing, 4, "four rotations")
         await assert_complete(aredis, prefix, sim, symbols)
         assert ing.sequencer.stats().gaps == 0
         assert ing.stats().reconnects == 0
@@ -127,12 +101,7 @@ async def test_server_shutdown_rotates_make_before_break(run_ingestor: Any, ared
     cfg = SimulatorConfig(symbols=symbols, rate=800.0, max_connection_age=3.0, shutdown_notice=1.5)
     async with Simulator(cfg) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols))
-        await until_live(ing)
-
-        async def rotated() -> bool:
-            return sum(s.rotations for s in ing.sessions) >= 3
-
-        await wait_for(rotated, 20, "three rotations on serverShutdown")
+        await rotations(ing, 3, "three rotations on serverShutdown")
         await assert_complete(aredis, prefix, sim, symbols)
         assert ing.sequencer.stats().gaps == 0
         assert ing.stats().reconnects == 0
@@ -193,15 +162,7 @@ async def test_bad_frames_are_counted_and_the_stream_stays_whole(
     symbols = ("BTCUSDT",)
     async with Simulator(SimulatorConfig(symbols=symbols, rate=1000.0)) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols))
-        await until_live(ing)
-        sim.set_fault_rates(malformed=0.02, duplicate=0.05, out_of_order=0.05)
-
-        async def faults_seen() -> bool:
-            st = ing.stats()
-            return st.malformed >= 5 and ing.sequencer.stats().duplicates >= 5
-
-        await wait_for(faults_seen, 20, "malformed and duplicate frames seen")
-        sim.clear_faults()
+        await bad_frames_seen(ing, sim, 20)
         await assert_complete(aredis, prefix, sim, symbols)
         assert all(s.state is SessionState.LIVE for s in ing.sessions)
         assert ing.stats().reconnects == 0
@@ -234,17 +195,8 @@ async def test_black_holed_link_for_30s_heals_with_backfill(redis_url: str, ared
                 await wait_for(flowing, 20, "ticks flowing")
                 started = time.monotonic()
                 wall_cut = time.time()
-                at_cut = await venue_last_trade(sim, "BTCUSDT")
-                proxy.blackhole()
-
-                async def noticed_and_traded_on() -> bool:
-                    # Black-holed until the ingestor noticed the cut and the venue made 3000 more BTCUSDT
-                    # trades (about 30 s of this feed) that it could not send.
-                    lines = [orjson.loads(x) for x in log_path.read_bytes().splitlines() if x.startswith(b"{")]
-                    noticed = any(x["event"] == "session_state" and x["state"] == "backing_off" for x in lines)
-                    return noticed and await venue_last_trade(sim, "BTCUSDT") >= at_cut + 3000
-
-                await wait_for(noticed_and_traded_on, 120, "the cut noticed and 3000 trades made behind it")
+                # 3000 more BTCUSDT trades: about 30 s of this feed
+                await black_hole_until_noticed(proxy, sim, "BTCUSDT", log_path, 3000)
                 proxy.restore()
                 restored, wall_restored = time.monotonic(), time.time()
                 counts = await assert_complete(aredis, prefix, sim, symbols, timeout=60)
@@ -261,28 +213,12 @@ async def test_black_holed_link_for_30s_heals_with_backfill(redis_url: str, ared
                 proc.terminate()
                 await asyncio.wait_for(proc.wait(), 15)
     assert proc.returncode == 0
-    lines = [orjson.loads(line) for line in log_path.read_bytes().splitlines() if line.startswith(b"{")]
-    assert not [x for x in lines if x["level"] in ("error", "critical") or "exception" in x], lines[-5:]
-
-    def ts(x: dict[str, Any]) -> float:
-        return time.mktime(time.strptime(x["ts"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone + float(x["ts"][19:-1])
-
-    down = [x for x in lines if x["event"] == "session_state" and x["state"] == "backing_off" and ts(x) >= wall_cut]
-    assert down, "the cut was never noticed"
-    detection = ts(down[0]) - wall_cut
-    # Noticed by our ping (2 s interval, 3 s to answer) or the no-frame watchdog (6 s), whichever is first:
-    # nothing else ends a black-holed link (the venue's close never arrives).
-    watchdog = [x for x in lines if x["event"] == "connection_stalled" and ts(x) >= wall_cut]
-    assert "ping" in str(down[0].get("reason", "")).lower() or (watchdog and ts(watchdog[0]) <= ts(down[0])), down[0]
-    relive = [x for x in lines if x["event"] == "session_state" and x["state"] == "live" and ts(x) >= wall_restored]
-    reconnect = ts(relive[0]) - wall_restored if relive else float("nan")
-    repaired = [x for x in lines if x["event"] in ("gap_repaired", "gap_partly_repaired")]
-    assert repaired and all(x["event"] == "gap_repaired" for x in repaired), repaired
-    fetched = sum(x["fetched"] for x in repaired)
-    assert fetched > 0
+    log = BlackHoleLog(log_path, wall_cut, wall_restored)
+    assert log.fetched > 0
     print(
-        f"\nblack-hole {restored - started:.0f} s: detected after {detection:.1f} s; "
-        f"live again {reconnect:.1f} s after the link returned; "
+        f"\nblack-hole {restored - started:.0f} s: detected after {log.detection:.1f} s; "
+        f"live again {log.reconnect:.1f} s after the link returned; "
         f"complete {healed:.1f} s after it returned; "
-        f"{fetched} trades backfilled over REST in {len(repaired)} repairs; {time.monotonic() - started:.0f} s run",
+        f"{log.fetched} trades backfilled over REST in {len(log.repaired)} repairs; "
+        f"{time.monotonic() - started:.0f} s run",
     )

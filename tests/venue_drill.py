@@ -19,8 +19,11 @@ rotations, bad frames, the log of a black-holed link) are here too, so that each
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -67,15 +70,81 @@ def venue_of(sim: Any) -> str:
     return str(getattr(sim.config, "venue", "binance"))
 
 
+async def _rest_get(sim: Simulator | Any, path_and_query: str) -> Any:
+    def get() -> Any:
+        with urllib.request.urlopen(sim.rest_url + path_and_query, timeout=5) as r:
+            return json.loads(r.read())
+
+    return await asyncio.to_thread(get)
+
+
 async def venue_last_trade(sim: Simulator | Any, symbol: str) -> int:
     """The newest trade id the venue has made for ``symbol``, as its REST history says (the table above)."""
     query, read = _NEWEST_TRADE[venue_of(sim)]
+    return read(await _rest_get(sim, query.format(symbol=symbol)))
 
-    def get() -> Any:
-        with urllib.request.urlopen(sim.rest_url + query.format(symbol=symbol), timeout=5) as r:
-            return json.loads(r.read())
 
-    return read(await asyncio.to_thread(get))
+async def spot_last_agg_trade(sim: Simulator | Any, symbol: str) -> int:
+    """The newest aggregate trade id Binance spot has made for ``symbol`` (``/api/v3/aggTrades``, ``a``)."""
+    return int((await _rest_get(sim, f"/api/v3/aggTrades?symbol={symbol}&limit=1"))[-1]["a"])
+
+
+async def spot_caught_up(redis: Any, sim: Simulator | Any, prefix: str, timeout: float,
+                         symbol: str = "BTCUSDT") -> dict[str, int]:
+    """Wait until both of ``symbol``'s Binance spot streams (``trade``, ``agg_trade``) reach what the venue had
+    made when this was called; those ids, by channel."""
+    targets = {"trade": await venue_last_trade(sim, symbol), "agg_trade": await spot_last_agg_trade(sim, symbol)}
+
+    async def reached() -> bool:
+        for channel, target in targets.items():
+            try:
+                top = await redis.xrevrange(f"{prefix}:binance:{symbol}:{channel}", count=1)
+            except (RedisConnectionError, OSError):  # the first use of a pooled connection after a Redis restart
+                return False
+            if not top or int(top[0][0].split(b"-")[1]) < target:
+                return False
+        return True
+
+    await wait_for(reached, timeout, f"the streams reach the venue's newest ids {targets}")
+    return targets
+
+
+async def stream_coverage(redis: Any, key: str, upto: int, *, entry_ids_are_seqs: bool = False,
+                   ) -> tuple[int, set[int], set[int], list[tuple[int, int]]]:
+    """``(first, stored, marked, holes)`` of a stream from its first entry up to id ``upto``: its first id, the
+    ids stored as ticks, the ids inside gap markers, and the id ranges in neither.  Fails on an id stored twice
+    or out of order, and with ``entry_ids_are_seqs`` on a tick whose entry ID does not end in its seq."""
+    covered: list[tuple[int, int]] = []
+    stored: set[int] = set()
+    marked: set[int] = set()
+    start = "-"
+    while True:
+        page = await redis.xrange(key, start, "+", count=50_000)
+        for entry_id, fields in page:
+            tick = orjson.loads(fields[b"d"])
+            if is_gap_marker(tick):
+                covered.append((tick["gap_first"], tick["gap_last"]))
+                marked.update(range(tick["gap_first"], min(tick["gap_last"], upto) + 1))
+            else:
+                if entry_ids_are_seqs:
+                    assert int(entry_id.split(b"-")[1]) == tick["seq"], (entry_id, tick)
+                covered.append((tick["seq"], tick["seq"]))
+                if tick["seq"] <= upto:
+                    stored.add(tick["seq"])
+        if len(page) < 50_000:
+            break
+        start = "(" + page[-1][0].decode()
+    assert covered, f"{key} is empty"
+    holes: list[tuple[int, int]] = []
+    expected = covered[0][0]
+    for lo, hi in covered:
+        assert lo >= expected, f"{key}: {lo}..{hi} stored again or out of order (next expected {expected})"
+        if lo > expected:
+            holes.append((expected, lo - 1))
+        expected = hi + 1
+    if expected <= upto:
+        holes.append((expected, upto))
+    return covered[0][0], stored, marked, holes
 
 
 async def stored_seqs(redis: Any, key: str) -> list[int]:
@@ -119,6 +188,18 @@ class Running:
     def __init__(self, ingestor: Ingestor, task: asyncio.Task[None]) -> None:
         self.ingestor = ingestor
         self.task = task
+
+
+@contextlib.asynccontextmanager
+async def ingestor_running(ing: Ingestor) -> AsyncIterator[None]:
+    """``ing`` runs for the block; then it is cancelled and must end by that cancellation."""
+    task = asyncio.create_task(ing.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
 
 @pytest.fixture(name="run_ingestor")
@@ -295,6 +376,42 @@ class BlackHoleLog:
         assert self.repaired and all(x["event"] == "gap_repaired" for x in self.repaired), self.repaired
         #: trades fetched over REST by the repairs
         self.fetched = sum(x["fetched"] for x in self.repaired)
+
+    def summary(self, cut_s: float, healed_s: float, run_s: float) -> str:
+        """One line for the drill's output: how long the link was cut, how soon it was noticed, live again and
+        complete again, and what the repairs fetched."""
+        return (
+            f"black-hole {cut_s:.0f} s: detected after {self.detection:.1f} s; "
+            f"live again {self.reconnect:.1f} s after the link returned; "
+            f"complete {healed_s:.1f} s after it returned; "
+            f"{self.fetched} trades backfilled over REST in {len(self.repaired)} repairs; {run_s:.0f} s run"
+        )
+
+
+#: ``market ingest``'s session in the black-hole drills: our ping every 2 s (3 s to answer), the no-frame
+#: watchdog at 6 s
+BLACK_HOLE_CONFIG = (
+    "[session]\nping_interval = 2.0\nping_timeout = 3.0\nstall_timeout = 6.0\nopen_timeout = 3.0\n"
+    "backoff_cap = 5.0\n"
+)
+
+
+@contextlib.asynccontextmanager
+async def market_ingest(args: list[str], redis_url: str, prefix: str,
+                        log_path: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``market ingest`` with ``args`` as its own process, on ``redis_url`` under ``prefix``, its log in
+    ``log_path``; terminated after the block (and waited for, 15 s at most)."""
+    env = {**os.environ, "MARKET_REDIS_URL": redis_url, "MARKET_PREFIX": prefix}
+    with open(log_path, "wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ops.cli", "ingest", *args,
+            env=env, stdout=asyncio.subprocess.DEVNULL, stderr=log_file,
+        )
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 15)
 
 
 async def black_hole_until_noticed(proxy: Any, sim: Any, symbol: str, log_path: Path, behind: int) -> None:

@@ -6,12 +6,9 @@ nothing stored twice, in order), up to what the venue had made.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import gc
-import os
 import re
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,22 +16,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from venue_drill import (  # noqa: F401 - the fixtures run_ingestor and state_log
-    FAST,
-    BlackHoleLog,
-    StateLog,
-    assert_close_storm_ridden,
-    bad_frames_seen,
-    black_hole_until_noticed,
-    complete,
-    ride_out_close_storm,
-    rotations,
-    run_ingestor_fixture,
-    stall_noticed_while_silent,
-    state_log_fixture,
-    until_live,
-    wait_for,
-)
+import venue_drill as drill
+from venue_drill import run_ingestor_fixture, state_log_fixture  # noqa: F401 - the fixtures run_ingestor and state_log
 
 from distributor.ingress import Policy
 from ingestor.config import IngestSettings
@@ -45,7 +28,7 @@ from ops.simulator import Simulator, SimulatorConfig
 
 
 def settings(url: str, rest: str, prefix: str, symbols: tuple[str, ...], channels: tuple[str, ...] = ("trade",),
-             session: SessionSettings = FAST, **kw: Any) -> IngestSettings:
+             session: SessionSettings = drill.FAST, **kw: Any) -> IngestSettings:
     return IngestSettings(
         url=url, rest_url=rest, symbols=symbols, channels=channels, prefix=prefix, session=session,
         queue_policy=Policy.BLOCK, **kw,
@@ -55,39 +38,39 @@ def settings(url: str, rest: str, prefix: str, symbols: tuple[str, ...], channel
 async def assert_complete(redis: aioredis.Redis, prefix: str, sim: Simulator, symbols: tuple[str, ...],
                           timeout: float = 30.0) -> dict[str, int]:
     """Each trade stream holds every id from its first up to what the venue had made when asked."""
-    return {s: len(await complete(redis, f"{prefix}:binance:{s}:trade", sim, s, timeout)) for s in symbols}
+    return {s: len(await drill.complete(redis, f"{prefix}:binance:{s}:trade", sim, s, timeout)) for s in symbols}
 
 
 async def test_close_every_few_seconds_for_a_minute(run_ingestor: Any, aredis: aioredis.Redis, prefix: str,
-                                                    state_log: StateLog) -> None:
+                                                    state_log: drill.StateLog) -> None:
     symbols = ("BTCUSDT", "ETHUSDT")
     async with Simulator(SimulatorConfig(symbols=symbols, rate=600.0, close_every=4.0)) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols))
-        await ride_out_close_storm(ing)
+        await drill.ride_out_close_storm(ing)
         counts = await assert_complete(aredis, prefix, sim, symbols)
-    assert_close_storm_ridden(state_log, ing, counts)
+    drill.assert_close_storm_ridden(state_log, ing, counts)
 
 
 async def test_stall_is_detected_within_the_timeout(run_ingestor: Any, aredis: aioredis.Redis, prefix: str,
-                                                    state_log: StateLog) -> None:
+                                                    state_log: drill.StateLog) -> None:
     """The venue keeps the socket and goes silent for an hour (no frame, no pong): the session drops the
     connection by itself, through our ping's timeout or the no-frame watchdog, while the venue is still silent;
     once the venue speaks again the stream is whole."""
     symbols = ("BTCUSDT",)
     async with Simulator(SimulatorConfig(symbols=symbols, rate=400.0)) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols))
-        await stall_noticed_while_silent(ing, sim, state_log)
+        await drill.stall_noticed_while_silent(ing, sim, state_log)
         await assert_complete(aredis, prefix, sim, symbols)
 
 
 async def test_rotation_before_max_age_loses_and_duplicates_nothing(
-    run_ingestor: Any, aredis: aioredis.Redis, prefix: str, state_log: StateLog
+    run_ingestor: Any, aredis: aioredis.Redis, prefix: str, state_log: drill.StateLog
 ) -> None:
     symbols = ("BTCUSDT", "ETHUSDT")
-    rotating = dataclasses.replace(FAST, max_age=2.0)
+    rotating = dataclasses.replace(drill.FAST, max_age=2.0)
     async with Simulator(SimulatorConfig(symbols=symbols, rate=800.0)) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols, session=rotating))
-        await rotations(ing, 4, "four rotations")
+        await drill.rotations(ing, 4, "four rotations")
         await assert_complete(aredis, prefix, sim, symbols)
         assert ing.sequencer.stats().gaps == 0
         assert ing.stats().reconnects == 0
@@ -96,12 +79,12 @@ async def test_rotation_before_max_age_loses_and_duplicates_nothing(
 
 
 async def test_server_shutdown_rotates_make_before_break(run_ingestor: Any, aredis: aioredis.Redis, prefix: str,
-                                                         state_log: StateLog) -> None:
+                                                         state_log: drill.StateLog) -> None:
     symbols = ("BTCUSDT", "ETHUSDT")
     cfg = SimulatorConfig(symbols=symbols, rate=800.0, max_connection_age=3.0, shutdown_notice=1.5)
     async with Simulator(cfg) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols))
-        await rotations(ing, 3, "three rotations on serverShutdown")
+        await drill.rotations(ing, 3, "three rotations on serverShutdown")
         await assert_complete(aredis, prefix, sim, symbols)
         assert ing.sequencer.stats().gaps == 0
         assert ing.stats().reconnects == 0
@@ -115,7 +98,7 @@ async def test_2000_streams_over_two_connections_within_rate_limit(
     channels = ("trade", "agg_trade", "book_ticker", "kline_1m")
     async with Simulator(SimulatorConfig(symbols=symbols, rate=500.0)) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols, channels))
-        await until_live(ing, 30)
+        await drill.until_live(ing, 30)
         assert len(ing.sessions) >= 2
         assert sum(len(s.streams) for s in ing.sessions) == 2000
         assert all(len(s.streams) <= 1024 for s in ing.sessions)
@@ -136,7 +119,7 @@ async def test_threads_and_memory_flat_across_100_reconnects(
     quick = SessionSettings(ping_interval=5.0, ping_timeout=5.0, backoff_base=0.01, backoff_cap=0.02)
     async with Simulator(SimulatorConfig(symbols=symbols, rate=300.0)) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols, session=quick))
-        await until_live(ing)
+        await drill.until_live(ing)
         session = ing.sessions[0]
         samples: dict[int, tuple[int, int]] = {}
         for i in range(1, 101):
@@ -146,7 +129,7 @@ async def test_threads_and_memory_flat_across_100_reconnects(
             async def reconnected(before: int = before) -> bool:
                 return session.connects > before and session.state is SessionState.LIVE
 
-            await wait_for(reconnected, 10, f"reconnect {i}")
+            await drill.wait_for(reconnected, 10, f"reconnect {i}")
             if i in (20, 100):
                 gc.collect()
                 samples[i] = (threading.active_count(), _rss_kib())
@@ -162,7 +145,7 @@ async def test_bad_frames_are_counted_and_the_stream_stays_whole(
     symbols = ("BTCUSDT",)
     async with Simulator(SimulatorConfig(symbols=symbols, rate=1000.0)) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols))
-        await bad_frames_seen(ing, sim, 20)
+        await drill.bad_frames_seen(ing, sim, 20)
         await assert_complete(aredis, prefix, sim, symbols)
         assert all(s.state is SessionState.LIVE for s in ing.sessions)
         assert ing.stats().reconnects == 0
@@ -175,50 +158,32 @@ async def test_black_holed_link_for_30s_heals_with_backfill(redis_url: str, ared
     ingestor noticed and 3000 BTCUSDT trades (about 30 s of this feed) were made behind the cut."""
     symbols = ("BTCUSDT", "ETHUSDT")
     config = tmp_path / "ingest.toml"
-    config.write_text(
-        "[session]\nping_interval = 2.0\nping_timeout = 3.0\nstall_timeout = 6.0\nopen_timeout = 3.0\n"
-        "backoff_cap = 5.0\n"
-    )
+    config.write_text(drill.BLACK_HOLE_CONFIG)
     log_path = tmp_path / "ingest.log"
     async with Simulator(SimulatorConfig(symbols=symbols, rate=600.0)) as sim, FaultProxy(sim.port) as proxy:
-        env = {**os.environ, "MARKET_REDIS_URL": redis_url, "MARKET_PREFIX": prefix}
-        with open(log_path, "wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "ops.cli", "ingest", "--url", proxy.url, "--symbols", ",".join(symbols),
-                "--channels", "trade", "--metrics-port", "0", "--config", str(config),
-                env=env, stdout=asyncio.subprocess.DEVNULL, stderr=log_file,
-            )
-            try:
-                async def flowing() -> bool:
-                    return all([await aredis.xlen(f"{prefix}:binance:{s}:trade") > 50 for s in symbols])
+        args = ["--url", proxy.url, "--symbols", ",".join(symbols), "--channels", "trade", "--metrics-port", "0",
+                "--config", str(config)]
+        async with drill.market_ingest(args, redis_url, prefix, log_path) as proc:
+            async def flowing() -> bool:
+                return all([await aredis.xlen(f"{prefix}:binance:{s}:trade") > 50 for s in symbols])
 
-                await wait_for(flowing, 20, "ticks flowing")
-                started = time.monotonic()
-                wall_cut = time.time()
-                # 3000 more BTCUSDT trades: about 30 s of this feed
-                await black_hole_until_noticed(proxy, sim, "BTCUSDT", log_path, 3000)
-                proxy.restore()
-                restored, wall_restored = time.monotonic(), time.time()
-                counts = await assert_complete(aredis, prefix, sim, symbols, timeout=60)
-                healed = time.monotonic() - restored
+            await drill.wait_for(flowing, 20, "ticks flowing")
+            started = time.monotonic()
+            wall_cut = time.time()
+            # 3000 more BTCUSDT trades: about 30 s of this feed
+            await drill.black_hole_until_noticed(proxy, sim, "BTCUSDT", log_path, 3000)
+            proxy.restore()
+            restored, wall_restored = time.monotonic(), time.time()
+            counts = await assert_complete(aredis, prefix, sim, symbols, timeout=60)
+            healed = time.monotonic() - restored
 
-                async def kept_receiving() -> bool:  # then 6000 more trades per stream, about a minute of them
-                    return all([await aredis.xlen(f"{prefix}:binance:{s}:trade") >= counts[s] + 6000
-                                for s in symbols])
+            async def kept_receiving() -> bool:  # then 6000 more trades per stream, about a minute of them
+                return all([await aredis.xlen(f"{prefix}:binance:{s}:trade") >= counts[s] + 6000 for s in symbols])
 
-                await wait_for(kept_receiving, 240, "6000 more trades per stream over the healed link")
-                after = await assert_complete(aredis, prefix, sim, symbols, timeout=30)
-                assert all(after[s] > counts[s] for s in symbols)
-            finally:
-                proc.terminate()
-                await asyncio.wait_for(proc.wait(), 15)
+            await drill.wait_for(kept_receiving, 240, "6000 more trades per stream over the healed link")
+            after = await assert_complete(aredis, prefix, sim, symbols, timeout=30)
+            assert all(after[s] > counts[s] for s in symbols)
     assert proc.returncode == 0
-    log = BlackHoleLog(log_path, wall_cut, wall_restored)
+    log = drill.BlackHoleLog(log_path, wall_cut, wall_restored)
     assert log.fetched > 0
-    print(
-        f"\nblack-hole {restored - started:.0f} s: detected after {log.detection:.1f} s; "
-        f"live again {log.reconnect:.1f} s after the link returned; "
-        f"complete {healed:.1f} s after it returned; "
-        f"{log.fetched} trades backfilled over REST in {len(log.repaired)} repairs; "
-        f"{time.monotonic() - started:.0f} s run",
-    )
+    print("\n" + log.summary(restored - started, healed, time.monotonic() - started))

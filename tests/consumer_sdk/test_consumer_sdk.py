@@ -171,8 +171,9 @@ def consumer_for(prefix: str, patterns: list[str], **kw: Any) -> Consumer:
     return Consumer(patterns=patterns, **settings)
 
 
-@pytest.fixture
-async def rc() -> AsyncIterator[aioredis.Redis]:
+@pytest.fixture(name="rc")
+async def rc_fixture() -> AsyncIterator[aioredis.Redis]:
+    """A client of the Redis at ``REDIS_URL``; the test fails when none answers."""
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
         await client.ping()
@@ -182,11 +183,13 @@ async def rc() -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-@pytest.fixture
-async def pfx(rc: aioredis.Redis) -> AsyncIterator[str]:
+@pytest.fixture(name="pfx")
+async def pfx_fixture(rc: aioredis.Redis) -> AsyncIterator[str]:
+    """A unique key prefix; its keys, and those of its copy (``<prefix>copy``), are deleted after the test."""
     prefix = f"t{uuid.uuid4().hex[:10]}"
     yield prefix
     keys = [k async for k in rc.scan_iter(match=f"{prefix}:*", count=1000)]
+    keys += [k async for k in rc.scan_iter(match=f"{prefix}copy:*", count=1000)]
     if keys:
         await rc.delete(*keys)
 

@@ -13,7 +13,9 @@ venue             newest trade from                 id field
 ================= ================================= ===============================================
 
 The steps and checks every venue's connection drill runs the same way (a close storm ridden out, a stall noticed,
-rotations, bad frames, the log of a black-holed link) are here too, so that each venue's drill is the same drill.
+rotations, bad frames, ``market ingest`` through a black-holed link and what its log says) are here too, so that
+each venue's drill is the same drill; and what the Redis fault drills share: an ingestor running for a block, the
+Binance spot streams caught up with the venue, and a stream's coverage (ids stored, ids inside gap markers, holes).
 """
 
 from __future__ import annotations

@@ -35,11 +35,7 @@ from consumer_sdk import (
 from consumer_sdk.core.redis import MAX_SEQ, StreamView
 from consumer_sdk.poison import PoisonedEntry
 from consumer_sdk.replay import start_trimmed, trimmed_between
-from tests.consumer_sdk.test_consumer_sdk import (  # noqa: F401 - the fixtures rc and pfx
-    REDIS_URL,
-    pfx_fixture,
-    rc_fixture,
-)
+from tests.consumer_sdk.conftest import REDIS_URL
 
 BASE_MS = 1_700_000_000_000
 UNIT = 1.0

@@ -18,8 +18,7 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from venue_drill import complete, venue_last_trade, wait_for
+from venue_drill import complete, ingestor_running, spot_caught_up, stream_coverage, venue_last_trade, wait_for
 
 from consumer_sdk.core.tick import is_gap_marker
 from distributor.ingress import Policy
@@ -213,69 +212,15 @@ async def _log_shows(log: Path, name: str, timeout: float) -> dict[str, Any]:
     return _events(log, name)[0]
 
 
-async def _coverage(redis: aioredis.Redis, key: str, upto: int) -> tuple[int, int, int, list[tuple[int, int]]]:
-    """``(first, stored, marked, holes)`` of a stream from its first entry up to id ``upto``: stored ticks
-    and ids inside gap markers; holes are the id ranges in neither."""
-    covered: list[tuple[int, int]] = []
-    stored = marked = 0
-    start = "-"
-    while True:
-        page = await redis.xrange(key, start, "+", count=50_000)
-        for _, fields in page:
-            tick = orjson.loads(fields[b"d"])
-            if is_gap_marker(tick):
-                covered.append((tick["gap_first"], tick["gap_last"]))
-                if tick["gap_first"] <= upto:
-                    marked += min(tick["gap_last"], upto) - tick["gap_first"] + 1
-            else:
-                covered.append((tick["seq"], tick["seq"]))
-                stored += tick["seq"] <= upto
-        if len(page) < 50_000:
-            break
-        start = "(" + page[-1][0].decode()
-    assert covered, f"{key} is empty"
-    holes: list[tuple[int, int]] = []
-    expected = covered[0][0]
-    for lo, hi in covered:
-        assert lo >= expected, f"{key}: {lo}..{hi} overlaps what came before it (next expected {expected})"
-        if lo > expected:
-            holes.append((expected, lo - 1))
-        expected = hi + 1
-    if expected <= upto:
-        holes.append((expected, upto))
-    return covered[0][0], stored, marked, holes
-
-
-async def _venue_last(sim: Simulator, channel: str) -> int:
-    import json
-    import urllib.request
-
-    path = "/api/v3/trades?symbol=BTCUSDT&limit=1" if channel == "trade" else "/api/v3/aggTrades?symbol=BTCUSDT&limit=1"
-
-    def get() -> Any:
-        with urllib.request.urlopen(f"{sim.rest_url}{path}", timeout=5) as r:
-            return json.loads(r.read())
-
-    row = (await asyncio.to_thread(get))[-1]
-    return int(row["id"] if channel == "trade" else row["a"])
-
-
-async def _caught_up(redis: aioredis.Redis, sim: Simulator, timeout: float) -> dict[str, int]:
-    """Wait until both streams reach what the venue had made when this was called; those ids."""
-    targets = {c: await _venue_last(sim, c) for c in ("trade", "agg_trade")}
-
-    async def reached() -> bool:
-        for channel, target in targets.items():
-            try:
-                top = await redis.xrevrange(f"md:binance:BTCUSDT:{channel}", count=1)
-            except (RedisConnectionError, OSError):
-                return False
-            if not top or int(top[0][0].split(b"-")[1]) < target:
-                return False
-        return True
-
-    await wait_for(reached, timeout)
-    return targets
+async def _no_unmarked_hole(redis: aioredis.Redis, targets: dict[str, int]) -> dict[str, tuple[int, int, int]]:
+    """Each BTCUSDT stream holds or marks every id from its first up to ``targets[channel]`` (the venue's newest
+    at catch-up); ``(range, stored, marked)`` of each, as counts."""
+    report = {}
+    for channel, upto in targets.items():
+        start, stored, marked, holes = await stream_coverage(redis, f"md:binance:BTCUSDT:{channel}", upto)
+        assert holes == [], f"{channel}: unmarked holes {holes[:5]}"
+        report[channel] = (upto - start + 1, len(stored), len(marked))
+    return report
 
 
 async def _check_against_venue(redis: aioredis.Redis, sim: Simulator, first_id: int) -> int:
@@ -351,13 +296,9 @@ async def test_sigterm_during_an_outage_saves_what_the_process_holds(tmp_path: P
                 assert last["to_spill"] > 0 and last["to_redis"] == 0
                 restart(server, appendonly=True)
                 second = await _start_ingest(sim, server.url, spill, two)
-                targets = await _caught_up(client, sim, 240)
-                report = {}
-                for channel, upto in targets.items():
-                    start, stored, marked, holes = await _coverage(client, f"md:binance:BTCUSDT:{channel}", upto)
-                    assert holes == [], f"{channel}: unmarked holes {holes[:5]}"
-                    report[channel] = (upto - start + 1, stored, marked)
-                compared = await _check_against_venue(client, sim, (await _venue_last(sim, "trade")) - 150_000)
+                targets = await spot_caught_up(client, sim, "md", 240)
+                report = await _no_unmarked_hole(client, targets)
+                compared = await _check_against_venue(client, sim, (await venue_last_trade(sim, "BTCUSDT")) - 150_000)
             finally:
                 for proc in (first, second):
                     if proc is not None and proc.returncode is None:
@@ -404,18 +345,14 @@ async def test_a_full_spill_disk_during_an_outage_is_survived(tmp_path: Path) ->
                 assert proc.returncode is None
                 restart(server, appendonly=True)
                 back = asyncio.get_running_loop().time()
-                targets = await _caught_up(client, sim, 300)
+                targets = await spot_caught_up(client, sim, "md", 300)
 
                 async def twenty_s_later() -> bool:
                     return asyncio.get_running_loop().time() - back >= 20 or proc.returncode is not None
 
                 await wait_for(twenty_s_later, 30)
                 assert proc.returncode is None, "the ingestor died"
-                report = {}
-                for channel, upto in targets.items():
-                    start, stored, marked, holes = await _coverage(client, f"md:binance:BTCUSDT:{channel}", upto)
-                    assert holes == [], f"{channel}: unmarked holes {holes[:5]}"
-                    report[channel] = (upto - start + 1, stored, marked)
+                report = await _no_unmarked_hole(client, targets)
             finally:
                 if proc.returncode is None:
                     proc.terminate()
@@ -445,16 +382,11 @@ async def test_a_start_repairs_the_hole_between_redis_and_the_spill_before_drain
     try:
         async with Simulator(SimulatorConfig(symbols=("BTCUSDT", "ETHUSDT"), rate=1000.0)) as sim:
             first = Ingestor(ingest_settings(sim, prefix, str(tmp_path / "one")), redis=aredis)
-            task = asyncio.create_task(first.run())
-            try:
+            async with ingestor_running(first):
                 async def grown() -> bool:
                     return await aredis.xlen(src) >= 600
 
                 await wait_for(grown, 30)
-            finally:
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
             entries = await aredis.xrange(src)
             kept, tail = entries[:-300], entries[-300:]
             pipe = aredis.pipeline(transaction=False)
@@ -475,13 +407,8 @@ async def test_a_start_repairs_the_hole_between_redis_and_the_spill_before_drain
             cut = [orjson.loads(p)["seq"] for p in payloads[50:100]]
 
             second = Ingestor(ingest_settings(sim, copy, str(tmp_path / "two")), redis=aredis)
-            task = asyncio.create_task(second.run())
-            try:
+            async with ingestor_running(second):
                 ids = await complete(aredis, dst, sim, "BTCUSDT", timeout=60)
-            finally:
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
         assert set(hole) <= set(ids) and set(cut) <= set(ids)
         assert second.repairer is not None and second.repairer.ticks_repaired.get("trade", 0) >= 150
         assert second.repairer.gaps_unrepaired == 0
@@ -520,12 +447,8 @@ async def test_sigterm_with_the_spill_disk_full_exits_1_and_the_restart_repairs_
                 assert last["event"] == "stopped" and last["unsaved"] > 0 and "spill log" in last["error"], last
                 restart(server, appendonly=True)
                 second = await _start_ingest(sim, server.url, spill, two, toml=toml)
-                targets = await _caught_up(client, sim, 300)
-                report = {}
-                for channel, upto in targets.items():
-                    start, stored, marked, holes = await _coverage(client, f"md:binance:BTCUSDT:{channel}", upto)
-                    assert holes == [], f"{channel}: unmarked holes {holes[:5]}"
-                    report[channel] = (upto - start + 1, stored, marked)
+                targets = await spot_caught_up(client, sim, "md", 300)
+                report = await _no_unmarked_hole(client, targets)
             finally:
                 for proc in (first, second):
                     if proc is not None and proc.returncode is None:
@@ -551,8 +474,7 @@ async def test_a_stop_during_an_outage_puts_memory_in_front_of_the_spill(tmp_pat
             async with Simulator(SimulatorConfig(symbols=("BTCUSDT", "ETHUSDT"), rate=2000.0)) as sim:
                 settings = ingest_settings(sim, "md", str(tmp_path / "spill"), writer_capacity=3000)
                 first = Ingestor(settings, redis=client)
-                task = asyncio.create_task(first.run())
-                try:
+                async with ingestor_running(first):
                     async def flowing() -> bool:
                         return await client.xlen("md:binance:BTCUSDT:trade") > 200
 
@@ -564,10 +486,6 @@ async def test_a_stop_during_an_outage_puts_memory_in_front_of_the_spill(tmp_pat
                         return first.writer.stats().buffered >= 3000 and len(first.writer.spill) >= 1000
 
                     await wait_for(memory_full_and_spilling, 30)
-                finally:
-                    task.cancel()
-                    with pytest.raises(asyncio.CancelledError):
-                        await task
                 report = first.stop_report
                 assert report is not None and report.unsaved == 0 and report.to_redis == 0
                 assert report.to_spill >= 3000
@@ -583,14 +501,9 @@ async def test_a_stop_during_an_outage_puts_memory_in_front_of_the_spill(tmp_pat
                 log.close()
                 assert plan_spill_recovery(stored, spilled)[1] == []
                 second = Ingestor(settings, redis=client)
-                task = asyncio.create_task(second.run())
-                try:
+                async with ingestor_running(second):
                     for symbol in ("BTCUSDT", "ETHUSDT"):
                         await complete(client, f"md:binance:{symbol}:trade", sim, symbol, timeout=40)
-                finally:
-                    task.cancel()
-                    with pytest.raises(asyncio.CancelledError):
-                        await task
         finally:
             await client.aclose()
 

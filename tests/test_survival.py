@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
+from venue_drill import ingestor_running, spot_caught_up, stream_coverage
 
 from consumer_sdk.core.tick import is_gap_marker
 from distributor.ingress import Policy
@@ -133,16 +133,11 @@ async def test_redis_restarted_with_aof_brings_back_every_stored_entry(prefix: s
                     prefix=prefix, session=FAST, queue_policy=Policy.BLOCK, spill_dir=str(tmp_path / "spill"),
                 )
                 ingestor = Ingestor(settings, redis=client)
-                task = asyncio.create_task(ingestor.run())
-                try:
+                async with ingestor_running(ingestor):
                     async def stored() -> bool:
                         return min([await client.xlen(k) for k in keys]) >= 500
 
                     await wait_for(stored, 60, "500 entries in each stream")
-                finally:
-                    task.cancel()
-                    with pytest.raises(asyncio.CancelledError):
-                        await task
         finally:
             await client.aclose()
         before = await _streams(server.url, prefix)
@@ -218,74 +213,6 @@ def _events(log: Path, *names: str) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in log.read_text().splitlines() if any(w in line for w in wanted)]
 
 
-async def _venue_last(sim: Simulator, channel: str) -> int:
-    import json
-    import urllib.request
-
-    path = "trades" if channel == "trade" else "aggTrades"
-
-    def get() -> Any:
-        with urllib.request.urlopen(f"{sim.rest_url}/api/v3/{path}?symbol=BTCUSDT&limit=1", timeout=5) as r:
-            return json.loads(r.read())
-
-    row = (await asyncio.to_thread(get))[-1]
-    return int(row["id"] if channel == "trade" else row["a"])
-
-
-async def _caught_up(redis: aioredis.Redis, sim: Simulator, prefix: str, timeout: float) -> dict[str, int]:
-    """Wait until both BTCUSDT streams reach what the venue had made when this was called; those ids."""
-    targets = {c: await _venue_last(sim, c) for c in ("trade", "agg_trade")}
-
-    async def reached() -> bool:
-        for channel, target in targets.items():
-            try:
-                top = await redis.xrevrange(f"{prefix}:binance:BTCUSDT:{channel}", count=1)
-            except (RedisConnectionError, OSError):
-                return False
-            if not top or int(top[0][0].split(b"-")[1]) < target:
-                return False
-        return True
-
-    await wait_for(reached, timeout, f"the streams reach the venue's newest ids {targets}")
-    return targets
-
-
-async def _coverage(redis: aioredis.Redis, key: str, upto: int) -> tuple[set[int], set[int], list[tuple[int, int]]]:
-    """``(stored, marked, holes)`` of a stream from its first entry up to id ``upto``: the ids stored as
-    ticks, the ids inside gap markers, and the id ranges in neither.  Fails on an id stored twice or out
-    of order."""
-    covered: list[tuple[int, int]] = []
-    stored: set[int] = set()
-    marked: set[int] = set()
-    start = "-"
-    while True:
-        page = await redis.xrange(key, start, "+", count=50_000)
-        for entry_id, fields in page:
-            tick = orjson.loads(fields[b"d"])
-            if is_gap_marker(tick):
-                covered.append((tick["gap_first"], tick["gap_last"]))
-                marked.update(range(tick["gap_first"], min(tick["gap_last"], upto) + 1))
-            else:
-                assert int(entry_id.split(b"-")[1]) == tick["seq"], (entry_id, tick)
-                covered.append((tick["seq"], tick["seq"]))
-                if tick["seq"] <= upto:
-                    stored.add(tick["seq"])
-        if len(page) < 50_000:
-            break
-        start = "(" + page[-1][0].decode()
-    assert covered, f"{key} is empty"
-    holes: list[tuple[int, int]] = []
-    expected = covered[0][0]
-    for lo, hi in covered:
-        assert lo >= expected, f"{key}: {lo}..{hi} stored again or out of order (next expected {expected})"
-        if lo > expected:
-            holes.append((expected, lo - 1))
-        expected = hi + 1
-    if expected <= upto:
-        holes.append((expected, upto))
-    return stored, marked, holes
-
-
 async def _kill_during_outage(
     sim: Simulator, server: Any, prefix: str, spill: Path, log: Path
 ) -> tuple[list[bytes], int]:
@@ -321,20 +248,21 @@ async def _kill_during_outage(
 
 async def _second_life(
     sim: Simulator, server: Any, prefix: str, spill: Path, log: Path
-) -> tuple[dict[str, tuple[set[int], set[int], list[tuple[int, int]]]], dict[str, int]]:
+) -> tuple[dict[str, tuple[int, set[int], set[int], list[tuple[int, int]]]], dict[str, int]]:
     """Redis (AOF) started again and ``market ingest`` on the same spill directory: once it reaches the
     venue's newest ids and its spill log is empty, each stream's coverage; stopped with SIGTERM (exit 0)."""
     restart(server, appendonly=True)
     client = aioredis.Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=1)
     second = await _start_ingest(sim, server.url, prefix, spill, log)
     try:
-        targets = await _caught_up(client, sim, prefix, 180)
+        targets = await spot_caught_up(client, sim, prefix, 180)
 
         async def drained() -> bool:
             return not list(spill.glob("seg-*.spill"))
 
         await wait_for(drained, 60, "the spill log drained (no segment left)")
-        coverage = {c: await _coverage(client, f"{prefix}:binance:BTCUSDT:{c}", upto) for c, upto in targets.items()}
+        covered = {c: await stream_coverage(client, f"{prefix}:binance:BTCUSDT:{c}", upto, entry_ids_are_seqs=True)
+                   for c, upto in targets.items()}
         second.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(second.wait(), 60) == 0, log.read_text()[-2000:]
     finally:
@@ -342,7 +270,7 @@ async def _second_life(
             second.kill()
             await asyncio.wait_for(second.wait(), 30)
         await client.aclose()
-    return coverage, targets
+    return covered, targets
 
 
 @pytest.mark.slow
@@ -360,9 +288,9 @@ async def test_a_sigkilled_ingestor_continues_after_its_spill_log_and_drains_it(
     found = _events(two, "spill_found_at_start")
     assert found and found[0]["records"] == len(on_disk), (found, len(on_disk))
     assert _events(two, "spill_drained")
-    for channel, (_, _, holes) in coverage.items():
+    for channel, (_, _, _, holes) in coverage.items():
         assert holes == [], f"{channel}: unmarked holes {holes[:5]}"
-    stored, marked, _ = coverage["trade"]
+    _, stored, marked, _ = coverage["trade"]
     assert spilled and redis_top < spilled[0], "the log holds trades newer than Redis"
     assert set(spilled) <= stored, f"{len(set(spilled) - stored)} trade ids from the spill log not stored"
     text = one.read_text() + two.read_text()
@@ -394,9 +322,9 @@ async def test_a_lost_spill_disk_shows_as_repaired_or_marked_gaps(
                 path.unlink()
             coverage, targets = await _second_life(sim, server, prefix, spill, two)
     assert not _events(two, "spill_found_at_start")
-    for channel, (_, _, holes) in coverage.items():
+    for channel, (_, _, _, holes) in coverage.items():
         assert holes == [], f"{channel}: unmarked holes {holes[:5]}"
-    stored, marked, _ = coverage["trade"]
+    _, stored, marked, _ = coverage["trade"]
     assert lost and redis_top < lost[0]
     assert set(lost) <= stored | marked
     fills = _events(two, "gap_repaired", "gap_partly_repaired", "gap_marked")

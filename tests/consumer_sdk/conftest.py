@@ -1,16 +1,24 @@
 """Real order-book captures (tests/fixtures, see its README): per symbol, the REST snapshot recorded during the
-capture and the venue's depth diffs in arrival order, with Binance's rules for which diffs follow the snapshot."""
+capture and the venue's depth diffs in arrival order, with Binance's rules for which diffs follow the snapshot.
+And the Redis fixtures the SDK's tests share: ``rc``, a client of the Redis at ``MARKET_REDIS_URL``, and ``pfx``,
+a key prefix whose keys are deleted after the test."""
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+REDIS_URL = os.environ.get("MARKET_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @dataclass(frozen=True)
@@ -76,3 +84,26 @@ def depth_captures(request: pytest.FixtureRequest) -> list[DepthCapture]:
     """Every symbol of one capture (spot: 4 symbols; COIN-M futures: 10)."""
     base, futures = request.param
     return load_depth_captures(base, futures)
+
+
+@pytest.fixture
+async def rc() -> AsyncIterator[aioredis.Redis]:
+    """A client of the Redis at ``MARKET_REDIS_URL``; the test fails when none answers."""
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except (rexc.RedisError, OSError):
+        pytest.fail(f"no Redis answers at {REDIS_URL}")
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def pfx(rc: aioredis.Redis) -> AsyncIterator[str]:
+    """A unique key prefix; its keys, and those of its copy (``<prefix>copy``), are deleted after the test."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    yield prefix
+    keys = [k async for k in rc.scan_iter(match=f"{prefix}:*", count=1000)]
+    keys += [k async for k in rc.scan_iter(match=f"{prefix}copy:*", count=1000)]
+    if keys:
+        await rc.delete(*keys)

@@ -14,7 +14,6 @@ import os
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -169,26 +168,6 @@ def consumer_for(prefix: str, patterns: list[str], **kw: Any) -> Consumer:
     }
     settings.update(kw)
     return Consumer(patterns=patterns, **settings)
-
-
-@pytest.fixture
-async def rc() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        await client.ping()
-    except (rexc.RedisError, OSError):
-        pytest.fail(f"no Redis answers at {REDIS_URL}")
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def pfx(rc: aioredis.Redis) -> AsyncIterator[str]:
-    prefix = f"t{uuid.uuid4().hex[:10]}"
-    yield prefix
-    keys = [k async for k in rc.scan_iter(match=f"{prefix}:*", count=1000)]
-    if keys:
-        await rc.delete(*keys)
 
 
 class PrivateRedis:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import socket
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +12,6 @@ from typing import Any
 import fakeredis
 import pytest
 import redis.asyncio as aioredis
-import redis.exceptions as rexc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio.retry import Retry
@@ -38,8 +35,8 @@ from consumer_sdk import (
 from consumer_sdk.core.redis import MAX_SEQ, StreamView
 from consumer_sdk.poison import PoisonedEntry
 from consumer_sdk.replay import start_trimmed, trimmed_between
+from tests.consumer_sdk.conftest import REDIS_URL
 
-REDIS_URL = os.environ.get("MARKET_REDIS_URL", "redis://127.0.0.1:6379/0")
 BASE_MS = 1_700_000_000_000
 UNIT = 1.0
 
@@ -74,27 +71,6 @@ def uneven_rows() -> list[tuple[int, int]]:
             ms += 1
         rows.append((ms, seq))
     return rows
-
-
-@pytest.fixture
-async def rc() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        await client.ping()
-    except (rexc.RedisError, OSError):
-        pytest.fail(f"no Redis answers at {REDIS_URL}")
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def pfx(rc: aioredis.Redis) -> AsyncIterator[str]:
-    prefix = f"t{uuid.uuid4().hex[:10]}"
-    yield prefix
-    keys = [k async for k in rc.scan_iter(match=f"{prefix}:*", count=1000)]
-    keys += [k async for k in rc.scan_iter(match=f"{prefix}copy:*", count=1000)]
-    if keys:
-        await rc.delete(*keys)
 
 
 # ---------------------------------------------------------------- parse_bound

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -59,6 +60,48 @@ async def fill_window(writer: StreamWriter, batches: list[list[Tick]]) -> None:
         n = len(writer._window) + 1
         assert writer.submit(batch)
         await wait_for(lambda n=n: len(writer._window) >= n, 5 * UNIT, f"{n} flushes in flight")  # type: ignore[misc]
+
+
+def batches_of_ten(count: int) -> list[list[Tick]]:
+    """``count`` batches of ten seqs each (1-10, 11-20, ...), every stream interleaved."""
+    return [interleaved(i, i + 9) for i in range(1, 10 * count + 1, 10)]
+
+
+@contextlib.asynccontextmanager
+async def window_writer(server: RedisServer, **options: Any) -> AsyncIterator[tuple[StreamWriter, aioredis.Redis]]:
+    """A writer with a window of four flushes on its own connection (more of its settings in ``options``) and an
+    admin connection, both to ``server`` and both closed after."""
+    client, admin = client_of(server, "writer"), client_of(server, "admin")
+    try:
+        yield StreamWriter(client, prefix=PREFIX, window=4, **options), admin
+    finally:
+        await client.aclose()
+        await admin.aclose()
+
+
+@contextlib.asynccontextmanager
+async def running(writer: StreamWriter) -> AsyncIterator[None]:
+    """The writer's task runs for the block, which must not end it; it is cancelled after."""
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(writer.run())
+        yield
+        assert not task.done()
+        task.cancel()
+
+
+async def prime_and_pause(writer: StreamWriter, admin: aioredis.Redis) -> None:
+    """One tick of each stream stored (the writer knows the script and that the server is standalone), then the
+    server holds the writer's script calls (``CLIENT PAUSE WRITE``) until ``UNPAUSE``."""
+    assert writer.submit(interleaved(0, 0))
+    async with asyncio.timeout(5 * UNIT):
+        await writer.drain()
+    await admin.execute_command("CLIENT", "PAUSE", int(5000 * UNIT), "WRITE")
+
+
+async def hold_full_window(writer: StreamWriter, admin: aioredis.Redis, batches: list[list[Tick]]) -> None:
+    """:func:`prime_and_pause`, then ``batches`` all in flight together, held on the server."""
+    await prime_and_pause(writer, admin)
+    await fill_window(writer, batches)
 
 
 # -- append.lua's ORDER rule, call by call ------------------------------------------------------------------------
@@ -159,18 +202,12 @@ async def test_a_flush_refused_while_the_next_runs_keeps_each_stream_in_order(pr
     """Flush 1 is refused (NOSCRIPT: the server does not know the script it names), flush 2 runs right after it
     on the same connection: flush 2's sections of the streams flush 1 held are refused (ORDER), a stream only
     flush 2 has is stored, and the writer then writes flush 1's ticks and the held ones, in order."""
-    client, admin = client_of(private_redis, "writer"), client_of(private_redis, "admin")
-    writer = StreamWriter(client, prefix=PREFIX, window=4)
-    real_sha = await client.script_load(APPEND_SCRIPT)
     first = interleaved(1, 10, SYMBOLS[:2])
     second = interleaved(11, 20, SYMBOLS)  # the third stream only here
-    try:
-        async with asyncio.TaskGroup() as tg:
-            task = tg.create_task(writer.run())
-            assert writer.submit(interleaved(0, 0))  # the writer knows the script and the server is standalone
-            async with asyncio.timeout(5 * UNIT):
-                await writer.drain()
-            await admin.execute_command("CLIENT", "PAUSE", int(5000 * UNIT), "WRITE")
+    async with window_writer(private_redis) as (writer, admin):
+        real_sha = await admin.script_load(APPEND_SCRIPT)  # the server's script cache: the writer's sha too
+        async with running(writer):
+            await prime_and_pause(writer, admin)
             writer._sha = "0" * 40  # a script the server does not hold: this flush is refused whole
             await fill_window(writer, [first])
             writer._sha = real_sha
@@ -178,29 +215,17 @@ async def test_a_flush_refused_while_the_next_runs_keeps_each_stream_in_order(pr
             await admin.execute_command("CLIENT", "UNPAUSE")
             async with asyncio.timeout(5 * UNIT):
                 await writer.drain()
-            assert not task.done()
-            task.cancel()
         await assert_each_once_in_order(admin, interleaved(0, 0) + first + second)
         stats = writer.stats()
         assert stats.appended == len(interleaved(0, 0) + first + second) and stats.duplicates == 0
         assert stats.rejected_by_reason == {"noscript": len(first)}  # held ticks are not refusals
-    finally:
-        await client.aclose()
-        await admin.aclose()
 
 
 async def test_oom_with_the_window_full_then_each_tick_once_in_order(private_redis: RedisServer) -> None:
-    client, admin = client_of(private_redis, "writer"), client_of(private_redis, "admin")
-    writer = StreamWriter(client, prefix=PREFIX, window=4)
-    batches = [interleaved(i, i + 9) for i in range(1, 41, 10)]
-    try:
-        async with asyncio.TaskGroup() as tg:
-            task = tg.create_task(writer.run())
-            assert writer.submit(interleaved(0, 0))
-            async with asyncio.timeout(5 * UNIT):
-                await writer.drain()
-            await admin.execute_command("CLIENT", "PAUSE", int(5000 * UNIT), "WRITE")
-            await fill_window(writer, batches)
+    batches = batches_of_ten(4)
+    async with window_writer(private_redis) as (writer, admin):
+        async with running(writer):
+            await hold_full_window(writer, admin, batches)
             used = int((await admin.info("memory"))["used_memory"])
             await admin.config_set("maxmemory-policy", "noeviction")
             await admin.config_set("maxmemory", max(1, used // 2))
@@ -210,50 +235,30 @@ async def test_oom_with_the_window_full_then_each_tick_once_in_order(private_red
             await admin.config_set("maxmemory", 0)
             async with asyncio.timeout(10 * UNIT):
                 await writer.drain()
-            assert not task.done()
-            task.cancel()
         await assert_each_once_in_order(admin, [t for b in [interleaved(0, 0), *batches] for t in b])
         assert writer.stats().failing == "" and writer.duplicates == 0
-    finally:
-        await client.aclose()
-        await admin.aclose()
 
 
 async def test_connection_killed_with_the_window_full(private_redis: RedisServer) -> None:
-    client, admin = client_of(private_redis, "writer"), client_of(private_redis, "admin")
-    writer = StreamWriter(client, prefix=PREFIX, window=4)
-    batches = [interleaved(i, i + 9) for i in range(1, 41, 10)]
-    try:
-        async with asyncio.TaskGroup() as tg:
-            task = tg.create_task(writer.run())
-            assert writer.submit(interleaved(0, 0))
-            async with asyncio.timeout(5 * UNIT):
-                await writer.drain()
-            await admin.execute_command("CLIENT", "PAUSE", int(5000 * UNIT), "WRITE")
-            await fill_window(writer, batches)
+    batches = batches_of_ten(4)
+    async with window_writer(private_redis) as (writer, admin):
+        async with running(writer):
+            await hold_full_window(writer, admin, batches)
             assert await admin.execute_command("CLIENT", "KILL", "SKIPME", "yes") >= 1
             await admin.execute_command("CLIENT", "UNPAUSE")
             async with asyncio.timeout(10 * UNIT):
                 await writer.drain()
-            assert not task.done()
-            task.cancel()
         await assert_each_once_in_order(admin, [t for b in [interleaved(0, 0), *batches] for t in b])
         assert writer.errors >= 1 and writer.stats().connected
-    finally:
-        await client.aclose()
-        await admin.aclose()
 
 
 async def test_connections_killed_while_ticks_stream(private_redis: RedisServer) -> None:
     """Kills land wherever they land (between flushes, mid-window, mid-reply); the outcome of a flush in
     flight is then unknown and it is written again: nothing lost, nothing twice, order kept."""
-    client, admin = client_of(private_redis, "writer"), client_of(private_redis, "admin")
-    writer = StreamWriter(client, prefix=PREFIX, window=4, max_batch=15)
     ticks = interleaved(1, 600)
-    try:
-        async with asyncio.TaskGroup() as tg:
-            task = tg.create_task(writer.run())
-            kills = 0
+    async with window_writer(private_redis, max_batch=15) as (writer, admin):
+        kills = 0
+        async with running(writer):
             for i in range(0, len(ticks), 30):
                 while not writer.submit(ticks[i : i + 30]):
                     await writer.wait_room()
@@ -262,41 +267,23 @@ async def test_connections_killed_while_ticks_stream(private_redis: RedisServer)
                 await asyncio.sleep(0)  # let the writer send: the window fills as ticks come
             async with asyncio.timeout(20 * UNIT):
                 await writer.drain()
-            assert not task.done()
-            task.cancel()
         await assert_each_once_in_order(admin, ticks)
         assert kills >= 1 and writer.errors >= 1
-    finally:
-        await client.aclose()
-        await admin.aclose()
 
 
 async def test_restart_with_flushes_in_flight(private_redis: RedisServer) -> None:
-    client, admin = client_of(private_redis, "writer"), client_of(private_redis, "admin")
-    writer = StreamWriter(client, prefix=PREFIX, window=4)
-    batches = [interleaved(i, i + 9) for i in range(1, 41, 10)]
-    try:
-        async with asyncio.TaskGroup() as tg:
-            task = tg.create_task(writer.run())
-            assert writer.submit(interleaved(0, 0))
-            async with asyncio.timeout(5 * UNIT):
-                await writer.drain()
-            await admin.execute_command("CLIENT", "PAUSE", int(5000 * UNIT), "WRITE")
-            await fill_window(writer, batches)
-            await admin.aclose()
-            await asyncio.to_thread(private_redis.stop)
-            await asyncio.to_thread(restart, private_redis)  # empty: nothing of before kept
-            async with asyncio.timeout(10 * UNIT):
-                await writer.drain()
-            assert not task.done()
-            task.cancel()
-        # The restarted server kept nothing of before: the window's ticks are there, each once, in order.
-        admin = client_of(private_redis, "admin")
+    batches = batches_of_ten(4)
+    async with window_writer(private_redis) as (writer, admin), running(writer):
+        await hold_full_window(writer, admin, batches)
+        await admin.aclose()
+        await asyncio.to_thread(private_redis.stop)
+        await asyncio.to_thread(restart, private_redis)  # empty: nothing of before kept
+        async with asyncio.timeout(10 * UNIT):
+            await writer.drain()
+    # The restarted server kept nothing of before: the window's ticks are there, each once, in order.
+    async with client_of(private_redis, "admin") as admin:
         await assert_each_once_in_order(admin, [t for b in batches for t in b])
         assert await stored_seqs(admin, key_of(PREFIX, batches[0][0])) == list(range(1, 41))
-    finally:
-        await client.aclose()
-        await admin.aclose()
 
 
 async def test_replica_acks_in_the_window_hold_a_flush_until_a_replica_has_it(private_redis: RedisServer) -> None:
@@ -323,8 +310,7 @@ async def test_replica_acks_in_the_window_hold_a_flush_until_a_replica_has_it(pr
             async with asyncio.timeout(10 * UNIT):
                 while not await linked():
                     await asyncio.sleep(UNIT / 50)  # poll the replica's link
-            async with asyncio.TaskGroup() as tg:
-                task = tg.create_task(writer.run())
+            async with running(writer):
                 for i in range(0, len(before), 30):
                     assert writer.submit(before[i : i + 30])
                     await asyncio.sleep(0)  # several flushes in the window
@@ -347,8 +333,6 @@ async def test_replica_acks_in_the_window_hold_a_flush_until_a_replica_has_it(pr
                 await replica.execute_command("REPLICAOF", "127.0.0.1", private_redis.port)
                 async with asyncio.timeout(20 * UNIT):
                     await writer.drain()
-                assert not task.done()
-                task.cancel()
             await assert_each_once_in_order(admin, before + during)
             async with asyncio.timeout(10 * UNIT):
                 while not await caught_up(80):
@@ -365,16 +349,10 @@ async def test_replica_acks_in_the_window_hold_a_flush_until_a_replica_has_it(pr
 async def test_take_all_after_the_task_stops_mid_window_returns_every_unacknowledged_tick(
     private_redis: RedisServer,
 ) -> None:
-    client, admin = client_of(private_redis, "writer"), client_of(private_redis, "admin")
-    writer = StreamWriter(client, prefix=PREFIX, window=4)
-    batches = [interleaved(i, i + 9) for i in range(1, 51, 10)]
-    try:
+    batches = batches_of_ten(5)
+    async with window_writer(private_redis) as (writer, admin):
         task = asyncio.create_task(writer.run())
-        assert writer.submit(interleaved(0, 0))
-        async with asyncio.timeout(5 * UNIT):
-            await writer.drain()
-        await admin.execute_command("CLIENT", "PAUSE", int(5000 * UNIT), "WRITE")
-        await fill_window(writer, batches[:4])
+        await hold_full_window(writer, admin, batches[:4])
         assert writer.submit(batches[4])  # the window is full: this one waits in the buffer
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -384,6 +362,3 @@ async def test_take_all_after_the_task_stops_mid_window_returns_every_unacknowle
         await admin.execute_command("CLIENT", "UNPAUSE")
         await writer.append(held)  # the final flush of a stopping ingestor
         await assert_each_once_in_order(admin, interleaved(0, 0) + held)
-    finally:
-        await client.aclose()
-        await admin.aclose()

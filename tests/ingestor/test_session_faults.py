@@ -6,30 +6,18 @@ nothing stored twice, in order), up to what the venue had made.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import gc
-import os
 import re
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import redis.asyncio as aioredis
-from venue_drill import (  # noqa: F401 - the fixtures run_ingestor and state_log
-    FAST,
-    StateLog,
-    complete,
-    run_ingestor_fixture,
-    state_log_fixture,
-    until_live,
-    venue_last_trade,
-    wait_for,
-)
+import venue_drill as drill
+from venue_drill import run_ingestor_fixture, state_log_fixture  # noqa: F401 - the fixtures run_ingestor and state_log
 
 from distributor.ingress import Policy
 from ingestor.config import IngestSettings
@@ -40,7 +28,7 @@ from ops.simulator import Simulator, SimulatorConfig
 
 
 def settings(url: str, rest: str, prefix: str, symbols: tuple[str, ...], channels: tuple[str, ...] = ("trade",),
-             session: SessionSettings = FAST, **kw: Any) -> IngestSettings:
+             session: SessionSettings = drill.FAST, **kw: Any) -> IngestSettings:
     return IngestSettings(
         url=url, rest_url=rest, symbols=symbols, channels=channels, prefix=prefix, session=session,
         queue_policy=Policy.BLOCK, **kw,
@@ -50,70 +38,39 @@ def settings(url: str, rest: str, prefix: str, symbols: tuple[str, ...], channel
 async def assert_complete(redis: aioredis.Redis, prefix: str, sim: Simulator, symbols: tuple[str, ...],
                           timeout: float = 30.0) -> dict[str, int]:
     """Each trade stream holds every id from its first up to what the venue had made when asked."""
-    return {s: len(await complete(redis, f"{prefix}:binance:{s}:trade", sim, s, timeout)) for s in symbols}
+    return {s: len(await drill.complete(redis, f"{prefix}:binance:{s}:trade", sim, s, timeout)) for s in symbols}
 
 
 async def test_close_every_few_seconds_for_a_minute(run_ingestor: Any, aredis: aioredis.Redis, prefix: str,
-                                                    state_log: StateLog) -> None:
+                                                    state_log: drill.StateLog) -> None:
     symbols = ("BTCUSDT", "ETHUSDT")
     async with Simulator(SimulatorConfig(symbols=symbols, rate=600.0, close_every=4.0)) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols))
-        await until_live(ing)
-
-        async def fifteen_closes() -> bool:  # the simulator closes every connection every 4 s: about a minute
-            return ing.stats().reconnects >= 15
-
-        await wait_for(fifteen_closes, 180, "15 reconnects after the venue's closes")
-        await until_live(ing)
+        await drill.ride_out_close_storm(ing)
         counts = await assert_complete(aredis, prefix, sim, symbols)
-    delays = [f["delay_s"] for _, f in state_log.records if f.get("state") == "backing_off"]
-    assert len(delays) >= 15, delays
-    assert max(delays) <= FAST.backoff_cap
-    assert ing.stats().reconnects >= 15
-    assert all(n > 1000 for n in counts.values()), counts
+    drill.assert_close_storm_ridden(state_log, ing, counts)
 
 
 async def test_stall_is_detected_within_the_timeout(run_ingestor: Any, aredis: aioredis.Redis, prefix: str,
-                                                    state_log: StateLog) -> None:
+                                                    state_log: drill.StateLog) -> None:
     """The venue keeps the socket and goes silent for an hour (no frame, no pong): the session drops the
     connection by itself, through our ping's timeout or the no-frame watchdog, while the venue is still silent;
     once the venue speaks again the stream is whole."""
     symbols = ("BTCUSDT",)
     async with Simulator(SimulatorConfig(symbols=symbols, rate=400.0)) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols))
-        await until_live(ing)
-        mark = len(state_log.records)
-        sim.stall(3600.0)  # ends only when cleared below: nothing but the session's own checks can end the link
-
-        async def detected() -> bool:
-            return any(f.get("state") == "backing_off" for _, f in state_log.records[mark:])
-
-        await wait_for(detected, 60, "stall detected")
-        assert sim.stalled, "noticed while the venue was still silent"
-        after = [f for _, f in state_log.records[mark:]]
-        down = next(f for f in after if f.get("state") == "backing_off")
-        by_watchdog = any(f["event"] == "connection_stalled" for f in after[: after.index(down)])
-        by_ping = "ping" in str(down.get("reason", "")).lower()
-        # Our ping (every 1 s, 1 s to answer) or the no-frame watchdog (3 s): nothing else ends a silent link.
-        assert by_watchdog or by_ping, down
-        sim.clear_faults()
-        await until_live(ing, 20)
+        await drill.stall_noticed_while_silent(ing, sim, state_log)
         await assert_complete(aredis, prefix, sim, symbols)
 
 
 async def test_rotation_before_max_age_loses_and_duplicates_nothing(
-    run_ingestor: Any, aredis: aioredis.Redis, prefix: str, state_log: StateLog
+    run_ingestor: Any, aredis: aioredis.Redis, prefix: str, state_log: drill.StateLog
 ) -> None:
     symbols = ("BTCUSDT", "ETHUSDT")
-    rotating = dataclasses.replace(FAST, max_age=2.0)
+    rotating = dataclasses.replace(drill.FAST, max_age=2.0)
     async with Simulator(SimulatorConfig(symbols=symbols, rate=800.0)) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols, session=rotating))
-        await until_live(ing)
-
-        async def rotated() -> bool:
-            return sum(s.rotations for s in ing.sessions) >= 4
-
-        await wait_for(rotated, 20, "four rotations")
+        await drill.rotations(ing, 4, "four rotations")
         await assert_complete(aredis, prefix, sim, symbols)
         assert ing.sequencer.stats().gaps == 0
         assert ing.stats().reconnects == 0
@@ -122,17 +79,12 @@ async def test_rotation_before_max_age_loses_and_duplicates_nothing(
 
 
 async def test_server_shutdown_rotates_make_before_break(run_ingestor: Any, aredis: aioredis.Redis, prefix: str,
-                                                         state_log: StateLog) -> None:
+                                                         state_log: drill.StateLog) -> None:
     symbols = ("BTCUSDT", "ETHUSDT")
     cfg = SimulatorConfig(symbols=symbols, rate=800.0, max_connection_age=3.0, shutdown_notice=1.5)
     async with Simulator(cfg) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols))
-        await until_live(ing)
-
-        async def rotated() -> bool:
-            return sum(s.rotations for s in ing.sessions) >= 3
-
-        await wait_for(rotated, 20, "three rotations on serverShutdown")
+        await drill.rotations(ing, 3, "three rotations on serverShutdown")
         await assert_complete(aredis, prefix, sim, symbols)
         assert ing.sequencer.stats().gaps == 0
         assert ing.stats().reconnects == 0
@@ -146,7 +98,7 @@ async def test_2000_streams_over_two_connections_within_rate_limit(
     channels = ("trade", "agg_trade", "book_ticker", "kline_1m")
     async with Simulator(SimulatorConfig(symbols=symbols, rate=500.0)) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols, channels))
-        await until_live(ing, 30)
+        await drill.until_live(ing, 30)
         assert len(ing.sessions) >= 2
         assert sum(len(s.streams) for s in ing.sessions) == 2000
         assert all(len(s.streams) <= 1024 for s in ing.sessions)
@@ -167,7 +119,7 @@ async def test_threads_and_memory_flat_across_100_reconnects(
     quick = SessionSettings(ping_interval=5.0, ping_timeout=5.0, backoff_base=0.01, backoff_cap=0.02)
     async with Simulator(SimulatorConfig(symbols=symbols, rate=300.0)) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols, session=quick))
-        await until_live(ing)
+        await drill.until_live(ing)
         session = ing.sessions[0]
         samples: dict[int, tuple[int, int]] = {}
         for i in range(1, 101):
@@ -177,7 +129,7 @@ async def test_threads_and_memory_flat_across_100_reconnects(
             async def reconnected(before: int = before) -> bool:
                 return session.connects > before and session.state is SessionState.LIVE
 
-            await wait_for(reconnected, 10, f"reconnect {i}")
+            await drill.wait_for(reconnected, 10, f"reconnect {i}")
             if i in (20, 100):
                 gc.collect()
                 samples[i] = (threading.active_count(), _rss_kib())
@@ -193,15 +145,7 @@ async def test_bad_frames_are_counted_and_the_stream_stays_whole(
     symbols = ("BTCUSDT",)
     async with Simulator(SimulatorConfig(symbols=symbols, rate=1000.0)) as sim:
         ing = await run_ingestor(settings(sim.ws_url, sim.rest_url, prefix, symbols))
-        await until_live(ing)
-        sim.set_fault_rates(malformed=0.02, duplicate=0.05, out_of_order=0.05)
-
-        async def faults_seen() -> bool:
-            st = ing.stats()
-            return st.malformed >= 5 and ing.sequencer.stats().duplicates >= 5
-
-        await wait_for(faults_seen, 20, "malformed and duplicate frames seen")
-        sim.clear_faults()
+        await drill.bad_frames_seen(ing, sim, 20)
         await assert_complete(aredis, prefix, sim, symbols)
         assert all(s.state is SessionState.LIVE for s in ing.sessions)
         assert ing.stats().reconnects == 0
@@ -214,75 +158,32 @@ async def test_black_holed_link_for_30s_heals_with_backfill(redis_url: str, ared
     ingestor noticed and 3000 BTCUSDT trades (about 30 s of this feed) were made behind the cut."""
     symbols = ("BTCUSDT", "ETHUSDT")
     config = tmp_path / "ingest.toml"
-    config.write_text(
-        "[session]\nping_interval = 2.0\nping_timeout = 3.0\nstall_timeout = 6.0\nopen_timeout = 3.0\n"
-        "backoff_cap = 5.0\n"
-    )
+    config.write_text(drill.BLACK_HOLE_CONFIG)
     log_path = tmp_path / "ingest.log"
     async with Simulator(SimulatorConfig(symbols=symbols, rate=600.0)) as sim, FaultProxy(sim.port) as proxy:
-        env = {**os.environ, "MARKET_REDIS_URL": redis_url, "MARKET_PREFIX": prefix}
-        with open(log_path, "wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "ops.cli", "ingest", "--url", proxy.url, "--symbols", ",".join(symbols),
-                "--channels", "trade", "--metrics-port", "0", "--config", str(config),
-                env=env, stdout=asyncio.subprocess.DEVNULL, stderr=log_file,
-            )
-            try:
-                async def flowing() -> bool:
-                    return all([await aredis.xlen(f"{prefix}:binance:{s}:trade") > 50 for s in symbols])
+        args = ["--url", proxy.url, "--symbols", ",".join(symbols), "--channels", "trade", "--metrics-port", "0",
+                "--config", str(config)]
+        async with drill.market_ingest(args, redis_url, prefix, log_path) as proc:
+            async def flowing() -> bool:
+                return all([await aredis.xlen(f"{prefix}:binance:{s}:trade") > 50 for s in symbols])
 
-                await wait_for(flowing, 20, "ticks flowing")
-                started = time.monotonic()
-                wall_cut = time.time()
-                at_cut = await venue_last_trade(sim, "BTCUSDT")
-                proxy.blackhole()
+            await drill.wait_for(flowing, 20, "ticks flowing")
+            started = time.monotonic()
+            wall_cut = time.time()
+            # 3000 more BTCUSDT trades: about 30 s of this feed
+            await drill.black_hole_until_noticed(proxy, sim, "BTCUSDT", log_path, 3000)
+            proxy.restore()
+            restored, wall_restored = time.monotonic(), time.time()
+            counts = await assert_complete(aredis, prefix, sim, symbols, timeout=60)
+            healed = time.monotonic() - restored
 
-                async def noticed_and_traded_on() -> bool:
-                    # Black-holed until the ingestor noticed the cut and the venue made 3000 more BTCUSDT
-                    # trades (about 30 s of this feed) that it could not send.
-                    lines = [orjson.loads(x) for x in log_path.read_bytes().splitlines() if x.startswith(b"{")]
-                    noticed = any(x["event"] == "session_state" and x["state"] == "backing_off" for x in lines)
-                    return noticed and await venue_last_trade(sim, "BTCUSDT") >= at_cut + 3000
+            async def kept_receiving() -> bool:  # then 6000 more trades per stream, about a minute of them
+                return all([await aredis.xlen(f"{prefix}:binance:{s}:trade") >= counts[s] + 6000 for s in symbols])
 
-                await wait_for(noticed_and_traded_on, 120, "the cut noticed and 3000 trades made behind it")
-                proxy.restore()
-                restored, wall_restored = time.monotonic(), time.time()
-                counts = await assert_complete(aredis, prefix, sim, symbols, timeout=60)
-                healed = time.monotonic() - restored
-
-                async def kept_receiving() -> bool:  # then 6000 more trades per stream, about a minute of them
-                    return all([await aredis.xlen(f"{prefix}:binance:{s}:trade") >= counts[s] + 6000
-                                for s in symbols])
-
-                await wait_for(kept_receiving, 240, "6000 more trades per stream over the healed link")
-                after = await assert_complete(aredis, prefix, sim, symbols, timeout=30)
-                assert all(after[s] > counts[s] for s in symbols)
-            finally:
-                proc.terminate()
-                await asyncio.wait_for(proc.wait(), 15)
+            await drill.wait_for(kept_receiving, 240, "6000 more trades per stream over the healed link")
+            after = await assert_complete(aredis, prefix, sim, symbols, timeout=30)
+            assert all(after[s] > counts[s] for s in symbols)
     assert proc.returncode == 0
-    lines = [orjson.loads(line) for line in log_path.read_bytes().splitlines() if line.startswith(b"{")]
-    assert not [x for x in lines if x["level"] in ("error", "critical") or "exception" in x], lines[-5:]
-
-    def ts(x: dict[str, Any]) -> float:
-        return time.mktime(time.strptime(x["ts"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone + float(x["ts"][19:-1])
-
-    down = [x for x in lines if x["event"] == "session_state" and x["state"] == "backing_off" and ts(x) >= wall_cut]
-    assert down, "the cut was never noticed"
-    detection = ts(down[0]) - wall_cut
-    # Noticed by our ping (2 s interval, 3 s to answer) or the no-frame watchdog (6 s), whichever is first:
-    # nothing else ends a black-holed link (the venue's close never arrives).
-    watchdog = [x for x in lines if x["event"] == "connection_stalled" and ts(x) >= wall_cut]
-    assert "ping" in str(down[0].get("reason", "")).lower() or (watchdog and ts(watchdog[0]) <= ts(down[0])), down[0]
-    relive = [x for x in lines if x["event"] == "session_state" and x["state"] == "live" and ts(x) >= wall_restored]
-    reconnect = ts(relive[0]) - wall_restored if relive else float("nan")
-    repaired = [x for x in lines if x["event"] in ("gap_repaired", "gap_partly_repaired")]
-    assert repaired and all(x["event"] == "gap_repaired" for x in repaired), repaired
-    fetched = sum(x["fetched"] for x in repaired)
-    assert fetched > 0
-    print(
-        f"\nblack-hole {restored - started:.0f} s: detected after {detection:.1f} s; "
-        f"live again {reconnect:.1f} s after the link returned; "
-        f"complete {healed:.1f} s after it returned; "
-        f"{fetched} trades backfilled over REST in {len(repaired)} repairs; {time.monotonic() - started:.0f} s run",
-    )
+    log = drill.BlackHoleLog(log_path, wall_cut, wall_restored)
+    assert log.fetched > 0
+    print("\n" + log.summary(restored - started, healed, time.monotonic() - started))

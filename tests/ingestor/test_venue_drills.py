@@ -29,28 +29,16 @@ venue's REST history were made behind it, so the backfill has to page.  As spot'
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import redis.asyncio as aioredis
-from venue_drill import (  # noqa: F401 - the fixtures run_ingestor and state_log
-    FAST,
-    StateLog,
-    complete,
-    run_ingestor_fixture,
-    state_log_fixture,
-    until_live,
-    venue_last_trade,
-    wait_for,
-)
+import venue_drill as drill
+from venue_drill import run_ingestor_fixture, state_log_fixture  # noqa: F401 - the fixtures run_ingestor and state_log
 
 from distributor.ingress import Policy
 from ingestor.config import IngestSettings
@@ -83,7 +71,7 @@ class DrillVenue:
         return f"{prefix}:{self.name}:{symbol}:{self.channel}"
 
     def settings(self, sim: AnySimulator, prefix: str, symbols: tuple[str, ...],
-                 session: SessionSettings = FAST) -> IngestSettings:
+                 session: SessionSettings = drill.FAST) -> IngestSettings:
         return IngestSettings(
             venue=self.name, url=sim.ws_url, rest_url=sim.rest_url, symbols=symbols, channels=(self.channel,),
             prefix=prefix, session=session, queue_policy=Policy.BLOCK,
@@ -92,7 +80,7 @@ class DrillVenue:
     async def assert_complete(self, redis: aioredis.Redis, prefix: str, sim: AnySimulator, symbols: tuple[str, ...],
                               timeout: float = 30.0) -> dict[str, int]:
         """Each trade stream holds every id from its first up to what the venue had made when asked."""
-        return {s: len(await complete(redis, self.key(prefix, s), sim, s, timeout)) for s in symbols}
+        return {s: len(await drill.complete(redis, self.key(prefix, s), sim, s, timeout)) for s in symbols}
 
 
 USDM = DrillVenue("binance_usdm", ("BTCUSDT", "ETHUSDT"), "agg_trade", rest_page=1000)
@@ -105,68 +93,37 @@ VENUES = [pytest.param(v, id=v.name) for v in (USDM, COINM, OKX)]
 @pytest.mark.slow
 @pytest.mark.parametrize("venue", VENUES)
 async def test_close_every_few_seconds_for_a_minute(venue: DrillVenue, run_ingestor: Any, aredis: aioredis.Redis,
-                                                    prefix: str, state_log: StateLog) -> None:
+                                                    prefix: str, state_log: drill.StateLog) -> None:
     symbols = venue.symbols
     async with venue.simulator(rate=600.0, close_every=4.0) as sim:
         ing = await run_ingestor(venue.settings(sim, prefix, symbols))
-        await until_live(ing)
-
-        async def fifteen_closes() -> bool:  # the simulator closes every connection every 4 s: about a minute
-            return ing.stats().reconnects >= 15
-
-        await wait_for(fifteen_closes, 180, "15 reconnects after the venue's closes")
-        await until_live(ing)
+        await drill.ride_out_close_storm(ing)
         counts = await venue.assert_complete(aredis, prefix, sim, symbols)
-    delays = [f["delay_s"] for _, f in state_log.records if f.get("state") == "backing_off"]
-    assert len(delays) >= 15, delays
-    assert max(delays) <= FAST.backoff_cap
-    assert ing.stats().reconnects >= 15
-    assert all(n > 1000 for n in counts.values()), counts
+    drill.assert_close_storm_ridden(state_log, ing, counts)
 
 
 @pytest.mark.parametrize("venue", VENUES)
 async def test_stall_is_detected_within_the_timeout(venue: DrillVenue, run_ingestor: Any, aredis: aioredis.Redis,
-                                                    prefix: str, state_log: StateLog) -> None:
+                                                    prefix: str, state_log: drill.StateLog) -> None:
     """The venue keeps the socket and goes silent for an hour (no frame, no pong): the session drops the
     connection by itself, through our ping's timeout or the no-frame watchdog, while the venue is still silent;
     once the venue speaks again the stream is whole."""
     symbols = venue.symbols[:1]
     async with venue.simulator(rate=400.0) as sim:
         ing = await run_ingestor(venue.settings(sim, prefix, symbols))
-        await until_live(ing)
-        mark = len(state_log.records)
-        sim.stall(3600.0)  # ends only when cleared below: nothing but the session's own checks can end the link
-
-        async def detected() -> bool:
-            return any(f.get("state") == "backing_off" for _, f in state_log.records[mark:])
-
-        await wait_for(detected, 60, "stall detected")
-        assert sim.stalled, "noticed while the venue was still silent"
-        after = [f for _, f in state_log.records[mark:]]
-        down = next(f for f in after if f.get("state") == "backing_off")
-        by_watchdog = any(f["event"] == "connection_stalled" for f in after[: after.index(down)])
-        by_ping = "ping" in str(down.get("reason", "")).lower()
-        # Our ping (every 1 s, 1 s to answer) or the no-frame watchdog (3 s): nothing else ends a silent link.
-        assert by_watchdog or by_ping, down
-        sim.clear_faults()
-        await until_live(ing, 20)
+        await drill.stall_noticed_while_silent(ing, sim, state_log)
         await venue.assert_complete(aredis, prefix, sim, symbols)
 
 
 @pytest.mark.parametrize("venue", VENUES)
 async def test_rotation_before_max_age_loses_and_duplicates_nothing(
-    venue: DrillVenue, run_ingestor: Any, aredis: aioredis.Redis, prefix: str, state_log: StateLog
+    venue: DrillVenue, run_ingestor: Any, aredis: aioredis.Redis, prefix: str, state_log: drill.StateLog
 ) -> None:
     symbols = venue.symbols
-    rotating = dataclasses.replace(FAST, max_age=2.0)
+    rotating = dataclasses.replace(drill.FAST, max_age=2.0)
     async with venue.simulator(rate=800.0) as sim:
         ing = await run_ingestor(venue.settings(sim, prefix, symbols, session=rotating))
-        await until_live(ing)
-
-        async def rotated() -> bool:
-            return sum(s.rotations for s in ing.sessions) >= 4
-
-        await wait_for(rotated, 20, "four rotations")
+        await drill.rotations(ing, 4, "four rotations")
         await venue.assert_complete(aredis, prefix, sim, symbols)
         assert ing.sequencer.stats().gaps == 0
         assert ing.stats().reconnects == 0
@@ -177,18 +134,13 @@ async def test_rotation_before_max_age_loses_and_duplicates_nothing(
 @pytest.mark.parametrize("venue", VENUES)
 async def test_server_shutdown_rotates_make_before_break(venue: DrillVenue, run_ingestor: Any,
                                                          aredis: aioredis.Redis, prefix: str,
-                                                         state_log: StateLog) -> None:
+                                                         state_log: drill.StateLog) -> None:
     """The venue closes each connection at its maximum age after its planned-close notice: the session rotates
     on the notice, before the close, and loses nothing."""
     symbols = venue.symbols
     async with venue.simulator(rate=800.0, max_connection_age=3.0, shutdown_notice=1.5) as sim:
         ing = await run_ingestor(venue.settings(sim, prefix, symbols))
-        await until_live(ing)
-
-        async def rotated() -> bool:
-            return sum(s.rotations for s in ing.sessions) >= 3
-
-        await wait_for(rotated, 20, "three rotations on the venue's planned-close notice")
+        await drill.rotations(ing, 3, "three rotations on the venue's planned-close notice")
         await venue.assert_complete(aredis, prefix, sim, symbols)
         assert ing.sequencer.stats().gaps == 0
         assert ing.stats().reconnects == 0
@@ -202,15 +154,7 @@ async def test_bad_frames_are_counted_and_the_stream_stays_whole(
     symbols = venue.symbols[:1]
     async with venue.simulator(rate=1000.0) as sim:
         ing = await run_ingestor(venue.settings(sim, prefix, symbols))
-        await until_live(ing)
-        sim.set_fault_rates(malformed=0.02, duplicate=0.05, out_of_order=0.05)
-
-        async def faults_seen() -> bool:
-            st = ing.stats()
-            return st.malformed >= 5 and ing.sequencer.stats().duplicates >= 5
-
-        await wait_for(faults_seen, 30, "malformed and duplicate frames seen")
-        sim.clear_faults()
+        await drill.bad_frames_seen(ing, sim, 30)
         await venue.assert_complete(aredis, prefix, sim, symbols)
         assert all(s.state is SessionState.LIVE for s in ing.sessions)
         assert ing.stats().reconnects == 0
@@ -224,24 +168,16 @@ async def test_a_quiet_okx_link_is_kept_open_by_the_text_ping(run_ingestor: Any,
     symbols = OKX.symbols
     async with OKX.simulator(rate=0.0, idle_timeout=3.0) as sim:
         ing = await run_ingestor(OKX.settings(sim, prefix, symbols))
-        await until_live(ing)
+        await drill.until_live(ing)
 
         async def answered() -> bool:  # a ping each second (ping_interval 1 s): more than 3 idle timeouts
             return int(sim.fault_state()["pings_answered"]) >= 10
 
-        await wait_for(answered, 60, "ten text pings answered")
+        await drill.wait_for(answered, 60, "ten text pings answered")
         assert sim.fault_state()["idle_closes"] == 0
         assert ing.stats().reconnects == 0
         assert all(s.state is SessionState.LIVE for s in ing.sessions)
         assert sum(s.pings_sent for s in ing.sessions) >= 10
-
-
-def _log_lines(path: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(x) for x in path.read_bytes().splitlines() if x.startswith(b"{")]
-
-
-def _ts(x: dict[str, Any]) -> float:
-    return time.mktime(time.strptime(x["ts"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone + float(x["ts"][19:-1])
 
 
 @pytest.mark.slow
@@ -255,68 +191,31 @@ async def test_black_holed_link_heals_with_backfill(venue: DrillVenue, redis_url
     first = symbols[0]
     behind = venue.rest_page + venue.rest_page // 2
     config = tmp_path / "ingest.toml"
-    config.write_text(
-        "[session]\nping_interval = 2.0\nping_timeout = 3.0\nstall_timeout = 6.0\nopen_timeout = 3.0\n"
-        "backoff_cap = 5.0\n"
-    )
+    config.write_text(drill.BLACK_HOLE_CONFIG)
     log_path = tmp_path / "ingest.log"
     async with venue.simulator(rate=1000.0) as sim, FaultProxy(sim.port) as proxy:
-        env = {**os.environ, "MARKET_REDIS_URL": redis_url, "MARKET_PREFIX": prefix}
-        with open(log_path, "wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "ops.cli", "ingest", "--venue", venue.name, "--url", proxy.url,
-                "--symbols", ",".join(symbols), "--channels", venue.channel, "--metrics-port", "0",
-                "--config", str(config), env=env, stdout=asyncio.subprocess.DEVNULL, stderr=log_file,
-            )
-            try:
-                async def flowing() -> bool:
-                    return all([await aredis.xlen(venue.key(prefix, s)) > 50 for s in symbols])
+        args = ["--venue", venue.name, "--url", proxy.url, "--symbols", ",".join(symbols), "--channels", venue.channel,
+                "--metrics-port", "0", "--config", str(config)]
+        async with drill.market_ingest(args, redis_url, prefix, log_path) as proc:
+            async def flowing() -> bool:
+                return all([await aredis.xlen(venue.key(prefix, s)) > 50 for s in symbols])
 
-                await wait_for(flowing, 20, "ticks flowing")
-                started = time.monotonic()
-                wall_cut = time.time()
-                at_cut = await venue_last_trade(sim, first)
-                proxy.blackhole()
+            await drill.wait_for(flowing, 20, "ticks flowing")
+            started = time.monotonic()
+            wall_cut = time.time()
+            await drill.black_hole_until_noticed(proxy, sim, first, log_path, behind)
+            proxy.restore()
+            restored, wall_restored = time.monotonic(), time.time()
+            counts = await venue.assert_complete(aredis, prefix, sim, symbols, timeout=60)
+            healed = time.monotonic() - restored
 
-                async def noticed_and_traded_on() -> bool:
-                    noticed = any(x["event"] == "session_state" and x["state"] == "backing_off"
-                                  for x in _log_lines(log_path))
-                    return noticed and await venue_last_trade(sim, first) >= at_cut + behind
+            async def kept_receiving() -> bool:  # then as many more trades per stream over the healed link
+                return all([await aredis.xlen(venue.key(prefix, s)) >= counts[s] + behind for s in symbols])
 
-                await wait_for(noticed_and_traded_on, 120, f"the cut noticed and {behind} trades made behind it")
-                proxy.restore()
-                restored, wall_restored = time.monotonic(), time.time()
-                counts = await venue.assert_complete(aredis, prefix, sim, symbols, timeout=60)
-                healed = time.monotonic() - restored
-
-                async def kept_receiving() -> bool:  # then as many more trades per stream over the healed link
-                    return all([await aredis.xlen(venue.key(prefix, s)) >= counts[s] + behind for s in symbols])
-
-                await wait_for(kept_receiving, 120, f"{behind} more trades per stream over the healed link")
-                after = await venue.assert_complete(aredis, prefix, sim, symbols, timeout=30)
-                assert all(after[s] > counts[s] for s in symbols)
-            finally:
-                proc.terminate()
-                await asyncio.wait_for(proc.wait(), 15)
+            await drill.wait_for(kept_receiving, 120, f"{behind} more trades per stream over the healed link")
+            after = await venue.assert_complete(aredis, prefix, sim, symbols, timeout=30)
+            assert all(after[s] > counts[s] for s in symbols)
     assert proc.returncode == 0
-    lines = _log_lines(log_path)
-    assert not [x for x in lines if x["level"] in ("error", "critical") or "exception" in x], lines[-5:]
-    down = [x for x in lines if x["event"] == "session_state" and x["state"] == "backing_off" and _ts(x) >= wall_cut]
-    assert down, "the cut was never noticed"
-    detection = _ts(down[0]) - wall_cut
-    # Noticed by our ping (2 s interval, 3 s to answer) or the no-frame watchdog (6 s), whichever is first:
-    # nothing else ends a black-holed link (the venue's close never arrives).
-    watchdog = [x for x in lines if x["event"] == "connection_stalled" and _ts(x) >= wall_cut]
-    assert "ping" in str(down[0].get("reason", "")).lower() or (watchdog and _ts(watchdog[0]) <= _ts(down[0])), down[0]
-    relive = [x for x in lines if x["event"] == "session_state" and x["state"] == "live" and _ts(x) >= wall_restored]
-    reconnect = _ts(relive[0]) - wall_restored if relive else float("nan")
-    repaired = [x for x in lines if x["event"] in ("gap_repaired", "gap_partly_repaired")]
-    assert repaired and all(x["event"] == "gap_repaired" for x in repaired), repaired
-    fetched = sum(x["fetched"] for x in repaired)
-    assert fetched > venue.rest_page, "what was made behind the cut came back over REST, more than one page of it"
-    print(
-        f"\n{venue.name} black-hole {restored - started:.0f} s: detected after {detection:.1f} s; "
-        f"live again {reconnect:.1f} s after the link returned; "
-        f"complete {healed:.1f} s after it returned; "
-        f"{fetched} trades backfilled over REST in {len(repaired)} repairs; {time.monotonic() - started:.0f} s run",
-    )
+    log = drill.BlackHoleLog(log_path, wall_cut, wall_restored)
+    assert log.fetched > venue.rest_page, "what was made behind the cut came back over REST, more than one page of it"
+    print(f"\n{venue.name} " + log.summary(restored - started, healed, time.monotonic() - started))

@@ -95,8 +95,8 @@ async def request(ws: ClientConnection, method: str, params: list[Any] | None, r
     return await recv_reply(ws, request_id)
 
 
-async def http_get(url: str) -> tuple[int, Any]:
-    """A plain HTTP/1.1 GET; returns the status and the decoded JSON body."""
+async def http_get_raw(url: str) -> tuple[bytes, bytes]:
+    """A plain HTTP/1.1 GET; the response's head (status line and headers) and its body, as they came."""
     parts = urlsplit(url)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
     async with asyncio.timeout(5 * UNIT):
@@ -106,6 +106,12 @@ async def http_get(url: str) -> tuple[int, Any]:
         writer.close()
         await writer.wait_closed()
     head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+async def http_get(url: str) -> tuple[int, Any]:
+    """A plain HTTP/1.1 GET; returns the status and the decoded JSON body."""
+    head, body = await http_get_raw(url)
     status = int(head.split(b" ", 2)[1])
     assert b"application/json" in head.lower()
     return status, orjson.loads(body)

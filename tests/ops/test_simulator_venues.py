@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -31,7 +30,7 @@ from ops.simulator.depth_faults import parse_depth_faults
 from ops.simulator.okx import OkxSimulator, load_okx_capture
 from ops.simulator.okx_protocol import ConnectLimiter, OpsLimiter, history_trades, okx_decimal
 from ops.simulator.profiles import VENUES, binance_profile
-from tests.ops.test_simulator import running
+from tests.ops.test_simulator import http_get_raw, running
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 OKX_CAPTURE = FIXTURES / "okx-2022-05-13.jsonl"
@@ -52,28 +51,12 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 5 * UNIT) -
 
 async def http_get(url: str) -> tuple[int, Any]:
     """A plain HTTP/1.1 GET; the status and the decoded JSON body."""
-    parts = urlsplit(url)
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    async with asyncio.timeout(5 * UNIT):
-        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-        writer.write(f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n".encode())
-        data = await reader.read()
-        writer.close()
-        await writer.wait_closed()
-    head, _, body = data.partition(b"\r\n\r\n")
+    head, body = await http_get_raw(url)
     return int(head.split(b" ", 2)[1]), orjson.loads(body)
 
 
 async def http_head(url: str) -> bytes:
-    parts = urlsplit(url)
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    async with asyncio.timeout(5 * UNIT):
-        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-        writer.write(f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n".encode())
-        data = await reader.read()
-        writer.close()
-        await writer.wait_closed()
-    return data.partition(b"\r\n\r\n")[0]
+    return (await http_get_raw(url))[0]
 
 
 async def recv_text(ws: ClientConnection, timeout: float = 5 * UNIT) -> str:

@@ -40,7 +40,6 @@ needs no state to continue.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -48,6 +47,13 @@ import orjson
 
 from consumer_sdk.core.tick import SCHEMA_VERSION, Tick, is_valid_channel
 from ingestor.depth import DepthDiff, parse_depth_update
+from ingestor.fields import boolean as _bool
+from ingestor.fields import event as _event
+from ingestor.fields import ms as _ms
+from ingestor.fields import nonneg as _nonneg
+from ingestor.fields import nonneg_int as _int
+from ingestor.fields import pos as _pos
+from ingestor.fields import symbol as _symbol
 from ingestor.subscriptions import subscribe_requests
 from ingestor.venue import Heartbeat, MalformedFrame, Reply, RestCall, ServerShutdown, VenueRequest
 
@@ -98,102 +104,6 @@ def stream_to_channel(stream: str) -> tuple[str, str]:
 
 #: the kinds of :class:`MalformedFrame` :func:`parse_frame` raises (see the module doc)
 PARSE_REFUSALS: Final = ("malformed", "invalid_utf8", "too_deep", "bad_number", "bad_value")
-
-_INT64_MAX: Final = (1 << 63) - 1
-#: the latest time in ms whose µs still fit an int64
-_MS_MAX: Final = _INT64_MAX // 1000
-#: a plain decimal above zero, at most 20 integer and 18 fraction digits: the hot path's one check per value
-_POSITIVE: Final = re.compile(r"(?=[0-9.]*[1-9])[0-9]{1,20}(?:\.[0-9]{0,18})?").fullmatch
-_NON_NEGATIVE: Final = re.compile(r"[0-9]{1,20}(?:\.[0-9]{0,18})?").fullmatch
-#: a decimal with a sign (only asked once the value was refused: zero or negative, or not a decimal at all)
-_SIGNED: Final = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{0,18})?").fullmatch
-#: a symbol that is one part of a stream key
-_SYMBOL: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}").fullmatch
-
-
-def _int(value: Any, limit: int = _INT64_MAX) -> int:
-    if type(value) is not int or not 0 <= value <= limit:
-        raise _refused_int(value, limit)
-    return value
-
-
-def _refused_int(value: Any, limit: int) -> MalformedFrame:
-    if type(value) is int and value > limit:
-        return MalformedFrame(f"integer out of range (at most {limit}), got {value!r}", "bad_number")
-    kind = "malformed"
-    if type(value) is int:
-        kind = "bad_value"  # below zero
-    elif type(value) is float and not value < _INT64_MAX:
-        kind = "bad_number"  # orjson reads an integer beyond 64 bits as a double
-    return MalformedFrame(f"expected a non-negative integer, got {value!r}", kind)
-
-
-def _ms(value: Any) -> int:
-    """A time in ms whose µs fit an int64."""
-    return _int(value, _MS_MAX)
-
-
-def _symbol(value: Any) -> str:
-    if type(value) is not str or not _SYMBOL(value):
-        raise MalformedFrame(f"expected a symbol, got {value!r}")
-    return value
-
-
-def _refused_decimal(value: Any, what: str) -> MalformedFrame:
-    if type(value) is not str:
-        return MalformedFrame(f"expected a decimal string, got {value!r}")
-    if _SIGNED(value) is not None:
-        return MalformedFrame(f"expected {what} decimal, got {value!r}", "bad_value")
-    return MalformedFrame(f"expected {what} plain decimal, got {value[:40]!r} ({len(value)} chars)", "bad_number")
-
-
-def _pos(value: Any) -> str:
-    """A price or quantity: a plain decimal string above zero."""
-    if type(value) is str and _POSITIVE(value) is not None:
-        return value
-    raise _refused_decimal(value, "a positive")
-
-
-def _nonneg(value: Any) -> str:
-    """A volume: a plain decimal string, zero or more."""
-    if type(value) is str and _NON_NEGATIVE(value) is not None:
-        return value
-    raise _refused_decimal(value, "a non-negative")
-
-
-def _bool(value: Any) -> bool:
-    if type(value) is not bool:
-        raise MalformedFrame(f"expected a boolean, got {value!r}")
-    return value
-
-
-def _not_json(raw: str | bytes, exc: orjson.JSONDecodeError) -> MalformedFrame:
-    """The refusal of a frame orjson could not read, by what it said (the rare path)."""
-    msg = str(exc)
-    if "UTF-8" in msg:
-        kind = "invalid_utf8"
-    elif "depth" in msg:  # orjson: "depth limit exceeded"
-        kind = "too_deep"
-    elif "number" in msg:
-        kind = "bad_number"
-    else:  # a NaN or Infinity literal (for -Infinity orjson points after the sign)
-        if isinstance(raw, str):
-            literal = raw.startswith(("NaN", "Infinity"), exc.pos)
-        else:
-            literal = raw.startswith((b"NaN", b"Infinity"), exc.pos)
-        kind = "bad_number" if literal else "malformed"
-    return MalformedFrame(f"not JSON: {msg}", kind)  # orjson's messages are one short line
-
-
-def _event(raw: str | bytes) -> dict[str, Any]:
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise _not_json(raw, exc) from None
-    if type(obj) is not dict:
-        raise MalformedFrame("not a JSON object")
-    data = obj.get("data")
-    return data if type(data) is dict else obj
 
 
 def parse_frame(raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerShutdown | None:

@@ -1,8 +1,8 @@
 """Binance USD-M futures (``fstream.binance.com``, ``fapi.binance.com``) as a :class:`~ingestor.venue.Venue`: pure.
 
 Venue name ``binance_usdm``; ticks of the channels spot also has keep spot's shape exactly
-(:mod:`ingestor.binance`, whose value checks are used here unchanged, so a USD-M tick holds exactly what a
-spot tick may).  Channels and their streams:
+(:mod:`ingestor.binance`, whose value checks, :mod:`ingestor.fields`, are used here unchanged, so a USD-M tick
+holds exactly what a spot tick may).  Channels and their streams:
 
 =============== ============================ ======= ====================================================
 channel         stream                       route   ``seq``
@@ -58,7 +58,6 @@ symbol, which retrying cannot fix).  :func:`classify_reply_error` does the same 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -67,17 +66,16 @@ import orjson
 
 from consumer_sdk.core.errors import ConfigError
 from consumer_sdk.core.tick import KLINE_INTERVALS, SCHEMA_VERSION, MarkPriceTick, Tick
-from ingestor.binance import (
-    _bool,
-    _int,
-    _ms,
-    _nonneg,
-    _not_json,
-    _pos,
-    _refused_decimal,
-    _symbol,
-)
 from ingestor.depth import DepthDiff, parse_depth_update
+from ingestor.fields import SIGNED as _RATE
+from ingestor.fields import boolean as _bool
+from ingestor.fields import event as _event
+from ingestor.fields import ms as _ms
+from ingestor.fields import nonneg as _nonneg
+from ingestor.fields import nonneg_int as _int
+from ingestor.fields import pos as _pos
+from ingestor.fields import refused_decimal as _refused_decimal
+from ingestor.fields import symbol as _symbol
 from ingestor.lifecycle import parse_retry_after
 from ingestor.subscriptions import subscribe_requests
 from ingestor.venue import Heartbeat, MalformedFrame, Reply, RestCall, ServerShutdown, VenueRequest
@@ -217,29 +215,15 @@ def split_by_route(streams: Iterable[str]) -> dict[Route, list[str]]:
 
 # ------------------------------------------------------------------------------------------------ frames
 
-#: a funding rate: a plain decimal, either sign, within the bounds of every other decimal a tick holds
-_RATE: Final = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{0,18})?").fullmatch
-
-
 def _rate(value: Any) -> str | None:
-    """A funding rate: a signed decimal string, or None for ``""`` (a contract with no funding)."""
+    """A funding rate: a signed decimal string (:data:`~ingestor.fields.SIGNED`, within the bounds of every other
+    decimal a tick holds), or None for ``""`` (a contract with no funding)."""
     if type(value) is str:
         if _RATE(value) is not None:
             return value
         if not value:
             return None
     raise _refused_decimal(value, "a signed")
-
-
-def _event(raw: str | bytes) -> dict[str, Any]:
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise _not_json(raw, exc) from None
-    if type(obj) is not dict:
-        raise MalformedFrame("not a JSON object")
-    data = obj.get("data")
-    return data if type(data) is dict else obj
 
 
 def parse_frame(raw: str | bytes, ts_recv: int) -> Tick | Reply | ServerShutdown | None:

@@ -38,7 +38,6 @@ refusing what a book may not hold with :class:`~ingestor.venue.MalformedFrame` a
 
 from __future__ import annotations
 
-import re
 import zlib
 from collections import deque
 from collections.abc import Mapping
@@ -46,6 +45,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
 
+from ingestor.fields import INT64_MAX as _INT64_MAX
+from ingestor.fields import MS_MAX as _MS_MAX
+from ingestor.fields import NON_NEGATIVE as _NON_NEGATIVE
+from ingestor.fields import POSITIVE as _POSITIVE
+from ingestor.fields import SIGNED as _SIGNED
+from ingestor.fields import SYMBOL as _SYMBOL
 from ingestor.venue import MalformedFrame
 
 __all__ = [
@@ -110,13 +115,8 @@ class DepthSnapshot:
 
 # ------------------------------------------------------------------------------------------------ parsing
 
-_INT64_MAX: Final = (1 << 63) - 1
-#: the latest time in ms whose µs still fit an int64 (as :mod:`ingestor.binance`)
-_MS_MAX: Final = _INT64_MAX // 1000
-_POSITIVE: Final = re.compile(r"(?=[0-9.]*[1-9])[0-9]{1,20}(?:\.[0-9]{0,18})?").fullmatch
-_NON_NEGATIVE: Final = re.compile(r"[0-9]{1,20}(?:\.[0-9]{0,18})?").fullmatch
-_SIGNED: Final = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{0,18})?").fullmatch
-_SYMBOL: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}").fullmatch
+# The bounds and patterns are the venue parsers' (ingestor.fields, imported above); the checks below name a
+# depth field's problem in their own words.
 
 
 def _int(value: Any, limit: int = _INT64_MAX) -> int:

@@ -70,6 +70,12 @@ import orjson
 from consumer_sdk.core.tick import SCHEMA_VERSION, Tick
 from ingestor.depth import DepthDiff
 from ingestor.depth_ws import CHECKSUM_DEPTH, okx_checksum
+from ingestor.fields import INT64_MAX as _INT64_MAX
+from ingestor.fields import MS_MAX as _MS_MAX
+from ingestor.fields import SYMBOL as _SYMBOL
+from ingestor.fields import nonneg as _nonneg
+from ingestor.fields import not_json as _not_json
+from ingestor.fields import pos as _pos
 from ingestor.lifecycle import Failure
 from ingestor.rest import RestRefused, RestRetryable
 from ingestor.venue import Heartbeat, MalformedFrame, Reply, RestCall, ServerShutdown, VenueRequest
@@ -147,20 +153,15 @@ class DepthTick(Tick):
 
 # ------------------------------------------------------------------------------------------------ values
 
-_INT64_MAX: Final = (1 << 63) - 1
-_MS_MAX: Final = _INT64_MAX // 1000
 _INT32: Final = 1 << 31
-# The bounds of ingestor.binance: a plain decimal above zero (or zero and more), at most 20 + 18 digits.
-_POSITIVE: Final = re.compile(r"(?=[0-9.]*[1-9])[0-9]{1,20}(?:\.[0-9]{0,18})?").fullmatch
-_NON_NEGATIVE: Final = re.compile(r"[0-9]{1,20}(?:\.[0-9]{0,18})?").fullmatch
-_SIGNED: Final = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{0,18})?").fullmatch
+# Decimals, symbols and unreadable frames are checked as Binance's are (ingestor.fields, imported above); ids and
+# times come as decimal strings here, read by _int_str.
 _DIGITS: Final = re.compile(r"[0-9]{1,19}").fullmatch
 _NEGATIVE: Final = re.compile(r"-[0-9]{1,19}").fullmatch
 #: anything a number could be written as, once it was refused as a plain non-negative integer
 _NUMBERISH: Final = re.compile(
     r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:NaN|Infinity|inf)"
 ).fullmatch
-_SYMBOL: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}").fullmatch
 
 
 def _int_str(value: Any, limit: int = _INT64_MAX) -> int:
@@ -200,46 +201,11 @@ def _checksum_field(value: Any) -> int:
                          else "malformed")
 
 
-def _refused_decimal(value: Any, what: str) -> MalformedFrame:
-    if type(value) is not str:
-        return MalformedFrame(f"expected a decimal string, got {value!r}")
-    if _SIGNED(value) is not None:
-        return MalformedFrame(f"expected {what} decimal, got {value!r}", "bad_value")
-    return MalformedFrame(f"expected {what} plain decimal, got {value[:40]!r} ({len(value)} chars)", "bad_number")
-
-
-def _pos(value: Any) -> str:
-    if type(value) is str and _POSITIVE(value) is not None:
-        return value
-    raise _refused_decimal(value, "a positive")
-
-
-def _nonneg(value: Any) -> str:
-    if type(value) is str and _NON_NEGATIVE(value) is not None:
-        return value
-    raise _refused_decimal(value, "a non-negative")
-
-
 def _symbol(value: Any) -> str:
+    """An ``instId``: :data:`~ingestor.fields.SYMBOL`'s check, its refusal naming an instrument id."""
     if type(value) is not str or not _SYMBOL(value):
         raise MalformedFrame(f"expected an instrument id, got {value!r}")
     return value
-
-
-def _not_json(raw: str | bytes, exc: orjson.JSONDecodeError) -> MalformedFrame:
-    """The refusal of a frame orjson could not read, by what it said (as :mod:`ingestor.binance` tells them)."""
-    msg = str(exc)
-    if "UTF-8" in msg:
-        kind = "invalid_utf8"
-    elif "depth" in msg:
-        kind = "too_deep"
-    elif "number" in msg:
-        kind = "bad_number"
-    else:
-        literal = (raw.startswith(("NaN", "Infinity"), exc.pos) if isinstance(raw, str)
-                   else raw.startswith((b"NaN", b"Infinity"), exc.pos))
-        kind = "bad_number" if literal else "malformed"
-    return MalformedFrame(f"not JSON: {msg}", kind)
 
 
 # ------------------------------------------------------------------------------------------------ frames

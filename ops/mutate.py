@@ -91,6 +91,18 @@ TARGETS: Final = (
             "tests/ingestor/test_mutants_binance_venue.py",
         ),
     ),
+    # the field checks every venue parser applies: the parsers' refusal tests (spot, USD-M, OKX)
+    Target(
+        "ingestor/fields.py",
+        (
+            "tests/ingestor/test_binance.py",
+            "tests/consumer_sdk/test_sequencing.py",
+            "tests/ingestor/test_mutants_binance.py",
+            "tests/ingestor/test_mutants_binance_venue.py",
+            "tests/ingestor/test_binance_usdm.py",
+            "tests/ingestor/test_okx.py",
+        ),
+    ),
     Target("ingestor/depth.py", ("tests/ingestor/test_depth.py", "tests/ingestor/test_mutants_depth.py")),
     Target("ingestor/depth_pacer.py", ("tests/ingestor/test_depth.py", "tests/ingestor/test_mutants_depth.py")),
     # the frame parser only: the connection class around it is I/O, covered by tests/ingestor/test_wsframes.py

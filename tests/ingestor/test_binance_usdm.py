@@ -310,7 +310,7 @@ REFUSED = {
     "a float settle price": (frame({**MARK, "P": 1.5}), "malformed"),
     "a string next funding time": (frame({**MARK, "T": "1562306400000"}), "malformed"),
     "a negative event time": (frame({**MARK, "E": -1}), "bad_value"),
-    "an event time whose µs overflow int64": (frame({**MARK, "E": (1 << 63) // 1000 + 1}), "bad_number"),
+    "an event time whose microseconds overflow int64": (frame({**MARK, "E": (1 << 63) // 1000 + 1}), "bad_number"),
     "a bookTicker without E": (frame(without(BOOK, "E")), "malformed"),
     "a bookTicker with a zero bid": (frame({**BOOK, "b": "0"}), "bad_value"),
     "a kline of 1s (spot only)": (frame({**KLINE, "k": {**KLINE["k"], "i": "1s"}}), "malformed"),

@@ -20,6 +20,7 @@ from ingestor.depth import (
     RESYNC_REASONS,
     Action,
     DepthDiff,
+    DepthRule,
     DepthSnapshot,
     DepthSync,
     DepthSyncStats,
@@ -215,6 +216,10 @@ def test_misuse_is_refused_naming_the_symbol_and_the_state() -> None:
         DepthSync(SYMBOL, max_buffer=0)
     assert str(info.value) == "max_buffer must be at least 1, got 0"
     assert DepthSync(SYMBOL, max_buffer=1).max_buffer == 1
+    for okx in (DepthRule.OKX, "okx"):  # OKX books resync over the socket: a REST sync is refused, named
+        with pytest.raises(ValueError) as info:
+            DepthSync(SYMBOL, okx)
+        assert str(info.value) == "DepthRule.OKX books are kept by ingestor.depth_ws.WsBookSync"
     sync = DepthSync(SYMBOL)
     with pytest.raises(ValueError) as info:
         sync.on_diff(d(1, 2, symbol="ETHUSDT"))

@@ -35,6 +35,7 @@ __all__ = [
     "SIGNED",
     "SYMBOL",
     "boolean",
+    "decode",
     "event",
     "ms",
     "nonneg",
@@ -138,13 +139,19 @@ def not_json(raw: str | bytes, exc: orjson.JSONDecodeError) -> MalformedFrame:
     return MalformedFrame(f"not JSON: {msg}", kind)  # orjson's messages are one short line
 
 
-def event(raw: str | bytes) -> dict[str, Any]:
-    """A Binance frame's JSON object: the one under ``data`` when it is combined-stream wrapped, else the frame's."""
+def decode(raw: str | bytes) -> dict[str, Any]:
+    """A frame's JSON object, as sent (OKX's pushes keep ``data`` beside ``arg``)."""
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise not_json(raw, exc) from None
     if type(obj) is not dict:
         raise MalformedFrame("not a JSON object")
+    return obj
+
+
+def event(raw: str | bytes) -> dict[str, Any]:
+    """A Binance frame's JSON object: the one under ``data`` when it is combined-stream wrapped, else the frame's."""
+    obj = decode(raw)
     data = obj.get("data")
     return data if type(data) is dict else obj

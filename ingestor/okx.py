@@ -73,8 +73,8 @@ from ingestor.depth_ws import CHECKSUM_DEPTH, okx_checksum
 from ingestor.fields import INT64_MAX as _INT64_MAX
 from ingestor.fields import MS_MAX as _MS_MAX
 from ingestor.fields import SYMBOL as _SYMBOL
+from ingestor.fields import decode as _decode
 from ingestor.fields import nonneg as _nonneg
-from ingestor.fields import not_json as _not_json
 from ingestor.fields import pos as _pos
 from ingestor.lifecycle import Failure
 from ingestor.rest import RestRefused, RestRetryable
@@ -244,16 +244,6 @@ def parse_message(raw: str | bytes, ts_recv: int) -> list[Tick] | Reply | Server
         raise MalformedFrame("expected data to be a list of entries")
     out = [_entry(entry, d, symbol, ts_recv, obj) for d in data]
     return [t for t in out if t is not None]
-
-
-def _decode(raw: str | bytes) -> dict[str, Any]:
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise _not_json(raw, exc) from None
-    if type(obj) is not dict:
-        raise MalformedFrame("not a JSON object")
-    return obj
 
 
 def _push(obj: dict[str, Any]) -> tuple[_Entry, str]:

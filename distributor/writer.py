@@ -49,7 +49,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib.resources import files
 from itertools import chain, islice
@@ -348,6 +348,9 @@ class WriterSnapshot:
     dead_letter_key: str
     #: frame received to Redis acknowledgement (µs), a copy
     ack_latency: LatencyHistogram
+    #: frame received to the writer sending the tick's flush to Redis (µs), a copy: what of ``ack_latency``
+    #: is spent in this process before Redis is asked
+    sent_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
 @dataclass(slots=True, eq=False)
@@ -365,6 +368,17 @@ class _Flush:
     answered: float = 0.0
     #: the replies, in order (an error reply as its exception), or the exception that left none; None: not yet
     replies: list[Any] | BaseException | None = None
+
+
+def _observe_sampled(hist: LatencyHistogram, ticks: list[Tick], at: int, every: int) -> int:
+    """Observe, in ``hist``, the time since each of ``ticks[at::every]`` was received (µs); returns the index,
+    in the next batch, of the next tick to observe (one tick in ``every`` by position, across batches)."""
+    if at < len(ticks):
+        now_us = time.time_ns() // 1000
+        observe = hist.observe
+        for t in islice(ticks, at, None, every):
+            observe(now_us - t["ts_recv"])
+    return (at - len(ticks)) % every
 
 
 class StreamWriter(StreamSink):
@@ -429,6 +443,10 @@ class StreamWriter(StreamSink):
         #: acknowledgement latency is observed on one tick in this many, by position (0: not measured)
         self.sample_every = check_sample_every(sample_every)
         self._sample_at = 0  # index, in the next batch, of the next tick to observe
+        #: frame received to its flush sent to Redis (µs), one tick in ``sample_every`` by position, as
+        #: ``ack_latency``: the difference of the two is the Redis round trip and the settling of the reply
+        self.sent_latency = LatencyHistogram()
+        self._sent_sample_at = 0  # as ``_sample_at``, for ``sent_latency``
         self.appended_by_channel: dict[str, int] = {}
         self.appended = 0
         self.duplicates = 0
@@ -739,6 +757,7 @@ class StreamWriter(StreamSink):
                         failed = True
                         continue
                     f.packed = b""
+                    self._observe_sent(f.ticks)
                     to_read.append(f)
                     self._sent.set()
                     continue
@@ -848,6 +867,7 @@ class StreamWriter(StreamSink):
             self._sha = str(await self._redis.script_load(APPEND_SCRIPT))
         loop = asyncio.get_running_loop()
         started = loop.time()
+        self._observe_sent(ticks)
         results, short = await self._run_scripts(groups)
         self.last_flush_us = int((loop.time() - started) * 1e6)
         return await self._account(ticks, groups, results, short)
@@ -893,6 +913,12 @@ class StreamWriter(StreamSink):
             else:
                 parts[0] = head + b"%d - %d\n" % (prev, size)
         return groups
+
+    def _observe_sent(self, ticks: list[Tick]) -> None:
+        """Observe, in ``sent_latency``, the sampled ticks of a flush being sent now (see ``ack_latency``)."""
+        every = self.sample_every
+        if every:
+            self._sent_sample_at = _observe_sampled(self.sent_latency, ticks, self._sent_sample_at, every)
 
     async def _account(
         self, ticks: list[Tick], groups: dict[str, list[bytes]], results: list[Any], short: Mapping[str, str]
@@ -949,13 +975,7 @@ class StreamWriter(StreamSink):
             return added, dups, rest, refusal
         every = self.sample_every
         if every:
-            at = self._sample_at
-            if at < len(ticks):
-                now_us = time.time_ns() // 1000
-                observe = self.ack_latency.observe
-                for t in islice(ticks, at, None, every):
-                    observe(now_us - t["ts_recv"])
-            self._sample_at = (at - len(ticks)) % every
+            self._sample_at = _observe_sampled(self.ack_latency, ticks, self._sample_at, every)
         return added, dups, [], None
 
     async def _settle(
@@ -1134,9 +1154,10 @@ class StreamWriter(StreamSink):
         )
 
     def snapshot(self) -> WriterSnapshot:
-        """:meth:`stats`, the per-channel counts and a copy of the acknowledgement latency (no I/O; copies a
-        few small dicts and one histogram)."""
+        """:meth:`stats`, the per-channel counts and copies of the acknowledgement and send latencies (no I/O;
+        copies a few small dicts and two histograms)."""
         return WriterSnapshot(
             stats=self.stats(), appended_by_channel=dict(self.appended_by_channel),
             dead_letter_key=self.dead_letter_key, ack_latency=self.ack_latency.copy(),
+            sent_latency=self.sent_latency.copy(),
         )

@@ -38,13 +38,17 @@ PROCESS_WIDE = frozenset({"market_threads"})
 
 
 def histogram_family(
-    name: str, doc: str, labels: dict[str, str], hist: LatencyHistogram
+    name: str, doc: str, labels: dict[str, str], hist: LatencyHistogram,
+    more: Iterable[tuple[dict[str, str], LatencyHistogram]] = (),
 ) -> HistogramMetricFamily:
+    """One histogram family: ``hist`` under ``labels``, and each of ``more`` under its own values of the
+    same label names (one family per name, as the exposition format requires)."""
     fam = HistogramMetricFamily(name, doc, labels=list(labels))
-    bounds = hist.upper_bounds()
-    cumulative = hist.cumulative()
-    buckets = [("+Inf" if b == float("inf") else repr(b), c) for b, c in zip(bounds, cumulative, strict=True)]
-    fam.add_metric(list(labels.values()), buckets, float(hist.sum_us))
+    for values, h in ((labels, hist), *more):
+        bounds = h.upper_bounds()
+        cumulative = h.cumulative()
+        buckets = [("+Inf" if b == float("inf") else repr(b), c) for b, c in zip(bounds, cumulative, strict=True)]
+        fam.add_metric(list(values.values()), buckets, float(h.sum_us))
     return fam
 
 
@@ -398,8 +402,10 @@ class IngestorCollector(Collector):
             snap.ingest_latency,
         )
         yield histogram_family(
-            "market_fanout_latency_us", "Frame received to delivery (µs), by stage", {"stage": "redis"},
-            writer.ack_latency if writer is not None else LatencyHistogram(),
+            "market_fanout_latency_us",
+            "Frame received to delivery (µs), by stage: redis_sent (its flush sent to Redis), redis (acknowledged)",
+            {"stage": "redis"}, writer.ack_latency if writer is not None else LatencyHistogram(),
+            [({"stage": "redis_sent"}, writer.sent_latency if writer is not None else LatencyHistogram())],
         )
         yield histogram_family(
             "market_e2e_latency_us", "Ingress to co-located subscriber callback (µs)",

@@ -254,8 +254,10 @@ def analyse_step(rate: float, a: Edge, b: Edge, e2e: LatencyHistogram, samples: 
                                           a.ing.hist("market_ingest_latency_us"))),
         "hotpath": stage_stats(window_hist(b.ing.hist("market_e2e_latency_us"),
                                            a.ing.hist("market_e2e_latency_us"))),
-        "redis": stage_stats(window_hist(b.ing.hist("market_fanout_latency_us"),
-                                         a.ing.hist("market_fanout_latency_us"))),
+        "redis_sent": stage_stats(window_hist(b.ing.hist("market_fanout_latency_us", stage="redis_sent"),
+                                              a.ing.hist("market_fanout_latency_us", stage="redis_sent"))),
+        "redis": stage_stats(window_hist(b.ing.hist("market_fanout_latency_us", stage="redis"),
+                                         a.ing.hist("market_fanout_latency_us", stage="redis"))),
         "redis_e2e": stage_stats(e2e),
     }
     sent, received = b.sent - a.sent, b.received - a.received

@@ -2,7 +2,9 @@
 
 :func:`missed_targets` names the latency targets of a step's rate (:data:`STEP_TARGETS`) it missed;
 :func:`stage_budget` sets its stages against the limits: ingest (frame -> ingress, in the ingestor's process, no
-Redis), Redis write (ingress -> Redis acknowledged, limit one ``XADD``), consumer (Redis acknowledged -> consumer
+Redis), Redis write (ingress -> Redis acknowledged, limit one ``XADD``; where the step has the writer's send times,
+split in two: in the writer before its flush is sent, no limit, and the round trip from sent to acknowledged, limit
+one ``XADD``), consumer (Redis acknowledged -> consumer
 callback, limit one append waking a blocked ``XREADGROUP``), the whole Redis path (limit the two together) and the
 hot path in the loaded ingestor (limit: the stand-alone hot-path bench's p99).  The stage figures are differences
 of percentiles of nested spans (frame -> ingress, frame -> Redis, frame -> consumer), so they are estimates of
@@ -58,9 +60,17 @@ def stage_budget(step: dict[str, Any], limits: dict[str, Any], hot_alone_p99_us:
     ing50, ing99 = pct("ingest", "p50_us"), pct("ingest", "p99_us")
     red50, red99 = pct("redis", "p50_us"), pct("redis", "p99_us")
     e2e50, e2e99 = pct("redis_e2e", "p50_us"), pct("redis_e2e", "p99_us")
+    sent50, sent99 = pct("redis_sent", "p50_us"), pct("redis_sent", "p99_us")
+    split = [] if sent50 is None else [
+        _stage("- of which in the writer (ingress -> flush sent)", diff(sent50, ing50), diff(sent99, ing99), None,
+               "in the ingestor: the distributor, the hot path's turn, encoding"),
+        _stage("- of which the round trip (sent -> acknowledged)", diff(red50, sent50), diff(red99, sent99), xadd,
+               "one XADD"),
+    ]
     return [
         _stage("ingest (frame -> ingress)", ing50, ing99, None, "in the ingestor, no Redis"),
         _stage("Redis write (ingress -> acknowledged)", diff(red50, ing50), diff(red99, ing99), xadd, "one XADD"),
+        *split,
         _stage("consumer (acknowledged -> callback)", diff(e2e50, red50), diff(e2e99, red99), wake,
                "one append waking a blocked XREADGROUP"),
         _stage("Redis path e2e (frame -> consumer)", e2e50, e2e99, round(xadd + wake, 1), "XADD + wake"),

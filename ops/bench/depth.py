@@ -100,7 +100,8 @@ def window_figures(first: Edge, last: Edge, readback: dict[str, LatencyHistogram
     cpu = None if first.cpu_s is None or last.cpu_s is None else last.cpu_s - first.cpu_s
     busy = (None if first.machine_busy_s is None or last.machine_busy_s is None
             else last.machine_busy_s - first.machine_busy_s)
-    redis = window_hist(last.scrape.hist("market_fanout_latency_us"), first.scrape.hist("market_fanout_latency_us"))
+    redis = window_hist(last.scrape.hist("market_fanout_latency_us", stage="redis"),
+                        first.scrape.hist("market_fanout_latency_us", stage="redis"))
     return {
         "wall_s": round(wall, 3),
         "stored": stored,

@@ -1,13 +1,14 @@
 """Latency instrumentation: what each stage times, how it samples, and that it can be turned off.
 
-The per-tick stages (frame -> ingress in the session, frame -> Redis acknowledged in the writer) time one
-tick in N by position; the hot path times a synchronous subscriber's chunks one publish batch at a time,
-one chunk in N.  What that costs is measured by ``market bench ingest`` (tested for its accounting here).
+The per-tick stages (frame -> ingress in the session, frame -> flush sent and frame -> Redis acknowledged in the
+writer) time one tick in N by position; the hot path times a synchronous subscriber's chunks one publish batch at
+a time, one chunk in N.  What that costs is measured by ``market bench ingest`` (tested for its accounting here).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -110,11 +111,37 @@ async def test_writer_times_one_tick_in_n_by_position_across_batches(aredis: aio
         await writer.append(batch)
         counts.append(writer.ack_latency.count)
     assert counts == [1, 2, 4, 4]
+    assert writer.sent_latency.count == 4  # the same positions, timed when each flush was sent
     assert writer.appended == 16
 
     off = StreamWriter(aredis, prefix=prefix + "x", sample_every=0)
     await off.append([tick(i + 1, ts_recv=1) for i in range(50)])
-    assert off.appended == 50 and off.ack_latency.count == 0
+    assert off.appended == 50 and off.ack_latency.count == 0 and off.sent_latency.count == 0
+
+
+@pytest.mark.parametrize("window", [1, 4])
+async def test_writer_times_each_flush_when_sent_and_when_acknowledged(
+    aredis: aioredis.Redis, prefix: str, window: int
+) -> None:
+    """Through the writer's task (window 4: the windowed path; 1: one flush at a time): every tick is timed
+    twice, when its flush is sent and when Redis acknowledged it, and the first is never the later."""
+    writer = StreamWriter(aredis, prefix=prefix, sample_every=1, window=window)
+    task = asyncio.create_task(writer.run())
+    try:
+        seq = 0
+        for _ in range(20):
+            now_us = time.time_ns() // 1000
+            assert writer.submit([tick(seq := seq + 1, ts_recv=now_us, symbol=f"S{seq % 3}") for _ in range(10)])
+            await writer.drain()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert writer.appended == 200
+    sent, ack = writer.sent_latency, writer.ack_latency
+    assert sent.count == ack.count == 200
+    assert sent.sum_us < ack.sum_us  # each tick: sent before its reply came back
+    snap = writer.snapshot()
+    assert snap.sent_latency.counts == sent.counts and snap.sent_latency is not sent
 
 
 # -- session ----------------------------------------------------------------------------------------------------

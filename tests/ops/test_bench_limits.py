@@ -84,3 +84,20 @@ def test_a_saturated_step_that_missed_shows_its_stages_and_the_cpu_its_rate_need
     lines.clear()
     _remaining_by_stage(lines.append, [step], LIMITS, 400.0)
     assert "This step saturated (the ingress queue grew (7489/s)); it ran at 191% in the window." in "\n".join(lines)
+
+
+def test_stage_budget_splits_the_redis_write_at_the_writers_send() -> None:
+    step = _step(10_000, ingest=(300, 600), redis_sent=(500, 1100), redis=(1300, 3100), redis_e2e=(2000, 4000),
+                 hotpath=(100, 300))
+    rows = stage_budget(step, LIMITS)
+    names = [r["stage"].split(" (")[0] for r in rows]
+    assert names[1:4] == ["Redis write", "- of which in the writer", "- of which the round trip"]
+    write, writer, trip = rows[1], rows[2], rows[3]
+    assert (write["p50_us"], write["p99_us"]) == (1000.0, 2500.0)
+    assert (writer["p50_us"], writer["p99_us"], writer["limit_us"]) == (200.0, 500.0, None)
+    assert (trip["p50_us"], trip["p99_us"], trip["limit_us"], trip["p99_above_limit_us"]) == (800.0, 2000.0, 60.0,
+                                                                                               1940.0)
+    # a report from before the writer timed its sends has the one row
+    assert [r["stage"] for r in stage_budget(_step(10_000, ingest=(1, 2), redis=(3, 4), redis_e2e=(5, 6),
+                                                   hotpath=(1, 2)), LIMITS)][1:3] == [
+        "Redis write (ingress -> acknowledged)", "consumer (acknowledged -> callback)"]

@@ -71,6 +71,34 @@ def test_metrics_round_trip_through_prometheus_text() -> None:
     assert scrape.total("market_dropped_total", stage="hotpath") == 0
 
 
+class _Staged(Collector):
+    def __init__(self, *stages: tuple[str, LatencyHistogram]) -> None:
+        self.stages = stages
+
+    def collect(self) -> Any:
+        (first, h), *more = self.stages
+        yield histogram_family("market_fanout_latency_us", "test", {"stage": first}, h,
+                               [({"stage": name}, other) for name, other in more])
+
+
+def test_a_histogram_of_several_stages_is_read_stage_by_stage() -> None:
+    redis, sent = LatencyHistogram(), LatencyHistogram()
+    for us in (900, 1_500, 3_000):
+        redis.observe(us)
+    for us in (100, 200):
+        sent.observe(us)
+    registry = CollectorRegistry()
+    registry.register(_Staged(("redis", redis), ("redis_sent", sent)))
+    scrape = parse_metrics(generate_latest(registry).decode())
+    assert scrape.hist("market_fanout_latency_us", stage="redis").counts == redis.counts
+    assert scrape.hist("market_fanout_latency_us", stage="redis_sent").counts == sent.counts
+    assert scrape.hist("market_fanout_latency_us", stage="nothing").count == 0
+    both = scrape.hist("market_fanout_latency_us")  # no label given: every stage merged
+    assert both.count == 5 and both.sum_us == redis.sum_us + sent.sum_us
+    assert scrape.hists["market_fanout_latency_us"] is not scrape.series[
+        ("market_fanout_latency_us", frozenset({("stage", "redis")}))]  # the merge did not change a series
+
+
 def test_window_hist_covers_the_window_only() -> None:
     before = LatencyHistogram()
     before.observe(50_000)  # a slow tick before the window must not be the window's max

@@ -5,8 +5,11 @@
     consumer = Consumer(redis_url="redis://127.0.0.1:6379/0", patterns=["binance:*:trade"], group="strat")
     await consumer.run(handler)          # until consumer.stop(), cancellation, or the handler raises
 
-How a read goes: one ``XREADGROUP`` over every matched stream without ``BLOCK`` (a backlog comes
-back at once) and, only when that finds nothing, one with ``BLOCK``; the reply is taken as the
+How a read goes: one ``XREADGROUP`` over every matched stream, with ``BLOCK`` unless a backlog is likely
+(at the start, after a large read: then without, and with ``BLOCK`` only when that finds nothing).  A
+blocking read is followed, in the same write, by the same read without ``BLOCK``: Redis before 7.2 answers a
+read blocked on many streams with the one stream that woke it, and the follow-up brings what the writer
+stored in the others in the same round trip.  The reply is taken as the
 server sent it (no dict per entry) and reduced to entry IDs and tick fields; per stream, the
 entries are decoded and classified by a :class:`~consumer_sdk.core.sequencing.SeqTracker` (no I/O, no
 await); new ticks go to the handler in order; then one ``XACK`` per stream, all written at once,
@@ -17,7 +20,7 @@ Garbage collection: a reply holds two lists per entry, and collections that star
 one is being built walk it again and again (on a backlog of 500 000 entries, longer than the read
 itself takes).  So Python's cyclic garbage collector is paused, if it was on, while a read without
 ``BLOCK`` is under way and until its reply is reduced to flat lists; other tasks that run in the
-meantime run with it paused too.  A blocking read never pauses it, and handlers run with the
+meantime run with it paused too.  A blocking read does not pause it (its follow-up does), and handlers run with the
 collector as the application left it.
 
 Delivery rules:

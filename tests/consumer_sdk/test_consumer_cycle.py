@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
 from consumer_sdk import Consumer, Tick
-from consumer_sdk.consumer.fetch import ack_and_read
+from consumer_sdk.consumer.fetch import ack_and_read, merge_reads
 from consumer_sdk.core.errors import ConfigError
 from consumer_sdk.core.loop import choose_loop, loop_factory, loop_name, run
 from consumer_sdk.core.redis import raw_stream_client
@@ -43,6 +43,49 @@ async def test_ack_and_read_reads_then_acks_with_the_next_read(aredis: aioredis.
     assert acked == 2
     assert [[i.decode() for i in got] for _, got, _ in found] == [more]
     assert (await aredis.xpending(key, "g"))["pending"] == 2
+
+
+async def test_a_blocked_read_gets_every_stream_one_script_wrote(
+    aredis: aioredis.Redis, prefix: str, redis_url: str
+) -> None:
+    """The writer stores a flush over many streams in one script call.  Redis before 7.2 answers a read
+    blocked on all of them with the one stream that woke it; the read that follows it in the same write
+    brings the rest in the same round trip, so one call returns every stream (on any server)."""
+    keys = [f"{prefix}:binance:S{i}:trade" for i in range(5)]
+    for key in keys:
+        await _group(aredis, key)
+    name = f"blocked-{prefix}"
+    client = aioredis.Redis.from_url(redis_url, client_name=name, socket_timeout=10)
+    try:
+        raw = raw_stream_client(client)
+        read = asyncio.create_task(
+            ack_and_read(raw, "g", "c", [], dict.fromkeys(keys, ">"), count=100, dfield=b"d", block=5000))
+
+        async def blocked() -> bool:
+            clients = await aredis.client_list(_type="normal")
+            return any(c.get("name") == name and "b" in (c.get("flags") or "") for c in clients)
+
+        async with asyncio.timeout(5):
+            while not await blocked():  # the read must be waiting in Redis before the write
+                await asyncio.sleep(0.001)
+        script = "for i, k in ipairs(KEYS) do redis.call('XADD', k, '*', 'd', ARGV[i]) end"
+        await aredis.eval(script, len(keys), *keys, *(f'"tick {i}"' for i in range(len(keys))))
+        acked, found = await read
+    finally:
+        await client.aclose()
+    assert acked == 0
+    assert sorted((k.decode(), len(ids), values) for k, ids, values in found) == [
+        (key, 1, [f'"tick {i}"'.encode()]) for i, key in enumerate(keys)]
+    assert (await aredis.xpending(keys[0], "g"))["pending"] == 1  # delivered once, to this consumer
+
+
+def test_two_reads_merge_stream_by_stream_in_order() -> None:
+    first = [(b"a", [b"1-1"], [b"x1"]), (b"b", [b"1-1"], [b"y1"])]
+    then = [(b"c", [b"2-1"], [b"z1"]), (b"a", [b"2-1", b"2-2"], [b"x2", b"x3"])]
+    assert merge_reads(first, then) == [
+        (b"a", [b"1-1", b"2-1", b"2-2"], [b"x1", b"x2", b"x3"]), (b"b", [b"1-1"], [b"y1"]), (b"c", [b"2-1"], [b"z1"])]
+    assert first[0] == (b"a", [b"1-1"], [b"x1"])  # the first read's lists are not changed
+    assert merge_reads([], then) == then and merge_reads(first, []) == first
 
 
 async def test_an_ack_error_is_raised_after_the_read_and_the_connection_stays_usable(

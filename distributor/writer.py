@@ -444,7 +444,9 @@ class StreamWriter(StreamSink):
         self.sample_every = check_sample_every(sample_every)
         self._sample_at = 0  # index, in the next batch, of the next tick to observe
         #: frame received to its flush sent to Redis (µs), one tick in ``sample_every`` by position, as
-        #: ``ack_latency``: the difference of the two is the Redis round trip and the settling of the reply
+        #: ``ack_latency``: the difference of the two is the Redis round trip and the settling of the reply.
+        #: Every send is timed, a flush sent again after an error too, while ``ack_latency`` times a tick once,
+        #: when it is stored: after errors the two sample different ticks
         self.sent_latency = LatencyHistogram()
         self._sent_sample_at = 0  # as ``_sample_at``, for ``sent_latency``
         self.appended_by_channel: dict[str, int] = {}
@@ -867,8 +869,7 @@ class StreamWriter(StreamSink):
             self._sha = str(await self._redis.script_load(APPEND_SCRIPT))
         loop = asyncio.get_running_loop()
         started = loop.time()
-        self._observe_sent(ticks)
-        results, short = await self._run_scripts(groups)
+        results, short = await self._run_scripts(groups, ticks)
         self.last_flush_us = int((loop.time() - started) * 1e6)
         return await self._account(ticks, groups, results, short)
 
@@ -1059,11 +1060,14 @@ class StreamWriter(StreamSink):
             by_slot.setdefault(key_slot(key.encode()), []).append(key)
         return list(by_slot.values())
 
-    async def _run_scripts(self, groups: dict[str, list[bytes]]) -> tuple[list[Any], dict[str, str]]:
+    async def _run_scripts(
+        self, groups: dict[str, list[bytes]], ticks: list[Tick] | None = None
+    ) -> tuple[list[Any], dict[str, str]]:
         """One pipelined round trip; returns per stream ``[added, duplicates, error or None]``, or the
         exception that refused its whole call, and the streams whose ``WAIT`` (with ``replica_acks``) came
         back short, with why.  Calls refused with ``NOSCRIPT`` are sent once more after loading the script
-        (the others are not repeated)."""
+        (the others are not repeated).  ``ticks`` (those of ``groups``) are timed in ``sent_latency`` as the
+        first pipeline goes out."""
         plan = await self._calls(list(groups))
         replies: list[Any] = [None] * len(plan)
         todo = list(range(len(plan)))
@@ -1075,6 +1079,9 @@ class StreamWriter(StreamSink):
                 blob = b"".join(chain.from_iterable(groups[k] for k in keys))
                 pipe.execute_command("EVALSHA", self._sha, len(keys), *keys, blob)
             waits = self._queue_waits(pipe, [plan[c] for c in todo])
+            if ticks is not None:
+                self._observe_sent(ticks)
+                ticks = None
             got: list[Any] = await pipe.execute(raise_on_error=False)
             short.update(self._shortfalls(waits, got[len(todo) :]))
             again = []

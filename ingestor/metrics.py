@@ -45,10 +45,12 @@ def histogram_family(
     same label names (one family per name, as the exposition format requires)."""
     fam = HistogramMetricFamily(name, doc, labels=list(labels))
     for values, h in ((labels, hist), *more):
+        if values.keys() != labels.keys():
+            raise ValueError(f"{name}: label names {sorted(values)} differ from {sorted(labels)}")
         bounds = h.upper_bounds()
         cumulative = h.cumulative()
         buckets = [("+Inf" if b == float("inf") else repr(b), c) for b, c in zip(bounds, cumulative, strict=True)]
-        fam.add_metric(list(values.values()), buckets, float(h.sum_us))
+        fam.add_metric([values[k] for k in labels], buckets, float(h.sum_us))
     return fam
 
 

@@ -178,10 +178,12 @@ async def ack_and_read(
     Redis runs the commands in the order written: every ack is applied before the read, as if they were
     sent first and waited for, one round trip earlier.  A read with ``block`` is followed by the same read
     without it (see the module doc), whose entries are merged in (:func:`merge_reads`).  An error reply is
-    raised once every reply was read (the connection stays in step), the read's own first; a connection
-    error or a cancellation closes the connection (it reconnects when next used), and the acks may or may
-    not have been applied: entries left pending are read again after the reconnect and skipped as
-    duplicates.  A read without ``block`` pauses the collector as :func:`read_group` does.
+    raised once every reply was read (the connection stays in step), the read's own first; the follow-up's
+    is not (the entries the blocked read gave are this consumer's now and are handed over; the next read
+    meets the error again if it lasts).  A connection error or a cancellation closes the connection (it
+    reconnects when next used), and the acks may or may not have been applied: entries left pending are read
+    again after the reconnect and skipped as duplicates.  A read without ``block`` pauses the collector as
+    :func:`read_group` does.
     """
     pool: Any = client.connection_pool
     encode: Callable[[Any], bytes] = pool.get_encoder().encode
@@ -215,21 +217,21 @@ async def ack_and_read(
             if on_acked is not None:
                 on_acked(acked)
             if block is not None:
+                # both replies off the connection before either is looked at: it stays in step whatever follows
+                first: Any = None
                 try:
-                    reply = await conn.read_response(timeout=math.inf)
-                except rexc.ResponseError as exc:  # the follow-up's reply is still to be read
-                    found, error = [], exc
-                else:
-                    found = flatten_reply(reply, dfield)
+                    first = await conn.read_response(timeout=math.inf)
+                except rexc.ResponseError as exc:
+                    error = exc  # the read's own error first
                 with collector_paused():  # the follow-up: what the blocked read's answer left out
                     try:
-                        reply = await conn.read_response(timeout=math.inf)
-                    except rexc.ResponseError as exc:
-                        error = error or exc  # (the blocked read's own, or an ack's, comes first)
-                    else:
-                        if reply:
-                            found = merge_reads(found, flatten_reply(reply, dfield))
-                        del reply
+                        then: Any = await conn.read_response(timeout=math.inf)
+                    except rexc.ResponseError:
+                        then = None  # not raised: what the blocked read gave is handed over (see above)
+                    found = flatten_reply(first, dfield) if first else []
+                    if then:
+                        found = merge_reads(found, flatten_reply(then, dfield))
+                    del first, then
             else:
                 with collector_paused():
                     reply = await conn.read_response(timeout=math.inf)

@@ -61,7 +61,8 @@ def stage_budget(step: dict[str, Any], limits: dict[str, Any], hot_alone_p99_us:
     red50, red99 = pct("redis", "p50_us"), pct("redis", "p99_us")
     e2e50, e2e99 = pct("redis_e2e", "p50_us"), pct("redis_e2e", "p99_us")
     sent50, sent99 = pct("redis_sent", "p50_us"), pct("redis_sent", "p99_us")
-    split = [] if sent50 is None else [
+    # an ingestor that does not time its sends (older, or sampling off) gives none or an empty histogram
+    split = [] if not (lat.get("redis_sent") or {}).get("count") else [
         _stage("- of which in the writer (ingress -> flush sent)", diff(sent50, ing50), diff(sent99, ing99), None,
                "in the ingestor: the distributor, the hot path's turn, encoding"),
         _stage("- of which the round trip (sent -> acknowledged)", diff(red50, sent50), diff(red99, sent99), xadd,

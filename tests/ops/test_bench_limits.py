@@ -11,7 +11,7 @@ from ops.bench.render import _remaining_by_stage
 
 def _step(rate: float, **lat: tuple[float, float]) -> dict[str, Any]:
     return {"rate": rate, "saturated": False,
-            "latency": {k: {"p50_us": a, "p99_us": b} for k, (a, b) in lat.items()}}
+            "latency": {k: {"count": 1, "p50_us": a, "p99_us": b} for k, (a, b) in lat.items()}}
 
 
 LIMITS = {"loop": "asyncio", "ping": {"p50_us": 50.0, "p99_us": 90.0}, "xadd": {"p50_us": 60.0, "p99_us": 100.0},
@@ -97,7 +97,10 @@ def test_stage_budget_splits_the_redis_write_at_the_writers_send() -> None:
     assert (writer["p50_us"], writer["p99_us"], writer["limit_us"]) == (200.0, 500.0, None)
     assert (trip["p50_us"], trip["p99_us"], trip["limit_us"], trip["p99_above_limit_us"]) == (800.0, 2000.0, 60.0,
                                                                                                1940.0)
-    # a report from before the writer timed its sends has the one row
-    assert [r["stage"] for r in stage_budget(_step(10_000, ingest=(1, 2), redis=(3, 4), redis_e2e=(5, 6),
-                                                   hotpath=(1, 2)), LIMITS)][1:3] == [
-        "Redis write (ingress -> acknowledged)", "consumer (acknowledged -> callback)"]
+    # a report from before the writer timed its sends, or a step whose send histogram is empty, has the one row
+    old = _step(10_000, ingest=(1, 2), redis=(3, 4), redis_e2e=(5, 6), hotpath=(1, 2))
+    empty = _step(10_000, ingest=(1, 2), redis_sent=(0, 0), redis=(3, 4), redis_e2e=(5, 6), hotpath=(1, 2))
+    empty["latency"]["redis_sent"]["count"] = 0
+    for step in (old, empty):
+        assert [r["stage"] for r in stage_budget(step, LIMITS)][1:3] == [
+            "Redis write (ingress -> acknowledged)", "consumer (acknowledged -> callback)"]

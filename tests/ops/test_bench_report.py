@@ -99,6 +99,15 @@ def test_a_histogram_of_several_stages_is_read_stage_by_stage() -> None:
         ("market_fanout_latency_us", frozenset({("stage", "redis")}))]  # the merge did not change a series
 
 
+def test_a_histogram_family_takes_its_label_sets_by_name() -> None:
+    h = LatencyHistogram()
+    fam = histogram_family("x_us", "test", {"a": "1", "b": "2"}, h, [({"b": "4", "a": "3"}, h)])
+    assert {tuple(sorted(s.labels.items())) for s in fam.samples if s.name == "x_us_count"} == {
+        (("a", "1"), ("b", "2")), (("a", "3"), ("b", "4"))}
+    with pytest.raises(ValueError, match="label names"):
+        histogram_family("x_us", "test", {"a": "1"}, h, [({"stage": "y"}, h)])
+
+
 def test_window_hist_covers_the_window_only() -> None:
     before = LatencyHistogram()
     before.observe(50_000)  # a slow tick before the window must not be the window's max

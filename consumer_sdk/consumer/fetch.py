@@ -191,16 +191,11 @@ async def ack_and_read(
     payload = [pack_xack(encode(key), name, ids) for key, ids in acks if ids]
     replies = len(payload)
     conn = await pool_connection(pool)
-    args: list[Any] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
-    if block is not None:
-        args += ["BLOCK", block]
-    args.append("STREAMS")
-    args += streams.keys()
-    args += streams.values()
-    payload.append(hiredis_pack(tuple(args)) if hiredis_pack is not None else b"".join(conn.pack_command(*args)))
-    if block is not None:  # the follow-up (see the module doc): the same read, not blocking
-        del args[6:8]
-        payload.append(hiredis_pack(tuple(args)) if hiredis_pack is not None else b"".join(conn.pack_command(*args)))
+    head = ("XREADGROUP", "GROUP", group, consumer, "COUNT", count)
+    tail = ("STREAMS", *streams.keys(), *streams.values())
+    # the read, and after a blocking one the follow-up (see the module doc): the same read, not blocking
+    reads = [(*head, "BLOCK", block, *tail), (*head, *tail)] if block is not None else [(*head, *tail)]
+    payload += [hiredis_pack(r) if hiredis_pack is not None else b"".join(conn.pack_command(*r)) for r in reads]
     acked = 0
     error: rexc.ResponseError | None = None
     # One deadline for the whole exchange (the connection's socket timeout, which a blocking client sets

@@ -45,16 +45,12 @@ async def test_ack_and_read_reads_then_acks_with_the_next_read(aredis: aioredis.
     assert (await aredis.xpending(key, "g"))["pending"] == 2
 
 
-async def test_a_blocked_read_gets_every_stream_one_script_wrote(
-    aredis: aioredis.Redis, prefix: str, redis_url: str
-) -> None:
-    """The writer stores a flush over many streams in one script call.  Redis before 7.2 answers a read
-    blocked on all of them with the one stream that woke it; the read that follows it in the same write
-    brings the rest in the same round trip, so one call returns every stream (on any server)."""
-    keys = [f"{prefix}:binance:S{i}:trade" for i in range(5)]
-    for key in keys:
-        await _group(aredis, key)
-    name = f"blocked-{prefix}"
+async def _read_blocked_then_eval(
+    aredis: aioredis.Redis, redis_url: str, keys: list[str], script: str, *args: str
+) -> tuple[int, list[Any]]:
+    """``ack_and_read`` blocked on ``keys`` by a connection of its own, and ``script`` run over ``keys`` once that
+    read waits in Redis; what the read returns (or raises), once the connection proved still in step."""
+    name = f"blocked-{keys[0]}"
     client = aioredis.Redis.from_url(redis_url, client_name=name, socket_timeout=10)
     try:
         raw = raw_stream_client(client)
@@ -68,15 +64,57 @@ async def test_a_blocked_read_gets_every_stream_one_script_wrote(
         async with asyncio.timeout(5):
             while not await blocked():  # the read must be waiting in Redis before the write
                 await asyncio.sleep(0.001)
-        script = "for i, k in ipairs(KEYS) do redis.call('XADD', k, '*', 'd', ARGV[i]) end"
-        await aredis.eval(script, len(keys), *keys, *(f'"tick {i}"' for i in range(len(keys))))
-        acked, found = await read
+        await aredis.eval(script, len(keys), *keys, *args)
+        try:
+            return await read
+        finally:
+            assert await raw.ping()  # every reply was read off the connection: the next command gets its own
     finally:
         await client.aclose()
+
+
+async def test_a_blocked_read_gets_every_stream_one_script_wrote(
+    aredis: aioredis.Redis, prefix: str, redis_url: str
+) -> None:
+    """The writer stores a flush over many streams in one script call.  Redis before 7.2 answers a read
+    blocked on all of them with the one stream that woke it; the read that follows it in the same write
+    brings the rest in the same round trip, so one call returns every stream (on any server)."""
+    keys = [f"{prefix}:binance:S{i}:trade" for i in range(5)]
+    for key in keys:
+        await _group(aredis, key)
+    script = "for i, k in ipairs(KEYS) do redis.call('XADD', k, '*', 'd', ARGV[i]) end"
+    acked, found = await _read_blocked_then_eval(
+        aredis, redis_url, keys, script, *(f'"tick {i}"' for i in range(len(keys))))
     assert acked == 0
     assert sorted((k.decode(), len(ids), values) for k, ids, values in found) == [
         (key, 1, [f'"tick {i}"'.encode()]) for i, key in enumerate(keys)]
     assert (await aredis.xpending(keys[0], "g"))["pending"] == 1  # delivered once, to this consumer
+
+
+async def test_an_error_of_the_follow_up_does_not_take_back_what_the_blocked_read_gave(
+    aredis: aioredis.Redis, prefix: str, redis_url: str
+) -> None:
+    """One script appends to the first stream and deletes the second (its group with it).  Redis before 7.2
+    answers the blocked read with the first stream's entry, then the follow-up meets NOGROUP: the entry, now
+    pending with this consumer, is returned, not dropped under the error.  A server that runs the blocked read
+    again when it wakes (7.2 and later, Valkey) meets NOGROUP in the read itself: that error is raised and
+    nothing was delivered."""
+    keys = [f"{prefix}:binance:S{i}:trade" for i in range(2)]
+    for key in keys:
+        await _group(aredis, key)
+    script = "redis.call('XADD', KEYS[1], '*', 'd', ARGV[1]); redis.call('DEL', KEYS[2])"
+    info = await aredis.info("server")
+    one_stream_wake = "valkey_version" not in info and tuple(
+        int(x) for x in str(info["redis_version"]).split(".")[:2]) < (7, 2)
+    if one_stream_wake:
+        acked, found = await _read_blocked_then_eval(aredis, redis_url, keys, script, '"tick"')
+        assert (acked, [(k.decode(), values) for k, _ids, values in found]) == (0, [(keys[0], [b'"tick"'])])
+        assert (await aredis.xpending(keys[0], "g"))["pending"] == 1  # this consumer's now
+    else:
+        with pytest.raises(rexc.ResponseError, match="NOGROUP"):
+            await _read_blocked_then_eval(aredis, redis_url, keys, script, '"tick"')
+        assert (await aredis.xpending(keys[0], "g"))["pending"] == 0  # not delivered: the next read gets it
+        assert await aredis.xlen(keys[0]) == 1
 
 
 def test_two_reads_merge_stream_by_stream_in_order() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from consumer_sdk.core.latency import LatencyHistogram, bucket_bounds
@@ -24,12 +24,10 @@ _LABEL: Final = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 @dataclass(frozen=True, slots=True)
 class Scrape:
-    """One read of a Prometheus text page: samples by (name, labels), histograms by metric name (every label
-    set merged) and by (name, labels) in ``series``."""
+    """One read of a Prometheus text page: samples and histograms, each by (name, labels)."""
 
     values: dict[tuple[str, frozenset[tuple[str, str]]], float]
-    hists: dict[str, LatencyHistogram]
-    series: dict[tuple[str, frozenset[tuple[str, str]]], LatencyHistogram] = field(default_factory=dict)
+    hists: dict[tuple[str, frozenset[tuple[str, str]]], LatencyHistogram]
 
     def total(self, name: str, **labels: str) -> float:
         """The sum of every sample of ``name`` whose labels include ``labels``."""
@@ -37,13 +35,11 @@ class Scrape:
         return sum(v for (n, lab), v in self.values.items() if n == name and want <= lab)
 
     def hist(self, name: str, **labels: str) -> LatencyHistogram:
-        """``name``'s histogram: the label sets that include ``labels`` merged (all of them with none given;
-        a scrape built without ``series`` has only the merged one)."""
-        if not labels or not self.series:
-            return self.hists.get(name) or LatencyHistogram()
+        """``name``'s histogram: a new one, every label set that includes ``labels`` merged (all of them when none
+        is given), as :meth:`total` sums samples."""
         want = set(labels.items())
         out = LatencyHistogram()
-        for (n, lab), h in self.series.items():
+        for (n, lab), h in self.hists.items():
             if n == name and want <= lab:
                 out.merge(h)
         return out
@@ -51,7 +47,7 @@ class Scrape:
 
 def parse_metrics(text: str) -> Scrape:
     """Prometheus text exposition -> :class:`Scrape`; histograms in :class:`LatencyHistogram`'s layout
-    are rebuilt from their cumulative buckets (label sets of one histogram are merged)."""
+    are rebuilt from their cumulative buckets, one per label set."""
     values: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
     buckets: dict[tuple[str, frozenset[tuple[str, str]]], list[tuple[float, float]]] = {}
     for line in text.splitlines():
@@ -72,20 +68,15 @@ def parse_metrics(text: str) -> Scrape:
             buckets.setdefault(key, []).append((float(le), value))
             continue
         values[(name, frozenset(labels.items()))] = value
-    hists: dict[str, LatencyHistogram] = {}
-    series: dict[tuple[str, frozenset[tuple[str, str]]], LatencyHistogram] = {}
+    hists: dict[tuple[str, frozenset[tuple[str, str]]], LatencyHistogram] = {}
     for (base, label_set), pairs in buckets.items():
         pairs.sort()
         if len(pairs) != len(_BOUNDS) or any(a != b for (a, _), b in zip(pairs, _BOUNDS, strict=True)):
             continue  # not in our histogram layout
         h = LatencyHistogram.from_buckets([int(c) for _, c in pairs], values.get((f"{base}_sum", label_set), 0.0))
         h.max_us = _top_bound(h)  # the text carries no max: the upper bound of the highest bucket used
-        series[(base, label_set)] = h
-        if base in hists:
-            hists[base].merge(h)
-        else:
-            hists[base] = h.copy()
-    return Scrape(values, hists, series)
+        hists[(base, label_set)] = h
+    return Scrape(values, hists)
 
 
 def _top_bound(h: LatencyHistogram) -> int:

@@ -26,7 +26,7 @@ def _scrape(entries: dict[str, int], resyncs: dict[tuple[str, str], int], hist: 
               for k, n in entries.items()}
     values |= {("market_book_resync_total", frozenset({("venue", "binance"), ("symbol", s), ("reason", r)})): float(n)
                for (s, r), n in resyncs.items()}
-    return Scrape(values, {"market_fanout_latency_us": hist})
+    return Scrape(values, {("market_fanout_latency_us", frozenset({("stage", "redis")})): hist})
 
 
 def test_bench_symbols_are_distinct_valid_names() -> None:

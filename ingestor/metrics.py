@@ -17,14 +17,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from consumer_sdk.core.errors import ConfigError
 from consumer_sdk.core.latency import LatencyHistogram
 from distributor.writer import REJECTION_REASONS
+from ingestor.exposition import Exposition, Histograms, Part, as_family, start_exporter
 from ingestor.pipeline import SKIP_REASONS
 from ingestor.rest import REFUSAL_KINDS
 from ingestor.snapshot import IngestorSnapshot, Snapshotting
@@ -40,18 +41,10 @@ PROCESS_WIDE = frozenset({"market_threads"})
 def histogram_family(
     name: str, doc: str, labels: dict[str, str], hist: LatencyHistogram,
     more: Iterable[tuple[dict[str, str], LatencyHistogram]] = (),
-) -> HistogramMetricFamily:
+) -> Metric:
     """One histogram family: ``hist`` under ``labels``, and each of ``more`` under its own values of the
     same label names (one family per name, as the exposition format requires)."""
-    fam = HistogramMetricFamily(name, doc, labels=list(labels))
-    for values, h in ((labels, hist), *more):
-        if values.keys() != labels.keys():
-            raise ValueError(f"{name}: label names {sorted(values)} differ from {sorted(labels)}")
-        bounds = h.upper_bounds()
-        cumulative = h.cumulative()
-        buckets = [("+Inf" if b == float("inf") else repr(b), c) for b, c in zip(bounds, cumulative, strict=True)]
-        fam.add_metric([values[k] for k in labels], buckets, float(h.sum_us))
-    return fam
+    return as_family(Histograms(name, doc, [(labels, hist), *more]))
 
 
 class IngestorCollector(Collector):
@@ -61,9 +54,18 @@ class IngestorCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         return self.families(self._ing.snapshot())
 
+    def parts(self) -> Iterator[Part]:
+        """What :meth:`collect` gives, the histograms not yet turned into samples (for :class:`Exposition`)."""
+        return self.snapshot_parts(self._ing.snapshot())
+
     @staticmethod
     def families(snap: IngestorSnapshot) -> Iterator[Metric]:
         """The metric families of one snapshot."""
+        return map(as_family, IngestorCollector.snapshot_parts(snap))
+
+    @staticmethod
+    def snapshot_parts(snap: IngestorSnapshot) -> Iterator[Part]:
+        """The metric families of one snapshot, its histograms as :class:`Histograms`."""
         venue = snap.venue
         writer = snap.writer
         q = snap.ingress
@@ -399,19 +401,19 @@ class IngestorCollector(Collector):
                 )
                 waiting.add_metric([venue], len(depth.resubscribing))
                 yield waiting
-        yield histogram_family(
-            "market_ingest_latency_us", "Frame received to tick in ingress (µs)", {"venue": venue},
-            snap.ingest_latency,
+        yield Histograms(
+            "market_ingest_latency_us", "Frame received to tick in ingress (µs)",
+            [({"venue": venue}, snap.ingest_latency)],
         )
-        yield histogram_family(
+        yield Histograms(
             "market_fanout_latency_us",
             "Frame received to delivery (µs), by stage: redis_sent (its flush sent to Redis), redis (acknowledged)",
-            {"stage": "redis"}, writer.ack_latency if writer is not None else LatencyHistogram(),
-            [({"stage": "redis_sent"}, writer.sent_latency if writer is not None else LatencyHistogram())],
+            [({"stage": "redis"}, writer.ack_latency if writer is not None else LatencyHistogram()),
+             ({"stage": "redis_sent"}, writer.sent_latency if writer is not None else LatencyHistogram())],
         )
-        yield histogram_family(
+        yield Histograms(
             "market_e2e_latency_us", "Ingress to co-located subscriber callback (µs)",
-            {"path": "hotpath"}, hot.latency if hot is not None else LatencyHistogram(),
+            [({"path": "hotpath"}, hot.latency if hot is not None else LatencyHistogram())],
         )
         yield GaugeMetricFamily("market_threads", "Threads in this process", value=threading.active_count())
 
@@ -429,21 +431,33 @@ class VenuesCollector(Collector):
         self._restarts = restarts
 
     def collect(self) -> Iterator[Metric]:
-        merged: dict[str, Metric] = {}
+        return map(as_family, self.parts())
+
+    def parts(self) -> list[Part]:
+        """Every venue's families merged (see the class doc), the histograms as :class:`Histograms`."""
+        merged: dict[str, Part] = {}
         for ingestor in list(self._ingestors()):
             snap = ingestor.snapshot()
             venue = snap.venue
-            for family in IngestorCollector.families(snap):
-                into = merged.get(family.name)
-                if into is None:
-                    into = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
-                elif family.name in PROCESS_WIDE:
+            for part in IngestorCollector.snapshot_parts(snap):
+                if isinstance(part, Histograms):
+                    into_h = merged.setdefault(part.name, Histograms(part.name, part.documentation, []))
+                    assert isinstance(into_h, Histograms)
+                    into_h.series.extend(
+                        (labels if "venue" in labels else {"venue": venue, **labels}, h) for labels, h in part.series
+                    )
                     continue
-                for sample in family.samples:
-                    if "venue" not in sample.labels and family.name not in PROCESS_WIDE:
+                into = merged.get(part.name)
+                if into is None:
+                    into = merged[part.name] = Metric(part.name, part.documentation, part.type, part.unit)
+                elif part.name in PROCESS_WIDE:
+                    continue
+                assert not isinstance(into, Histograms)
+                for sample in part.samples:
+                    if "venue" not in sample.labels and part.name not in PROCESS_WIDE:
                         sample = sample._replace(labels={"venue": venue, **sample.labels})
                     into.samples.append(sample)
-        yield from merged.values()
+        out = list(merged.values())
         if self._restarts is not None:
             restarts = CounterMetricFamily(
                 "market_venue_restarts", "Times a venue's ingestor failed and was replaced by a fresh one",
@@ -451,28 +465,26 @@ class VenuesCollector(Collector):
             )
             for venue, n in sorted(self._restarts().items()):
                 restarts.add_metric([venue], n)
-            yield restarts
+            out.append(restarts)
+        return out
 
 
-def serve_metrics(ingestor: Snapshotting, host: str, port: int) -> CollectorRegistry:
-    """Start the exporter thread; a port in use is a :class:`ConfigError`."""
-    return _serve(IngestorCollector(ingestor), host, port)
+def serve_metrics(ingestor: Snapshotting, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
+    """Start the exporter thread (:mod:`ingestor.exposition`); a port in use is a :class:`ConfigError`."""
+    return _serve(IngestorCollector(ingestor).parts, host, port)
 
 
 def serve_venues_metrics(
     ingestors: Callable[[], Iterable[Snapshotting]], host: str, port: int,
     restarts: Callable[[], Mapping[str, int]] | None = None,
-) -> CollectorRegistry:
+) -> tuple[WSGIServer, threading.Thread]:
     """Start one exporter thread for several venues' ingestors (:class:`VenuesCollector`); a port in use is a
     :class:`ConfigError`."""
-    return _serve(VenuesCollector(ingestors, restarts), host, port)
+    return _serve(VenuesCollector(ingestors, restarts).parts, host, port)
 
 
-def _serve(collector: Collector, host: str, port: int) -> CollectorRegistry:
-    registry = CollectorRegistry()
-    registry.register(collector)
+def _serve(parts: Callable[[], Iterable[Part]], host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
     try:
-        start_http_server(port, addr=host, registry=registry)
+        return start_exporter(Exposition(parts), host, port)
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
-    return registry

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 import redis.asyncio as aioredis
@@ -118,9 +119,11 @@ class Harness:
             self.tick()
 
     # -- reading the children
-    async def scrape(self) -> Scrape:
-        """The ingestor's ``/metrics``, parsed; :class:`TransientError` when it does not answer."""
-        return parse_metrics((await http_get(self.metrics_port, "/metrics")).decode("utf-8", "replace"))
+    async def scrape(self, names: Sequence[str] = ()) -> Scrape:
+        """The ingestor's ``/metrics``, parsed, restricted to the samples ``names`` when given (``?name[]=``);
+        :class:`TransientError` when it does not answer."""
+        path = "/metrics" + (f"?{urlencode([('name[]', n) for n in names])}" if names else "")
+        return parse_metrics((await http_get(self.metrics_port, path)).decode("utf-8", "replace"))
 
     async def sim_state(self) -> dict[str, Any]:
         """The simulator's ``/control/state`` (``stats.frames_sent``, ``stats.ticks_total``, ...)."""
@@ -144,11 +147,12 @@ class Harness:
         consumed, ing, sim = await self.read_counts()
         return Edge(time.monotonic(), ing, sim, self.cpu(), consumed, self.received_before)
 
-    async def read_counts(self) -> tuple[int, Scrape, dict[str, Any]]:
-        """The consumer's count, then the ingestor's, then the simulator's: each later read can only be
-        ahead of the one before, so published - consumed and sent - received are never negative."""
+    async def read_counts(self, names: Sequence[str] = ()) -> tuple[int, Scrape, dict[str, Any]]:
+        """The consumer's count, then the ingestor's (only ``names`` when given), then the simulator's: each
+        later read can only be ahead of the one before, so published - consumed and sent - received are never
+        negative."""
         consumed = self.sink.received
-        ing = await self.scrape()
+        ing = await self.scrape(names)
         sim = await self.sim_state()
         return consumed, ing, sim
 

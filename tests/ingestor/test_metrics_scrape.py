@@ -58,14 +58,14 @@ def _get(url: str) -> tuple[int, str, str]:
 async def _scrape(redis_url: str) -> dict[str, Any]:
     prefix = f"t{uuid.uuid4().hex[:10]}"
     servers: list[Any] = []
-    real = metrics_module.start_http_server
+    real = metrics_module.start_exporter
 
     def recording(*args: Any, **kw: Any) -> Any:
         started = real(*args, **kw)
         servers.append(started)
         return started
 
-    metrics_module.start_http_server = recording  # type: ignore[assignment]
+    metrics_module.start_exporter = recording  # type: ignore[assignment]
     redis = aioredis.Redis.from_url(redis_url)
     try:
         async with Simulator(SimulatorConfig(symbols=("BTCUSDT", "ETHUSDT"), rate=500.0)) as sim:
@@ -86,7 +86,7 @@ async def _scrape(redis_url: str) -> dict[str, Any]:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
     finally:
-        metrics_module.start_http_server = real
+        metrics_module.start_exporter = real
         for server, thread in servers:
             server.shutdown()
             server.server_close()

@@ -140,7 +140,8 @@ async def read_feed(sock: socket.socket, ingress: IngressQueue[Tick], total: int
 async def test_a_slow_sync_subscriber_is_moved_off_the_loop(aredis: aioredis.Redis, prefix: str) -> None:
     """2k ticks/s from a socket through the real distributor (hot path, then the Redis writer); one
     subscriber's handler blocks 1 ms per tick on drop_oldest.  The other gets every tick in order and stays
-    within 100 ticks (50 ms of this feed) of the venue, the writer stores every tick, the slow one's drops are
+    near the venue (median under 50 ticks, p99 under 400: 200 ms of this feed; with the slow one left on the loop
+    they are about 560 and 1400, alone on the machine 0 and under 10), the writer stores every tick, the slow one's drops are
     counted exactly, the loop keeps turning while it works, and the stats name it."""
     hot = HotPath()
     ingress: IngressQueue[Tick] = IngressQueue(100_000, Policy.BLOCK)
@@ -178,8 +179,9 @@ async def test_a_slow_sync_subscriber_is_moved_off_the_loop(aredis: aioredis.Red
     # The other subscriber and the writer: every tick, in order; the other never far behind the venue.
     assert fast.seqs == list(range(1, total + 1))
     assert (fst.delivered, fst.dropped, fst.execution) == (total, 0, Execution.INLINE)
-    p99 = sorted(behind)[99 * len(behind) // 100]
-    assert p99 < 100, f"the fast subscriber's p99 was {p99} ticks behind the venue"
+    ranked = sorted(behind)
+    p50, p99 = ranked[len(ranked) // 2], ranked[99 * len(ranked) // 100]
+    assert p50 < 50 and p99 < 400, f"the fast subscriber was {p50} (p50) and {p99} (p99) ticks behind the venue"
     stored = await aredis.xrange(f"{prefix}:sim:BTCUSDT:trade")
     assert [int(entry_id.split(b"-")[1]) for entry_id, _ in stored] == list(range(1, total + 1))
 

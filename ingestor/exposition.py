@@ -10,12 +10,15 @@ count changes from the bucket before.  Every other family still goes through pro
 ``generate_latest``, and the page is byte for byte what ``generate_latest`` writes for the same families
 (the tests compare the two).
 
-``?name[]=...`` restricts the page to those sample names, as prometheus-client's exporter does; a histogram
-is served whole when any of its ``_bucket``, ``_count`` or ``_sum`` is asked for.
+``?name[]=...`` restricts the page to those sample names, as prometheus-client's exporter does, except that a
+histogram is served whole when any of its ``_bucket``, ``_count`` or ``_sum`` is asked for.  Unlike that
+exporter, the page is always text 0.0.4 (never OpenMetrics), never gzipped (46 kB), and only ``GET`` is
+answered (405 otherwise).
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -32,9 +35,12 @@ from consumer_sdk.core.latency import LatencyHistogram, bucket_bounds
 
 __all__ = ["Exposition", "Histograms", "Part", "as_family", "start_exporter"]
 
-#: label sets whose line prefixes are kept; beyond this the cache starts over (label sets are few and fixed:
-#: a venue, a stage, a path)
+#: label sets whose line prefixes are kept; beyond this the cache starts over.  A safety net: the label sets
+#: are few and fixed (a venue, a stage, a path); past it every scrape would format its prefixes again
 MAX_CACHED_SERIES = 1024
+
+#: names prometheus-client writes unchanged (others it rewrites; this formatter refuses them)
+_LEGACY_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z").match
 
 _LE = tuple("+Inf" if b == float("inf") else repr(b) for b in bucket_bounds())
 
@@ -160,6 +166,9 @@ class Exposition:
 
     def _remember(self, key: tuple[str, tuple[tuple[str, str], ...]]) -> tuple[tuple[str, ...], str, str]:
         name, labels = key
+        bad = [n for n in (name, *(k for k, _ in labels)) if not _LEGACY_NAME(n)]
+        if bad or any(k == "le" for k, _ in labels):
+            raise ValueError(f"{name}: a histogram's names must be plain (no 'le' label): {bad or labels}")
         plain = _labels(labels)
         buckets = tuple(f"{name}_bucket{{{_labels((*labels, ('le', le)))}}} " for le in _LE)
         inner = f"{{{plain}}}" if plain else ""
@@ -189,6 +198,9 @@ def start_exporter(exposition: Exposition, host: str, port: int) -> tuple[WSGISe
         address_family = family
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        if environ.get("REQUEST_METHOD") != "GET":
+            start_response("405 Method Not Allowed", [("Content-Type", "text/plain"), ("Allow", "GET")])
+            return [b"only GET\n"]
         if environ.get("PATH_INFO") == "/favicon.ico":
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found\n"]

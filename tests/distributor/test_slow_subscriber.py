@@ -140,9 +140,9 @@ async def read_feed(sock: socket.socket, ingress: IngressQueue[Tick], total: int
 async def test_a_slow_sync_subscriber_is_moved_off_the_loop(aredis: aioredis.Redis, prefix: str) -> None:
     """2k ticks/s from a socket through the real distributor (hot path, then the Redis writer); one
     subscriber's handler blocks 1 ms per tick on drop_oldest.  The other gets every tick in order and stays
-    near the venue (median under 50 ticks, p99 under 400: 200 ms of this feed; with the slow one left on the loop
-    they are about 560 and 1400, alone on the machine 0 and under 10), the writer stores every tick, the slow one's drops are
-    counted exactly, the loop keeps turning while it works, and the stats name it."""
+    near the venue (median under 50 ticks, p99 under 400: 200 ms of this feed; with the slow one left on the
+    loop they are about 560 and 1400, alone on the machine 0 and under 10), the writer stores every tick, the
+    slow one's drops are counted exactly, the loop keeps turning while it works, and the stats name it."""
     hot = HotPath()
     ingress: IngressQueue[Tick] = IngressQueue(100_000, Policy.BLOCK)
     writer = StreamWriter(aredis, prefix=prefix)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -50,6 +50,7 @@ observations = st.lists(st.integers(min_value=0, max_value=2**42), max_size=60)
 
 
 @settings(max_examples=150, deadline=None)
+@example(first='a"b\\c\nd', second="\\", a=[5, 2**40], b=[], more=[7], doc='help "with" \\ and \n')
 @given(
     first=label_values, second=label_values, a=observations, b=observations, more=observations,
     doc=st.text(max_size=40),
@@ -122,6 +123,13 @@ def test_name_restricts_the_page_to_those_samples() -> None:
     assert Exposition(collector.parts).render(frozenset({"nothing"})) == b""
 
 
+def test_a_histogram_with_an_le_label_or_a_name_it_would_rewrite_is_refused() -> None:
+    for name, labels in (("h_us", {"le": "1"}), ("h-us", {}), ("h_us", {"a.b": "1"})):
+        page = Exposition(lambda name=name, labels=labels: [Histograms(name, "d", [(labels, hist_of([1]))])])
+        with pytest.raises(ValueError, match="must be plain"):
+            page.render()
+
+
 def test_a_label_set_beyond_the_cache_starts_it_over() -> None:
     import ingestor.exposition as expo
 
@@ -156,6 +164,11 @@ def test_the_exporter_serves_the_page_over_http() -> None:
         with pytest.raises(urllib.error.HTTPError) as err:
             _get(f"http://127.0.0.1:{port}/favicon.ico")
         assert err.value.code == 404
+        err.value.close()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", data=b"x", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=5)
+        assert err.value.code == 405 and err.value.headers["Allow"] == "GET"
         err.value.close()
         # The port taken: a clear error, not a traceback from the socket layer.
         with pytest.raises(ConfigError, match=f"cannot serve metrics on 127.0.0.1:{port}"):

@@ -12,7 +12,7 @@ count changes from the bucket before.  Every other family still goes through pro
 
 ``?name[]=...`` restricts the page to those sample names, as prometheus-client's exporter does, except that a
 histogram is served whole when any of its ``_bucket``, ``_count`` or ``_sum`` is asked for.  Unlike that
-exporter, the page is always text 0.0.4 (never OpenMetrics), never gzipped (46 kB), and only ``GET`` is
+exporter, the page is always text 0.0.4 (never OpenMetrics), never gzipped (about 50 kB), and only ``GET`` is
 answered (405 otherwise).
 """
 

@@ -30,6 +30,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import generate_latest
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.utils import floatToGoString
 
 from consumer_sdk.core.latency import LatencyHistogram, bucket_bounds
 
@@ -84,19 +85,8 @@ class _Families:
         return iter(self._families)
 
 
-def _number(value: float) -> str:
-    """A sample's value as prometheus-client writes it (Go's float formatting: ``12.0``, ``1.2345678e+07``)."""
-    d = float(value)
-    if d != d:
-        return "NaN"
-    if d in (float("inf"), float("-inf")):
-        return "+Inf" if d > 0 else "-Inf"
-    s = repr(d)
-    dot = s.find(".")
-    if d > 0 and dot > 6:
-        mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1:]}".rstrip("0.")
-        return f"{mantissa}e+{dot - 1:02d}"
-    return s
+#: a sample's value as prometheus-client writes it (its own function, untyped there: ``12.0``, ``1.2345678e+07``)
+_number: Callable[[float], str] = floatToGoString
 
 
 def _escape_label(value: str) -> str:

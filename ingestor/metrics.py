@@ -31,20 +31,11 @@ from ingestor.rest import REFUSAL_KINDS
 from ingestor.snapshot import IngestorSnapshot, Snapshotting
 
 __all__ = [
-    "PROCESS_WIDE", "IngestorCollector", "VenuesCollector", "histogram_family", "serve_metrics", "serve_venues_metrics",
+    "PROCESS_WIDE", "IngestorCollector", "VenuesCollector", "serve_metrics", "serve_venues_metrics",
 ]
 
 #: families that describe the process, not one venue's ingestor: served once, without a venue label
 PROCESS_WIDE = frozenset({"market_threads"})
-
-
-def histogram_family(
-    name: str, doc: str, labels: dict[str, str], hist: LatencyHistogram,
-    more: Iterable[tuple[dict[str, str], LatencyHistogram]] = (),
-) -> Metric:
-    """One histogram family: ``hist`` under ``labels``, and each of ``more`` under its own values of the
-    same label names (one family per name, as the exposition format requires)."""
-    return as_family(Histograms(name, doc, [(labels, hist), *more]))
 
 
 class IngestorCollector(Collector):
@@ -52,16 +43,11 @@ class IngestorCollector(Collector):
         self._ing = ingestor
 
     def collect(self) -> Iterator[Metric]:
-        return self.families(self._ing.snapshot())
+        return map(as_family, self.parts())
 
     def parts(self) -> Iterator[Part]:
         """What :meth:`collect` gives, the histograms not yet turned into samples (for :class:`Exposition`)."""
         return self.snapshot_parts(self._ing.snapshot())
-
-    @staticmethod
-    def families(snap: IngestorSnapshot) -> Iterator[Metric]:
-        """The metric families of one snapshot."""
-        return map(as_family, IngestorCollector.snapshot_parts(snap))
 
     @staticmethod
     def snapshot_parts(snap: IngestorSnapshot) -> Iterator[Part]:

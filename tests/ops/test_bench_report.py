@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from consumer_sdk.core.errors import ConfigError, TransientError
 from consumer_sdk.core.latency import DEFAULT_SAMPLE_EVERY, LatencyHistogram
 from distributor.hotpath import HOT_SAMPLE_EVERY
-from ingestor.metrics import histogram_family
+from ingestor.exposition import Histograms, as_family
 from ops.bench.analysis import (
     Edge,
     analyse_step,
@@ -44,7 +44,7 @@ class _Fixed(Collector):
         self.hist = hist
 
     def collect(self) -> Any:
-        yield histogram_family("market_e2e_latency_us", "test", {"path": "hotpath"}, self.hist)
+        yield as_family(Histograms("market_e2e_latency_us", "test", [({"path": "hotpath"}, self.hist)]))
 
 
 def _exposition(hist: LatencyHistogram) -> str:
@@ -76,9 +76,8 @@ class _Staged(Collector):
         self.stages = stages
 
     def collect(self) -> Any:
-        (first, h), *more = self.stages
-        yield histogram_family("market_fanout_latency_us", "test", {"stage": first}, h,
-                               [({"stage": name}, other) for name, other in more])
+        yield as_family(Histograms("market_fanout_latency_us", "test",
+                                   [({"stage": name}, h) for name, h in self.stages]))
 
 
 def test_a_histogram_of_several_stages_is_read_stage_by_stage() -> None:
@@ -100,11 +99,11 @@ def test_a_histogram_of_several_stages_is_read_stage_by_stage() -> None:
 
 def test_a_histogram_family_takes_its_label_sets_by_name() -> None:
     h = LatencyHistogram()
-    fam = histogram_family("x_us", "test", {"a": "1", "b": "2"}, h, [({"b": "4", "a": "3"}, h)])
+    fam = as_family(Histograms("x_us", "test", [({"a": "1", "b": "2"}, h), ({"b": "4", "a": "3"}, h)]))
     assert {tuple(sorted(s.labels.items())) for s in fam.samples if s.name == "x_us_count"} == {
         (("a", "1"), ("b", "2")), (("a", "3"), ("b", "4"))}
     with pytest.raises(ValueError, match="label names"):
-        histogram_family("x_us", "test", {"a": "1"}, h, [({"stage": "y"}, h)])
+        as_family(Histograms("x_us", "test", [({"a": "1"}, h), ({"stage": "y"}, h)]))
 
 
 def test_window_hist_covers_the_window_only() -> None:

@@ -18,6 +18,7 @@ from ops.bench.profiles import GROWTH_SHARE, REFERENCE_RATE, SUBSCRIBERS, TARGET
 from ops.bench.scrape import Scrape, window_hist
 
 __all__ = [
+    "REDIS_COMMANDS",
     "Edge",
     "analyse_step",
     "capacity",
@@ -25,11 +26,34 @@ __all__ = [
     "find_peak",
     "growing",
     "queue_slope",
+    "redis_commands",
     "stage_stats",
     "summarize",
     "summarize_peak",
     "tolerance",
 ]
+
+
+#: the commands whose time inside Redis a step reports: the writer's script, the consumer's reads and acks
+REDIS_COMMANDS: tuple[str, ...] = ("evalsha", "xreadgroup", "xack")
+
+
+def redis_commands(
+    before: dict[str, tuple[int, int]] | None, after: dict[str, tuple[int, int]] | None, window_s: float
+) -> dict[str, dict[str, float]]:
+    """Per command of :data:`REDIS_COMMANDS` called in the window: calls a second, µs a call inside Redis, and
+    the share of the window Redis spent in it, from two ``(calls, µs)`` readings of ``INFO commandstats``
+    (``{}`` when either is missing; a command not called, or whose counters went back (a reset), is left out)."""
+    if before is None or after is None or window_s <= 0:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for name in REDIS_COMMANDS:
+        calls = after.get(name, (0, 0))[0] - before.get(name, (0, 0))[0]
+        usec = after.get(name, (0, 0))[1] - before.get(name, (0, 0))[1]
+        if calls > 0 and usec >= 0:
+            out[name] = {"calls_per_s": round(calls / window_s, 1), "us_per_call": round(usec / calls, 1),
+                         "busy_share": round(usec / 1e6 / window_s, 3)}
+    return out
 
 
 def stage_stats(h: LatencyHistogram) -> dict[str, float]:

@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from consumer_sdk.core.errors import ConfigError, TransientError
 from consumer_sdk.core.latency import LatencyHistogram
 from consumer_sdk.core.tick import Tick
-from ops.bench.analysis import Edge
+from ops.bench.analysis import REDIS_COMMANDS, Edge
 from ops.bench.processes import Child, cpu_seconds, free_port, http_get, machine_busy_seconds, spawn
 from ops.bench.profiles import (
     CHANNELS,
@@ -231,9 +231,10 @@ class Harness:
             await asyncio.sleep(0.1)  # the counters live in other processes: poll them
             self.tick()
 
-    async def script_stats(self) -> tuple[int, int] | None:
-        """Redis's own count of script calls (EVALSHA) and the µs it spent in them; None if it cannot tell.
-        On a shared Redis these include other clients' scripts."""
+    async def command_stats(self) -> dict[str, tuple[int, int]] | None:
+        """Redis's own count of calls and the µs it spent in them, for each command of
+        :data:`~ops.bench.analysis.REDIS_COMMANDS` (the writer's script; the consumer's reads and acks), from
+        ``INFO commandstats``; None if it cannot tell.  On a shared Redis these include other clients' calls."""
         client = aioredis.Redis.from_url(self.redis_url, socket_timeout=HTTP_TIMEOUT_S,
                                          socket_connect_timeout=HTTP_TIMEOUT_S)
         try:
@@ -242,10 +243,11 @@ class Harness:
             return None
         finally:
             await client.aclose()
-        stat = info.get("cmdstat_evalsha")
-        if not isinstance(stat, dict):
-            return (0, 0)
-        return int(stat.get("calls", 0)), int(stat.get("usec", 0))
+        out: dict[str, tuple[int, int]] = {}
+        for name in REDIS_COMMANDS:
+            stat = info.get(f"cmdstat_{name}")
+            out[name] = (int(stat.get("calls", 0)), int(stat.get("usec", 0))) if isinstance(stat, dict) else (0, 0)
+        return out
 
     async def delete_keys(self) -> None:
         """Delete every key under the run's prefixes (bounded: 60 s); a failure becomes a note."""

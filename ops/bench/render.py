@@ -63,6 +63,21 @@ def _saturated_processes(cpu: dict[str, float | None], cores: int) -> list[str]:
     return out
 
 
+def _consumer_inside_redis(commands: dict[str, dict[str, float]]) -> str:
+    """The sentence on the consumer's time inside Redis (its reads and acks), or "" when not measured."""
+    read, ack = commands.get("xreadgroup"), commands.get("xack")
+    if read is None:
+        return ""
+    busy = read["busy_share"] + (ack["busy_share"] if ack else 0.0)
+    acks = (f", and {ack['calls_per_s']:.0f} XACK ({fmt_us(ack['us_per_call'])} each, one per stream read)"
+            if ack else "")
+    return (f"The SDK consumer's side inside Redis: {read['calls_per_s']:.0f} XREADGROUP a second over every "
+            f"stream, {fmt_us(read['us_per_call'])} each (a blocked read and the follow-up behind it per wake; a "
+            f"read's cost grows with the streams it names and the entries it hands over){acks}; Redis busy with "
+            f"them {100 * busy:.0f}% of the window. A tick reaches the consumer once the script that stored it "
+            "and these reads have run.")
+
+
 def _where_time_goes(step: dict[str, Any], cores: int, subscribers: int) -> list[str]:
     """Sentences that explain a step: stage by stage, then who used the CPU."""
     lat = step["latency"]
@@ -92,6 +107,9 @@ def _where_time_goes(step: dict[str, Any], cores: int, subscribers: int) -> list
             "for the hot path's subscribers woken by the same batch: the simulator sends every 5 ms, so each "
             "burst goes through the ingestor's one event loop as a whole."
         )
+    consumer = _consumer_inside_redis(step.get("redis_commands") or {})
+    if consumer:
+        lines.append(consumer)
     hot = _saturated_processes(step["cpu"], cores)
     if hot:
         lines.append("Out of CPU: " + "; ".join(hot) + ".")

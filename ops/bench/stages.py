@@ -21,7 +21,7 @@ from consumer_sdk.core.errors import MarketError
 from consumer_sdk.core.heap import settle_heap
 from consumer_sdk.core.latency import LatencyHistogram
 from consumer_sdk.core.loop import choose_loop
-from ops.bench.analysis import analyse_step, final_tally, summarize_peak
+from ops.bench.analysis import analyse_step, final_tally, redis_commands, summarize_peak
 from ops.bench.harness import Harness
 from ops.bench.processes import Child, memory_kib
 from ops.bench.profiles import (
@@ -68,7 +68,8 @@ async def measure_step(h: Harness, index: int, rate: float, children: list[Child
                        phase: str = "step") -> dict[str, Any]:
     """One rate: a warm-up, then a window of :attr:`~ops.bench.harness.Harness.window_s` with the queues
     sampled every :data:`SAMPLE_S`, the edges read at both ends; its figures (see
-    :func:`~ops.bench.analysis.analyse_step`) with Redis's own time in the writer's script calls.  The rate
+    :func:`~ops.bench.analysis.analyse_step`) with Redis's own time in the writer's script calls and the consumer's
+    reads and acks (:func:`~ops.bench.analysis.redis_commands`).  The rate
     is left where it is: the caller drains.  :class:`MarketError` when a child exits meanwhile."""
     label = f"{phase} {index + 1}/{of or len(h.schedule)} {rate:.0f}/s"
     h.tick(label + " warm-up")
@@ -76,7 +77,7 @@ async def measure_step(h: Harness, index: int, rate: float, children: list[Child
     await h.sleep(h.warmup_s)
     h.tick(label)
     start = await h.edge()
-    scripts_a = await h.script_stats()
+    commands_a = await h.command_stats()
     h.sink.hist = LatencyHistogram()
     samples: list[list[float]] = []
     next_at = start.t
@@ -100,12 +101,13 @@ async def measure_step(h: Harness, index: int, rate: float, children: list[Child
     e2e = h.sink.hist
     h.sink.hist = LatencyHistogram()
     end = await h.edge()
-    scripts_b = await h.script_stats()
+    commands_b = await h.command_stats()
     step = analyse_step(rate, start, end, e2e, samples, consuming=h.consuming)
-    if scripts_a is not None and scripts_b is not None and scripts_b[0] > scripts_a[0]:
-        calls, usec = scripts_b[0] - scripts_a[0], scripts_b[1] - scripts_a[1]
-        step["writer"]["redis_us_per_call"] = round(usec / calls)
-        step["writer"]["redis_busy_share"] = round(usec / 1e6 / step["window_s"], 3)
+    step["redis_commands"] = commands = redis_commands(commands_a, commands_b, step["window_s"])
+    script = commands.get("evalsha")
+    if script is not None:
+        step["writer"]["redis_us_per_call"] = round(script["us_per_call"])
+        step["writer"]["redis_busy_share"] = script["busy_share"]
     return step
 
 

@@ -27,6 +27,7 @@ from ops.bench.analysis import (
     find_peak,
     growing,
     queue_slope,
+    redis_commands,
     stage_stats,
     summarize_peak,
 )
@@ -155,6 +156,35 @@ def _edge(t: float, *, sent: int, received: int, accepted: int, published: int, 
     cpu: dict[str, float | None] = {"simulator": cpu_s, "ingestor": 2 * cpu_s, "bench": cpu_s, "machine": 5 * cpu_s,
                                     "redis-server": None}
     return Edge(t, Scrape(values, {}), sim, cpu, consumed)
+
+
+def test_redis_commands_are_the_window_s_calls_and_time() -> None:
+    before = {"evalsha": (100, 50_000), "xreadgroup": (10, 1_000), "xack": (5, 5)}
+    after = {"evalsha": (300, 130_000), "xreadgroup": (410, 61_000), "xack": (5, 5)}
+    got = redis_commands(before, after, 2.0)
+    assert got == {
+        "evalsha": {"calls_per_s": 100.0, "us_per_call": 400.0, "busy_share": 0.04},
+        "xreadgroup": {"calls_per_s": 200.0, "us_per_call": 150.0, "busy_share": 0.03},
+    }  # xack not called in the window: left out
+    # rounded: calls a second and µs a call to 0.1, the busy share to 0.001; a call that took no whole µs counts
+    odd = redis_commands({"evalsha": (0, 0), "xack": (0, 0)}, {"evalsha": (7, 1_000), "xack": (3, 0)}, 3.0)
+    assert odd == {"evalsha": {"calls_per_s": 2.3, "us_per_call": 142.9, "busy_share": 0.0},
+                   "xack": {"calls_per_s": 1.0, "us_per_call": 0.0, "busy_share": 0.0}}
+    # a reading missing, or counters that went back (CONFIG RESETSTAT between the edges): nothing claimed
+    assert redis_commands(None, after, 2.0) == {} and redis_commands(before, None, 2.0) == {}
+    assert redis_commands(after, before, 2.0) == {}
+    assert redis_commands(before, after, 0.0) == {}
+
+
+def test_the_consumer_s_time_inside_redis_is_explained_when_measured() -> None:
+    from ops.bench.render import _consumer_inside_redis
+
+    commands = {"xreadgroup": {"calls_per_s": 400.0, "us_per_call": 150.0, "busy_share": 0.06},
+                "xack": {"calls_per_s": 7000.0, "us_per_call": 1.3, "busy_share": 0.009}}
+    line = _consumer_inside_redis(commands)
+    assert "400 XREADGROUP a second" in line and "150 µs each" in line and "7000 XACK" in line
+    assert "busy with them 7% of the window" in line
+    assert _consumer_inside_redis({"evalsha": {"calls_per_s": 1.0, "us_per_call": 1.0, "busy_share": 0.0}}) == ""
 
 
 def test_a_clean_window_adds_up_and_is_not_saturated() -> None:
@@ -321,6 +351,10 @@ async def test_tiny_run_writes_the_report_and_the_counts_add_up(
             assert lat[stage]["p50_us"] <= lat[stage]["p99_us"] <= lat[stage]["p999_us"] <= lat[stage]["max_us"]
         t = step["tallies"]
         assert t["adds_up"], t
+        # Redis's own time in the writer's script and the consumer's reads (other clients' calls may add to it)
+        cmds = step["redis_commands"]
+        assert cmds["evalsha"]["calls_per_s"] > 0 and cmds["xreadgroup"]["calls_per_s"] > 0, cmds
+        assert step["writer"]["redis_us_per_call"] == round(cmds["evalsha"]["us_per_call"])
         assert t["sent"] > 0.5 * step["rate"] * step["window_s"]
         assert abs(t["sent"] - t["received"]) <= t["tolerance"]
         assert abs(t["accepted"] - t["published"] - t["dropped"] - t["queued_change"]) <= t["tolerance"]

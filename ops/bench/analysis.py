@@ -43,7 +43,8 @@ def redis_commands(
 ) -> dict[str, dict[str, float]]:
     """Per command of :data:`REDIS_COMMANDS` called in the window: calls a second, µs a call inside Redis, and
     the share of the window Redis spent in it, from two ``(calls, µs)`` readings of ``INFO commandstats``
-    (``{}`` when either is missing; a command not called, or whose counters went back (a reset), is left out)."""
+    (``{}`` when either is missing; a command not called, or whose calls or µs went back, is left out: a reset
+    between the edges that this can see; one followed by more calls than before cannot be told apart)."""
     if before is None or after is None or window_s <= 0:
         return {}
     out: dict[str, dict[str, float]] = {}

@@ -68,14 +68,19 @@ def _consumer_inside_redis(commands: dict[str, dict[str, float]]) -> str:
     read, ack = commands.get("xreadgroup"), commands.get("xack")
     if read is None:
         return ""
+
+    def avg(us: float) -> str:  # commandstats' averages run down to a µs or two: keep a decimal there
+        return f"{us:.1f} µs" if us < 10 else fmt_us(us)
+
     busy = read["busy_share"] + (ack["busy_share"] if ack else 0.0)
-    acks = (f", and {ack['calls_per_s']:.0f} XACK ({fmt_us(ack['us_per_call'])} each, one per stream read)"
-            if ack else "")
-    return (f"The SDK consumer's side inside Redis: {read['calls_per_s']:.0f} XREADGROUP a second over every "
-            f"stream, {fmt_us(read['us_per_call'])} each (a blocked read and the follow-up behind it per wake; a "
-            f"read's cost grows with the streams it names and the entries it hands over){acks}; Redis busy with "
-            f"them {100 * busy:.0f}% of the window. A tick reaches the consumer once the script that stored it "
-            "and these reads have run.")
+    acks = (f", and {fmt_rate(ack['calls_per_s'])} XACK a second ({avg(ack['us_per_call'])} on average, one per "
+            "stream read)" if ack else "")
+    return (f"The consumer's reads and acks inside Redis (`INFO commandstats`; on a shared Redis, other clients' calls "
+            f"count too): {fmt_rate(read['calls_per_s'])} XREADGROUP a second over every stream, "
+            f"{avg(read['us_per_call'])} on average (while the consumer keeps up, a blocked read and the follow-up "
+            "behind it for each burst; a read costs more the more streams it names and entries it hands over)"
+            f"{acks}; Redis busy with them {100 * busy:.0f}% of the window. A tick reaches the consumer once the "
+            "script that stored it and these reads have run.")
 
 
 def _where_time_goes(step: dict[str, Any], cores: int, subscribers: int) -> list[str]:

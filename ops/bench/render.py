@@ -98,11 +98,12 @@ def _where_time_goes(step: dict[str, Any], cores: int, subscribers: int) -> list
     wr = step.get("writer") or {}
     if wr.get("ticks_per_flush"):
         inside = ""
-        if wr.get("redis_us_per_call"):
-            inside = (f" Inside Redis one script call took {fmt_us(wr['redis_us_per_call'])} on average "
-                      f"({wr['redis_us_per_call'] / wr['ticks_per_flush']:.1f} µs a tick: the XADD, the duplicate "
+        script = (step.get("redis_commands") or {}).get("evalsha")
+        if script is not None and script["us_per_call"]:
+            inside = (f" Inside Redis one script call took {fmt_us(script['us_per_call'])} on average "
+                      f"({script['us_per_call'] / wr['ticks_per_flush']:.1f} µs a tick: the XADD, the duplicate "
                       "check and the record parsing in Lua), Redis busy with them "
-                      f"{100 * wr['redis_busy_share']:.0f}% of the window.")
+                      f"{100 * script['busy_share']:.0f}% of the window.")
         lines.append(
             f"The writer made {wr['flushes_per_s']:.0f} round trips to Redis a second, {wr['ticks_per_flush']:.0f} "
             "ticks each on average, up to 4 in flight on the writer's one connection (Redis runs a connection's "

@@ -103,11 +103,7 @@ async def measure_step(h: Harness, index: int, rate: float, children: list[Child
     end = await h.edge()
     commands_b = await h.command_stats()
     step = analyse_step(rate, start, end, e2e, samples, consuming=h.consuming)
-    step["redis_commands"] = commands = redis_commands(commands_a, commands_b, step["window_s"])
-    script = commands.get("evalsha")
-    if script is not None:
-        step["writer"]["redis_us_per_call"] = round(script["us_per_call"])
-        step["writer"]["redis_busy_share"] = script["busy_share"]
+    step["redis_commands"] = redis_commands(commands_a, commands_b, step["window_s"])
     return step
 
 

@@ -309,6 +309,7 @@ async def test_tiny_run_writes_the_report_and_the_counts_add_up(
         assert heading in md
     assert "shared" in md
     assert "XREADGROUP a second over every stream" in md  # the explained step says what the consumer's reads cost
+    assert "Inside Redis one script call took" in md  # and what the writer's script calls cost
     if HAVE_MATPLOTLIB:
         assert report["plots"] == ["latency.png", "queue.png", "throughput_cpu.png"]
         for name in report["plots"]:

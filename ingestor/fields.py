@@ -15,7 +15,12 @@ within ``0..INT64_MAX`` (:func:`nonneg_int`), times in ms within :data:`MS_MAX` 
 (:func:`ms`).
 
 These run once per value on the hot path: each is a plain function, one regex match or type check on the way
-through; the parsers import them as module-level names.
+through; the parsers import them as module-level names.  A venue repeats most of its values (a symbol in every
+frame, a price on every update until the market moves), and a regex match costs ten times a set lookup, so
+:func:`pos`, :func:`nonneg` and :func:`symbol` remember the strings they passed: a value seen before is taken
+on one lookup.  Only a value the check passed enters its set, so the result is the check's whatever the set
+holds; each set is emptied once it holds :data:`SEEN_MAX` strings (a venue sending ever new values costs a
+bounded few MB and the regex, as before).
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ __all__ = [
     "MS_MAX",
     "NON_NEGATIVE",
     "POSITIVE",
+    "SEEN_MAX",
     "SIGNED",
     "SYMBOL",
     "boolean",
     "decode",
     "event",
+    "forget_seen",
     "ms",
     "nonneg",
     "nonneg_int",
@@ -58,6 +65,26 @@ NON_NEGATIVE: Final = re.compile(r"[0-9]{1,20}(?:\.[0-9]{0,18})?").fullmatch
 SIGNED: Final = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{0,18})?").fullmatch
 #: a symbol that is one part of a stream key
 SYMBOL: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}").fullmatch
+#: the most strings each set of values already passed holds before it is emptied
+SEEN_MAX: Final = 16_384
+
+# The strings each check has passed (owned by the thread that parses: the event loop's).
+_pos_seen: set[str] = set()
+_nonneg_seen: set[str] = set()
+_symbol_seen: set[str] = set()
+
+
+def forget_seen() -> None:
+    """Empty the sets of values already passed (tests; a process never needs to)."""
+    _pos_seen.clear()
+    _nonneg_seen.clear()
+    _symbol_seen.clear()
+
+
+def _remember(seen: set[str], value: str) -> None:
+    if len(seen) >= SEEN_MAX:
+        seen.clear()
+    seen.add(value)
 
 
 def nonneg_int(value: Any, limit: int = INT64_MAX) -> int:
@@ -86,9 +113,13 @@ def ms(value: Any) -> int:
 
 def symbol(value: Any) -> str:
     """A symbol (see :data:`SYMBOL`)."""
-    if type(value) is not str or not SYMBOL(value):
-        raise MalformedFrame(f"expected a symbol, got {value!r}")
-    return value
+    if type(value) is str:
+        if value in _symbol_seen:
+            return value
+        if SYMBOL(value):
+            _remember(_symbol_seen, value)
+            return value
+    raise MalformedFrame(f"expected a symbol, got {value!r}")
 
 
 def refused_decimal(value: Any, what: str) -> MalformedFrame:
@@ -103,15 +134,23 @@ def refused_decimal(value: Any, what: str) -> MalformedFrame:
 
 def pos(value: Any) -> str:
     """A price or quantity: a plain decimal string above zero."""
-    if type(value) is str and POSITIVE(value) is not None:
-        return value
+    if type(value) is str:
+        if value in _pos_seen:
+            return value
+        if POSITIVE(value) is not None:
+            _remember(_pos_seen, value)
+            return value
     raise refused_decimal(value, "a positive")
 
 
 def nonneg(value: Any) -> str:
     """A volume or a size: a plain decimal string, zero or more."""
-    if type(value) is str and NON_NEGATIVE(value) is not None:
-        return value
+    if type(value) is str:
+        if value in _nonneg_seen:
+            return value
+        if NON_NEGATIVE(value) is not None:
+            _remember(_nonneg_seen, value)
+            return value
     raise refused_decimal(value, "a non-negative")
 
 

@@ -101,6 +101,7 @@ TARGETS: Final = (
             "tests/ingestor/test_mutants_binance_venue.py",
             "tests/ingestor/test_binance_usdm.py",
             "tests/ingestor/test_okx.py",
+            "tests/ingestor/test_fields.py",
         ),
     ),
     Target("ingestor/depth.py", ("tests/ingestor/test_depth.py", "tests/ingestor/test_mutants_depth.py")),

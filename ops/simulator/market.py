@@ -104,9 +104,14 @@ _MAX_AGG: Final = 8  # trades per aggregate trade, at most
 
 
 def format_decimal(units: int) -> str:
-    """``2712345000000`` -> ``"27123.45000000"``: a non-negative amount in 1e-8 units, 8 decimals."""
-    whole, frac = divmod(units, SCALE)
-    return f"{whole}.{frac:08d}"
+    """``2712345000000`` -> ``"27123.45000000"``: a non-negative amount in 1e-8 units, 8 decimals.
+
+    By slicing the integer's digits: it runs three times per generated event, and a ``divmod`` with a
+    padded format took twice as long."""
+    digits = str(units)
+    if len(digits) > 8:
+        return digits[:-8] + "." + digits[-8:]
+    return "0." + digits.rjust(8, "0")
 
 
 def kline_open_time(ts_ms: int, interval: str) -> int:

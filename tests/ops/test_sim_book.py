@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from ops.simulator.book import (
@@ -460,6 +460,23 @@ def test_futures_snapshots_carry_their_times_and_unknown_symbols_get_binances_er
 @given(value=st.integers(0, 10**20))
 def test_parse_units_reads_back_what_format_decimal_writes(value: int) -> None:
     assert parse_units(format_decimal(value)) == value
+
+
+@given(value=st.integers(0, 10**20))
+@example(value=0)
+@example(value=99_999_999)
+@example(value=100_000_000)
+def test_format_decimal_writes_the_whole_part_then_exactly_eight_decimals(value: int) -> None:
+    assert format_decimal(value) == f"{value // 100_000_000}.{value % 100_000_000:08d}"
+
+
+@pytest.mark.parametrize(
+    ("units", "text"),
+    [(0, "0.00000000"), (1, "0.00000001"), (12_345_678, "0.12345678"), (99_999_999, "0.99999999"),
+     (100_000_000, "1.00000000"), (2_712_345_000_000, "27123.45000000")],
+)
+def test_format_decimal_at_the_edges_of_the_whole_part(units: int, text: str) -> None:
+    assert format_decimal(units) == text
 
 
 @pytest.mark.parametrize("text", ["", ".", "1.", ".5", "-1", "+1", "1e5", "1_0", " 1", "1.123456789", "١", "1.2.3"])

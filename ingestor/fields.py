@@ -26,6 +26,8 @@ bounded few MB and the regex, as before).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Final
 
 import orjson
@@ -52,6 +54,7 @@ __all__ = [
     "refused_decimal",
     "refused_int",
     "symbol",
+    "values_checked_every_time",
 ]
 
 INT64_MAX: Final = (1 << 63) - 1
@@ -85,6 +88,25 @@ def _remember(seen: set[str], value: str) -> None:
     if len(seen) >= SEEN_MAX:
         seen.clear()
     seen.add(value)
+
+
+def _remember_nothing(seen: set[str], value: str) -> None:
+    pass
+
+
+@contextmanager
+def values_checked_every_time() -> Iterator[None]:
+    """Within: no value is remembered and the sets start empty, so every value takes its regex (after one
+    lookup that misses): what a venue that never repeats a value costs, the baseline of ``market bench parse``."""
+    global _remember
+    remember = _remember
+    forget_seen()
+    _remember = _remember_nothing
+    try:
+        yield
+    finally:
+        _remember = remember
+        forget_seen()
 
 
 def nonneg_int(value: Any, limit: int = INT64_MAX) -> int:

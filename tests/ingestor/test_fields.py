@@ -96,3 +96,22 @@ def test_forget_seen_empties_every_set() -> None:
     F.symbol("X")
     F.forget_seen()
     assert not F._pos_seen and not F._nonneg_seen and not F._symbol_seen
+
+
+def test_within_values_checked_every_time_nothing_is_remembered_and_the_verdicts_stay() -> None:
+    F.pos("3.5")
+    with F.values_checked_every_time():
+        assert not F._pos_seen  # starts empty
+        assert F.pos("3.5") == "3.5" and F.nonneg("0") == "0" and F.symbol("BTCUSDT") == "BTCUSDT"
+        assert not F._pos_seen and not F._nonneg_seen and not F._symbol_seen
+        with pytest.raises(MalformedFrame):
+            F.pos("0")
+    assert F.pos("4.5") == "4.5"
+    assert F._pos_seen == {"4.5"}  # remembering again once it ends
+
+
+def test_values_checked_every_time_restores_remembering_after_an_error() -> None:
+    with pytest.raises(RuntimeError), F.values_checked_every_time():
+        raise RuntimeError("inside")
+    F.symbol("ETHUSDT")
+    assert F._symbol_seen == {"ETHUSDT"}

@@ -16,18 +16,19 @@ within ``0..INT64_MAX`` (:func:`nonneg_int`), times in ms within :data:`MS_MAX` 
 
 These run once per value on the hot path: each is a plain function, one regex match or type check on the way
 through; the parsers import them as module-level names.  A venue repeats most of its values (a symbol in every
-frame, a price on every update until the market moves), and a regex match costs ten times a set lookup, so
-:func:`pos`, :func:`nonneg` and :func:`symbol` remember the strings they passed: a value seen before is taken
-on one lookup.  Only a value the check passed enters its set, so the result is the check's whatever the set
-holds; each set is emptied once it holds :data:`SEEN_MAX` strings (a venue sending ever new values costs a
-bounded few MB and the regex, as before).
+frame, a price on every update until the market moves), and a set lookup costs a fraction of a regex match, so
+:func:`pos`, :func:`nonneg` and :func:`symbol` remember the strings they passed: a value seen before is taken on
+one lookup.  Only a value the check passed enters its set, so every verdict is the check's whatever the set holds.
+Each set is emptied once it holds :data:`SEEN_MAX` strings: a venue sending ever new values costs at most about
+2 MB (the three sets of 4,096 strings of the longest values a check passes) and, once every 4,096 new values, the
+emptying, about 0.1 ms.  :func:`check_pos`, :func:`check_nonneg` and :func:`check_symbol` are the same checks
+remembering nothing, for values that rarely repeat (an order book's levels) and as ``market bench parse``'s
+baseline.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Final
 
 import orjson
@@ -43,6 +44,9 @@ __all__ = [
     "SIGNED",
     "SYMBOL",
     "boolean",
+    "check_nonneg",
+    "check_pos",
+    "check_symbol",
     "decode",
     "event",
     "forget_seen",
@@ -54,7 +58,6 @@ __all__ = [
     "refused_decimal",
     "refused_int",
     "symbol",
-    "values_checked_every_time",
 ]
 
 INT64_MAX: Final = (1 << 63) - 1
@@ -69,7 +72,7 @@ SIGNED: Final = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{0,18})?").fullmatch
 #: a symbol that is one part of a stream key
 SYMBOL: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}").fullmatch
 #: the most strings each set of values already passed holds before it is emptied
-SEEN_MAX: Final = 16_384
+SEEN_MAX: Final = 4_096
 
 # The strings each check has passed (owned by the thread that parses: the event loop's).
 _pos_seen: set[str] = set()
@@ -88,25 +91,6 @@ def _remember(seen: set[str], value: str) -> None:
     if len(seen) >= SEEN_MAX:
         seen.clear()
     seen.add(value)
-
-
-def _remember_nothing(seen: set[str], value: str) -> None:
-    pass
-
-
-@contextmanager
-def values_checked_every_time() -> Iterator[None]:
-    """Within: no value is remembered and the sets start empty, so every value takes its regex (after one
-    lookup that misses): what a venue that never repeats a value costs, the baseline of ``market bench parse``."""
-    global _remember
-    remember = _remember
-    forget_seen()
-    _remember = _remember_nothing
-    try:
-        yield
-    finally:
-        _remember = remember
-        forget_seen()
 
 
 def nonneg_int(value: Any, limit: int = INT64_MAX) -> int:
@@ -144,6 +128,13 @@ def symbol(value: Any) -> str:
     raise MalformedFrame(f"expected a symbol, got {value!r}")
 
 
+def check_symbol(value: Any) -> str:
+    """:func:`symbol` remembering nothing: the regex every time."""
+    if type(value) is str and SYMBOL(value):
+        return value
+    raise MalformedFrame(f"expected a symbol, got {value!r}")
+
+
 def refused_decimal(value: Any, what: str) -> MalformedFrame:
     """The refusal of ``value`` as ``what`` decimal (``"a positive"``, ``"a non-negative"``, ...): ``bad_value`` for a
     decimal of the wrong sign, ``bad_number`` for a string that is no plain decimal (its first 40 characters shown)."""
@@ -165,6 +156,13 @@ def pos(value: Any) -> str:
     raise refused_decimal(value, "a positive")
 
 
+def check_pos(value: Any) -> str:
+    """:func:`pos` remembering nothing: the regex every time."""
+    if type(value) is str and POSITIVE(value) is not None:
+        return value
+    raise refused_decimal(value, "a positive")
+
+
 def nonneg(value: Any) -> str:
     """A volume or a size: a plain decimal string, zero or more."""
     if type(value) is str:
@@ -173,6 +171,13 @@ def nonneg(value: Any) -> str:
         if NON_NEGATIVE(value) is not None:
             _remember(_nonneg_seen, value)
             return value
+    raise refused_decimal(value, "a non-negative")
+
+
+def check_nonneg(value: Any) -> str:
+    """:func:`nonneg` remembering nothing: the regex every time."""
+    if type(value) is str and NON_NEGATIVE(value) is not None:
+        return value
     raise refused_decimal(value, "a non-negative")
 
 

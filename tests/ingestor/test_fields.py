@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 import ingestor.fields as F
 from ingestor.venue import MalformedFrame
 
-CHECKS: dict[str, tuple[Callable[[Any], str], Callable[[str], object], set[str]]] = {
-    "pos": (F.pos, F.POSITIVE, F._pos_seen),
-    "nonneg": (F.nonneg, F.NON_NEGATIVE, F._nonneg_seen),
-    "symbol": (F.symbol, F.SYMBOL, F._symbol_seen),
+CHECKS: dict[str, tuple[Callable[[Any], str], Callable[[str], object], set[str], Callable[[Any], str]]] = {
+    "pos": (F.pos, F.POSITIVE, F._pos_seen, F.check_pos),
+    "nonneg": (F.nonneg, F.NON_NEGATIVE, F._nonneg_seen, F.check_nonneg),
+    "symbol": (F.symbol, F.SYMBOL, F._symbol_seen, F.check_symbol),
 }
 
 decimals = st.from_regex(r"-?[0-9]{0,22}(\.[0-9]{0,20})?", fullmatch=True)
@@ -43,12 +43,12 @@ def verdict(check: Callable[[Any], str], value: Any) -> tuple[str, Any]:
 @example(value="1")
 @example(value="BTCUSDT")
 @example(value="٣")  # a digit outside ASCII: a decimal string is ASCII digits only
-def test_a_value_gets_the_checks_verdict_the_first_time_and_every_time_after(name: str, value: Any) -> None:
-    check, pattern, seen = CHECKS[name]
+def test_a_value_gets_the_checks_verdict_whether_it_was_seen_before_or_not(name: str, value: Any) -> None:
+    check, pattern, seen, alone = CHECKS[name]
     passes = type(value) is str and pattern(value) is not None
     first = verdict(check, value)
     again = verdict(check, value)
-    assert first == again
+    assert first == again == verdict(alone, value)  # the same verdict, the same refusal, as the check alone
     assert (first[0] == "ok") is passes
     if passes:
         assert first[1] is value
@@ -75,9 +75,13 @@ def test_each_check_remembers_only_what_it_passed_itself() -> None:
     assert bad_symbol.value.kind == "malformed"
 
 
+def test_the_bound_is_the_documented_one() -> None:
+    assert F.SEEN_MAX == 4_096  # ingestor/fields.py and the changelog give the memory and the emptying for it
+
+
 @pytest.mark.parametrize("name", CHECKS)
 def test_the_remembered_values_stay_bounded_whatever_the_venue_sends(name: str) -> None:
-    check, _, seen = CHECKS[name]
+    check, _, seen, _alone = CHECKS[name]
     for i in range(1, F.SEEN_MAX + 1):
         check(f"{i}.5")
     assert len(seen) == F.SEEN_MAX  # full, not yet emptied
@@ -90,6 +94,13 @@ def test_the_remembered_values_stay_bounded_whatever_the_venue_sends(name: str) 
         assert len(seen) <= F.SEEN_MAX
 
 
+@pytest.mark.parametrize("name", CHECKS)
+def test_the_check_alone_remembers_nothing(name: str) -> None:
+    _, _, seen, alone = CHECKS[name]
+    assert alone("12.5") == "12.5"
+    assert not seen
+
+
 def test_forget_seen_empties_every_set() -> None:
     F.pos("1")
     F.nonneg("1")
@@ -97,21 +108,3 @@ def test_forget_seen_empties_every_set() -> None:
     F.forget_seen()
     assert not F._pos_seen and not F._nonneg_seen and not F._symbol_seen
 
-
-def test_within_values_checked_every_time_nothing_is_remembered_and_the_verdicts_stay() -> None:
-    F.pos("3.5")
-    with F.values_checked_every_time():
-        assert not F._pos_seen  # starts empty
-        assert F.pos("3.5") == "3.5" and F.nonneg("0") == "0" and F.symbol("BTCUSDT") == "BTCUSDT"
-        assert not F._pos_seen and not F._nonneg_seen and not F._symbol_seen
-        with pytest.raises(MalformedFrame):
-            F.pos("0")
-    assert F.pos("4.5") == "4.5"
-    assert F._pos_seen == {"4.5"}  # remembering again once it ends
-
-
-def test_values_checked_every_time_restores_remembering_after_an_error() -> None:
-    with pytest.raises(RuntimeError), F.values_checked_every_time():
-        raise RuntimeError("inside")
-    F.symbol("ETHUSDT")
-    assert F._symbol_seen == {"ETHUSDT"}

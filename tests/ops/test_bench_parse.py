@@ -1,4 +1,4 @@
-"""``market bench parse``: both modes on the same frames, alternating, the same ticks out of each."""
+"""``market bench parse``: both modes on the same frames, alternating, the same verdicts out of each."""
 
 from __future__ import annotations
 
@@ -6,29 +6,57 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
+import ingestor.binance as binance
 import ingestor.fields as fields
-from consumer_sdk.core.errors import ConfigError
-from ops.bench.parse import MODES, run_parse_bench
+from consumer_sdk.core.errors import ConfigError, MarketError
+from ingestor.venue import MalformedFrame
+from ops.bench.ingest import make_frames
+from ops.bench.parse import MODES, REFUSED_EVERY, run_parse_bench, with_refusals
 from ops.cli import app
 
 
-def test_both_modes_run_alternating_rounds_on_the_same_frames_and_make_the_same_ticks() -> None:
+def test_both_modes_run_alternating_rounds_on_the_same_frames() -> None:
     result = run_parse_bench(frames=3000, rounds=3, batch=50)
-    assert result["frames"] == 3000 and result["same_ticks"] is True
-    assert result["order"] == ["remembered", "checked", "checked", "remembered", "remembered", "checked"]
+    assert result["frames"] == 3000
+    assert result["refused"] == 3000 // REFUSED_EVERY
+    assert result["order"] == ["remembered", "checks_alone", "checks_alone", "remembered", "remembered", "checks_alone"]
     assert set(result["modes"]) == set(MODES)
     for m in result["modes"].values():
         assert m["frames_per_s_min"] <= m["frames_per_s"] <= m["frames_per_s_max"]
         assert 0 < m["us_per_frame_p50"] <= m["us_per_frame_p99"]
-    ratio = result["modes"]["remembered"]["frames_per_s"] / result["modes"]["checked"]["frames_per_s"]
+    ratio = result["modes"]["remembered"]["frames_per_s"] / result["modes"]["checks_alone"]["frames_per_s"]
     assert result["ratio"] == round(ratio, 2)
 
 
+def test_every_frame_given_a_refused_value_is_refused_whatever_the_checks_remember() -> None:
+    frames = make_frames(2000, 5)
+    mixed = with_refusals(frames)
+    changed = [i for i, (a, b) in enumerate(zip(frames, mixed, strict=True)) if a != b]
+    assert changed == list(range(REFUSED_EVERY - 1, 2000, REFUSED_EVERY))
+    for raw in frames:  # every valid value remembered first
+        binance.parse_frame(raw, 1)
+    kinds = set()
+    for i in changed:
+        with pytest.raises(MalformedFrame) as refused:
+            binance.parse_frame(mixed[i], 1)
+        kinds.add(refused.value.kind)
+    assert kinds == {"bad_value", "bad_number", "malformed"}
+
+
+def test_the_run_fails_when_the_modes_disagree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remembering check that let a refused value through would make the remembered rounds differ."""
+    def lax(value: object) -> str:
+        return value if isinstance(value, str) else fields.check_pos(value)
+
+    monkeypatch.setattr(binance, "_pos", lax)
+    with pytest.raises(MarketError, match="different ticks or refusals"):
+        run_parse_bench(frames=500, rounds=1)
+
+
 def test_the_bench_leaves_the_parser_remembering() -> None:
-    run_parse_bench(frames=500, rounds=1)
-    fields.forget_seen()
-    fields.pos("7.25")
-    assert "7.25" in fields._pos_seen
+    kept = (binance._pos, binance._nonneg, binance._symbol)
+    run_parse_bench(frames=500, rounds=1)  # its last round is the checks alone
+    assert (binance._pos, binance._nonneg, binance._symbol) == kept == (fields.pos, fields.nonneg, fields.symbol)
 
 
 def test_bad_sizes_are_refused() -> None:

@@ -479,6 +479,12 @@ def test_format_decimal_at_the_edges_of_the_whole_part(units: int, text: str) ->
     assert format_decimal(units) == text
 
 
+@pytest.mark.parametrize("units", [-1, -99_999_999, -100_000_000])
+def test_format_decimal_refuses_a_negative_amount(units: int) -> None:
+    with pytest.raises(ValueError, match="negative"):
+        format_decimal(units)
+
+
 @pytest.mark.parametrize("text", ["", ".", "1.", ".5", "-1", "+1", "1e5", "1_0", " 1", "1.123456789", "١", "1.2.3"])
 def test_parse_units_refuses_what_is_not_a_plain_decimal(text: str) -> None:
     with pytest.raises(ValueError, match="not a decimal"):

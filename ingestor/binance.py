@@ -53,6 +53,7 @@ from ingestor.fields import ms as _ms
 from ingestor.fields import nonneg as _nonneg
 from ingestor.fields import nonneg_int as _int
 from ingestor.fields import pos as _pos
+from ingestor.fields import price as _price
 from ingestor.fields import symbol as _symbol
 from ingestor.subscriptions import subscribe_requests
 from ingestor.venue import Heartbeat, MalformedFrame, Reply, RestCall, ServerShutdown, VenueRequest
@@ -133,7 +134,7 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
         trade: dict[str, Any] = {
             "v": _V, "venue": VENUE, "symbol": _symbol(d["s"]), "channel": "trade", "seq": t,
             "ts_event": _ms(d["T"]) * 1000, "ts_recv": ts_recv,
-            "trade_id": t, "price": _pos(d["p"]), "qty": _pos(d["q"]),
+            "trade_id": t, "price": _price(d["p"]), "qty": _pos(d["q"]),
             "side": "sell" if _bool(d["m"]) else "buy",
         }
         return trade  # type: ignore[return-value]
@@ -142,7 +143,7 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
         agg: dict[str, Any] = {
             "v": _V, "venue": VENUE, "symbol": _symbol(d["s"]), "channel": "agg_trade", "seq": a,
             "ts_event": _ms(d["T"]) * 1000, "ts_recv": ts_recv,
-            "trade_id": a, "price": _pos(d["p"]), "qty": _pos(d["q"]),
+            "trade_id": a, "price": _price(d["p"]), "qty": _pos(d["q"]),
             "side": "sell" if _bool(d["m"]) else "buy",
             "first_trade_id": _int(d["f"]), "last_trade_id": _int(d["l"]),
         }
@@ -154,8 +155,8 @@ def _parse_event(d: dict[str, Any], ts_recv: int) -> Tick | Reply | ServerShutdo
         book: dict[str, Any] = {
             "v": _V, "venue": VENUE, "symbol": _symbol(d["s"]), "channel": "book_ticker", "seq": u,
             "ts_event": ts_recv if ev is None else _ms(ev) * 1000, "ts_recv": ts_recv,
-            "bid_px": _pos(d["b"]), "bid_qty": _pos(d["B"]),
-            "ask_px": _pos(d["a"]), "ask_qty": _pos(d["A"]), "update_id": u,
+            "bid_px": _price(d["b"]), "bid_qty": _pos(d["B"]),
+            "ask_px": _price(d["a"]), "ask_qty": _pos(d["A"]), "update_id": u,
         }
         return book  # type: ignore[return-value]
     if e == "kline":

@@ -74,6 +74,7 @@ from ingestor.fields import ms as _ms
 from ingestor.fields import nonneg as _nonneg
 from ingestor.fields import nonneg_int as _int
 from ingestor.fields import pos as _pos
+from ingestor.fields import price as _price
 from ingestor.fields import refused_decimal as _refused_decimal
 from ingestor.fields import symbol as _symbol
 from ingestor.lifecycle import parse_retry_after
@@ -272,8 +273,8 @@ def _parse_event(d: dict[str, Any], ts_recv: int, venue: str) -> Tick | Reply | 
         book: dict[str, Any] = {
             "v": _V, "venue": venue, "symbol": _symbol(d["s"]), "channel": "book_ticker", "seq": u,
             "ts_event": _ms(d["E"]) * 1000, "ts_recv": ts_recv,
-            "bid_px": _pos(d["b"]), "bid_qty": _pos(d["B"]),
-            "ask_px": _pos(d["a"]), "ask_qty": _pos(d["A"]), "update_id": u,
+            "bid_px": _price(d["b"]), "bid_qty": _pos(d["B"]),
+            "ask_px": _price(d["a"]), "ask_qty": _pos(d["A"]), "update_id": u,
         }
         return book  # type: ignore[return-value]
     if e == "depthUpdate":
@@ -283,7 +284,7 @@ def _parse_event(d: dict[str, Any], ts_recv: int, venue: str) -> Tick | Reply | 
         agg: dict[str, Any] = {
             "v": _V, "venue": venue, "symbol": _symbol(d["s"]), "channel": "agg_trade", "seq": a,
             "ts_event": _ms(d["T"]) * 1000, "ts_recv": ts_recv,
-            "trade_id": a, "price": _pos(d["p"]), "qty": _pos(d["q"]),
+            "trade_id": a, "price": _price(d["p"]), "qty": _pos(d["q"]),
             "side": "sell" if _bool(d["m"]) else "buy",
             "first_trade_id": _int(d["f"]), "last_trade_id": _int(d["l"]),
         }

@@ -15,15 +15,14 @@ within ``0..INT64_MAX`` (:func:`nonneg_int`), times in ms within :data:`MS_MAX` 
 (:func:`ms`).
 
 These run once per value on the hot path: each is a plain function, one regex match or type check on the way
-through; the parsers import them as module-level names.  A venue repeats most of its values (a symbol in every
-frame, a price on every update until the market moves), and a set lookup costs a fraction of a regex match, so
-:func:`pos`, :func:`nonneg` and :func:`symbol` remember the strings they passed: a value seen before is taken on
-one lookup.  Only a value the check passed enters its set, so every verdict is the check's whatever the set holds.
-Each set is emptied once it holds :data:`SEEN_MAX` strings: a venue sending ever new values costs at most about
-2 MB (the three sets of 4,096 strings of the longest values a check passes) and, once every 4,096 new values, the
-emptying, about 0.1 ms.  :func:`check_pos`, :func:`check_nonneg` and :func:`check_symbol` are the same checks
-remembering nothing, for values that rarely repeat (an order book's levels) and as ``market bench parse``'s
-baseline.
+through; the parsers import them as module-level names.  A venue repeats its symbols in every frame and its prices
+on every update until the market moves (its quantities far less), and a set lookup costs a fraction of a regex
+match, so :func:`price` (:func:`pos` for a price) and :func:`symbol` remember the strings they passed: a value seen
+before is taken on one lookup.  Only a value the check passed enters its set, so every verdict is the check's
+whatever the set holds.  Each set is emptied once it holds :data:`SEEN_MAX` strings: a venue sending ever new
+values costs at most about 1 MB (the two sets of 4,096 strings of the longest values the checks pass) and, once
+every 4,096 new values, the emptying, about 0.1 ms.  :func:`check_symbol` is :func:`symbol` remembering nothing
+(``market bench parse``'s baseline, with :func:`pos` for :func:`price`).
 """
 
 from __future__ import annotations
@@ -44,8 +43,6 @@ __all__ = [
     "SIGNED",
     "SYMBOL",
     "boolean",
-    "check_nonneg",
-    "check_pos",
     "check_symbol",
     "decode",
     "event",
@@ -55,6 +52,7 @@ __all__ = [
     "nonneg_int",
     "not_json",
     "pos",
+    "price",
     "refused_decimal",
     "refused_int",
     "symbol",
@@ -75,15 +73,13 @@ SYMBOL: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}").fullmatch
 SEEN_MAX: Final = 4_096
 
 # The strings each check has passed (owned by the thread that parses: the event loop's).
-_pos_seen: set[str] = set()
-_nonneg_seen: set[str] = set()
+_price_seen: set[str] = set()
 _symbol_seen: set[str] = set()
 
 
 def forget_seen() -> None:
-    """Empty the sets of values already passed (tests; a process never needs to)."""
-    _pos_seen.clear()
-    _nonneg_seen.clear()
+    """Empty the sets of values already passed (tests and the bench; a process never needs to)."""
+    _price_seen.clear()
     _symbol_seen.clear()
 
 
@@ -147,35 +143,24 @@ def refused_decimal(value: Any, what: str) -> MalformedFrame:
 
 def pos(value: Any) -> str:
     """A price or quantity: a plain decimal string above zero."""
-    if type(value) is str:
-        if value in _pos_seen:
-            return value
-        if POSITIVE(value) is not None:
-            _remember(_pos_seen, value)
-            return value
-    raise refused_decimal(value, "a positive")
-
-
-def check_pos(value: Any) -> str:
-    """:func:`pos` remembering nothing: the regex every time."""
     if type(value) is str and POSITIVE(value) is not None:
         return value
     raise refused_decimal(value, "a positive")
 
 
+def price(value: Any) -> str:
+    """A price: :func:`pos`, remembering the strings it passed."""
+    if type(value) is str:
+        if value in _price_seen:
+            return value
+        if POSITIVE(value) is not None:
+            _remember(_price_seen, value)
+            return value
+    raise refused_decimal(value, "a positive")
+
+
 def nonneg(value: Any) -> str:
     """A volume or a size: a plain decimal string, zero or more."""
-    if type(value) is str:
-        if value in _nonneg_seen:
-            return value
-        if NON_NEGATIVE(value) is not None:
-            _remember(_nonneg_seen, value)
-            return value
-    raise refused_decimal(value, "a non-negative")
-
-
-def check_nonneg(value: Any) -> str:
-    """:func:`nonneg` remembering nothing: the regex every time."""
     if type(value) is str and NON_NEGATIVE(value) is not None:
         return value
     raise refused_decimal(value, "a non-negative")

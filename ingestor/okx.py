@@ -73,10 +73,10 @@ from ingestor.depth_ws import CHECKSUM_DEPTH, okx_checksum
 from ingestor.fields import INT64_MAX as _INT64_MAX
 from ingestor.fields import MS_MAX as _MS_MAX
 from ingestor.fields import SYMBOL as _SYMBOL
-from ingestor.fields import check_nonneg as _level_size
-from ingestor.fields import check_pos as _level_price
 from ingestor.fields import decode as _decode
+from ingestor.fields import nonneg as _nonneg
 from ingestor.fields import pos as _pos
+from ingestor.fields import price as _price
 from ingestor.lifecycle import Failure
 from ingestor.rest import RestRefused, RestRetryable
 from ingestor.venue import Heartbeat, MalformedFrame, Reply, RestCall, ServerShutdown, VenueRequest
@@ -285,7 +285,7 @@ def _trade(d: dict[str, Any], symbol: str, ts_recv: int, obj: dict[str, Any]) ->
     trade: dict[str, Any] = {
         "v": _V, "venue": VENUE, "symbol": symbol, "channel": "trade", "seq": tid,
         "ts_event": _int_str(d["ts"], _MS_MAX) * 1000, "ts_recv": ts_recv,
-        "trade_id": tid, "price": _pos(d["px"]), "qty": _pos(d["sz"]), "side": side,
+        "trade_id": tid, "price": _price(d["px"]), "qty": _pos(d["sz"]), "side": side,
     }
     return trade  # type: ignore[return-value]
 
@@ -296,7 +296,7 @@ def _top(levels: Any, side: str) -> tuple[str, str]:
     level = levels[0]
     if type(level) is not list or not 2 <= len(level) <= 4:
         raise MalformedFrame(f"expected a level [price, size, ...], got {str(level)[:60]}")
-    return _pos(level[0]), _pos(level[1])
+    return _price(level[0]), _pos(level[1])
 
 
 def _bbo(d: dict[str, Any], symbol: str, ts_recv: int, obj: dict[str, Any]) -> Tick:
@@ -317,23 +317,21 @@ def _ticker(d: dict[str, Any], symbol: str, ts_recv: int, obj: dict[str, Any]) -
     book: dict[str, Any] = {
         "v": _V, "venue": VENUE, "symbol": symbol, "channel": "book_ticker", "seq": ms,
         "ts_event": ms * 1000, "ts_recv": ts_recv,
-        "bid_px": _pos(d["bidPx"]), "bid_qty": _pos(d["bidSz"]), "ask_px": _pos(d["askPx"]),
+        "bid_px": _price(d["bidPx"]), "bid_qty": _pos(d["bidSz"]), "ask_px": _price(d["askPx"]),
         "ask_qty": _pos(d["askSz"]), "update_id": ms,
     }
     return book  # type: ignore[return-value]
 
 
 def _levels(levels: Any) -> list[list[str]]:
-    """``[[price, size, "0", orders], ...]`` -> ``[[price, size], ...]``, each a decimal pair (size 0 deletes).
-    Checked by the regex alone: a book's hundreds of levels would only push the repeating trade and ticker values
-    out of the checks' sets (:mod:`ingestor.fields`)."""
+    """``[[price, size, "0", orders], ...]`` -> ``[[price, size], ...]``, each a decimal pair (size 0 deletes)."""
     if type(levels) is not list:
         raise MalformedFrame(f"expected a list of levels, got {str(levels)[:40]}")
     out = []
     for level in levels:
         if type(level) is not list or not 2 <= len(level) <= 4:
             raise MalformedFrame(f"expected a level [price, size, ...], got {str(level)[:60]}")
-        out.append([_level_price(level[0]), _level_size(level[1])])
+        out.append([_pos(level[0]), _nonneg(level[1])])
     return out
 
 

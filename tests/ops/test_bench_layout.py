@@ -30,6 +30,7 @@ LAYERS = {
     "analysis": 2,
     "render": 2,
     "hotpath": 2,
+    "parse": 2,
     "scale": 2,
     "plots": 3,
     "harness": 3,

@@ -858,15 +858,16 @@ def bench_ingest(
 def bench_parse(
     frames: Annotated[int, typer.Option(help="frames of the simulator's market parsed per round")] = 200_000,
     rounds: Annotated[int, typer.Option(
-        help="passes over the frames, their batches alternating between the modes (remembered, checks_alone)")] = 6,
+        help="passes over the frames (even), their batches alternating between the modes (remembered, checks_alone)",
+    )] = 6,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON line")] = False,
 ) -> None:
     """The Binance frame parser, its price and symbol checks remembering the values they passed, against the checks
     alone (every value through its regex): frames/s and µs a frame, same frames, same run, the same verdicts."""
     from ops.bench.parse import run_parse_bench
 
-    if frames < 128 or rounds < 2:
-        fail("--frames must be at least 128 (two batches) and --rounds at least 2")
+    if frames < 128 or rounds < 2 or rounds % 2:
+        fail("--frames must be at least 128 (two batches) and --rounds an even number, at least 2")
     result = run_parse_bench(frames=frames, rounds=rounds)
     if as_json:
         _print_json(result, True)
@@ -874,7 +875,8 @@ def bench_parse(
     for mode, m in result["modes"].items():
         print(f"{mode:>12}: {m['frames_per_s']:>10.0f} frames/s (min {m['frames_per_s_min']:.0f}, max "
               f"{m['frames_per_s_max']:.0f}); µs a frame p50 {m['us_per_frame_p50']}, p99 {m['us_per_frame_p99']}")
-    print(f"remembered / checks_alone: x{result['ratio']} (rounds: {result['ratio_min']} to {result['ratio_max']}); "
+    print(f"remembered / checks_alone: x{result['ratio']} (pairs of passes: {result['ratio_min']} to "
+          f"{result['ratio_max']}); "
           f"{result['frames']} frames, {result['refused']} refused, the same verdicts in every round")
 
 

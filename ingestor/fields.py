@@ -114,14 +114,12 @@ def ms(value: Any) -> int:
 
 
 def symbol(value: Any) -> str:
-    """A symbol (see :data:`SYMBOL`)."""
-    if type(value) is str:
-        if value in _symbol_seen:
-            return value
-        if SYMBOL(value):
-            _remember(_symbol_seen, value)
-            return value
-    raise MalformedFrame(f"expected a symbol, got {value!r}")
+    """A symbol (see :data:`SYMBOL`), remembering the strings it passed."""
+    if type(value) is str and value in _symbol_seen:
+        return value
+    checked = check_symbol(value)
+    _remember(_symbol_seen, checked)
+    return checked
 
 
 def check_symbol(value: Any) -> str:
@@ -150,13 +148,11 @@ def pos(value: Any) -> str:
 
 def price(value: Any) -> str:
     """A price: :func:`pos`, remembering the strings it passed."""
-    if type(value) is str:
-        if value in _price_seen:
-            return value
-        if POSITIVE(value) is not None:
-            _remember(_price_seen, value)
-            return value
-    raise refused_decimal(value, "a positive")
+    if type(value) is str and value in _price_seen:
+        return value
+    checked = pos(value)
+    _remember(_price_seen, checked)
+    return checked
 
 
 def nonneg(value: Any) -> str:

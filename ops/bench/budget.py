@@ -1,14 +1,28 @@
 """A step's latency stage by stage against the limits measured in the same run (:mod:`ops.bench.limits`); pure.
 
 :func:`missed_targets` names the latency targets of a step's rate (:data:`STEP_TARGETS`) it missed;
-:func:`stage_budget` sets its stages against the limits: ingest (frame -> ingress, in the ingestor's process, no
-Redis), Redis write (ingress -> Redis acknowledged, limit one ``XADD``; where the step has the writer's send times,
-split in two: in the writer before its flush is sent, no limit, and the round trip from sent to acknowledged, limit
-one ``XADD``), consumer (Redis acknowledged -> consumer
-callback, limit one append waking a blocked ``XREADGROUP``), the whole Redis path (limit the two together) and the
-hot path in the loaded ingestor (limit: the stand-alone hot-path bench's p99).  The stage figures are differences
-of percentiles of nested spans (frame -> ingress, frame -> Redis, frame -> consumer), so they are estimates of
-each stage's share, not exact per-tick splits.
+:func:`stage_budget` follows a tick along the Redis path and sets each stage against its limit:
+
+- ingest: frame -> ingress, in the ingestor's process, no Redis; no limit;
+- in the writer: ingress -> its flush sent (the distributor, the hot path's turn, encoding, and the write itself, in
+  which the kernel may run Redis first on the ingestor's core: ``docs/threading.md``); no limit;
+- Redis and the consumer: flush sent -> consumer callback (the script, the blocked read woken, its follow-up,
+  decoding, the handler); limit: one ``XADD`` through the SDK consumer (sent -> handler);
+- the whole Redis path: frame -> consumer callback; the same limit;
+- beside it, the writer's round trip: flush sent -> acknowledged, limit one ``XADD``.  The consumer does not
+  wait for the writer's reply (Redis wakes its read when the script has run), so this is no stage of the path:
+  it can end after the tick's callback;
+- the hot path in the loaded ingestor: publish -> callback; limit: the stand-alone hot-path bench's p99.
+
+A limit is a bare operation's p50 on idle connections, the least a stage can take: a stage's mean and p99 are set
+against it (the hot path's p99 against the stand-alone bench's p99).
+
+Every span is timed from the frame, so a stage between two edges is the difference of two spans.  Means add up: the
+stages' means sum to the path's mean, and each stage's share of it is exact (up to the spans being timed on
+samples of the ticks).  Percentiles do not add: a stage's p50 and p99 are the differences of the two spans'
+percentiles, an estimate (a negative difference is shown as 0); the ingest's, the path's and the hot path's are
+their own.  A step whose ingestor did not time its sends (an empty ``redis_sent``) has no writer stage: the next
+stage then starts at the ingress.
 """
 
 from __future__ import annotations
@@ -36,45 +50,63 @@ def missed_targets(step: dict[str, Any]) -> list[tuple[str, str, float, float]]:
     return out
 
 
-def _stage(name: str, p50: float | None, p99: float | None, limit: float | None, what: str) -> dict[str, Any]:
-    """One row: ``limit`` (µs, or None: none measured) against the p99, ``what`` says what the limit is."""
-    above = None if p99 is None or limit is None else max(0.0, round(p99 - limit, 1))
-    return {"stage": name, "p50_us": p50, "p99_us": p99, "limit_us": limit, "limit": what, "p99_above_limit_us": above}
+#: a span's mean, p50 and p99 in µs (None: not measured)
+Span = tuple[float | None, float | None, float | None]
+
+
+def _stage(name: str, span: Span, limit: float | None, what: str, *, typical: bool = True) -> dict[str, Any]:
+    """One row: ``span`` (mean, p50, p99 in µs) against ``limit`` (µs; None: none measured), ``what`` says what the
+    limit is.  A ``typical`` limit (a bare operation's p50) bounds the mean and the p99 from below; otherwise (the
+    hot path alone's p99) only the p99."""
+    mean, p50, p99 = span
+
+    def above(value: float | None) -> float | None:
+        return None if value is None or limit is None else max(0.0, round(value - limit, 1))
+
+    return {"stage": name, "mean_us": mean, "p50_us": p50, "p99_us": p99, "limit_us": limit, "limit": what,
+            "mean_above_limit_us": above(mean) if typical else None, "p99_above_limit_us": above(p99)}
 
 
 def stage_budget(step: dict[str, Any], limits: dict[str, Any], hot_alone_p99_us: float | None = None
                  ) -> list[dict[str, Any]]:
-    """A step's latency stage by stage (p50, p99) against the limits of the same run (see the module doc; the
-    hot path's is its p99 in the stand-alone hot-path bench, ``hot_alone_p99_us``, when given)."""
+    """A step's latency stage by stage (mean, p50, p99) against the limits of the same run (see the module doc;
+    the hot path's is its p99 in the stand-alone hot-path bench, ``hot_alone_p99_us``, when given)."""
     lat = step["latency"]
 
-    def pct(stage: str, p: str) -> float | None:
-        v = (lat.get(stage) or {}).get(p)
-        return None if v is None else float(v)
+    def span(stage: str) -> Span:
+        got = lat.get(stage) or {}
 
-    def diff(a: float | None, b: float | None) -> float | None:
-        return None if a is None or b is None else max(0.0, round(a - b, 1))
+        def value(key: str) -> float | None:
+            v = got.get(key)
+            return None if v is None else float(v)
 
-    xadd = float(limits["xadd"]["p50_us"])
-    wake = float(limits["wake"]["p50_us"])
-    ing50, ing99 = pct("ingest", "p50_us"), pct("ingest", "p99_us")
-    red50, red99 = pct("redis", "p50_us"), pct("redis", "p99_us")
-    e2e50, e2e99 = pct("redis_e2e", "p50_us"), pct("redis_e2e", "p99_us")
-    sent50, sent99 = pct("redis_sent", "p50_us"), pct("redis_sent", "p99_us")
+        return value("mean_us"), value("p50_us"), value("p99_us")
+
+    def between(later: Span, earlier: Span) -> Span:
+        def diff(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else max(0.0, round(a - b, 1))
+
+        return diff(later[0], earlier[0]), diff(later[1], earlier[1]), diff(later[2], earlier[2])
+
+    def limit(name: str) -> float | None:
+        got = (limits.get(name) or {}).get("p50_us")
+        return None if got is None else float(got)
+
+    ingest, sent, acked, e2e = span("ingest"), span("redis_sent"), span("redis"), span("redis_e2e")
+    through, through_what = ((limit("consumer"), "one XADD through the SDK consumer, sent -> handler")
+                             if limits.get("consumer") else (limit("wake"), "one XADD waking a blocked XREADGROUP"))
     # an ingestor that does not time its sends (older, or sampling off) gives none or an empty histogram
-    split = [] if not (lat.get("redis_sent") or {}).get("count") else [
-        _stage("- of which in the writer (ingress -> flush sent)", diff(sent50, ing50), diff(sent99, ing99), None,
-               "in the ingestor: the distributor, the hot path's turn, encoding"),
-        _stage("- of which the round trip (sent -> acknowledged)", diff(red50, sent50), diff(red99, sent99), xadd,
-               "one XADD"),
-    ]
+    timed = bool((lat.get("redis_sent") or {}).get("count"))
+    start, edge = (sent, "flush sent") if timed else (ingest, "ingress")
+    writer = [_stage("in the writer (ingress -> flush sent)", between(sent, ingest), None,
+                     "the distributor, the hot path's turn, encoding, the write")] if timed else []
     return [
-        _stage("ingest (frame -> ingress)", ing50, ing99, None, "in the ingestor, no Redis"),
-        _stage("Redis write (ingress -> acknowledged)", diff(red50, ing50), diff(red99, ing99), xadd, "one XADD"),
-        *split,
-        _stage("consumer (acknowledged -> callback)", diff(e2e50, red50), diff(e2e99, red99), wake,
-               "one append waking a blocked XREADGROUP"),
-        _stage("Redis path e2e (frame -> consumer)", e2e50, e2e99, round(xadd + wake, 1), "XADD + wake"),
-        _stage("hot path (publish -> callback)", pct("hotpath", "p50_us"), pct("hotpath", "p99_us"),
-               hot_alone_p99_us, "p99 of the hot path alone, same subscribers"),
+        _stage("ingest (frame -> ingress)", ingest, None, "in the ingestor, no Redis"),
+        *writer,
+        _stage(f"Redis and the consumer ({edge} -> callback)", between(e2e, start), through, through_what),
+        _stage("Redis path e2e (frame -> consumer)", e2e, through, through_what),
+        _stage(f"beside it: the writer's round trip ({edge} -> acknowledged)", between(acked, start), limit("xadd"),
+               "one XADD"),
+        _stage("hot path (publish -> callback)", span("hotpath"), hot_alone_p99_us,
+               "p99 of the hot path alone, same subscribers", typical=False),
     ]

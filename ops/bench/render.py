@@ -171,14 +171,21 @@ def _remaining_by_stage(w: Callable[[str], None], ran: list[dict[str, Any]], lim
         why = f" {_saturated_why(step, cap, cores)}." if step.get("saturated") else ""
         w("")
         w(f"At {fmt_rate(step['rate'])}/s, missed: {'; '.join(misses)}.{why} The time stage by stage against "
-          "those limits (a stage is the difference of the nested spans' percentiles, an estimate of its share):")
+          "those limits. The stages' means add up to the path's; a stage's p50 and p99 are the differences of the "
+          "spans' percentiles, an estimate (the ingest's, the path's and the hot path's are their own). The "
+          "writer's round trip runs beside the consumer's part, not before it: the consumer's read is woken when "
+          "the script has run, whether or not the writer has read the reply.")
         w("")
-        w("| stage | p50 | p99 | limit measured in this run | p99 above the limit |")
-        w("| --- | --- | --- | --- | --- |")
+        w("| stage | mean | p50 | p99 | limit measured in this run | above the limit (mean / p99) |")
+        w("| --- | --- | --- | --- | --- | --- |")
         for row in stage_budget(step, lim, hot_alone_p99_us):
-            limit = "-" if row["limit_us"] is None else f"{fmt_us(row['limit_us'])} ({row['limit']})"
-            above = "-" if row["p99_above_limit_us"] is None else fmt_us(row["p99_above_limit_us"])
-            w(f"| {row['stage']} | {fmt_us(row['p50_us'])} | {fmt_us(row['p99_us'])} | {limit} | {above} |")
+            if row["limit_us"] is None:
+                limit = above = "-"
+            else:
+                limit = f"{fmt_us(row['limit_us'])} ({row['limit']})"
+                above = f"{fmt_us(row['mean_above_limit_us'])} / {fmt_us(row['p99_above_limit_us'])}"
+            w(f"| {row['stage']} | {fmt_us(row['mean_us'])} | {fmt_us(row['p50_us'])} | {fmt_us(row['p99_us'])} "
+              f"| {limit} | {above} |")
 
 
 def render_markdown(report: dict[str, Any]) -> str:

@@ -7,22 +7,25 @@
 - in the writer: ingress -> its flush sent (the distributor, the hot path's turn, encoding, and the write itself, in
   which the kernel may run Redis first on the ingestor's core: ``docs/threading.md``); no limit;
 - Redis and the consumer: flush sent -> consumer callback (the script, the blocked read woken, its follow-up,
-  decoding, the handler); limit: one ``XADD`` through the SDK consumer (sent -> handler);
+  decoding, the handler); limit: one ``XADD`` through the SDK consumer (sent -> handler), or, in the limits of a run
+  that did not measure that, one ``XADD`` waking a blocked ``XREADGROUP``;
 - the whole Redis path: frame -> consumer callback; the same limit;
-- beside it, the writer's round trip: flush sent -> acknowledged, limit one ``XADD``.  The consumer does not
-  wait for the writer's reply (Redis wakes its read when the script has run), so this is no stage of the path:
-  it can end after the tick's callback;
+- beside Redis and the consumer, the writer's round trip: flush sent -> acknowledged, limit one ``XADD``.  The
+  consumer does not wait for the writer's reply (Redis wakes its read when the script has run), so this is no
+  stage of the path: it can end after the tick's callback;
 - the hot path in the loaded ingestor: publish -> callback; limit: the stand-alone hot-path bench's p99.
 
 A limit is a bare operation's p50 on idle connections, the least a stage can take: a stage's mean and p99 are set
 against it (the hot path's p99 against the stand-alone bench's p99).
 
-Every span is timed from the frame, so a stage between two edges is the difference of two spans.  Means add up: the
-stages' means sum to the path's mean, and each stage's share of it is exact (up to the spans being timed on
-samples of the ticks).  Percentiles do not add: a stage's p50 and p99 are the differences of the two spans'
-percentiles, an estimate (a negative difference is shown as 0); the ingest's, the path's and the hot path's are
-their own.  A step whose ingestor did not time its sends (an empty ``redis_sent``) has no writer stage: the next
-stage then starts at the ingress.
+Every span but the hot path's is timed from the frame, so a stage between two edges is the difference of two
+spans.  Means add up: the stages' means sum to the path's mean (they are not clamped, so they always do), and each
+stage's share of it is close to exact (the ingestor times one tick in 16, the consumer every tick).  Percentiles do
+not add: a stage's p50 and p99 are the differences of the two spans' percentiles, which are bucket bounds, an
+estimate that can even put a stage's p50 above its p99 (a negative difference is shown as 0); the ingest's, the
+path's and the hot path's are their own.  A step whose ingestor did not time its sends (an empty ``redis_sent``)
+has no writer stage: the next stage and the round trip then start at the ingress, and the round trip holds the
+writer's time too.
 """
 
 from __future__ import annotations
@@ -83,21 +86,28 @@ def stage_budget(step: dict[str, Any], limits: dict[str, Any], hot_alone_p99_us:
         return value("mean_us"), value("p50_us"), value("p99_us")
 
     def between(later: Span, earlier: Span) -> Span:
-        def diff(a: float | None, b: float | None) -> float | None:
-            return None if a is None or b is None else max(0.0, round(a - b, 1))
+        """The stage from ``earlier``'s edge to ``later``'s: the mean as it is (means add up), the percentiles
+        clamped at 0."""
 
-        return diff(later[0], earlier[0]), diff(later[1], earlier[1]), diff(later[2], earlier[2])
+        def diff(a: float | None, b: float | None, clamp: bool = True) -> float | None:
+            if a is None or b is None:
+                return None
+            return max(0.0, round(a - b, 1)) if clamp else round(a - b, 1)
+
+        return diff(later[0], earlier[0], clamp=False), diff(later[1], earlier[1]), diff(later[2], earlier[2])
 
     def limit(name: str) -> float | None:
         got = (limits.get(name) or {}).get("p50_us")
         return None if got is None else float(got)
 
     ingest, sent, acked, e2e = span("ingest"), span("redis_sent"), span("redis"), span("redis_e2e")
-    through, through_what = ((limit("consumer"), "one XADD through the SDK consumer, sent -> handler")
-                             if limits.get("consumer") else (limit("wake"), "one XADD waking a blocked XREADGROUP"))
+    through, through_what = limit("consumer"), "one XADD through the SDK consumer, sent -> handler"
+    if through is None:
+        through, through_what = limit("wake"), "one XADD waking a blocked XREADGROUP"
     # an ingestor that does not time its sends (older, or sampling off) gives none or an empty histogram
     timed = bool((lat.get("redis_sent") or {}).get("count"))
     start, edge = (sent, "flush sent") if timed else (ingest, "ingress")
+    trip = "the writer's round trip" if timed else "the writer and its round trip"
     writer = [_stage("in the writer (ingress -> flush sent)", between(sent, ingest), None,
                      "the distributor, the hot path's turn, encoding, the write")] if timed else []
     return [
@@ -105,8 +115,8 @@ def stage_budget(step: dict[str, Any], limits: dict[str, Any], hot_alone_p99_us:
         *writer,
         _stage(f"Redis and the consumer ({edge} -> callback)", between(e2e, start), through, through_what),
         _stage("Redis path e2e (frame -> consumer)", e2e, through, through_what),
-        _stage(f"beside it: the writer's round trip ({edge} -> acknowledged)", between(acked, start), limit("xadd"),
-               "one XADD"),
+        _stage(f"beside Redis and the consumer: {trip} ({edge} -> acknowledged)", between(acked, start),
+               limit("xadd"), "one XADD"),
         _stage("hot path (publish -> callback)", span("hotpath"), hot_alone_p99_us,
                "p99 of the hot path alone, same subscribers", typical=False),
     ]

@@ -162,8 +162,8 @@ def _remaining_by_stage(w: Callable[[str], None], ran: list[dict[str, Any]], lim
       f"{fmt_us(lim['xadd']['p50_us'])} / {fmt_us(lim['xadd']['p99_us'])}; a bare XREADGROUP finding one entry "
       f"{fmt_us(lim['xreadgroup']['p50_us'])} / {fmt_us(lim['xreadgroup']['p99_us'])}; an XADD waking a blocked "
       f"XREADGROUP on another connection {fmt_us(lim['wake']['p50_us'])} / {fmt_us(lim['wake']['p99_us'])}; the "
-      f"same through the SDK consumer (XADD sent -> handler) {fmt_us(lim['consumer']['p50_us'])} / "
-      f"{fmt_us(lim['consumer']['p99_us'])}.")
+      f"same through the SDK consumer (XADD sent -> handler) {fmt_us((lim.get('consumer') or {}).get('p50_us'))} / "
+      f"{fmt_us((lim.get('consumer') or {}).get('p99_us'))}.")
     for step in ran:
         misses = [f"{stage} {p} {fmt_us(value)} > {fmt_us(bar)}" for stage, p, value, bar in missed_targets(step)]
         if not misses:
@@ -172,9 +172,10 @@ def _remaining_by_stage(w: Callable[[str], None], ran: list[dict[str, Any]], lim
         w("")
         w(f"At {fmt_rate(step['rate'])}/s, missed: {'; '.join(misses)}.{why} The time stage by stage against "
           "those limits. The stages' means add up to the path's; a stage's p50 and p99 are the differences of the "
-          "spans' percentiles, an estimate (the ingest's, the path's and the hot path's are their own). The "
-          "writer's round trip runs beside the consumer's part, not before it: the consumer's read is woken when "
-          "the script has run, whether or not the writer has read the reply.")
+          "spans' percentiles, which are bucket bounds: an estimate, which can even put a stage's p50 above its p99 "
+          "(the ingest's, the path's and the hot path's are their own). The writer's round trip runs beside Redis "
+          "and the consumer, not before them: the consumer's read is woken when the script has run, whether or not "
+          "the writer has read the reply.")
         w("")
         w("| stage | mean | p50 | p99 | limit measured in this run | above the limit (mean / p99) |")
         w("| --- | --- | --- | --- | --- | --- |")

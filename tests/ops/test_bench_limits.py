@@ -42,7 +42,7 @@ def test_stage_budget_follows_the_tick_from_the_frame() -> None:
                  redis_e2e=(2000, 7000, 2400), hotpath=(150, 800, 180))
     rows = {r["stage"].split(" (")[0]: r for r in stage_budget(step, LIMITS, 400.0)}
     assert list(rows) == ["ingest", "in the writer", "Redis and the consumer", "Redis path e2e",
-                          "beside it: the writer's round trip", "hot path"]
+                          "beside Redis and the consumer: the writer's round trip", "hot path"]
     ing, writer, rest, e2e, trip, hot = rows.values()
     assert (ing["mean_us"], ing["p50_us"], ing["p99_us"], ing["limit_us"]) == (250.0, 200.0, 1000.0, None)
     assert ing["mean_above_limit_us"] is None and ing["p99_above_limit_us"] is None
@@ -59,33 +59,40 @@ def test_stage_budget_follows_the_tick_from_the_frame() -> None:
     assert (trip["mean_above_limit_us"], trip["p99_above_limit_us"]) == (740.0, 1440.0)
     # the hot path's limit is a p99: it bounds the p99 only
     assert (hot["limit_us"], hot["mean_above_limit_us"], hot["p99_above_limit_us"]) == (400.0, None, 400.0)
-    # a span shorter than the one it follows (percentiles of different samples) gives 0, not a negative time
-    odd = _step(10_000, ingest=(500, 900), redis_sent=(400, 800), redis=(600, 900), redis_e2e=(600, 900),
+    # a span shorter than the one it follows (percentiles of different samples) gives a percentile of 0, not a
+    # negative time; the means are not clamped, so they still add up to the path's
+    odd = _step(10_000, ingest=(500, 900, 450), redis_sent=(400, 800, 420), redis=(600, 900), redis_e2e=(600, 900, 700),
                 hotpath=(1, 2))
-    assert (stage_budget(odd, LIMITS)[1]["p50_us"], stage_budget(odd, LIMITS)[1]["p99_us"]) == (0.0, 0.0)
+    ing, writer, rest, e2e = stage_budget(odd, LIMITS)[:4]
+    assert (writer["mean_us"], writer["p50_us"], writer["p99_us"]) == (-30.0, 0.0, 0.0)
+    assert ing["mean_us"] + writer["mean_us"] + rest["mean_us"] == e2e["mean_us"] == 700.0
 
 
 def test_stage_budget_limits_from_a_run_without_the_consumer_limit() -> None:
     """A run whose limits predate the SDK consumer's: the consumer's part is set against the wake."""
-    older = {k: v for k, v in LIMITS.items() if k != "consumer"}
     step = _step(10_000, ingest=(1, 2), redis_sent=(3, 4), redis=(5, 6), redis_e2e=(7, 8), hotpath=(1, 2))
-    rows = stage_budget(step, older)
-    assert (rows[2]["limit_us"], rows[2]["limit"]) == (100.0, "one XADD waking a blocked XREADGROUP")
+    for older in ({k: v for k, v in LIMITS.items() if k != "consumer"}, LIMITS | {"consumer": {}}):
+        rows = stage_budget(step, older)
+        assert (rows[2]["limit_us"], rows[2]["limit"]) == (100.0, "one XADD waking a blocked XREADGROUP")
+        assert rows[3]["limit_us"] == 100.0
     assert stage_budget(step, {"xadd": {}, "wake": {}})[2]["limit_us"] is None
 
 
 def test_the_report_shows_the_stages_of_a_step_that_missed() -> None:
     lines: list[str] = []
     steps = [_step(10_000, ingest=(100, 200), redis=(500, 900), redis_e2e=(800, 1500), hotpath=(50, 90)),
-             _step(50_000, ingest=(200, 1000), redis=(1200, 4000), redis_e2e=(2000, 7000), hotpath=(150, 800))]
+             _step(50_000, ingest=(200, 1000, 260), redis=(1200, 4000), redis_e2e=(2000, 7000, 2300),
+                   hotpath=(150, 800, 170))]
     _remaining_by_stage(lines.append, steps, LIMITS, 400.0)
     text = "\n".join(lines)
     assert "a bare PING 50 µs" in text and "a bare XADD 60 µs" in text and "a bare XREADGROUP" in text
     assert "At 10.0k/s" not in text  # met its targets
     assert "At 50.0k/s, missed: redis_e2e p99 7.0 ms > 5.0 ms; hotpath p99 800 µs > 500 µs" in text
-    assert ("| Redis and the consumer (ingress -> callback) | 1.8 ms | 1.8 ms | 6.0 ms | 200 µs (one XADD through the "
-            "SDK consumer, sent -> handler) | 1.6 ms / 5.8 ms |") in text
-    assert "| hot path (publish -> callback) | 150 µs | 150 µs | 800 µs | 400 µs (p99 of the hot path alone" in text
+    # columns: stage, mean, p50, p99, limit, above the limit (mean / p99)
+    assert ("| Redis and the consumer (ingress -> callback) | 2.0 ms | 1.8 ms | 6.0 ms | 200 µs (one XADD through the "
+            "SDK consumer, sent -> handler) | 1.8 ms / 5.8 ms |") in text
+    assert "| hot path (publish -> callback) | 170 µs | 150 µs | 800 µs | 400 µs (p99 of the hot path alone" in text
+    assert "same subscribers) | - / 400 µs |" in text
     assert "The stages' means add up to the path's" in text
 
 
@@ -124,6 +131,6 @@ def test_stage_budget_without_the_writers_send_times() -> None:
         rows = stage_budget(step, LIMITS)
         assert [r["stage"] for r in rows][1:4] == [
             "Redis and the consumer (ingress -> callback)", "Redis path e2e (frame -> consumer)",
-            "beside it: the writer's round trip (ingress -> acknowledged)"]
+            "beside Redis and the consumer: the writer and its round trip (ingress -> acknowledged)"]
         assert (rows[1]["mean_us"], rows[1]["p99_us"], rows[3]["mean_us"], rows[3]["p99_us"]) == (400.0, 400.0,
                                                                                                   200.0, 200.0)

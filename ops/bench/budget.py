@@ -7,8 +7,7 @@
 - in the writer: ingress -> its flush sent (the distributor, the hot path's turn, encoding, and the write itself, in
   which the kernel may run Redis first on the ingestor's core: ``docs/threading.md``); no limit;
 - Redis and the consumer: flush sent -> consumer callback (the script, the blocked read woken, its follow-up,
-  decoding, the handler); limit: one ``XADD`` through the SDK consumer (sent -> handler), or, in the limits of a run
-  that did not measure that, one ``XADD`` waking a blocked ``XREADGROUP``;
+  decoding, the handler); limit: one ``XADD`` through the SDK consumer (sent -> handler);
 - the whole Redis path: frame -> consumer callback; the same limit;
 - beside Redis and the consumer, the writer's round trip: flush sent -> acknowledged, limit one ``XADD``.  The
   consumer does not wait for the writer's reply (Redis wakes its read when the script has run), so this is no
@@ -96,14 +95,11 @@ def stage_budget(step: dict[str, Any], limits: dict[str, Any], hot_alone_p99_us:
 
         return diff(later[0], earlier[0], clamp=False), diff(later[1], earlier[1]), diff(later[2], earlier[2])
 
-    def limit(name: str) -> float | None:
-        got = (limits.get(name) or {}).get("p50_us")
-        return None if got is None else float(got)
+    def limit(name: str) -> float:
+        return float(limits[name]["p50_us"])
 
     ingest, sent, acked, e2e = span("ingest"), span("redis_sent"), span("redis"), span("redis_e2e")
     through, through_what = limit("consumer"), "one XADD through the SDK consumer, sent -> handler"
-    if through is None:
-        through, through_what = limit("wake"), "one XADD waking a blocked XREADGROUP"
     # an ingestor that does not time its sends (older, or sampling off) gives none or an empty histogram
     timed = bool((lat.get("redis_sent") or {}).get("count"))
     start, edge = (sent, "flush sent") if timed else (ingest, "ingress")

@@ -162,8 +162,8 @@ def _remaining_by_stage(w: Callable[[str], None], ran: list[dict[str, Any]], lim
       f"{fmt_us(lim['xadd']['p50_us'])} / {fmt_us(lim['xadd']['p99_us'])}; a bare XREADGROUP finding one entry "
       f"{fmt_us(lim['xreadgroup']['p50_us'])} / {fmt_us(lim['xreadgroup']['p99_us'])}; an XADD waking a blocked "
       f"XREADGROUP on another connection {fmt_us(lim['wake']['p50_us'])} / {fmt_us(lim['wake']['p99_us'])}; the "
-      f"same through the SDK consumer (XADD sent -> handler) {fmt_us((lim.get('consumer') or {}).get('p50_us'))} / "
-      f"{fmt_us((lim.get('consumer') or {}).get('p99_us'))}.")
+      f"same through the SDK consumer (XADD sent -> handler) {fmt_us(lim['consumer']['p50_us'])} / "
+      f"{fmt_us(lim['consumer']['p99_us'])}.")
     for step in ran:
         misses = [f"{stage} {p} {fmt_us(value)} > {fmt_us(bar)}" for stage, p, value, bar in missed_targets(step)]
         if not misses:

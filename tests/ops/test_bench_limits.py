@@ -68,16 +68,6 @@ def test_stage_budget_follows_the_tick_from_the_frame() -> None:
     assert ing["mean_us"] + writer["mean_us"] + rest["mean_us"] == e2e["mean_us"] == 700.0
 
 
-def test_stage_budget_limits_from_a_run_without_the_consumer_limit() -> None:
-    """A run whose limits predate the SDK consumer's: the consumer's part is set against the wake."""
-    step = _step(10_000, ingest=(1, 2), redis_sent=(3, 4), redis=(5, 6), redis_e2e=(7, 8), hotpath=(1, 2))
-    for older in ({k: v for k, v in LIMITS.items() if k != "consumer"}, LIMITS | {"consumer": {}}):
-        rows = stage_budget(step, older)
-        assert (rows[2]["limit_us"], rows[2]["limit"]) == (100.0, "one XADD waking a blocked XREADGROUP")
-        assert rows[3]["limit_us"] == 100.0
-    assert stage_budget(step, {"xadd": {}, "wake": {}})[2]["limit_us"] is None
-
-
 def test_the_report_shows_the_stages_of_a_step_that_missed() -> None:
     lines: list[str] = []
     steps = [_step(10_000, ingest=(100, 200), redis=(500, 900), redis_e2e=(800, 1500), hotpath=(50, 90)),

@@ -99,7 +99,8 @@ def stage_budget(step: dict[str, Any], limits: dict[str, Any], hot_alone_p99_us:
         return float(limits[name]["p50_us"])
 
     ingest, sent, acked, e2e = span("ingest"), span("redis_sent"), span("redis"), span("redis_e2e")
-    through, through_what = limit("consumer"), "one XADD through the SDK consumer, sent -> handler"
+    through = limit("consumer")
+    through_what = "one XADD through the SDK consumer, sent -> handler"
     # an ingestor that does not time its sends (older, or sampling off) gives none or an empty histogram
     timed = bool((lat.get("redis_sent") or {}).get("count"))
     start, edge = (sent, "flush sent") if timed else (ingest, "ingress")
